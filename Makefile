@@ -1,0 +1,46 @@
+# One entry point for people and CI. `make run` and `make test` set everything up themselves.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PROTO_FILES := $(wildcard proto/llooma/v1/*.proto)
+
+.PHONY: install run test lint typecheck proto proto-check pytest bench bench-quick clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+run: install
+	$(VENV)/bin/llooma up
+
+proto: install
+	$(PY) -m llooma.protogen generate
+
+proto-check: install
+	$(PY) -m llooma.protogen check
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+pytest: install
+	$(PY) -m pytest -q
+
+test: lint typecheck proto-check pytest
+
+bench: install
+	$(VENV)/bin/llooma bench
+
+bench-quick: install
+	$(VENV)/bin/llooma bench --quick
+
+clean:
+	rm -rf $(VENV) .llooma .mypy_cache .pytest_cache .ruff_cache

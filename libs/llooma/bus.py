@@ -1,0 +1,86 @@
+"""NATS connections and the JetStream topology (streams and KV buckets) every service relies on."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import nats
+from llooma import subjects
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError
+
+log = logging.getLogger(__name__)
+
+# A hand-off not consumed within an hour is useless: its client has long timed out.
+PIPELINE_MAX_AGE_S = 3600.0
+SETTLEMENT_MAX_AGE_S = 7 * 24 * 3600.0
+# JetStream's window for discarding a repeated Nats-Msg-Id.
+DUPLICATE_WINDOW_S = 600.0
+MEMBERSHIP_TTL_S = 5.0
+
+STREAMS = (
+    StreamConfig(
+        name=subjects.PIPELINE_STREAM,
+        subjects=[subjects.PIPELINE_SUBJECTS],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        max_age=PIPELINE_MAX_AGE_S,
+        duplicate_window=DUPLICATE_WINDOW_S,
+    ),
+    StreamConfig(
+        name=subjects.SETTLEMENT_STREAM,
+        subjects=[subjects.SETTLEMENT_SUBJECTS],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=SETTLEMENT_MAX_AGE_S,
+        duplicate_window=DUPLICATE_WINDOW_S,
+    ),
+)
+
+BUCKETS = (
+    KeyValueConfig(bucket=subjects.HOSTS_BUCKET, ttl=MEMBERSHIP_TTL_S, storage=StorageType.MEMORY),
+    KeyValueConfig(
+        bucket=subjects.SERVICES_BUCKET, ttl=MEMBERSHIP_TTL_S, storage=StorageType.MEMORY
+    ),
+)
+
+
+async def connect(url: str, name: str, *, attempts: int = 60) -> Client:
+    """Connect, retrying while the server starts; afterwards nats-py reconnects by itself."""
+    last_error: Exception | None = None
+    for _ in range(attempts):
+        try:
+            return await nats.connect(
+                url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5
+            )
+        except Exception as error:  # nats-py raises several unrelated types here
+            last_error = error
+            await asyncio.sleep(0.25)
+    raise ConnectionError(f"cannot reach NATS at {url}: {last_error}")
+
+
+async def ensure_topology(js: JetStreamContext) -> None:
+    """Create the streams and buckets if missing; safe to call from every process at once."""
+    for config in STREAMS:
+        try:
+            await js.add_stream(config=config)
+        except BadRequestError:
+            await js.update_stream(config=config)
+    for bucket in BUCKETS:
+        try:
+            await js.create_key_value(config=bucket)
+        except BadRequestError:
+            log.debug("bucket %s already exists", bucket.bucket)
+
+
+def msg_id_headers(msg_id: str) -> dict[str, str]:
+    """Headers making a JetStream publish idempotent within the duplicate window."""
+    return {"Nats-Msg-Id": msg_id}
+
+
+async def hand_off(js: JetStreamContext, subject: str, payload: bytes, msg_id: str) -> None:
+    """A durable, idempotent hand-off to the next service (waits for the stream's ack)."""
+    await js.publish(subject, payload, headers=msg_id_headers(msg_id))

@@ -1,0 +1,116 @@
+"""The `llooma` command."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import uvloop
+import yaml
+from llooma import bus
+from llooma.host.config import HostConfig
+from llooma.settings import DEV_API_KEY
+from pydantic import ValidationError
+from rich.console import Console
+
+app = typer.Typer(help="LLooMA: one fast, private, dependable LLM service over many hosts.")
+console = Console()
+
+
+def load_host_config(path: Path) -> HostConfig:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise typer.BadParameter(f"cannot read {path}: {error}") from error
+    try:
+        return HostConfig.model_validate(raw)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
+            for e in error.errors(include_url=False)
+        )
+        raise typer.BadParameter(f"{path}: {problems}") from error
+
+
+@app.command()
+def up(
+    http_port: Annotated[int, typer.Option(envvar="LLOOMA_HTTP_PORT")] = 8080,
+    data_dir: Annotated[Path, typer.Option(help="Where NATS and Postgres keep data")] = Path(
+        ".llooma"
+    ),
+) -> None:
+    """Run the whole stack on this machine until Ctrl-C or SIGTERM."""
+    from llooma.stack import Stack
+
+    stack = Stack(
+        root=data_dir.resolve(),
+        http_port=http_port,
+        nats_url=os.environ.get("NATS_URL") or None,
+        database_url=os.environ.get("DATABASE_URL") or None,
+    )
+    stopping = False
+
+    def request_stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    console.print("starting NATS, Postgres, 8 services and 3 hosts ...")
+    try:
+        stack.start()
+    except Exception as error:
+        console.print(f"[red]could not start the stack:[/red] {error}")
+        raise typer.Exit(1) from error
+    console.print(
+        f"\n[bold green]LLooMA is up[/bold green] at {stack.base_url}\n"
+        f"  API key : {DEV_API_KEY}\n"
+        f"  models  : llooma, synthetic-small, echo\n"
+        f"  logs    : {data_dir / 'logs'}\n\n"
+        f"  curl {stack.base_url}/v1/chat/completions \\\n"
+        f'    -H "Authorization: Bearer {DEV_API_KEY}" -H "Content-Type: application/json" \\\n'
+        """    -d '{"model": "llooma", "stream": true, """
+        """"messages": [{"role": "user", "content": "Hello!"}]}'\n\n"""
+        "Ctrl-C stops everything."
+    )
+    try:
+        while not stopping:
+            time.sleep(0.5)
+            for name in stack.restart_crashed():
+                console.print(f"[yellow]{name} exited; restarted it[/yellow]")
+    finally:
+        console.print("stopping ...")
+        stack.stop()
+        console.print("stopped.")
+
+
+@app.command()
+def host(config: Annotated[Path, typer.Option(help="Host YAML config")]) -> None:
+    """Run a host worker that serves the models in its config."""
+    from llooma.host.worker import run_worker
+
+    host_config = load_host_config(config)
+
+    async def serve() -> None:
+        nc = await bus.connect(host_config.nats_url, f"llooma-host-{host_config.name}")
+        await run_worker(host_config, nc)
+
+    uvloop.run(serve())
+
+
+@app.command("migrate")
+def migrate_command(database_url: Annotated[str, typer.Option(envvar="DATABASE_URL")]) -> None:
+    """Apply pending database migrations."""
+    from llooma.db.migrate import migrate
+
+    applied = asyncio.run(migrate(database_url))
+    console.print(f"applied: {', '.join(applied) or 'nothing (up to date)'}")
+
+
+if __name__ == "__main__":
+    app()

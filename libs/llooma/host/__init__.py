@@ -1,0 +1,1 @@
+"""The host worker: joins the network, heartbeats, serves tasks from its capability subjects."""

@@ -1,0 +1,176 @@
+"""The host worker process: tasks in on capability subjects, tokens out on reply subjects."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+
+from llooma import subjects
+from llooma.host.backends import Backend, build_backend
+from llooma.host.config import HostConfig
+from llooma.settings import VERSION
+from llooma.v1.common_pb2 import (
+    ERROR_CODE_HOST_BUSY,
+    ERROR_CODE_HOST_FAILED,
+    ERROR_CODE_INVALID_REQUEST,
+    ErrorDetail,
+    Usage,
+)
+from llooma.v1.host_pb2 import (
+    CancelTask,
+    HostAccepted,
+    HostChunk,
+    HostFinished,
+    HostHeartbeat,
+    HostTask,
+    HostToken,
+    ModelCapability,
+)
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+log = logging.getLogger(__name__)
+
+
+class HostWorker:
+    def __init__(self, config: HostConfig, nc: Client) -> None:
+        self._config = config
+        self._nc = nc
+        self._backends: dict[str, Backend] = {
+            m.name: build_backend(m, config.seed + i) for i, m in enumerate(config.models)
+        }
+        self._capacity = {m.name: m.capacity for m in config.models}
+        self._in_flight: dict[str, int] = dict.fromkeys(self._capacity, 0)
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._subscriptions: list[Subscription] = []
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._draining = False
+        self._heartbeat_subject = subjects.kv_put_subject(subjects.HOSTS_BUCKET, config.name)
+
+    @property
+    def host_id(self) -> str:
+        return self._config.name
+
+    async def start(self) -> None:
+        for model in self._config.models:
+            subject = subjects.host_task(model.name, self.host_id)
+            self._subscriptions.append(await self._nc.subscribe(subject, cb=self._on_task))
+        self._subscriptions.append(
+            await self._nc.subscribe(subjects.host_cancel(self.host_id), cb=self._on_cancel)
+        )
+        await self._nc.flush()
+        await self._publish_heartbeat()
+        self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="host-heartbeat")
+
+    async def drain(self) -> None:
+        """Stop taking tasks, let in-flight ones finish, then stop heartbeating."""
+        self._draining = True
+        for subscription in self._subscriptions[:-1]:
+            await subscription.unsubscribe()
+        await self._publish_heartbeat()
+        if self._tasks:
+            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat_task
+        await self._nc.flush()
+
+    def heartbeat(self) -> HostHeartbeat:
+        total_capacity = sum(self._capacity.values())
+        in_flight = sum(self._in_flight.values())
+        return HostHeartbeat(
+            version=VERSION,
+            models=[ModelCapability(name=n, capacity=c) for n, c in self._capacity.items()],
+            in_flight=in_flight,
+            load=in_flight / total_capacity if total_capacity else 1.0,
+            stake=self._config.stake,
+            sent_unix_nanos=time.time_ns(),
+            draining=self._draining,
+        )
+
+    async def _publish_heartbeat(self) -> None:
+        await self._nc.publish(self._heartbeat_subject, self.heartbeat().SerializeToString())
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.heartbeat_interval_s)
+            try:
+                await self._publish_heartbeat()
+            except Exception:
+                log.warning("heartbeat failed", exc_info=True)
+
+    async def _on_task(self, msg: Msg) -> None:
+        if not msg.reply:
+            return
+        try:
+            task = HostTask.FromString(msg.data)
+        except Exception:
+            await self._fail(msg.reply, ERROR_CODE_INVALID_REQUEST, "undecodable task")
+            return
+        backend = self._backends.get(task.model)
+        if backend is None:
+            await self._fail(msg.reply, ERROR_CODE_INVALID_REQUEST, f"model {task.model!r}")
+            return
+        if self._draining or self._in_flight[task.model] >= self._capacity[task.model]:
+            await self._fail(msg.reply, ERROR_CODE_HOST_BUSY, "host at capacity")
+            return
+        self._in_flight[task.model] += 1
+        runner = asyncio.create_task(self._serve(task, backend, msg.reply))
+        self._tasks[task.attempt_id] = runner
+        runner.add_done_callback(lambda _: self._finish(task))
+
+    def _finish(self, task: HostTask) -> None:
+        self._in_flight[task.model] -= 1
+        self._tasks.pop(task.attempt_id, None)
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        with contextlib.suppress(Exception):
+            runner = self._tasks.get(CancelTask.FromString(msg.data).attempt_id)
+            if runner is not None:
+                runner.cancel()
+
+    async def _fail(self, reply: str, code: int, message: str) -> None:
+        chunk = HostChunk(failed=ErrorDetail(code=code, message=message))  # type: ignore[arg-type]
+        await self._nc.publish(reply, chunk.SerializeToString())
+
+    async def _serve(self, task: HostTask, backend: Backend, reply: str) -> None:
+        publish = self._nc.publish
+        await publish(reply, HostChunk(seq=0, accepted=HostAccepted()).SerializeToString())
+        seq = 0
+        try:
+            async for piece in backend.stream(task):
+                seq += 1
+                await publish(
+                    reply, HostChunk(seq=seq, token=HostToken(text=piece)).SerializeToString()
+                )
+        except asyncio.CancelledError:
+            return
+        except Exception as error:
+            log.warning("backend failed on %s: %s", task.attempt_id, error)
+            await self._fail(reply, ERROR_CODE_HOST_FAILED, "backend error")
+            return
+        limited = bool(task.params.max_tokens) and seq >= task.params.max_tokens
+        input_tokens = sum(len(m.content.split()) for m in task.messages)
+        finished = HostFinished(
+            finish_reason="length" if limited else "stop",
+            usage=Usage(input_tokens=input_tokens, output_tokens=seq),
+        )
+        await publish(reply, HostChunk(seq=seq + 1, finished=finished).SerializeToString())
+
+
+async def run_worker(config: HostConfig, nc: Client) -> None:
+    """Serve until SIGINT or SIGTERM, then drain."""
+    worker = HostWorker(config, nc)
+    await worker.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await worker.drain()
+    await nc.drain()

@@ -1,0 +1,168 @@
+"""Who is alive: heartbeats in JetStream KV buckets, watched into an in-memory view.
+
+Hosts and service instances put a heartbeat under their own key every interval. The bucket's
+TTL drops entries nobody refreshes, so a restarted watcher never sees long-dead members; the
+view's own staleness cutoff marks a vanished member ineligible well before that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Generic, TypeVar
+
+from google.protobuf.message import DecodeError, Message
+from llooma import subjects
+from llooma.v1.host_pb2 import HostHeartbeat
+from llooma.v1.service_pb2 import ServiceHeartbeat
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+log = logging.getLogger(__name__)
+
+HeartbeatT = TypeVar("HeartbeatT", bound=Message)
+
+
+@dataclass(slots=True)
+class Member(Generic[HeartbeatT]):
+    key: str
+    heartbeat: HeartbeatT
+    seen_monotonic: float
+
+    def staleness_s(self, now: float) -> float:
+        return now - self.seen_monotonic
+
+
+class Membership(Generic[HeartbeatT]):
+    """A live view of one heartbeat bucket; the key (from the subject) is the identity."""
+
+    def __init__(self, bucket: str, parse: Callable[[bytes], HeartbeatT]) -> None:
+        self._bucket = bucket
+        self._parse = parse
+        self._members: dict[str, Member[HeartbeatT]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._initial_load = asyncio.Event()
+
+    async def start(self, js: JetStreamContext) -> None:
+        kv = await js.key_value(self._bucket)
+        self._task = asyncio.create_task(self._watch(kv), name=f"watch-{self._bucket}")
+        await asyncio.wait_for(self._initial_load.wait(), timeout=10)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def fresh(self, stale_after_s: float) -> list[Member[HeartbeatT]]:
+        now = time.monotonic()
+        return [m for m in self._members.values() if m.staleness_s(now) <= stale_after_s]
+
+    async def _watch(self, kv: KeyValue) -> None:
+        while True:
+            try:
+                watcher = await kv.watchall()
+                async for entry in watcher:
+                    if entry is None:
+                        self._initial_load.set()
+                        continue
+                    # nats-py annotates `created` as int but hands over a datetime.
+                    created: object = entry.created
+                    created_unix = (
+                        created.timestamp() if isinstance(created, datetime) else time.time()
+                    )
+                    self._apply(entry.key, entry.value, entry.operation, created_unix)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("watch on %s broke; re-watching", self._bucket, exc_info=True)
+                await asyncio.sleep(0.5)
+
+    def _apply(
+        self, key: str, value: bytes | None, operation: str | None, created_unix: float
+    ) -> None:
+        if operation in ("DEL", "PURGE") or not value:
+            self._members.pop(key, None)
+            return
+        try:
+            heartbeat = self._parse(value)
+        except DecodeError:
+            log.warning("undecodable heartbeat under %s.%s", self._bucket, key)
+            return
+        # The server's timestamp ages entries read from history when a watch (re)starts.
+        age_s = max(0.0, time.time() - created_unix)
+        self._members[key] = Member(key, heartbeat, time.monotonic() - age_s)
+
+
+def _parse_host(data: bytes) -> HostHeartbeat:
+    return HostHeartbeat.FromString(data)
+
+
+def _parse_service(data: bytes) -> ServiceHeartbeat:
+    return ServiceHeartbeat.FromString(data)
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    parts: list[int] = []
+    for piece in version.split("."):
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+class HostDirectory:
+    """Eligible hosts by model, as the dispatcher and ingress see them."""
+
+    def __init__(self, *, stale_after_s: float, min_version: str) -> None:
+        self.members: Membership[HostHeartbeat] = Membership(subjects.HOSTS_BUCKET, _parse_host)
+        self._stale_after_s = stale_after_s
+        self._min_version = version_tuple(min_version)
+
+    async def start(self, js: JetStreamContext) -> None:
+        await self.members.start(js)
+
+    async def stop(self) -> None:
+        await self.members.stop()
+
+    def eligible(self, model: str | None = None) -> list[Member[HostHeartbeat]]:
+        """Fresh heartbeat, minimum version, not draining, and (if given) serving model."""
+        hosts = []
+        for member in self.members.fresh(self._stale_after_s):
+            beat = member.heartbeat
+            if beat.draining or version_tuple(beat.version) < self._min_version:
+                continue
+            if model is not None and all(cap.name != model for cap in beat.models):
+                continue
+            hosts.append(member)
+        return hosts
+
+    def models(self) -> set[str]:
+        return {cap.name for member in self.eligible() for cap in member.heartbeat.models}
+
+
+class ServiceDirectory:
+    """Which control-plane services have a fresh, ready instance."""
+
+    def __init__(self, *, stale_after_s: float) -> None:
+        self.members: Membership[ServiceHeartbeat] = Membership(
+            subjects.SERVICES_BUCKET, _parse_service
+        )
+        self._stale_after_s = stale_after_s
+
+    async def start(self, js: JetStreamContext) -> None:
+        await self.members.start(js)
+
+    async def stop(self) -> None:
+        await self.members.stop()
+
+    def ready_instances(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for member in self.members.fresh(self._stale_after_s):
+            if member.heartbeat.ready:
+                counts[member.heartbeat.service] = counts.get(member.heartbeat.service, 0) + 1
+        return counts

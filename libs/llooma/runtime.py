@@ -1,0 +1,130 @@
+"""What every service process shares: logging, the FastStream app, topology, heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import uvloop
+from faststream import FastStream
+from faststream.nats import JStream, NatsBroker, NatsRouter
+from llooma import bus, subjects
+from llooma.settings import VERSION, Settings, load_settings
+from llooma.v1.service_pb2 import ServiceHeartbeat
+from nats.aio.client import Client
+
+log = logging.getLogger(__name__)
+
+PIPELINE = JStream(subjects.PIPELINE_STREAM, declare=False)
+SETTLEMENTS = JStream(subjects.SETTLEMENT_STREAM, declare=False)
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def new_instance_id(service: str) -> str:
+    return f"{service}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class ServiceHeartbeater:
+    """Puts this instance's ServiceHeartbeat into the services bucket every interval."""
+
+    def __init__(self, nc: Client, service: str, instance_id: str, interval_s: float) -> None:
+        self._nc = nc
+        self._subject = subjects.kv_put_subject(subjects.SERVICES_BUCKET, instance_id)
+        self._beat = ServiceHeartbeat(service=service, instance_id=instance_id, version=VERSION)
+        self._interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._publish(ready=True)
+        self._task = asyncio.create_task(self._loop(), name="service-heartbeat")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            await self._publish(ready=False)
+            await self._nc.flush(timeout=1)
+
+    async def _publish(self, *, ready: bool) -> None:
+        self._beat.ready = ready
+        self._beat.sent_unix_nanos = time.time_ns()
+        await self._nc.publish(self._subject, self._beat.SerializeToString())
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                await self._publish(ready=True)
+            except Exception:
+                log.warning("service heartbeat failed", exc_info=True)
+
+
+BrokerHook = Callable[[NatsBroker], Awaitable[None]]
+
+
+def build_app(
+    service: str,
+    settings: Settings,
+    routers: Sequence[NatsRouter],
+    *,
+    on_connected: BrokerHook | None = None,
+    on_stopping: BrokerHook | None = None,
+) -> FastStream:
+    """A FastStream app for `service`: topology ensured, hooks run, heartbeats published."""
+    broker = NatsBroker(
+        settings.nats_url,
+        name=f"llooma-{service}",
+        # Per-message logs go to DEBUG: INFO on every message costs more than the hop itself.
+        log_level=logging.DEBUG,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=1,
+    )
+    for router in routers:
+        broker.include_router(router)
+    app = FastStream(broker, logger=logging.getLogger(service))
+    instance_id = new_instance_id(service)
+    heartbeater: list[ServiceHeartbeater] = []
+
+    @app.on_startup
+    async def _connect() -> None:
+        await broker.connect()
+        await bus.ensure_topology(broker.config.connection_state.stream)
+        if on_connected is not None:
+            await on_connected(broker)
+
+    @app.after_startup
+    async def _announce() -> None:
+        beat = ServiceHeartbeater(
+            broker.connection, service, instance_id, settings.heartbeat_interval_s
+        )
+        await beat.start()
+        heartbeater.append(beat)
+
+    @app.on_shutdown
+    async def _withdraw() -> None:
+        for beat in heartbeater:
+            await beat.stop()
+        if on_stopping is not None:
+            await on_stopping(broker)
+
+    return app
+
+
+def serve(create_app: Callable[[Settings], FastStream]) -> None:
+    """Run one service process until SIGINT or SIGTERM."""
+    settings = load_settings()
+    configure_logging(settings)
+    uvloop.run(create_app(settings).run(log_level=logging.WARNING))

@@ -1,0 +1,68 @@
+"""Host score S(h) and the stake-weighted pick of race participants (pure functions)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreWeights:
+    """The paper's S(h) weights; lower S(h) is better."""
+
+    load: float = 0.40
+    latency_p95: float = 0.30
+    staleness: float = 0.20
+    error_rate: float = 0.10
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreTerms:
+    """Each term already scaled to [0, 1]."""
+
+    load: float
+    latency_p95: float
+    staleness: float
+    error_rate: float
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    host_id: str
+    model: str
+    score: float
+    stake: float
+
+
+def clamp01(value: float) -> float:
+    return 0.0 if value < 0.0 else 1.0 if value > 1.0 else value
+
+
+def host_score(terms: ScoreTerms, weights: ScoreWeights) -> float:
+    return (
+        weights.load * clamp01(terms.load)
+        + weights.latency_p95 * clamp01(terms.latency_p95)
+        + weights.staleness * clamp01(terms.staleness)
+        + weights.error_rate * clamp01(terms.error_rate)
+    )
+
+
+def pick_hosts(
+    candidates: list[Candidate], *, k: int, bucket_size: int, rng: random.Random
+) -> list[Candidate]:
+    """Up to k distinct hosts, drawn by stake without replacement from the best-scoring bucket.
+
+    The bucket holds the `bucket_size` best scores (at least k), so the pick never concentrates
+    on one host deterministically, while hosts with more stake are proportionally likelier.
+    """
+    best_per_host: dict[str, Candidate] = {}
+    for candidate in sorted(candidates, key=lambda c: (c.score, c.host_id)):
+        best_per_host.setdefault(candidate.host_id, candidate)
+    bucket = list(best_per_host.values())[: max(bucket_size, k)]
+    chosen: list[Candidate] = []
+    while bucket and len(chosen) < k:
+        # A host with no stake still gets a small chance, so newcomers can earn a record.
+        weights = [max(c.stake, 1e-3) for c in bucket]
+        index = rng.choices(range(len(bucket)), weights=weights)[0]
+        chosen.append(bucket.pop(index))
+    return chosen

@@ -1,0 +1,61 @@
+"""Configuration shared by every process, read from the environment."""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEV_API_KEY = "sk-llooma-dev"
+ORCHESTRATED_MODEL = "llooma"
+VERSION = "0.1.0"
+
+
+def api_key_id(key: str) -> str:
+    """The stored, logged and traced form of an API key: never the key itself."""
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+class Settings(BaseSettings):
+    """Every knob, with the environment variable that sets it (LLOOMA_<NAME> unless noted)."""
+
+    model_config = SettingsConfigDict(env_prefix="LLOOMA_", extra="ignore")
+
+    nats_url: str = Field(
+        default="nats://127.0.0.1:4222",
+        validation_alias=AliasChoices("NATS_URL", "LLOOMA_NATS_URL"),
+    )
+    database_url: str = Field(
+        default="", validation_alias=AliasChoices("DATABASE_URL", "LLOOMA_DATABASE_URL")
+    )
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    api_keys: Annotated[list[str], NoDecode] = [DEV_API_KEY]
+    max_body_bytes: int = 1024 * 1024
+    request_timeout_s: float = 120.0
+    # Models never used to answer the orchestrated model (test and debug backends).
+    orchestration_excluded_models: Annotated[list[str], NoDecode] = ["echo"]
+    first_token_deadline_ms: int = 1000
+    stall_deadline_ms: int = 2000
+    race_width: int = Field(default=2, ge=1, le=3)
+    best_bucket_size: int = Field(default=4, ge=1)
+    heartbeat_interval_s: float = 0.5
+    host_stale_after_s: float = 2.0
+    service_stale_after_s: float = 3.0
+    min_host_version: str = "0.1.0"
+    log_level: str = "WARNING"
+
+    @field_validator("api_keys", "orchestration_excluded_models", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+
+@lru_cache(maxsize=1)
+def load_settings() -> Settings:
+    return Settings()

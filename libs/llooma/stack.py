@@ -1,0 +1,229 @@
+"""The embedded stack: infrastructure, every service as its own process, synthetic hosts."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import yaml
+from llooma.db.migrate import migrate
+from llooma.embedded import (
+    EmbeddedNats,
+    EmbeddedPostgres,
+    child_environment,
+    die_with_parent,
+    port_is_free,
+)
+from llooma.host.config import HostConfig, Latency, ModelConfig
+
+log = logging.getLogger(__name__)
+
+SERVICES = (
+    "accounting",
+    "compressor",
+    "aggregator",
+    "racer",
+    "dispatcher",
+    "planner",
+    "privacy",
+    "ingress",
+)
+
+
+def demo_hosts(nats_url: str) -> list[HostConfig]:
+    """Three synthetic hosts with different latency profiles, each also serving `echo`."""
+
+    def echo() -> ModelConfig:
+        return ModelConfig(name="echo", backend="echo", capacity=64, max_tokens=4096)
+
+    return [
+        HostConfig(
+            name="host-fast",
+            nats_url=nats_url,
+            stake=1.0,
+            seed=1,
+            models=[
+                ModelConfig(
+                    name="synthetic-small",
+                    first_token=Latency(kind="fixed", ms=40),
+                    inter_token=Latency(kind="fixed", ms=10),
+                ),
+                echo(),
+            ],
+        ),
+        HostConfig(
+            name="host-steady",
+            nats_url=nats_url,
+            stake=2.0,
+            seed=2,
+            models=[
+                ModelConfig(
+                    name="synthetic-small",
+                    first_token=Latency(kind="lognormal", median_ms=150, sigma=0.3),
+                    inter_token=Latency(kind="fixed", ms=15),
+                ),
+                echo(),
+            ],
+        ),
+        HostConfig(
+            name="host-jittery",
+            nats_url=nats_url,
+            stake=3.0,
+            seed=3,
+            models=[
+                ModelConfig(
+                    name="synthetic-small",
+                    first_token=Latency(kind="lognormal", median_ms=300, sigma=0.5),
+                    inter_token=Latency(kind="fixed", ms=25),
+                ),
+                echo(),
+            ],
+        ),
+    ]
+
+
+@dataclass
+class Child:
+    name: str
+    args: list[str]
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+
+    def spawn(self) -> None:
+        with self.log_path.open("ab") as log_file:
+            self.process = subprocess.Popen(
+                self.args,
+                env=self.env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C reaches the supervisor only, which stops all
+                preexec_fn=die_with_parent,
+            )
+
+
+@dataclass
+class Stack:
+    """Starts and stops everything; `NATS_URL` / `DATABASE_URL` reuse servers already running."""
+
+    root: Path
+    http_port: int
+    nats_url: str | None = None
+    database_url: str | None = None
+    hosts: list[HostConfig] | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+    children: list[Child] = field(default_factory=list)
+    nats: EmbeddedNats | None = None
+    postgres: EmbeddedPostgres | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self, ready_timeout_s: float = 90.0) -> None:
+        if not port_is_free(self.http_port):
+            raise RuntimeError(
+                f"port {self.http_port} is taken; set LLOOMA_HTTP_PORT to another port"
+            )
+        self.root.mkdir(parents=True, exist_ok=True)
+        logs = self.root / "logs"
+        logs.mkdir(exist_ok=True)
+        try:
+            if self.nats_url is None:
+                self.nats = EmbeddedNats.start(self.root / "nats")
+                self.nats_url = self.nats.url
+            if self.database_url is None:
+                self.postgres = EmbeddedPostgres(self.root / "postgres")
+                self.database_url = self.postgres.url
+            asyncio.run(migrate(self.database_url))
+            env = child_environment(
+                {
+                    **self.extra_env,
+                    "NATS_URL": self.nats_url,
+                    "DATABASE_URL": self.database_url,
+                    "LLOOMA_HTTP_PORT": str(self.http_port),
+                }
+            )
+            for service in SERVICES:
+                args = [sys.executable, "-m", f"services.{service}"]
+                self.children.append(Child(service, args, env, logs / f"{service}.log"))
+            host_dir = self.root / "hosts"
+            host_dir.mkdir(exist_ok=True)
+            for host in self.hosts if self.hosts is not None else demo_hosts(self.nats_url):
+                host = host.model_copy(update={"nats_url": self.nats_url})
+                config_path = host_dir / f"{host.name}.yaml"
+                config_path.write_text(yaml.safe_dump(host.model_dump(mode="json")))
+                args = [sys.executable, "-m", "llooma.cli", "host", "--config", str(config_path)]
+                self.children.append(Child(host.name, args, env, logs / f"{host.name}.log"))
+            for child in self.children:
+                child.spawn()
+            self.wait_ready(ready_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        last = "no answer"
+        while time.monotonic() < deadline:
+            for child in self.children:
+                if child.process is not None and child.process.poll() is not None:
+                    raise RuntimeError(
+                        f"{child.name} exited with {child.process.returncode}; see {child.log_path}"
+                    )
+            try:
+                response = httpx.get(f"{self.base_url}/healthz", timeout=1.0)
+                if response.status_code == 200:
+                    return
+                last = response.text
+            except httpx.HTTPError as error:
+                last = str(error)
+            time.sleep(0.2)
+        raise TimeoutError(f"stack not ready after {timeout_s} s: {last}")
+
+    def restart_crashed(self) -> list[str]:
+        """Respawn any child that died on its own; returns their names."""
+        restarted = []
+        for child in self.children:
+            if child.process is not None and child.process.poll() is not None:
+                child.restarts += 1
+                child.spawn()
+                restarted.append(child.name)
+        return restarted
+
+    def pids(self) -> list[int]:
+        found = [c.process.pid for c in self.children if c.process is not None]
+        if self.nats is not None:
+            found.append(self.nats.process.pid)
+        if self.postgres is not None and (pg_pid := self.postgres.pid()) is not None:
+            found.append(pg_pid)
+        return found
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        running = [c.process for c in self.children if c.process and c.process.poll() is None]
+        for process in running:
+            process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for process in running:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        self.children.clear()
+        if self.nats is not None:
+            self.nats.stop()
+            self.nats = None
+        if self.postgres is not None:
+            self.postgres.stop()
+            self.postgres = None

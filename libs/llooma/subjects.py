@@ -1,0 +1,94 @@
+"""Every NATS subject, stream, consumer and KV bucket name the system uses.
+
+Subjects run general to specific: ``llooma.v1.<domain>.<event>[.<id>]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+_SAFE_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+PREFIX = "llooma.v1"
+
+# Request lifecycle: durable JetStream hand-offs between the control-plane services.
+PIPELINE_STREAM = "LLOOMA_PIPELINE"
+PIPELINE_SUBJECTS = f"{PREFIX}.pipeline.>"
+PIPELINE_PRIVACY = f"{PREFIX}.pipeline.privacy"
+PIPELINE_PLANNER = f"{PREFIX}.pipeline.planner"
+PIPELINE_DISPATCHER = f"{PREFIX}.pipeline.dispatcher"
+PIPELINE_RACER = f"{PREFIX}.pipeline.racer"
+
+# Settlement events from the racer to accounting.
+SETTLEMENT_STREAM = "LLOOMA_SETTLEMENTS"
+SETTLEMENT_SUBJECTS = f"{PREFIX}.settlement.>"
+SETTLEMENT_TASK = f"{PREFIX}.settlement.task"
+
+# Durable consumer names, one per consuming service (replicas share it).
+CONSUMER_PRIVACY = "privacy"
+CONSUMER_PLANNER = "planner"
+CONSUMER_DISPATCHER = "dispatcher"
+CONSUMER_RACER = "racer"
+CONSUMER_ACCOUNTING = "accounting"
+
+# Request-reply services on core NATS.
+COMPRESS = f"{PREFIX}.compress"
+AGGREGATE = f"{PREFIX}.aggregate"
+
+# Membership: KV buckets written by heartbeats; entries expire when heartbeats stop.
+HOSTS_BUCKET = "llooma_hosts"
+SERVICES_BUCKET = "llooma_services"
+
+
+def kv_put_subject(bucket: str, key: str) -> str:
+    """The subject a plain publish uses to put a KV entry without a JetStream API call."""
+    return f"$KV.{bucket}.{key}"
+
+
+# Hot paths on core NATS: one subject per request or attempt under a per-instance wildcard.
+def client_reply_prefix(ingress_instance: str) -> str:
+    return f"{PREFIX}.reply.{ingress_instance}"
+
+
+def client_reply(ingress_instance: str, request_id: str) -> str:
+    return f"{PREFIX}.reply.{ingress_instance}.{request_id}"
+
+
+def host_reply_prefix(racer_instance: str) -> str:
+    return f"{PREFIX}.tokens.{racer_instance}"
+
+
+def host_reply(racer_instance: str, attempt_id: str) -> str:
+    return f"{PREFIX}.tokens.{racer_instance}.{attempt_id}"
+
+
+def model_token(model: str) -> str:
+    """A subject-safe token for a model name ("org/name-3.1" has dots and slashes)."""
+    if _SAFE_TOKEN.match(model):
+        return model
+    return "m_" + hashlib.sha256(model.encode()).hexdigest()[:24]
+
+
+def host_task(model: str, host_id: str) -> str:
+    """Capability subject: tasks for one model on one host."""
+    return f"{PREFIX}.cap.{model_token(model)}.{host_id}"
+
+
+def host_cancel(host_id: str) -> str:
+    return f"{PREFIX}.host.{host_id}.cancel"
+
+
+def checked_token(value: str) -> str:
+    """Return value if it is safe as one subject token (host ids, instance ids), else raise."""
+    if not _SAFE_TOKEN.match(value):
+        raise ValueError(f"not a valid subject token (letters, digits, - and _): {value!r}")
+    return value
+
+
+def request_cancel(request_id: str) -> str:
+    """The ingress says the client went away; the racer holding the request stops its hosts."""
+    return f"{PREFIX}.request.{request_id}.cancel"
+
+
+REQUEST_CANCEL_ANY = f"{PREFIX}.request.*.cancel"

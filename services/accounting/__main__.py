@@ -1,0 +1,3 @@
+from services.accounting.main import main
+
+main()

@@ -1,0 +1,3 @@
+from services.compressor.main import main
+
+main()

@@ -1,0 +1,99 @@
+"""Dispatcher: eligibility, score S(h), stake-weighted pick; hands the task to the racer."""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+
+from faststream.nats import NatsRouter
+from faststream.nats.annotations import Client, JsClient, NatsMessage
+from llooma import bus, subjects
+from llooma.membership import HostDirectory
+from llooma.runtime import PIPELINE
+from llooma.scoring import Candidate, ScoreTerms, ScoreWeights, host_score, pick_hosts
+from llooma.settings import ORCHESTRATED_MODEL, Settings
+from llooma.v1.common_pb2 import ERROR_CODE_NO_ELIGIBLE_HOST, ErrorDetail
+from llooma.v1.pipeline_pb2 import ChatRequest, ClientEvent, HostCandidate, TaskAssignment
+
+
+class Dispatcher:
+    def __init__(self, settings: Settings, hosts: HostDirectory) -> None:
+        self._settings = settings
+        self._hosts = hosts
+        self._weights = ScoreWeights()
+        self._rng = random.Random()
+
+    def candidates(self, model: str) -> list[Candidate]:
+        orchestrated = model == ORCHESTRATED_MODEL
+        excluded = set(self._settings.orchestration_excluded_models)
+        now = time.monotonic()
+        found: list[Candidate] = []
+        for member in self._hosts.eligible(None if orchestrated else model):
+            beat = member.heartbeat
+            terms = ScoreTerms(
+                load=beat.load,
+                latency_p95=0.0,
+                staleness=member.staleness_s(now) / self._settings.host_stale_after_s,
+                error_rate=0.0,
+            )
+            score = host_score(terms, self._weights)
+            served = (
+                [cap.name for cap in beat.models if cap.name not in excluded]
+                if orchestrated
+                else [model]
+            )
+            found.extend(Candidate(member.key, name, score, beat.stake) for name in served)
+        return found
+
+    def assign(self, request: ChatRequest) -> TaskAssignment | None:
+        chosen = pick_hosts(
+            self.candidates(request.model),
+            k=self._settings.race_width,
+            bucket_size=self._settings.best_bucket_size,
+            rng=self._rng,
+        )
+        if not chosen:
+            return None
+        deadline = request.first_token_deadline_ms or self._settings.first_token_deadline_ms
+        return TaskAssignment(
+            request=request,
+            task_id=uuid.uuid4().hex,
+            hosts=[
+                HostCandidate(host_id=c.host_id, score=c.score, stake=c.stake, model=c.model)
+                for c in chosen
+            ],
+            first_token_deadline_ms=deadline,
+            stall_deadline_ms=self._settings.stall_deadline_ms,
+        )
+
+
+def build_router(dispatcher: Dispatcher) -> NatsRouter:
+    router = NatsRouter()
+
+    @router.subscriber(
+        subjects.PIPELINE_DISPATCHER,
+        queue=subjects.CONSUMER_DISPATCHER,
+        stream=PIPELINE,
+        max_workers=64,
+    )
+    async def dispatch(message: NatsMessage, js: JsClient, nc: Client) -> None:
+        request = ChatRequest.FromString(message.body)
+        assignment = dispatcher.assign(request)
+        if assignment is None:
+            failure = ClientEvent(
+                failed=ErrorDetail(
+                    code=ERROR_CODE_NO_ELIGIBLE_HOST,
+                    message=f"no eligible host serves model {request.model!r} right now",
+                )
+            )
+            await nc.publish(request.reply_subject, failure.SerializeToString())
+            return
+        await bus.hand_off(
+            js,
+            subjects.PIPELINE_RACER,
+            assignment.SerializeToString(),
+            f"{request.request_id}.racer",
+        )
+
+    return router

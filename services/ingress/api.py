@@ -1,0 +1,354 @@
+"""HTTP routes: /v1/chat/completions (SSE and JSON), /v1/models, /healthz."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import orjson
+from llooma import bus, subjects
+from llooma.membership import HostDirectory, ServiceDirectory
+from llooma.settings import ORCHESTRATED_MODEL, Settings, api_key_id
+from llooma.v1.common_pb2 import (
+    ERROR_CODE_DEADLINE_EXCEEDED,
+    ERROR_CODE_HOST_BUSY,
+    ERROR_CODE_HOST_FAILED,
+    ERROR_CODE_NO_ELIGIBLE_HOST,
+    REQUEST_PATH_FALLBACK,
+    REQUEST_PATH_SPLIT,
+    ErrorDetail,
+)
+from llooma.v1.pipeline_pb2 import ChatRequest, ClientEvent
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from pydantic import ValidationError
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from services.ingress.replies import ReplyRouter
+from services.ingress.schema import (
+    ChatCompletionRequest,
+    describe_validation_error,
+    error_response,
+)
+
+SERVICES = (
+    "ingress",
+    "privacy",
+    "planner",
+    "dispatcher",
+    "racer",
+    "compressor",
+    "aggregator",
+    "accounting",
+)
+
+# How much longer than the first-token deadline the pipeline may take to say anything at all.
+PIPELINE_MARGIN_S = 10.0
+# Beyond the racer's own stall deadline, how long the ingress waits before giving up itself.
+STALL_MARGIN_S = 5.0
+
+STATUS_BY_ERROR = {
+    ERROR_CODE_NO_ELIGIBLE_HOST: (503, "no_eligible_host"),
+    ERROR_CODE_HOST_BUSY: (503, "hosts_busy"),
+    ERROR_CODE_DEADLINE_EXCEEDED: (504, "deadline_exceeded"),
+    ERROR_CODE_HOST_FAILED: (502, "host_failed"),
+}
+
+PATH_NAMES = {REQUEST_PATH_SPLIT: "split", REQUEST_PATH_FALLBACK: "fallback"}
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+@dataclass
+class Ingress:
+    settings: Settings
+    nc: Client
+    js: JetStreamContext
+    replies: ReplyRouter
+    hosts: HostDirectory
+    services: ServiceDirectory
+
+    def __post_init__(self) -> None:
+        self._key_ids = {api_key_id(key) for key in self.settings.api_keys}
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _authenticate(self, request: Request) -> str | None:
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            return None
+        candidate = api_key_id(key.strip())
+        for known in self._key_ids:
+            if hmac.compare_digest(candidate, known):
+                return known
+        return None
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise BodyTooLarge
+        chunks = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _known_model(self, model: str) -> bool:
+        return model == ORCHESTRATED_MODEL or model in self.hosts.models()
+
+    # -- routes ----------------------------------------------------------------------------
+
+    async def chat_completions(self, request: Request) -> Response:
+        key_id = self._authenticate(request)
+        if key_id is None:
+            return error_response(
+                401,
+                "missing or invalid API key",
+                error_type="authentication_error",
+                code="invalid_api_key",
+            )
+        try:
+            body = await self._read_body(request)
+        except BodyTooLarge:
+            return error_response(
+                413,
+                f"request body exceeds {self.settings.max_body_bytes} bytes",
+                code="body_too_large",
+            )
+        except ClientDisconnect:
+            return Response(status_code=400)
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as error:
+            return error_response(
+                400,
+                f"body is not valid UTF-8: {error.reason} at byte {error.start}",
+                code="invalid_utf8",
+            )
+        try:
+            parsed = ChatCompletionRequest.model_validate_json(text, strict=True)
+        except ValidationError as error:
+            return error_response(400, describe_validation_error(error), code="invalid_request")
+        if not self._known_model(parsed.model):
+            return error_response(
+                404,
+                f"model {parsed.model!r} does not exist or no live host serves it",
+                code="model_not_found",
+            )
+        return await self._complete(parsed, key_id)
+
+    async def _complete(self, parsed: ChatCompletionRequest, key_id: str) -> Response:
+        request_id = uuid.uuid4().hex
+        queue = self.replies.open(request_id)
+        chat = ChatRequest(
+            request_id=request_id,
+            model=parsed.model,
+            messages=parsed.messages_proto(),
+            params=parsed.params_proto(),
+            stream=parsed.stream,
+            reply_subject=self.replies.subject_for(request_id),
+            api_key_id=key_id,
+            accepted_unix_nanos=time.time_ns(),
+        )
+        headers = {"x-llooma-request-id": request_id}
+        try:
+            await bus.hand_off(
+                self.js, subjects.PIPELINE_PRIVACY, chat.SerializeToString(), request_id
+            )
+        except Exception:
+            self.replies.close(request_id)
+            return error_response(
+                503,
+                "the control plane is not reachable right now",
+                error_type="server_error",
+                code="control_plane_unavailable",
+                headers=headers,
+            )
+        first_wait_s = self.settings.first_token_deadline_ms / 1000.0 + PIPELINE_MARGIN_S
+        first = await self._next_event(queue, first_wait_s)
+        kind = first.WhichOneof("event")
+        if kind != "started":
+            self.replies.close(request_id)
+            await self._cancel(request_id)
+            return self._failure_response(first.failed, headers)
+        headers["x-llooma-path"] = PATH_NAMES.get(first.started.path, "direct")
+        stream = self._events(request_id, queue)
+        if parsed.stream:
+            include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+            return StreamingResponse(
+                self._sse(request_id, first.started.model, stream, include_usage),
+                media_type="text/event-stream",
+                headers={**headers, "cache-control": "no-cache"},
+            )
+        return await self._collect(request_id, first.started.model, stream, headers)
+
+    async def _next_event(self, queue: asyncio.Queue[bytes], timeout_s: float) -> ClientEvent:
+        try:
+            async with asyncio.timeout(timeout_s):
+                return ClientEvent.FromString(await queue.get())
+        except TimeoutError:
+            return ClientEvent(
+                failed=ErrorDetail(
+                    code=ERROR_CODE_DEADLINE_EXCEEDED,
+                    message=f"no progress from the control plane for {timeout_s:.1f} s",
+                )
+            )
+
+    async def _events(
+        self, request_id: str, queue: asyncio.Queue[bytes]
+    ) -> AsyncIterator[ClientEvent]:
+        """Events after `started`, ending with `finished` or `failed`; cancels on early exit."""
+        stall_s = self.settings.stall_deadline_ms / 1000.0 + STALL_MARGIN_S
+        done = False
+        try:
+            while True:
+                event = await self._next_event(queue, stall_s)
+                kind = event.WhichOneof("event")
+                if kind in ("finished", "failed"):
+                    done = kind == "finished"
+                    yield event
+                    return
+                if kind == "delta":
+                    yield event
+        finally:
+            self.replies.close(request_id)
+            if not done:
+                await self._cancel(request_id)
+
+    async def _cancel(self, request_id: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.nc.publish(subjects.request_cancel(request_id), b"")
+
+    def _failure_response(self, failure: ErrorDetail, headers: dict[str, str]) -> Response:
+        status, code = STATUS_BY_ERROR.get(failure.code, (500, "internal_error"))
+        return error_response(
+            status,
+            failure.message or "the request failed",
+            error_type="server_error",
+            code=code,
+            headers=headers,
+        )
+
+    async def _sse(
+        self,
+        request_id: str,
+        model: str,
+        events: AsyncIterator[ClientEvent],
+        include_usage: bool,
+    ) -> AsyncIterator[bytes]:
+        created = int(time.time())
+        head = (
+            b'data: {"id":"chatcmpl-' + request_id.encode() + b'","object":"chat.completion.chunk",'
+            b'"created":' + str(created).encode() + b',"model":' + orjson.dumps(model) + b","
+        )
+        yield (
+            head
+            + b'"choices":[{"index":0,"delta":{"role":"assistant","content":""},'
+            + (b'"finish_reason":null}]}\n\n')
+        )
+        async for event in events:
+            kind = event.WhichOneof("event")
+            if kind == "delta":
+                yield (
+                    head
+                    + b'"choices":[{"index":0,"delta":{"content":'
+                    + orjson.dumps(event.delta.text)
+                    + b'},"finish_reason":null}]}\n\n'
+                )
+            elif kind == "finished":
+                finish = orjson.dumps(event.finished.finish_reason or "stop")
+                yield (
+                    head
+                    + b'"choices":[{"index":0,"delta":{},"finish_reason":'
+                    + finish
+                    + b"}]}\n\n"
+                )
+                if include_usage:
+                    yield head + b'"choices":[],"usage":' + orjson.dumps(_usage(event)) + b"}\n\n"
+                yield b"data: [DONE]\n\n"
+            else:
+                code = STATUS_BY_ERROR.get(event.failed.code, (500, "internal_error"))[1]
+                error = {
+                    "error": {
+                        "message": event.failed.message or "the stream failed",
+                        "type": "server_error",
+                        "code": code,
+                    }
+                }
+                yield b"data: " + orjson.dumps(error) + b"\n\n"
+
+    async def _collect(
+        self,
+        request_id: str,
+        model: str,
+        events: AsyncIterator[ClientEvent],
+        headers: dict[str, str],
+    ) -> Response:
+        pieces = []
+        async for event in events:
+            kind = event.WhichOneof("event")
+            if kind == "delta":
+                pieces.append(event.delta.text)
+            elif kind == "finished":
+                body = {
+                    "id": f"chatcmpl-{request_id}",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "".join(pieces)},
+                            "finish_reason": event.finished.finish_reason or "stop",
+                        }
+                    ],
+                    "usage": _usage(event),
+                }
+                return Response(orjson.dumps(body), media_type="application/json", headers=headers)
+            else:
+                return self._failure_response(event.failed, headers)
+        return self._failure_response(ErrorDetail(message="stream ended early"), headers)
+
+    async def models(self, request: Request) -> Response:
+        if self._authenticate(request) is None:
+            return error_response(
+                401,
+                "missing or invalid API key",
+                error_type="authentication_error",
+                code="invalid_api_key",
+            )
+        names = [ORCHESTRATED_MODEL, *sorted(self.hosts.models())]
+        data = [{"id": n, "object": "model", "created": 0, "owned_by": "llooma"} for n in names]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def healthz(self, _: Request) -> Response:
+        ready = self.services.ready_instances()
+        services = {name: ready.get(name, 0) for name in SERVICES}
+        hosts = len(self.hosts.eligible())
+        healthy = all(services.values()) and hosts > 0
+        return JSONResponse(
+            {"status": "ok" if healthy else "unavailable", "services": services, "hosts": hosts},
+            status_code=200 if healthy else 503,
+        )
+
+
+def _usage(event: ClientEvent) -> dict[str, int]:
+    usage = event.finished.usage
+    return {
+        "prompt_tokens": usage.input_tokens,
+        "completion_tokens": usage.output_tokens,
+        "total_tokens": usage.input_tokens + usage.output_tokens,
+    }

@@ -1,0 +1,91 @@
+"""Composition root of the ingress: settings -> NATS -> directories -> HTTP app -> uvicorn."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import uvicorn
+import uvloop
+from llooma import bus, runtime
+from llooma.membership import HostDirectory, ServiceDirectory
+from llooma.runtime import ServiceHeartbeater
+from llooma.settings import Settings, load_settings
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from services.ingress.api import Ingress
+from services.ingress.replies import ReplyRouter
+
+SERVICE = "ingress"
+
+
+def _ingress(request: Request) -> Ingress:
+    ingress: Ingress = request.app.state.ingress
+    return ingress
+
+
+async def chat_completions(request: Request) -> Response:
+    return await _ingress(request).chat_completions(request)
+
+
+async def models(request: Request) -> Response:
+    return await _ingress(request).models(request)
+
+
+async def healthz(request: Request) -> Response:
+    return await _ingress(request).healthz(request)
+
+
+ROUTES = [
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/models", models, methods=["GET"]),
+    Route("/healthz", healthz, methods=["GET"]),
+]
+
+
+def create_app(settings: Settings) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        instance_id = runtime.new_instance_id(SERVICE)
+        nc = await bus.connect(settings.nats_url, f"llooma-{SERVICE}")
+        js = nc.jetstream()
+        await bus.ensure_topology(js)
+        hosts = HostDirectory(
+            stale_after_s=settings.host_stale_after_s, min_version=settings.min_host_version
+        )
+        services = ServiceDirectory(stale_after_s=settings.service_stale_after_s)
+        await hosts.start(js)
+        await services.start(js)
+        replies = ReplyRouter(instance_id)
+        await replies.start(nc)
+        app.state.ingress = Ingress(settings, nc, js, replies, hosts, services)
+        heartbeat = ServiceHeartbeater(nc, SERVICE, instance_id, settings.heartbeat_interval_s)
+        await heartbeat.start()
+        try:
+            yield
+        finally:
+            await heartbeat.stop()
+            await hosts.stop()
+            await services.stop()
+            await nc.drain()
+
+    return Starlette(routes=ROUTES, lifespan=lifespan)
+
+
+def main() -> None:
+    settings = load_settings()
+    runtime.configure_logging(settings)
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.http_host,
+        port=settings.http_port,
+        loop="none",
+        http="httptools",
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    uvloop.run(uvicorn.Server(config).serve())

@@ -1,0 +1,90 @@
+"""The OpenAI-compatible request body, validated strictly, and OpenAI-shaped errors."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import orjson
+from llooma.v1.common_pb2 import ChatMessage, GenerationParams
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.responses import Response
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """Fields LLooMA honours; others a client may send are ignored, as OpenAI clients expect."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str = Field(min_length=1, max_length=256)
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=4096)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    n: int = Field(default=1, ge=1, le=1)
+
+    def messages_proto(self) -> list[ChatMessage]:
+        return [ChatMessage(role=m.role, content=m.text()) for m in self.messages]
+
+    def params_proto(self) -> GenerationParams:
+        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        return GenerationParams(
+            max_tokens=self.max_completion_tokens or self.max_tokens or 0,
+            temperature=self.temperature or 0.0,
+            top_p=self.top_p or 0.0,
+            stop=stop,
+            seed=self.seed or 0,
+        )
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    first = error.errors(include_url=False)[0]
+    if first["type"] == "json_invalid":
+        return f"malformed JSON: {first['msg']}"
+    location = ".".join(str(part) for part in first["loc"]) or "body"
+    return f"invalid field '{location}': {first['msg']}"
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    error_type: str = "invalid_request_error",
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    body = {"error": {"message": message, "type": error_type, "code": code, "param": None}}
+    return Response(
+        orjson.dumps(body), status_code=status, media_type="application/json", headers=headers
+    )

@@ -1,0 +1,3 @@
+from services.privacy.main import main
+
+main()

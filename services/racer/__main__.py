@@ -1,0 +1,3 @@
+from services.racer.main import main
+
+main()
