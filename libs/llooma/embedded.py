@@ -14,12 +14,17 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from pgserver import postgres_server
 
 _PR_SET_PDEATHSIG = 1
+
+# pgserver asks platformdirs for a runtime dir, which warns on every machine without a login
+# session (CI, containers); the fallback it takes is fine.
+warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 
 
 def die_with_parent() -> None:

@@ -63,6 +63,9 @@ class Membership(Generic[HeartbeatT]):
         now = time.monotonic()
         return [m for m in self._members.values() if m.staleness_s(now) <= stale_after_s]
 
+    def all(self) -> list[Member[HeartbeatT]]:
+        return list(self._members.values())
+
     async def _watch(self, kv: KeyValue) -> None:
         while True:
             try:
@@ -142,7 +145,12 @@ class HostDirectory:
         return hosts
 
     def models(self) -> set[str]:
+        """Models some eligible host serves right now."""
         return {cap.name for member in self.eligible() for cap in member.heartbeat.models}
+
+    def known_models(self) -> set[str]:
+        """Models any host in the bucket announced, eligible or not (draining, stale, old)."""
+        return {cap.name for m in self.members.all() for cap in m.heartbeat.models}
 
 
 class ServiceDirectory:

@@ -107,7 +107,7 @@ class Ingress:
         return b"".join(chunks)
 
     def _known_model(self, model: str) -> bool:
-        return model == ORCHESTRATED_MODEL or model in self.hosts.models()
+        return model == ORCHESTRATED_MODEL or model in self.hosts.known_models()
 
     # -- routes ----------------------------------------------------------------------------
 

@@ -1,0 +1,70 @@
+"""Shared fixtures: a real nats-server and Postgres per session, and one running stack.
+
+`NATS_URL` / `DATABASE_URL` make the suite use servers that already run instead.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+from llooma import bus
+from llooma.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from llooma.settings import DEV_API_KEY
+from llooma.stack import Stack, demo_hosts
+from nats.aio.client import Client
+
+AUTH = {"Authorization": f"Bearer {DEV_API_KEY}"}
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    existing = os.environ.get("NATS_URL")
+    if existing:
+        yield existing
+        return
+    server = EmbeddedNats.start(tmp_path_factory.mktemp("nats"))
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    existing = os.environ.get("DATABASE_URL")
+    if existing:
+        yield existing
+        return
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("postgres"))
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(
+    nats_url: str, database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    running = Stack(
+        root=tmp_path_factory.mktemp("stack"),
+        http_port=free_port(),
+        nats_url=nats_url,
+        database_url=database_url,
+        hosts=demo_hosts(nats_url),
+    )
+    running.start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=stack.base_url, timeout=30.0) as client:
+        yield client
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[Client]:
+    client = await bus.connect(nats_url, "llooma-tests")
+    yield client
+    await client.drain()

@@ -1,0 +1,298 @@
+"""docker-compose.yml and the Dockerfile stay in step with the code (static checks, no servers)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import shlex
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from llooma.host.config import HostConfig
+from pydantic import ValidationError
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+HOST_CONFIG_TARGET = "/etc/llooma/host.yaml"
+INGRESS_PORT = 8080
+
+
+@cache
+def compose() -> dict[str, Any]:
+    loaded = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert isinstance(loaded, dict), f"{COMPOSE_FILE.name} is not a YAML mapping"
+    return loaded
+
+
+def compose_services() -> dict[str, dict[str, Any]]:
+    services = compose().get("services")
+    assert isinstance(services, dict), f"{COMPOSE_FILE.name} has no `services` mapping"
+    return services
+
+
+def service(name: str) -> dict[str, Any]:
+    services = compose_services()
+    assert name in services, f"{COMPOSE_FILE.name} has no service {name!r}"
+    return services[name]
+
+
+def command_of(definition: dict[str, Any]) -> list[str]:
+    """The command as an argument list (compose accepts a string or a list)."""
+    command = definition.get("command")
+    if command is None:
+        return []
+    if isinstance(command, str):
+        return shlex.split(command)
+    return [str(part) for part in command]
+
+
+def environment_of(definition: dict[str, Any]) -> dict[str, str]:
+    """The environment as a mapping (compose accepts a mapping or a list of KEY=VALUE)."""
+    environment = definition.get("environment") or {}
+    if isinstance(environment, list):
+        pairs = (str(item).partition("=") for item in environment)
+        return {key: value for key, _, value in pairs}
+    return {str(key): str(value) for key, value in environment.items()}
+
+
+def service_folders() -> list[str]:
+    """Every folder under services/ that is a runnable service (has a main.py)."""
+    return sorted(p.parent.name for p in (ROOT / "services").glob("*/main.py"))
+
+
+def python_module_services() -> dict[str, str]:
+    """Compose service name -> the services.<name> module it runs with `python -m`."""
+    found: dict[str, str] = {}
+    for name, definition in compose_services().items():
+        command = command_of(definition)
+        if len(command) == 3 and command[0] == "python" and command[1] == "-m":
+            found[name] = command[2]
+    return found
+
+
+def bind_mounts(definition: dict[str, Any]) -> list[tuple[str, str]]:
+    """(source, target) of every volume entry, short or long syntax."""
+    mounts: list[tuple[str, str]] = []
+    for volume in definition.get("volumes") or []:
+        if isinstance(volume, str):
+            source, _, rest = volume.partition(":")
+            mounts.append((source, rest.partition(":")[0]))
+        else:
+            mounts.append((str(volume.get("source", "")), str(volume.get("target", ""))))
+    return mounts
+
+
+def host_worker_configs() -> dict[str, Path]:
+    """Compose service name -> the local host YAML mounted where its `--config` points."""
+    found: dict[str, Path] = {}
+    for name, definition in compose_services().items():
+        command = command_of(definition)
+        if command[:2] != ["llooma", "host"]:
+            continue
+        assert "--config" in command, f"host worker {name!r} runs without --config"
+        target = command[command.index("--config") + 1]
+        sources = [src for src, dst in bind_mounts(definition) if dst == target]
+        assert sources, f"host worker {name!r}: nothing is mounted at its config path {target}"
+        found[name] = (ROOT / sources[0]).resolve()
+    return found
+
+
+def published_ports(definition: dict[str, Any]) -> list[tuple[int | None, int]]:
+    """(published, container) pairs; published is None when Docker picks it."""
+    pairs: list[tuple[int | None, int]] = []
+    for port in definition.get("ports") or []:
+        if isinstance(port, dict):
+            published = port.get("published")
+            pairs.append((int(published) if published else None, int(port["target"])))
+            continue
+        parts = str(port).partition("/")[0].split(":")
+        container = int(parts[-1])
+        pairs.append((int(parts[-2]) if len(parts) >= 2 and parts[-2] else None, container))
+    return pairs
+
+
+def dockerfile_instructions() -> list[str]:
+    """Instructions with line continuations joined and comments dropped."""
+    instructions: list[str] = []
+    pending = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        instructions.append(pending + line)
+        pending = ""
+    if pending:
+        instructions.append(pending)
+    return instructions
+
+
+def split_arguments(text: str) -> list[str]:
+    """A Dockerfile instruction's arguments, in JSON (exec) or shell form."""
+    if text.startswith("["):
+        return [str(arg) for arg in json.loads(text)]
+    return shlex.split(text)
+
+
+def in_build_context(source: str) -> bool:
+    """Whether a COPY source (possibly a wildcard) matches something in the build context."""
+    if glob.has_magic(source):
+        return bool(glob.glob(str(ROOT / source)))
+    return (ROOT / source).exists()
+
+
+def copy_sources() -> list[str]:
+    """The build-context sources of every COPY / ADD (not those copied from another stage)."""
+    sources: list[str] = []
+    for instruction in dockerfile_instructions():
+        keyword, _, rest = instruction.partition(" ")
+        if keyword.upper() not in ("COPY", "ADD"):
+            continue
+        args = split_arguments(rest.strip())
+        flags = [arg for arg in args if arg.startswith("--")]
+        if any(flag.startswith("--from") for flag in flags):
+            continue
+        paths = [arg for arg in args if not arg.startswith("--")]
+        assert len(paths) >= 2, f"Dockerfile: {instruction!r} needs a source and a destination"
+        sources.extend(paths[:-1])
+    return sources
+
+
+# -- the services --------------------------------------------------------------------------
+
+
+def test_every_service_folder_runs_in_compose() -> None:
+    folders = service_folders()
+    assert folders, "no services/*/main.py found"
+    services = compose_services()
+    missing = [folder for folder in folders if folder not in services]
+    assert not missing, f"{COMPOSE_FILE.name} lacks services for: {', '.join(missing)}"
+    wrong = {
+        folder: " ".join(command_of(services[folder]))
+        for folder in folders
+        if command_of(services[folder]) != ["python", "-m", f"services.{folder}"]
+    }
+    assert not wrong, (
+        "these services are not started with `python -m services.<folder>`: "
+        + "; ".join(f"{name}: {command or '(no command)'}" for name, command in wrong.items())
+    )
+
+
+def test_no_compose_service_runs_a_missing_module() -> None:
+    folders = set(service_folders())
+    unknown = {
+        name: module
+        for name, module in python_module_services().items()
+        if module.removeprefix("services.") not in folders
+    }
+    assert not unknown, f"compose runs modules with no services/<name>/main.py: {unknown}"
+
+
+@pytest.mark.parametrize("folder", service_folders())
+def test_service_reaches_nats_and_the_collector(folder: str) -> None:
+    environment = environment_of(service(folder))
+    nats_url = environment.get("NATS_URL", "")
+    assert nats_url.startswith("nats://"), f"{folder}: NATS_URL is {nats_url or 'unset'}"
+    nats_host = nats_url.removeprefix("nats://").partition(":")[0]
+    assert nats_host in compose_services(), f"{folder}: NATS_URL names no compose service"
+    assert environment.get("OTEL_EXPORTER_OTLP_ENDPOINT"), (
+        f"{folder}: OTEL_EXPORTER_OTLP_ENDPOINT is unset"
+    )
+    depends_on = service(folder).get("depends_on") or {}
+    assert nats_host in depends_on, f"{folder}: does not depend on {nats_host}"
+
+
+def test_accounting_waits_for_migrations() -> None:
+    depends_on = service("accounting").get("depends_on") or {}
+    assert isinstance(depends_on, dict), "accounting: depends_on must name conditions"
+    assert "migrate" in depends_on, "accounting does not depend on the migrate service"
+    condition = depends_on["migrate"].get("condition")
+    assert condition == "service_completed_successfully", (
+        f"accounting waits for migrate with condition {condition!r}"
+    )
+    assert command_of(service("migrate")) == ["llooma", "migrate"]
+
+
+# -- infrastructure ------------------------------------------------------------------------
+
+
+def test_nats_runs_with_jetstream() -> None:
+    nats = service("nats")
+    assert str(nats.get("image", "")).startswith("nats:"), "the nats service is not a NATS image"
+    command = command_of(nats)
+    assert "-js" in command or "--jetstream" in command, (
+        f"nats runs without JetStream (-js); its command is {command}"
+    )
+
+
+def test_postgres_exists_and_reports_health() -> None:
+    postgres = service("postgres")
+    assert str(postgres.get("image", "")).startswith("postgres:")
+    assert "POSTGRES_PASSWORD" in environment_of(postgres), "postgres has no POSTGRES_PASSWORD"
+    test = postgres.get("healthcheck", {}).get("test", [])
+    assert "pg_isready" in " ".join(test if isinstance(test, list) else [test]), (
+        "postgres has no pg_isready healthcheck"
+    )
+
+
+def test_every_build_points_at_an_existing_dockerfile() -> None:
+    built = 0
+    for name, definition in compose_services().items():
+        build = definition.get("build")
+        if build is None:
+            continue
+        built += 1
+        if isinstance(build, str):
+            context, dockerfile = build, "Dockerfile"
+        else:
+            context, dockerfile = build.get("context", "."), build.get("dockerfile", "Dockerfile")
+        path = (ROOT / context / dockerfile).resolve()
+        assert path.is_file(), f"service {name!r} builds from {path}, which does not exist"
+    assert built, f"no service in {COMPOSE_FILE.name} is built from a Dockerfile"
+
+
+def test_dockerfile_copy_sources_exist() -> None:
+    sources = copy_sources()
+    assert sources, "the Dockerfile copies nothing"
+    missing = [source for source in sources if not in_build_context(source)]
+    assert not missing, f"the Dockerfile COPYs paths that do not exist: {', '.join(missing)}"
+
+
+# -- host workers and the published API ----------------------------------------------------
+
+
+def test_host_workers_mount_valid_configs() -> None:
+    configs = host_worker_configs()
+    assert configs, f"{COMPOSE_FILE.name} runs no host worker (`llooma host --config ...`)"
+    names: dict[str, str] = {}
+    for service_name, path in configs.items():
+        assert path.is_file(), f"host worker {service_name!r} mounts {path}, which does not exist"
+        try:
+            config = HostConfig.model_validate(yaml.safe_load(path.read_text()))
+        except ValidationError as error:
+            pytest.fail(f"{path.relative_to(ROOT)} is not a valid HostConfig:\n{error}")
+        nats_host = config.nats_url.removeprefix("nats://").partition(":")[0]
+        assert nats_host in compose_services(), (
+            f"{path.relative_to(ROOT)}: nats_url {config.nats_url} names no compose service"
+        )
+        assert config.name not in names, (
+            f"host workers {names.get(config.name)!r} and {service_name!r} share the id"
+            f" {config.name!r}"
+        )
+        names[config.name] = service_name
+
+
+def test_ingress_publishes_its_port() -> None:
+    ingress = service("ingress")
+    ports = published_ports(ingress)
+    assert (INGRESS_PORT, INGRESS_PORT) in ports, (
+        f"ingress does not publish {INGRESS_PORT}:{INGRESS_PORT}; its ports are {ports}"
+    )
+    host = environment_of(ingress).get("LLOOMA_HTTP_HOST")
+    assert host == "0.0.0.0", f"ingress listens on {host or '127.0.0.1'}, unreachable from outside"
