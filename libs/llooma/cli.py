@@ -112,5 +112,48 @@ def migrate_command(database_url: Annotated[str, typer.Option(envvar="DATABASE_U
     console.print(f"applied: {', '.join(applied) or 'nothing (up to date)'}")
 
 
+@app.command()
+def bench(
+    quick: Annotated[bool, typer.Option(help="A small run, for a quick look")] = False,
+    results_dir: Annotated[Path, typer.Option()] = Path("bench/results"),
+) -> None:
+    """Run the benchmarks on a fresh embedded stack and write bench/results/."""
+    import platform
+    import tempfile
+
+    from llooma.bench import overhead
+    from llooma.embedded import free_port
+    from llooma.stack import Stack
+    from rich.progress import Progress
+
+    plan = [(1, 100), (32, 640)] if quick else [(1, 500), (32, 3200)]
+    with tempfile.TemporaryDirectory(prefix="llooma-bench-") as scratch:
+        stack = Stack(
+            root=Path(scratch),
+            http_port=free_port(),
+            nats_url=os.environ.get("NATS_URL") or None,
+            database_url=os.environ.get("DATABASE_URL") or None,
+            hosts=overhead.bench_hosts("nats://unused"),
+        )
+        console.print("starting a bench stack ...")
+        stack.start()
+        try:
+            assert stack.nats_url is not None
+            with Progress(console=console) as progress:
+                levels = asyncio.run(
+                    overhead.measure(stack.nats_url, stack.base_url, plan, progress)
+                )
+        finally:
+            stack.stop()
+    note = (
+        f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, "
+        f"{os.cpu_count()} cores, Python {platform.python_version()}; "
+        f"{'quick' if quick else 'full'} run (`llooma bench{' --quick' if quick else ''}`)."
+    )
+    table = overhead.write_results(levels, results_dir, note)
+    console.print(table)
+    console.print(f"written to {results_dir / 'overhead.md'}")
+
+
 if __name__ == "__main__":
     app()

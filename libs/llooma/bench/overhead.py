@@ -1,0 +1,158 @@
+"""Overhead benchmark: time to first token through the stack vs. a direct call to the same host.
+
+Both paths hit the same zero-latency synthetic host in the same run, interleaved batch by batch,
+so machine noise lands on both alike. "Direct" sends the HostTask straight to the host's
+capability subject over NATS; "stack" is a streaming HTTP request through every service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from llooma import subjects
+from llooma.host.config import HostConfig, Latency, ModelConfig
+from llooma.settings import DEV_API_KEY
+from llooma.v1.common_pb2 import ChatMessage, GenerationParams
+from llooma.v1.host_pb2 import HostChunk, HostTask
+from nats.aio.client import Client
+from rich.progress import Progress
+
+HOST = "bench-zero"
+MODEL = "synthetic-zero"
+OUTPUT_TOKENS = 16
+
+
+def bench_hosts(nats_url: str) -> list[HostConfig]:
+    zero = Latency(kind="fixed", ms=0)
+    model = ModelConfig(
+        name=MODEL, capacity=1024, max_tokens=OUTPUT_TOKENS, first_token=zero, inter_token=zero
+    )
+    return [HostConfig(name=HOST, nats_url=nats_url, models=[model])]
+
+
+@dataclass
+class Level:
+    concurrency: int
+    requests: int
+    direct_ms: list[float]
+    stack_ms: list[float]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+async def direct_ttft(nc: Client) -> float:
+    attempt_id = uuid.uuid4().hex
+    inbox = nc.new_inbox()
+    first: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+
+    async def on_chunk(msg: object) -> None:
+        chunk = HostChunk.FromString(msg.data)  # type: ignore[attr-defined]
+        if chunk.HasField("token") and not first.done():
+            first.set_result(time.perf_counter())
+
+    subscription = await nc.subscribe(inbox, cb=on_chunk)
+    task = HostTask(
+        attempt_id=attempt_id,
+        model=MODEL,
+        messages=[ChatMessage(role="user", content="benchmark")],
+        params=GenerationParams(max_tokens=OUTPUT_TOKENS),
+    )
+    started = time.perf_counter()
+    await nc.publish(subjects.host_task(MODEL, HOST), task.SerializeToString(), reply=inbox)
+    ttft = (await asyncio.wait_for(first, 10)) - started
+    await subscription.unsubscribe()
+    return ttft * 1000
+
+
+async def stack_ttft(http: httpx.AsyncClient) -> float:
+    body = {
+        "model": MODEL,
+        "stream": True,
+        "max_tokens": OUTPUT_TOKENS,
+        "messages": [{"role": "user", "content": "benchmark"}],
+    }
+    started = time.perf_counter()
+    ttft = None
+    async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"stack answered {response.status_code}: {await response.aread()!r}")
+        async for line in response.aiter_lines():
+            if ttft is None and '"content":"' in line and '"content":""' not in line:
+                ttft = time.perf_counter() - started
+    if ttft is None:
+        raise RuntimeError("stream ended without a token")
+    return ttft * 1000
+
+
+async def run_level(
+    nc: Client, http: httpx.AsyncClient, concurrency: int, requests: int, progress: Progress
+) -> Level:
+    level = Level(concurrency, requests, [], [])
+    task = progress.add_task(f"concurrency {concurrency}", total=2 * requests)
+    batches = max(1, requests // concurrency)
+    for _ in range(batches):
+        # Interleave: a batch direct, then the same batch through the stack.
+        level.direct_ms += await asyncio.gather(*(direct_ttft(nc) for _ in range(concurrency)))
+        progress.advance(task, concurrency)
+        level.stack_ms += await asyncio.gather(*(stack_ttft(http) for _ in range(concurrency)))
+        progress.advance(task, concurrency)
+    return level
+
+
+def report(levels: list[Level]) -> str:
+    lines = [
+        "| concurrency | requests | direct p50 ms | stack p50 ms | added p50 ms "
+        "| direct p99 ms | stack p99 ms | added p99 ms | p50 ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for level in levels:
+        d50, s50 = statistics.median(level.direct_ms), statistics.median(level.stack_ms)
+        d99, s99 = percentile(level.direct_ms, 0.99), percentile(level.stack_ms, 0.99)
+        lines.append(
+            f"| {level.concurrency} | {len(level.stack_ms)} | {d50:.2f} | {s50:.2f} | "
+            f"{s50 - d50:.2f} | {d99:.2f} | {s99:.2f} | {s99 - d99:.2f} | {s50 / d50:.1f}x |"
+        )
+    return "\n".join(lines)
+
+
+async def measure(
+    nats_url: str, base_url: str, plan: list[tuple[int, int]], progress: Progress
+) -> list[Level]:
+    from llooma import bus
+
+    nc = await bus.connect(nats_url, "llooma-bench")
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    headers = {"Authorization": f"Bearer {DEV_API_KEY}"}
+    async with httpx.AsyncClient(
+        base_url=base_url, headers=headers, limits=limits, timeout=30
+    ) as http:
+        # Warm up connections, JIT-free but cache-hungry paths, and the consumers.
+        for _ in range(20):
+            await direct_ttft(nc)
+            await stack_ttft(http)
+        levels = [await run_level(nc, http, c, n, progress) for c, n in plan]
+    await nc.drain()
+    return levels
+
+
+def write_results(levels: list[Level], results_dir: Path, note: str) -> str:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    table = report(levels)
+    text = (
+        "# Overhead: time to first token, stack vs. direct host call\n\n"
+        f"{note}\n\n{table}\n\n"
+        "`added` = stack minus direct at the same percentile; both paths measured in the same "
+        "run, interleaved batch by batch, against the same zero-latency synthetic host.\n"
+    )
+    (results_dir / "overhead.md").write_text(text)
+    return table

@@ -1,0 +1,95 @@
+"""Pure pieces, tested without any server."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from llooma import subjects
+from llooma.host.backends import split_tokens
+from llooma.scoring import Candidate, ScoreTerms, ScoreWeights, host_score, pick_hosts
+from llooma.v1.aggregate_pb2 import AggregatePart
+
+from services.aggregator.handlers import merge
+from services.compressor.handlers import ELISION_MARKER, truncate
+
+
+@given(st.text())
+def test_split_tokens_joins_back_exactly(text: str) -> None:
+    assert "".join(split_tokens(text)) == text
+
+
+def test_split_tokens_is_word_sized() -> None:
+    assert split_tokens("a  bc\td\n") == ["a", "  bc", "\td", "\n"]
+
+
+def test_score_weights_and_clamping() -> None:
+    weights = ScoreWeights()
+    idle = host_score(ScoreTerms(0, 0, 0, 0), weights)
+    worst = host_score(ScoreTerms(5, 5, 5, 5), weights)
+    assert idle == 0.0
+    assert worst == pytest.approx(1.0)
+    assert host_score(ScoreTerms(1, 0, 0, 0), weights) == pytest.approx(0.40)
+    assert host_score(ScoreTerms(0, 1, 0, 0), weights) == pytest.approx(0.30)
+    assert host_score(ScoreTerms(0, 0, 1, 0), weights) == pytest.approx(0.20)
+    assert host_score(ScoreTerms(0, 0, 0, 1), weights) == pytest.approx(0.10)
+
+
+def test_pick_hosts_is_distinct_and_from_the_best_bucket() -> None:
+    candidates = [Candidate(f"h{i}", "m", score=i / 10, stake=1.0) for i in range(8)]
+    rng = random.Random(7)
+    for _ in range(200):
+        chosen = pick_hosts(candidates, k=2, bucket_size=3, rng=rng)
+        assert len({c.host_id for c in chosen}) == 2
+        assert {c.host_id for c in chosen} <= {"h0", "h1", "h2"}
+
+
+def test_pick_hosts_follows_stake() -> None:
+    candidates = [
+        Candidate("rich", "m", 0.1, stake=9.0),
+        Candidate("poor", "m", 0.1, stake=1.0),
+    ]
+    rng = random.Random(3)
+    firsts = Counter(
+        pick_hosts(candidates, k=1, bucket_size=2, rng=rng)[0].host_id for _ in range(4000)
+    )
+    assert 0.86 < firsts["rich"] / 4000 < 0.94
+
+
+def test_pick_hosts_counts_each_host_once_across_models() -> None:
+    candidates = [Candidate("a", "m1", 0.1, 1.0), Candidate("a", "m2", 0.2, 1.0)]
+    chosen = pick_hosts(candidates, k=2, bucket_size=4, rng=random.Random(1))
+    assert [c.model for c in chosen] == ["m1"]
+
+
+def test_model_token_keeps_simple_names_and_hashes_others() -> None:
+    assert subjects.model_token("synthetic-small") == "synthetic-small"
+    odd = subjects.model_token("meta-llama/Llama-3.1-8B")
+    assert "." not in odd
+    assert "/" not in odd
+    assert odd == subjects.model_token("meta-llama/Llama-3.1-8B")
+    assert odd != subjects.model_token("meta-llama/Llama-3.2-8B")
+
+
+def test_checked_token_rejects_wildcards() -> None:
+    for bad in ("a.b", "*", ">", "", "x y"):
+        with pytest.raises(ValueError, match="subject token"):
+            subjects.checked_token(bad)
+
+
+@given(st.text(), st.integers(min_value=0, max_value=200))
+def test_truncate_respects_budget(text: str, budget: int) -> None:
+    out = truncate(text, budget)
+    assert len(out) <= budget
+    if len(text) <= budget:
+        assert out == text
+    elif budget > len(ELISION_MARKER):
+        assert ELISION_MARKER in out
+
+
+def test_merge_keeps_order_and_labels() -> None:
+    parts = [AggregatePart(label="1.", text=" one "), AggregatePart(label="2.", text="two")]
+    assert merge(parts) == "1.\none\n\n2.\ntwo"
