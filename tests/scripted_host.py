@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from llooma import subjects
 from llooma.settings import VERSION
@@ -15,7 +16,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 Reply = Callable[[HostChunk], Awaitable[None]]
-Script = Callable[[HostTask, Reply], Awaitable[None]]
+Script = Callable[[HostTask, Reply], Coroutine[Any, Any, None]]
 
 
 class ScriptedHost:
@@ -73,6 +74,6 @@ class ScriptedHost:
         async def reply(chunk: HostChunk) -> None:
             await self.nc.publish(reply_subject, chunk.SerializeToString())
 
-        running = asyncio.create_task(self.script(task, reply))
+        running: asyncio.Task[None] = asyncio.create_task(self.script(task, reply))
         self._running.add(running)
         running.add_done_callback(self._running.discard)

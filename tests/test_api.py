@@ -54,7 +54,9 @@ async def test_openai_client_non_streaming_reports_usage(stack: Stack) -> None:
     assert completion.usage is not None
     assert completion.usage.completion_tokens == 7
     assert completion.choices[0].finish_reason == "length"
-    assert len(completion.choices[0].message.content.split()) == 7
+    content = completion.choices[0].message.content
+    assert content is not None
+    assert len(content.split()) == 7
     await client.close()
 
 

@@ -20,7 +20,6 @@ from nats.aio.client import Client
 
 log = logging.getLogger(__name__)
 
-PIPELINE = JStream(subjects.PIPELINE_STREAM, declare=False)
 SETTLEMENTS = JStream(subjects.SETTLEMENT_STREAM, declare=False)
 
 

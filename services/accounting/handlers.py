@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import asyncpg
+from faststream import AckPolicy
 from faststream.nats import NatsRouter
 from faststream.nats.annotations import NatsMessage
 from llooma import subjects
@@ -55,13 +56,14 @@ class Ledger:
 def build_router(ledger: Ledger) -> NatsRouter:
     router = NatsRouter()
 
-    # Acked only after the row is committed: a crash before that means a redelivery,
-    # which the primary key turns into a no-op.
+    # Acked only after the row is committed; an error (Postgres down) or a crash means a
+    # redelivery, which the primary key turns into a no-op if the row did land.
     @router.subscriber(
         subjects.SETTLEMENT_TASK,
         queue=subjects.CONSUMER_ACCOUNTING,
         stream=SETTLEMENTS,
         max_workers=16,
+        ack_policy=AckPolicy.NACK_ON_ERROR,
     )
     async def settle(message: NatsMessage) -> None:
         await ledger.settle(TaskSettlement.FromString(message.body))

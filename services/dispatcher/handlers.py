@@ -6,19 +6,23 @@ import random
 import time
 import uuid
 
-from faststream.nats import NatsRouter
-from faststream.nats.annotations import Client, JsClient, NatsMessage
 from llooma import bus, subjects
 from llooma.membership import HostDirectory
-from llooma.runtime import PIPELINE
 from llooma.scoring import Candidate, ScoreTerms, ScoreWeights, host_score, pick_hosts
 from llooma.settings import ORCHESTRATED_MODEL, Settings
 from llooma.v1.common_pb2 import ERROR_CODE_NO_ELIGIBLE_HOST, ErrorDetail
 from llooma.v1.pipeline_pb2 import ChatRequest, ClientEvent, HostCandidate, TaskAssignment
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
 
 class Dispatcher:
-    def __init__(self, settings: Settings, hosts: HostDirectory) -> None:
+    def __init__(
+        self, settings: Settings, hosts: HostDirectory, nc: Client, js: JetStreamContext
+    ) -> None:
+        self._nc = nc
+        self._js = js
         self._settings = settings
         self._hosts = hosts
         self._weights = ScoreWeights()
@@ -67,19 +71,9 @@ class Dispatcher:
             stall_deadline_ms=self._settings.stall_deadline_ms,
         )
 
-
-def build_router(dispatcher: Dispatcher) -> NatsRouter:
-    router = NatsRouter()
-
-    @router.subscriber(
-        subjects.PIPELINE_DISPATCHER,
-        queue=subjects.CONSUMER_DISPATCHER,
-        stream=PIPELINE,
-        max_workers=64,
-    )
-    async def dispatch(message: NatsMessage, js: JsClient, nc: Client) -> None:
-        request = ChatRequest.FromString(message.body)
-        assignment = dispatcher.assign(request)
+    async def handle(self, msg: Msg) -> None:
+        request = ChatRequest.FromString(msg.data)
+        assignment = self.assign(request)
         if assignment is None:
             failure = ClientEvent(
                 failed=ErrorDetail(
@@ -87,13 +81,11 @@ def build_router(dispatcher: Dispatcher) -> NatsRouter:
                     message=f"no eligible host serves model {request.model!r} right now",
                 )
             )
-            await nc.publish(request.reply_subject, failure.SerializeToString())
+            await self._nc.publish(request.reply_subject, failure.SerializeToString())
             return
         await bus.hand_off(
-            js,
+            self._js,
             subjects.PIPELINE_RACER,
             assignment.SerializeToString(),
             f"{request.request_id}.racer",
         )
-
-    return router

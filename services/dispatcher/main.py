@@ -2,36 +2,27 @@
 
 from __future__ import annotations
 
-from faststream import FastStream
-from faststream.nats import NatsBroker
-from llooma import runtime
+from llooma import subjects
 from llooma.membership import HostDirectory
-from llooma.settings import Settings
+from llooma.service import Service, serve
 
-from services.dispatcher.handlers import Dispatcher, build_router
+from services.dispatcher.handlers import Dispatcher
 
 SERVICE = "dispatcher"
 
 
-def create_app(settings: Settings) -> FastStream:
+async def setup(service: Service) -> None:
+    settings = service.settings
     hosts = HostDirectory(
         stale_after_s=settings.host_stale_after_s, min_version=settings.min_host_version
     )
-
-    async def watch_hosts(broker: NatsBroker) -> None:
-        await hosts.start(broker.config.connection_state.stream)
-
-    async def stop_watching(_: NatsBroker) -> None:
-        await hosts.stop()
-
-    return runtime.build_app(
-        SERVICE,
-        settings,
-        [build_router(Dispatcher(settings, hosts))],
-        on_connected=watch_hosts,
-        on_stopping=stop_watching,
+    await hosts.start(service.js)
+    service.on_stop(hosts.stop)
+    dispatcher = Dispatcher(settings, hosts, service.nc, service.js)
+    await service.consume(
+        subjects.PIPELINE_DISPATCHER, subjects.CONSUMER_DISPATCHER, dispatcher.handle
     )
 
 
 def main() -> None:
-    runtime.serve(create_app)
+    serve(SERVICE, setup)

@@ -2,28 +2,23 @@
 
 from __future__ import annotations
 
-from faststream.nats import NatsRouter
-from faststream.nats.annotations import JsClient, NatsMessage
 from llooma import bus, subjects
-from llooma.runtime import PIPELINE
 from llooma.v1.common_pb2 import REQUEST_PATH_DIRECT
 from llooma.v1.pipeline_pb2 import ChatRequest
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
-router = NatsRouter()
 
+class Planner:
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
 
-@router.subscriber(
-    subjects.PIPELINE_PLANNER,
-    queue=subjects.CONSUMER_PLANNER,
-    stream=PIPELINE,
-    max_workers=64,
-)
-async def plan(message: NatsMessage, js: JsClient) -> None:
-    request = ChatRequest.FromString(message.body)
-    request.path = REQUEST_PATH_DIRECT
-    await bus.hand_off(
-        js,
-        subjects.PIPELINE_DISPATCHER,
-        request.SerializeToString(),
-        f"{request.request_id}.dispatcher",
-    )
+    async def handle(self, msg: Msg) -> None:
+        request = ChatRequest.FromString(msg.data)
+        request.path = REQUEST_PATH_DIRECT
+        await bus.hand_off(
+            self._js,
+            subjects.PIPELINE_DISPATCHER,
+            request.SerializeToString(),
+            f"{request.request_id}.dispatcher",
+        )

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from faststream import FastStream
-from llooma import runtime
-from llooma.settings import Settings
+from llooma import subjects
+from llooma.service import Service, serve
 
-from services.planner.handlers import router
+from services.planner.handlers import Planner
 
 SERVICE = "planner"
 
 
-def create_app(settings: Settings) -> FastStream:
-    return runtime.build_app(SERVICE, settings, [router])
+async def setup(service: Service) -> None:
+    planner = Planner(service.js)
+    await service.consume(subjects.PIPELINE_PLANNER, subjects.CONSUMER_PLANNER, planner.handle)
 
 
 def main() -> None:
-    runtime.serve(create_app)
+    serve(SERVICE, setup)

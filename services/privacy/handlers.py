@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-from faststream.nats import NatsRouter
-from faststream.nats.annotations import JsClient, NatsMessage
 from llooma import bus, subjects
-from llooma.runtime import PIPELINE
 from llooma.v1.pipeline_pb2 import ChatRequest
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
-router = NatsRouter()
 
+class Mediator:
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
 
-@router.subscriber(
-    subjects.PIPELINE_PRIVACY,
-    queue=subjects.CONSUMER_PRIVACY,
-    stream=PIPELINE,
-    max_workers=64,
-)
-async def mediate(message: NatsMessage, js: JsClient) -> None:
-    request = ChatRequest.FromString(message.body)
-    request.privacy_redacted = False
-    await bus.hand_off(
-        js, subjects.PIPELINE_PLANNER, request.SerializeToString(), f"{request.request_id}.planner"
-    )
+    async def handle(self, msg: Msg) -> None:
+        request = ChatRequest.FromString(msg.data)
+        request.privacy_redacted = False
+        await bus.hand_off(
+            self._js,
+            subjects.PIPELINE_PLANNER,
+            request.SerializeToString(),
+            f"{request.request_id}.planner",
+        )

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from faststream import FastStream
-from llooma import runtime
-from llooma.settings import Settings
+from llooma import subjects
+from llooma.service import Service, serve
 
-from services.privacy.handlers import router
+from services.privacy.handlers import Mediator
 
 SERVICE = "privacy"
 
 
-def create_app(settings: Settings) -> FastStream:
-    return runtime.build_app(SERVICE, settings, [router])
+async def setup(service: Service) -> None:
+    mediator = Mediator(service.js)
+    await service.consume(subjects.PIPELINE_PRIVACY, subjects.CONSUMER_PRIVACY, mediator.handle)
 
 
 def main() -> None:
-    runtime.serve(create_app)
+    serve(SERVICE, setup)

@@ -2,26 +2,35 @@
 
 from __future__ import annotations
 
-from faststream import FastStream
-from faststream.nats import NatsBroker
-from llooma import runtime
-from llooma.settings import Settings
+from llooma import subjects
+from llooma.service import Service, serve
+from llooma.v1.pipeline_pb2 import TaskAssignment
+from nats.aio.msg import Msg
 
-from services.racer.handlers import build_router
 from services.racer.race import Racer
 
 SERVICE = "racer"
+# Each race holds a slot for its whole stream, so this bounds concurrent races per process.
+MAX_CONCURRENT_RACES = 1024
 
 
-def create_app(settings: Settings) -> FastStream:
-    racer = Racer(runtime.new_instance_id(SERVICE))
+async def setup(service: Service) -> None:
+    racer = Racer(service.instance_id)
+    await racer.start(service)
 
-    async def start_racer(broker: NatsBroker) -> None:
-        state = broker.config.connection_state
-        await racer.start(state.connection, state.stream)
+    async def race(msg: Msg) -> None:
+        await racer.run(TaskAssignment.FromString(msg.data))
 
-    return runtime.build_app(SERVICE, settings, [build_router(racer)], on_connected=start_racer)
+    # Acked on receipt: a race is not replayed (its client already has a stream in flight);
+    # if this process dies mid-race, the ingress ends that client's stream with an error event.
+    await service.consume(
+        subjects.PIPELINE_RACER,
+        subjects.CONSUMER_RACER,
+        race,
+        max_concurrency=MAX_CONCURRENT_RACES,
+        ack_first=True,
+    )
 
 
 def main() -> None:
-    runtime.serve(create_app)
+    serve(SERVICE, setup)

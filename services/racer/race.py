@@ -10,6 +10,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from llooma import bus, subjects
+from llooma.service import Service
 from llooma.v1.common_pb2 import (
     ERROR_CODE_DEADLINE_EXCEEDED,
     ERROR_CODE_HOST_BUSY,
@@ -75,12 +76,12 @@ class Racer:
         self._by_attempt: dict[str, tuple[Race, Attempt]] = {}
         self._by_request: dict[str, asyncio.Task[None]] = {}
 
-    async def start(self, nc: Client, js: JetStreamContext) -> None:
-        self._nc = nc
-        self._js = js
+    async def start(self, service: Service) -> None:
+        self._nc = service.nc
+        self._js = service.js
         prefix = subjects.host_reply_prefix(self._instance_id)
-        await self._nc.subscribe(f"{prefix}.*", cb=self._on_host_chunk)
-        await self._nc.subscribe(subjects.REQUEST_CANCEL_ANY, cb=self._on_request_cancel)
+        await service.subscribe(f"{prefix}.*", self._on_host_chunk)
+        await service.subscribe(subjects.REQUEST_CANCEL_ANY, self._on_request_cancel)
 
     async def _on_host_chunk(self, msg: Msg) -> None:
         routed = self._by_attempt.get(msg.subject.rpartition(".")[2])
