@@ -42,7 +42,14 @@ def demo_hosts(nats_url: str) -> list[HostConfig]:
     """Three synthetic hosts with different latency profiles, each also serving `echo`."""
 
     def echo() -> ModelConfig:
-        return ModelConfig(name="echo", backend="echo", capacity=64, max_tokens=4096)
+        # A small gap between tokens, so a client sees the echo arrive as a stream.
+        return ModelConfig(
+            name="echo",
+            backend="echo",
+            capacity=64,
+            max_tokens=4096,
+            inter_token=Latency(kind="fixed", ms=2),
+        )
 
     return [
         HostConfig(

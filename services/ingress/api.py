@@ -209,20 +209,23 @@ class Ingress:
 
     async def _events(
         self, request_id: str, queue: asyncio.Queue[bytes]
-    ) -> AsyncIterator[ClientEvent]:
-        """Events after `started`, ending with `finished` or `failed`; cancels on early exit."""
+    ) -> AsyncIterator[list[ClientEvent]]:
+        """Events after `started`, in batches of what had already arrived, ending with
+        `finished` or `failed`; cancels the request upstream if the consumer stops early."""
         stall_s = self.settings.stall_deadline_ms / 1000.0 + STALL_MARGIN_S
         done = False
         try:
-            while True:
-                event = await self._next_event(queue, stall_s)
-                kind = event.WhichOneof("event")
-                if kind in ("finished", "failed"):
-                    done = kind == "finished"
-                    yield event
-                    return
-                if kind == "delta":
-                    yield event
+            while not done:
+                batch = [await self._next_event(queue, stall_s)]
+                while not queue.empty():
+                    batch.append(ClientEvent.FromString(queue.get_nowait()))
+                for index, event in enumerate(batch):
+                    if event.WhichOneof("event") in ("finished", "failed"):
+                        del batch[index + 1 :]
+                        done = True
+                        break
+                yield batch
+            done = batch[-1].WhichOneof("event") == "finished"
         finally:
             self.replies.close(request_id)
             if not done:
@@ -246,7 +249,7 @@ class Ingress:
         self,
         request_id: str,
         model: str,
-        events: AsyncIterator[ClientEvent],
+        batches: AsyncIterator[list[ClientEvent]],
         include_usage: bool,
     ) -> AsyncIterator[bytes]:
         created = int(time.time())
@@ -259,67 +262,42 @@ class Ingress:
             + b'"choices":[{"index":0,"delta":{"role":"assistant","content":""},'
             + (b'"finish_reason":null}]}\n\n')
         )
-        async for event in events:
-            kind = event.WhichOneof("event")
-            if kind == "delta":
-                yield (
-                    head
-                    + b'"choices":[{"index":0,"delta":{"content":'
-                    + orjson.dumps(event.delta.text)
-                    + b'},"finish_reason":null}]}\n\n'
-                )
-            elif kind == "finished":
-                finish = orjson.dumps(event.finished.finish_reason or "stop")
-                yield (
-                    head
-                    + b'"choices":[{"index":0,"delta":{},"finish_reason":'
-                    + finish
-                    + b"}]}\n\n"
-                )
-                if include_usage:
-                    yield head + b'"choices":[],"usage":' + orjson.dumps(_usage(event)) + b"}\n\n"
-                yield b"data: [DONE]\n\n"
-            else:
-                code = STATUS_BY_ERROR.get(event.failed.code, (500, "internal_error"))[1]
-                error = {
-                    "error": {
-                        "message": event.failed.message or "the stream failed",
-                        "type": "server_error",
-                        "code": code,
-                    }
-                }
-                yield b"data: " + orjson.dumps(error) + b"\n\n"
+        async for batch in batches:
+            yield b"".join(_sse_event(head, event, include_usage) for event in batch)
 
     async def _collect(
         self,
         request_id: str,
         model: str,
-        events: AsyncIterator[ClientEvent],
+        batches: AsyncIterator[list[ClientEvent]],
         headers: dict[str, str],
     ) -> Response:
         pieces = []
-        async for event in events:
-            kind = event.WhichOneof("event")
-            if kind == "delta":
-                pieces.append(event.delta.text)
-            elif kind == "finished":
-                body = {
-                    "id": f"chatcmpl-{request_id}",
-                    "object": "chat.completion",
-                    "created": int(time.time()),
-                    "model": model,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": {"role": "assistant", "content": "".join(pieces)},
-                            "finish_reason": event.finished.finish_reason or "stop",
-                        }
-                    ],
-                    "usage": _usage(event),
-                }
-                return Response(orjson.dumps(body), media_type="application/json", headers=headers)
-            else:
-                return self._failure_response(event.failed, headers)
+        async for batch in batches:
+            for event in batch:
+                kind = event.WhichOneof("event")
+                if kind == "delta":
+                    pieces.append(event.delta.text)
+                elif kind == "finished":
+                    body = {
+                        "id": f"chatcmpl-{request_id}",
+                        "object": "chat.completion",
+                        "created": int(time.time()),
+                        "model": model,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {"role": "assistant", "content": "".join(pieces)},
+                                "finish_reason": event.finished.finish_reason or "stop",
+                            }
+                        ],
+                        "usage": _usage(event),
+                    }
+                    return Response(
+                        orjson.dumps(body), media_type="application/json", headers=headers
+                    )
+                else:
+                    return self._failure_response(event.failed, headers)
         return self._failure_response(ErrorDetail(message="stream ended early"), headers)
 
     async def models(self, request: Request) -> Response:
@@ -343,6 +321,28 @@ class Ingress:
             {"status": "ok" if healthy else "unavailable", "services": services, "hosts": hosts},
             status_code=200 if healthy else 503,
         )
+
+
+def _sse_event(head: bytes, event: ClientEvent, include_usage: bool) -> bytes:
+    kind = event.WhichOneof("event")
+    if kind == "delta":
+        return (
+            head
+            + b'"choices":[{"index":0,"delta":{"content":'
+            + orjson.dumps(event.delta.text)
+            + b'},"finish_reason":null}]}\n\n'
+        )
+    if kind == "finished":
+        finish = orjson.dumps(event.finished.finish_reason or "stop")
+        parts = [head + b'"choices":[{"index":0,"delta":{},"finish_reason":' + finish + b"}]}\n\n"]
+        if include_usage:
+            parts.append(head + b'"choices":[],"usage":' + orjson.dumps(_usage(event)) + b"}\n\n")
+        parts.append(b"data: [DONE]\n\n")
+        return b"".join(parts)
+    code = STATUS_BY_ERROR.get(event.failed.code, (500, "internal_error"))[1]
+    message = event.failed.message or "the stream failed"
+    error = {"error": {"message": message, "type": "server_error", "code": code}}
+    return b"data: " + orjson.dumps(error) + b"\n\n"
 
 
 def _usage(event: ClientEvent) -> dict[str, int]:

@@ -185,41 +185,56 @@ class Racer:
             ) from None
 
     async def _stream(self, race: Race, winner: Attempt, first: HostChunk) -> None:
+        """Relay the winner's chunks; tokens already queued go out as one delta (no waiting)."""
         reply = race.assignment.request.reply_subject
         stall_s = race.assignment.stall_deadline_ms / 1000.0
-        chunk = first
+        chunk: HostChunk | None = first
+        text: list[str] = []
         while True:
+            if chunk is None:
+                if text:
+                    await self._emit(reply, ClientEvent(delta=ClientDelta(text="".join(text))))
+                    text.clear()
+                chunk = await self._next_from(race, winner, stall_s)
             kind = chunk.WhichOneof("event")
             if kind == "token":
-                await self._emit(reply, ClientEvent(delta=ClientDelta(text=chunk.token.text)))
-            elif kind == "finished":
+                text.append(chunk.token.text)
+            elif kind in ("finished", "failed"):
+                if text:
+                    await self._emit(reply, ClientEvent(delta=ClientDelta(text="".join(text))))
+                if kind == "failed":
+                    winner.failed = True
+                    raise RaceFailed(ERROR_CODE_HOST_FAILED, f"host failed: {chunk.failed.message}")
                 winner.usage = chunk.finished.usage
-                await self._emit(
-                    reply,
-                    ClientEvent(
-                        finished=ClientFinished(
-                            finish_reason=chunk.finished.finish_reason,
-                            usage=chunk.finished.usage,
-                        )
-                    ),
+                finished = ClientFinished(
+                    finish_reason=chunk.finished.finish_reason, usage=chunk.finished.usage
                 )
+                await self._emit(reply, ClientEvent(finished=finished))
                 return
-            elif kind == "failed":
-                winner.failed = True
-                raise RaceFailed(ERROR_CODE_HOST_FAILED, f"host failed: {chunk.failed.message}")
-            chunk = await self._next_from(race, winner, stall_s)
+            chunk = self._queued_from(race, winner)
+
+    def _queued_from(self, race: Race, winner: Attempt) -> HostChunk | None:
+        """The winner's next chunk if one is already queued, else None."""
+        while not race.inbox.empty():
+            chunk = self._count(winner, *race.inbox.get_nowait())
+            if chunk is not None:
+                return chunk
+        return None
+
+    @staticmethod
+    def _count(winner: Attempt, attempt: Attempt, chunk: HostChunk) -> HostChunk | None:
+        """Count a token to its attempt; return the chunk if it is the winner's."""
+        if chunk.HasField("token"):
+            attempt.output_tokens += 1
+        return chunk if attempt is winner else None
 
     async def _next_from(self, race: Race, winner: Attempt, stall_s: float) -> HostChunk:
         try:
             async with asyncio.timeout(stall_s):
                 while True:
-                    attempt, chunk = await race.inbox.get()
-                    if attempt is winner:
-                        if chunk.HasField("token"):
-                            winner.output_tokens += 1
+                    chunk = self._count(winner, *await race.inbox.get())
+                    if chunk is not None:
                         return chunk
-                    if chunk.HasField("token"):
-                        attempt.output_tokens += 1
         except TimeoutError:
             winner.failed = True
             raise RaceFailed(
