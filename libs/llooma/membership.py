@@ -18,6 +18,7 @@ from typing import Generic, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 from llooma import subjects
+from llooma.bus import MEMBERSHIP_TTL_S
 from llooma.v1.host_pb2 import HostHeartbeat
 from llooma.v1.service_pb2 import ServiceHeartbeat
 from nats.js import JetStreamContext
@@ -26,6 +27,9 @@ from nats.js.kv import KeyValue
 log = logging.getLogger(__name__)
 
 HeartbeatT = TypeVar("HeartbeatT", bound=Message)
+
+# The bucket drops an entry MEMBERSHIP_TTL_S after its last heartbeat; the view does the same.
+FORGET_AFTER_S = MEMBERSHIP_TTL_S
 
 
 @dataclass(slots=True)
@@ -64,6 +68,10 @@ class Membership(Generic[HeartbeatT]):
         return [m for m in self._members.values() if m.staleness_s(now) <= stale_after_s]
 
     def all(self) -> list[Member[HeartbeatT]]:
+        """Every member heard from within the bucket's TTL (expiry sends no delete event)."""
+        cutoff = time.monotonic() - FORGET_AFTER_S
+        for key in [k for k, m in self._members.items() if m.seen_monotonic < cutoff]:
+            del self._members[key]
         return list(self._members.values())
 
     async def _watch(self, kv: KeyValue) -> None:
