@@ -1,6 +1,7 @@
 """Shared fixtures: a real nats-server and Postgres per session, and one running stack.
 
-`NATS_URL` / `DATABASE_URL` make the suite use servers that already run instead.
+`NATS_URL` / `DATABASE_URL` make the suite use servers that already run instead (tests that
+need the embedded server's credentials are then skipped).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 from llooma import bus
+from llooma.credentials import CredentialStore
 from llooma.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from llooma.settings import DEV_API_KEY
 from llooma.stack import Stack, demo_hosts
@@ -20,14 +22,26 @@ AUTH = {"Authorization": f"Bearer {DEV_API_KEY}"}
 
 
 @pytest.fixture(scope="session")
-def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    existing = os.environ.get("NATS_URL")
-    if existing:
-        yield existing
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats | None]:
+    if os.environ.get("NATS_URL"):
+        yield None
         return
-    server = EmbeddedNats.start(tmp_path_factory.mktemp("nats"))
-    yield server.url
+    root = tmp_path_factory.mktemp("nats")
+    server = EmbeddedNats.start(root / "server", credentials=CredentialStore(root / "keys"))
+    yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_url(nats_server: EmbeddedNats | None) -> str:
+    return nats_server.url if nats_server is not None else os.environ["NATS_URL"]
+
+
+@pytest.fixture(scope="session")
+def control_seed(nats_server: EmbeddedNats | None) -> str | None:
+    if nats_server is None or nats_server.credentials is None:
+        return os.environ.get("LLOOMA_NATS_NKEY_SEED_FILE")
+    return str(nats_server.credentials.control_plane_seed())
 
 
 @pytest.fixture(scope="session")
@@ -43,13 +57,17 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def stack(
-    nats_url: str, database_url: str, tmp_path_factory: pytest.TempPathFactory
+    nats_server: EmbeddedNats | None,
+    nats_url: str,
+    database_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
     running = Stack(
         root=tmp_path_factory.mktemp("stack"),
         http_port=free_port(),
         nats_url=nats_url,
         database_url=database_url,
+        shared_nats=nats_server,
         hosts=demo_hosts(nats_url),
     )
     running.start()
@@ -64,7 +82,7 @@ async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture
-async def nc(nats_url: str) -> AsyncIterator[Client]:
-    client = await bus.connect(nats_url, "llooma-tests")
+async def nc(nats_url: str, control_seed: str | None) -> AsyncIterator[Client]:
+    client = await bus.connect(nats_url, "llooma-tests", nkey_seed_file=control_seed)
     yield client
     await client.drain()

@@ -50,13 +50,19 @@ BUCKETS = (
 )
 
 
-async def connect(url: str, name: str, *, attempts: int = 60) -> Client:
+async def connect(
+    url: str, name: str, *, nkey_seed_file: str | None = None, attempts: int = 60
+) -> Client:
     """Connect, retrying while the server starts; afterwards nats-py reconnects by itself."""
     last_error: Exception | None = None
     for _ in range(attempts):
         try:
             return await nats.connect(
-                url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5
+                url,
+                name=name,
+                nkeys_seed=nkey_seed_file or None,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
             )
         except Exception as error:  # nats-py raises several unrelated types here
             last_error = error

@@ -97,7 +97,11 @@ def host(config: Annotated[Path, typer.Option(help="Host YAML config")]) -> None
     host_config = load_host_config(config)
 
     async def serve() -> None:
-        nc = await bus.connect(host_config.nats_url, f"llooma-host-{host_config.name}")
+        nc = await bus.connect(
+            host_config.nats_url,
+            f"llooma-host-{host_config.name}",
+            nkey_seed_file=str(host_config.credentials) if host_config.credentials else None,
+        )
         await run_worker(host_config, nc)
 
     uvloop.run(serve())
@@ -138,11 +142,8 @@ def bench(
         console.print("starting a bench stack ...")
         stack.start()
         try:
-            assert stack.nats_url is not None
             with Progress(console=console) as progress:
-                levels = asyncio.run(
-                    overhead.measure(stack.nats_url, stack.base_url, plan, progress)
-                )
+                levels = asyncio.run(overhead.measure(stack, plan, progress))
         finally:
             stack.stop()
     note = (

@@ -18,6 +18,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from llooma.credentials import CredentialStore, reload_nats, render_nats_config
 from pgserver import postgres_server
 
 _PR_SET_PDEATHSIG = 1
@@ -75,32 +76,39 @@ def nats_server_binary() -> str:
 
 @dataclass
 class EmbeddedNats:
+    """A nats-server with JetStream in `data_dir`; with credentials, every client needs a key."""
+
     process: subprocess.Popen[bytes]
     port: int
+    data_dir: Path
+    credentials: CredentialStore | None = None
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
+    @property
+    def pid_file(self) -> Path:
+        return self.data_dir / "nats-server.pid"
+
     @classmethod
     def start(
-        cls, store_dir: Path, port: int | None = None, *, config: Path | None = None
+        cls,
+        data_dir: Path,
+        port: int | None = None,
+        *,
+        credentials: CredentialStore | None = None,
     ) -> EmbeddedNats:
-        store_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(parents=True, exist_ok=True)
         port = port or free_port()
-        args = [
-            nats_server_binary(),
-            "-js",
-            "-sd",
-            str(store_dir),
-            "-a",
-            "127.0.0.1",
-            "-p",
-            str(port),
-        ]
-        if config is not None:
-            args += ["-c", str(config)]
-        log_file = (store_dir / "nats-server.log").open("ab")
+        args = [nats_server_binary(), "-P", str(data_dir / "nats-server.pid")]
+        if credentials is not None:
+            credentials.control_plane_seed()
+            write_nats_config(data_dir, credentials, port)
+            args += ["-c", str(data_dir / "nats.conf")]
+        else:
+            args += ["-js", "-sd", str(data_dir / "jetstream"), "-a", "127.0.0.1", "-p", str(port)]
+        log_file = (data_dir / "nats-server.log").open("ab")
         process = subprocess.Popen(
             args, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
         )
@@ -110,7 +118,13 @@ class EmbeddedNats:
         except Exception:
             process.kill()
             raise
-        return cls(process, port)
+        return cls(process, port, data_dir, credentials)
+
+    def reload(self) -> None:
+        """Re-render the config from the credential store and have the server apply it."""
+        if self.credentials is not None:
+            write_nats_config(self.data_dir, self.credentials, self.port)
+            reload_nats(self.pid_file)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self.process.poll() is None:
@@ -120,6 +134,14 @@ class EmbeddedNats:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def write_nats_config(data_dir: Path, credentials: CredentialStore, port: int) -> None:
+    config = render_nats_config(credentials, port, data_dir / "jetstream")
+    scratch = data_dir / "nats.conf.tmp"
+    scratch.write_text(config)
+    scratch.replace(data_dir / "nats.conf")
+    (data_dir / "port").write_text(str(port))
 
 
 class EmbeddedPostgres:

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import uvloop
 from faststream import FastStream
 from faststream.nats import JStream, NatsBroker, NatsRouter
+from faststream.nats.security import NatsNKey
 from llooma import bus, subjects
 from llooma.settings import VERSION, Settings, load_settings
 from llooma.v1.service_pb2 import ServiceHeartbeat
@@ -90,6 +91,7 @@ def build_app(
         log_level=logging.DEBUG,
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
+        security=NatsNKey(settings.nats_nkey_seed_file) if settings.nats_nkey_seed_file else None,
     )
     for router in routers:
         broker.include_router(router)

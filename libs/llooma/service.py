@@ -47,7 +47,11 @@ class Service:
         self.instance_id = self.instance_id or new_instance_id(self.name)
 
     async def connect(self) -> None:
-        self.nc = await bus.connect(self.settings.nats_url, f"llooma-{self.name}")
+        self.nc = await bus.connect(
+            self.settings.nats_url,
+            f"llooma-{self.name}",
+            nkey_seed_file=self.settings.nats_nkey_seed_file,
+        )
         self.js = self.nc.jetstream()
         await bus.ensure_topology(self.js)
 

@@ -28,6 +28,8 @@ class Settings(BaseSettings):
         default="nats://127.0.0.1:4222",
         validation_alias=AliasChoices("NATS_URL", "LLOOMA_NATS_URL"),
     )
+    # The control plane's nkey seed file, when the NATS server requires credentials.
+    nats_nkey_seed_file: str = ""
     database_url: str = Field(
         default="", validation_alias=AliasChoices("DATABASE_URL", "LLOOMA_DATABASE_URL")
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import yaml
+from llooma.credentials import CredentialStore
 from llooma.db.migrate import migrate
 from llooma.embedded import (
     EmbeddedNats,
@@ -127,11 +128,23 @@ class Stack:
     http_port: int
     nats_url: str | None = None
     database_url: str | None = None
+    # A server someone else started (the tests share one); its credentials are used.
+    shared_nats: EmbeddedNats | None = None
     hosts: list[HostConfig] | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     children: list[Child] = field(default_factory=list)
     nats: EmbeddedNats | None = None
     postgres: EmbeddedPostgres | None = None
+
+    @property
+    def credentials(self) -> CredentialStore | None:
+        server = self.nats or self.shared_nats
+        return server.credentials if server is not None else None
+
+    @property
+    def control_seed(self) -> str | None:
+        store = self.credentials
+        return str(store.control_plane_seed()) if store is not None else None
 
     @property
     def base_url(self) -> str:
@@ -146,8 +159,12 @@ class Stack:
         logs = self.root / "logs"
         logs.mkdir(exist_ok=True)
         try:
-            if self.nats_url is None:
-                self.nats = EmbeddedNats.start(self.root / "nats")
+            if self.shared_nats is not None:
+                self.nats_url = self.shared_nats.url
+            elif self.nats_url is None:
+                self.nats = EmbeddedNats.start(
+                    self.root / "nats", credentials=CredentialStore(self.root / "credentials")
+                )
                 self.nats_url = self.nats.url
             if self.database_url is None:
                 self.postgres = EmbeddedPostgres(self.root / "postgres")
@@ -159,6 +176,7 @@ class Stack:
                     "NATS_URL": self.nats_url,
                     "DATABASE_URL": self.database_url,
                     "LLOOMA_HTTP_PORT": str(self.http_port),
+                    "LLOOMA_NATS_NKEY_SEED_FILE": self.control_seed or "",
                 }
             )
             for service in SERVICES:
@@ -166,12 +184,20 @@ class Stack:
                 self.children.append(Child(service, args, env, logs / f"{service}.log"))
             host_dir = self.root / "hosts"
             host_dir.mkdir(exist_ok=True)
+            host_store = self.credentials
             for host in self.hosts if self.hosts is not None else demo_hosts(self.nats_url):
-                host = host.model_copy(update={"nats_url": self.nats_url})
+                # Hosts join through the same path as anyone's: their own credential.
+                credential = host_store.issue(host.name) if host_store else None
+                host = host.model_copy(
+                    update={"nats_url": self.nats_url, "credentials": credential}
+                )
                 config_path = host_dir / f"{host.name}.yaml"
                 config_path.write_text(yaml.safe_dump(host.model_dump(mode="json")))
                 args = [sys.executable, "-m", "llooma.cli", "host", "--config", str(config_path)]
                 self.children.append(Child(host.name, args, env, logs / f"{host.name}.log"))
+            server = self.nats or self.shared_nats
+            if server is not None:
+                server.reload()
             for child in self.children:
                 child.spawn()
             self.wait_ready(ready_timeout_s)

@@ -75,6 +75,11 @@ def host_task(model: str, host_id: str) -> str:
     return f"{PREFIX}.cap.{model_token(model)}.{host_id}"
 
 
+def host_tasks_any_model(host_id: str) -> str:
+    """Wildcard over every capability subject of one host (for its permissions)."""
+    return f"{PREFIX}.cap.*.{host_id}"
+
+
 def host_cancel(host_id: str) -> str:
     return f"{PREFIX}.host.{host_id}.cancel"
 

@@ -50,7 +50,9 @@ def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         instance_id = runtime.new_instance_id(SERVICE)
-        nc = await bus.connect(settings.nats_url, f"llooma-{SERVICE}")
+        nc = await bus.connect(
+            settings.nats_url, f"llooma-{SERVICE}", nkey_seed_file=settings.nats_nkey_seed_file
+        )
         js = nc.jetstream()
         await bus.ensure_topology(js)
         hosts = HostDirectory(

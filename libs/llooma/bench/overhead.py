@@ -16,10 +16,11 @@ from pathlib import Path
 
 import httpx
 import orjson
-from llooma import subjects
+from llooma import bus, subjects
 from llooma.bench.sse_client import SseClient
 from llooma.host.config import HostConfig, Latency, ModelConfig
 from llooma.settings import DEV_API_KEY
+from llooma.stack import Stack
 from llooma.v1.common_pb2 import ChatMessage, GenerationParams
 from llooma.v1.host_pb2 import HostChunk, HostTask
 from nats.aio.client import Client
@@ -121,12 +122,10 @@ def report(levels: list[Level]) -> str:
     return "\n".join(lines)
 
 
-async def measure(
-    nats_url: str, base_url: str, plan: list[tuple[int, int]], progress: Progress
-) -> list[Level]:
-    from llooma import bus
-
-    nc = await bus.connect(nats_url, "llooma-bench")
+async def measure(stack: Stack, plan: list[tuple[int, int]], progress: Progress) -> list[Level]:
+    assert stack.nats_url is not None
+    nc = await bus.connect(stack.nats_url, "llooma-bench", nkey_seed_file=stack.control_seed)
+    base_url = stack.base_url
     url = httpx.URL(base_url)
     http = SseClient(url.host, url.port or 80, DEV_API_KEY)
     # Warm up connections, caches and the consumers.

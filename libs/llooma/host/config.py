@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from llooma.subjects import checked_token
@@ -37,6 +38,8 @@ class HostConfig(BaseModel):
 
     name: str
     nats_url: str = "nats://127.0.0.1:4222"
+    # The host's nkey seed file, from `llooma hosts add NAME`.
+    credentials: Path | None = None
     stake: float = Field(default=1.0, ge=0)
     seed: int = 0
     heartbeat_interval_s: float = Field(default=0.5, gt=0)
