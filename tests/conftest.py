@@ -11,12 +11,13 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
+from nats.aio.client import Client
+
 from llooma import bus
 from llooma.credentials import CredentialStore
 from llooma.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from llooma.settings import DEV_API_KEY
 from llooma.stack import Stack, demo_hosts
-from nats.aio.client import Client
 
 AUTH = {"Authorization": f"Bearer {DEV_API_KEY}"}
 

@@ -8,12 +8,13 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from llooma import subjects
-from llooma.settings import VERSION
-from llooma.v1.host_pb2 import HostChunk, HostHeartbeat, HostTask, ModelCapability
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+
+from llooma import subjects
+from llooma.settings import VERSION
+from llooma.v1.host_pb2 import HostChunk, HostHeartbeat, HostTask, ModelCapability
 
 Reply = Callable[[HostChunk], Awaitable[None]]
 Script = Callable[[HostTask, Reply], Coroutine[Any, Any, None]]
@@ -51,7 +52,7 @@ class ScriptedHost:
     async def heartbeat(self) -> None:
         beat = HostHeartbeat(
             version=VERSION,
-            models=[ModelCapability(name=self.model, capacity=4)],
+            models=[ModelCapability(name=self.model, capacity=4, stake=1.0)],
             stake=1.0,
             sent_unix_nanos=time.time_ns(),
             draining=self.draining,

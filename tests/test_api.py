@@ -10,12 +10,12 @@ import httpx
 import openai
 import orjson
 import pytest
+from nats.aio.client import Client
+
 from llooma.settings import DEV_API_KEY
 from llooma.stack import Stack
 from llooma.v1.common_pb2 import ERROR_CODE_HOST_FAILED, ErrorDetail, Usage
 from llooma.v1.host_pb2 import HostAccepted, HostChunk, HostFinished, HostTask, HostToken
-from nats.aio.client import Client
-
 from tests.conftest import AUTH
 from tests.scripted_host import Reply, ScriptedHost
 

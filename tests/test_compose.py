@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 import yaml
-from llooma.host.config import HostConfig
 from pydantic import ValidationError
+
+from llooma.host.config import HostConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
+
 from llooma.embedded import EmbeddedNats, die_with_parent, free_port
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from llooma.host.openai_backend import (
     GenerationDefaults,
     OpenAIBackend,

@@ -8,11 +8,11 @@ from collections import Counter
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from llooma import subjects
 from llooma.host.backends import split_tokens
 from llooma.scoring import Candidate, ScoreTerms, ScoreWeights, host_score, pick_hosts
 from llooma.v1.aggregate_pb2 import AggregatePart
-
 from services.aggregator.handlers import merge
 from services.compressor.handlers import ELISION_MARKER, truncate
 

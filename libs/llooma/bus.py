@@ -6,11 +6,12 @@ import asyncio
 import logging
 
 import nats
-from llooma import subjects
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
+
+from llooma import subjects
 
 log = logging.getLogger(__name__)
 

@@ -11,30 +11,14 @@ from typing import Annotated
 
 import typer
 import uvloop
-import yaml
-from llooma import bus
-from llooma.host.config import HostConfig
-from llooma.settings import DEV_API_KEY
-from pydantic import ValidationError
 from rich.console import Console
+
+from llooma import bus
+from llooma.host.config import HostConfigError, load_host_config
+from llooma.settings import DEV_API_KEY
 
 app = typer.Typer(help="LLooMA: one fast, private, dependable LLM service over many hosts.")
 console = Console()
-
-
-def load_host_config(path: Path) -> HostConfig:
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise typer.BadParameter(f"cannot read {path}: {error}") from error
-    try:
-        return HostConfig.model_validate(raw)
-    except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
-            for e in error.errors(include_url=False)
-        )
-        raise typer.BadParameter(f"{path}: {problems}") from error
 
 
 @app.command()
@@ -94,7 +78,11 @@ def host(config: Annotated[Path, typer.Option(help="Host YAML config")]) -> None
     """Run a host worker that serves the models in its config."""
     from llooma.host.worker import run_worker
 
-    host_config = load_host_config(config)
+    try:
+        host_config = load_host_config(config)
+    except HostConfigError as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from error
 
     async def serve() -> None:
         nc = await bus.connect(
@@ -125,10 +113,11 @@ def bench(
     import platform
     import tempfile
 
+    from rich.progress import Progress
+
     from llooma.bench import overhead
     from llooma.embedded import free_port
     from llooma.stack import Stack
-    from rich.progress import Progress
 
     plan = [(1, 100), (32, 640)] if quick else [(1, 500), (32, 3200)]
     with tempfile.TemporaryDirectory(prefix="llooma-bench-") as scratch:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nkeys
+
 from llooma import subjects
 
 CONTROL_PLANE = "control-plane"
@@ -36,7 +37,9 @@ def public_key(seed: bytes) -> str:
 def host_permissions(host_id: str) -> dict[str, object]:
     return {
         "publish": {"allow": [subjects.kv_put_subject(subjects.HOSTS_BUCKET, host_id)]},
-        "subscribe": {"allow": [subjects.host_tasks_any_model(host_id), subjects.host_cancel(host_id)]},
+        "subscribe": {
+            "allow": [subjects.host_tasks_any_model(host_id), subjects.host_cancel(host_id)]
+        },
         "allow_responses": {"max": MAX_REPLIES_PER_TASK, "expires": REPLY_WINDOW},
     }
 

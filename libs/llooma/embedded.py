@@ -18,8 +18,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from llooma.credentials import CredentialStore, reload_nats, render_nats_config
 from pgserver import postgres_server
+
+from llooma.credentials import CredentialStore, reload_nats, render_nats_config
 
 _PR_SET_PDEATHSIG = 1
 

@@ -17,12 +17,13 @@ from datetime import datetime
 from typing import Generic, TypeVar
 
 from google.protobuf.message import DecodeError, Message
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
 from llooma import subjects
 from llooma.bus import MEMBERSHIP_TTL_S
 from llooma.v1.host_pb2 import HostHeartbeat
 from llooma.v1.service_pb2 import ServiceHeartbeat
-from nats.js import JetStreamContext
-from nats.js.kv import KeyValue
 
 log = logging.getLogger(__name__)
 

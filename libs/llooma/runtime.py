@@ -14,10 +14,11 @@ import uvloop
 from faststream import FastStream
 from faststream.nats import JStream, NatsBroker, NatsRouter
 from faststream.nats.security import NatsNKey
+from nats.aio.client import Client
+
 from llooma import bus, subjects
 from llooma.settings import VERSION, Settings, load_settings
 from llooma.v1.service_pb2 import ServiceHeartbeat
-from nats.aio.client import Client
 
 log = logging.getLogger(__name__)
 

@@ -15,14 +15,15 @@ import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from llooma import bus
-from llooma.runtime import ServiceHeartbeater, configure_logging, new_instance_id
-from llooma.settings import Settings, load_settings
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from llooma import bus
+from llooma.runtime import ServiceHeartbeater, configure_logging, new_instance_id
+from llooma.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 

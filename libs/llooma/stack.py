@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import yaml
+
 from llooma.credentials import CredentialStore
 from llooma.db.migrate import migrate
 from llooma.embedded import (
@@ -23,7 +24,7 @@ from llooma.embedded import (
     die_with_parent,
     port_is_free,
 )
-from llooma.host.config import HostConfig, Latency, ModelConfig
+from llooma.host.config import Generation, HostConfig, Latency, ModelConfig, Policy
 
 log = logging.getLogger(__name__)
 
@@ -40,62 +41,31 @@ SERVICES = (
 
 
 def demo_hosts(nats_url: str) -> list[HostConfig]:
-    """Three synthetic hosts with different latency profiles, each also serving `echo`."""
-
-    def echo() -> ModelConfig:
+    """Three synthetic hosts with different latency profiles and stakes, each also serving echo."""
+    profiles = [
+        ("host-fast", 1.0, Latency(kind="fixed", ms=40), 10.0),
+        ("host-steady", 2.0, Latency(kind="lognormal", median_ms=150, sigma=0.3), 15.0),
+        ("host-jittery", 3.0, Latency(kind="lognormal", median_ms=300, sigma=0.5), 25.0),
+    ]
+    hosts = []
+    for seed, (name, stake, first_token, inter_token_ms) in enumerate(profiles, start=1):
+        synthetic = ModelConfig(
+            name="synthetic-small",
+            policy=Policy(stake=stake),
+            generation=Generation(max_tokens=64),
+            first_token=first_token,
+            inter_token=Latency(kind="fixed", ms=inter_token_ms),
+        )
         # A small gap between tokens, so a client sees the echo arrive as a stream.
-        return ModelConfig(
+        echo = ModelConfig(
             name="echo",
             backend="echo",
             capacity=64,
-            max_tokens=4096,
+            generation=Generation(max_tokens=4096),
             inter_token=Latency(kind="fixed", ms=2),
         )
-
-    return [
-        HostConfig(
-            name="host-fast",
-            nats_url=nats_url,
-            stake=1.0,
-            seed=1,
-            models=[
-                ModelConfig(
-                    name="synthetic-small",
-                    first_token=Latency(kind="fixed", ms=40),
-                    inter_token=Latency(kind="fixed", ms=10),
-                ),
-                echo(),
-            ],
-        ),
-        HostConfig(
-            name="host-steady",
-            nats_url=nats_url,
-            stake=2.0,
-            seed=2,
-            models=[
-                ModelConfig(
-                    name="synthetic-small",
-                    first_token=Latency(kind="lognormal", median_ms=150, sigma=0.3),
-                    inter_token=Latency(kind="fixed", ms=15),
-                ),
-                echo(),
-            ],
-        ),
-        HostConfig(
-            name="host-jittery",
-            nats_url=nats_url,
-            stake=3.0,
-            seed=3,
-            models=[
-                ModelConfig(
-                    name="synthetic-small",
-                    first_token=Latency(kind="lognormal", median_ms=300, sigma=0.5),
-                    inter_token=Latency(kind="fixed", ms=25),
-                ),
-                echo(),
-            ],
-        ),
-    ]
+        hosts.append(HostConfig(name=name, nats_url=nats_url, seed=seed, models=[synthetic, echo]))
+    return hosts
 
 
 @dataclass

@@ -9,6 +9,7 @@ import asyncpg
 from faststream import AckPolicy, Context
 from faststream.nats import NatsRouter, PullSub
 from faststream.nats.message import NatsBatchMessage
+
 from llooma import subjects
 from llooma.runtime import SETTLEMENTS
 from llooma.v1.settlement_pb2 import AttemptOutcome, TaskSettlement

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncpg
 from faststream import FastStream
 from faststream.nats import NatsBroker
+
 from llooma import runtime
 from llooma.db.migrate import migrate
 from llooma.settings import Settings
-
 from services.accounting.handlers import Ledger, build_router
 
 SERVICE = "accounting"

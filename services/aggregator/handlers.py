@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from faststream.nats import NatsRouter
 from faststream.nats.annotations import NatsMessage
+
 from llooma import subjects
 from llooma.v1.aggregate_pb2 import AggregatePart, AggregateReply, AggregateRequest
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from faststream import FastStream
+
 from llooma import runtime
 from llooma.settings import Settings
-
 from services.aggregator.handlers import router
 
 SERVICE = "aggregator"

@@ -6,15 +6,16 @@ import random
 import time
 import uuid
 
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
 from llooma import bus, subjects
 from llooma.membership import HostDirectory
 from llooma.scoring import Candidate, ScoreTerms, ScoreWeights, host_score, pick_hosts
 from llooma.settings import ORCHESTRATED_MODEL, Settings
 from llooma.v1.common_pb2 import ERROR_CODE_NO_ELIGIBLE_HOST, ErrorDetail
 from llooma.v1.pipeline_pb2 import ChatRequest, ClientEvent, HostCandidate, TaskAssignment
-from nats.aio.client import Client
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 
 
 class Dispatcher:
@@ -42,12 +43,11 @@ class Dispatcher:
                 error_rate=0.0,
             )
             score = host_score(terms, self._weights)
-            served = (
-                [cap.name for cap in beat.models if cap.name not in excluded]
-                if orchestrated
-                else [model]
+            found.extend(
+                Candidate(member.key, cap.name, score, cap.stake)
+                for cap in beat.models
+                if (cap.name not in excluded if orchestrated else cap.name == model)
             )
-            found.extend(Candidate(member.key, name, score, beat.stake) for name in served)
         return found
 
     def assign(self, request: ChatRequest) -> TaskAssignment | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from llooma import subjects
 from llooma.membership import HostDirectory
 from llooma.service import Service, serve
-
 from services.dispatcher.handlers import Dispatcher
 
 SERVICE = "dispatcher"

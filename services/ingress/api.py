@@ -11,6 +11,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import orjson
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from pydantic import ValidationError
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
 from llooma import bus, subjects
 from llooma.membership import HostDirectory, ServiceDirectory
 from llooma.settings import ORCHESTRATED_MODEL, Settings, api_key_id
@@ -24,12 +30,6 @@ from llooma.v1.common_pb2 import (
     ErrorDetail,
 )
 from llooma.v1.pipeline_pb2 import ChatRequest, ClientEvent
-from nats.aio.client import Client
-from nats.js import JetStreamContext
-from pydantic import ValidationError
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-
 from services.ingress.replies import ReplyRouter
 from services.ingress.schema import (
     ChatCompletionRequest,

@@ -7,15 +7,15 @@ from collections.abc import AsyncIterator
 
 import uvicorn
 import uvloop
-from llooma import bus, runtime
-from llooma.membership import HostDirectory, ServiceDirectory
-from llooma.runtime import ServiceHeartbeater
-from llooma.settings import Settings, load_settings
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from llooma import bus, runtime
+from llooma.membership import HostDirectory, ServiceDirectory
+from llooma.runtime import ServiceHeartbeater
+from llooma.settings import Settings, load_settings
 from services.ingress.api import Ingress
 from services.ingress.replies import ReplyRouter
 

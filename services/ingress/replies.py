@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from llooma import subjects
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+
+from llooma import subjects
 
 
 class ReplyRouter:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Literal
 
 import orjson
-from llooma.v1.common_pb2 import ChatMessage, GenerationParams
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
+
+from llooma.v1.common_pb2 import ChatMessage, GenerationParams
 
 
 class TextPart(BaseModel):

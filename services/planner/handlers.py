@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
 from llooma import bus, subjects
 from llooma.v1.common_pb2 import REQUEST_PATH_DIRECT
 from llooma.v1.pipeline_pb2 import ChatRequest
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 
 
 class Planner:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from llooma import bus, subjects
-from llooma.v1.pipeline_pb2 import ChatRequest
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+
+from llooma import bus, subjects
+from llooma.v1.pipeline_pb2 import ChatRequest
 
 
 class Mediator:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from llooma import subjects
 from llooma.service import Service, serve
-
 from services.privacy.handlers import Mediator
 
 SERVICE = "privacy"

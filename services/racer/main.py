@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from nats.aio.msg import Msg
+
 from llooma import subjects
 from llooma.service import Service, serve
 from llooma.v1.pipeline_pb2 import TaskAssignment
-from nats.aio.msg import Msg
-
 from services.racer.race import Racer
 
 SERVICE = "racer"

@@ -9,6 +9,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
 from llooma import bus, subjects
 from llooma.service import Service
 from llooma.v1.common_pb2 import (
@@ -33,9 +37,6 @@ from llooma.v1.settlement_pb2 import (
     ATTEMPT_OUTCOME_WON,
     TaskSettlement,
 )
-from nats.aio.client import Client
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 
 log = logging.getLogger(__name__)
 

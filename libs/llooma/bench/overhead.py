@@ -16,15 +16,16 @@ from pathlib import Path
 
 import httpx
 import orjson
+from nats.aio.client import Client
+from rich.progress import Progress
+
 from llooma import bus, subjects
 from llooma.bench.sse_client import SseClient
-from llooma.host.config import HostConfig, Latency, ModelConfig
+from llooma.host.config import Generation, HostConfig, Latency, ModelConfig
 from llooma.settings import DEV_API_KEY
 from llooma.stack import Stack
 from llooma.v1.common_pb2 import ChatMessage, GenerationParams
 from llooma.v1.host_pb2 import HostChunk, HostTask
-from nats.aio.client import Client
-from rich.progress import Progress
 
 HOST = "bench-zero"
 MODEL = "synthetic-zero"
@@ -34,7 +35,11 @@ OUTPUT_TOKENS = 16
 def bench_hosts(nats_url: str) -> list[HostConfig]:
     zero = Latency(kind="fixed", ms=0)
     model = ModelConfig(
-        name=MODEL, capacity=1024, max_tokens=OUTPUT_TOKENS, first_token=zero, inter_token=zero
+        name=MODEL,
+        capacity=1024,
+        generation=Generation(max_tokens=OUTPUT_TOKENS),
+        first_token=zero,
+        inter_token=zero,
     )
     return [HostConfig(name=HOST, nats_url=nats_url, models=[model])]
 

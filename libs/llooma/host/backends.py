@@ -1,59 +1,34 @@
-"""Backends that produce a task's tokens: synthetic text and echo."""
+"""Backends that produce a task's tokens: synthetic text, echo, and (openai_backend.py) any
+OpenAI-compatible server."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import random
 import re
-from collections.abc import AsyncIterator
-from typing import Protocol
+from collections.abc import AsyncGenerator
+from typing import Literal, Protocol
 
 from llooma.host.config import Latency, ModelConfig
+from llooma.host.openai_backend import GenerationDefaults, OpenAIBackend
 from llooma.v1.host_pb2 import HostTask
 
 _TOKEN = re.compile(r"\s*\S+|\s+")
 
-_WORDS = [
-    "the",
-    "network",
-    "answers",
-    "every",
-    "request",
-    "through",
-    "many",
-    "independent",
-    "hosts",
-    "while",
-    "a",
-    "central",
-    "control",
-    "plane",
-    "races",
-    "them",
-    "under",
-    "a",
-    "deadline",
-    "and",
-    "keeps",
-    "the",
-    "stream",
-    "continuous",
-    "for",
-    "users",
-    "latency",
-    "tails",
-    "shrink",
-    "when",
-    "two",
-    "hosts",
-    "compete",
-    "and",
-    "the",
-    "loser",
-    "stops",
-    "early",
-]
+_WORD_TEXT = (
+    "the network answers every request through many independent hosts while a central "
+    "control plane races them under a deadline and keeps the stream continuous for users "
+    "latency tails shrink when two hosts compete and the loser stops early"
+)
+_WORDS = _WORD_TEXT.split()
+
+OutputFormat = Literal["prose", "markdown", "json"]
+
+
+class BackendFailure(Exception):
+    """The backend gave up on a task (the synthetic failure probability, for one)."""
 
 
 def split_tokens(text: str) -> list[str]:
@@ -69,8 +44,32 @@ def sample_ms(latency: Latency, rng: random.Random) -> float:
     return latency.ms
 
 
+def requested_format(task: HostTask) -> OutputFormat:
+    """The format the prompt asks for, by the words it uses."""
+    prompt = " ".join(m.content for m in task.messages if m.role in ("system", "user")).lower()
+    if "json" in prompt:
+        return "json"
+    if "markdown" in prompt:
+        return "markdown"
+    return "prose"
+
+
+def synthetic_text(words: list[str], fmt: OutputFormat) -> str:
+    """`words` shaped as the format asks; split_tokens() of it has about len(words) pieces."""
+    if fmt == "json":
+        half = max(1, len(words) // 2)
+        return json.dumps({"summary": " ".join(words[:half]), "details": words[half:]})
+    if fmt == "markdown":
+        lines = ["## " + " ".join(words[:3]).capitalize()]
+        for start in range(3, len(words), 4):
+            lines.append("- " + " ".join(words[start : start + 4]))
+        return "\n".join(lines)
+    sentences = [" ".join(words[i : i + 9]).capitalize() + "." for i in range(0, len(words), 9)]
+    return " ".join(sentences)
+
+
 class Backend(Protocol):
-    def stream(self, task: HostTask) -> AsyncIterator[str]: ...
+    def stream(self, task: HostTask) -> AsyncGenerator[str, None]: ...
 
 
 async def _pause(ms: float) -> None:
@@ -78,44 +77,68 @@ async def _pause(ms: float) -> None:
     await asyncio.sleep(ms / 1000.0)
 
 
+def token_limit(task: HostTask, ceiling: int) -> int:
+    requested = task.params.max_tokens
+    return min(requested, ceiling) if requested else ceiling
+
+
 class SyntheticBackend:
-    """Seeded prose with configured first-token and inter-token latency."""
+    """Seeded text in the format the prompt asks for, with configured latency and faults."""
 
     def __init__(self, model: ModelConfig, seed: int) -> None:
         self._model = model
         self._rng = random.Random(seed)
 
-    def _limit(self, task: HostTask) -> int:
-        requested = task.params.max_tokens
-        return min(requested, self._model.max_tokens) if requested else self._model.max_tokens
-
-    async def stream(self, task: HostTask) -> AsyncIterator[str]:
-        text_rng = random.Random(task.params.seed or self._rng.getrandbits(64))
-        await _pause(sample_ms(self._model.first_token, self._rng))
-        for index in range(self._limit(task)):
+    async def stream(self, task: HostTask) -> AsyncGenerator[str, None]:
+        model = self._model
+        rng = random.Random(task.params.seed or self._rng.getrandbits(64))
+        limit = token_limit(task, model.generation.max_tokens)
+        words = [rng.choice(_WORDS) for _ in range(limit)]
+        pieces = split_tokens(synthetic_text(words, requested_format(task)))[:limit]
+        stall_at = rng.randrange(len(pieces)) if rng.random() < model.stall_probability else -1
+        fail_at = rng.randrange(len(pieces)) if rng.random() < model.failure_probability else -1
+        await _pause(sample_ms(model.first_token, rng))
+        for index, piece in enumerate(pieces):
             if index:
-                await _pause(sample_ms(self._model.inter_token, self._rng))
-            word = text_rng.choice(_WORDS)
-            yield word.capitalize() if index == 0 else f" {word}"
+                await _pause(sample_ms(model.inter_token, rng))
+            if index == stall_at:
+                await asyncio.Event().wait()  # stops emitting and never finishes
+            if index == fail_at:
+                raise BackendFailure("synthetic failure")
+            yield piece
 
 
 class EchoBackend:
     """Streams back the last user message exactly as received, token by token."""
 
-    def __init__(self, model: ModelConfig) -> None:
+    def __init__(self, model: ModelConfig, seed: int) -> None:
         self._model = model
+        self._rng = random.Random(seed)
 
-    async def stream(self, task: HostTask) -> AsyncIterator[str]:
+    async def stream(self, task: HostTask) -> AsyncGenerator[str, None]:
         last_user = next((m.content for m in reversed(task.messages) if m.role == "user"), "")
-        await _pause(sample_ms(self._model.first_token, random.Random()))
+        await _pause(sample_ms(self._model.first_token, self._rng))
         limit = task.params.max_tokens or None
         for index, piece in enumerate(split_tokens(last_user)[:limit]):
             if index:
-                await _pause(self._model.inter_token.ms)
+                await _pause(sample_ms(self._model.inter_token, self._rng))
             yield piece
 
 
 def build_backend(model: ModelConfig, seed: int) -> Backend:
     if model.backend == "echo":
-        return EchoBackend(model)
+        return EchoBackend(model, seed)
+    if model.backend == "openai":
+        assert model.base_url is not None
+        generation = model.generation
+        return OpenAIBackend(
+            model.base_url,
+            model.api_key,
+            model.upstream_model or model.name,
+            defaults=GenerationDefaults(
+                max_tokens=generation.max_tokens,
+                temperature=generation.temperature,
+                top_p=generation.top_p,
+            ),
+        )
     return SyntheticBackend(model, seed)

@@ -1,12 +1,14 @@
-"""Host worker configuration (the YAML a host operator writes)."""
+"""Host worker configuration: the YAML a host operator writes (in the spirit of WWW.Serve's)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
 
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
 from llooma.subjects import checked_token
-from pydantic import BaseModel, ConfigDict, Field
 
 
 class Latency(BaseModel):
@@ -22,15 +24,52 @@ class Latency(BaseModel):
     alpha: float = Field(default=1.5, gt=0)
 
 
+class Policy(BaseModel):
+    """What the host offers the network for one model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Weight in the dispatcher's stake-weighted pick.
+    stake: float = Field(default=1.0, ge=0)
+    # Share of offered tasks the host takes; the rest get an explicit busy reply.
+    accept_frequency: float = Field(default=1.0, gt=0, le=1)
+
+
+class Generation(BaseModel):
+    """Defaults for what a request leaves unset; max_tokens is also the host's ceiling."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(default=256, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+
+
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=200)
-    backend: Literal["synthetic", "echo"] = "synthetic"
+    backend: Literal["synthetic", "echo", "openai"] = "synthetic"
+    # Most tasks in flight at once; above it the host answers busy.
     capacity: int = Field(default=16, ge=1)
-    max_tokens: int = Field(default=64, ge=1)
+    policy: Policy = Policy()
+    generation: Generation = Generation()
+    # openai backend: any OpenAI-compatible server (vLLM, SGLang, Ollama, llama.cpp).
+    base_url: str | None = None
+    api_key: str | None = None
+    upstream_model: str | None = None
+    metrics_url: str | None = None
+    # synthetic and echo backends.
     first_token: Latency = Latency()
     inter_token: Latency = Latency()
+    stall_probability: float = Field(default=0.0, ge=0, le=1)
+    failure_probability: float = Field(default=0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> ModelConfig:
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("base_url is required for the openai backend")
+        return self
 
 
 class HostConfig(BaseModel):
@@ -40,10 +79,35 @@ class HostConfig(BaseModel):
     nats_url: str = "nats://127.0.0.1:4222"
     # The host's nkey seed file, from `llooma hosts add NAME`.
     credentials: Path | None = None
-    stake: float = Field(default=1.0, ge=0)
     seed: int = 0
     heartbeat_interval_s: float = Field(default=0.5, gt=0)
     models: list[ModelConfig] = Field(min_length=1)
 
-    def model_post_init(self, _context: object) -> None:
+    @model_validator(mode="after")
+    def _checks(self) -> HostConfig:
         checked_token(self.name)
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError("each model may appear only once")
+        return self
+
+
+class HostConfigError(ValueError):
+    """A host config that cannot be used; the message names the file and the field."""
+
+
+def load_host_config(path: Path) -> HostConfig:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise HostConfigError(f"cannot read {path}: {error.strerror}") from error
+    except yaml.YAMLError as error:
+        raise HostConfigError(f"{path} is not valid YAML: {error}") from error
+    try:
+        return HostConfig.model_validate(raw)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
+            for e in error.errors(include_url=False)
+        )
+        raise HostConfigError(f"{path}: {problems}") from error

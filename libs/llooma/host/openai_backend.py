@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+
 from llooma.v1.host_pb2 import HostTask
 
 _MESSAGE_LIMIT = 300
@@ -182,7 +183,7 @@ class OpenAIBackend:
             body["seed"] = params.seed & _SEED_MASK
         return body
 
-    async def stream(self, task: HostTask) -> AsyncIterator[str]:
+    async def stream(self, task: HostTask) -> AsyncGenerator[str, None]:
         body = self._request_body(task)
         try:
             # Leaving this block, by aclose() or cancellation too, closes the response and with

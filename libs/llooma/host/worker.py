@@ -5,12 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import signal
 import time
 
+import httpx
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
 from llooma import subjects
-from llooma.host.backends import Backend, build_backend
+from llooma.host.backends import Backend, BackendFailure, build_backend, token_limit
 from llooma.host.config import HostConfig
+from llooma.host.openai_backend import UpstreamBusy, UpstreamError, scrape_load
 from llooma.settings import VERSION
 from llooma.v1.common_pb2 import (
     ERROR_CODE_HOST_BUSY,
@@ -29,9 +36,6 @@ from llooma.v1.host_pb2 import (
     HostToken,
     ModelCapability,
 )
-from nats.aio.client import Client
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +47,12 @@ class HostWorker:
         self._backends: dict[str, Backend] = {
             m.name: build_backend(m, config.seed + i) for i, m in enumerate(config.models)
         }
+        self._models = {m.name: m for m in config.models}
         self._capacity = {m.name: m.capacity for m in config.models}
+        self._policy_rng = random.Random(config.seed)
+        # (running, waiting) reported by each openai upstream's metrics endpoint.
+        self._upstream_load: dict[str, tuple[float, float]] = {}
+        self._metrics_client = httpx.AsyncClient(timeout=2.0)
         self._in_flight: dict[str, int] = dict.fromkeys(self._capacity, 0)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._subscriptions: list[Subscription] = []
@@ -79,16 +88,33 @@ class HostWorker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat_task
         await self._nc.flush()
+        await self._metrics_client.aclose()
 
     def heartbeat(self) -> HostHeartbeat:
         total_capacity = sum(self._capacity.values())
         in_flight = sum(self._in_flight.values())
+        load = in_flight / total_capacity if total_capacity else 1.0
+        queue_depth = 0.0
+        for name, (running, waiting) in self._upstream_load.items():
+            # The upstream may serve others too: its own gauges can show more load than ours.
+            load = max(load, min(1.0, (running + waiting) / self._capacity[name]))
+            queue_depth += waiting
+        capabilities = [
+            ModelCapability(
+                name=name,
+                capacity=self._capacity[name],
+                in_flight=self._in_flight[name],
+                stake=model.policy.stake,
+            )
+            for name, model in self._models.items()
+        ]
         return HostHeartbeat(
             version=VERSION,
-            models=[ModelCapability(name=n, capacity=c) for n, c in self._capacity.items()],
+            models=capabilities,
             in_flight=in_flight,
-            load=in_flight / total_capacity if total_capacity else 1.0,
-            stake=self._config.stake,
+            queue_depth=int(queue_depth),
+            load=load,
+            stake=max(m.policy.stake for m in self._models.values()),
             sent_unix_nanos=time.time_ns(),
             draining=self._draining,
         )
@@ -100,9 +126,19 @@ class HostWorker:
         while True:
             await asyncio.sleep(self._config.heartbeat_interval_s)
             try:
+                await self._scrape_upstreams()
                 await self._publish_heartbeat()
             except Exception:
                 log.warning("heartbeat failed", exc_info=True)
+
+    async def _scrape_upstreams(self) -> None:
+        for name, model in self._models.items():
+            if model.metrics_url:
+                found = await scrape_load(self._metrics_client, model.metrics_url)
+                if found is None:
+                    self._upstream_load.pop(name, None)
+                else:
+                    self._upstream_load[name] = found
 
     async def _on_task(self, msg: Msg) -> None:
         if not msg.reply:
@@ -116,9 +152,18 @@ class HostWorker:
         if backend is None:
             await self._fail(msg.reply, ERROR_CODE_INVALID_REQUEST, f"model {task.model!r}")
             return
-        if self._draining or self._in_flight[task.model] >= self._capacity[task.model]:
+        if self._draining:
+            await self._fail(msg.reply, ERROR_CODE_HOST_BUSY, "host is draining")
+            return
+        if self._in_flight[task.model] >= self._capacity[task.model]:
             await self._fail(msg.reply, ERROR_CODE_HOST_BUSY, "host at capacity")
             return
+        model = self._models[task.model]
+        if self._policy_rng.random() >= model.policy.accept_frequency:
+            await self._fail(msg.reply, ERROR_CODE_HOST_BUSY, "declined by the host's policy")
+            return
+        # The host's own ceiling holds whatever the request asked for.
+        task.params.max_tokens = token_limit(task, model.generation.max_tokens)
         self._in_flight[task.model] += 1
         runner = asyncio.create_task(self._serve(task, backend, msg.reply))
         self._tasks[task.attempt_id] = runner
@@ -143,15 +188,22 @@ class HostWorker:
         await publish(reply, HostChunk(seq=0, accepted=HostAccepted()).SerializeToString())
         seq = 0
         try:
-            async for piece in backend.stream(task):
-                seq += 1
-                await publish(
-                    reply, HostChunk(seq=seq, token=HostToken(text=piece)).SerializeToString()
-                )
+            async with contextlib.aclosing(backend.stream(task)) as pieces:
+                async for piece in pieces:
+                    seq += 1
+                    chunk = HostChunk(seq=seq, token=HostToken(text=piece))
+                    await publish(reply, chunk.SerializeToString())
         except asyncio.CancelledError:
             return
-        except Exception as error:
+        except UpstreamBusy as error:
+            await self._fail(reply, ERROR_CODE_HOST_BUSY, f"upstream busy: {error}")
+            return
+        except (UpstreamError, BackendFailure) as error:
             log.warning("backend failed on %s: %s", task.attempt_id, error)
+            await self._fail(reply, ERROR_CODE_HOST_FAILED, f"backend error: {error}")
+            return
+        except Exception:
+            log.exception("backend crashed on %s", task.attempt_id)
             await self._fail(reply, ERROR_CODE_HOST_FAILED, "backend error")
             return
         limited = bool(task.params.max_tokens) and seq >= task.params.max_tokens

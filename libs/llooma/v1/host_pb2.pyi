@@ -174,17 +174,23 @@ class ModelCapability(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     CAPACITY_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    STAKE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     capacity: _builtins.int
+    in_flight: _builtins.int
+    stake: _builtins.float
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         capacity: _builtins.int = ...,
+        in_flight: _builtins.int = ...,
+        stake: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "in_flight", b"in_flight", "name", b"name", "stake", b"stake"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
