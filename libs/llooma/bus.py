@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 import nats
 from nats.aio.client import Client
@@ -51,8 +52,16 @@ BUCKETS = (
 )
 
 
+ErrorCallback = Callable[[Exception], Awaitable[None]]
+
+
 async def connect(
-    url: str, name: str, *, nkey_seed_file: str | None = None, attempts: int = 60
+    url: str,
+    name: str,
+    *,
+    nkey_seed_file: str | None = None,
+    attempts: int = 60,
+    error_cb: ErrorCallback | None = None,
 ) -> Client:
     """Connect, retrying while the server starts; afterwards nats-py reconnects by itself."""
     last_error: Exception | None = None
@@ -62,6 +71,7 @@ async def connect(
                 url,
                 name=name,
                 nkeys_seed=nkey_seed_file or None,
+                error_cb=error_cb or _log_error,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
             )
@@ -69,6 +79,10 @@ async def connect(
             last_error = error
             await asyncio.sleep(0.25)
     raise ConnectionError(f"cannot reach NATS at {url}: {last_error}")
+
+
+async def _log_error(error: Exception) -> None:
+    log.warning("nats: %s", error)
 
 
 async def ensure_topology(js: JetStreamContext) -> None:

@@ -84,15 +84,91 @@ def host(config: Annotated[Path, typer.Option(help="Host YAML config")]) -> None
         console.print(f"[red]{error}[/red]")
         raise typer.Exit(2) from error
 
+    refused: list[str] = []
+
     async def serve() -> None:
+        stop = asyncio.Event()
+
+        async def on_error(error: Exception) -> None:
+            # A revoked or unknown credential: retrying cannot help, so leave.
+            if "authorization" in str(error).lower():
+                refused.append(str(error))
+                stop.set()
+
         nc = await bus.connect(
             host_config.nats_url,
             f"llooma-host-{host_config.name}",
             nkey_seed_file=str(host_config.credentials) if host_config.credentials else None,
+            error_cb=on_error,
+            attempts=20,
         )
-        await run_worker(host_config, nc)
+        await run_worker(host_config, nc, stop)
 
-    uvloop.run(serve())
+    try:
+        uvloop.run(serve())
+    except ConnectionError as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(3) from error
+    if refused:
+        console.print(f"[red]NATS refused this host's credential: {refused[0]}[/red]")
+        raise typer.Exit(3)
+
+
+hosts_app = typer.Typer(help="Host credentials for the embedded NATS server.")
+app.add_typer(hosts_app, name="hosts")
+DataDir = Annotated[Path, typer.Option(help="The stack's data folder")]
+
+
+def _apply_credentials(data_dir: Path) -> str:
+    """Re-render the embedded server's config and reload it, if the server has run here."""
+    from llooma.credentials import CredentialStore, reload_nats
+    from llooma.embedded import write_nats_config
+
+    nats_dir = data_dir / "nats"
+    port_file = nats_dir / "port"
+    if not port_file.exists():
+        return "no embedded NATS server has run here; it will pick this up when it starts"
+    store = CredentialStore(data_dir / "credentials")
+    write_nats_config(nats_dir, store, int(port_file.read_text()))
+    if reload_nats(nats_dir / "nats-server.pid"):
+        return "the running NATS server has reloaded its permissions"
+    return "no NATS server is running; the next `llooma up` uses this"
+
+
+@hosts_app.command("add")
+def hosts_add(name: str, data_dir: DataDir = Path(".llooma")) -> None:
+    """Issue NAME its own NATS credential (an nkey seed) and admit it."""
+    from llooma.credentials import CredentialStore
+
+    try:
+        path = CredentialStore(data_dir / "credentials").issue(name)
+    except ValueError as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from error
+    console.print(f"credential for {name}: {path.resolve()}")
+    console.print("put it in the host's YAML as `credentials: <path>`")
+    console.print(_apply_credentials(data_dir))
+
+
+@hosts_app.command("revoke")
+def hosts_revoke(name: str, data_dir: DataDir = Path(".llooma")) -> None:
+    """Withdraw NAME's credential; a connected host is cut off at once."""
+    from llooma.credentials import CredentialStore
+
+    if not CredentialStore(data_dir / "credentials").revoke(name):
+        console.print(f"[red]no host named {name!r} holds a credential[/red]")
+        raise typer.Exit(1)
+    console.print(f"revoked {name}")
+    console.print(_apply_credentials(data_dir))
+
+
+@hosts_app.command("list")
+def hosts_list(data_dir: DataDir = Path(".llooma")) -> None:
+    """Hosts holding a credential, with their public keys."""
+    from llooma.credentials import CredentialStore
+
+    for name, key in sorted(CredentialStore(data_dir / "credentials").hosts().items()):
+        console.print(f"{name}\t{key}")
 
 
 @app.command("migrate")

@@ -93,8 +93,14 @@ class SyntheticBackend:
         model = self._model
         rng = random.Random(task.params.seed or self._rng.getrandbits(64))
         limit = token_limit(task, model.generation.max_tokens)
+        fmt = requested_format(task)
         words = [rng.choice(_WORDS) for _ in range(limit)]
-        pieces = split_tokens(synthetic_text(words, requested_format(task)))[:limit]
+        pieces = split_tokens(synthetic_text(words, fmt))
+        while len(pieces) > limit and len(words) > 1:
+            # Drop words rather than cut the text, so JSON and markdown stay well formed.
+            del words[max(1, len(words) - (len(pieces) - limit)) :]
+            pieces = split_tokens(synthetic_text(words, fmt))
+        pieces = pieces[:limit]
         stall_at = rng.randrange(len(pieces)) if rng.random() < model.stall_probability else -1
         fail_at = rng.randrange(len(pieces)) if rng.random() < model.failure_probability else -1
         await _pause(sample_ms(model.first_token, rng))

@@ -215,14 +215,16 @@ class HostWorker:
         await publish(reply, HostChunk(seq=seq + 1, finished=finished).SerializeToString())
 
 
-async def run_worker(config: HostConfig, nc: Client) -> None:
-    """Serve until SIGINT or SIGTERM, then drain."""
+async def run_worker(config: HostConfig, nc: Client, stop: asyncio.Event) -> None:
+    """Serve until SIGINT, SIGTERM or `stop`, then drain."""
     worker = HostWorker(config, nc)
     await worker.start()
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await worker.drain()
-    await nc.drain()
+    if nc.is_connected:
+        await worker.drain()
+        await nc.drain()
+    else:
+        await nc.close()

@@ -1,0 +1,291 @@
+"""Host network on real NATS: credentials confine a host, revocation cuts it off, membership
+follows joins, drains and kill -9."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import nats
+import pytest
+import yaml
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from llooma import subjects
+from llooma.embedded import EmbeddedNats, die_with_parent
+from llooma.host.config import Generation, HostConfig, Latency, ModelConfig
+from llooma.stack import Stack
+from llooma.v1.host_pb2 import HostTask
+from tests.conftest import AUTH
+from tests.scripted_host import Reply, ScriptedHost
+
+
+def credentials_of(server: EmbeddedNats | None) -> EmbeddedNats:
+    if server is None or server.credentials is None:
+        pytest.skip("needs the embedded NATS server with credentials (NATS_URL is set)")
+    return server
+
+
+async def connect_as(server: EmbeddedNats, seed: Path, errors: list[str]) -> Client:
+    async def on_error(error: Exception) -> None:
+        errors.append(str(error).lower().removeprefix("nats: "))
+
+    return await asyncio.wait_for(
+        nats.connect(
+            server.url,
+            nkeys_seed=str(seed),
+            error_cb=on_error,
+            allow_reconnect=False,
+            connect_timeout=2,
+        ),
+        timeout=5,
+    )
+
+
+async def test_a_host_credential_allows_only_its_own_subjects(
+    nats_server: EmbeddedNats | None, nc: Client
+) -> None:
+    server = credentials_of(nats_server)
+    assert server.credentials is not None
+    suffix = uuid.uuid4().hex[:6]
+    mallory, victim = f"mallory-{suffix}", f"victim-{suffix}"
+    mallory_seed = server.credentials.issue(mallory)
+    victim_seed = server.credentials.issue(victim)
+    server.reload()
+    await asyncio.sleep(0.3)
+
+    errors: list[str] = []
+    attacker = await connect_as(server, mallory_seed, errors)
+    victim_errors: list[str] = []
+    honest = await connect_as(server, victim_seed, victim_errors)
+    seen_by_victim: list[bytes] = []
+
+    async def victim_receives(msg: Msg) -> None:
+        seen_by_victim.append(msg.data)
+
+    await honest.subscribe(subjects.host_tasks_any_model(victim), cb=victim_receives)
+    await honest.subscribe(subjects.host_cancel(victim), cb=victim_receives)
+    await honest.flush()
+
+    denied_subscriptions = [
+        subjects.host_task("echo", victim),
+        subjects.host_cancel(victim),
+        ">",
+        "_INBOX.>",
+        "$JS.API.>",
+        "$SYS.>",
+        subjects.PIPELINE_SUBJECTS,
+        f"{subjects.PREFIX}.tokens.>",
+    ]
+    for subject in denied_subscriptions:
+        await attacker.subscribe(subject)
+    denied_publications = [
+        subjects.kv_put_subject(subjects.HOSTS_BUCKET, victim),
+        subjects.host_task("echo", victim),
+        subjects.host_cancel(victim),
+        subjects.host_reply("racer-x", "attempt-it-was-not-sent"),
+        subjects.PIPELINE_PRIVACY,
+        subjects.SETTLEMENT_TASK,
+        "$JS.API.STREAM.LIST",
+    ]
+    for subject in denied_publications:
+        await attacker.publish(subject, b"forged")
+    await attacker.flush()
+    await asyncio.sleep(0.5)
+
+    for subject in denied_subscriptions:
+        assert f'permissions violation for subscription to "{subject.lower()}"' in errors, subject
+    for subject in denied_publications:
+        assert f'permissions violation for publish to "{subject.lower()}"' in errors, subject
+    assert seen_by_victim == [], "nothing may cross from one host to another"
+
+    # What it may do: its own heartbeat, and replies to a task it was sent.
+    errors.clear()
+    replies: list[bytes] = []
+
+    async def answer(msg: Msg) -> None:
+        for index in range(3):
+            await attacker.publish(msg.reply, b"chunk-%d" % index)
+
+    async def collect(msg: Msg) -> None:
+        replies.append(msg.data)
+
+    await attacker.subscribe(subjects.host_task("echo", mallory), cb=answer)
+    await attacker.publish(subjects.kv_put_subject(subjects.HOSTS_BUCKET, mallory), b"")
+    await attacker.flush()
+    reply_subject = subjects.host_reply("racer-test", uuid.uuid4().hex)
+    await nc.subscribe(reply_subject, cb=collect)
+    for _ in range(20):
+        await nc.publish(subjects.host_task("echo", mallory), b"task", reply=reply_subject)
+        await nc.flush()
+        await asyncio.sleep(0.1)
+        if any(replies):
+            break
+        replies.clear()  # a no-responders notice: the subscription was not in place yet
+    await asyncio.sleep(0.2)
+    assert replies == [b"chunk-0", b"chunk-1", b"chunk-2"], (
+        errors,
+        attacker.is_connected,
+        attacker.is_closed,
+        attacker.last_error,
+    )
+    assert errors == []
+    await attacker.close()
+    await honest.close()
+
+
+def write_host(tmp: Path, config: HostConfig) -> Path:
+    path = tmp / f"{config.name}.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    return path
+
+
+@contextmanager
+def host_process(config_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llooma.cli", "host", "--config", str(config_path)],
+        env=dict(os.environ),
+        preexec_fn=die_with_parent,
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
+
+
+async def model_listed(http: httpx.AsyncClient, model: str) -> bool:
+    response = await http.get("/v1/models", headers=AUTH)
+    return model in [m["id"] for m in response.json()["data"]]
+
+
+async def seconds_until(http: httpx.AsyncClient, model: str, *, listed: bool) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < 15:
+        if await model_listed(http, model) == listed:
+            return time.monotonic() - started
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{model} never became {'listed' if listed else 'unlisted'}")
+
+
+def solo_host(server: EmbeddedNats, name: str, model: str, **model_fields: object) -> HostConfig:
+    assert server.credentials is not None
+    seed = server.credentials.issue(name)
+    server.reload()
+    return HostConfig(
+        name=name,
+        nats_url=server.url,
+        credentials=seed,
+        heartbeat_interval_s=0.5,
+        models=[ModelConfig(name=model, **model_fields)],  # type: ignore[arg-type]
+    )
+
+
+async def test_join_is_seen_within_2s_and_kill_9_is_ineligible_within_3s(
+    nats_server: EmbeddedNats | None, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    server = credentials_of(nats_server)
+    model = f"joiner-{uuid.uuid4().hex[:6]}"
+    config = solo_host(server, f"host-{model}", model)
+    with host_process(write_host(tmp_path, config)) as process:
+        await seconds_until(http, model, listed=True)  # the process start is not the join
+        response = await http.post(
+            "/v1/chat/completions",
+            json={"model": model, "messages": [{"role": "user", "content": "hi"}]},
+            headers=AUTH,
+        )
+        assert response.status_code == 200
+        process.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        process.wait(5)
+        await seconds_until(http, model, listed=False)
+        vanished_after = time.monotonic() - killed_at
+    assert vanished_after < 3.0
+    response = await http.post(
+        "/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": "hi"}]},
+        headers=AUTH,
+    )
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "no_eligible_host"
+
+
+async def test_a_new_host_is_seen_within_2s_of_its_first_heartbeat(
+    http: httpx.AsyncClient, nc: Client
+) -> None:
+    model = f"prompt-{uuid.uuid4().hex[:6]}"
+
+    async def idle(_: HostTask, __: Reply) -> None:
+        return None
+
+    async with ScriptedHost(nc, f"host-{model}", model, idle):
+        joined = await seconds_until(http, model, listed=True)
+    assert joined < 2.0
+
+
+async def test_sigterm_drains_in_flight_work_then_leaves(
+    nats_server: EmbeddedNats | None, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    server = credentials_of(nats_server)
+    model = f"drainer-{uuid.uuid4().hex[:6]}"
+    config = solo_host(
+        server,
+        f"host-{model}",
+        model,
+        generation=Generation(max_tokens=30),
+        inter_token=Latency(kind="fixed", ms=50),
+    )
+    with host_process(write_host(tmp_path, config)) as process:
+        await seconds_until(http, model, listed=True)
+        body = {"model": model, "stream": True, "messages": [{"role": "user", "content": "go"}]}
+        async with http.stream("POST", "/v1/chat/completions", json=body, headers=AUTH) as stream:
+            assert stream.status_code == 200
+            lines: list[str] = []
+            async for line in stream.aiter_lines():
+                if line and not lines:
+                    process.send_signal(signal.SIGTERM)
+                lines.append(line)
+        assert "data: [DONE]" in lines, "an in-flight task finishes while draining"
+        assert process.wait(10) == 0
+    await seconds_until(http, model, listed=False)
+
+
+async def test_revoked_host_is_cut_off_within_5s(
+    nats_server: EmbeddedNats | None, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    server = credentials_of(nats_server)
+    assert server.credentials is not None
+    model = f"revokee-{uuid.uuid4().hex[:6]}"
+    name = f"host-{model}"
+    config = solo_host(server, name, model)
+    assert config.credentials is not None
+    kept_seed = tmp_path / "kept.nk"
+    kept_seed.write_bytes(config.credentials.read_bytes())
+    with host_process(write_host(tmp_path, config)):
+        await seconds_until(http, model, listed=True)
+        assert server.credentials.revoke(name)
+        server.reload()
+        revoked_at = time.monotonic()
+        await seconds_until(http, model, listed=False)
+        assert time.monotonic() - revoked_at < 5.0
+    errors: list[str] = []
+    with pytest.raises(Exception, match=r"(?i)authorization"):
+        await connect_as(server, kept_seed, errors)
+
+
+def test_stack_hosts_join_with_their_own_credentials(stack: Stack) -> None:
+    store = stack.credentials
+    if store is None:
+        pytest.skip("needs the embedded NATS server with credentials")
+    assert {"host-fast", "host-steady", "host-jittery"} <= set(store.hosts())
