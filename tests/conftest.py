@@ -20,6 +20,8 @@ from llooma.settings import DEV_API_KEY
 from llooma.stack import Stack, demo_hosts
 
 AUTH = {"Authorization": f"Bearer {DEV_API_KEY}"}
+HEDGED_MODEL = "hedged-test-model"
+HEDGE_DELAY_MS = 150
 
 
 @pytest.fixture(scope="session")
@@ -70,6 +72,7 @@ def stack(
         database_url=database_url,
         shared_nats=nats_server,
         hosts=demo_hosts(nats_url),
+        extra_env={"LLOOMA_HEDGE_DELAY_BY_MODEL": f'{{"{HEDGED_MODEL}": "{HEDGE_DELAY_MS}"}}'},
     )
     running.start()
     yield running

@@ -21,7 +21,10 @@ Script = Callable[[HostTask, Reply], Coroutine[Any, Any, None]]
 
 
 class ScriptedHost:
-    def __init__(self, nc: Client, host_id: str, model: str, script: Script) -> None:
+    def __init__(
+        self, nc: Client, host_id: str, model: str, script: Script, *, stake: float = 1.0
+    ) -> None:
+        self.stake = stake
         self.nc = nc
         self.host_id = host_id
         self.model = model
@@ -52,7 +55,7 @@ class ScriptedHost:
     async def heartbeat(self) -> None:
         beat = HostHeartbeat(
             version=VERSION,
-            models=[ModelCapability(name=self.model, capacity=4, stake=1.0)],
+            models=[ModelCapability(name=self.model, capacity=64, stake=self.stake)],
             stake=1.0,
             sent_unix_nanos=time.time_ns(),
             draining=self.draining,

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 # A hand-off not consumed within an hour is useless: its client has long timed out.
 PIPELINE_MAX_AGE_S = 3600.0
 SETTLEMENT_MAX_AGE_S = 7 * 24 * 3600.0
+EVENTS_MAX_AGE_S = 24 * 3600.0
 # JetStream's window for discarding a repeated Nats-Msg-Id.
 DUPLICATE_WINDOW_S = 600.0
 MEMBERSHIP_TTL_S = 5.0
@@ -32,6 +33,14 @@ STREAMS = (
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.MEMORY,
         max_age=PIPELINE_MAX_AGE_S,
+        duplicate_window=DUPLICATE_WINDOW_S,
+    ),
+    StreamConfig(
+        name=subjects.EVENTS_STREAM,
+        subjects=[subjects.EVENTS_SUBJECTS],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=EVENTS_MAX_AGE_S,
         duplicate_window=DUPLICATE_WINDOW_S,
     ),
     StreamConfig(

@@ -7,15 +7,18 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 import uvloop
 from rich.console import Console
 
 from llooma import bus
-from llooma.host.config import HostConfigError, load_host_config
+from llooma.host.config import HostConfig, HostConfigError, load_host_config
 from llooma.settings import DEV_API_KEY
+
+if TYPE_CHECKING:
+    from llooma.stack import Stack
 
 app = typer.Typer(help="LLooMA: one fast, private, dependable LLM service over many hosts.")
 console = Console()
@@ -180,45 +183,63 @@ def migrate_command(database_url: Annotated[str, typer.Option(envvar="DATABASE_U
     console.print(f"applied: {', '.join(applied) or 'nothing (up to date)'}")
 
 
+def _bench_stack(scratch: str, hosts: list[HostConfig], env: dict[str, str]) -> Stack:
+    from llooma.embedded import free_port
+    from llooma.stack import Stack
+
+    return Stack(
+        root=Path(scratch),
+        http_port=free_port(),
+        nats_url=os.environ.get("NATS_URL") or None,
+        database_url=os.environ.get("DATABASE_URL") or None,
+        hosts=hosts,
+        extra_env=env,
+    )
+
+
 @app.command()
 def bench(
     quick: Annotated[bool, typer.Option(help="A small run, for a quick look")] = False,
+    suite: Annotated[str, typer.Option(help="overhead, race or all")] = "all",
     results_dir: Annotated[Path, typer.Option()] = Path("bench/results"),
 ) -> None:
-    """Run the benchmarks on a fresh embedded stack and write bench/results/."""
+    """Run the benchmarks, each on a fresh embedded stack, and write bench/results/."""
     import platform
     import tempfile
 
     from rich.progress import Progress
 
-    from llooma.bench import overhead
-    from llooma.embedded import free_port
-    from llooma.stack import Stack
+    from llooma.bench import overhead, race
 
-    plan = [(1, 100), (32, 640)] if quick else [(1, 500), (32, 3200)]
-    with tempfile.TemporaryDirectory(prefix="llooma-bench-") as scratch:
-        stack = Stack(
-            root=Path(scratch),
-            http_port=free_port(),
-            nats_url=os.environ.get("NATS_URL") or None,
-            database_url=os.environ.get("DATABASE_URL") or None,
-            hosts=overhead.bench_hosts("nats://unused"),
-        )
-        console.print("starting a bench stack ...")
-        stack.start()
-        try:
-            with Progress(console=console) as progress:
-                levels = asyncio.run(overhead.measure(stack, plan, progress))
-        finally:
-            stack.stop()
     note = (
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, "
         f"{os.cpu_count()} cores, Python {platform.python_version()}; "
         f"{'quick' if quick else 'full'} run (`llooma bench{' --quick' if quick else ''}`)."
     )
-    table = overhead.write_results(levels, results_dir, note)
-    console.print(table)
-    console.print(f"written to {results_dir / 'overhead.md'}")
+    if suite in ("overhead", "all"):
+        plan = [(1, 100), (32, 640)] if quick else [(1, 500), (32, 3200)]
+        with tempfile.TemporaryDirectory(prefix="llooma-bench-") as scratch:
+            stack = _bench_stack(scratch, overhead.bench_hosts("nats://unused"), {})
+            console.print("overhead: starting a bench stack ...")
+            stack.start()
+            try:
+                with Progress(console=console) as progress:
+                    levels = asyncio.run(overhead.measure(stack, plan, progress))
+            finally:
+                stack.stop()
+        console.print(overhead.write_results(levels, results_dir, note))
+    if suite in ("race", "all"):
+        with tempfile.TemporaryDirectory(prefix="llooma-bench-") as scratch:
+            stack = _bench_stack(scratch, race.bench_hosts("nats://unused"), race.stack_env())
+            console.print("race: starting a bench stack ...")
+            stack.start()
+            try:
+                with Progress(console=console) as progress:
+                    cells = asyncio.run(race.measure(stack, 300 if quick else 2000, progress))
+            finally:
+                stack.stop()
+        console.print(race.write_results(cells, results_dir, note))
+    console.print(f"results in {results_dir}/")
 
 
 if __name__ == "__main__":

@@ -40,22 +40,50 @@ class Settings(BaseSettings):
     request_timeout_s: float = 120.0
     # Models never used to answer the orchestrated model (test and debug backends).
     orchestration_excluded_models: Annotated[list[str], NoDecode] = ["echo"]
-    first_token_deadline_ms: int = 1000
-    stall_deadline_ms: int = 2000
+    first_token_deadline_ms: int = Field(default=1000, ge=1)
+    # Per-model deadlines, JSON: {"model": ms}; a request may set its own (header).
+    first_token_deadline_ms_by_model: dict[str, int] = {}
+    stall_deadline_ms: int = Field(default=2000, ge=1)
     race_width: int = Field(default=2, ge=1, le=3)
     best_bucket_size: int = Field(default=4, ge=1)
+    # S(h) weights: load, p95 first-token latency, heartbeat staleness, error rate.
+    score_weights: tuple[float, float, float, float] = (0.40, 0.30, 0.20, 0.10)
+    # The central fallback pool: trusted host ids, used when a race misses its deadline and
+    # to continue stalled streams (other eligible hosts are used when none is available).
+    fallback_hosts: Annotated[list[str], NoDecode] = []
+    # With no pool host available, turn to any other eligible host (off: wait for the racers).
+    fallback_to_any_host: bool = True
+    # How long a fallback attempt may take to its first token.
+    fallback_first_token_ms: int = Field(default=10_000, ge=1)
+    max_continuations: int = Field(default=2, ge=0)
+    # Hedged mode per model, JSON: {"model": "p90"} (the first host's observed p90) or
+    # {"model": "150"} (ms); the second host starts only if no token came by then.
+    hedge_delay_by_model: dict[str, str] = {}
+    suspended_hosts: Annotated[list[str], NoDecode] = []
     heartbeat_interval_s: float = 0.5
     host_stale_after_s: float = 2.0
     service_stale_after_s: float = 3.0
     min_host_version: str = "0.1.0"
     log_level: str = "WARNING"
 
-    @field_validator("api_keys", "orchestration_excluded_models", mode="before")
+    @field_validator(
+        "api_keys",
+        "orchestration_excluded_models",
+        "fallback_hosts",
+        "suspended_hosts",
+        mode="before",
+    )
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    def deadline_ms(self, model: str, requested_ms: int = 0) -> int:
+        """The first-token deadline: the request's own, else the model's, else the default."""
+        if requested_ms:
+            return requested_ms
+        return self.first_token_deadline_ms_by_model.get(model, self.first_token_deadline_ms)
 
 
 @lru_cache(maxsize=1)

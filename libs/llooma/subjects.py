@@ -25,6 +25,11 @@ SETTLEMENT_STREAM = "LLOOMA_SETTLEMENTS"
 SETTLEMENT_SUBJECTS = f"{PREFIX}.settlement.>"
 SETTLEMENT_TASK = f"{PREFIX}.settlement.task"
 
+# Race events from the racer: the dispatcher's host statistics, metrics, accounting.
+EVENTS_STREAM = "LLOOMA_EVENTS"
+EVENTS_SUBJECTS = f"{PREFIX}.event.>"
+RACE_EVENT = f"{PREFIX}.event.race"
+
 # Durable consumer names, one per consuming service (replicas share it).
 CONSUMER_PRIVACY = "privacy"
 CONSUMER_PLANNER = "planner"

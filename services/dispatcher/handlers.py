@@ -11,11 +11,21 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from llooma import bus, subjects
+from llooma.host_stats import HostStats
 from llooma.membership import HostDirectory
 from llooma.scoring import Candidate, ScoreTerms, ScoreWeights, host_score, pick_hosts
 from llooma.settings import ORCHESTRATED_MODEL, Settings
 from llooma.v1.common_pb2 import ERROR_CODE_NO_ELIGIBLE_HOST, ErrorDetail
 from llooma.v1.pipeline_pb2 import ChatRequest, ClientEvent, HostCandidate, TaskAssignment
+from llooma.v1.race_pb2 import RaceEvent
+
+# A host with no record yet sits mid-range on latency: neither favoured nor shut out.
+UNKNOWN_LATENCY_TERM = 0.5
+MAX_FALLBACK_CANDIDATES = 3
+
+
+def as_candidate(c: Candidate) -> HostCandidate:
+    return HostCandidate(host_id=c.host_id, score=c.score, stake=c.stake, model=c.model)
 
 
 class Dispatcher:
@@ -26,22 +36,33 @@ class Dispatcher:
         self._js = js
         self._settings = settings
         self._hosts = hosts
-        self._weights = ScoreWeights()
+        self._weights = ScoreWeights(*settings.score_weights)
         self._rng = random.Random()
+        self._suspended = set(settings.suspended_hosts)
+        self.stats = HostStats()
 
-    def candidates(self, model: str) -> list[Candidate]:
+    async def on_race_event(self, msg: Msg) -> None:
+        self.stats.record(RaceEvent.FromString(msg.data))
+
+    def terms(self, host_id: str, load: float, staleness_s: float, deadline_ms: int) -> ScoreTerms:
+        p95 = self.stats.p95_ms(host_id)
+        return ScoreTerms(
+            load=load,
+            latency_p95=UNKNOWN_LATENCY_TERM if p95 is None else p95 / deadline_ms,
+            staleness=staleness_s / self._settings.host_stale_after_s,
+            error_rate=self.stats.error_rate(host_id),
+        )
+
+    def candidates(self, model: str, deadline_ms: int) -> list[Candidate]:
         orchestrated = model == ORCHESTRATED_MODEL
         excluded = set(self._settings.orchestration_excluded_models)
         now = time.monotonic()
         found: list[Candidate] = []
         for member in self._hosts.eligible(None if orchestrated else model):
+            if member.key in self._suspended:
+                continue
             beat = member.heartbeat
-            terms = ScoreTerms(
-                load=beat.load,
-                latency_p95=0.0,
-                staleness=member.staleness_s(now) / self._settings.host_stale_after_s,
-                error_rate=0.0,
-            )
+            terms = self.terms(member.key, beat.load, member.staleness_s(now), deadline_ms)
             score = host_score(terms, self._weights)
             found.extend(
                 Candidate(member.key, cap.name, score, cap.stake)
@@ -50,25 +71,49 @@ class Dispatcher:
             )
         return found
 
+    def _fallback(self, candidates: list[Candidate], chosen: list[Candidate]) -> list[Candidate]:
+        taken = {c.host_id for c in chosen}
+        rest = sorted(
+            (c for c in candidates if c.host_id not in taken), key=lambda c: (c.score, c.host_id)
+        )
+        pool = set(self._settings.fallback_hosts)
+        trusted = [c for c in rest if c.host_id in pool]
+        if not trusted and not self._settings.fallback_to_any_host:
+            return []
+        picked: list[Candidate] = []
+        for candidate in trusted or rest:
+            if candidate.host_id not in {p.host_id for p in picked}:
+                picked.append(candidate)
+        return picked[:MAX_FALLBACK_CANDIDATES]
+
+    def _hedge_delay_ms(self, model: str, first: Candidate, deadline_ms: int) -> int:
+        setting = self._settings.hedge_delay_by_model.get(model)
+        if not setting:
+            return 0
+        if setting == "p90":
+            observed = self.stats.p90_ms(first.host_id)
+            return int(observed) if observed is not None else deadline_ms // 2
+        return int(setting)
+
     def assign(self, request: ChatRequest) -> TaskAssignment | None:
+        deadline_ms = self._settings.deadline_ms(request.model, request.first_token_deadline_ms)
+        candidates = self.candidates(request.model, deadline_ms)
         chosen = pick_hosts(
-            self.candidates(request.model),
-            k=self._settings.race_width,
+            candidates,
+            k=request.race_width or self._settings.race_width,
             bucket_size=self._settings.best_bucket_size,
             rng=self._rng,
         )
         if not chosen:
             return None
-        deadline = request.first_token_deadline_ms or self._settings.first_token_deadline_ms
         return TaskAssignment(
             request=request,
             task_id=uuid.uuid4().hex,
-            hosts=[
-                HostCandidate(host_id=c.host_id, score=c.score, stake=c.stake, model=c.model)
-                for c in chosen
-            ],
-            first_token_deadline_ms=deadline,
+            hosts=[as_candidate(c) for c in chosen],
+            fallback=[as_candidate(c) for c in self._fallback(candidates, chosen)],
+            first_token_deadline_ms=deadline_ms,
             stall_deadline_ms=self._settings.stall_deadline_ms,
+            hedge_delay_ms=self._hedge_delay_ms(chosen[0].model, chosen[0], deadline_ms),
         )
 
     async def handle(self, msg: Msg) -> None:

@@ -18,6 +18,8 @@ async def setup(service: Service) -> None:
     await hosts.start(service.js)
     service.on_stop(hosts.stop)
     dispatcher = Dispatcher(settings, hosts, service.nc, service.js)
+    # Every dispatcher replica learns from every race, so no queue group.
+    await service.subscribe(subjects.RACE_EVENT, dispatcher.on_race_event)
     await service.consume(
         subjects.PIPELINE_DISPATCHER, subjects.CONSUMER_DISPATCHER, dispatcher.handle
     )

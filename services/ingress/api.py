@@ -60,6 +60,11 @@ STATUS_BY_ERROR = {
     ERROR_CODE_HOST_FAILED: (502, "host_failed"),
 }
 
+# A client may set its own first-token deadline δ for one request.
+DEADLINE_HEADER = "x-llooma-first-token-deadline-ms"
+# ... and how many hosts race for it (1 to 3).
+RACE_WIDTH_HEADER = "x-llooma-race-width"
+
 PATH_NAMES = {REQUEST_PATH_SPLIT: "split", REQUEST_PATH_FALLBACK: "fallback"}
 
 
@@ -148,9 +153,26 @@ class Ingress:
                 f"model {parsed.model!r} does not exist or no live host serves it",
                 code="model_not_found",
             )
-        return await self._complete(parsed, key_id)
+        deadline_header = request.headers.get(DEADLINE_HEADER, "")
+        deadline_ms = 0
+        if deadline_header:
+            if not deadline_header.isdigit() or not 1 <= int(deadline_header) <= 60_000:
+                return error_response(
+                    400,
+                    f"{DEADLINE_HEADER} must be whole milliseconds from 1 to 60000",
+                    code="invalid_request",
+                )
+            deadline_ms = int(deadline_header)
+        width_header = request.headers.get(RACE_WIDTH_HEADER, "")
+        if width_header and width_header not in ("1", "2", "3"):
+            return error_response(
+                400, f"{RACE_WIDTH_HEADER} must be 1, 2 or 3", code="invalid_request"
+            )
+        return await self._complete(parsed, key_id, deadline_ms, int(width_header or 0))
 
-    async def _complete(self, parsed: ChatCompletionRequest, key_id: str) -> Response:
+    async def _complete(
+        self, parsed: ChatCompletionRequest, key_id: str, deadline_ms: int, race_width: int
+    ) -> Response:
         request_id = uuid.uuid4().hex
         queue = self.replies.open(request_id)
         chat = ChatRequest(
@@ -162,6 +184,8 @@ class Ingress:
             reply_subject=self.replies.subject_for(request_id),
             api_key_id=key_id,
             accepted_unix_nanos=time.time_ns(),
+            first_token_deadline_ms=deadline_ms,
+            race_width=race_width,
         )
         headers = {"x-llooma-request-id": request_id}
         try:
@@ -177,7 +201,10 @@ class Ingress:
                 code="control_plane_unavailable",
                 headers=headers,
             )
-        first_wait_s = self.settings.first_token_deadline_ms / 1000.0 + PIPELINE_MARGIN_S
+        deadline_ms = self.settings.deadline_ms(parsed.model, deadline_ms)
+        first_wait_s = (
+            deadline_ms + self.settings.fallback_first_token_ms
+        ) / 1000.0 + PIPELINE_MARGIN_S
         first = await self._next_event(queue, first_wait_s)
         kind = first.WhichOneof("event")
         if kind != "started":
@@ -212,7 +239,11 @@ class Ingress:
     ) -> AsyncIterator[list[ClientEvent]]:
         """Events after `started`, in batches of what had already arrived, ending with
         `finished` or `failed`; cancels the request upstream if the consumer stops early."""
-        stall_s = self.settings.stall_deadline_ms / 1000.0 + STALL_MARGIN_S
+        # The racer's own stall deadline plus a continuation's time to its first token.
+        settings = self.settings
+        stall_s = (
+            settings.stall_deadline_ms + settings.fallback_first_token_ms
+        ) / 1000.0 + STALL_MARGIN_S
         done = False
         try:
             while not done:

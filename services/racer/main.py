@@ -15,7 +15,12 @@ MAX_CONCURRENT_RACES = 1024
 
 
 async def setup(service: Service) -> None:
-    racer = Racer(service.instance_id)
+    settings = service.settings
+    racer = Racer(
+        service.instance_id,
+        max_continuations=settings.max_continuations,
+        fallback_first_token_ms=settings.fallback_first_token_ms,
+    )
     await racer.start(service)
 
     async def race(msg: Msg) -> None:

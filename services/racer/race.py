@@ -1,4 +1,6 @@
-"""One task's race: the first host to deliver a token wins, the rest are told to stop."""
+"""One task's race (paper II-B, III): the first host to deliver a token wins and the rest are
+told to stop; no token by the deadline δ sends the task to the fallback pool; a stream that
+stalls or fails continues on another host from the text already emitted (II-D)."""
 
 from __future__ import annotations
 
@@ -14,11 +16,20 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from llooma import bus, subjects
+from llooma.continuation import (
+    OverlapFilter,
+    continuation_messages,
+    detect_format,
+    safe_prefix,
+    tail_window,
+)
 from llooma.service import Service
 from llooma.v1.common_pb2 import (
     ERROR_CODE_DEADLINE_EXCEEDED,
     ERROR_CODE_HOST_BUSY,
     ERROR_CODE_HOST_FAILED,
+    REQUEST_PATH_FALLBACK,
+    ChatMessage,
     ErrorCode,
     ErrorDetail,
     Usage,
@@ -29,7 +40,17 @@ from llooma.v1.pipeline_pb2 import (
     ClientEvent,
     ClientFinished,
     ClientStarted,
+    HostCandidate,
     TaskAssignment,
+)
+from llooma.v1.race_pb2 import (
+    ATTEMPT_ROLE_CONTINUATION,
+    ATTEMPT_ROLE_FALLBACK,
+    ATTEMPT_ROLE_HEDGE,
+    ATTEMPT_ROLE_RACER,
+    AttemptReport,
+    AttemptRole,
+    RaceEvent,
 )
 from llooma.v1.settlement_pb2 import (
     ATTEMPT_OUTCOME_FAILED,
@@ -44,13 +65,16 @@ log = logging.getLogger(__name__)
 @dataclass(slots=True)
 class Attempt:
     attempt_id: str
-    host_id: str
-    model: str
-    started: float
+    host: HostCandidate
+    role: AttemptRole.ValueType
+    launched_at: float
     first_token_at: float | None = None
     output_tokens: int = 0
     usage: Usage | None = None
     failed: bool = False
+    stalled: bool = False
+    contributed: bool = False
+    cancelled: bool = False
 
 
 class RaceFailed(Exception):
@@ -62,8 +86,22 @@ class RaceFailed(Exception):
 @dataclass(slots=True)
 class Race:
     assignment: TaskAssignment
+    started: float
+    fallback_timeout_s: float
     attempts: dict[str, Attempt] = field(default_factory=dict)
     inbox: asyncio.Queue[tuple[Attempt, HostChunk]] = field(default_factory=asyncio.Queue)
+    spare: list[HostCandidate] = field(default_factory=list)
+    emitted: list[str] = field(default_factory=list)
+    client_tokens: int = 0
+    first_token_at: float | None = None
+    deadline_hit: bool = False
+    continuations: int = 0
+    error: ErrorCode.ValueType = ErrorCode.ERROR_CODE_UNSPECIFIED
+    winner: Attempt | None = None
+
+    @property
+    def reply(self) -> str:
+        return self.assignment.request.reply_subject
 
 
 class Racer:
@@ -72,8 +110,12 @@ class Racer:
     _nc: Client
     _js: JetStreamContext
 
-    def __init__(self, instance_id: str) -> None:
+    def __init__(
+        self, instance_id: str, *, max_continuations: int = 2, fallback_first_token_ms: int = 10_000
+    ) -> None:
         self._instance_id = instance_id
+        self._max_continuations = max_continuations
+        self._fallback_timeout_s = fallback_first_token_ms / 1000.0
         self._by_attempt: dict[str, tuple[Race, Attempt]] = {}
         self._by_request: dict[str, asyncio.Task[None]] = {}
 
@@ -96,8 +138,7 @@ class Racer:
         race.inbox.put_nowait((attempt, chunk))
 
     async def _on_request_cancel(self, msg: Msg) -> None:
-        request_id = msg.subject.split(".")[-2]
-        task = self._by_request.get(request_id)
+        task = self._by_request.get(msg.subject.split(".")[-2])
         if task is not None:
             task.cancel()
 
@@ -106,113 +147,231 @@ class Racer:
         task = asyncio.current_task()
         assert task is not None
         self._by_request[request_id] = task
-        race = Race(assignment)
+        race = Race(assignment, time.monotonic(), self._fallback_timeout_s)
+        # The fallback pool first; raced hosts that said no may still continue a stream.
+        race.spare = [*assignment.fallback, *assignment.hosts]
         try:
             await self._race(race)
         except asyncio.CancelledError:
             log.debug("request %s cancelled by its client", request_id)
         finally:
             self._by_request.pop(request_id, None)
-            await self._cancel_hosts(race, keep=None)
+            await self._cancel_all(race, keep=None)
             for attempt_id in race.attempts:
                 self._by_attempt.pop(attempt_id, None)
-            await self._settle(race)
+            await self._report(race)
 
-    async def _launch(self, race: Race) -> None:
+    # -- launching -------------------------------------------------------------------------
+
+    async def _launch(
+        self,
+        race: Race,
+        host: HostCandidate,
+        role: AttemptRole.ValueType,
+        messages: list[ChatMessage] | None = None,
+    ) -> Attempt:
+        attempt = Attempt(uuid.uuid4().hex, host, role, time.monotonic())
+        race.attempts[attempt.attempt_id] = attempt
+        self._by_attempt[attempt.attempt_id] = (race, attempt)
         request = race.assignment.request
-        for host in race.assignment.hosts:
-            attempt = Attempt(uuid.uuid4().hex, host.host_id, host.model, time.monotonic())
-            race.attempts[attempt.attempt_id] = attempt
-            self._by_attempt[attempt.attempt_id] = (race, attempt)
-            task = HostTask(
-                attempt_id=attempt.attempt_id,
-                model=host.model,
-                messages=request.messages,
-                params=request.params,
-            )
-            await self._nc.publish(
-                subjects.host_task(host.model, host.host_id),
-                task.SerializeToString(),
-                reply=subjects.host_reply(self._instance_id, attempt.attempt_id),
-            )
+        task = HostTask(
+            attempt_id=attempt.attempt_id,
+            model=host.model,
+            messages=messages if messages is not None else request.messages,
+            params=request.params,
+        )
+        await self._nc.publish(
+            subjects.host_task(host.model, host.host_id),
+            task.SerializeToString(),
+            reply=subjects.host_reply(self._instance_id, attempt.attempt_id),
+        )
+        return attempt
+
+    def _take_spare(self, race: Race) -> HostCandidate | None:
+        """The next spare host that has no live attempt and never broke this stream."""
+        for index, host in enumerate(race.spare):
+            attempts = [a for a in race.attempts.values() if a.host.host_id == host.host_id]
+            live = any(not (a.failed or a.stalled or a.cancelled) for a in attempts)
+            broke = any(a.stalled or (a.failed and a.contributed) for a in attempts)
+            if not live and not broke:
+                del race.spare[index]
+                return host
+        return None
+
+    # -- the race --------------------------------------------------------------------------
 
     async def _race(self, race: Race) -> None:
-        reply = race.assignment.request.reply_subject
         try:
-            await self._launch(race)
             winner, first = await self._first_token(race)
-            await self._cancel_hosts(race, keep=winner)
-            await self._emit(
-                reply,
-                ClientEvent(
-                    started=ClientStarted(path=race.assignment.request.path, model=winner.model)
-                ),
-            )
+            race.winner = winner
+            race.first_token_at = winner.first_token_at
+            await self._cancel_all(race, keep=winner)
+            path = race.assignment.request.path
+            if winner.role == ATTEMPT_ROLE_FALLBACK:
+                path = REQUEST_PATH_FALLBACK
+            started = ClientStarted(path=path, model=winner.host.model)
+            await self._emit(race.reply, ClientEvent(started=started))
             await self._stream(race, winner, first)
         except RaceFailed as failure:
-            await self._emit(
-                reply, ClientEvent(failed=ErrorDetail(code=failure.code, message=str(failure)))
-            )
+            race.error = failure.code
+            failed = ErrorDetail(code=failure.code, message=str(failure))
+            await self._emit(race.reply, ClientEvent(failed=failed))
 
     async def _first_token(self, race: Race) -> tuple[Attempt, HostChunk]:
-        deadline_s = race.assignment.first_token_deadline_ms / 1000.0
-        alive = set(race.attempts)
-        busy = 0
-        try:
-            async with asyncio.timeout(deadline_s):
-                while True:
+        """Launch the racers (hedged ones later), then wait for the first token; past the
+        deadline δ, a fallback host joins; past the fallback's own limit, give up."""
+        assignment = race.assignment
+        hosts = list(assignment.hosts)
+        hedge_s = assignment.hedge_delay_ms / 1000.0
+        await self._launch(race, hosts[0], ATTEMPT_ROLE_RACER)
+        hedged = hosts[1:] if hedge_s > 0 else []
+        for host in hosts[1:] if hedge_s <= 0 else []:
+            await self._launch(race, host, ATTEMPT_ROLE_RACER)
+        deadline_s = assignment.first_token_deadline_ms / 1000.0
+        give_up_at = race.started + deadline_s + race.fallback_timeout_s
+        busy_replies = 0
+        while True:
+            now = time.monotonic()
+            wakeups = [give_up_at]
+            if hedged:
+                wakeups.append(race.started + hedge_s)
+            if not race.deadline_hit:
+                wakeups.append(race.started + deadline_s)
+            try:
+                async with asyncio.timeout(max(0.0, min(wakeups) - now)):
                     attempt, chunk = await race.inbox.get()
-                    kind = chunk.WhichOneof("event")
-                    if kind == "token":
-                        attempt.first_token_at = time.monotonic()
-                        attempt.output_tokens += 1
-                        return attempt, chunk
-                    if kind == "finished":
-                        attempt.first_token_at = time.monotonic()
-                        return attempt, chunk
-                    if kind == "failed":
-                        attempt.failed = True
-                        alive.discard(attempt.attempt_id)
-                        busy += chunk.failed.code == ERROR_CODE_HOST_BUSY
-                        if not alive:
-                            code = ERROR_CODE_HOST_BUSY if busy else ERROR_CODE_HOST_FAILED
-                            raise RaceFailed(
-                                code, f"every raced host failed: {chunk.failed.message}"
-                            )
-        except TimeoutError:
-            raise RaceFailed(
-                ERROR_CODE_DEADLINE_EXCEEDED,
-                f"no host produced a first token within {deadline_s:.3f} s",
-            ) from None
+            except TimeoutError:
+                now = time.monotonic()
+                if hedged and now >= race.started + hedge_s:
+                    for host in hedged:
+                        await self._launch(race, host, ATTEMPT_ROLE_HEDGE)
+                    hedged = []
+                if not race.deadline_hit and now >= race.started + deadline_s:
+                    race.deadline_hit = True
+                    await self._launch_fallback(race)
+                if now >= give_up_at:
+                    raise RaceFailed(
+                        ERROR_CODE_DEADLINE_EXCEEDED,
+                        f"no host produced a first token within {deadline_s:.3f} s "
+                        "and the fallback did not either",
+                    ) from None
+                continue
+            kind = chunk.WhichOneof("event")
+            if kind in ("token", "finished"):
+                attempt.first_token_at = time.monotonic()
+                if kind == "token":
+                    attempt.output_tokens += 1
+                return attempt, chunk
+            if kind == "failed":
+                attempt.failed = True
+                busy_replies += chunk.failed.code == ERROR_CODE_HOST_BUSY
+                if any(not a.failed for a in race.attempts.values()):
+                    continue
+                # Every host so far said no: do not wait for a timer to try the next.
+                if hedged:
+                    for host in hedged:
+                        await self._launch(race, host, ATTEMPT_ROLE_HEDGE)
+                    hedged = []
+                elif not await self._launch_fallback(race):
+                    code = ERROR_CODE_HOST_BUSY if busy_replies else ERROR_CODE_HOST_FAILED
+                    raise RaceFailed(code, f"every raced host failed: {chunk.failed.message}")
+
+    async def _launch_fallback(self, race: Race) -> bool:
+        host = self._take_spare(race)
+        if host is None:
+            return False
+        await self._launch(race, host, ATTEMPT_ROLE_FALLBACK)
+        return True
+
+    # -- streaming and continuation ----------------------------------------------------------
 
     async def _stream(self, race: Race, winner: Attempt, first: HostChunk) -> None:
-        """Relay the winner's chunks; tokens already queued go out as one delta (no waiting)."""
-        reply = race.assignment.request.reply_subject
+        """Relay the winner's chunks; tokens already queued go out as one delta (no waiting).
+        A stall or failure hands the stream to a continuation host."""
         stall_s = race.assignment.stall_deadline_ms / 1000.0
         chunk: HostChunk | None = first
+        relay = _Relay()
         text: list[str] = []
         while True:
             if chunk is None:
-                if text:
-                    await self._emit(reply, ClientEvent(delta=ClientDelta(text="".join(text))))
-                    text.clear()
-                chunk = await self._next_from(race, winner, stall_s)
+                await self._flush(race, text)
+                try:
+                    chunk = await self._next_from(race, winner, stall_s)
+                except TimeoutError:
+                    winner.stalled = True
+                    winner, chunk, relay = await self._continue(race, winner, "stalled")
+                    continue
             kind = chunk.WhichOneof("event")
             if kind == "token":
-                text.append(chunk.token.text)
-            elif kind in ("finished", "failed"):
-                if text:
-                    await self._emit(reply, ClientEvent(delta=ClientDelta(text="".join(text))))
-                if kind == "failed":
-                    winner.failed = True
-                    raise RaceFailed(ERROR_CODE_HOST_FAILED, f"host failed: {chunk.failed.message}")
+                winner.contributed = True
+                piece = relay.feed(chunk.token.text)
+                if piece:
+                    text.append(piece)
+            elif kind == "finished":
+                tail = relay.flush()
+                if tail:
+                    text.append(tail)
+                await self._flush(race, text)
                 winner.usage = chunk.finished.usage
-                finished = ClientFinished(
-                    finish_reason=chunk.finished.finish_reason, usage=chunk.finished.usage
+                usage = Usage(
+                    input_tokens=chunk.finished.usage.input_tokens,
+                    output_tokens=race.client_tokens,
                 )
-                await self._emit(reply, ClientEvent(finished=finished))
+                finished = ClientFinished(finish_reason=chunk.finished.finish_reason, usage=usage)
+                await self._emit(race.reply, ClientEvent(finished=finished))
+                race.winner = winner
                 return
+            else:
+                await self._flush(race, text)
+                winner.failed = True
+                winner, chunk, relay = await self._continue(race, winner, chunk.failed.message)
+                continue
             chunk = self._queued_from(race, winner)
+
+    async def _flush(self, race: Race, text: list[str]) -> None:
+        if text:
+            joined = "".join(text)
+            race.emitted.append(joined)
+            race.client_tokens += len(text)
+            text.clear()
+            await self._emit(race.reply, ClientEvent(delta=ClientDelta(text=joined)))
+
+    async def _continue(
+        self, race: Race, broken: Attempt, why: str
+    ) -> tuple[Attempt, HostChunk, _Relay]:
+        """Start a fallback host on the emitted prefix; returns it with its first chunk."""
+        await self._cancel(broken)
+        if race.continuations >= self._max_continuations:
+            raise RaceFailed(ERROR_CODE_HOST_FAILED, f"the stream broke ({why}); no retries left")
+        while True:
+            host = self._take_spare(race)
+            if host is None:
+                raise RaceFailed(
+                    ERROR_CODE_HOST_FAILED, f"the stream broke ({why}) and no host can continue it"
+                )
+            race.continuations += 1
+            emitted = "".join(race.emitted)
+            fmt = detect_format(emitted)
+            prefix = safe_prefix(emitted, fmt)
+            tail = tail_window(prefix)
+            original = [(m.role, m.content) for m in race.assignment.request.messages]
+            messages = merge_turns(continuation_messages(original, prefix, fmt, tail))
+            attempt = await self._launch(race, host, ATTEMPT_ROLE_CONTINUATION, messages)
+            try:
+                async with asyncio.timeout(race.fallback_timeout_s):
+                    while True:
+                        chunk = self._count(attempt, *await race.inbox.get())
+                        if chunk is None:
+                            continue
+                        if chunk.HasField("failed"):
+                            attempt.failed = True
+                            break
+                        if attempt.first_token_at is None:
+                            attempt.first_token_at = time.monotonic()
+                        return attempt, chunk, _Relay(tail, emitted[len(prefix) :])
+            except TimeoutError:
+                attempt.stalled = True
+            await self._cancel(attempt)
 
     def _queued_from(self, race: Race, winner: Attempt) -> HostChunk | None:
         """The winner's next chunk if one is already queued, else None."""
@@ -230,63 +389,159 @@ class Racer:
         return chunk if attempt is winner else None
 
     async def _next_from(self, race: Race, winner: Attempt, stall_s: float) -> HostChunk:
-        try:
-            async with asyncio.timeout(stall_s):
-                while True:
-                    chunk = self._count(winner, *await race.inbox.get())
-                    if chunk is not None:
-                        return chunk
-        except TimeoutError:
-            winner.failed = True
-            raise RaceFailed(
-                ERROR_CODE_DEADLINE_EXCEEDED, f"host stalled for more than {stall_s:.3f} s"
-            ) from None
+        async with asyncio.timeout(stall_s):
+            while True:
+                chunk = self._count(winner, *await race.inbox.get())
+                if chunk is not None:
+                    return chunk
+
+    # -- outputs ---------------------------------------------------------------------------
 
     async def _emit(self, subject: str, event: ClientEvent) -> None:
         await self._nc.publish(subject, event.SerializeToString())
 
-    async def _cancel_hosts(self, race: Race, keep: Attempt | None) -> None:
-        for attempt in race.attempts.values():
-            if attempt is keep or attempt.usage is not None:
-                continue
-            with contextlib.suppress(Exception):
-                await self._nc.publish(
-                    subjects.host_cancel(attempt.host_id),
-                    CancelTask(attempt_id=attempt.attempt_id).SerializeToString(),
-                )
+    async def _cancel(self, attempt: Attempt) -> None:
+        attempt.cancelled = True
+        with contextlib.suppress(Exception):
+            await self._nc.publish(
+                subjects.host_cancel(attempt.host.host_id),
+                CancelTask(attempt_id=attempt.attempt_id).SerializeToString(),
+            )
 
-    async def _settle(self, race: Race) -> None:
+    async def _cancel_all(self, race: Race, keep: Attempt | None) -> None:
+        for attempt in race.attempts.values():
+            if attempt is not keep and attempt.usage is None and not attempt.failed:
+                await self._cancel(attempt)
+
+    def _outcome(self, race: Race, attempt: Attempt) -> int:
+        if attempt is race.winner and attempt.usage is not None:
+            return ATTEMPT_OUTCOME_WON
+        if attempt.failed or attempt.stalled:
+            return ATTEMPT_OUTCOME_FAILED
+        return ATTEMPT_OUTCOME_LOST
+
+    async def _report(self, race: Race) -> None:
+        """Settle every attempt and publish the race event (both idempotent by id)."""
         request = race.assignment.request
         now = time.monotonic()
+        reports = []
         for attempt in race.attempts.values():
-            if attempt.usage is not None and not attempt.failed:
-                outcome = ATTEMPT_OUTCOME_WON
-            elif attempt.failed:
-                outcome = ATTEMPT_OUTCOME_FAILED
-            else:
-                outcome = ATTEMPT_OUTCOME_LOST
             first_ms = (
-                (attempt.first_token_at - attempt.started) * 1000 if attempt.first_token_at else 0
+                int((attempt.first_token_at - attempt.launched_at) * 1000)
+                if attempt.first_token_at
+                else 0
+            )
+            outcome = self._outcome(race, attempt)
+            usage = attempt.usage or Usage(output_tokens=attempt.output_tokens)
+            reports.append(
+                AttemptReport(
+                    attempt_id=attempt.attempt_id,
+                    host_id=attempt.host.host_id,
+                    model=attempt.host.model,
+                    role=attempt.role,
+                    outcome=outcome,  # type: ignore[arg-type]
+                    launched_after_ms=int((attempt.launched_at - race.started) * 1000),
+                    first_token_ms=first_ms,
+                    output_tokens=attempt.output_tokens,
+                    stalled=attempt.stalled,
+                )
             )
             settlement = TaskSettlement(
                 attempt_id=attempt.attempt_id,
                 request_id=request.request_id,
                 task_id=race.assignment.task_id,
-                host_id=attempt.host_id,
-                model=attempt.model,
-                outcome=outcome,
-                usage=attempt.usage or Usage(output_tokens=attempt.output_tokens),
-                first_token_ms=int(first_ms),
-                duration_ms=int((now - attempt.started) * 1000),
+                host_id=attempt.host.host_id,
+                model=attempt.host.model,
+                outcome=outcome,  # type: ignore[arg-type]
+                usage=usage,
+                first_token_ms=first_ms,
+                duration_ms=int((now - attempt.launched_at) * 1000),
                 finished_unix_nanos=time.time_ns(),
                 api_key_id=request.api_key_id,
             )
-            try:
-                await bus.hand_off(
-                    self._js,
-                    subjects.SETTLEMENT_TASK,
-                    settlement.SerializeToString(),
-                    attempt.attempt_id,
-                )
-            except Exception:
-                log.exception("settlement of %s not published", attempt.attempt_id)
+            await self._publish(
+                subjects.SETTLEMENT_TASK, settlement.SerializeToString(), attempt.attempt_id
+            )
+        winner = race.winner
+        succeeded = winner is not None and winner.usage is not None
+        event = RaceEvent(
+            request_id=request.request_id,
+            task_id=race.assignment.task_id,
+            model=request.model,
+            path=(
+                REQUEST_PATH_FALLBACK
+                if winner is not None and winner.role == ATTEMPT_ROLE_FALLBACK
+                else request.path
+            ),
+            attempts=reports,
+            winner_host_id=winner.host.host_id if winner is not None else "",
+            first_token_ms=(
+                int((race.first_token_at - race.started) * 1000) if race.first_token_at else 0
+            ),
+            first_token_deadline_hit=race.deadline_hit,
+            continuations=race.continuations,
+            succeeded=succeeded,
+            error=race.error,
+            finished_unix_nanos=time.time_ns(),
+            output_tokens=race.client_tokens,
+            duration_ms=int((now - race.started) * 1000),
+        )
+        await self._publish(subjects.RACE_EVENT, event.SerializeToString(), race.assignment.task_id)
+
+    async def _publish(self, subject: str, payload: bytes, msg_id: str) -> None:
+        try:
+            await bus.hand_off(self._js, subject, payload, msg_id)
+        except Exception:
+            log.exception("%s not published for %s", subject, msg_id)
+
+
+def merge_turns(turns: list[tuple[str, str]]) -> list[ChatMessage]:
+    """Join consecutive turns of one role: chat templates that insist on alternating user and
+    assistant turns reject two user messages in a row."""
+    merged: list[ChatMessage] = []
+    for role, content in turns:
+        if merged and merged[-1].role == role:
+            merged[-1].content += "\n\n" + content
+        else:
+            merged.append(ChatMessage(role=role, content=content))
+    return merged
+
+
+class _Relay:
+    """Passes a stream's text to the client; after a continuation, drops what repeats the
+    preserved tail and the part the client already saw past the safe prefix."""
+
+    def __init__(self, tail: str = "", dangling: str = "") -> None:
+        self._overlap = OverlapFilter(tail) if tail else None
+        self._dangling = dangling
+        self._held = ""
+
+    def feed(self, text: str) -> str:
+        if self._overlap is not None:
+            text = self._overlap.feed(text)
+        return self._reconcile(text)
+
+    def flush(self) -> str:
+        text = self._overlap.flush() if self._overlap is not None else ""
+        out = self._reconcile(text)
+        # Still held means still a prefix of what the client already has.
+        self._held = ""
+        return out
+
+    def _reconcile(self, text: str) -> str:
+        if not self._dangling:
+            return text
+        self._held += text
+        # The client already has `dangling` (past the safe prefix): skip it where the
+        # continuation re-emits it, and stop skipping at the first difference.
+        common = 0
+        limit = min(len(self._held), len(self._dangling))
+        while common < limit and self._held[common] == self._dangling[common]:
+            common += 1
+        if common == len(self._dangling):
+            out, self._held, self._dangling = self._held[common:], "", ""
+            return out
+        if common < limit:
+            out, self._held, self._dangling = self._held[common:], "", ""
+            return out
+        return ""

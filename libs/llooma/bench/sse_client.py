@@ -40,20 +40,32 @@ class SseClient:
 
     async def time_to_first_token(self, path: str, body: bytes) -> float:
         """Seconds from sending the request to the first non-empty content delta."""
+        started = time.perf_counter()
+        first, _ = await self._stream(path, body, {})
+        return first - started
+
+    async def request_id_of(self, path: str, body: bytes, headers: dict[str, str]) -> str:
+        """Stream one request to its end; returns its x-llooma-request-id."""
+        _, request_id = await self._stream(path, body, headers)
+        return request_id
+
+    async def _stream(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[float, str]:
         connection = await self._connect()
+        extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
         request = (
             f"POST {path} HTTP/1.1\r\nHost: {self._host}\r\n"
             f"Authorization: Bearer {self._api_key}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
+            f"{extra}Content-Length: {len(body)}\r\n\r\n"
         ).encode() + body
-        started = time.perf_counter()
         connection.writer.write(request)
         reader = connection.reader
         status_line = await reader.readline()
         if b" 200 " not in status_line:
             raise RuntimeError(f"stack answered {status_line!r}")
-        while (await reader.readline()) not in (b"\r\n", b""):
-            pass
+        request_id = ""
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            if line.lower().startswith(b"x-llooma-request-id:"):
+                request_id = line.split(b":", 1)[1].strip().decode()
         first: float | None = None
         while True:
             size = int((await reader.readline()).strip(), 16)
@@ -68,4 +80,4 @@ class SseClient:
         self._idle.append(connection)
         if first is None:
             raise RuntimeError("stream ended without a token")
-        return first - started
+        return first, request_id

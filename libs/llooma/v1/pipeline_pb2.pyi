@@ -36,6 +36,7 @@ class ChatRequest(_message.Message):
     FIRST_TOKEN_DEADLINE_MS_FIELD_NUMBER: _builtins.int
     PATH_FIELD_NUMBER: _builtins.int
     PRIVACY_REDACTED_FIELD_NUMBER: _builtins.int
+    RACE_WIDTH_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     model: _builtins.str
     stream: _builtins.bool
@@ -48,6 +49,8 @@ class ChatRequest(_message.Message):
     """Per-request first-token deadline; zero means the model's default."""
     path: _common_pb2.RequestPath.ValueType
     privacy_redacted: _builtins.bool
+    race_width: _builtins.int
+    """Hosts to race for this request (1 to 3); zero means the configured width."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]: ...
     @_builtins.property
@@ -66,10 +69,11 @@ class ChatRequest(_message.Message):
         first_token_deadline_ms: _builtins.int = ...,
         path: _common_pb2.RequestPath.ValueType = ...,
         privacy_redacted: _builtins.bool = ...,
+        race_width: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_unix_nanos", b"accepted_unix_nanos", "api_key_id", b"api_key_id", "first_token_deadline_ms", b"first_token_deadline_ms", "messages", b"messages", "model", b"model", "params", b"params", "path", b"path", "privacy_redacted", b"privacy_redacted", "reply_subject", b"reply_subject", "request_id", b"request_id", "stream", b"stream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_unix_nanos", b"accepted_unix_nanos", "api_key_id", b"api_key_id", "first_token_deadline_ms", b"first_token_deadline_ms", "messages", b"messages", "model", b"model", "params", b"params", "path", b"path", "privacy_redacted", b"privacy_redacted", "race_width", b"race_width", "reply_subject", b"reply_subject", "request_id", b"request_id", "stream", b"stream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -117,13 +121,21 @@ class TaskAssignment(_message.Message):
     HOSTS_FIELD_NUMBER: _builtins.int
     FIRST_TOKEN_DEADLINE_MS_FIELD_NUMBER: _builtins.int
     STALL_DEADLINE_MS_FIELD_NUMBER: _builtins.int
+    FALLBACK_FIELD_NUMBER: _builtins.int
+    HEDGE_DELAY_MS_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     first_token_deadline_ms: _builtins.int
     stall_deadline_ms: _builtins.int
+    hedge_delay_ms: _builtins.int
+    """Hedged mode: hosts after the first are launched only after this delay (0 = full race)."""
     @_builtins.property
     def request(self) -> Global___ChatRequest: ...
     @_builtins.property
     def hosts(self) -> _containers.RepeatedCompositeFieldContainer[Global___HostCandidate]: ...
+    @_builtins.property
+    def fallback(self) -> _containers.RepeatedCompositeFieldContainer[Global___HostCandidate]:
+        """Hosts to turn to when the race misses its deadline or a stream stalls, best first."""
+
     def __init__(
         self,
         *,
@@ -132,10 +144,12 @@ class TaskAssignment(_message.Message):
         hosts: _abc.Iterable[Global___HostCandidate] | None = ...,
         first_token_deadline_ms: _builtins.int = ...,
         stall_deadline_ms: _builtins.int = ...,
+        fallback: _abc.Iterable[Global___HostCandidate] | None = ...,
+        hedge_delay_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_token_deadline_ms", b"first_token_deadline_ms", "hosts", b"hosts", "request", b"request", "stall_deadline_ms", b"stall_deadline_ms", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallback", b"fallback", "first_token_deadline_ms", b"first_token_deadline_ms", "hedge_delay_ms", b"hedge_delay_ms", "hosts", b"hosts", "request", b"request", "stall_deadline_ms", b"stall_deadline_ms", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
