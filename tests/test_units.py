@@ -93,3 +93,17 @@ def test_truncate_respects_budget(text: str, budget: int) -> None:
 def test_merge_keeps_order_and_labels() -> None:
     parts = [AggregatePart(label="1.", text=" one "), AggregatePart(label="2.", text="two")]
     assert merge(parts) == "1.\none\n\n2.\ntwo"
+
+
+def test_race_formulas_reproduce_the_papers_table_one() -> None:
+    from llooma.bench.race import PAPER_TABLE, distributions
+
+    by_name = {d.name: d for d in distributions(scale=1.0)}
+    for (name, k), (p50, p95, p99, phi) in PAPER_TABLE.items():
+        dist = by_name[name]
+        for q, expected in ((0.50, p50), (0.95, p95), (0.99, p99)):
+            assert dist.race_quantile(q, k) == pytest.approx(expected, rel=0.01), (name, k, q)
+        assert dist.fallback_rate(1000.0, k) == pytest.approx(phi, abs=0.001), (name, k)
+    pareto = by_name["pareto-1.5"]
+    assert pareto.race_quantile(0.99, 1) == pytest.approx(5386, rel=0.001)
+    assert pareto.race_quantile(0.99, 2) == pytest.approx(1160, rel=0.001)
