@@ -22,6 +22,7 @@ from llooma.stack import Stack, demo_hosts
 AUTH = {"Authorization": f"Bearer {DEV_API_KEY}"}
 HEDGED_MODEL = "hedged-test-model"
 HEDGE_DELAY_MS = 150
+SPLITTER_MODEL = "splitter-test-model"
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +73,10 @@ def stack(
         database_url=database_url,
         shared_nats=nats_server,
         hosts=demo_hosts(nats_url),
-        extra_env={"LLOOMA_HEDGE_DELAY_BY_MODEL": f'{{"{HEDGED_MODEL}": "{HEDGE_DELAY_MS}"}}'},
+        extra_env={
+            "LLOOMA_HEDGE_DELAY_BY_MODEL": f'{{"{HEDGED_MODEL}": "{HEDGE_DELAY_MS}"}}',
+            "LLOOMA_PLANNER_SPLIT_MODEL": SPLITTER_MODEL,
+        },
     )
     running.start()
     yield running

@@ -18,6 +18,7 @@ import pytest
 import yaml
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js.errors import KeyNotFoundError
 
 from llooma import subjects
 from llooma.continuation import extract_prefix
@@ -82,6 +83,20 @@ async def wait_listed(http: httpx.AsyncClient, model: str, hosts: int = 1) -> No
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"{model} never listed")
+
+
+async def wait_for_host(nc: Client, host_id: str) -> None:
+    """Until the host's own heartbeat is in the bucket (a process takes a while to start)."""
+    kv = await nc.jetstream().key_value(subjects.HOSTS_BUCKET)
+    for _ in range(300):
+        try:
+            entry = await kv.get(host_id)
+            if entry.value:
+                return
+        except KeyNotFoundError:
+            pass
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{host_id} never heartbeated")
 
 
 async def stream_text(
@@ -300,6 +315,7 @@ async def test_kill_9_of_a_host_mid_stream_continues_elsewhere(
 
     try:
         async with ScriptedHost(nc, f"heir-{model}", model, carry_on, stake=0.0):
+            await wait_for_host(nc, name)
             await wait_listed(http, model, hosts=2)
             body = {**chat(model), "stream": True}
             pieces: list[str] = []
@@ -319,7 +335,8 @@ async def test_kill_9_of_a_host_mid_stream_continues_elsewhere(
             process.kill()
         process.wait(5)
     text = "".join(pieces)
-    assert emitted, "the heir got the prefix"
+    event = await race_events.wait_for(request_id)
+    assert emitted, f"the heir got no prefix: {text!r} {event}"
     assert text.startswith(emitted[0])
     assert text.endswith(" and so the answer goes on.")
     event = await race_events.wait_for(request_id)

@@ -12,9 +12,6 @@ from hypothesis import strategies as st
 from llooma import subjects
 from llooma.host.backends import split_tokens
 from llooma.scoring import Candidate, ScoreTerms, ScoreWeights, host_score, pick_hosts
-from llooma.v1.aggregate_pb2 import AggregatePart
-from services.aggregator.handlers import merge
-from services.compressor.handlers import ELISION_MARKER, truncate
 
 
 @given(st.text())
@@ -78,21 +75,6 @@ def test_checked_token_rejects_wildcards() -> None:
     for bad in ("a.b", "*", ">", "", "x y"):
         with pytest.raises(ValueError, match="subject token"):
             subjects.checked_token(bad)
-
-
-@given(st.text(), st.integers(min_value=0, max_value=200))
-def test_truncate_respects_budget(text: str, budget: int) -> None:
-    out = truncate(text, budget)
-    assert len(out) <= budget
-    if len(text) <= budget:
-        assert out == text
-    elif budget > len(ELISION_MARKER):
-        assert ELISION_MARKER in out
-
-
-def test_merge_keeps_order_and_labels() -> None:
-    parts = [AggregatePart(label="1.", text=" one "), AggregatePart(label="2.", text="two")]
-    assert merge(parts) == "1.\none\n\n2.\ntwo"
 
 
 def test_race_formulas_reproduce_the_papers_table_one() -> None:

@@ -200,7 +200,7 @@ def _bench_stack(scratch: str, hosts: list[HostConfig], env: dict[str, str]) -> 
 @app.command()
 def bench(
     quick: Annotated[bool, typer.Option(help="A small run, for a quick look")] = False,
-    suite: Annotated[str, typer.Option(help="overhead, race or all")] = "all",
+    suite: Annotated[str, typer.Option(help="overhead, race, split or all")] = "all",
     results_dir: Annotated[Path, typer.Option()] = Path("bench/results"),
 ) -> None:
     """Run the benchmarks, each on a fresh embedded stack, and write bench/results/."""
@@ -209,7 +209,7 @@ def bench(
 
     from rich.progress import Progress
 
-    from llooma.bench import overhead, race
+    from llooma.bench import overhead, race, split
 
     note = (
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, "
@@ -239,6 +239,17 @@ def bench(
             finally:
                 stack.stop()
         console.print(race.write_results(cells, results_dir, note))
+    if suite in ("split", "all"):
+        with tempfile.TemporaryDirectory(prefix="llooma-bench-") as scratch:
+            stack = _bench_stack(scratch, split.bench_hosts("nats://unused"), {})
+            console.print("split: starting a bench stack ...")
+            stack.start()
+            try:
+                with Progress(console=console) as progress:
+                    outcome = asyncio.run(split.measure(stack, 40 if quick else 200, progress))
+            finally:
+                stack.stop()
+        console.print(split.write_results(outcome, results_dir, note))
     console.print(f"results in {results_dir}/")
 
 

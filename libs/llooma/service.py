@@ -116,6 +116,10 @@ class Service:
         """A core NATS subscription (hot, ephemeral traffic), dropped on shutdown."""
         self._subscriptions.append(await self.nc.subscribe(subject, cb=handler))
 
+    async def subscribe_queue(self, subject: str, queue: str, handler: Handler) -> None:
+        """A core NATS queue subscription: one replica of the service takes each message."""
+        self._subscriptions.append(await self.nc.subscribe(subject, queue=queue, cb=handler))
+
     def on_stop(self, hook: Callable[[], Awaitable[None]]) -> None:
         self._on_stop.append(hook)
 

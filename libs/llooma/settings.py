@@ -60,6 +60,14 @@ class Settings(BaseSettings):
     # {"model": "150"} (ms); the second host starts only if no token came by then.
     hedge_delay_by_model: dict[str, str] = {}
     suspended_hosts: Annotated[list[str], NoDecode] = []
+    # Planner: stage-1 bypass thresholds, DAG size, the margin eps, and the optional split
+    # call (a model asked for a JSON DAG when the prompt's structure gives none).
+    planner_bypass_chars: int = 160
+    planner_bypass_max_tokens: int = 48
+    planner_max_nodes: int = Field(default=8, ge=2)
+    planner_epsilon_ms: float = 50.0
+    planner_split_model: str = ""
+    planner_split_timeout_ms: int = 5000
     heartbeat_interval_s: float = 0.5
     host_stale_after_s: float = 2.0
     service_stale_after_s: float = 3.0

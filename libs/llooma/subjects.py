@@ -37,9 +37,10 @@ CONSUMER_DISPATCHER = "dispatcher"
 CONSUMER_RACER = "racer"
 CONSUMER_ACCOUNTING = "accounting"
 
-# Request-reply services on core NATS.
+# Request-reply services on core NATS (queue groups).
 COMPRESS = f"{PREFIX}.compress"
-AGGREGATE = f"{PREFIX}.aggregate"
+# Dispatcher -> aggregator: take over streaming a split request (AggregationStart).
+AGGREGATE_START = f"{PREFIX}.aggregate.start"
 
 # Membership: KV buckets written by heartbeats; entries expire when heartbeats stop.
 HOSTS_BUCKET = "llooma_hosts"
@@ -94,6 +95,20 @@ def checked_token(value: str) -> str:
     if not _SAFE_TOKEN.match(value):
         raise ValueError(f"not a valid subject token (letters, digits, - and _): {value!r}")
     return value
+
+
+def aggregation_nodes(aggregator_instance: str, request_id: str) -> str:
+    """Prefix of the subjects on which a split request's node races report to the aggregator."""
+    return f"{PREFIX}.agg.{aggregator_instance}.{request_id}"
+
+
+def aggregation_any(aggregator_instance: str) -> str:
+    return f"{PREFIX}.agg.{aggregator_instance}.*.*"
+
+
+def node_done(dispatcher_instance: str) -> str:
+    """Where the aggregator reports finished nodes to the dispatcher running the DAG."""
+    return f"{PREFIX}.dag.{dispatcher_instance}.done"
 
 
 def request_cancel(request_id: str) -> str:

@@ -1,25 +1,161 @@
-"""Aggregator: merges node outputs into one answer, in the order the user asked."""
+"""Aggregator: merges a split request's node outputs into one answer, in the order the user
+asked, and streams it: the first part in order goes out live, later parts as their turn comes.
+"""
 
 from __future__ import annotations
 
-from faststream.nats import NatsRouter
-from faststream.nats.annotations import NatsMessage
+import logging
+import re
+from dataclasses import dataclass, field
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from llooma import subjects
-from llooma.v1.aggregate_pb2 import AggregatePart, AggregateReply, AggregateRequest
+from llooma.compress import strip_control_tokens
+from llooma.v1.common_pb2 import REQUEST_PATH_SPLIT, ErrorDetail, Usage
+from llooma.v1.pipeline_pb2 import ClientDelta, ClientEvent, ClientFinished, ClientStarted
+from llooma.v1.plan_pb2 import AggregationReady, AggregationStart, NodeDone, PlanNode
 
-router = NatsRouter()
+log = logging.getLogger(__name__)
+
+_HEADING_MARKS = re.compile(r"^[\s#*_>\-]+|[\s*_:]+$")
+# Hold a part's first line this long at most while checking it for a repeated heading.
+HEADING_HOLD_CHARS = 160
 
 
-def merge(parts: list[AggregatePart]) -> str:
-    sections = []
-    for part in parts:
-        body = part.text.strip()
-        sections.append(f"{part.label}\n{body}" if part.label else body)
-    return "\n\n".join(sections)
+def heading_key(text: str) -> str:
+    return _HEADING_MARKS.sub("", text).strip().lower()
 
 
-@router.subscriber(subjects.AGGREGATE, queue="aggregator")
-async def aggregate(message: NatsMessage) -> bytes:
-    request = AggregateRequest.FromString(message.body)
-    return AggregateReply(text=merge(list(request.parts))).SerializeToString()
+@dataclass
+class Part:
+    node: PlanNode
+    # Arrived but not yet sent to the client.
+    text: list[str] = field(default_factory=list)
+    # Everything the node produced: what its dependants get.
+    output: list[str] = field(default_factory=list)
+    finished: bool = False
+    # Nothing of this part has reached the client yet.
+    unsent: bool = True
+    heading_checked: bool = False
+
+
+@dataclass
+class Aggregation:
+    start: AggregationStart
+    parts: dict[str, Part]
+    order: list[str]
+    position: int = 0
+    started: bool = False
+    usage: Usage = field(default_factory=Usage)
+    pending: list[str] = field(default_factory=list)
+
+
+class Aggregator:
+    def __init__(self, nc: Client, instance_id: str) -> None:
+        self._nc = nc
+        self._instance_id = instance_id
+        self._runs: dict[str, Aggregation] = {}
+
+    async def on_start(self, msg: Msg) -> None:
+        start = AggregationStart.FromString(msg.data)
+        parts = {n.node_id: Part(n) for n in start.nodes}
+        order = [n.node_id for n in start.nodes if n.visible]
+        self._runs[start.request_id] = Aggregation(start, parts, order)
+        prefix = subjects.aggregation_nodes(self._instance_id, start.request_id)
+        await msg.respond(AggregationReady(node_subject_prefix=prefix).SerializeToString())
+
+    async def on_node_event(self, msg: Msg) -> None:
+        _, _, request_id, node_id = msg.subject.rsplit(".", 3)
+        run = self._runs.get(request_id)
+        if run is None or node_id not in run.parts:
+            return
+        event = ClientEvent.FromString(msg.data)
+        kind = event.WhichOneof("event")
+        part = run.parts[node_id]
+        if kind == "delta":
+            part.text.append(event.delta.text)
+            part.output.append(event.delta.text)
+            await self._advance(run)
+        elif kind == "finished":
+            part.finished = True
+            run.usage.input_tokens += event.finished.usage.input_tokens
+            run.usage.output_tokens += event.finished.usage.output_tokens
+            await self._report(run, part, None)
+            await self._advance(run)
+        elif kind == "failed":
+            await self._report(run, part, event.failed)
+            await self._send(run, ClientEvent(failed=event.failed))
+            self._runs.pop(request_id, None)
+
+    async def _report(self, run: Aggregation, part: Part, error: ErrorDetail | None) -> None:
+        done = NodeDone(
+            request_id=run.start.request_id,
+            node_id=part.node.node_id,
+            text=strip_control_tokens("".join(part.output)),
+            failed=error is not None,
+            error=error,
+        )
+        await self._nc.publish(run.start.node_done_subject, done.SerializeToString())
+
+    async def _advance(self, run: Aggregation) -> None:
+        """Send what the current part has, and move on while parts are finished."""
+        while run.position < len(run.order):
+            part = run.parts[run.order[run.position]]
+            if not self._emit_ready(run, part):
+                break
+            if not part.finished:
+                break
+            run.position += 1
+        await self._flush(run)
+        if run.position == len(run.order) and all(p.finished for p in run.parts.values()):
+            finished = ClientFinished(finish_reason="stop", usage=run.usage)
+            await self._send(run, ClientEvent(finished=finished))
+            self._runs.pop(run.start.request_id, None)
+
+    def _emit_ready(self, run: Aggregation, part: Part) -> bool:
+        """Move the part's text to the pending output; False while its first line is held."""
+        text = strip_control_tokens("".join(part.text))
+        if not part.heading_checked:
+            if "\n" not in text and len(text) < HEADING_HOLD_CHARS and not part.finished:
+                return False
+            part.heading_checked = True
+            first, newline, rest = text.partition("\n")
+            label = part.node.label
+            # The model repeated the user's item as its own heading: the label says it once.
+            if (
+                newline
+                and label
+                and heading_key(first)
+                in (
+                    heading_key(label),
+                    heading_key(part.node.prompt.split("\n\n")[-1]),
+                )
+            ):
+                text = rest
+        part.text = []
+        if part.unsent and (text or part.finished):
+            part.unsent = False
+            separator = "\n\n" if run.started or run.pending else ""
+            header = f"{part.node.label} " if part.node.label else ""
+            text = separator + header + text.lstrip("\n")
+        if text:
+            run.pending.append(text)
+        return True
+
+    async def _flush(self, run: Aggregation) -> None:
+        if not run.pending:
+            return
+        if not run.started:
+            run.started = True
+            started = ClientStarted(
+                path=REQUEST_PATH_SPLIT, model=run.start.model, plan_decision="split"
+            )
+            await self._send(run, ClientEvent(started=started))
+        text = "".join(run.pending)
+        run.pending.clear()
+        await self._send(run, ClientEvent(delta=ClientDelta(text=text)))
+
+    async def _send(self, run: Aggregation, event: ClientEvent) -> None:
+        await self._nc.publish(run.start.reply_subject, event.SerializeToString())

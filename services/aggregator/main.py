@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from faststream import FastStream
-
-from llooma import runtime
-from llooma.settings import Settings
-from services.aggregator.handlers import router
+from llooma import subjects
+from llooma.service import Service, serve
+from services.aggregator.handlers import Aggregator
 
 SERVICE = "aggregator"
 
 
-def create_app(settings: Settings) -> FastStream:
-    return runtime.build_app(SERVICE, settings, [router])
+async def setup(service: Service) -> None:
+    aggregator = Aggregator(service.nc, service.instance_id)
+    await service.subscribe(subjects.aggregation_any(service.instance_id), aggregator.on_node_event)
+    await service.subscribe_queue(subjects.AGGREGATE_START, SERVICE, aggregator.on_start)
 
 
 def main() -> None:
-    runtime.serve(create_app)
+    serve(SERVICE, setup)

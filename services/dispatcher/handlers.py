@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 import uuid
@@ -15,9 +16,12 @@ from llooma.host_stats import HostStats
 from llooma.membership import HostDirectory
 from llooma.scoring import Candidate, ScoreTerms, ScoreWeights, host_score, pick_hosts
 from llooma.settings import ORCHESTRATED_MODEL, Settings
-from llooma.v1.common_pb2 import ERROR_CODE_NO_ELIGIBLE_HOST, ErrorDetail
+from llooma.v1.common_pb2 import ERROR_CODE_NO_ELIGIBLE_HOST, REQUEST_PATH_DIRECT, ErrorDetail
 from llooma.v1.pipeline_pb2 import ChatRequest, ClientEvent, HostCandidate, TaskAssignment
 from llooma.v1.race_pb2 import RaceEvent
+from services.dispatcher.dag import DagRunner
+
+log = logging.getLogger(__name__)
 
 # A host with no record yet sits mid-range on latency: neither favoured nor shut out.
 UNKNOWN_LATENCY_TERM = 0.5
@@ -30,7 +34,12 @@ def as_candidate(c: Candidate) -> HostCandidate:
 
 class Dispatcher:
     def __init__(
-        self, settings: Settings, hosts: HostDirectory, nc: Client, js: JetStreamContext
+        self,
+        settings: Settings,
+        hosts: HostDirectory,
+        nc: Client,
+        js: JetStreamContext,
+        instance_id: str,
     ) -> None:
         self._nc = nc
         self._js = js
@@ -40,6 +49,7 @@ class Dispatcher:
         self._rng = random.Random()
         self._suspended = set(settings.suspended_hosts)
         self.stats = HostStats()
+        self.dag = DagRunner(nc, js, instance_id, self.assign)
 
     async def on_race_event(self, msg: Msg) -> None:
         self.stats.record(RaceEvent.FromString(msg.data))
@@ -95,15 +105,17 @@ class Dispatcher:
             return int(observed) if observed is not None else deadline_ms // 2
         return int(setting)
 
-    def assign(self, request: ChatRequest) -> TaskAssignment | None:
+    def assign(self, request: ChatRequest, avoid: set[str] | None = None) -> TaskAssignment | None:
+        """Hosts for one task; `avoid` (hosts busy with sibling nodes) is skipped if possible."""
         deadline_ms = self._settings.deadline_ms(request.model, request.first_token_deadline_ms)
         candidates = self.candidates(request.model, deadline_ms)
-        chosen = pick_hosts(
-            candidates,
-            k=request.race_width or self._settings.race_width,
-            bucket_size=self._settings.best_bucket_size,
-            rng=self._rng,
-        )
+        k = request.race_width or self._settings.race_width
+        bucket = self._settings.best_bucket_size
+        free = [c for c in candidates if c.host_id not in (avoid or ())]
+        chosen = pick_hosts(free, k=k, bucket_size=bucket, rng=self._rng)
+        if len(chosen) < k and avoid:
+            busy = [c for c in candidates if c.host_id in avoid]
+            chosen += pick_hosts(busy, k=k - len(chosen), bucket_size=bucket, rng=self._rng)
         if not chosen:
             return None
         return TaskAssignment(
@@ -118,6 +130,15 @@ class Dispatcher:
 
     async def handle(self, msg: Msg) -> None:
         request = ChatRequest.FromString(msg.data)
+        if request.plan.decision == "split" and self.candidates(request.model, 1):
+            try:
+                await self.dag.start(request)
+                return
+            except Exception as error:
+                # No aggregator answered: the direct path still answers the request.
+                log.warning("split of %s fell back to direct: %s", request.request_id, error)
+                request.plan.decision = f"direct: split could not start ({error})"
+                request.path = REQUEST_PATH_DIRECT
         assignment = self.assign(request)
         if assignment is None:
             failure = ClientEvent(

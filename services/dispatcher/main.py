@@ -17,7 +17,8 @@ async def setup(service: Service) -> None:
     )
     await hosts.start(service.js)
     service.on_stop(hosts.stop)
-    dispatcher = Dispatcher(settings, hosts, service.nc, service.js)
+    dispatcher = Dispatcher(settings, hosts, service.nc, service.js, service.instance_id)
+    await service.subscribe(dispatcher.dag.done_subject, dispatcher.dag.on_node_done)
     # Every dispatcher replica learns from every race, so no queue group.
     await service.subscribe(subjects.RACE_EVENT, dispatcher.on_race_event)
     await service.consume(

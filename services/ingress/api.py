@@ -30,6 +30,7 @@ from llooma.v1.common_pb2 import (
     ErrorDetail,
 )
 from llooma.v1.pipeline_pb2 import ChatRequest, ClientEvent
+from llooma.v1.plan_pb2 import Plan
 from services.ingress.replies import ReplyRouter
 from services.ingress.schema import (
     ChatCompletionRequest,
@@ -64,6 +65,8 @@ STATUS_BY_ERROR = {
 DEADLINE_HEADER = "x-llooma-first-token-deadline-ms"
 # ... and how many hosts race for it (1 to 3).
 RACE_WIDTH_HEADER = "x-llooma-race-width"
+# ... and whether the planner may split it ("auto", the default, or "off").
+SPLIT_HEADER = "x-llooma-split"
 
 PATH_NAMES = {REQUEST_PATH_SPLIT: "split", REQUEST_PATH_FALLBACK: "fallback"}
 
@@ -168,10 +171,22 @@ class Ingress:
             return error_response(
                 400, f"{RACE_WIDTH_HEADER} must be 1, 2 or 3", code="invalid_request"
             )
-        return await self._complete(parsed, key_id, deadline_ms, int(width_header or 0))
+        split = request.headers.get(SPLIT_HEADER, "auto")
+        if split not in ("auto", "off"):
+            return error_response(
+                400, f"{SPLIT_HEADER} must be auto or off", code="invalid_request"
+            )
+        return await self._complete(
+            parsed, key_id, deadline_ms, int(width_header or 0), split == "off"
+        )
 
     async def _complete(
-        self, parsed: ChatCompletionRequest, key_id: str, deadline_ms: int, race_width: int
+        self,
+        parsed: ChatCompletionRequest,
+        key_id: str,
+        deadline_ms: int,
+        race_width: int,
+        no_split: bool,
     ) -> Response:
         request_id = uuid.uuid4().hex
         queue = self.replies.open(request_id)
@@ -186,6 +201,7 @@ class Ingress:
             accepted_unix_nanos=time.time_ns(),
             first_token_deadline_ms=deadline_ms,
             race_width=race_width,
+            plan=Plan(decision="bypass: the client asked for no split") if no_split else None,
         )
         headers = {"x-llooma-request-id": request_id}
         try:
@@ -212,6 +228,10 @@ class Ingress:
             await self._cancel(request_id)
             return self._failure_response(first.failed, headers)
         headers["x-llooma-path"] = PATH_NAMES.get(first.started.path, "direct")
+        if first.started.plan_decision:
+            # Header values must be latin-1: the decision is ASCII apart from model names.
+            decision = first.started.plan_decision.encode("ascii", "replace").decode()
+            headers["x-llooma-plan"] = decision[:200]
         stream = self._events(request_id, queue)
         if parsed.stream:
             include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)

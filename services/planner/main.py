@@ -10,7 +10,9 @@ SERVICE = "planner"
 
 
 async def setup(service: Service) -> None:
-    planner = Planner(service.js)
+    planner = Planner(service.settings, service.nc, service.js, service.instance_id)
+    # Every planner replica learns the per-model rates from every race.
+    await service.subscribe(subjects.RACE_EVENT, planner.on_race_event)
     await service.consume(subjects.PIPELINE_PLANNER, subjects.CONSUMER_PLANNER, planner.handle)
 
 

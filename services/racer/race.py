@@ -117,7 +117,8 @@ class Racer:
         self._max_continuations = max_continuations
         self._fallback_timeout_s = fallback_first_token_ms / 1000.0
         self._by_attempt: dict[str, tuple[Race, Attempt]] = {}
-        self._by_request: dict[str, asyncio.Task[None]] = {}
+        # A split request runs one race per node, all under the request's id.
+        self._by_request: dict[str, set[asyncio.Task[None]]] = {}
 
     async def start(self, service: Service) -> None:
         self._nc = service.nc
@@ -138,15 +139,14 @@ class Racer:
         race.inbox.put_nowait((attempt, chunk))
 
     async def _on_request_cancel(self, msg: Msg) -> None:
-        task = self._by_request.get(msg.subject.split(".")[-2])
-        if task is not None:
+        for task in self._by_request.get(msg.subject.split(".")[-2], set()):
             task.cancel()
 
     async def run(self, assignment: TaskAssignment) -> None:
         request_id = assignment.request.request_id
         task = asyncio.current_task()
         assert task is not None
-        self._by_request[request_id] = task
+        self._by_request.setdefault(request_id, set()).add(task)
         race = Race(assignment, time.monotonic(), self._fallback_timeout_s)
         # The fallback pool first; raced hosts that said no may still continue a stream.
         race.spare = [*assignment.fallback, *assignment.hosts]
@@ -155,7 +155,10 @@ class Racer:
         except asyncio.CancelledError:
             log.debug("request %s cancelled by its client", request_id)
         finally:
-            self._by_request.pop(request_id, None)
+            running = self._by_request.get(request_id, set())
+            running.discard(task)
+            if not running:
+                self._by_request.pop(request_id, None)
             await self._cancel_all(race, keep=None)
             for attempt_id in race.attempts:
                 self._by_attempt.pop(attempt_id, None)
@@ -209,7 +212,11 @@ class Racer:
             path = race.assignment.request.path
             if winner.role == ATTEMPT_ROLE_FALLBACK:
                 path = REQUEST_PATH_FALLBACK
-            started = ClientStarted(path=path, model=winner.host.model)
+            started = ClientStarted(
+                path=path,
+                model=winner.host.model,
+                plan_decision=race.assignment.request.plan.decision,
+            )
             await self._emit(race.reply, ClientEvent(started=started))
             await self._stream(race, winner, first)
         except RaceFailed as failure:

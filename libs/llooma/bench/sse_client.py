@@ -46,10 +46,17 @@ class SseClient:
 
     async def request_id_of(self, path: str, body: bytes, headers: dict[str, str]) -> str:
         """Stream one request to its end; returns its x-llooma-request-id."""
-        _, request_id = await self._stream(path, body, headers)
-        return request_id
+        _, found = await self._stream(path, body, headers, b"x-llooma-request-id:")
+        return found
 
-    async def _stream(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[float, str]:
+    async def path_of(self, path: str, body: bytes, headers: dict[str, str]) -> str:
+        """Stream one request to its end; returns its x-llooma-path."""
+        _, found = await self._stream(path, body, headers, b"x-llooma-path:")
+        return found
+
+    async def _stream(
+        self, path: str, body: bytes, headers: dict[str, str], wanted: bytes = b""
+    ) -> tuple[float, str]:
         connection = await self._connect()
         extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
         request = (
@@ -62,10 +69,10 @@ class SseClient:
         status_line = await reader.readline()
         if b" 200 " not in status_line:
             raise RuntimeError(f"stack answered {status_line!r}")
-        request_id = ""
+        found = ""
         while (line := await reader.readline()) not in (b"\r\n", b""):
-            if line.lower().startswith(b"x-llooma-request-id:"):
-                request_id = line.split(b":", 1)[1].strip().decode()
+            if wanted and line.lower().startswith(wanted):
+                found = line.split(b":", 1)[1].strip().decode()
         first: float | None = None
         while True:
             size = int((await reader.readline()).strip(), 16)
@@ -80,4 +87,4 @@ class SseClient:
         self._idle.append(connection)
         if first is None:
             raise RuntimeError("stream ended without a token")
-        return first, request_id
+        return first, found

@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from llooma.v1 import common_pb2 as _common_pb2
+from llooma.v1 import plan_pb2 as _plan_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -37,6 +38,8 @@ class ChatRequest(_message.Message):
     PATH_FIELD_NUMBER: _builtins.int
     PRIVACY_REDACTED_FIELD_NUMBER: _builtins.int
     RACE_WIDTH_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     model: _builtins.str
     stream: _builtins.bool
@@ -51,10 +54,16 @@ class ChatRequest(_message.Message):
     privacy_redacted: _builtins.bool
     race_width: _builtins.int
     """Hosts to race for this request (1 to 3); zero means the configured width."""
+    node_id: _builtins.str
+    """Set on a node's race: which node of the request's plan it answers."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]: ...
     @_builtins.property
     def params(self) -> _common_pb2.GenerationParams: ...
+    @_builtins.property
+    def plan(self) -> _plan_pb2.Plan:
+        """The planner's decision and, for a split, the DAG."""
+
     def __init__(
         self,
         *,
@@ -70,10 +79,12 @@ class ChatRequest(_message.Message):
         path: _common_pb2.RequestPath.ValueType = ...,
         privacy_redacted: _builtins.bool = ...,
         race_width: _builtins.int = ...,
+        plan: _plan_pb2.Plan | None = ...,
+        node_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "plan", b"plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_unix_nanos", b"accepted_unix_nanos", "api_key_id", b"api_key_id", "first_token_deadline_ms", b"first_token_deadline_ms", "messages", b"messages", "model", b"model", "params", b"params", "path", b"path", "privacy_redacted", b"privacy_redacted", "race_width", b"race_width", "reply_subject", b"reply_subject", "request_id", b"request_id", "stream", b"stream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_unix_nanos", b"accepted_unix_nanos", "api_key_id", b"api_key_id", "first_token_deadline_ms", b"first_token_deadline_ms", "messages", b"messages", "model", b"model", "node_id", b"node_id", "params", b"params", "path", b"path", "plan", b"plan", "privacy_redacted", b"privacy_redacted", "race_width", b"race_width", "reply_subject", b"reply_subject", "request_id", b"request_id", "stream", b"stream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -200,17 +211,21 @@ class ClientStarted(_message.Message):
 
     PATH_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    PLAN_DECISION_FIELD_NUMBER: _builtins.int
     path: _common_pb2.RequestPath.ValueType
     model: _builtins.str
+    plan_decision: _builtins.str
+    """The planner's decision, for the x-llooma-plan header."""
     def __init__(
         self,
         *,
         path: _common_pb2.RequestPath.ValueType = ...,
         model: _builtins.str = ...,
+        plan_decision: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "path", b"path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "path", b"path", "plan_decision", b"plan_decision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
