@@ -23,6 +23,7 @@ AUTH = {"Authorization": f"Bearer {DEV_API_KEY}"}
 HEDGED_MODEL = "hedged-test-model"
 HEDGE_DELAY_MS = 150
 SPLITTER_MODEL = "splitter-test-model"
+PRIVACY_OFF_KEY = "sk-test-privacy-off"
 
 
 @pytest.fixture(scope="session")
@@ -76,6 +77,8 @@ def stack(
         extra_env={
             "LLOOMA_HEDGE_DELAY_BY_MODEL": f'{{"{HEDGED_MODEL}": "{HEDGE_DELAY_MS}"}}',
             "LLOOMA_PLANNER_SPLIT_MODEL": SPLITTER_MODEL,
+            "LLOOMA_API_KEYS": f"{DEV_API_KEY},{PRIVACY_OFF_KEY}",
+            "LLOOMA_PRIVACY_OFF_API_KEYS": PRIVACY_OFF_KEY,
         },
     )
     running.start()

@@ -6,12 +6,14 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 import uvloop
 from rich.console import Console
+from rich.progress import Progress
 
 from llooma import bus
 from llooma.host.config import HostConfig, HostConfigError, load_host_config
@@ -183,18 +185,37 @@ def migrate_command(database_url: Annotated[str, typer.Option(envvar="DATABASE_U
     console.print(f"applied: {', '.join(applied) or 'nothing (up to date)'}")
 
 
-def _bench_stack(scratch: str, hosts: list[HostConfig], env: dict[str, str]) -> Stack:
+SuiteResult = TypeVar("SuiteResult")
+
+
+def _run_suite(
+    name: str,
+    hosts: list[HostConfig],
+    env: dict[str, str],
+    measure: Callable[[Stack, Progress], Awaitable[SuiteResult]],
+) -> SuiteResult:
+    """Start a fresh bench stack with these hosts, measure, and stop it."""
+    import tempfile
+
     from llooma.embedded import free_port
     from llooma.stack import Stack
 
-    return Stack(
-        root=Path(scratch),
-        http_port=free_port(),
-        nats_url=os.environ.get("NATS_URL") or None,
-        database_url=os.environ.get("DATABASE_URL") or None,
-        hosts=hosts,
-        extra_env=env,
-    )
+    with tempfile.TemporaryDirectory(prefix="llooma-bench-") as scratch:
+        stack = Stack(
+            root=Path(scratch),
+            http_port=free_port(),
+            nats_url=os.environ.get("NATS_URL") or None,
+            database_url=os.environ.get("DATABASE_URL") or None,
+            hosts=hosts,
+            extra_env=env,
+        )
+        console.print(f"{name}: starting a bench stack ...")
+        stack.start()
+        try:
+            with Progress(console=console) as progress:
+                return asyncio.run(measure(stack, progress))  # type: ignore[arg-type]
+        finally:
+            stack.stop()
 
 
 @app.command()
@@ -205,9 +226,6 @@ def bench(
 ) -> None:
     """Run the benchmarks, each on a fresh embedded stack, and write bench/results/."""
     import platform
-    import tempfile
-
-    from rich.progress import Progress
 
     from llooma.bench import overhead, race, split
 
@@ -216,39 +234,33 @@ def bench(
         f"{os.cpu_count()} cores, Python {platform.python_version()}; "
         f"{'quick' if quick else 'full'} run (`llooma bench{' --quick' if quick else ''}`)."
     )
+    unused = "nats://unused"  # the stack sets each host's NATS URL itself
     if suite in ("overhead", "all"):
         plan = [(1, 100), (32, 640)] if quick else [(1, 500), (32, 3200)]
-        with tempfile.TemporaryDirectory(prefix="llooma-bench-") as scratch:
-            stack = _bench_stack(scratch, overhead.bench_hosts("nats://unused"), {})
-            console.print("overhead: starting a bench stack ...")
-            stack.start()
-            try:
-                with Progress(console=console) as progress:
-                    levels = asyncio.run(overhead.measure(stack, plan, progress))
-            finally:
-                stack.stop()
+        levels = _run_suite(
+            "overhead",
+            overhead.bench_hosts(unused),
+            {},
+            lambda stack, progress: overhead.measure(stack, plan, progress),
+        )
         console.print(overhead.write_results(levels, results_dir, note))
     if suite in ("race", "all"):
-        with tempfile.TemporaryDirectory(prefix="llooma-bench-") as scratch:
-            stack = _bench_stack(scratch, race.bench_hosts("nats://unused"), race.stack_env())
-            console.print("race: starting a bench stack ...")
-            stack.start()
-            try:
-                with Progress(console=console) as progress:
-                    cells = asyncio.run(race.measure(stack, 300 if quick else 2000, progress))
-            finally:
-                stack.stop()
+        count = 300 if quick else 2000
+        cells = _run_suite(
+            "race",
+            race.bench_hosts(unused),
+            race.stack_env(),
+            lambda stack, progress: race.measure(stack, count, progress),
+        )
         console.print(race.write_results(cells, results_dir, note))
     if suite in ("split", "all"):
-        with tempfile.TemporaryDirectory(prefix="llooma-bench-") as scratch:
-            stack = _bench_stack(scratch, split.bench_hosts("nats://unused"), {})
-            console.print("split: starting a bench stack ...")
-            stack.start()
-            try:
-                with Progress(console=console) as progress:
-                    outcome = asyncio.run(split.measure(stack, 40 if quick else 200, progress))
-            finally:
-                stack.stop()
+        count = 40 if quick else 200
+        outcome = _run_suite(
+            "split",
+            split.bench_hosts(unused),
+            {},
+            lambda stack, progress: split.measure(stack, count, progress),
+        )
         console.print(split.write_results(outcome, results_dir, note))
     console.print(f"results in {results_dir}/")
 

@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     api_keys: Annotated[list[str], NoDecode] = [DEV_API_KEY]
+    # API keys whose requests skip the privacy mediator (privacy is on for every other key).
+    privacy_off_api_keys: Annotated[list[str], NoDecode] = []
     max_body_bytes: int = 1024 * 1024
     request_timeout_s: float = 120.0
     # Models never used to answer the orchestrated model (test and debug backends).
@@ -76,6 +78,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "api_keys",
+        "privacy_off_api_keys",
         "orchestration_excluded_models",
         "fallback_hosts",
         "suspended_hosts",

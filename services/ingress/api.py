@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from llooma import bus, subjects
 from llooma.membership import HostDirectory, ServiceDirectory
+from llooma.privacy import Mapping, StreamRestorer
 from llooma.settings import ORCHESTRATED_MODEL, Settings, api_key_id
 from llooma.v1.common_pb2 import (
     ERROR_CODE_DEADLINE_EXCEEDED,
@@ -29,7 +30,15 @@ from llooma.v1.common_pb2 import (
     REQUEST_PATH_SPLIT,
     ErrorDetail,
 )
-from llooma.v1.pipeline_pb2 import ChatRequest, ClientEvent
+from llooma.v1.pipeline_pb2 import (
+    PRIVACY_MODE_OFF,
+    PRIVACY_MODE_STRICT,
+    PRIVACY_MODE_UNSPECIFIED,
+    ChatRequest,
+    ClientDelta,
+    ClientEvent,
+    PrivacyMode,
+)
 from llooma.v1.plan_pb2 import Plan
 from services.ingress.replies import ReplyRouter
 from services.ingress.schema import (
@@ -65,6 +74,8 @@ STATUS_BY_ERROR = {
 DEADLINE_HEADER = "x-llooma-first-token-deadline-ms"
 # ... and how many hosts race for it (1 to 3).
 RACE_WIDTH_HEADER = "x-llooma-race-width"
+# ... whether quasi-identifiers are redacted too ("strict") or not ("standard", the default).
+PRIVACY_HEADER = "x-llooma-privacy"
 # ... and whether the planner may split it ("auto", the default, or "off").
 SPLIT_HEADER = "x-llooma-split"
 
@@ -86,6 +97,7 @@ class Ingress:
 
     def __post_init__(self) -> None:
         self._key_ids = {api_key_id(key) for key in self.settings.api_keys}
+        self._privacy_off = {api_key_id(key) for key in self.settings.privacy_off_api_keys}
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -171,13 +183,24 @@ class Ingress:
             return error_response(
                 400, f"{RACE_WIDTH_HEADER} must be 1, 2 or 3", code="invalid_request"
             )
+        privacy = request.headers.get(PRIVACY_HEADER, "")
+        if privacy not in ("", "standard", "strict"):
+            return error_response(
+                400, f"{PRIVACY_HEADER} must be standard or strict", code="invalid_request"
+            )
+        if privacy == "strict":
+            mode = PRIVACY_MODE_STRICT
+        elif key_id in self._privacy_off and not privacy:
+            mode = PRIVACY_MODE_OFF
+        else:
+            mode = PRIVACY_MODE_UNSPECIFIED
         split = request.headers.get(SPLIT_HEADER, "auto")
         if split not in ("auto", "off"):
             return error_response(
                 400, f"{SPLIT_HEADER} must be auto or off", code="invalid_request"
             )
         return await self._complete(
-            parsed, key_id, deadline_ms, int(width_header or 0), split == "off"
+            parsed, key_id, deadline_ms, int(width_header or 0), split == "off", mode
         )
 
     async def _complete(
@@ -187,6 +210,7 @@ class Ingress:
         deadline_ms: int,
         race_width: int,
         no_split: bool,
+        privacy: PrivacyMode.ValueType,
     ) -> Response:
         request_id = uuid.uuid4().hex
         queue = self.replies.open(request_id)
@@ -202,6 +226,7 @@ class Ingress:
             first_token_deadline_ms=deadline_ms,
             race_width=race_width,
             plan=Plan(decision="bypass: the client asked for no split") if no_split else None,
+            privacy=privacy,
         )
         headers = {"x-llooma-request-id": request_id}
         try:
@@ -222,6 +247,13 @@ class Ingress:
             deadline_ms + self.settings.fallback_first_token_ms
         ) / 1000.0 + PIPELINE_MARGIN_S
         first = await self._next_event(queue, first_wait_s)
+        restorer = None
+        if first.WhichOneof("event") == "mapping":
+            # Lives only as long as this request, in this process.
+            restorer = StreamRestorer(
+                Mapping.from_dict({e.placeholder: e.original for e in first.mapping.entries})
+            )
+            first = await self._next_event(queue, first_wait_s)
         kind = first.WhichOneof("event")
         if kind != "started":
             self.replies.close(request_id)
@@ -232,7 +264,7 @@ class Ingress:
             # Header values must be latin-1: the decision is ASCII apart from model names.
             decision = first.started.plan_decision.encode("ascii", "replace").decode()
             headers["x-llooma-plan"] = decision[:200]
-        stream = self._events(request_id, queue)
+        stream = self._events(request_id, queue, restorer)
         if parsed.stream:
             include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
             return StreamingResponse(
@@ -255,7 +287,7 @@ class Ingress:
             )
 
     async def _events(
-        self, request_id: str, queue: asyncio.Queue[bytes]
+        self, request_id: str, queue: asyncio.Queue[bytes], restorer: StreamRestorer | None
     ) -> AsyncIterator[list[ClientEvent]]:
         """Events after `started`, in batches of what had already arrived, ending with
         `finished` or `failed`; cancels the request upstream if the consumer stops early."""
@@ -275,6 +307,8 @@ class Ingress:
                         del batch[index + 1 :]
                         done = True
                         break
+                if restorer is not None:
+                    batch = _restore(batch, restorer)
                 yield batch
             done = batch[-1].WhichOneof("event") == "finished"
         finally:
@@ -372,6 +406,21 @@ class Ingress:
             {"status": "ok" if healthy else "unavailable", "services": services, "hosts": hosts},
             status_code=200 if healthy else 503,
         )
+
+
+def _restore(batch: list[ClientEvent], restorer: StreamRestorer) -> list[ClientEvent]:
+    """Put the originals back into the deltas, also when a placeholder spans two of them."""
+    restored = []
+    for event in batch:
+        kind = event.WhichOneof("event")
+        if kind == "delta":
+            event.delta.text = restorer.feed(event.delta.text)
+        elif kind == "finished":
+            tail = restorer.flush()
+            if tail:
+                restored.append(ClientEvent(delta=ClientDelta(text=tail)))
+        restored.append(event)
+    return restored
 
 
 def _sse_event(head: bytes, event: ClientEvent, include_usage: bool) -> bytes:

@@ -10,7 +10,7 @@ SERVICE = "privacy"
 
 
 async def setup(service: Service) -> None:
-    mediator = Mediator(service.js)
+    mediator = Mediator(service.nc, service.js)
     await service.consume(subjects.PIPELINE_PRIVACY, subjects.CONSUMER_PRIVACY, mediator.handle)
 
 

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from llooma.v1 import common_pb2 as _common_pb2
 from llooma.v1 import plan_pb2 as _plan_pb2
 import builtins as _builtins
@@ -19,6 +20,27 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _PrivacyMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PrivacyModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PrivacyMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PRIVACY_MODE_UNSPECIFIED: _PrivacyMode.ValueType  # 0
+    """Standard: direct identifiers are replaced by placeholders."""
+    PRIVACY_MODE_OFF: _PrivacyMode.ValueType  # 1
+    PRIVACY_MODE_STRICT: _PrivacyMode.ValueType  # 2
+    """Also quasi-identifiers: ages, postcodes, employers."""
+
+class PrivacyMode(_PrivacyMode, metaclass=_PrivacyModeEnumTypeWrapper): ...
+
+PRIVACY_MODE_UNSPECIFIED: PrivacyMode.ValueType  # 0
+"""Standard: direct identifiers are replaced by placeholders."""
+PRIVACY_MODE_OFF: PrivacyMode.ValueType  # 1
+PRIVACY_MODE_STRICT: PrivacyMode.ValueType  # 2
+"""Also quasi-identifiers: ages, postcodes, employers."""
+Global___PrivacyMode: _TypeAlias = PrivacyMode  # noqa: Y015
 
 @_typing.final
 class ChatRequest(_message.Message):
@@ -40,6 +62,7 @@ class ChatRequest(_message.Message):
     RACE_WIDTH_FIELD_NUMBER: _builtins.int
     PLAN_FIELD_NUMBER: _builtins.int
     NODE_ID_FIELD_NUMBER: _builtins.int
+    PRIVACY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     model: _builtins.str
     stream: _builtins.bool
@@ -56,6 +79,7 @@ class ChatRequest(_message.Message):
     """Hosts to race for this request (1 to 3); zero means the configured width."""
     node_id: _builtins.str
     """Set on a node's race: which node of the request's plan it answers."""
+    privacy: Global___PrivacyMode.ValueType
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]: ...
     @_builtins.property
@@ -81,10 +105,11 @@ class ChatRequest(_message.Message):
         race_width: _builtins.int = ...,
         plan: _plan_pb2.Plan | None = ...,
         node_id: _builtins.str = ...,
+        privacy: Global___PrivacyMode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "plan", b"plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_unix_nanos", b"accepted_unix_nanos", "api_key_id", b"api_key_id", "first_token_deadline_ms", b"first_token_deadline_ms", "messages", b"messages", "model", b"model", "node_id", b"node_id", "params", b"params", "path", b"path", "plan", b"plan", "privacy_redacted", b"privacy_redacted", "race_width", b"race_width", "reply_subject", b"reply_subject", "request_id", b"request_id", "stream", b"stream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_unix_nanos", b"accepted_unix_nanos", "api_key_id", b"api_key_id", "first_token_deadline_ms", b"first_token_deadline_ms", "messages", b"messages", "model", b"model", "node_id", b"node_id", "params", b"params", "path", b"path", "plan", b"plan", "privacy", b"privacy", "privacy_redacted", b"privacy_redacted", "race_width", b"race_width", "reply_subject", b"reply_subject", "request_id", b"request_id", "stream", b"stream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -177,6 +202,7 @@ class ClientEvent(_message.Message):
     DELTA_FIELD_NUMBER: _builtins.int
     FINISHED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
+    MAPPING_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     @_builtins.property
     def started(self) -> Global___ClientStarted: ...
@@ -186,6 +212,10 @@ class ClientEvent(_message.Message):
     def finished(self) -> Global___ClientFinished: ...
     @_builtins.property
     def failed(self) -> _common_pb2.ErrorDetail: ...
+    @_builtins.property
+    def mapping(self) -> Global___PrivacyMapping:
+        """From the privacy service to the ingress only (never to a host): how to restore."""
+
     def __init__(
         self,
         *,
@@ -194,16 +224,59 @@ class ClientEvent(_message.Message):
         delta: Global___ClientDelta | None = ...,
         finished: Global___ClientFinished | None = ...,
         failed: _common_pb2.ErrorDetail | None = ...,
+        mapping: Global___PrivacyMapping | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "event", b"event", "failed", b"failed", "finished", b"finished", "started", b"started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "event", b"event", "failed", b"failed", "finished", b"finished", "mapping", b"mapping", "started", b"started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "event", b"event", "failed", b"failed", "finished", b"finished", "seq", b"seq", "started", b"started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "event", b"event", "failed", b"failed", "finished", b"finished", "mapping", b"mapping", "seq", b"seq", "started", b"started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["started", "delta", "finished", "failed"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["started", "delta", "finished", "failed", "mapping"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
 Global___ClientEvent: _TypeAlias = ClientEvent  # noqa: Y015
+
+@_typing.final
+class PrivacyMapping(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlaceholderEntry]: ...
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___PlaceholderEntry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrivacyMapping: _TypeAlias = PrivacyMapping  # noqa: Y015
+
+@_typing.final
+class PlaceholderEntry(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLACEHOLDER_FIELD_NUMBER: _builtins.int
+    ORIGINAL_FIELD_NUMBER: _builtins.int
+    placeholder: _builtins.str
+    original: _builtins.str
+    def __init__(
+        self,
+        *,
+        placeholder: _builtins.str = ...,
+        original: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["original", b"original", "placeholder", b"placeholder"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlaceholderEntry: _TypeAlias = PlaceholderEntry  # noqa: Y015
 
 @_typing.final
 class ClientStarted(_message.Message):

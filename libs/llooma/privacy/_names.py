@@ -1,0 +1,428 @@
+"""Deterministic person-name detector: Faker name lexicons, honorifics and context cues."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cache
+from typing import Literal
+
+from llooma.privacy._words import (
+    AMBIGUOUS_GIVEN,
+    HONORIFICS,
+    MONTHS,
+    PARTICLES,
+    PLACES,
+    WEAK_HONORIFICS,
+    WEEKDAYS,
+    common_words,
+    word_set,
+)
+
+LOCALES = ("en_US", "en_GB", "en_IN", "de_DE", "fr_FR", "es_ES", "it_IT", "nl_NL", "pt_BR")
+MAX_NAME_WORDS = 4
+
+_LETTERS = r"[^\W\d_]+"
+_APOSTROPHE = r"['\u2019](?!s\b)"  # an apostrophe inside a name, not a possessive 's
+_PIECE = rf"{_LETTERS}(?:{_APOSTROPHE}{_LETTERS})*"
+_WORD = re.compile(rf"{_PIECE}(?:-{_PIECE})*")
+_SPLIT = re.compile(r"[\s,\-]+")
+_INNER_CAPS = re.compile(r"^(?:Mc|Mac|O['\u2019]|D['\u2019]|De|Di|Da|Du|La|Le|Van|Von)[A-Z]")
+_FUNCTION_WORDS = word_set(
+    "the a an and or but of in on at to for with from by as is are was were be been this that",
+    "these those it its he she we they you i my our your his her their me us him them there here",
+    "what which who how why where when all any some no not every each please hello hi dear thanks",
+    "thank yours sincerely regards best cheers team everyone sir madam",
+)
+_OPENERS = " \t\"'\u201c\u2018([*-\u2022>#"
+_HONORIFIC = re.compile(
+    r"(?<![\w./])(?:"
+    + "|".join(re.escape(h) for h in sorted({*HONORIFICS, "M."}, key=len, reverse=True))
+    + r")(?=[ \t]+[^\W\d_])"
+)
+_STRONG_CUES = (
+    r"my\s+name\s+is",
+    r"my\s+name['\u2019]s",
+    r"dear",
+    r"hi",
+    r"hello",
+    r"hey",
+    r"(?:kind\s+|best\s+|warm\s+)?regards\s*,",
+    r"sincerely\s*,",
+    r"cheers\s*,",
+    r"best\s*,",
+    r"thanks\s*,",
+    r"thank\s+you\s*,",
+    r"yours(?:\s+truly|\s+faithfully|\s+sincerely)?\s*,",
+    r"mein\s+name\s+ist",
+    r"ich\s+hei(?:ß|ss)e",
+    r"je\s+m['\u2019]appelle",
+    r"me\s+llamo",
+    r"mi\s+chiamo",
+    r"meu\s+nome\s+é",
+    r"mijn\s+naam\s+is",
+)
+# Labels of a form, header or file: often followed by something that is not a person.
+_FIELD_CUES = (
+    r"(?:full\s+)?name\s*:",
+    r"signed\s*(?:by)?\s*[:,]?",
+    r"(?:from|to|cc|attn)\s*:",
+    r"patient\s*:?",
+    r"author\s*:",
+)
+_WEAK_CUES = (
+    r"i\s+am",
+    r"i['\u2019]m",
+    r"called",
+    r"named",
+    r"this\s+is",
+    r"contact",
+    r"ask\s+for",
+    r"speak\s+(?:to|with)",
+    r"talk\s+to",
+    r"meet",
+    r"met",
+    r"my\s+(?:daughter|son|wife|husband|partner|friend|colleague|boss|manager|mother|father|mom"
+    r"|mum|dad|brother|sister|neighbou?r|landlord|landlady|doctor|teacher|cousin|uncle|aunt"
+    r"|girlfriend|boyfriend|fianc[ée]e?|child|kid|grandson|granddaughter|grandmother|grandfather)",
+)
+# Self-introductions, after which a lower-case name ("my name is john smith") is still a name.
+_INTRODUCTION = re.compile(
+    r"(?i)(?<![\w])(?:my\s+name\s+is|my\s+name['\u2019]s|i\s+am\s+called|mein\s+name\s+ist"
+    r"|ich\s+hei(?:ß|ss)e|je\s+m['\u2019]appelle|me\s+llamo|mi\s+chiamo|meu\s+nome\s+é"
+    r"|mijn\s+naam\s+is)[ \t]+"
+)
+_CUE = re.compile(
+    r"(?i)(?<![\w])(?:(?P<strong>"
+    + "|".join(_STRONG_CUES)
+    + r")|(?P<field>"
+    + "|".join(_FIELD_CUES)
+    + r")|(?P<weak>"
+    + "|".join(_WEAK_CUES)
+    + r"))(?:[ \t]*\n?[ \t]*|[ \t]+)(?=[^\W\d_])"
+)
+
+
+@dataclass(frozen=True)
+class Lexicon:
+    """Case-folded given names, family names and common words."""
+
+    given: frozenset[str]
+    family: frozenset[str]
+    common: frozenset[str]
+    # Parts allowed in a hyphenated family name ("Müller-Lüdenscheidt", "Stamrood-van").
+    family_parts: frozenset[str]
+
+
+def _parts(name: str) -> set[str]:
+    whole = name.strip().casefold()
+    return {whole, *(p for p in _SPLIT.split(whole) if p)}
+
+
+@cache
+def lexicon() -> Lexicon:
+    """Build the lexicons once from Faker's person providers (no download, no model)."""
+    given: set[str] = set()
+    family: set[str] = set()
+    for locale in LOCALES:
+        provider = importlib.import_module(f"faker.providers.person.{locale}").Provider
+        for attr in ("first_names", "first_names_male", "first_names_female"):
+            for name in getattr(provider, attr, ()):
+                given |= _parts(str(name))
+        for name in getattr(provider, "last_names", ()):
+            family |= _parts(str(name))
+    family -= PARTICLES
+    given -= PARTICLES
+    return Lexicon(
+        frozenset(given),
+        frozenset(family),
+        common_words(),
+        frozenset(given | family | PARTICLES),
+    )
+
+
+@dataclass(frozen=True)
+class _Tok:
+    start: int
+    end: int
+    text: str
+
+    @property
+    def low(self) -> str:
+        return self.text.casefold()
+
+
+class _Text:
+    """Tokens of one text with the predicates the rules share."""
+
+    def __init__(self, text: str, lex: Lexicon) -> None:
+        self.text = text
+        self.lex = lex
+        self.toks = [_Tok(m.start(), m.end(), m.group()) for m in _WORD.finditer(text)]
+        self.index = {t.start: i for i, t in enumerate(self.toks)}
+
+    def capitalised(self, tok: _Tok) -> bool:
+        word = tok.text
+        if not word[0].isupper() or (len(word) > 1 and word.isupper()):
+            return False
+        return all(
+            not (part and part[0].isupper() and any(c.isupper() for c in part[1:]))
+            or _INNER_CAPS.match(part)
+            for part in word.split("-")
+        )
+
+    def in_code(self, tok: _Tok) -> bool:
+        text = self.text
+        before = text[tok.start - 1] if tok.start else ""
+        after = text[tok.end] if tok.end < len(text) else ""
+        after2 = text[tok.end + 1] if tok.end + 1 < len(text) else ""
+        if before and (before.isalnum() or before in "._$@#/\\`"):
+            return True
+        if after and (after.isalnum() or after in "_(`<[{=@"):
+            return True
+        return after in ".:" and after2 not in ("", " ", "\n", "\t", "\r", ")", '"', "'")
+
+    def sentence_start(self, tok: _Tok) -> bool:
+        i = tok.start - 1
+        while i >= 0 and self.text[i] in _OPENERS:
+            i -= 1
+        return i < 0 or self.text[i] in ".!?\n:;\u2026"
+
+    def given(self, tok: _Tok) -> bool:
+        low = tok.low
+        return low in self.lex.given or (
+            "-" in low and all(p in self.lex.given for p in low.split("-"))
+        )
+
+    def family(self, tok: _Tok) -> bool:
+        low = tok.low
+        if low in self.lex.family:
+            return True
+        return "-" in low and all(p in self.lex.family_parts for p in low.split("-"))
+
+    def common(self, tok: _Tok) -> bool:
+        low = tok.low
+        if low in self.lex.common or low in _FUNCTION_WORDS:
+            return True
+        if low.endswith("ing") and len(low) > 5:
+            return True  # gerunds ("Hiring Manager"); "Manning" is caught by the lexicon first
+        # Inflected forms of common words: "Booked", "Writers".
+        for suffix in ("ed", "ers", "er"):
+            stem = low.removesuffix(suffix)
+            if stem != low and len(stem) > 2:
+                doubled = stem[:-1] if len(stem) > 3 and stem[-1] == stem[-2] else stem
+                if {stem, stem + "e", doubled} & self.lex.common:
+                    return True
+        return False
+
+    def place_or_date(self, tok: _Tok) -> bool:
+        return tok.low in PLACES or tok.low in MONTHS or tok.low in WEEKDAYS
+
+    def ambiguous(self, tok: _Tok) -> bool:
+        if self.place_or_date(tok):
+            return True
+        return self.sentence_start(tok) and (self.common(tok) or tok.low in AMBIGUOUS_GIVEN)
+
+    def initial(self, tok: _Tok) -> bool:
+        return len(tok.text) == 1 and tok.text.isupper() and self.text[tok.end : tok.end + 1] == "."
+
+    def joined(self, left: _Tok, right: _Tok) -> bool:
+        gap = self.text[left.end : right.start]
+        return gap == " " or (gap == ". " and self.initial(left))
+
+    def namelike(self, tok: _Tok) -> bool:
+        """A capitalised word that may continue a name."""
+        if not self.capitalised(tok) or self.in_code(tok) or tok.low in _FUNCTION_WORDS:
+            return False
+        if self.given(tok) or self.family(tok) or self.initial(tok):
+            return tok.low not in MONTHS and tok.low not in WEEKDAYS
+        return not self.common(tok) and tok.low not in PLACES
+
+    def surname(self, tok: _Tok, *, strict: bool) -> bool:
+        """Whether a capitalised word can end a name; strict after an ambiguous first word."""
+        if not self.capitalised(tok) or self.in_code(tok) or self.initial(tok):
+            return False
+        if tok.low in MONTHS or tok.low in WEEKDAYS:
+            return False
+        place = tok.low in PLACES
+        if strict:
+            return self.family(tok) and not self.common(tok) and not place
+        # After an unambiguous given name a place may be a family name ("Pedro Lima").
+        return self.family(tok) or not (self.common(tok) or place)
+
+    def extend(self, first: int, *, strict_last: bool) -> int:
+        """Index of the last token of the longest name starting at `first` (or `first`)."""
+        best = first
+        words = 1
+        k = first
+        while k + 1 < len(self.toks) and words < MAX_NAME_WORDS:
+            nxt = self.toks[k + 1]
+            if not self.joined(self.toks[k], nxt):
+                break
+            if nxt.text in PARTICLES or (nxt.low in PARTICLES and self.capitalised(nxt)):
+                k += 1
+                continue
+            if not self.namelike(nxt):
+                break
+            k += 1
+            words += 1
+            if self.surname(nxt, strict=strict_last):
+                best = k
+        return best
+
+
+def _lexical(doc: _Text) -> list[tuple[int, int]]:
+    spans: list[tuple[int, int]] = []
+    i = 0
+    toks = doc.toks
+    while i < len(toks):
+        tok = toks[i]
+        given = doc.given(tok)
+        if (given or tok.low in AMBIGUOUS_GIVEN) and doc.capitalised(tok) and not doc.in_code(tok):
+            end = doc.extend(i, strict_last=doc.ambiguous(tok) or not given)
+            if end > i:
+                spans.append((tok.start, toks[end].end))
+                i = end + 1
+                continue
+        i += 1
+    return spans
+
+
+# How much a context vouches for the capitalised words after it.
+Cue = Literal["strong", "field", "weak", "honorific", "weak_honorific"]
+
+
+def _after(doc: _Text, pos: int, cue: Cue) -> tuple[int, int] | None:
+    """The name that starts at `pos` after an honorific or cue, if any."""
+    i = doc.index.get(pos)
+    if i is None:
+        return None
+    start = pos
+    # A name may open with a particle: "Sr. van Praagh", "Dr de Jong".
+    while (
+        doc.toks[i].text in PARTICLES
+        and i + 1 < len(doc.toks)
+        and doc.joined(doc.toks[i], doc.toks[i + 1])
+    ):
+        i += 1
+    tok = doc.toks[i]
+    if not doc.capitalised(tok) or doc.in_code(tok) or tok.low in _FUNCTION_WORDS:
+        return None
+    end = doc.extend(i, strict_last=False)
+    known = doc.given(tok) or doc.family(tok)
+    weak = cue in ("weak", "weak_honorific")
+    # "Hello London" is no name, "Thanks, Victoria" is; a family name may follow either.
+    vocative = not weak and doc.given(tok) and tok.low in PLACES
+    if doc.place_or_date(tok) and not (end > i and doc.family(doc.toks[end])) and not vocative:
+        return None
+    if weak and not known:
+        return None
+    if cue == "weak" and end == i and doc.common(tok):
+        return None  # "contact Park", but "M. Price"
+    if cue == "field" and end == i and not known:
+        return None  # "name: Setup" in a workflow file, but "Name: Zsolt Nagy"
+    if not weak and not known and doc.common(tok):
+        return None  # "Dear Customer", "Dr. Pepper" (unless "Pepper" is a known family name)
+    return start, doc.toks[end].end
+
+
+def _honorifics(doc: _Text) -> list[tuple[int, int]]:
+    spans: list[tuple[int, int]] = []
+    for m in _HONORIFIC.finditer(doc.text):
+        pos = m.end()
+        while True:
+            while pos < len(doc.text) and doc.text[pos] in " \t":
+                pos += 1
+            chained = _HONORIFIC.match(doc.text, pos)
+            if chained is None:
+                break
+            pos = chained.end()
+        span = _after(doc, pos, "weak_honorific" if m.group() in WEAK_HONORIFICS else "honorific")
+        if span is not None:
+            spans.append(span)
+    return spans
+
+
+def _cues(doc: _Text) -> list[tuple[int, int]]:
+    spans: list[tuple[int, int]] = []
+    for m in _CUE.finditer(doc.text):
+        if _HONORIFIC.match(doc.text, m.end()):
+            continue  # "Dear Dr. Smith": the honorific rule takes it
+        cue: Cue = "strong" if m.group("strong") else "field" if m.group("field") else "weak"
+        span = _after(doc, m.end(), cue)
+        if span is not None:
+            spans.append(span)
+    return spans
+
+
+def _propagate(
+    doc: _Text, spans: list[tuple[int, int]], known: Iterable[str]
+) -> list[tuple[int, int]]:
+    """Later mentions of a word of a found or already mapped name ("Smith" after "John Smith")."""
+    words: set[str] = set()
+    for start, end in spans:
+        words.update(w.group() for w in _WORD.finditer(doc.text, start, end))
+    for name in known:
+        words.update(w.group() for w in _WORD.finditer(name))
+    words = {
+        w
+        for w in words
+        if len(w) > 1
+        and w[0].isupper()
+        and w.casefold() not in PARTICLES
+        and w.casefold() not in doc.lex.common
+        and w.casefold() not in AMBIGUOUS_GIVEN
+        and w.casefold() not in PLACES
+        and w.casefold() not in MONTHS
+    }
+    if not words:
+        return []
+    covered = [False] * len(doc.toks)
+    for start, end in spans:
+        for i, tok in enumerate(doc.toks):
+            if tok.start >= start and tok.end <= end:
+                covered[i] = True
+    return [
+        (tok.start, tok.end)
+        for i, tok in enumerate(doc.toks)
+        if not covered[i] and tok.text in words and not doc.in_code(tok)
+    ]
+
+
+def merge(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Union of overlapping spans, sorted."""
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if out and start < out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def _introductions(doc: _Text) -> list[tuple[int, int]]:
+    spans: list[tuple[int, int]] = []
+    for m in _INTRODUCTION.finditer(doc.text):
+        first = doc.index.get(m.end())
+        if first is None:
+            continue
+        k = first
+        while k < len(doc.toks) and k - first < 3:
+            tok = doc.toks[k]
+            if tok.low in _FUNCTION_WORDS or not (doc.given(tok) or doc.family(tok)):
+                break
+            if k > first and not doc.joined(doc.toks[k - 1], tok):
+                break
+            k += 1
+        if k > first:
+            spans.append((doc.toks[first].start, doc.toks[k - 1].end))
+    return spans
+
+
+def find_names(text: str, known: Iterable[str] = ()) -> list[tuple[int, int]]:
+    """Spans of person names: lexicon pairs, words after honorifics or cues, later mentions."""
+    doc = _Text(text, lexicon())
+    found = merge([*_lexical(doc), *_honorifics(doc), *_cues(doc), *_introductions(doc)])
+    return merge([*found, *_propagate(doc, found, known)])

@@ -1,0 +1,126 @@
+"""The privacy mediator end to end: no host sees the user's identifiers, the user gets them."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from llooma import subjects
+from llooma.stack import Stack
+from tests.conftest import AUTH, PRIVACY_OFF_KEY
+
+PII = {
+    "name": "John Smith",
+    "email": "john.smith@example.com",
+    "phone": "+1 415-555-2671",
+    "card": "4111 1111 1111 1111",
+    "iban": "DE89 3704 0044 0532 0130 00",
+    "ssn": "536-22-1187",
+    "ip": "203.0.113.42",
+    "key": "sk-live-4f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c",
+}
+PROMPT = (
+    f"Hello, my name is {PII['name']}. Write to {PII['email']} or call {PII['phone']}. "
+    f"Charge card {PII['card']}, or wire to {PII['iban']}. My SSN is {PII['ssn']}; "
+    f"I log in from {PII['ip']} with the key {PII['key']}."
+)
+HOST_BOUND = (
+    f"{subjects.PREFIX}.cap.",
+    f"{subjects.PREFIX}.host.",
+    subjects.PIPELINE_PLANNER,
+    subjects.PIPELINE_DISPATCHER,
+    subjects.PIPELINE_RACER,
+    subjects.SETTLEMENT_TASK,
+    subjects.RACE_EVENT,
+)
+
+
+class Observer:
+    def __init__(self) -> None:
+        self.host_bound: list[tuple[str, bytes]] = []
+
+    async def on_message(self, msg: Msg) -> None:
+        if msg.subject.startswith(HOST_BOUND):
+            self.host_bound.append((msg.subject, msg.data))
+
+    def leaks(self) -> list[str]:
+        return [
+            f"{kind} on {subject}"
+            for subject, data in self.host_bound
+            for kind, value in PII.items()
+            if value.encode() in data
+        ]
+
+
+@pytest.fixture
+async def observer(nc: Client) -> Observer:
+    watching = Observer()
+    await nc.subscribe(">", cb=watching.on_message)
+    await nc.flush()
+    return watching
+
+
+async def streamed(http: httpx.AsyncClient, headers: dict[str, str]) -> str:
+    body = {"model": "echo", "stream": True, "messages": [{"role": "user", "content": PROMPT}]}
+    pieces = []
+    async with http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as r:
+        assert r.status_code == 200
+        import orjson
+
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                event = orjson.loads(line[6:])
+                if event.get("choices"):
+                    pieces.append(event["choices"][0]["delta"].get("content", ""))
+    return "".join(pieces)
+
+
+async def test_no_identifier_reaches_a_host_and_the_client_gets_them_all_back(
+    http: httpx.AsyncClient, observer: Observer
+) -> None:
+    assert await streamed(http, AUTH) == PROMPT
+    response = await http.post(
+        "/v1/chat/completions",
+        json={"model": "echo", "messages": [{"role": "user", "content": PROMPT}]},
+        headers=AUTH,
+    )
+    assert response.json()["choices"][0]["message"]["content"] == PROMPT
+    await asyncio.sleep(0.3)
+    tasks = [data for subject, data in observer.host_bound if ".cap." in subject]
+    assert tasks, "the observer saw the tasks the hosts were sent"
+    assert any(b"[EMAIL_1]" in data for data in tasks), "hosts got placeholders"
+    assert observer.leaks() == []
+
+
+async def test_strict_mode_also_hides_quasi_identifiers(
+    http: httpx.AsyncClient, observer: Observer
+) -> None:
+    prompt = "I am 42 years old and I work at Initech. " + PROMPT
+    response = await http.post(
+        "/v1/chat/completions",
+        json={"model": "echo", "messages": [{"role": "user", "content": prompt}]},
+        headers={**AUTH, "x-llooma-privacy": "strict"},
+    )
+    assert response.json()["choices"][0]["message"]["content"] == prompt
+    await asyncio.sleep(0.3)
+    tasks = [data for subject, data in observer.host_bound if ".cap." in subject]
+    assert any(b"[AGE_1]" in data for data in tasks)
+    assert not any(b"Initech" in data for data in tasks)
+
+
+async def test_a_key_with_privacy_off_sends_text_as_is(
+    http: httpx.AsyncClient, observer: Observer, stack: Stack
+) -> None:
+    response = await http.post(
+        "/v1/chat/completions",
+        json={"model": "echo", "messages": [{"role": "user", "content": PROMPT}]},
+        headers={"Authorization": f"Bearer {PRIVACY_OFF_KEY}"},
+    )
+    assert response.json()["choices"][0]["message"]["content"] == PROMPT
+    await asyncio.sleep(0.3)
+    tasks = [data for subject, data in observer.host_bound if ".cap." in subject]
+    assert any(PII["email"].encode() in data for data in tasks)
