@@ -1165,9 +1165,10 @@ def main(argv: list[str] | None = None) -> None:
         [
             "# Privacy mediator: detection quality on the seeded corpus",
             "",
-            f"Produced by `{command}` ({platform.python_implementation()} "
-            f"{platform.python_version()}, {elapsed:.1f} s for {texts} texts, "
-            f"{elapsed / texts * 1000:.2f} ms per text).",
+            f"Measured {date.today().isoformat()} on {platform.machine()}, "
+            f"{platform.python_implementation()} {platform.python_version()}; produced by "
+            f"`.venv/bin/{command}` ({elapsed:.1f} s for {texts} texts, "
+            f"{elapsed / texts * 1000:.2f} ms per text, generation included).",
             "",
             f"## Default mode ({len(samples)} samples, {default.pii_free_total} of them PII-free)",
             "",
@@ -1186,11 +1187,28 @@ def main(argv: list[str] | None = None) -> None:
             f"PII-free samples changed in strict mode: {strict.pii_free_changed} of "
             f"{strict.pii_free_total} ({strict.pii_free_change_rate:.2%}).",
             "",
+            "## How to read this",
+            "",
             "A label counts as found when one placeholder of its type covers its whole span; a",
-            "placeholder that overlaps no label of its type is a false positive. The corpus is",
-            "synthetic: names come from the same Faker lists the lexicon is built from (hence the",
-            "out-of-lexicon line), phone numbers are those libphonenumber deems valid, and",
-            "the PII-free prose, code and maths were written for this corpus.",
+            "placeholder that overlaps no label of its type is a false positive. Targets asserted",
+            "by `tests/test_privacy_lib.py` on a smaller corpus of another seed: recall >= 99.5 %",
+            "for cards, IBANs and emails, >= 99 % for phones, >= 95 % for names, precision >= 95 %",
+            "for every type, at most 1 % of PII-free samples changed.",
+            "",
+            "The corpus is synthetic and its templates were written together with the detectors,",
+            "so these figures are an upper bound, not a field measurement:",
+            "",
+            "- names come from the Faker lists the lexicon is built from; the out-of-lexicon line",
+            "  is the honest figure for unseen names: an unknown name is only found after an",
+            '  honorific such as "Mr" or "Frau" or a strong cue ("Dear", "my name is",',
+            '  "Regards,"), not after "I\'m", "M." or "Sr." and not without a cue;',
+            "- names are found by capitalisation: lower-case names only after a",
+            '  self-introduction ("my name is ..."), names in capitals not at all; brands made',
+            '  of a surname after an honorific ("Dr. Martens") are redacted;',
+            "- phones are the numbers libphonenumber deems valid for the 12 regions searched;",
+            "- Faker addresses without a street type (some en_IN formats) are missed by design;",
+            "- the PII-free set (prose, tricky prose, code, maths) is hand-written, about 770",
+            "  samples; its 0 % is not evidence of a 0 % rate on real traffic.",
             "",
         ]
     )

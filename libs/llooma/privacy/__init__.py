@@ -17,7 +17,7 @@ an optional `ner` hook returning extra name spans for one. The mapping never sho
 """
 
 from llooma.privacy._mapping import Mapping
-from llooma.privacy._redact import Entity, NerHook, Redaction, detect, redact
+from llooma.privacy._redact import Entity, NerHook, Redaction, redact
 from llooma.privacy._restore import StreamRestorer, restore
 
 KINDS = (
@@ -43,7 +43,6 @@ __all__ = [
     "NerHook",
     "Redaction",
     "StreamRestorer",
-    "detect",
     "redact",
     "restore",
 ]

@@ -448,7 +448,8 @@ _ASSIGNED_SECRET = re.compile(
     r"(?P<key>password|passwd|passphrase|pwd|secret|client[_-]?secret|api[_-]?key|apikey|"
     r"access[_-]?key|secret[_-]?key|private[_-]?key|auth[_-]?token|access[_-]?token|token|"
     r"refresh[_-]?token|credentials?|passwort|kennwort|mot de passe|contraseña)"
-    r"(?:[_-][A-Za-z0-9]+)*[\"']?[ \t]*(?P<sep>[:=]|=>|\bis\b|\bist\b|\best\b|\bes\b)[ \t]*"
+    r"(?P<suffix>(?:[_-][A-Za-z0-9]+)*)[\"']?[ \t]*(?P<sep>[:=]|=>|\bis\b|\bist\b|\best\b|\bes\b)"
+    r"[ \t]*"
     r"(?:\"(?P<dq>[^\"\n]{4,200})\"|'(?P<sq>[^'\n]{4,200})'|(?P<bare>[^\s\"'`,;]{4,200}))"
 )
 _BEARER = re.compile(r"(?i)\bbearer[ \t]+(?P<bare>[A-Za-z0-9._~+/-]{16,}=*)")
@@ -480,10 +481,21 @@ def _bare_secret_ok(value: str, sep: str) -> bool:
     return has_other or (mixed and len(value) >= 10)
 
 
+# Key suffixes that still name the secret itself; "token_count" or "password_file" do not.
+_SECRET_SUFFIXES = _words.word_set("key token secret value string")
+_PASSWORD_KEYS = _words.word_set("password passwd pwd passphrase passwort kennwort contraseña")
+
+
 def find_secrets(text: str) -> list[Found]:
     out = [_found(m.start(), m.end(), "SECRET") for m in _SECRET_SHAPES.finditer(text)]
     for m in _ASSIGNED_SECRET.finditer(text):
         sep = m.group("sep").lower()
+        suffix = m.group("suffix").lower()
+        if suffix and re.split(r"[_-]", suffix)[-1] not in _SECRET_SUFFIXES:
+            continue
+        bare = m.group("bare")
+        if bare is not None and bare.isdigit() and m.group("key").lower() not in _PASSWORD_KEYS:
+            continue  # "token_limit: 4096" is a number, "password: 123456" a (weak) password
         if m.group("bare") is not None:
             value = m.group("bare")
             if not _bare_secret_ok(value, sep):
@@ -620,8 +632,7 @@ _DATE = re.compile(
 _DOB_CUE = re.compile(
     r"(?i)(?<![\w.])(?:(?:born|birth|birthday|birthdate|dob|geboren|geburtsdatum|geburtstag|"
     r"né|née|naissance|nací|nació|nacido|nacida|nacimiento|nato|nata|nascita|geboortedatum|"
-    r"nascido|"
-    r"nascida|nascimento|cumpleaños|compleanno|anniversaire)\b|geb\.|d\.o\.b\.?)"
+    r"nascido|nascida|nascimento|cumpleaños|compleanno|anniversaire)\b|geb\.|d\.o\.b\.?)"
 )
 _DOB_AFTER = re.compile(r"(?i)^[\s,()]*(?:\w+[ \t]+){0,2}(?:geboren|born|nato|nata|né|née)\b")
 _SENTENCE_END = re.compile(r"[.!?;]\s+[A-Z]")
