@@ -89,3 +89,13 @@ def test_race_formulas_reproduce_the_papers_table_one() -> None:
     pareto = by_name["pareto-1.5"]
     assert pareto.race_quantile(0.99, 1) == pytest.approx(5386, rel=0.001)
     assert pareto.race_quantile(0.99, 2) == pytest.approx(1160, rel=0.001)
+
+
+def test_benchmark_percentile_interpolates_between_ranks() -> None:
+    from llooma.bench.stats import percentile
+
+    values = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert percentile(values, 0.0) == 1.0
+    assert percentile(values, 0.5) == 3.0
+    assert percentile(values, 1.0) == 5.0
+    assert percentile(values, 0.1) == pytest.approx(1.4)

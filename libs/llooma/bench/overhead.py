@@ -21,6 +21,7 @@ from rich.progress import Progress
 
 from llooma import bus, subjects
 from llooma.bench.sse_client import SseClient
+from llooma.bench.stats import percentile
 from llooma.host.config import Generation, HostConfig, Latency, ModelConfig
 from llooma.settings import DEV_API_KEY
 from llooma.stack import Stack
@@ -50,12 +51,6 @@ class Level:
     requests: int
     direct_ms: list[float]
     stack_ms: list[float]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-    return ordered[index]
 
 
 async def direct_ttft(nc: Client) -> float:

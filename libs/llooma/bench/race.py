@@ -22,6 +22,7 @@ from rich.progress import Progress
 
 from llooma import bus, subjects
 from llooma.bench.sse_client import SseClient
+from llooma.bench.stats import percentile
 from llooma.host.config import Generation, HostConfig, Latency, ModelConfig
 from llooma.settings import DEV_API_KEY
 from llooma.stack import Stack
@@ -145,14 +146,6 @@ class EventSink:
         event = RaceEvent.FromString(msg.data)
         self.events[event.request_id] = event
         self.arrived.set()
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    position = q * (len(ordered) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 async def run_cell(

@@ -13,6 +13,7 @@ from pathlib import Path
 from rich.progress import Progress
 
 from llooma.bench.sse_client import SseClient
+from llooma.bench.stats import percentile
 from llooma.host.config import Generation, HostConfig, Latency, ModelConfig
 from llooma.settings import DEV_API_KEY
 from llooma.stack import Stack
@@ -93,13 +94,12 @@ async def measure(stack: Stack, requests: int, progress: Progress) -> list[Split
                 timings.append(ms)
                 paths[path] = paths.get(path, 0) + 1
             progress.advance(task, 4)
-        ordered = sorted(timings)
         results.append(
             SplitResult(
                 mode=mode,
                 requests=len(timings),
                 last_token_p50_ms=statistics.median(timings),
-                last_token_p95_ms=ordered[int(0.95 * (len(ordered) - 1))],
+                last_token_p95_ms=percentile(timings, 0.95),
                 paths=paths,
             )
         )
