@@ -24,6 +24,8 @@ PIPELINE_RACER = f"{PREFIX}.pipeline.racer"
 SETTLEMENT_STREAM = "LLOOMA_SETTLEMENTS"
 SETTLEMENT_SUBJECTS = f"{PREFIX}.settlement.>"
 SETTLEMENT_TASK = f"{PREFIX}.settlement.task"
+# Duel-and-judge outcomes (DuelResult) from the racer: accounting and the dispatcher.
+SETTLEMENT_DUEL = f"{PREFIX}.settlement.duel"
 
 # Race events from the racer: the dispatcher's host statistics, metrics, accounting.
 EVENTS_STREAM = "LLOOMA_EVENTS"
@@ -45,6 +47,11 @@ AGGREGATE_START = f"{PREFIX}.aggregate.start"
 # Membership: KV buckets written by heartbeats; entries expire when heartbeats stop.
 HOSTS_BUCKET = "llooma_hosts"
 SERVICES_BUCKET = "llooma_services"
+# Accounting's published state: balances per API key id (billing at the ingress) and the
+# ledger summary (LedgerSummary under LEDGER_SUMMARY_KEY) for /v1/stats and metrics.
+BALANCES_BUCKET = "llooma_balances"
+LEDGER_BUCKET = "llooma_ledger"
+LEDGER_SUMMARY_KEY = "summary"
 
 
 def kv_put_subject(bucket: str, key: str) -> str:
