@@ -432,6 +432,7 @@ class Racer:
         request = race.assignment.request
         now = time.monotonic()
         reports = []
+        finisher = race.winner
         for attempt in race.attempts.values():
             first_ms = (
                 int((attempt.first_token_at - attempt.launched_at) * 1000)
@@ -465,7 +466,12 @@ class Racer:
                 duration_ms=int((now - attempt.launched_at) * 1000),
                 finished_unix_nanos=time.time_ns(),
                 api_key_id=request.api_key_id,
+                fallback=attempt.role == ATTEMPT_ROLE_FALLBACK,
             )
+            if finisher is not None and finisher.usage is not None:
+                settlement.winner_model = finisher.host.model
+                settlement.winner_output_tokens = finisher.usage.output_tokens
+                settlement.winner_fallback = finisher.role == ATTEMPT_ROLE_FALLBACK
             await self._publish(
                 subjects.SETTLEMENT_TASK, settlement.SerializeToString(), attempt.attempt_id
             )

@@ -54,6 +54,10 @@ class TaskSettlement(_message.Message):
     DURATION_MS_FIELD_NUMBER: _builtins.int
     FINISHED_UNIX_NANOS_FIELD_NUMBER: _builtins.int
     API_KEY_ID_FIELD_NUMBER: _builtins.int
+    FALLBACK_FIELD_NUMBER: _builtins.int
+    WINNER_MODEL_FIELD_NUMBER: _builtins.int
+    WINNER_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    WINNER_FALLBACK_FIELD_NUMBER: _builtins.int
     attempt_id: _builtins.str
     request_id: _builtins.str
     task_id: _builtins.str
@@ -64,6 +68,14 @@ class TaskSettlement(_message.Message):
     duration_ms: _builtins.int
     finished_unix_nanos: _builtins.int
     api_key_id: _builtins.str
+    fallback: _builtins.bool
+    """Launched from the central fallback pool: paid at the fallback price, booked as its cost."""
+    winner_model: _builtins.str
+    """The task's winner (empty if none finished), so each attempt is priced on its own: a
+    loser's fees are capped at a fraction of the winner's payout.
+    """
+    winner_output_tokens: _builtins.int
+    winner_fallback: _builtins.bool
     @_builtins.property
     def usage(self) -> _common_pb2.Usage: ...
     def __init__(
@@ -80,10 +92,14 @@ class TaskSettlement(_message.Message):
         duration_ms: _builtins.int = ...,
         finished_unix_nanos: _builtins.int = ...,
         api_key_id: _builtins.str = ...,
+        fallback: _builtins.bool = ...,
+        winner_model: _builtins.str = ...,
+        winner_output_tokens: _builtins.int = ...,
+        winner_fallback: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "attempt_id", b"attempt_id", "duration_ms", b"duration_ms", "finished_unix_nanos", b"finished_unix_nanos", "first_token_ms", b"first_token_ms", "host_id", b"host_id", "model", b"model", "outcome", b"outcome", "request_id", b"request_id", "task_id", b"task_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "attempt_id", b"attempt_id", "duration_ms", b"duration_ms", "fallback", b"fallback", "finished_unix_nanos", b"finished_unix_nanos", "first_token_ms", b"first_token_ms", "host_id", b"host_id", "model", b"model", "outcome", b"outcome", "request_id", b"request_id", "task_id", b"task_id", "usage", b"usage", "winner_fallback", b"winner_fallback", "winner_model", b"winner_model", "winner_output_tokens", b"winner_output_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
