@@ -79,6 +79,9 @@ def stack(
             "LLOOMA_PLANNER_SPLIT_MODEL": SPLITTER_MODEL,
             "LLOOMA_API_KEYS": f"{DEV_API_KEY},{PRIVACY_OFF_KEY}",
             "LLOOMA_PRIVACY_OFF_API_KEYS": PRIVACY_OFF_KEY,
+            # Duels (tested on their own stack, tests/test_duel.py) would let a sampled race's
+            # loser run on and send judge prompts to other tests' hosts.
+            "LLOOMA_DUEL_FRACTION": "0",
         },
     )
     running.start()

@@ -8,6 +8,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from llooma.duel import duel_score
+from llooma.v1.duel_pb2 import DUEL_VERDICT_A, DUEL_VERDICT_B, DuelResult
 from llooma.v1.race_pb2 import ATTEMPT_ROLE_CONTINUATION, RaceEvent
 from llooma.v1.settlement_pb2 import ATTEMPT_OUTCOME_FAILED
 
@@ -16,6 +18,10 @@ LATENCY_WINDOW_S = 300.0
 LATENCY_SAMPLES = 256
 # Each new attempt moves the error rate this far toward its outcome (about the last 20).
 ERROR_EWMA_ALPHA = 0.1
+# Duel quality starts mid-range and each judged duel moves it this far toward the duel's score
+# (won 1, tie 0.5, lost 0): duels are rare (p_d), so a few of them must count.
+UNKNOWN_QUALITY = 0.5
+DUEL_EWMA_ALPHA = 0.2
 
 
 @dataclass
@@ -25,6 +31,8 @@ class HostRecord:
     )
     error_rate: float = 0.0
     attempts: int = 0
+    quality: float = UNKNOWN_QUALITY
+    duels: int = 0
 
     def quantile_ms(self, q: float, now: float) -> float | None:
         recent = sorted(ms for at, ms in self.first_token_ms if now - at <= LATENCY_WINDOW_S)
@@ -65,3 +73,17 @@ class HostStats:
     def error_rate(self, host_id: str) -> float:
         record = self._hosts.get(host_id)
         return record.error_rate if record else 0.0
+
+    def record_duel(self, result: DuelResult) -> None:
+        """Fold a judged duel into both duelists' quality (an undecided one says nothing)."""
+        for host_id, side in ((result.host_a, DUEL_VERDICT_A), (result.host_b, DUEL_VERDICT_B)):
+            score = duel_score(result.outcome, side)
+            if score is None or not host_id:
+                continue
+            host = self._hosts.setdefault(host_id, HostRecord())
+            host.duels += 1
+            host.quality += DUEL_EWMA_ALPHA * (score - host.quality)
+
+    def quality(self, host_id: str) -> float:
+        record = self._hosts.get(host_id)
+        return record.quality if record else UNKNOWN_QUALITY

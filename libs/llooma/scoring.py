@@ -14,6 +14,8 @@ class ScoreWeights:
     latency_p95: float = 0.30
     staleness: float = 0.20
     error_rate: float = 0.10
+    # Duel-and-judge quality (settings.duel_quality_weight); off unless configured.
+    quality: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +26,8 @@ class ScoreTerms:
     latency_p95: float
     staleness: float
     error_rate: float
+    # 1 - the host's duel quality: 0.5 for a host never judged.
+    quality_deficit: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +48,7 @@ def host_score(terms: ScoreTerms, weights: ScoreWeights) -> float:
         + weights.latency_p95 * clamp01(terms.latency_p95)
         + weights.staleness * clamp01(terms.staleness)
         + weights.error_rate * clamp01(terms.error_rate)
+        + weights.quality * clamp01(terms.quality_deficit)
     )
 
 

@@ -62,6 +62,16 @@ class Settings(BaseSettings):
     # {"model": "150"} (ms); the second host starts only if no token came by then.
     hedge_delay_by_model: dict[str, str] = {}
     suspended_hosts: Annotated[list[str], NoDecode] = []
+    # Duel-and-judge (WWW.Serve 4.2): the share p_d of races whose loser finishes and is
+    # compared with the winner by `duel_judges` judges (other hosts, drawn by stake) serving
+    # `duel_judge_model` ("" = the duel's own model); `duel_timeout_s` bounds a whole duel.
+    # Each host's duel record (0 lost, 0.5 tie, 1 won, an EWMA from 0.5) adds
+    # `duel_quality_weight` x (1 - quality) to its S(h).
+    duel_fraction: float = Field(default=0.05, ge=0, le=1)
+    duel_judges: int = Field(default=3, ge=1)
+    duel_judge_model: str = ""
+    duel_timeout_s: float = Field(default=60.0, gt=0)
+    duel_quality_weight: float = Field(default=0.2, ge=0)
     # Planner: stage-1 bypass thresholds, DAG size, the margin eps, and the optional split
     # call (a model asked for a JSON DAG when the prompt's structure gives none).
     planner_bypass_chars: int = 160

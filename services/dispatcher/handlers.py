@@ -17,6 +17,7 @@ from llooma.membership import HostDirectory
 from llooma.scoring import Candidate, ScoreTerms, ScoreWeights, host_score, pick_hosts
 from llooma.settings import ORCHESTRATED_MODEL, Settings
 from llooma.v1.common_pb2 import ERROR_CODE_NO_ELIGIBLE_HOST, REQUEST_PATH_DIRECT, ErrorDetail
+from llooma.v1.duel_pb2 import DuelResult
 from llooma.v1.pipeline_pb2 import ChatRequest, ClientEvent, HostCandidate, TaskAssignment
 from llooma.v1.race_pb2 import RaceEvent
 from services.dispatcher.dag import DagRunner
@@ -45,11 +46,14 @@ class Dispatcher:
         self._js = js
         self._settings = settings
         self._hosts = hosts
-        self._weights = ScoreWeights(*settings.score_weights)
+        self._weights = ScoreWeights(*settings.score_weights, quality=settings.duel_quality_weight)
         self._rng = random.Random()
         self._suspended = set(settings.suspended_hosts)
         self.stats = HostStats()
         self.dag = DagRunner(nc, js, instance_id, self.assign)
+
+    async def on_duel_result(self, msg: Msg) -> None:
+        self.stats.record_duel(DuelResult.FromString(msg.data))
 
     async def on_race_event(self, msg: Msg) -> None:
         self.stats.record(RaceEvent.FromString(msg.data))
@@ -61,6 +65,7 @@ class Dispatcher:
             latency_p95=UNKNOWN_LATENCY_TERM if p95 is None else p95 / deadline_ms,
             staleness=staleness_s / self._settings.host_stale_after_s,
             error_rate=self.stats.error_rate(host_id),
+            quality_deficit=1.0 - self.stats.quality(host_id),
         )
 
     def candidates(self, model: str, deadline_ms: int) -> list[Candidate]:

@@ -21,6 +21,8 @@ async def setup(service: Service) -> None:
     await service.subscribe(dispatcher.dag.done_subject, dispatcher.dag.on_node_done)
     # Every dispatcher replica learns from every race, so no queue group.
     await service.subscribe(subjects.RACE_EVENT, dispatcher.on_race_event)
+    # Duel results make the host quality term of S(h); likewise every replica.
+    await service.subscribe(subjects.SETTLEMENT_DUEL, dispatcher.on_duel_result)
     await service.consume(
         subjects.PIPELINE_DISPATCHER, subjects.CONSUMER_DISPATCHER, dispatcher.handle
     )

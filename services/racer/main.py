@@ -5,8 +5,10 @@ from __future__ import annotations
 from nats.aio.msg import Msg
 
 from llooma import subjects
+from llooma.membership import HostDirectory
 from llooma.service import Service, serve
 from llooma.v1.pipeline_pb2 import TaskAssignment
+from services.racer.duel import Duels
 from services.racer.race import Racer
 
 SERVICE = "racer"
@@ -16,10 +18,21 @@ MAX_CONCURRENT_RACES = 1024
 
 async def setup(service: Service) -> None:
     settings = service.settings
+    duels = None
+    if settings.duel_fraction > 0:
+        # Judges are drawn from the live hosts, so the racer watches them too.
+        hosts = HostDirectory(
+            stale_after_s=settings.host_stale_after_s, min_version=settings.min_host_version
+        )
+        await hosts.start(service.js)
+        service.on_stop(hosts.stop)
+        duels = Duels(service.nc, service.js, service.instance_id, hosts, settings)
+        service.on_stop(duels.stop)
     racer = Racer(
         service.instance_id,
         max_continuations=settings.max_continuations,
         fallback_first_token_ms=settings.fallback_first_token_ms,
+        duels=duels,
     )
     await racer.start(service)
 

@@ -58,6 +58,7 @@ from llooma.v1.settlement_pb2 import (
     ATTEMPT_OUTCOME_WON,
     TaskSettlement,
 )
+from services.racer.duel import Duels
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,8 @@ class Race:
     continuations: int = 0
     error: ErrorCode.ValueType = ErrorCode.ERROR_CODE_UNSPECIFIED
     winner: Attempt | None = None
+    # A loser left running for a duel (services/racer/duel.py): not cancelled, not ours.
+    dueling: Attempt | None = None
 
     @property
     def reply(self) -> str:
@@ -111,9 +114,15 @@ class Racer:
     _js: JetStreamContext
 
     def __init__(
-        self, instance_id: str, *, max_continuations: int = 2, fallback_first_token_ms: int = 10_000
+        self,
+        instance_id: str,
+        *,
+        max_continuations: int = 2,
+        fallback_first_token_ms: int = 10_000,
+        duels: Duels | None = None,
     ) -> None:
         self._instance_id = instance_id
+        self._duels = duels
         self._max_continuations = max_continuations
         self._fallback_timeout_s = fallback_first_token_ms / 1000.0
         self._by_attempt: dict[str, tuple[Race, Attempt]] = {}
@@ -130,7 +139,10 @@ class Racer:
     async def _on_host_chunk(self, msg: Msg) -> None:
         routed = self._by_attempt.get(msg.subject.rpartition(".")[2])
         if routed is None:
-            return  # a chunk from an attempt already settled: late loser tokens
+            # A duel's (its loser's or a judge's), or late tokens of an attempt already settled.
+            if self._duels is not None:
+                await self._duels.on_chunk(msg)
+            return
         race, attempt = routed
         try:
             chunk = HostChunk.FromString(msg.data)
@@ -159,6 +171,8 @@ class Racer:
             running.discard(task)
             if not running:
                 self._by_request.pop(request_id, None)
+            if self._duels is not None:
+                self._duels.close(race)
             await self._cancel_all(race, keep=None)
             for attempt_id in race.attempts:
                 self._by_attempt.pop(attempt_id, None)
@@ -208,6 +222,8 @@ class Racer:
             winner, first = await self._first_token(race)
             race.winner = winner
             race.first_token_at = winner.first_token_at
+            if self._duels is not None:
+                race.dueling = self._duels.open(race, winner, self._by_attempt)
             await self._cancel_all(race, keep=winner)
             path = race.assignment.request.path
             if winner.role == ATTEMPT_ROLE_FALLBACK:
@@ -417,7 +433,12 @@ class Racer:
 
     async def _cancel_all(self, race: Race, keep: Attempt | None) -> None:
         for attempt in race.attempts.values():
-            if attempt is not keep and attempt.usage is None and not attempt.failed:
+            if (
+                attempt is not keep
+                and attempt is not race.dueling
+                and attempt.usage is None
+                and not attempt.failed
+            ):
                 await self._cancel(attempt)
 
     def _outcome(self, race: Race, attempt: Attempt) -> int:

@@ -11,6 +11,7 @@ import re
 from collections.abc import AsyncGenerator
 from typing import Literal, Protocol
 
+from llooma.duel import read_judge_prompt
 from llooma.host.config import Latency, ModelConfig
 from llooma.host.openai_backend import GenerationDefaults, OpenAIBackend
 from llooma.v1.host_pb2 import HostTask
@@ -23,6 +24,12 @@ _WORD_TEXT = (
     "latency tails shrink when two hosts compete and the loser stops early"
 )
 _WORDS = _WORD_TEXT.split()
+_VOCABULARY = frozenset(_WORDS)
+# What a synthetic host of quality below 1 says instead of some words.
+_NOISE = ("zorp", "flim", "blat", "wug", "snarf", "grel", "vonk", "quib")
+_LETTERS = re.compile(r"[a-z]+")
+# Answers whose share of real words differs by less than this are a tie to a synthetic judge.
+_TIE_MARGIN = 0.05
 
 OutputFormat = Literal["prose", "markdown", "json"]
 
@@ -68,6 +75,19 @@ def synthetic_text(words: list[str], fmt: OutputFormat) -> str:
     return " ".join(sentences)
 
 
+def sense(text: str) -> float:
+    """The share of a synthetic answer's words that are real words (1.0: a perfect host)."""
+    words = _LETTERS.findall(text.lower())
+    return sum(word in _VOCABULARY for word in words) / len(words) if words else 0.0
+
+
+def synthetic_verdict(answer_a: str, answer_b: str) -> str:
+    """A judge's reply, as llooma.duel asks for it: the answer with more sense wins."""
+    margin = sense(answer_a) - sense(answer_b)
+    verdict = "tie" if abs(margin) < _TIE_MARGIN else "A" if margin > 0 else "B"
+    return json.dumps({"verdict": verdict})
+
+
 class Backend(Protocol):
     def stream(self, task: HostTask) -> AsyncGenerator[str, None]: ...
 
@@ -92,9 +112,17 @@ class SyntheticBackend:
     async def stream(self, task: HostTask) -> AsyncGenerator[str, None]:
         model = self._model
         rng = random.Random(task.params.seed or self._rng.getrandbits(64))
+        judged = read_judge_prompt(task.messages)
+        if judged is not None:
+            await _pause(sample_ms(model.first_token, rng))
+            for piece in split_tokens(synthetic_verdict(*judged)):
+                yield piece
+            return
         limit = token_limit(task, model.generation.max_tokens)
         fmt = requested_format(task)
         words = [rng.choice(_WORDS) for _ in range(limit)]
+        if model.quality < 1.0:
+            words = [w if rng.random() < model.quality else rng.choice(_NOISE) for w in words]
         pieces = split_tokens(synthetic_text(words, fmt))
         while len(pieces) > limit and len(words) > 1:
             # Drop words rather than cut the text, so JSON and markdown stay well formed.

@@ -64,6 +64,9 @@ class ModelConfig(BaseModel):
     inter_token: Latency = Latency()
     stall_probability: float = Field(default=0.0, ge=0, le=1)
     failure_probability: float = Field(default=0.0, ge=0, le=1)
+    # synthetic: the share of words that are real (the rest are noise), so duels have a
+    # better and a worse answer to tell apart.
+    quality: float = Field(default=1.0, ge=0, le=1)
 
     @model_validator(mode="after")
     def _backend_fields(self) -> ModelConfig:

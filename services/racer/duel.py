@@ -1,0 +1,308 @@
+"""The duel runner (WWW.Serve 4.2): a sampled race's loser is left to finish, off the client's
+path; k judges, drawn by stake from the other hosts, compare the two full answers, each twice
+with the positions swapped, as ordinary HostTasks; the DuelResult goes to the settlements
+stream, where accounting pays for it and every dispatcher turns it into host quality."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from llooma import bus, subjects
+from llooma.duel import (
+    JUDGE_MAX_TOKENS,
+    Verdict,
+    judge_messages,
+    outcome,
+    parse_verdict,
+    pick_judges,
+    should_duel,
+    unswap,
+)
+from llooma.membership import HostDirectory
+from llooma.scoring import Candidate
+from llooma.settings import Settings
+from llooma.v1.common_pb2 import ChatMessage, GenerationParams
+from llooma.v1.duel_pb2 import DUEL_VERDICT_UNSPECIFIED, DuelResult, JudgeVote
+from llooma.v1.host_pb2 import CancelTask, HostChunk, HostTask
+
+if TYPE_CHECKING:
+    from services.racer.race import Attempt, Race
+
+log = logging.getLogger(__name__)
+
+# Duels are a sample and cost host time: past this many at once, races are not sampled.
+MAX_CONCURRENT_DUELS = 64
+
+
+@dataclass(slots=True)
+class Answer:
+    """One host's stream in a duel: the loser's answer, or one judge's reading."""
+
+    attempt_id: str
+    host_id: str
+    text: list[str] = field(default_factory=list)
+    output_tokens: int = 0
+    failed: bool = False
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def feed(self, chunk: HostChunk) -> None:
+        kind = chunk.WhichOneof("event")
+        if kind == "token":
+            self.text.append(chunk.token.text)
+            self.output_tokens += 1
+        elif kind == "finished":
+            self.output_tokens = max(self.output_tokens, chunk.finished.usage.output_tokens)
+            self.done.set()
+        elif kind == "failed":
+            self.failed = True
+            self.done.set()
+
+
+@dataclass(slots=True)
+class Duel:
+    duel_id: str
+    race: Race
+    winner: Attempt
+    loser: Answer
+    judges: list[Candidate]
+    opened: float
+
+
+class Duels:
+    """Samples races for duels and runs them; host chunks reach it through the racer's
+    wildcard subscription when their attempt is not (or no longer) a race's."""
+
+    def __init__(
+        self,
+        nc: Client,
+        js: JetStreamContext,
+        instance_id: str,
+        hosts: HostDirectory,
+        settings: Settings,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._nc = nc
+        self._js = js
+        self._instance_id = instance_id
+        self._hosts = hosts
+        self._settings = settings
+        self._rng = rng or random.Random()
+        self._routes: dict[str, Answer] = {}
+        self._open: dict[str, Duel] = {}
+        self._running: set[asyncio.Task[None]] = set()
+
+    # -- the racer's hooks ---------------------------------------------------------------------
+
+    def open(
+        self, race: Race, winner: Attempt, by_attempt: dict[str, tuple[Race, Attempt]]
+    ) -> Attempt | None:
+        """At the race's first token: maybe sample it, and if so take one live loser's stream
+        away from the race (it will not be cancelled); returns that loser."""
+        if len(self._open) + len(self._running) >= MAX_CONCURRENT_DUELS:
+            return None
+        if not should_duel(self._rng, self._settings.duel_fraction):
+            return None
+        losers = [
+            a
+            for a in race.attempts.values()
+            if a is not winner
+            and not (a.failed or a.cancelled or a.stalled)
+            and a.host.host_id != winner.host.host_id
+        ]
+        if not losers:
+            return None
+        loser = self._rng.choice(losers)
+        judges = self._judges(winner.host.model, {winner.host.host_id, loser.host.host_id})
+        if not judges:
+            return None  # nobody but the duelists could judge: let the race go as usual
+        answer = Answer(loser.attempt_id, loser.host.host_id)
+        by_attempt.pop(loser.attempt_id, None)
+        self._routes[loser.attempt_id] = answer
+        # The loser's chunks already queued for the race belong to its answer.
+        kept = []
+        while not race.inbox.empty():
+            attempt, chunk = race.inbox.get_nowait()
+            if attempt is loser:
+                answer.feed(chunk)
+            else:
+                kept.append((attempt, chunk))
+        for item in kept:
+            race.inbox.put_nowait(item)
+        duel_id = f"{race.assignment.task_id}.duel"
+        self._open[loser.attempt_id] = Duel(duel_id, race, winner, answer, judges, time.monotonic())
+        return loser
+
+    def close(self, race: Race) -> None:
+        """At the race's end: judge if the winner's whole answer reached the client untouched;
+        otherwise drop the duel (race.dueling is cleared, so the race cancels the loser)."""
+        loser = race.dueling
+        if loser is None:
+            return
+        duel = self._open.pop(loser.attempt_id, None)
+        clean = (
+            duel is not None
+            and race.winner is duel.winner
+            and duel.winner.usage is not None
+            and race.continuations == 0
+        )
+        if duel is None or not clean:
+            self._routes.pop(loser.attempt_id, None)
+            race.dueling = None
+            return
+        task = asyncio.create_task(self._run(duel, "".join(race.emitted)), name=duel.duel_id)
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def on_chunk(self, msg: Msg) -> None:
+        answer = self._routes.get(msg.subject.rpartition(".")[2])
+        if answer is None:
+            return
+        try:
+            chunk = HostChunk.FromString(msg.data)
+        except Exception:
+            answer.failed = True
+            answer.done.set()
+            return
+        answer.feed(chunk)
+
+    async def stop(self) -> None:
+        for task in list(self._running):
+            task.cancel()
+        if self._running:
+            await asyncio.wait(self._running, timeout=5)
+
+    # -- the duel ------------------------------------------------------------------------------
+
+    def _judges(self, model: str, duelists: set[str]) -> list[Candidate]:
+        judge_model = self._settings.duel_judge_model or model
+        suspended = set(self._settings.suspended_hosts)
+        found = [
+            Candidate(member.key, cap.name, 0.0, cap.stake)
+            for member in self._hosts.eligible(judge_model)
+            if member.key not in suspended
+            for cap in member.heartbeat.models
+            if cap.name == judge_model
+        ]
+        return pick_judges(found, duelists, self._settings.duel_judges, self._rng)
+
+    async def _run(self, duel: Duel, winner_text: str) -> None:
+        readings: list[tuple[Answer, Answer]] = []
+        deadline = duel.opened + self._settings.duel_timeout_s
+        try:
+            try:
+                async with asyncio.timeout_at(_loop_time(deadline)):
+                    await duel.loser.done.wait()
+            except TimeoutError:
+                duel.loser.failed = True
+            if duel.loser.failed:
+                log.debug("duel %s dropped: the loser did not finish", duel.duel_id)
+                return
+            result = self._result(duel)
+            winner_is_a = self._rng.random() < 0.5
+            loser_text = "".join(duel.loser.text)
+            answer_a, answer_b = (
+                (winner_text, loser_text) if winner_is_a else (loser_text, winner_text)
+            )
+            if not winner_is_a:
+                result.host_a, result.host_b = result.host_b, result.host_a
+                result.attempt_a, result.attempt_b = result.attempt_b, result.attempt_a
+            nonce = uuid.uuid4().hex[:12]
+            conversation = duel.race.assignment.request.messages
+            for judge in duel.judges:
+                as_shown = judge_messages(conversation, answer_a, answer_b, nonce)
+                reversed_ = judge_messages(conversation, answer_b, answer_a, nonce)
+                readings.append(
+                    (await self._ask(judge, as_shown), await self._ask(judge, reversed_))
+                )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(_loop_time(deadline)):
+                    for in_order, swapped in readings:
+                        await in_order.done.wait()
+                        await swapped.done.wait()
+            for in_order, swapped in readings:
+                result.votes.append(
+                    JudgeVote(
+                        judge_host_id=in_order.host_id,
+                        verdict_in_order=_verdict(in_order),
+                        verdict_swapped=unswap(_verdict(swapped)),
+                        attempt_id_in_order=in_order.attempt_id,
+                        attempt_id_swapped=swapped.attempt_id,
+                        output_tokens=in_order.output_tokens + swapped.output_tokens,
+                    )
+                )
+            result.outcome = outcome(result.votes)
+            result.finished_unix_nanos = time.time_ns()
+            await bus.hand_off(
+                self._js, subjects.SETTLEMENT_DUEL, result.SerializeToString(), duel.duel_id
+            )
+            log.debug(
+                "duel %s: loser %d tokens, judges %d output tokens",
+                duel.duel_id,
+                duel.loser.output_tokens,
+                sum(v.output_tokens for v in result.votes),
+            )
+        except Exception:
+            log.exception("duel %s failed", duel.duel_id)
+        finally:
+            for answer in [duel.loser, *(a for pair in readings for a in pair)]:
+                self._routes.pop(answer.attempt_id, None)
+                if not answer.done.is_set():
+                    await self._cancel(answer)
+
+    def _result(self, duel: Duel) -> DuelResult:
+        request = duel.race.assignment.request
+        return DuelResult(
+            duel_id=duel.duel_id,
+            request_id=request.request_id,
+            task_id=duel.race.assignment.task_id,
+            model=duel.winner.host.model,
+            host_a=duel.winner.host.host_id,
+            host_b=duel.loser.host_id,
+            attempt_a=duel.winner.attempt_id,
+            attempt_b=duel.loser.attempt_id,
+            api_key_id=request.api_key_id,
+        )
+
+    async def _ask(self, judge: Candidate, messages: list[ChatMessage]) -> Answer:
+        answer = Answer(uuid.uuid4().hex, judge.host_id)
+        self._routes[answer.attempt_id] = answer
+        task = HostTask(
+            attempt_id=answer.attempt_id,
+            model=judge.model,
+            messages=messages,
+            params=GenerationParams(max_tokens=JUDGE_MAX_TOKENS),
+        )
+        await self._nc.publish(
+            subjects.host_task(judge.model, judge.host_id),
+            task.SerializeToString(),
+            reply=subjects.host_reply(self._instance_id, answer.attempt_id),
+        )
+        return answer
+
+    async def _cancel(self, answer: Answer) -> None:
+        with contextlib.suppress(Exception):
+            await self._nc.publish(
+                subjects.host_cancel(answer.host_id),
+                CancelTask(attempt_id=answer.attempt_id).SerializeToString(),
+            )
+
+
+def _verdict(answer: Answer) -> Verdict:
+    return DUEL_VERDICT_UNSPECIFIED if answer.failed else parse_verdict("".join(answer.text))
+
+
+def _loop_time(monotonic_deadline: float) -> float:
+    """A time.monotonic() deadline on the event loop's clock."""
+    loop = asyncio.get_running_loop()
+    return loop.time() + (monotonic_deadline - time.monotonic())
