@@ -39,6 +39,23 @@ class Settings(BaseSettings):
     # API keys whose requests skip the privacy mediator (privacy is on for every other key).
     privacy_off_api_keys: Annotated[list[str], NoDecode] = []
     max_body_bytes: int = 1024 * 1024
+    # Per-API-key rate limits (0: none): requests and tokens (prompt + max_tokens, corrected
+    # by actual usage) per minute; the bucket holds `rate_limit_burst_s` seconds of either.
+    rate_limit_rpm: int = Field(default=0, ge=0)
+    rate_limit_tpm: int = Field(default=0, ge=0)
+    rate_limit_burst_s: float = Field(default=1.0, gt=0)
+    # Per-key overrides, JSON: {"<api key>": {"rpm": 60, "tpm": 100000}} (0: none).
+    rate_limits_by_key: dict[str, dict[str, int]] = {}
+    # Completion tokens a request without max_tokens is charged until its usage is known.
+    rate_limit_default_max_tokens: int = Field(default=256, ge=1)
+    # Load shedding in each ingress (0: off): requests in flight at once, requests still
+    # waiting for their first token, and in flight per model as a multiple of the capacity
+    # the model's eligible hosts announce.
+    max_in_flight: int = Field(default=0, ge=0)
+    max_waiting_first_token: int = Field(default=256, ge=0)
+    admission_capacity_factor: float = Field(default=1.0, ge=0)
+    # The Retry-After a shed request (503) is given.
+    shed_retry_after_s: int = Field(default=1, ge=1)
     request_timeout_s: float = 120.0
     # Models never used to answer the orchestrated model (test and debug backends).
     orchestration_excluded_models: Annotated[list[str], NoDecode] = ["echo"]

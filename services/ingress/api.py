@@ -40,6 +40,7 @@ from llooma.v1.pipeline_pb2 import (
     PrivacyMode,
 )
 from llooma.v1.plan_pb2 import Plan
+from services.ingress.limits import Limits, Ticket
 from services.ingress.replies import ReplyRouter
 from services.ingress.schema import (
     ChatCompletionRequest,
@@ -98,6 +99,7 @@ class Ingress:
     def __post_init__(self) -> None:
         self._key_ids = {api_key_id(key) for key in self.settings.api_keys}
         self._privacy_off = {api_key_id(key) for key in self.settings.privacy_off_api_keys}
+        self.limits = Limits(self.settings, self.hosts)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -115,7 +117,7 @@ class Ingress:
     async def _read_body(self, request: Request) -> bytes:
         limit = self.settings.max_body_bytes
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        if declared is not None and _is_ascii_number(declared) and int(declared) > limit:
             raise BodyTooLarge
         chunks = []
         size = 0
@@ -140,6 +142,9 @@ class Ingress:
                 error_type="authentication_error",
                 code="invalid_api_key",
             )
+        shed = self.limits.shed_early()
+        if shed is not None:
+            return shed
         try:
             body = await self._read_body(request)
         except BodyTooLarge:
@@ -171,7 +176,7 @@ class Ingress:
         deadline_header = request.headers.get(DEADLINE_HEADER, "")
         deadline_ms = 0
         if deadline_header:
-            if not deadline_header.isdigit() or not 1 <= int(deadline_header) <= 60_000:
+            if not _is_ascii_number(deadline_header) or not 1 <= int(deadline_header) <= 60_000:
                 return error_response(
                     400,
                     f"{DEADLINE_HEADER} must be whole milliseconds from 1 to 60000",
@@ -199,8 +204,13 @@ class Ingress:
             return error_response(
                 400, f"{SPLIT_HEADER} must be auto or off", code="invalid_request"
             )
-        return await self._complete(
-            parsed, key_id, deadline_ms, int(width_header or 0), split == "off", mode
+        ticket = self.limits.admit(key_id, parsed)
+        if not isinstance(ticket, Ticket):
+            return ticket
+        return await ticket.serve(
+            self._complete(
+                parsed, key_id, deadline_ms, int(width_header or 0), split == "off", mode, ticket
+            )
         )
 
     async def _complete(
@@ -211,6 +221,7 @@ class Ingress:
         race_width: int,
         no_split: bool,
         privacy: PrivacyMode.ValueType,
+        ticket: Ticket,
     ) -> Response:
         request_id = uuid.uuid4().hex
         queue = self.replies.open(request_id)
@@ -240,7 +251,7 @@ class Ingress:
                 "the control plane is not reachable right now",
                 error_type="server_error",
                 code="control_plane_unavailable",
-                headers=headers,
+                headers={**headers, "retry-after": str(self.settings.shed_retry_after_s)},
             )
         deadline_ms = self.settings.deadline_ms(parsed.model, deadline_ms)
         first_wait_s = (
@@ -264,7 +275,7 @@ class Ingress:
             # Header values must be latin-1: the decision is ASCII apart from model names.
             decision = first.started.plan_decision.encode("ascii", "replace").decode()
             headers["x-llooma-plan"] = decision[:200]
-        stream = self._events(request_id, queue, restorer)
+        stream = ticket.watch(self._events(request_id, queue, restorer))
         if parsed.stream:
             include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
             return StreamingResponse(
@@ -322,6 +333,8 @@ class Ingress:
 
     def _failure_response(self, failure: ErrorDetail, headers: dict[str, str]) -> Response:
         status, code = STATUS_BY_ERROR.get(failure.code, (500, "internal_error"))
+        if status == 503:
+            headers = {**headers, "retry-after": str(self.settings.shed_retry_after_s)}
         return error_response(
             status,
             failure.message or "the request failed",
@@ -406,6 +419,11 @@ class Ingress:
             {"status": "ok" if healthy else "unavailable", "services": services, "hosts": hosts},
             status_code=200 if healthy else 503,
         )
+
+
+def _is_ascii_number(value: str) -> bool:
+    # Not str.isdigit: "²".isdigit() holds (a latin-1 header byte), and int("²") raises.
+    return value.isascii() and value.isdecimal()
 
 
 def _restore(batch: list[ClientEvent], restorer: StreamRestorer) -> list[ClientEvent]:

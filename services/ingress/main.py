@@ -17,6 +17,7 @@ from llooma.membership import HostDirectory, ServiceDirectory
 from llooma.runtime import ServiceHeartbeater
 from llooma.settings import Settings, load_settings
 from services.ingress.api import Ingress
+from services.ingress.openapi import serve_openapi
 from services.ingress.replies import ReplyRouter
 
 SERVICE = "ingress"
@@ -43,6 +44,7 @@ ROUTES = [
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/models", models, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
+    Route("/openapi.json", serve_openapi, methods=["GET"]),
 ]
 
 

@@ -1,0 +1,314 @@
+"""Admission control: per-key rate limits and load shedding, decided before anything
+reaches NATS.
+
+Rate limits are token buckets per API key (requests and tokens per minute). A request is
+charged its estimate (prompt characters / 4 + max_tokens) when admitted, and the difference
+to its real usage when it ends. Load shedding turns requests away with 503 when this ingress
+already has too many in flight, too many still waiting for a first token, or more in flight
+for a model than the model's eligible hosts announced capacity for. Limits are per ingress
+process: with N replicas, divide them by N.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from starlette.background import BackgroundTask
+from starlette.responses import Response, StreamingResponse
+
+from llooma.membership import HostDirectory
+from llooma.settings import ORCHESTRATED_MODEL, Settings, api_key_id
+from llooma.v1.pipeline_pb2 import ClientEvent
+from services.ingress.schema import ChatCompletionRequest, error_response
+
+# How long a model's announced capacity is reused before the host directory is asked again.
+CAPACITY_CACHE_S = 0.25
+CHARS_PER_TOKEN = 4
+# What each message costs beyond its text (role and separators), as chat templates do.
+TOKENS_PER_MESSAGE = 4
+
+
+def estimate_tokens(request: ChatCompletionRequest, default_max_tokens: int) -> int:
+    """Prompt + completion tokens a request may use, known before it runs."""
+    prompt_chars = sum(len(message.text()) for message in request.messages)
+    prompt = math.ceil(prompt_chars / CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE * len(request.messages)
+    return prompt + (request.max_completion_tokens or request.max_tokens or default_max_tokens)
+
+
+@dataclass
+class TokenBucket:
+    """`per_minute` units a minute, at most `depth` saved up; a cost above the depth is
+    admitted from a full bucket and leaves it in debt, so the long-run rate still holds."""
+
+    per_minute: int
+    depth: float
+    level: float = field(init=False)
+    updated: float = field(init=False, default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.level = self.depth
+
+    @property
+    def rate_per_s(self) -> float:
+        return self.per_minute / 60.0
+
+    def wait_s(self, cost: float, now: float) -> float:
+        """Seconds until `cost` may be taken (0: now)."""
+        self.level = min(self.depth, self.level + (now - self.updated) * self.rate_per_s)
+        self.updated = now
+        missing = min(cost, self.depth) - self.level
+        return max(0.0, missing / self.rate_per_s)
+
+    def take(self, cost: float) -> None:
+        self.level -= cost
+
+    def give_back(self, amount: float) -> None:
+        self.level = min(self.depth, self.level + amount)
+
+
+@dataclass
+class KeyBuckets:
+    requests: TokenBucket | None
+    tokens: TokenBucket | None
+
+
+def _bucket(per_minute: int, burst_s: float, smallest: float) -> TokenBucket | None:
+    if per_minute <= 0:
+        return None
+    return TokenBucket(per_minute, max(smallest, per_minute * burst_s / 60.0))
+
+
+def _retry_after(wait_s: float) -> str:
+    return str(max(1, math.ceil(wait_s)))
+
+
+def rate_limited(message: str, wait_s: float, code: str = "rate_limit_exceeded") -> Response:
+    return error_response(
+        429,
+        message,
+        error_type="rate_limit_error",
+        code=code,
+        headers={"retry-after": _retry_after(wait_s)},
+    )
+
+
+def overloaded(message: str, retry_after_s: int) -> Response:
+    return error_response(
+        503,
+        message,
+        error_type="server_error",
+        code="overloaded",
+        headers={"retry-after": str(retry_after_s)},
+    )
+
+
+class Limits:
+    """The ingress's admission state: one instance per process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        hosts: HostDirectory,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.hosts = hosts
+        self.clock = clock
+        self.in_flight = 0
+        self.waiting_first_token = 0
+        self.in_flight_by_model: Counter[str] = Counter()
+        self.shed = 0
+        self.rate_limited = 0
+        self._buckets: dict[str, KeyBuckets] = {}
+        self._overrides = {
+            api_key_id(key): limits for key, limits in settings.rate_limits_by_key.items()
+        }
+        self._capacity: dict[str, tuple[float, int]] = {}
+
+    # -- load shedding -----------------------------------------------------------------------
+
+    def shed_early(self) -> Response | None:
+        """Before the body is read: is this ingress already past what it can serve? (Asked
+        again at admission, since requests whose bodies are still arriving are not counted.)"""
+        settings = self.settings
+        if settings.max_in_flight and self.in_flight >= settings.max_in_flight:
+            self.shed += 1
+            return overloaded(
+                f"overloaded: {self.in_flight} requests in flight", settings.shed_retry_after_s
+            )
+        waiting_limit = settings.max_waiting_first_token
+        if waiting_limit and self.waiting_first_token >= waiting_limit:
+            self.shed += 1
+            return overloaded(
+                f"overloaded: {self.waiting_first_token} requests waiting for a first token",
+                settings.shed_retry_after_s,
+            )
+        return None
+
+    def model_capacity(self, model: str) -> int:
+        """Tasks the model's eligible hosts say they take at once (0: none announced)."""
+        now = self.clock()
+        cached = self._capacity.get(model)
+        if cached is not None and now - cached[0] < CAPACITY_CACHE_S:
+            return cached[1]
+        orchestrated = model == ORCHESTRATED_MODEL
+        excluded = set(self.settings.orchestration_excluded_models)
+        total = 0
+        for member in self.hosts.eligible(None if orchestrated else model):
+            for capability in member.heartbeat.models:
+                if capability.name not in excluded if orchestrated else capability.name == model:
+                    total += capability.capacity
+        self._capacity[model] = (now, total)
+        return total
+
+    def _over_capacity(self, model: str) -> Response | None:
+        factor = self.settings.admission_capacity_factor
+        if not factor:
+            return None
+        capacity = self.model_capacity(model)
+        # No capacity announced: the pipeline answers no_eligible_host itself.
+        limit = max(1, int(capacity * factor)) if capacity else 0
+        if limit and self.in_flight_by_model[model] >= limit:
+            self.shed += 1
+            return overloaded(
+                f"overloaded: {model!r} has {self.in_flight_by_model[model]} requests in "
+                f"flight for a capacity of {capacity}",
+                self.settings.shed_retry_after_s,
+            )
+        return None
+
+    # -- rate limits -------------------------------------------------------------------------
+
+    def _buckets_for(self, key_id: str) -> KeyBuckets:
+        buckets = self._buckets.get(key_id)
+        if buckets is None:
+            settings = self.settings
+            override = self._overrides.get(key_id, {})
+            rpm = override.get("rpm", settings.rate_limit_rpm)
+            tpm = override.get("tpm", settings.rate_limit_tpm)
+            burst_s = settings.rate_limit_burst_s
+            buckets = KeyBuckets(_bucket(rpm, burst_s, 1.0), _bucket(tpm, burst_s, 0.0))
+            self._buckets[key_id] = buckets
+        return buckets
+
+    def _over_rate(self, buckets: KeyBuckets, estimate: int) -> Response | None:
+        now = self.clock()
+        requests, tokens = buckets.requests, buckets.tokens
+        if tokens is not None and estimate > tokens.per_minute:
+            self.rate_limited += 1
+            return rate_limited(
+                f"request too large: it may use {estimate} tokens, the key's limit is "
+                f"{tokens.per_minute} tokens per minute; lower max_tokens or the prompt",
+                60.0,
+                code="tokens_exceed_limit",
+            )
+        if requests is not None and (wait_s := requests.wait_s(1, now)) > 0:
+            self.rate_limited += 1
+            return rate_limited(
+                f"rate limit reached: {requests.per_minute} requests per minute", wait_s
+            )
+        if tokens is not None and (wait_s := tokens.wait_s(estimate, now)) > 0:
+            self.rate_limited += 1
+            return rate_limited(
+                f"rate limit reached: {tokens.per_minute} tokens per minute", wait_s
+            )
+        return None
+
+    # -- admission ---------------------------------------------------------------------------
+
+    def admit(self, key_id: str, request: ChatCompletionRequest) -> Ticket | Response:
+        """Rate limits first (the key's own doing: 429), then capacity (503); a request
+        turned away is charged nothing."""
+        buckets = self._buckets_for(key_id)
+        estimate = 0
+        if buckets.tokens is not None:
+            estimate = estimate_tokens(request, self.settings.rate_limit_default_max_tokens)
+        refused = (
+            self._over_rate(buckets, estimate)
+            or self.shed_early()
+            or self._over_capacity(request.model)
+        )
+        if refused is not None:
+            return refused
+        if buckets.requests is not None:
+            buckets.requests.take(1)
+        if buckets.tokens is not None:
+            buckets.tokens.take(estimate)
+        self.in_flight += 1
+        self.waiting_first_token += 1
+        self.in_flight_by_model[request.model] += 1
+        return Ticket(self, buckets.tokens, request.model, estimate)
+
+
+class Ticket:
+    """One admitted request's hold on the limits, released exactly once."""
+
+    def __init__(self, limits: Limits, tokens: TokenBucket | None, model: str, estimate: int):
+        self._limits = limits
+        self._tokens = tokens
+        self._model = model
+        self._estimate = estimate
+        self._waiting = True
+        self._released = False
+
+    def first_token(self) -> None:
+        if self._waiting:
+            self._waiting = False
+            self._limits.waiting_first_token -= 1
+
+    def release(self, used_tokens: int = 0) -> None:
+        """Give back the slot, and to the token bucket what the estimate overcharged (or
+        take what it undercharged); a request that produced nothing is charged nothing."""
+        if self._released:
+            return
+        self._released = True
+        self.first_token()
+        limits = self._limits
+        limits.in_flight -= 1
+        limits.in_flight_by_model[self._model] -= 1
+        if not limits.in_flight_by_model[self._model]:
+            del limits.in_flight_by_model[self._model]
+        if self._tokens is not None:
+            difference = self._estimate - used_tokens
+            if difference >= 0:
+                self._tokens.give_back(difference)
+            else:
+                self._tokens.take(-difference)
+
+    def watch(self, batches: AsyncIterator[list[ClientEvent]]) -> AsyncIterator[list[ClientEvent]]:
+        """Called once the first token is there: pass the events through, and release with
+        the usage the finishing event reports (or the estimate, if the stream broke)."""
+        self.first_token()
+        return self._watch(batches)
+
+    async def _watch(
+        self, batches: AsyncIterator[list[ClientEvent]]
+    ) -> AsyncIterator[list[ClientEvent]]:
+        used = self._estimate
+        try:
+            async for batch in batches:
+                last = batch[-1]
+                if last.WhichOneof("event") == "finished":
+                    usage = last.finished.usage
+                    used = usage.input_tokens + usage.output_tokens
+                yield batch
+        finally:
+            self.release(used)
+
+    async def serve(self, answer: Awaitable[Response]) -> Response:
+        """Await the answer; release now unless a stream still runs, which releases when
+        it ends (or, if the client left before it began, when the response is done)."""
+        try:
+            response = await answer
+        except BaseException:
+            self.release()
+            raise
+        if isinstance(response, StreamingResponse):
+            response.background = BackgroundTask(self.release)
+        else:
+            self.release()
+        return response

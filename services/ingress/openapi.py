@@ -1,0 +1,311 @@
+"""The OpenAPI 3.1 description of the HTTP API, served at /openapi.json.
+
+The request body's schema is generated from the model the ingress validates with, so the two
+cannot drift; responses, headers and errors are written out by hand from what api.py answers.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from llooma.settings import VERSION
+from services.ingress.api import DEADLINE_HEADER, PRIVACY_HEADER, RACE_WIDTH_HEADER, SPLIT_HEADER
+from services.ingress.schema import ChatCompletionRequest
+
+Schema = dict[str, Any]
+
+SCHEMAS = "#/components/schemas/"
+# Whole milliseconds from 1 to 60000, as the ingress accepts them (leading zeros too).
+DEADLINE_PATTERN = "^0*([1-9][0-9]{0,3}|[1-5][0-9]{4}|60000)$"
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": SCHEMAS + name}
+
+
+def _header(description: str, schema: Schema | None = None, *, required: bool = True) -> Schema:
+    return {
+        "description": description,
+        "required": required,
+        "schema": schema or {"type": "string"},
+    }
+
+
+ERROR: Schema = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "code": {"type": ["string", "null"]},
+                "param": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+USAGE: Schema = {
+    "type": "object",
+    "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+    "properties": {
+        "prompt_tokens": {"type": "integer", "minimum": 0},
+        "completion_tokens": {"type": "integer", "minimum": 0},
+        "total_tokens": {"type": "integer", "minimum": 0},
+    },
+}
+
+CHAT_COMPLETION: Schema = {
+    "type": "object",
+    "required": ["id", "object", "created", "model", "choices", "usage"],
+    "properties": {
+        "id": {"type": "string", "pattern": "^chatcmpl-"},
+        "object": {"const": "chat.completion"},
+        "created": {"type": "integer"},
+        "model": {"type": "string"},
+        "choices": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["index", "message", "finish_reason"],
+                "properties": {
+                    "index": {"const": 0},
+                    "message": {
+                        "type": "object",
+                        "required": ["role", "content"],
+                        "properties": {
+                            "role": {"const": "assistant"},
+                            "content": {"type": "string"},
+                        },
+                    },
+                    "finish_reason": {"type": "string"},
+                },
+            },
+        },
+        "usage": _ref("Usage"),
+    },
+}
+
+MODEL_LIST: Schema = {
+    "type": "object",
+    "required": ["object", "data"],
+    "properties": {
+        "object": {"const": "list"},
+        "data": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["id", "object", "created", "owned_by"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "object": {"const": "model"},
+                    "created": {"type": "integer"},
+                    "owned_by": {"type": "string"},
+                },
+            },
+        },
+    },
+}
+
+HEALTH: Schema = {
+    "type": "object",
+    "required": ["status", "services", "hosts"],
+    "properties": {
+        "status": {"enum": ["ok", "unavailable"]},
+        "services": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
+        "hosts": {"type": "integer", "minimum": 0},
+    },
+}
+
+RETRY_AFTER = _header(
+    "Seconds to wait before trying again.", {"type": "string", "pattern": "^[0-9]+$"}
+)
+REQUEST_ID = _header("The request's id, also in the ledger and in traces.")
+PATH = _header(
+    "How the answer was produced.", {"enum": ["direct", "split", "fallback"]}, required=False
+)
+PLAN = _header("The planner's decision (ASCII, at most 200 characters).", required=False)
+
+
+def _error(description: str, headers: dict[str, Schema] | None = None) -> Schema:
+    response: Schema = {
+        "description": description,
+        "content": {"application/json": {"schema": _ref("Error")}},
+    }
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+def _request_parameters() -> list[Schema]:
+    def header(name: str, description: str, schema: Schema) -> Schema:
+        return {
+            "name": name,
+            "in": "header",
+            "required": False,
+            "description": description,
+            "schema": schema,
+        }
+
+    return [
+        header(
+            DEADLINE_HEADER,
+            "First-token deadline for this request, whole milliseconds.",
+            {"type": "string", "pattern": DEADLINE_PATTERN},
+        ),
+        header(
+            RACE_WIDTH_HEADER, "How many hosts race for this request.", {"enum": ["1", "2", "3"]}
+        ),
+        header(
+            PRIVACY_HEADER,
+            "`strict` also redacts quasi-identifiers.",
+            {"enum": ["standard", "strict"]},
+        ),
+        header(SPLIT_HEADER, "`off` asks the planner not to split.", {"enum": ["auto", "off"]}),
+    ]
+
+
+def _chat_completions() -> Schema:
+    pipeline_headers = {"x-llooma-request-id": REQUEST_ID}
+    return {
+        "operationId": "createChatCompletion",
+        "summary": "OpenAI-compatible chat completion, streamed (SSE) or whole.",
+        "security": [{"bearer": []}],
+        "parameters": _request_parameters(),
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": _ref("ChatCompletionRequest"),
+                    "example": {
+                        "model": "echo",
+                        "messages": [{"role": "user", "content": "Hello!"}],
+                        "max_tokens": 8,
+                    },
+                }
+            },
+        },
+        "responses": {
+            "200": {
+                "description": "The answer: one chat.completion, or with `stream: true` "
+                "chat.completion.chunk events ending in `data: [DONE]` (a failure after the "
+                'stream began ends it with a `data: {"error": ...}` event instead).',
+                "headers": {
+                    "x-llooma-request-id": REQUEST_ID,
+                    "x-llooma-path": PATH,
+                    "x-llooma-plan": PLAN,
+                },
+                "content": {
+                    "application/json": {"schema": _ref("ChatCompletion")},
+                    "text/event-stream": {"schema": {"type": "string"}},
+                },
+            },
+            "400": _error(
+                "Malformed JSON, a missing or wrongly typed field, invalid UTF-8, a bad header."
+            ),
+            "401": _error("Missing or unknown API key."),
+            "404": _error("No host has announced the model."),
+            "413": _error("The body is over the limit; checked before it is read whole."),
+            "429": _error(
+                "The key's requests or tokens per minute are used up "
+                "(`rate_limit_exceeded`), or the request alone exceeds its tokens per minute "
+                "(`tokens_exceed_limit`).",
+                {"retry-after": RETRY_AFTER},
+            ),
+            "502": _error("The raced hosts failed.", pipeline_headers),
+            "503": _error(
+                "Shed (`overloaded`), no eligible host, every raced host busy, or the control "
+                "plane is unreachable.",
+                {"retry-after": RETRY_AFTER},
+            ),
+            "504": _error("The raced hosts missed the first-token deadline.", pipeline_headers),
+        },
+    }
+
+
+def openapi_document() -> Schema:
+    request = ChatCompletionRequest.model_json_schema(ref_template=SCHEMAS + "{model}")
+    components: dict[str, Schema] = request.pop("$defs")
+    components.update(
+        ChatCompletionRequest=request,
+        ChatCompletion=CHAT_COMPLETION,
+        Usage=USAGE,
+        ModelList=MODEL_LIST,
+        Health=HEALTH,
+        Error=ERROR,
+    )
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "LLooMA", "version": VERSION},
+        "servers": [{"url": "/"}],
+        "paths": {
+            "/v1/chat/completions": {"post": _chat_completions()},
+            "/v1/models": {
+                "get": {
+                    "operationId": "listModels",
+                    "summary": "`llooma` and every model some live host serves.",
+                    "security": [{"bearer": []}],
+                    "responses": {
+                        "200": {
+                            "description": "The models.",
+                            "content": {"application/json": {"schema": _ref("ModelList")}},
+                        },
+                        "401": _error("Missing or unknown API key."),
+                    },
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "operationId": "health",
+                    "summary": "Ready once every service and at least one host are.",
+                    "security": [],
+                    "responses": {
+                        "200": {
+                            "description": "Ready.",
+                            "content": {"application/json": {"schema": _ref("Health")}},
+                        },
+                        "503": {
+                            "description": "Not ready yet.",
+                            "content": {"application/json": {"schema": _ref("Health")}},
+                        },
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "operationId": "openapi",
+                    "summary": "This document.",
+                    "security": [],
+                    "responses": {
+                        "200": {
+                            "description": "OpenAPI 3.1.",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        }
+                    },
+                }
+            },
+        },
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+@cache
+def _document_bytes() -> bytes:
+    return orjson.dumps(openapi_document())
+
+
+async def serve_openapi(_: Request) -> Response:
+    return Response(_document_bytes(), media_type="application/json")
