@@ -6,21 +6,16 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import Annotated
 
 import typer
 import uvloop
 from rich.console import Console
-from rich.progress import Progress
 
 from llooma import bus
-from llooma.host.config import HostConfig, HostConfigError, load_host_config
+from llooma.host.config import HostConfigError, load_host_config
 from llooma.settings import DEV_API_KEY
-
-if TYPE_CHECKING:
-    from llooma.stack import Stack
 
 app = typer.Typer(help="LLooMA: one fast, private, dependable LLM service over many hosts.")
 console = Console()
@@ -185,84 +180,20 @@ def migrate_command(database_url: Annotated[str, typer.Option(envvar="DATABASE_U
     console.print(f"applied: {', '.join(applied) or 'nothing (up to date)'}")
 
 
-SuiteResult = TypeVar("SuiteResult")
-
-
-def _run_suite(
-    name: str,
-    hosts: list[HostConfig],
-    env: dict[str, str],
-    measure: Callable[[Stack, Progress], Awaitable[SuiteResult]],
-) -> SuiteResult:
-    """Start a fresh bench stack with these hosts, measure, and stop it."""
-    import tempfile
-
-    from llooma.embedded import free_port
-    from llooma.stack import Stack
-
-    with tempfile.TemporaryDirectory(prefix="llooma-bench-") as scratch:
-        stack = Stack(
-            root=Path(scratch),
-            http_port=free_port(),
-            nats_url=os.environ.get("NATS_URL") or None,
-            database_url=os.environ.get("DATABASE_URL") or None,
-            hosts=hosts,
-            extra_env=env,
-        )
-        console.print(f"{name}: starting a bench stack ...")
-        stack.start()
-        try:
-            with Progress(console=console) as progress:
-                return asyncio.run(measure(stack, progress))  # type: ignore[arg-type]
-        finally:
-            stack.stop()
-
-
 @app.command()
 def bench(
     quick: Annotated[bool, typer.Option(help="A small run, for a quick look")] = False,
-    suite: Annotated[str, typer.Option(help="overhead, race, split or all")] = "all",
+    suite: Annotated[
+        str, typer.Option(help="overhead, throughput, race, split, scheduling or all")
+    ] = "all",
     results_dir: Annotated[Path, typer.Option()] = Path("bench/results"),
 ) -> None:
-    """Run the benchmarks, each on a fresh embedded stack, and write bench/results/."""
-    import platform
+    """Run the benchmarks on one embedded stack and write bench/results/ (md, json, png)."""
+    from llooma.bench.suite import SUITES, run
 
-    from llooma.bench import overhead, race, split
-
-    note = (
-        f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, "
-        f"{os.cpu_count()} cores, Python {platform.python_version()}; "
-        f"{'quick' if quick else 'full'} run (`llooma bench{' --quick' if quick else ''}`)."
-    )
-    unused = "nats://unused"  # the stack sets each host's NATS URL itself
-    if suite in ("overhead", "all"):
-        plan = [(1, 100), (32, 640)] if quick else [(1, 500), (32, 3200)]
-        levels = _run_suite(
-            "overhead",
-            overhead.bench_hosts(unused),
-            {},
-            lambda stack, progress: overhead.measure(stack, plan, progress),
-        )
-        console.print(overhead.write_results(levels, results_dir, note))
-    if suite in ("race", "all"):
-        count = 300 if quick else 2000
-        cells = _run_suite(
-            "race",
-            race.bench_hosts(unused),
-            race.stack_env(),
-            lambda stack, progress: race.measure(stack, count, progress),
-        )
-        console.print(race.write_results(cells, results_dir, note))
-    if suite in ("split", "all"):
-        count = 40 if quick else 200
-        outcome = _run_suite(
-            "split",
-            split.bench_hosts(unused),
-            {},
-            lambda stack, progress: split.measure(stack, count, progress),
-        )
-        console.print(split.write_results(outcome, results_dir, note))
-    console.print(f"results in {results_dir}/")
+    if suite != "all" and suite not in SUITES:
+        raise typer.BadParameter(f"{suite!r}: choose from {', '.join(SUITES)} or all")
+    run(list(SUITES) if suite == "all" else [suite], quick, results_dir, console)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ capability subject over NATS; "stack" is a streaming HTTP request through every 
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import time
 import uuid
@@ -20,6 +21,7 @@ from nats.aio.client import Client
 from rich.progress import Progress
 
 from llooma import bus, subjects
+from llooma.bench import plots
 from llooma.bench.sse_client import SseClient
 from llooma.bench.stats import percentile
 from llooma.host.config import Generation, HostConfig, Latency, ModelConfig
@@ -106,6 +108,21 @@ async def run_level(
     return level
 
 
+def summary(level: Level) -> dict[str, float]:
+    d50, s50 = statistics.median(level.direct_ms), statistics.median(level.stack_ms)
+    d99, s99 = percentile(level.direct_ms, 0.99), percentile(level.stack_ms, 0.99)
+    return {
+        "concurrency": level.concurrency,
+        "requests": len(level.stack_ms),
+        "direct_p50_ms": d50,
+        "stack_p50_ms": s50,
+        "added_p50_ms": s50 - d50,
+        "direct_p99_ms": d99,
+        "stack_p99_ms": s99,
+        "added_p99_ms": s99 - d99,
+    }
+
+
 def report(levels: list[Level]) -> str:
     lines = [
         "| concurrency | requests | direct p50 ms | stack p50 ms | added p50 ms "
@@ -141,15 +158,26 @@ async def measure(stack: Stack, plan: list[tuple[int, int]], progress: Progress)
 def write_results(levels: list[Level], results_dir: Path, note: str) -> str:
     results_dir.mkdir(parents=True, exist_ok=True)
     table = report(levels)
+    summaries = [summary(level) for level in levels]
+    (results_dir / "overhead.json").write_text(json.dumps(summaries, indent=2))
+    plots.overhead(
+        [level.concurrency for level in levels],
+        [s["added_p50_ms"] for s in summaries],
+        [s["added_p99_ms"] for s in summaries],
+        results_dir / "overhead.png",
+    )
     text = (
         "# Overhead: time to first token, stack vs. direct host call\n\n"
-        f"{note}\n\n{table}\n\n"
+        f"{note}\n\n{table}\n\n![added time to first token](overhead.png)\n\n"
         "`added` = stack minus direct at the same percentile; both paths measured in the same "
         "run, interleaved batch by batch, against the same zero-latency synthetic host. "
         "Direct: a HostTask published to the host's capability subject, timed to its first "
         "token chunk. Stack: a streaming HTTP request through ingress, privacy, planner, "
         "dispatcher and racer, timed to the first content delta, sent by a lean keep-alive "
-        "HTTP client (httpx alone costs ~6 ms of CPU per streamed request on this machine).\n"
+        "HTTP client (httpx alone costs ~6 ms of CPU per streamed request on this machine). "
+        "At each concurrency level, that many requests start together and the next batch "
+        "starts when all have their first token; the client, the stack and the host share "
+        "the machine's cores, so at 128 streams much of the added time is queueing for CPU.\n"
     )
     (results_dir / "overhead.md").write_text(text)
     return table

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from rich.progress import Progress
 
+from llooma.bench import plots
 from llooma.bench.sse_client import SseClient
 from llooma.bench.stats import percentile
 from llooma.host.config import Generation, HostConfig, Latency, ModelConfig
@@ -121,9 +122,15 @@ def write_results(results: list[SplitResult], results_dir: Path, note: str) -> s
             f"| {r.last_token_p95_ms:.0f} | {paths} |"
         )
     table = "\n".join(lines)
+    plots.split(
+        [r.mode for r in results],
+        [r.last_token_p50_ms for r in results],
+        [r.last_token_p95_ms for r in results],
+        results_dir / "split.png",
+    )
     (results_dir / "split.md").write_text(
         "# Split vs. direct: time to last token\n\n"
-        f"{note}\n\n{table}\n\n"
+        f"{note}\n\n{table}\n\n![time to last token](split.png)\n\n"
         f"Four synthetic hosts (first token log-normal, median 150 ms, sigma 0.3; 15 ms per "
         f"token). The client's budget is {4 * PART_TOKENS} tokens: the direct answer streams all "
         f"of it from one host; split, each of the four parts gets a quarter ({PART_TOKENS}) and "

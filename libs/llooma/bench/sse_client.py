@@ -14,6 +14,24 @@ _FIRST_CONTENT = b'"content":"'
 _EMPTY_CONTENT = b'"content":""'
 
 
+@dataclass(frozen=True, slots=True)
+class StreamTiming:
+    status: int
+    started: float
+    first_token: float | None
+    ended: float
+
+
+class Refused(RuntimeError):
+    def __init__(self, status: int, status_line: bytes) -> None:
+        super().__init__(f"stack answered {status_line!r}")
+        self.status = status
+
+
+class NoToken(RuntimeError):
+    """The stream ended (an error event, for one) before any content."""
+
+
 @dataclass
 class _Connection:
     reader: asyncio.StreamReader
@@ -44,6 +62,18 @@ class SseClient:
         first, _ = await self._stream(path, body, {})
         return first - started
 
+    async def timed_stream(self, path: str, body: bytes, headers: dict[str, str]) -> StreamTiming:
+        """Stream one request to its end; a non-200 answer is returned, not raised, so callers
+        can count and retry refusals (503 when every host is busy)."""
+        started = time.perf_counter()
+        try:
+            first, _ = await self._stream(path, body, headers)
+        except Refused as refused:
+            return StreamTiming(refused.status, started, None, time.perf_counter())
+        except NoToken:
+            return StreamTiming(200, started, None, time.perf_counter())
+        return StreamTiming(200, started, first, time.perf_counter())
+
     async def request_id_of(self, path: str, body: bytes, headers: dict[str, str]) -> str:
         """Stream one request to its end; returns its x-llooma-request-id."""
         _, found = await self._stream(path, body, headers, b"x-llooma-request-id:")
@@ -65,14 +95,29 @@ class SseClient:
             f"{extra}Content-Length: {len(body)}\r\n\r\n"
         ).encode() + body
         connection.writer.write(request)
+        status_line = await connection.reader.readline()
+        if not status_line:
+            # The server closed an idle keep-alive connection: send again on a fresh one.
+            connection.writer.close()
+            reader, writer = await asyncio.open_connection(self._host, self._port)
+            connection = _Connection(reader, writer)
+            connection.writer.write(request)
+            status_line = await reader.readline()
         reader = connection.reader
-        status_line = await reader.readline()
-        if b" 200 " not in status_line:
-            raise RuntimeError(f"stack answered {status_line!r}")
         found = ""
+        length = 0
         while (line := await reader.readline()) not in (b"\r\n", b""):
-            if wanted and line.lower().startswith(wanted):
+            lowered = line.lower()
+            if wanted and lowered.startswith(wanted):
                 found = line.split(b":", 1)[1].strip().decode()
+            elif lowered.startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        if b" 200 " not in status_line:
+            # Read the error body so the keep-alive connection can carry the next request.
+            await reader.readexactly(length)
+            self._idle.append(connection)
+            parts = status_line.split()
+            raise Refused(int(parts[1]) if len(parts) > 1 else 0, status_line)
         first: float | None = None
         while True:
             size = int((await reader.readline()).strip(), 16)
@@ -86,5 +131,5 @@ class SseClient:
                     first = time.perf_counter()
         self._idle.append(connection)
         if first is None:
-            raise RuntimeError("stream ended without a token")
+            raise NoToken("stream ended without a token")
         return first, found
