@@ -24,6 +24,8 @@ HEDGED_MODEL = "hedged-test-model"
 HEDGE_DELAY_MS = 150
 SPLITTER_MODEL = "splitter-test-model"
 PRIVACY_OFF_KEY = "sk-test-privacy-off"
+# A known key that opens with no balance: with billing on, the ingress answers it 402.
+NO_BALANCE_KEY = "sk-test-no-balance"
 
 
 @pytest.fixture(scope="session")
@@ -77,7 +79,8 @@ def stack(
         extra_env={
             "LLOOMA_HEDGE_DELAY_BY_MODEL": f'{{"{HEDGED_MODEL}": "{HEDGE_DELAY_MS}"}}',
             "LLOOMA_PLANNER_SPLIT_MODEL": SPLITTER_MODEL,
-            "LLOOMA_API_KEYS": f"{DEV_API_KEY},{PRIVACY_OFF_KEY}",
+            "LLOOMA_API_KEYS": f"{DEV_API_KEY},{PRIVACY_OFF_KEY},{NO_BALANCE_KEY}",
+            "LLOOMA_OPENING_BALANCES_MICROS": f'{{"{NO_BALANCE_KEY}": 0}}',
             "LLOOMA_PRIVACY_OFF_API_KEYS": PRIVACY_OFF_KEY,
             # Duels (tested on their own stack, tests/test_duel.py) would let a sampled race's
             # loser run on and send judge prompts to other tests' hosts.

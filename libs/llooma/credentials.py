@@ -107,6 +107,13 @@ def _quote(value: object) -> str:
     return json.dumps(value)
 
 
+def jetstream_config(store_dir: Path, *, sync_always: bool = True) -> str:
+    """The JetStream block; `sync_always` fsyncs each write before the publish ack, so an
+    acknowledged settlement survives a crash of the server or the machine."""
+    sync = ", sync_interval: always" if sync_always else ""
+    return f"jetstream {{ store_dir: {_quote(str(store_dir))}{sync} }}\n"
+
+
 def render_nats_config(store: CredentialStore, port: int, store_dir: Path) -> str:
     """nats-server config: JetStream, loopback, and one nkey user per credential."""
     registry = store._registry()
@@ -116,8 +123,10 @@ def render_nats_config(store: CredentialStore, port: int, store_dir: Path) -> st
         users.append(f"    {{ nkey: {_quote(key)}, permissions: {permissions} }}")
     return (
         f"listen: 127.0.0.1:{port}\n"
-        f"jetstream {{ store_dir: {_quote(str(store_dir))} }}\n"
-        "authorization {\n  users = [\n" + ",\n".join(users) + "\n  ]\n}\n"
+        + jetstream_config(store_dir)
+        + "authorization {\n  users = [\n"
+        + ",\n".join(users)
+        + "\n  ]\n}\n"
     )
 
 

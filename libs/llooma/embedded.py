@@ -6,6 +6,7 @@ clean machine with Python and pip can run the whole stack.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
@@ -18,9 +19,15 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 from pgserver import postgres_server
 
-from llooma.credentials import CredentialStore, reload_nats, render_nats_config
+from llooma.credentials import (
+    CredentialStore,
+    jetstream_config,
+    reload_nats,
+    render_nats_config,
+)
 
 _PR_SET_PDEATHSIG = 1
 
@@ -99,6 +106,7 @@ class EmbeddedNats:
         port: int | None = None,
         *,
         credentials: CredentialStore | None = None,
+        sync_always: bool = True,
     ) -> EmbeddedNats:
         data_dir.mkdir(parents=True, exist_ok=True)
         port = port or free_port()
@@ -108,7 +116,11 @@ class EmbeddedNats:
             write_nats_config(data_dir, credentials, port)
             args += ["-c", str(data_dir / "nats.conf")]
         else:
-            args += ["-js", "-sd", str(data_dir / "jetstream"), "-a", "127.0.0.1", "-p", str(port)]
+            config = f"listen: 127.0.0.1:{port}\n" + jetstream_config(
+                data_dir / "jetstream", sync_always=sync_always
+            )
+            (data_dir / "nats.conf").write_text(config)
+            args += ["-c", str(data_dir / "nats.conf")]
         log_file = (data_dir / "nats-server.log").open("ab")
         process = subprocess.Popen(
             args, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
@@ -159,6 +171,23 @@ class EmbeddedPostgres:
     def pid(self) -> int | None:
         pid: int | None = self._server.get_pid()
         return pid
+
+    def crash(self) -> None:
+        """kill -9 the postmaster and every backend, as a machine crash would."""
+        pid = self.pid()
+        if pid is None:
+            return
+        postmaster = psutil.Process(pid)
+        victims = [postmaster, *postmaster.children(recursive=True)]
+        for process in victims:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        psutil.wait_procs(victims, timeout=10)
+
+    def ensure_running(self) -> None:
+        """Start the server again on the same data and socket (after `crash`)."""
+        with self._server._lock:
+            self._server.ensure_postgres_running()
 
 
 def child_environment(extra: dict[str, str]) -> dict[str, str]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Generic, TypeVar
 
+import nats.errors
 from google.protobuf.message import DecodeError, Message
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
@@ -31,6 +32,9 @@ HeartbeatT = TypeVar("HeartbeatT", bound=Message)
 
 # The bucket drops an entry MEMBERSHIP_TTL_S after its last heartbeat; the view does the same.
 FORGET_AFTER_S = MEMBERSHIP_TTL_S
+# Members beat every 0.5 s, so a watch this quiet has lost its consumer (a restarted server
+# forgets memory buckets and their consumers without telling the client): watch anew.
+WATCH_IDLE_S = 3.0
 
 
 @dataclass(slots=True)
@@ -79,7 +83,13 @@ class Membership(Generic[HeartbeatT]):
         while True:
             try:
                 watcher = await kv.watchall()
-                async for entry in watcher:
+                while True:
+                    try:
+                        entry = await watcher.updates(timeout=WATCH_IDLE_S)  # type: ignore[no-untyped-call]
+                    except nats.errors.TimeoutError:
+                        with contextlib.suppress(Exception):
+                            await watcher.stop()  # type: ignore[no-untyped-call]
+                        break
                     if entry is None:
                         self._initial_load.set()
                         continue

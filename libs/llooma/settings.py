@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     planner_epsilon_ms: float = 50.0
     planner_split_model: str = ""
     planner_split_timeout_ms: int = 5000
+    # How long JetStream waits for a request-path service's ack before it redelivers (to a
+    # replica): what a kill -9 of privacy, planner or dispatcher costs a request in flight.
+    pipeline_ack_wait_s: float = Field(default=2.0, gt=0)
     heartbeat_interval_s: float = 0.5
     host_stale_after_s: float = 2.0
     service_stale_after_s: float = 3.0

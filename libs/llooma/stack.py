@@ -102,6 +102,8 @@ class Stack:
     shared_nats: EmbeddedNats | None = None
     hosts: list[HostConfig] | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Processes per service (default 1); replicas share each durable consumer / queue group.
+    replicas: dict[str, int] = field(default_factory=dict)
     children: list[Child] = field(default_factory=list)
     nats: EmbeddedNats | None = None
     postgres: EmbeddedPostgres | None = None
@@ -151,7 +153,9 @@ class Stack:
             )
             for service in SERVICES:
                 args = [sys.executable, "-m", f"services.{service}"]
-                self.children.append(Child(service, args, env, logs / f"{service}.log"))
+                for replica in range(1, self.replicas.get(service, 1) + 1):
+                    name = service if replica == 1 else f"{service}-{replica}"
+                    self.children.append(Child(name, args, env, logs / f"{name}.log"))
             host_dir = self.root / "hosts"
             host_dir.mkdir(exist_ok=True)
             host_store = self.credentials
@@ -203,6 +207,35 @@ class Stack:
                 child.spawn()
                 restarted.append(child.name)
         return restarted
+
+    def child(self, name: str) -> Child:
+        return next(c for c in self.children if c.name == name)
+
+    def kill(self, name: str) -> int:
+        """kill -9 one child (a fault, not a stop); `restart_crashed` brings it back."""
+        process = self.child(name).process
+        assert process is not None
+        process.kill()
+        process.wait()
+        return process.pid
+
+    def restart_nats(self, *, kill: bool = True) -> None:
+        """Crash (or stop) the embedded nats-server and start it again on the same port and
+        store: clients reconnect by themselves; memory streams are gone, file streams stay."""
+        assert self.nats is not None, "only the stack's own nats-server can be restarted"
+        old = self.nats
+        if kill:
+            old.process.kill()
+            old.process.wait()
+        else:
+            old.stop()
+        self.nats = EmbeddedNats.start(old.data_dir, old.port, credentials=old.credentials)
+
+    def restart_postgres(self) -> None:
+        """kill -9 the postmaster and its backends, then start it again (crash recovery)."""
+        assert self.postgres is not None, "only the stack's own Postgres can be restarted"
+        self.postgres.crash()
+        self.postgres.ensure_running()
 
     def pids(self) -> list[int]:
         found = [c.process.pid for c in self.children if c.process is not None]

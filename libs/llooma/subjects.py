@@ -38,6 +38,7 @@ CONSUMER_PLANNER = "planner"
 CONSUMER_DISPATCHER = "dispatcher"
 CONSUMER_RACER = "racer"
 CONSUMER_ACCOUNTING = "accounting"
+CONSUMER_ACCOUNTING_DUELS = "accounting-duels"
 
 # Request-reply services on core NATS (queue groups).
 COMPRESS = f"{PREFIX}.compress"

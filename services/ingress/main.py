@@ -13,6 +13,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from llooma import bus, runtime
+from llooma.ledger.balances import BalanceBook
 from llooma.membership import HostDirectory, ServiceDirectory
 from llooma.runtime import ServiceHeartbeater
 from llooma.settings import Settings, load_settings
@@ -66,12 +67,16 @@ def create_app(settings: Settings) -> Starlette:
         replies = ReplyRouter(instance_id)
         await replies.start(nc)
         app.state.ingress = Ingress(settings, nc, js, replies, hosts, services)
+        balances = BalanceBook()
+        await balances.start(js)
+        app.state.ingress.balances = balances
         heartbeat = ServiceHeartbeater(nc, SERVICE, instance_id, settings.heartbeat_interval_s)
         await heartbeat.start()
         try:
             yield
         finally:
             await heartbeat.stop()
+            await balances.stop()
             await hosts.stop()
             await services.stop()
             await nc.drain()

@@ -1,0 +1,165 @@
+"""`llooma ledger`: verify the chain, report the economics, credit a key."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from llooma.settings import api_key_id, load_settings
+
+ledger_app = typer.Typer(help="The payout ledger: verify the chain, report, credit a key.")
+console = Console()
+MICROS = 1_000_000
+_KEY_ID = re.compile(r"^[0-9a-f]{32}$")
+
+DatabaseUrl = Annotated[
+    str, typer.Option(envvar="DATABASE_URL", help="Postgres; default: the embedded one")
+]
+DataDir = Annotated[Path, typer.Option(help="The stack's data folder")]
+KeyFile = Annotated[
+    Path | None,
+    typer.Option(help="The block-signing key (seed or .pub); default from the settings"),
+]
+
+
+def _database_url(database_url: str, data_dir: Path) -> str:
+    if database_url:
+        return database_url
+    folder = (data_dir / "postgres").resolve()
+    if not folder.exists():
+        console.print("[red]no DATABASE_URL and no embedded Postgres under the data folder[/red]")
+        raise typer.Exit(2)
+    # pgserver listens on a Unix socket in its data folder (the stack must be running).
+    return f"postgresql://postgres:@/postgres?host={folder}"
+
+
+def _key_file(key_file: Path | None) -> Path:
+    from llooma.ledger import signing_key_path
+
+    return key_file or signing_key_path(load_settings())
+
+
+def credits(micros: int) -> str:
+    return f"{Decimal(micros) / MICROS:,.6f}"
+
+
+@ledger_app.command("verify")
+def verify(
+    database_url: DatabaseUrl = "",
+    data_dir: DataDir = Path(".llooma"),
+    key_file: KeyFile = None,
+) -> None:
+    """Recompute every block from the database; name the first one that does not check out."""
+    import asyncpg
+
+    from llooma.ledger.blocks import trusted_key
+    from llooma.ledger.verify import Verdict, verify_ledger
+
+    trusted = {trusted_key(_key_file(key_file))}
+
+    async def run() -> Verdict:
+        conn = await asyncpg.connect(_database_url(database_url, data_dir))
+        try:
+            return await verify_ledger(conn, trusted)
+        finally:
+            await conn.close()
+
+    verdict = asyncio.run(run())
+    if verdict.ok:
+        console.print(f"ledger ok: {verdict.blocks} blocks, {verdict.entries} entries")
+        return
+    where = f"block {verdict.bad_height}" if verdict.bad_height is not None else "ledger"
+    if verdict.bad_block_id:
+        where += f" ({verdict.bad_block_id[:16]})"
+    console.print(f"[red]first bad {where}: {verdict.reason}[/red]")
+    console.print(f"{verdict.blocks} blocks before it checked out")
+    raise typer.Exit(1)
+
+
+@ledger_app.command("report")
+def report(database_url: DatabaseUrl = "", data_dir: DataDir = Path(".llooma")) -> None:
+    """Cost per successful response, payouts and race wins per host."""
+    import asyncpg
+
+    from llooma.ledger.store import read_summary
+    from llooma.v1.ledger_pb2 import LedgerSummary
+
+    async def run() -> LedgerSummary:
+        conn = await asyncpg.connect(_database_url(database_url, data_dir))
+        try:
+            return await read_summary(conn)
+        finally:
+            await conn.close()
+
+    summary = asyncio.run(run())
+    totals = Table(title="Ledger (credits)", show_header=False)
+    totals.add_row("completed responses", str(summary.completed_responses))
+    totals.add_row("user charges", credits(summary.user_charges_micros))
+    totals.add_row("host payouts", credits(summary.host_payouts_micros))
+    totals.add_row("fallback cost", credits(summary.fallback_cost_micros))
+    totals.add_row(
+        "cost per successful response",
+        credits(round(summary.cost_per_successful_response_micros)),
+    )
+    totals.add_row("blocks", f"{summary.blocks} (head {summary.head_block_id[:16]})")
+    console.print(totals)
+    hosts = Table(title="Hosts")
+    for column in ("host", "payouts", "race wins", "race losses", "duels", "quality"):
+        hosts.add_column(column, justify="left" if column == "host" else "right")
+    for line in summary.hosts:
+        hosts.add_row(
+            line.host_id,
+            credits(line.payouts_micros),
+            str(line.race_wins),
+            str(line.race_losses),
+            str(line.duels),
+            f"{line.quality:.3f}",
+        )
+    console.print(hosts)
+
+
+@ledger_app.command("credit")
+def credit(
+    key: Annotated[str, typer.Argument(help="An API key, or its 32-hex key id")],
+    amount: Annotated[str, typer.Argument(help="Credits to add (decimal)")],
+    database_url: DatabaseUrl = "",
+    data_dir: DataDir = Path(".llooma"),
+    key_file: KeyFile = None,
+) -> None:
+    """Add credits to a key's balance (a signed deposit; the ingress sees it within ~2 s)."""
+    import asyncpg
+
+    from llooma.ledger.blocks import Signer
+    from llooma.ledger.economics import Prices, deposit
+    from llooma.ledger.store import LedgerStore
+
+    try:
+        micros = int(Decimal(amount) * MICROS)
+    except InvalidOperation as error:
+        raise typer.BadParameter(f"not a number: {amount}") from error
+    if micros <= 0:
+        raise typer.BadParameter("the amount must be positive")
+    key_id = key if _KEY_ID.match(key) else api_key_id(key)
+    signer = Signer.load_or_create(_key_file(key_file))
+
+    async def run() -> int:
+        pool = await asyncpg.create_pool(
+            _database_url(database_url, data_dir), min_size=1, max_size=1
+        )
+        try:
+            store = LedgerStore(pool, signer, Prices())
+            posted = await store.deposit([deposit(f"credit:{uuid.uuid4().hex}", key_id, micros)])
+            return posted.user_balances[key_id]
+        finally:
+            await pool.close()
+
+    balance = asyncio.run(run())
+    console.print(f"credited {credits(micros)} to {key_id}; balance {credits(balance)}")
