@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import nats
 from nats.aio.client import Client
@@ -13,7 +12,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
-from llooma import subjects
+from llooma import subjects, tracing
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +62,6 @@ BUCKETS = (
 
 
 ErrorCallback = Callable[[Exception], Awaitable[None]]
-ReconnectHook = Callable[[], Coroutine[Any, Any, None]]
-# How long a reconnected client keeps trying to restore the topology while JetStream recovers.
-RESTORE_TIMEOUT_S = 60.0
 
 
 async def connect(
@@ -75,20 +71,9 @@ async def connect(
     nkey_seed_file: str | None = None,
     attempts: int = 60,
     error_cb: ErrorCallback | None = None,
-    on_reconnect: ReconnectHook | None = None,
 ) -> Client:
-    """Connect, retrying while the server starts; afterwards nats-py reconnects by itself and
-    `on_reconnect` runs in the background after each reconnect (see `restore_topology`)."""
+    """Connect, retrying while the server starts; afterwards nats-py reconnects by itself."""
     last_error: Exception | None = None
-    restoring: set[asyncio.Task[None]] = set()
-
-    async def reconnected() -> None:
-        if on_reconnect is not None:
-            # nats-py awaits this inside its reconnect loop: do the slow part elsewhere.
-            task = asyncio.create_task(on_reconnect(), name=f"{name}-reconnected")
-            restoring.add(task)
-            task.add_done_callback(restoring.discard)
-
     for _ in range(attempts):
         try:
             return await nats.connect(
@@ -96,7 +81,6 @@ async def connect(
                 name=name,
                 nkeys_seed=nkey_seed_file or None,
                 error_cb=error_cb or _log_error,
-                reconnected_cb=reconnected,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
             )
@@ -128,25 +112,12 @@ async def ensure_topology(js: JetStreamContext) -> None:
             log.debug("bucket %s already exists", bucket.bucket)
 
 
-async def restore_topology(js: JetStreamContext, timeout_s: float = RESTORE_TIMEOUT_S) -> None:
-    """After a reconnect: the server may be a restarted one, whose memory streams and buckets
-    are gone and whose JetStream may still be recovering its files; retry until it stands."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        try:
-            await ensure_topology(js)
-            return
-        except Exception:
-            if asyncio.get_running_loop().time() > deadline:
-                raise
-            await asyncio.sleep(0.25)
-
-
 def msg_id_headers(msg_id: str) -> dict[str, str]:
     """Headers making a JetStream publish idempotent within the duplicate window."""
     return {"Nats-Msg-Id": msg_id}
 
 
 async def hand_off(js: JetStreamContext, subject: str, payload: bytes, msg_id: str) -> None:
-    """A durable, idempotent hand-off to the next service (waits for the stream's ack)."""
-    await js.publish(subject, payload, headers=msg_id_headers(msg_id))
+    """A durable, idempotent hand-off to the next service (waits for the stream's ack); it
+    carries the current span's traceparent when tracing."""
+    await js.publish(subject, payload, headers=tracing.inject(msg_id_headers(msg_id)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from faststream.nats import NatsRouter
 from faststream.nats.annotations import NatsMessage
 
-from llooma import subjects
+from llooma import subjects, tracing
 from llooma.compress import compress
 from llooma.v1.compress_pb2 import CompressReply, CompressRequest
 
@@ -14,5 +14,6 @@ router = NatsRouter()
 
 @router.subscriber(subjects.COMPRESS, queue="compressor")
 async def compress_text(message: NatsMessage) -> bytes:
-    request = CompressRequest.FromString(message.body)
-    return CompressReply(text=compress(request.text, request.budget)).SerializeToString()
+    with tracing.consumer_span(subjects.COMPRESS, message.headers):
+        request = CompressRequest.FromString(message.body)
+        return CompressReply(text=compress(request.text, request.budget)).SerializeToString()

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from opentelemetry.trace import Span
 
-from llooma import bus, subjects
+from llooma import bus, subjects, tracing
 from llooma.v1.common_pb2 import ERROR_CODE_NO_ELIGIBLE_HOST, ChatMessage, ErrorDetail
 from llooma.v1.compress_pb2 import CompressReply, CompressRequest
 from llooma.v1.pipeline_pb2 import ChatRequest, ClientEvent, TaskAssignment
@@ -32,6 +33,8 @@ class DagRun:
     outputs: dict[str, str] = field(default_factory=dict)
     released: set[str] = field(default_factory=set)
     hosts_in_use: dict[str, set[str]] = field(default_factory=dict)
+    # Nodes released later (on NodeDone) still hand off within the request's trace.
+    span: Span | None = None
 
 
 class DagRunner:
@@ -62,10 +65,13 @@ class DagRunner:
             node_done_subject=self._done_subject,
         )
         reply = await self._nc.request(
-            subjects.AGGREGATE_START, start.SerializeToString(), timeout=REQUEST_TIMEOUT_S
+            subjects.AGGREGATE_START,
+            start.SerializeToString(),
+            timeout=REQUEST_TIMEOUT_S,
+            headers=tracing.current_headers(),
         )
         prefix = AggregationReady.FromString(reply.data).node_subject_prefix
-        run = DagRun(request, prefix)
+        run = DagRun(request, prefix, span=tracing.current_span())
         self._runs[request.request_id] = run
         await self._release(run)
 
@@ -97,11 +103,18 @@ class DagRunner:
     async def _compress(self, text: str) -> str:
         request = CompressRequest(text=text, budget=PARENT_BUDGET_CHARS)
         reply = await self._nc.request(
-            subjects.COMPRESS, request.SerializeToString(), timeout=REQUEST_TIMEOUT_S
+            subjects.COMPRESS,
+            request.SerializeToString(),
+            timeout=REQUEST_TIMEOUT_S,
+            headers=tracing.current_headers(),
         )
         return CompressReply.FromString(reply.data).text
 
     async def _launch(self, run: DagRun, node: PlanNode) -> None:
+        with tracing.within(run.span):
+            await self._launch_node(run, node)
+
+    async def _launch_node(self, run: DagRun, node: PlanNode) -> None:
         try:
             prompt = node.prompt
             if node.deps:

@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 import uvicorn
 import uvloop
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from llooma import bus, runtime
-from llooma.ledger.balances import BalanceBook
+from llooma import bus, runtime, tracing
 from llooma.membership import HostDirectory, ServiceDirectory
 from llooma.runtime import ServiceHeartbeater
 from llooma.settings import Settings, load_settings
@@ -67,26 +67,25 @@ def create_app(settings: Settings) -> Starlette:
         replies = ReplyRouter(instance_id)
         await replies.start(nc)
         app.state.ingress = Ingress(settings, nc, js, replies, hosts, services)
-        balances = BalanceBook()
-        await balances.start(js)
-        app.state.ingress.balances = balances
         heartbeat = ServiceHeartbeater(nc, SERVICE, instance_id, settings.heartbeat_interval_s)
         await heartbeat.start()
         try:
             yield
         finally:
             await heartbeat.stop()
-            await balances.stop()
             await hosts.stop()
             await services.stop()
             await nc.drain()
 
-    return Starlette(routes=ROUTES, lifespan=lifespan)
+    # Only when tracing: an untraced ingress keeps no middleware layer at all.
+    middleware = [Middleware(tracing.ServerSpans)] if tracing.enabled() else []
+    return Starlette(routes=ROUTES, lifespan=lifespan, middleware=middleware)
 
 
 def main() -> None:
     settings = load_settings()
     runtime.configure_logging(settings)
+    tracing.setup(SERVICE)
     config = uvicorn.Config(
         create_app(settings),
         host=settings.http_host,

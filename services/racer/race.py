@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from opentelemetry.trace import Span, SpanKind
 
-from llooma import bus, subjects
+from llooma import bus, subjects, tracing
 from llooma.continuation import (
     OverlapFilter,
     continuation_messages,
@@ -34,7 +35,7 @@ from llooma.v1.common_pb2 import (
     ErrorDetail,
     Usage,
 )
-from llooma.v1.host_pb2 import CancelTask, HostChunk, HostFinished, HostTask
+from llooma.v1.host_pb2 import CancelTask, HostChunk, HostTask
 from llooma.v1.pipeline_pb2 import (
     ClientDelta,
     ClientEvent,
@@ -58,13 +59,15 @@ from llooma.v1.settlement_pb2 import (
     ATTEMPT_OUTCOME_WON,
     TaskSettlement,
 )
-from services.racer.containment import Sanitizer
 from services.racer.duel import Duels
 
 log = logging.getLogger(__name__)
 
-# How long a settlement or race event publish is retried while NATS is away.
-PUBLISH_RETRY_S = 60.0
+ATTEMPT_OUTCOME_NAMES: dict[int, str] = {
+    ATTEMPT_OUTCOME_WON: "won",
+    ATTEMPT_OUTCOME_LOST: "lost",
+    ATTEMPT_OUTCOME_FAILED: "failed",
+}
 
 
 @dataclass(slots=True)
@@ -80,9 +83,7 @@ class Attempt:
     stalled: bool = False
     contributed: bool = False
     cancelled: bool = False
-    # Protocol breaches (tokens past max_tokens, control tokens or characters): each one
-    # makes the attempt a failure in the settlement and the race event, so in S(h).
-    violations: int = 0
+    span: Span | None = None
 
 
 class RaceFailed(Exception):
@@ -106,6 +107,7 @@ class Race:
     continuations: int = 0
     error: ErrorCode.ValueType = ErrorCode.ERROR_CODE_UNSPECIFIED
     winner: Attempt | None = None
+    span: Span | None = None
     # A loser left running for a duel (services/racer/duel.py): not cancelled, not ours.
     dueling: Attempt | None = None
 
@@ -167,6 +169,14 @@ class Racer:
         assert task is not None
         self._by_request.setdefault(request_id, set()).add(task)
         race = Race(assignment, time.monotonic(), self._fallback_timeout_s)
+        race.span = tracing.start_span(
+            f"race {assignment.request.model}",
+            attributes={
+                **tracing.chat_attributes(assignment.request.model),
+                "llooma.request_id": request_id,
+                "llooma.task_id": assignment.task_id,
+            },
+        )
         # The fallback pool first; raced hosts that said no may still continue a stream.
         race.spare = [*assignment.fallback, *assignment.hosts]
         try:
@@ -195,6 +205,17 @@ class Racer:
         messages: list[ChatMessage] | None = None,
     ) -> Attempt:
         attempt = Attempt(uuid.uuid4().hex, host, role, time.monotonic())
+        attempt.span = tracing.start_span(
+            f"chat {host.model}",
+            kind=SpanKind.CLIENT,
+            parent=race.span,
+            attributes={
+                **tracing.chat_attributes(host.model),
+                "llooma.attempt_id": attempt.attempt_id,
+                "llooma.host_id": host.host_id,
+                "llooma.attempt_role": AttemptRole.Name(role),
+            },
+        )
         race.attempts[attempt.attempt_id] = attempt
         self._by_attempt[attempt.attempt_id] = (race, attempt)
         request = race.assignment.request
@@ -208,6 +229,7 @@ class Racer:
             subjects.host_task(host.model, host.host_id),
             task.SerializeToString(),
             reply=subjects.host_reply(self._instance_id, attempt.attempt_id),
+            headers=tracing.headers_for(attempt.span),
         )
         return attempt
 
@@ -321,8 +343,6 @@ class Racer:
         stall_s = race.assignment.stall_deadline_ms / 1000.0
         chunk: HostChunk | None = first
         relay = _Relay()
-        sanitizer = Sanitizer()
-        max_tokens = race.assignment.request.params.max_tokens
         text: list[str] = []
         while True:
             if chunk is None:
@@ -332,37 +352,30 @@ class Racer:
                 except TimeoutError:
                     winner.stalled = True
                     winner, chunk, relay = await self._continue(race, winner, "stalled")
-                    sanitizer = Sanitizer()
                     continue
             kind = chunk.WhichOneof("event")
-            if kind == "token" and max_tokens and winner.output_tokens > max_tokens:
-                # Past the budget it was given: cut here, stop the host, count it against it.
-                winner.violations += 1
-                await self._cancel(winner)
-                usage = Usage(output_tokens=max_tokens)
-                chunk = HostChunk(finished=HostFinished(finish_reason="length", usage=usage))
-                continue
             if kind == "token":
                 winner.contributed = True
-                piece = relay.feed(sanitizer.feed(chunk.token.text))
-                if sanitizer.removed:
-                    winner.violations += 1
-                    sanitizer.removed = 0
+                piece = relay.feed(chunk.token.text)
                 if piece:
                     text.append(piece)
             elif kind == "finished":
-                tail = relay.feed(sanitizer.flush()) + relay.flush()
+                tail = relay.flush()
                 if tail:
                     text.append(tail)
                 await self._flush(race, text)
                 winner.usage = chunk.finished.usage
-                if max_tokens and winner.usage.output_tokens > max_tokens:
-                    winner.usage.output_tokens = max_tokens  # never paid past the budget
                 usage = Usage(
                     input_tokens=chunk.finished.usage.input_tokens,
                     output_tokens=race.client_tokens,
                 )
                 finished = ClientFinished(finish_reason=chunk.finished.finish_reason, usage=usage)
+                tracing.record_usage(
+                    race.span,
+                    usage.input_tokens,
+                    usage.output_tokens,
+                    chunk.finished.finish_reason,
+                )
                 await self._emit(race.reply, ClientEvent(finished=finished))
                 race.winner = winner
                 return
@@ -370,7 +383,6 @@ class Racer:
                 await self._flush(race, text)
                 winner.failed = True
                 winner, chunk, relay = await self._continue(race, winner, chunk.failed.message)
-                sanitizer = Sanitizer()
                 continue
             chunk = self._queued_from(race, winner)
 
@@ -465,8 +477,6 @@ class Racer:
                 await self._cancel(attempt)
 
     def _outcome(self, race: Race, attempt: Attempt) -> int:
-        if attempt.violations:
-            return ATTEMPT_OUTCOME_FAILED
         if attempt is race.winner and attempt.usage is not None:
             return ATTEMPT_OUTCOME_WON
         if attempt.failed or attempt.stalled:
@@ -518,9 +528,12 @@ class Racer:
                 settlement.winner_model = finisher.host.model
                 settlement.winner_output_tokens = finisher.usage.output_tokens
                 settlement.winner_fallback = finisher.role == ATTEMPT_ROLE_FALLBACK
-            await self._publish(
-                subjects.SETTLEMENT_TASK, settlement.SerializeToString(), attempt.attempt_id
-            )
+            # The settlement carries its attempt's traceparent: the ledger's span joins the trace.
+            with tracing.within(attempt.span):
+                await self._publish(
+                    subjects.SETTLEMENT_TASK, settlement.SerializeToString(), attempt.attempt_id
+                )
+            _end_attempt_span(attempt, outcome, first_ms)
         winner = race.winner
         succeeded = winner is not None and winner.usage is not None
         event = RaceEvent(
@@ -545,22 +558,45 @@ class Racer:
             output_tokens=race.client_tokens,
             duration_ms=int((now - race.started) * 1000),
         )
-        await self._publish(subjects.RACE_EVENT, event.SerializeToString(), race.assignment.task_id)
+        with tracing.within(race.span):
+            await self._publish(
+                subjects.RACE_EVENT, event.SerializeToString(), race.assignment.task_id
+            )
+        if race.span is not None:
+            race.span.set_attributes(
+                {
+                    "llooma.winner_host_id": event.winner_host_id,
+                    "llooma.continuations": race.continuations,
+                    "llooma.first_token_deadline_hit": race.deadline_hit,
+                }
+            )
+            if winner is not None:
+                race.span.set_attribute("gen_ai.response.model", winner.host.model)
+        tracing.end_span(race.span, error="" if succeeded else ErrorCode.Name(race.error))
 
     async def _publish(self, subject: str, payload: bytes, msg_id: str) -> None:
-        # A settlement must outlive a NATS restart: retry (idempotent by id) until it is back.
-        give_up_at = time.monotonic() + PUBLISH_RETRY_S
-        delay_s = 0.1
-        while True:
-            try:
-                await bus.hand_off(self._js, subject, payload, msg_id)
-                return
-            except Exception:
-                if time.monotonic() > give_up_at:
-                    log.exception("%s not published for %s", subject, msg_id)
-                    return
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, 2.0)
+        try:
+            await bus.hand_off(self._js, subject, payload, msg_id)
+        except Exception:
+            log.exception("%s not published for %s", subject, msg_id)
+
+
+def _end_attempt_span(attempt: Attempt, outcome: int, first_token_ms: int) -> None:
+    span = attempt.span
+    if span is None:
+        return
+    span.set_attributes(
+        {
+            "llooma.outcome": ATTEMPT_OUTCOME_NAMES.get(outcome, "failed"),
+            "llooma.first_token_ms": first_token_ms,
+            "llooma.stalled": attempt.stalled,
+        }
+    )
+    if attempt.usage is not None:
+        tracing.record_usage(span, attempt.usage.input_tokens, attempt.usage.output_tokens)
+    else:
+        span.set_attribute("gen_ai.usage.output_tokens", attempt.output_tokens)
+    tracing.end_span(span, error="attempt_failed" if attempt.failed else "")
 
 
 def merge_turns(turns: list[tuple[str, str]]) -> list[ChatMessage]:

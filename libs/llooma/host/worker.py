@@ -13,8 +13,9 @@ import httpx
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from opentelemetry.trace import SpanKind
 
-from llooma import subjects
+from llooma import subjects, tracing
 from llooma.host.backends import Backend, BackendFailure, build_backend, token_limit
 from llooma.host.config import HostConfig
 from llooma.host.openai_backend import UpstreamBusy, UpstreamError, scrape_load
@@ -54,7 +55,7 @@ class HostWorker:
         self._upstream_load: dict[str, tuple[float, float]] = {}
         self._metrics_client = httpx.AsyncClient(timeout=2.0)
         self._in_flight: dict[str, int] = dict.fromkeys(self._capacity, 0)
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tasks: dict[str, asyncio.Task[object]] = {}
         self._subscriptions: list[Subscription] = []
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._draining = False
@@ -165,7 +166,12 @@ class HostWorker:
         # The host's own ceiling holds whatever the request asked for.
         task.params.max_tokens = token_limit(task, model.generation.max_tokens)
         self._in_flight[task.model] += 1
-        runner = asyncio.create_task(self._serve(task, backend, msg.reply))
+        serving = (
+            self._serve_traced(task, backend, msg.reply, msg.headers)
+            if tracing.enabled()
+            else self._serve(task, backend, msg.reply)
+        )
+        runner = asyncio.create_task(serving)
         self._tasks[task.attempt_id] = runner
         runner.add_done_callback(lambda _: self._finish(task))
 
@@ -183,7 +189,34 @@ class HostWorker:
         chunk = HostChunk(failed=ErrorDetail(code=code, message=message))  # type: ignore[arg-type]
         await self._nc.publish(reply, chunk.SerializeToString())
 
-    async def _serve(self, task: HostTask, backend: Backend, reply: str) -> None:
+    async def _serve_traced(
+        self, task: HostTask, backend: Backend, reply: str, headers: dict[str, str] | None
+    ) -> None:
+        """`_serve` in a SERVER span under the racer's attempt span (from the task's headers)."""
+        span = tracing.start_span(
+            f"chat {task.model}",
+            kind=SpanKind.SERVER,
+            headers=headers or {},
+            attributes={
+                **tracing.chat_attributes(task.model),
+                "llooma.attempt_id": task.attempt_id,
+                "llooma.host_id": self.host_id,
+            },
+        )
+        finished = None
+        try:
+            with tracing.within(span):
+                finished = await self._serve(task, backend, reply)
+        finally:
+            if finished is not None:
+                usage = finished.usage
+                tracing.record_usage(
+                    span, usage.input_tokens, usage.output_tokens, finished.finish_reason
+                )
+            tracing.end_span(span, error="" if finished is not None else "not_finished")
+
+    async def _serve(self, task: HostTask, backend: Backend, reply: str) -> HostFinished | None:
+        """Stream one task's chunks; returns how it finished, or None if it did not."""
         publish = self._nc.publish
         await publish(reply, HostChunk(seq=0, accepted=HostAccepted()).SerializeToString())
         seq = 0
@@ -194,18 +227,18 @@ class HostWorker:
                     chunk = HostChunk(seq=seq, token=HostToken(text=piece))
                     await publish(reply, chunk.SerializeToString())
         except asyncio.CancelledError:
-            return
+            return None
         except UpstreamBusy as error:
             await self._fail(reply, ERROR_CODE_HOST_BUSY, f"upstream busy: {error}")
-            return
+            return None
         except (UpstreamError, BackendFailure) as error:
             log.warning("backend failed on %s: %s", task.attempt_id, error)
             await self._fail(reply, ERROR_CODE_HOST_FAILED, f"backend error: {error}")
-            return
+            return None
         except Exception:
             log.exception("backend crashed on %s", task.attempt_id)
             await self._fail(reply, ERROR_CODE_HOST_FAILED, "backend error")
-            return
+            return None
         limited = bool(task.params.max_tokens) and seq >= task.params.max_tokens
         input_tokens = sum(len(m.content.split()) for m in task.messages)
         finished = HostFinished(
@@ -213,6 +246,7 @@ class HostWorker:
             usage=Usage(input_tokens=input_tokens, output_tokens=seq),
         )
         await publish(reply, HostChunk(seq=seq + 1, finished=finished).SerializeToString())
+        return finished
 
 
 async def run_worker(config: HostConfig, nc: Client, stop: asyncio.Event) -> None:
