@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PROTO_FILES := $(wildcard proto/llooma/v1/*.proto)
 
-.PHONY: install run test lint typecheck proto proto-check pytest bench bench-quick clean
+.PHONY: install run test lint typecheck proto proto-check pytest bench bench-quick clean chromium
 
 install: $(STAMP)
 
@@ -31,7 +31,15 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-pytest: install
+# The status-page test drives Debian's chromium headless: installed here when missing (root and
+# apt-get needed); without it that one test is skipped and says why.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium could not be installed: the status-page test will be skipped"
+
+pytest: install chromium
 	$(PY) -m pytest -q
 
 test: lint typecheck proto-check pytest

@@ -9,6 +9,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from llooma.duel import duel_score
+from llooma.scoring import ScoreTerms
 from llooma.v1.duel_pb2 import DUEL_VERDICT_A, DUEL_VERDICT_B, DuelResult
 from llooma.v1.race_pb2 import ATTEMPT_ROLE_CONTINUATION, RaceEvent
 from llooma.v1.settlement_pb2 import ATTEMPT_OUTCOME_FAILED
@@ -18,6 +19,8 @@ LATENCY_WINDOW_S = 300.0
 LATENCY_SAMPLES = 256
 # Each new attempt moves the error rate this far toward its outcome (about the last 20).
 ERROR_EWMA_ALPHA = 0.1
+# A host with no record yet sits mid-range on latency: neither favoured nor shut out.
+UNKNOWN_LATENCY_TERM = 0.5
 # Duel quality starts mid-range and each judged duel moves it this far toward the duel's score
 # (won 1, tie 0.5, lost 0): duels are rare (p_d), so a few of them must count.
 UNKNOWN_QUALITY = 0.5
@@ -87,3 +90,22 @@ class HostStats:
     def quality(self, host_id: str) -> float:
         record = self._hosts.get(host_id)
         return record.quality if record else UNKNOWN_QUALITY
+
+    def terms(
+        self,
+        host_id: str,
+        *,
+        load: float,
+        staleness_s: float,
+        stale_after_s: float,
+        deadline_ms: int,
+    ) -> ScoreTerms:
+        """S(h)'s terms: load and staleness from the heartbeat, p95 and errors as observed."""
+        p95 = self.p95_ms(host_id)
+        return ScoreTerms(
+            load=load,
+            latency_p95=UNKNOWN_LATENCY_TERM if p95 is None else p95 / deadline_ms,
+            staleness=staleness_s / stale_after_s,
+            error_rate=self.error_rate(host_id),
+            quality_deficit=1.0 - self.quality(host_id),
+        )

@@ -104,6 +104,10 @@ class Settings(BaseSettings):
     host_stale_after_s: float = 2.0
     service_stale_after_s: float = 3.0
     min_host_version: str = "0.1.0"
+    # /v1/stats, /metrics: race events of this many seconds back are replayed when an
+    # ingress starts; loopback clients need no API key unless this is off.
+    stats_replay_s: float = Field(default=900.0, ge=0)
+    stats_open_on_loopback: bool = True
     log_level: str = "WARNING"
 
     @field_validator(

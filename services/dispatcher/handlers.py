@@ -24,8 +24,6 @@ from services.dispatcher.dag import DagRunner
 
 log = logging.getLogger(__name__)
 
-# A host with no record yet sits mid-range on latency: neither favoured nor shut out.
-UNKNOWN_LATENCY_TERM = 0.5
 MAX_FALLBACK_CANDIDATES = 3
 
 
@@ -59,13 +57,12 @@ class Dispatcher:
         self.stats.record(RaceEvent.FromString(msg.data))
 
     def terms(self, host_id: str, load: float, staleness_s: float, deadline_ms: int) -> ScoreTerms:
-        p95 = self.stats.p95_ms(host_id)
-        return ScoreTerms(
+        return self.stats.terms(
+            host_id,
             load=load,
-            latency_p95=UNKNOWN_LATENCY_TERM if p95 is None else p95 / deadline_ms,
-            staleness=staleness_s / self._settings.host_stale_after_s,
-            error_rate=self.stats.error_rate(host_id),
-            quality_deficit=1.0 - self.stats.quality(host_id),
+            staleness_s=staleness_s,
+            stale_after_s=self._settings.host_stale_after_s,
+            deadline_ms=deadline_ms,
         )
 
     def candidates(self, model: str, deadline_ms: int) -> list[Candidate]:

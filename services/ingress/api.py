@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from llooma import bus, subjects, tracing
 from llooma.membership import HostDirectory, ServiceDirectory
+from llooma.metrics import StatsCollector
 from llooma.privacy import Mapping, StreamRestorer
 from llooma.settings import ORCHESTRATED_MODEL, Settings, api_key_id
 from llooma.v1.common_pb2 import (
@@ -99,6 +100,7 @@ class Ingress:
     def __post_init__(self) -> None:
         self._key_ids = {api_key_id(key) for key in self.settings.api_keys}
         self._privacy_off = {api_key_id(key) for key in self.settings.privacy_off_api_keys}
+        self.stats: StatsCollector | None = None
         self.limits = Limits(self.settings, self.hosts)
 
     # -- helpers ---------------------------------------------------------------------------
@@ -223,6 +225,7 @@ class Ingress:
         privacy: PrivacyMode.ValueType,
         ticket: Ticket,
     ) -> Response:
+        accepted_at = time.monotonic()
         request_id = uuid.uuid4().hex
         tracing.annotate_chat(request_id, parsed.model)
         queue = self.replies.open(request_id)
@@ -270,8 +273,14 @@ class Ingress:
         if kind != "started":
             self.replies.close(request_id)
             await self._cancel(request_id)
+            if self.stats is not None:
+                self.stats.request_failed()
             return self._failure_response(first.failed, headers)
         headers["x-llooma-path"] = PATH_NAMES.get(first.started.path, "direct")
+        if self.stats is not None:
+            self.stats.request_started(
+                request_id, headers["x-llooma-path"], time.monotonic() - accepted_at
+            )
         if first.started.plan_decision:
             # Header values must be latin-1: the decision is ASCII apart from model names.
             decision = first.started.plan_decision.encode("ascii", "replace").decode()

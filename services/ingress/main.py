@@ -15,11 +15,13 @@ from starlette.routing import Route
 
 from llooma import bus, runtime, tracing
 from llooma.membership import HostDirectory, ServiceDirectory
+from llooma.metrics import StatsCollector
 from llooma.runtime import ServiceHeartbeater
 from llooma.settings import Settings, load_settings
 from services.ingress.api import Ingress
 from services.ingress.openapi import serve_openapi
 from services.ingress.replies import ReplyRouter
+from services.ingress.stats import ROUTES as STATS_ROUTES
 
 SERVICE = "ingress"
 
@@ -45,6 +47,7 @@ ROUTES = [
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/models", models, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
+    *STATS_ROUTES,
     Route("/openapi.json", serve_openapi, methods=["GET"]),
 ]
 
@@ -66,13 +69,18 @@ def create_app(settings: Settings) -> Starlette:
         await services.start(js)
         replies = ReplyRouter(instance_id)
         await replies.start(nc)
+        stats = StatsCollector(settings, hosts)
+        await stats.start(js)
+        app.state.stats = stats
         app.state.ingress = Ingress(settings, nc, js, replies, hosts, services)
+        app.state.ingress.stats = stats
         heartbeat = ServiceHeartbeater(nc, SERVICE, instance_id, settings.heartbeat_interval_s)
         await heartbeat.start()
         try:
             yield
         finally:
             await heartbeat.stop()
+            await stats.stop()
             await hosts.stop()
             await services.stop()
             await nc.drain()

@@ -1,0 +1,464 @@
+"""The paper's Table II, live: first-token latency by path, fallback and split rates,
+orchestration overhead, race wins and cost per successful response.
+
+One `StatsCollector` lives in each ingress. It learns from two sources:
+
+- the ingress itself, per request: the path and the time from accepting the request to its
+  first token (`request_started`), or a failure before any token (`request_failed`);
+- race events from the racer (`subjects.RACE_EVENT`), replayed `stats_replay_s` back when the
+  ingress starts, then live: tasks, fallbacks, wins, and the host statistics behind S(h).
+
+Orchestration overhead of a request = the ingress's time to first token minus the winning
+attempt's launch offset within its race and that host's own time to first token, i.e. what the
+control plane adds on top of the host that answered, apart from time the race deliberately
+waited (a hedge delay, or the first-token deadline before a fallback joins). A split request is
+measured against the first of its node races to report.
+
+Every update is O(1) per event; percentiles are computed only when someone asks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf.message import DecodeError
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext, api
+from nats.js.kv import KeyValue
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.resources import Resource
+from prometheus_client import CollectorRegistry, generate_latest
+
+from llooma import subjects
+from llooma.bench.stats import percentile
+from llooma.host_stats import HostStats
+from llooma.membership import HostDirectory
+from llooma.scoring import ScoreWeights, host_score
+from llooma.settings import Settings
+from llooma.v1.common_pb2 import REQUEST_PATH_FALLBACK, REQUEST_PATH_SPLIT, RequestPath
+from llooma.v1.duel_pb2 import DuelResult
+from llooma.v1.ledger_pb2 import LedgerSummary
+from llooma.v1.race_pb2 import ATTEMPT_ROLE_FALLBACK, RaceEvent
+from llooma.v1.settlement_pb2 import ATTEMPT_OUTCOME_WON
+
+log = logging.getLogger(__name__)
+
+PATHS = ("direct", "split", "fallback")
+# Percentiles are over the most recent samples of each path.
+LATENCY_SAMPLES = 2048
+# Requests waiting for their race event, to measure the overhead (oldest dropped first).
+PENDING_REQUESTS = 4096
+LEDGER_POLL_S = 2.0
+# GenAI semantic conventions' advice for time-to-first-token histograms, in seconds.
+FIRST_TOKEN_BUCKETS_S = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+)
+QUANTILES = {"p50": 0.50, "p95": 0.95, "p99": 0.99}
+
+
+PATH_NAMES: dict[RequestPath.ValueType, str] = {
+    REQUEST_PATH_SPLIT: "split",
+    REQUEST_PATH_FALLBACK: "fallback",
+}
+
+
+def path_name(path: RequestPath.ValueType) -> str:
+    return PATH_NAMES.get(path, "direct")
+
+
+def _ratio(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+class Recent:
+    """The last `size` samples of one series, and how many there were in all."""
+
+    def __init__(self, size: int = LATENCY_SAMPLES) -> None:
+        self.samples: deque[float] = deque(maxlen=size)
+        self.count = 0
+
+    def add(self, value: float) -> None:
+        self.samples.append(value)
+        self.count += 1
+
+    def summary(self) -> dict[str, float | int | None]:
+        values = list(self.samples)
+        out: dict[str, float | int | None] = {"count": self.count}
+        for name, q in QUANTILES.items():
+            out[name] = round(percentile(values, q), 1) if values else None
+        return out
+
+
+@dataclass(slots=True)
+class _Pending:
+    path: str
+    first_token_ms: float
+
+
+class StatsCollector:
+    def __init__(self, settings: Settings, hosts: HostDirectory) -> None:
+        self._settings = settings
+        self._hosts = hosts
+        self._weights = ScoreWeights(*settings.score_weights, quality=settings.duel_quality_weight)
+        self.host_stats = HostStats()
+        self.started_unix_ms = int(time.time() * 1000)
+        self._first_token = {path: Recent() for path in PATHS}
+        self._overhead = {path: Recent() for path in PATHS}
+        self._requests = dict.fromkeys(PATHS, 0)
+        self._failed_requests = 0
+        self._pending: OrderedDict[str, _Pending] = OrderedDict()
+        self._tasks = dict.fromkeys(PATHS, 0)
+        self._tasks_succeeded = 0
+        self._tasks_with_fallback = 0
+        self._fallback_wins = 0
+        self._wins: dict[tuple[str, str], int] = {}
+        self._wins_by_host: dict[str, int] = {}
+        self.ledger: LedgerSummary | None = None
+        self._subscriptions: list[Subscription] = []
+        self._poller: asyncio.Task[None] | None = None
+        self.registry = CollectorRegistry()
+        self._reader = PrometheusMetricReader(registry=self.registry)
+        self._provider = MeterProvider(
+            metric_readers=[self._reader],
+            resource=Resource.create({"service.name": "llooma-ingress"}),
+        )
+        self._instruments()
+
+    # -- OpenTelemetry instruments ---------------------------------------------------------
+
+    def _instruments(self) -> None:
+        meter = self._provider.get_meter("llooma.metrics")
+        self._ttft_histogram = meter.create_histogram(
+            "gen_ai.server.time_to_first_token",
+            unit="s",
+            description="From the ingress accepting a request to its first token, by path",
+            explicit_bucket_boundaries_advisory=FIRST_TOKEN_BUCKETS_S,
+        )
+        self._overhead_histogram = meter.create_histogram(
+            "llooma.orchestration.overhead",
+            unit="s",
+            description="Time to first token minus the winning host's own, by path",
+            explicit_bucket_boundaries_advisory=FIRST_TOKEN_BUCKETS_S,
+        )
+        self._request_counter = meter.create_counter(
+            "llooma.requests", description="Requests by path, or failed before a first token"
+        )
+        self._task_counter = meter.create_counter(
+            "llooma.race.tasks", description="Races by path, outcome and whether a fallback ran"
+        )
+        self._win_counter = meter.create_counter(
+            "llooma.race.wins", description="Successful races won, by host and model"
+        )
+        meter.create_observable_gauge(
+            "llooma.fallback.rate",
+            [self._observe_fallback_rate],
+            description="Share of races in which a fallback host was launched",
+        )
+        meter.create_observable_gauge(
+            "llooma.split.rate",
+            [self._observe_split_rate],
+            description="Share of requests answered by a split DAG",
+        )
+        meter.create_observable_gauge(
+            "llooma.cost_per_successful_response",
+            [self._observe_cost],
+            unit="{micro-credit}",
+            description="(user charges + host payouts + fallback cost) / completed responses",
+        )
+        meter.create_observable_gauge(
+            "llooma.host.score",
+            [self._observe_scores],
+            description="S(h) of each live host (lower is better)",
+        )
+
+    def _observe_fallback_rate(self, _: CallbackOptions) -> Iterable[Observation]:
+        rate = _ratio(self._tasks_with_fallback, sum(self._tasks.values()))
+        return [] if rate is None else [Observation(rate)]
+
+    def _observe_split_rate(self, _: CallbackOptions) -> Iterable[Observation]:
+        rate = _ratio(self._requests["split"], sum(self._requests.values()))
+        return [] if rate is None else [Observation(rate)]
+
+    def _observe_cost(self, _: CallbackOptions) -> Iterable[Observation]:
+        if self.ledger is None or not self.ledger.completed_responses:
+            return []
+        return [Observation(self.ledger.cost_per_successful_response_micros)]
+
+    def _observe_scores(self, _: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(h["score"], {"host": h["host_id"]}) for h in self.host_view()]
+
+    def prometheus_text(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # -- what the ingress reports, once per request ----------------------------------------
+
+    def request_started(self, request_id: str, path: str, first_token_s: float) -> None:
+        self._requests[path] += 1
+        self._first_token[path].add(first_token_s * 1000.0)
+        attributes = {"llooma.path": path}
+        self._request_counter.add(1, attributes)
+        self._ttft_histogram.record(first_token_s, attributes)
+        self._pending[request_id] = _Pending(path, first_token_s * 1000.0)
+        if len(self._pending) > PENDING_REQUESTS:
+            self._pending.popitem(last=False)
+
+    def request_failed(self) -> None:
+        self._failed_requests += 1
+        self._request_counter.add(1, {"llooma.path": "none"})
+
+    # -- race events -----------------------------------------------------------------------
+
+    def record_race(self, event: RaceEvent) -> None:
+        self.host_stats.record(event)
+        path = path_name(event.path)
+        self._tasks[path] += 1
+        fallback = any(a.role == ATTEMPT_ROLE_FALLBACK for a in event.attempts)
+        self._tasks_with_fallback += fallback
+        self._task_counter.add(
+            1,
+            {
+                "llooma.path": path,
+                "llooma.outcome": "succeeded" if event.succeeded else "failed",
+                "llooma.fallback": fallback,
+            },
+        )
+        winner = next(
+            (
+                a
+                for a in event.attempts
+                if a.host_id == event.winner_host_id and a.outcome == ATTEMPT_OUTCOME_WON
+            ),
+            None,
+        )
+        if event.succeeded and winner is not None:
+            self._tasks_succeeded += 1
+            self._fallback_wins += winner.role == ATTEMPT_ROLE_FALLBACK
+            key = (winner.host_id, winner.model)
+            self._wins[key] = self._wins.get(key, 0) + 1
+            self._wins_by_host[winner.host_id] = self._wins_by_host.get(winner.host_id, 0) + 1
+            self._win_counter.add(
+                1, {"llooma.host": winner.host_id, "gen_ai.response.model": key[1]}
+            )
+        pending = self._pending.pop(event.request_id, None)
+        # Zero is a real first-token time here: a host on the same machine, under a ms.
+        if pending is not None and winner is not None:
+            host_ms = winner.launched_after_ms + winner.first_token_ms
+            overhead_ms = max(0.0, pending.first_token_ms - host_ms)
+            self._overhead[pending.path].add(overhead_ms)
+            self._overhead_histogram.record(overhead_ms / 1000.0, {"llooma.path": pending.path})
+
+    async def _on_race_event(self, msg: Msg) -> None:
+        try:
+            event = RaceEvent.FromString(msg.data)
+        except DecodeError:
+            log.warning("undecodable race event on %s", msg.subject)
+            return
+        self.record_race(event)
+
+    async def _on_duel(self, msg: Msg) -> None:
+        try:
+            result = DuelResult.FromString(msg.data)
+        except DecodeError:
+            log.warning("undecodable duel result on %s", msg.subject)
+            return
+        self.host_stats.record_duel(result)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self, js: JetStreamContext) -> None:
+        replay_s = self._settings.stats_replay_s
+        start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=replay_s)
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_TIME if replay_s else api.DeliverPolicy.NEW,
+            opt_start_time=start if replay_s else None,
+        )
+        # Ordered consumers: no acks, no durable state, and a gap makes them resume in order.
+        # Duel results feed the quality term of S(h), as in the dispatcher.
+        for subject, stream, callback in (
+            (subjects.RACE_EVENT, subjects.EVENTS_STREAM, self._on_race_event),
+            (subjects.SETTLEMENT_DUEL, subjects.SETTLEMENT_STREAM, self._on_duel),
+        ):
+            self._subscriptions.append(
+                await js.subscribe(
+                    subject,
+                    stream=stream,
+                    cb=callback,
+                    ordered_consumer=True,
+                    config=dataclasses.replace(config),
+                )
+            )
+        self._poller = asyncio.create_task(self._poll_ledger(js), name="ledger-summary")
+
+    async def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        for subscription in self._subscriptions:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
+        self._provider.shutdown()
+
+    async def _poll_ledger(self, js: JetStreamContext) -> None:
+        """Accounting publishes the summary after each settled batch; until it exists: None."""
+        bucket: KeyValue | None = None
+        while True:
+            try:
+                if bucket is None:
+                    bucket = await js.key_value(subjects.LEDGER_BUCKET)
+                entry = await bucket.get(subjects.LEDGER_SUMMARY_KEY)
+                if entry.value:
+                    self.ledger = LedgerSummary.FromString(entry.value)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                log.debug("no ledger summary yet: %s", error)
+            await asyncio.sleep(LEDGER_POLL_S)
+
+    # -- the JSON snapshot (/v1/stats, the status page) ------------------------------------
+
+    def host_view(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        eligible = {m.key for m in self._hosts.eligible()}
+        suspended = set(self._settings.suspended_hosts)
+        deadline_ms = self._settings.first_token_deadline_ms
+        ledger = {line.host_id: line for line in self.ledger.hosts} if self.ledger else {}
+        view = []
+        for member in sorted(self._hosts.members.all(), key=lambda m: m.key):
+            beat = member.heartbeat
+            staleness_s = member.staleness_s(now)
+            terms = self.host_stats.terms(
+                member.key,
+                load=beat.load,
+                staleness_s=staleness_s,
+                stale_after_s=self._settings.host_stale_after_s,
+                deadline_ms=deadline_ms,
+            )
+            if member.key in suspended:
+                state = "suspended"
+            elif beat.draining:
+                state = "draining"
+            else:
+                state = "eligible" if member.key in eligible else "ineligible"
+            p95 = self.host_stats.p95_ms(member.key)
+            line = ledger.get(member.key)
+            view.append(
+                {
+                    "host_id": member.key,
+                    "state": state,
+                    "version": beat.version,
+                    "models": [
+                        {
+                            "name": cap.name,
+                            "stake": cap.stake,
+                            "capacity": cap.capacity,
+                            "in_flight": cap.in_flight,
+                        }
+                        for cap in beat.models
+                    ],
+                    "stake": beat.stake,
+                    "load": round(beat.load, 4),
+                    "staleness_s": round(staleness_s, 3),
+                    "p95_first_token_ms": None if p95 is None else round(p95, 1),
+                    "error_rate": round(self.host_stats.error_rate(member.key), 4),
+                    "terms": {
+                        "load": round(terms.load, 4),
+                        "latency_p95": round(terms.latency_p95, 4),
+                        "staleness": round(terms.staleness, 4),
+                        "error_rate": round(terms.error_rate, 4),
+                        "quality_deficit": round(terms.quality_deficit, 4),
+                    },
+                    "score": round(host_score(terms, self._weights), 4),
+                    "wins": self._wins_by_host.get(member.key, 0),
+                    "payouts_micros": line.payouts_micros if line else None,
+                    "quality": line.quality if line else None,
+                }
+            )
+        return view
+
+    def snapshot(self) -> dict[str, Any]:
+        requests = sum(self._requests.values())
+        tasks = sum(self._tasks.values())
+        ledger = self.ledger
+        return {
+            "generated_unix_ms": int(time.time() * 1000),
+            "since_unix_ms": self.started_unix_ms,
+            "replay_s": self._settings.stats_replay_s,
+            "first_token_deadline_ms": self._settings.first_token_deadline_ms,
+            "score_weights": {
+                "load": self._weights.load,
+                "latency_p95": self._weights.latency_p95,
+                "staleness": self._weights.staleness,
+                "error_rate": self._weights.error_rate,
+                "quality_deficit": self._weights.quality,
+            },
+            "requests": {
+                "total": requests,
+                "by_path": dict(self._requests),
+                "failed_before_first_token": self._failed_requests,
+            },
+            "first_token_ms": {p: self._first_token[p].summary() for p in PATHS},
+            "overhead_ms": {p: self._overhead[p].summary() for p in PATHS},
+            "split_rate": _ratio(self._requests["split"], requests),
+            "fallback": {
+                "rate": _ratio(self._tasks_with_fallback, tasks),
+                "tasks_with_fallback": self._tasks_with_fallback,
+                "fallback_wins": self._fallback_wins,
+                "request_share": _ratio(self._requests["fallback"], requests),
+            },
+            "tasks": {
+                "total": tasks,
+                "by_path": dict(self._tasks),
+                "succeeded": self._tasks_succeeded,
+                "failed": tasks - self._tasks_succeeded,
+            },
+            "race_wins": [
+                {
+                    "host_id": host,
+                    "model": model,
+                    "wins": wins,
+                    "share": round(wins / self._tasks_succeeded, 4),
+                }
+                for (host, model), wins in sorted(self._wins.items(), key=lambda kv: -kv[1])
+            ],
+            "hosts": self.host_view(),
+            "cost": {
+                "cost_per_successful_response_micros": (
+                    ledger.cost_per_successful_response_micros
+                    if ledger is not None and ledger.completed_responses
+                    else None
+                ),
+                "completed_responses": ledger.completed_responses if ledger else 0,
+                "user_charges_micros": ledger.user_charges_micros if ledger else 0,
+                "host_payouts_micros": ledger.host_payouts_micros if ledger else 0,
+                "fallback_cost_micros": ledger.fallback_cost_micros if ledger else 0,
+                "updated_unix_ms": ledger.updated_unix_nanos // 1_000_000 if ledger else None,
+            },
+        }
