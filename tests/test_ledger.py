@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -129,7 +129,7 @@ def test_fallback_is_priced_apart_and_booked_as_its_own_cost() -> None:
     assert account_deltas([settle_attempt(PRICES, loser)])[host_account("h1")] == 435
 
 
-def duel(outcome: int, votes: list[tuple[str, int, int]]) -> DuelResult:
+def duel(outcome: int, votes: Sequence[tuple[str, int, int]]) -> DuelResult:
     return DuelResult(
         duel_id=uuid.uuid4().hex,
         request_id="r",
