@@ -58,6 +58,9 @@ BUCKETS = (
     KeyValueConfig(
         bucket=subjects.SERVICES_BUCKET, ttl=MEMBERSHIP_TTL_S, storage=StorageType.MEMORY
     ),
+    # Accounting's published state outlives restarts; Postgres stays the source of truth.
+    KeyValueConfig(bucket=subjects.BALANCES_BUCKET, storage=StorageType.FILE),
+    KeyValueConfig(bucket=subjects.LEDGER_BUCKET, storage=StorageType.FILE),
 )
 
 

@@ -15,6 +15,7 @@ from rich.console import Console
 
 from llooma import bus, tracing
 from llooma.host.config import HostConfigError, load_host_config
+from llooma.ledger.cli import ledger_app
 from llooma.settings import DEV_API_KEY
 
 app = typer.Typer(help="LLooMA: one fast, private, dependable LLM service over many hosts.")
@@ -115,6 +116,7 @@ def host(config: Annotated[Path, typer.Option(help="Host YAML config")]) -> None
         raise typer.Exit(3)
 
 
+app.add_typer(ledger_app, name="ledger")
 hosts_app = typer.Typer(help="Host credentials for the embedded NATS server.")
 app.add_typer(hosts_app, name="hosts")
 DataDir = Annotated[Path, typer.Option(help="The stack's data folder")]

@@ -100,6 +100,35 @@ class Settings(BaseSettings):
     # How long JetStream waits for a request-path service's ack before it redelivers (to a
     # replica): what a kill -9 of privacy, planner or dispatcher costs a request in flight.
     pipeline_ack_wait_s: float = Field(default=2.0, gt=0)
+    # Ledger and payouts, all money in integer micro-credits (1 credit = 1_000_000).
+    # With billing on, a key whose balance is not positive gets 402 at the ingress.
+    billing_enabled: bool = True
+    # Every configured key opens with this balance once; per raw key, JSON {"sk-...": 0}.
+    opening_balance_micros: int = Field(default=1_000_000_000_000, ge=0)
+    opening_balances_micros: dict[str, int] = {}
+    # What users pay per token (prompt and completion), published; per model, JSON.
+    user_price_micros: int = Field(default=20, ge=0)
+    user_price_micros_by_model: dict[str, int] = {}
+    # What the winning host earns per output token; per model, JSON.
+    host_price_micros: int = Field(default=10, ge=0)
+    host_price_micros_by_model: dict[str, int] = {}
+    # Each losing host: a reservation fee plus a progress fee per token it produced, together
+    # capped at eta times the winner's payout (paper IV).
+    loser_reservation_fee_micros: int = Field(default=20, ge=0)
+    loser_progress_fee_micros: int = Field(default=2, ge=0)
+    loser_cap_eta: float = Field(default=0.15, ge=0.0, le=1.0)
+    # The central fallback pool's cost per output token.
+    fallback_price_micros: int = Field(default=30, ge=0)
+    # Duel-and-judge: the better answer's host is rewarded, the worse one's penalized, and
+    # each judge that gave a verdict is paid.
+    duel_reward_micros: int = Field(default=500, ge=0)
+    duel_penalty_micros: int = Field(default=500, ge=0)
+    judge_fee_micros: int = Field(default=100, ge=0)
+    # Ed25519 seed that signs ledger blocks (created on first use); empty: under .llooma/.
+    ledger_signing_key_file: str = ""
+    # How long JetStream waits for a request-path service's ack before it redelivers (to a
+    # replica): what a kill -9 of privacy, planner or dispatcher costs a request in flight.
+    pipeline_ack_wait_s: float = Field(default=2.0, gt=0)
     heartbeat_interval_s: float = 0.5
     host_stale_after_s: float = 2.0
     service_stale_after_s: float = 3.0

@@ -25,6 +25,7 @@ from llooma.embedded import (
     port_is_free,
 )
 from llooma.host.config import Generation, HostConfig, Latency, ModelConfig, Policy
+from llooma.ledger.blocks import Signer
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,11 @@ class Stack:
         return str(store.control_plane_seed()) if store is not None else None
 
     @property
+    def ledger_key_file(self) -> Path:
+        """The accounting service's block-signing key, under the stack's credentials."""
+        return self.root / "credentials" / "ledger-signing.key"
+
+    @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
@@ -142,6 +148,8 @@ class Stack:
                 self.postgres = EmbeddedPostgres(self.root / "postgres")
                 self.database_url = self.postgres.url
             asyncio.run(migrate(self.database_url))
+            # Created here, once, so `llooma ledger verify` finds the public key beside it.
+            Signer.load_or_create(self.ledger_key_file)
             env = child_environment(
                 {
                     **self.extra_env,
@@ -149,6 +157,7 @@ class Stack:
                     "DATABASE_URL": self.database_url,
                     "LLOOMA_HTTP_PORT": str(self.http_port),
                     "LLOOMA_NATS_NKEY_SEED_FILE": self.control_seed or "",
+                    "LLOOMA_LEDGER_SIGNING_KEY_FILE": str(self.ledger_key_file),
                 }
             )
             for service in SERVICES:

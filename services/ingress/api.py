@@ -18,6 +18,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from llooma import bus, subjects, tracing
+from llooma.ledger.balances import BalanceBook
 from llooma.membership import HostDirectory, ServiceDirectory
 from llooma.metrics import StatsCollector
 from llooma.privacy import Mapping, StreamRestorer
@@ -100,6 +101,8 @@ class Ingress:
     def __post_init__(self) -> None:
         self._key_ids = {api_key_id(key) for key in self.settings.api_keys}
         self._privacy_off = {api_key_id(key) for key in self.settings.privacy_off_api_keys}
+        # Balances come from accounting through KV, never from Postgres on this path.
+        self.balances: BalanceBook | None = None
         self.stats: StatsCollector | None = None
         self.limits = Limits(self.settings, self.hosts)
 
@@ -130,6 +133,11 @@ class Ingress:
             chunks.append(chunk)
         return b"".join(chunks)
 
+    def _out_of_credit(self, key_id: str) -> bool:
+        if not self.settings.billing_enabled or self.balances is None:
+            return False
+        return self.balances.balance(key_id) <= 0
+
     def _known_model(self, model: str) -> bool:
         return model == ORCHESTRATED_MODEL or model in self.hosts.known_models()
 
@@ -143,6 +151,13 @@ class Ingress:
                 "missing or invalid API key",
                 error_type="authentication_error",
                 code="invalid_api_key",
+            )
+        if self._out_of_credit(key_id):
+            return error_response(
+                402,
+                "this API key's balance is exhausted; add credits (`llooma ledger credit`)",
+                error_type="insufficient_quota",
+                code="insufficient_balance",
             )
         shed = self.limits.shed_early()
         if shed is not None:

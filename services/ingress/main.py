@@ -14,6 +14,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from llooma import bus, runtime, tracing
+from llooma.ledger.balances import BalanceBook
 from llooma.membership import HostDirectory, ServiceDirectory
 from llooma.metrics import StatsCollector
 from llooma.runtime import ServiceHeartbeater
@@ -73,6 +74,9 @@ def create_app(settings: Settings) -> Starlette:
         await stats.start(js)
         app.state.stats = stats
         app.state.ingress = Ingress(settings, nc, js, replies, hosts, services)
+        balances = BalanceBook()
+        await balances.start(js)
+        app.state.ingress.balances = balances
         app.state.ingress.stats = stats
         heartbeat = ServiceHeartbeater(nc, SERVICE, instance_id, settings.heartbeat_interval_s)
         await heartbeat.start()
@@ -81,6 +85,7 @@ def create_app(settings: Settings) -> Starlette:
         finally:
             await heartbeat.stop()
             await stats.stop()
+            await balances.stop()
             await hosts.stop()
             await services.stop()
             await nc.drain()

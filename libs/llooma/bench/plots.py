@@ -11,6 +11,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 DPI = 110
 
@@ -94,6 +95,8 @@ def race_cdfs(
                 axes.plot(xs, cdf, color=colours.get(k), linestyle="--", linewidth=1)
         axes.axvline(deadline_ms, color="grey", linestyle=":", label="δ")
         axes.set_xscale("log")
+        axes.xaxis.set_major_formatter(ScalarFormatter())
+        axes.xaxis.set_minor_formatter(NullFormatter())
         axes.set_xlabel("first token, ms (unscaled)")
         axes.set_title(name)
         axes.grid(alpha=0.3)

@@ -44,7 +44,7 @@ class Sizes:
 QUICK = Sizes(
     overhead_plan=[(1, 60), (32, 320), (128, 256)],
     throughput_plan=throughput.QUICK,
-    race_requests=120,
+    race_requests=100,
     split_requests=4,
     scheduling_scale=scheduling.QUICK_SCALE,
     scheduling_seeds=[1],
@@ -53,7 +53,7 @@ FULL = Sizes(
     overhead_plan=[(1, 500), (32, 3200), (128, 6400)],
     throughput_plan=throughput.FULL,
     race_requests=2000,
-    split_requests=200,
+    split_requests=100,
     scheduling_scale=scheduling.FULL_SCALE,
     scheduling_seeds=[1, 2, 3],
 )
