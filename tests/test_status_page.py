@@ -158,7 +158,7 @@ async def test_the_status_page_shows_the_hosts_and_the_numbers_of_v1_stats(
     SCREENSHOT.unlink(missing_ok=True)
     await run_chromium(
         f"--screenshot={SCREENSHOT}",
-        "--window-size=1440,1100",
+        "--window-size=1440,1400",
         stack.base_url + "/",
         profile=tmp_path,
     )
