@@ -97,9 +97,6 @@ class Settings(BaseSettings):
     planner_epsilon_ms: float = 50.0
     planner_split_model: str = ""
     planner_split_timeout_ms: int = 5000
-    # How long JetStream waits for a request-path service's ack before it redelivers (to a
-    # replica): what a kill -9 of privacy, planner or dispatcher costs a request in flight.
-    pipeline_ack_wait_s: float = Field(default=2.0, gt=0)
     # Ledger and payouts, all money in integer micro-credits (1 credit = 1_000_000).
     # With billing on, a key whose balance is not positive gets 402 at the ingress.
     billing_enabled: bool = True
