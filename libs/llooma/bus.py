@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import nats
 from nats.aio.client import Client
@@ -65,6 +66,9 @@ BUCKETS = (
 
 
 ErrorCallback = Callable[[Exception], Awaitable[None]]
+ReconnectHook = Callable[[], Coroutine[Any, Any, None]]
+# How long a reconnected client keeps trying to restore the topology while JetStream recovers.
+RESTORE_TIMEOUT_S = 60.0
 
 
 async def connect(
@@ -74,9 +78,20 @@ async def connect(
     nkey_seed_file: str | None = None,
     attempts: int = 60,
     error_cb: ErrorCallback | None = None,
+    on_reconnect: ReconnectHook | None = None,
 ) -> Client:
-    """Connect, retrying while the server starts; afterwards nats-py reconnects by itself."""
+    """Connect, retrying while the server starts; afterwards nats-py reconnects by itself and
+    `on_reconnect` runs in the background after each reconnect (see `restore_topology`)."""
     last_error: Exception | None = None
+    restoring: set[asyncio.Task[None]] = set()
+
+    async def reconnected() -> None:
+        if on_reconnect is not None:
+            # nats-py awaits this inside its reconnect loop: do the slow part elsewhere.
+            task = asyncio.create_task(on_reconnect(), name=f"{name}-reconnected")
+            restoring.add(task)
+            task.add_done_callback(restoring.discard)
+
     for _ in range(attempts):
         try:
             return await nats.connect(
@@ -84,6 +99,7 @@ async def connect(
                 name=name,
                 nkeys_seed=nkey_seed_file or None,
                 error_cb=error_cb or _log_error,
+                reconnected_cb=reconnected,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
             )
@@ -113,6 +129,20 @@ async def ensure_topology(js: JetStreamContext) -> None:
             await js.create_key_value(config=bucket)
         except BadRequestError:
             log.debug("bucket %s already exists", bucket.bucket)
+
+
+async def restore_topology(js: JetStreamContext, timeout_s: float = RESTORE_TIMEOUT_S) -> None:
+    """After a reconnect: the server may be a restarted one, whose memory streams and buckets
+    are gone and whose JetStream may still be recovering its files; retry until it stands."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            await ensure_topology(js)
+            return
+        except Exception:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.25)
 
 
 def msg_id_headers(msg_id: str) -> dict[str, str]:

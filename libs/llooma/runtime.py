@@ -85,6 +85,15 @@ def build_app(
     on_stopping: BrokerHook | None = None,
 ) -> FastStream:
     """A FastStream app for `service`: topology ensured, hooks run, heartbeats published."""
+    restoring: set[asyncio.Task[None]] = set()
+
+    async def _reconnected() -> None:
+        # A restarted server may have lost the memory streams and buckets; nats-py awaits this
+        # callback inside its reconnect loop, so the restore runs on its own.
+        task = asyncio.create_task(bus.restore_topology(broker.config.connection_state.stream))
+        restoring.add(task)
+        task.add_done_callback(restoring.discard)
+
     broker = NatsBroker(
         settings.nats_url,
         name=f"llooma-{service}",
@@ -92,6 +101,7 @@ def build_app(
         log_level=logging.DEBUG,
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
+        reconnected_cb=_reconnected,
         security=NatsNKey(settings.nats_nkey_seed_file) if settings.nats_nkey_seed_file else None,
     )
     for router in routers:

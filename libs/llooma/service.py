@@ -42,6 +42,8 @@ class Service:
     js: JetStreamContext = field(init=False)
     _running: set[asyncio.Task[None]] = field(default_factory=set)
     _subscriptions: list[Subscription] = field(default_factory=list)
+    # Each durable consumer as created, to re-create on a restarted server (see _reconnected).
+    _consumers: list[tuple[str, ConsumerConfig]] = field(default_factory=list)
     _on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -52,9 +54,21 @@ class Service:
             self.settings.nats_url,
             f"llooma-{self.name}",
             nkey_seed_file=self.settings.nats_nkey_seed_file,
+            on_reconnect=self._reconnected,
         )
         self.js = self.nc.jetstream()
         await bus.ensure_topology(self.js)
+
+    async def _reconnected(self) -> None:
+        """A restarted server has lost the memory pipeline stream and its consumers; core
+        subscriptions come back by themselves, and the push consumers deliver again to the
+        same subjects once re-created (a no-op where they survived)."""
+        try:
+            await bus.restore_topology(self.js)
+            for stream, config in self._consumers:
+                await self.js.add_consumer(stream, config=config)
+        except Exception:
+            log.exception("%s: topology not restored after a reconnect", self.name)
 
     async def consume(
         self,
@@ -68,24 +82,30 @@ class Service:
         """Deliver each message of a durable queue consumer to `handler`, concurrently.
 
         The message is acked after the handler returns (or, with ack_first, on receipt);
-        a handler that raises gets its message redelivered after a delay.
+        a handler that raises gets its message redelivered after a delay, and one whose
+        process dies gets it redelivered (to a replica) after `pipeline_ack_wait_s`.
         """
         slots = asyncio.Semaphore(max_concurrency)
         handler = tracing.traced(subject, handler)
+        ack_wait_s = self.settings.pipeline_ack_wait_s
 
         async def run(msg: Msg) -> None:
+            progress = None if ack_first else _InProgress(msg, ack_wait_s / 2)
             try:
                 if ack_first:
                     await msg.ack()
                 await handler(msg)
-                if not ack_first:
+                if progress is not None:
+                    progress.cancel()
                     await msg.ack()
             except Exception:
                 log.exception("%s: handler failed on %s", self.name, subject)
-                if not ack_first:
+                if progress is not None:
                     with contextlib.suppress(Exception):
                         await msg.nak(delay=REDELIVERY_DELAY_S)
             finally:
+                if progress is not None:
+                    progress.cancel()
                 slots.release()
 
         async def on_message(msg: Msg) -> None:
@@ -100,7 +120,7 @@ class Service:
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
             max_ack_pending=max_concurrency * 4,
-            ack_wait=30.0,
+            ack_wait=30.0 if ack_first else ack_wait_s,
         )
         subscription = await self.js.subscribe(
             subject,
@@ -112,6 +132,8 @@ class Service:
             pending_msgs_limit=max_concurrency * 16,
         )
         self._subscriptions.append(subscription)
+        info = await subscription.consumer_info()
+        self._consumers.append((info.stream_name, info.config))
 
     async def subscribe(self, subject: str, handler: Handler) -> None:
         """A core NATS subscription (hot, ephemeral traffic), dropped on shutdown."""
@@ -148,6 +170,26 @@ class Service:
         for hook in self._on_stop:
             await hook()
         await self.nc.drain()
+
+
+class _InProgress:
+    """Tells JetStream a slow handler is still working, so only a dead process's messages
+    wait out the short ack_wait; one timer per message, re-armed, no task."""
+
+    __slots__ = ("_every_s", "_msg", "_pending", "_timer")
+
+    def __init__(self, msg: Msg, every_s: float) -> None:
+        self._msg = msg
+        self._every_s = every_s
+        self._pending: asyncio.Task[None] | None = None
+        self._timer = asyncio.get_running_loop().call_later(every_s, self._fire)
+
+    def _fire(self) -> None:
+        self._pending = asyncio.create_task(self._msg.in_progress())
+        self._timer = asyncio.get_running_loop().call_later(self._every_s, self._fire)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
 
 
 def serve(name: str, setup: Callable[[Service], Awaitable[None]]) -> None:

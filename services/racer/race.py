@@ -35,7 +35,7 @@ from llooma.v1.common_pb2 import (
     ErrorDetail,
     Usage,
 )
-from llooma.v1.host_pb2 import CancelTask, HostChunk, HostTask
+from llooma.v1.host_pb2 import CancelTask, HostChunk, HostFinished, HostTask
 from llooma.v1.pipeline_pb2 import (
     ClientDelta,
     ClientEvent,
@@ -59,6 +59,7 @@ from llooma.v1.settlement_pb2 import (
     ATTEMPT_OUTCOME_WON,
     TaskSettlement,
 )
+from services.racer.containment import Sanitizer
 from services.racer.duel import Duels
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,9 @@ ATTEMPT_OUTCOME_NAMES: dict[int, str] = {
     ATTEMPT_OUTCOME_LOST: "lost",
     ATTEMPT_OUTCOME_FAILED: "failed",
 }
+
+# How long a settlement or race event publish is retried while NATS is away.
+PUBLISH_RETRY_S = 60.0
 
 
 @dataclass(slots=True)
@@ -84,6 +88,9 @@ class Attempt:
     contributed: bool = False
     cancelled: bool = False
     span: Span | None = None
+    # Protocol breaches (tokens past max_tokens, control tokens or characters): each one
+    # makes the attempt a failure in the settlement and the race event, so in S(h).
+    violations: int = 0
 
 
 class RaceFailed(Exception):
@@ -343,6 +350,8 @@ class Racer:
         stall_s = race.assignment.stall_deadline_ms / 1000.0
         chunk: HostChunk | None = first
         relay = _Relay()
+        sanitizer = Sanitizer()
+        max_tokens = race.assignment.request.params.max_tokens
         text: list[str] = []
         while True:
             if chunk is None:
@@ -352,19 +361,32 @@ class Racer:
                 except TimeoutError:
                     winner.stalled = True
                     winner, chunk, relay = await self._continue(race, winner, "stalled")
+                    sanitizer = Sanitizer()
                     continue
             kind = chunk.WhichOneof("event")
+            if kind == "token" and max_tokens and winner.output_tokens > max_tokens:
+                # Past the budget it was given: cut here, stop the host, count it against it.
+                winner.violations += 1
+                await self._cancel(winner)
+                usage = Usage(output_tokens=max_tokens)
+                chunk = HostChunk(finished=HostFinished(finish_reason="length", usage=usage))
+                continue
             if kind == "token":
                 winner.contributed = True
-                piece = relay.feed(chunk.token.text)
+                piece = relay.feed(sanitizer.feed(chunk.token.text))
+                if sanitizer.removed:
+                    winner.violations += 1
+                    sanitizer.removed = 0
                 if piece:
                     text.append(piece)
             elif kind == "finished":
-                tail = relay.flush()
+                tail = relay.feed(sanitizer.flush()) + relay.flush()
                 if tail:
                     text.append(tail)
                 await self._flush(race, text)
                 winner.usage = chunk.finished.usage
+                if max_tokens and winner.usage.output_tokens > max_tokens:
+                    winner.usage.output_tokens = max_tokens  # never paid past the budget
                 usage = Usage(
                     input_tokens=chunk.finished.usage.input_tokens,
                     output_tokens=race.client_tokens,
@@ -383,6 +405,7 @@ class Racer:
                 await self._flush(race, text)
                 winner.failed = True
                 winner, chunk, relay = await self._continue(race, winner, chunk.failed.message)
+                sanitizer = Sanitizer()
                 continue
             chunk = self._queued_from(race, winner)
 
@@ -477,6 +500,8 @@ class Racer:
                 await self._cancel(attempt)
 
     def _outcome(self, race: Race, attempt: Attempt) -> int:
+        if attempt.violations:
+            return ATTEMPT_OUTCOME_FAILED
         if attempt is race.winner and attempt.usage is not None:
             return ATTEMPT_OUTCOME_WON
         if attempt.failed or attempt.stalled:
@@ -575,10 +600,19 @@ class Racer:
         tracing.end_span(race.span, error="" if succeeded else ErrorCode.Name(race.error))
 
     async def _publish(self, subject: str, payload: bytes, msg_id: str) -> None:
-        try:
-            await bus.hand_off(self._js, subject, payload, msg_id)
-        except Exception:
-            log.exception("%s not published for %s", subject, msg_id)
+        # A settlement must outlive a NATS restart: retry (idempotent by id) until it is back.
+        give_up_at = time.monotonic() + PUBLISH_RETRY_S
+        delay_s = 0.1
+        while True:
+            try:
+                await bus.hand_off(self._js, subject, payload, msg_id)
+                return
+            except Exception:
+                if time.monotonic() > give_up_at:
+                    log.exception("%s not published for %s", subject, msg_id)
+                    return
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 2.0)
 
 
 def _end_attempt_span(attempt: Attempt, outcome: int, first_token_ms: int) -> None:
