@@ -209,6 +209,31 @@ def test_service_reaches_nats_and_the_collector(folder: str) -> None:
     assert nats_host in depends_on, f"{folder}: does not depend on {nats_host}"
 
 
+OTLP_HTTP_PORT = 4318
+
+
+def tracing_processes() -> dict[str, dict[str, str]]:
+    """Every service and host worker -> its environment (all of them export spans)."""
+    names = [*service_folders(), *host_worker_configs()]
+    return {name: environment_of(service(name)) for name in names}
+
+
+@pytest.mark.parametrize("name", sorted(tracing_processes()))
+def test_every_process_exports_traces_over_otlp_http(name: str) -> None:
+    environment = tracing_processes()[name]
+    endpoint = environment.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
+    # The image has the OTLP/HTTP exporter only: a gRPC endpoint (4317) would export nothing.
+    assert environment.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf") == "http/protobuf"
+    host, _, port = endpoint.removeprefix("http://").partition(":")
+    assert endpoint.startswith("http://"), f"{name}: OTEL_EXPORTER_OTLP_ENDPOINT is {endpoint!r}"
+    assert host in compose_services(), f"{name}: the trace endpoint names no compose service"
+    assert int(port.rstrip("/") or 80) == OTLP_HTTP_PORT, f"{name}: {endpoint} is not OTLP/HTTP"
+    if name in service_folders():
+        assert environment.get("OTEL_SERVICE_NAME", name) == name, (
+            f"{name}: traces would show it as {environment.get('OTEL_SERVICE_NAME')!r}"
+        )
+
+
 def test_accounting_waits_for_migrations() -> None:
     depends_on = service("accounting").get("depends_on") or {}
     assert isinstance(depends_on, dict), "accounting: depends_on must name conditions"
