@@ -252,6 +252,8 @@ class Ticket:
         self._tokens = tokens
         self._model = model
         self._estimate = estimate
+        # Tokens the request is charged when released: nothing unless it produced some.
+        self._used = 0
         self._waiting = True
         self._released = False
 
@@ -260,9 +262,9 @@ class Ticket:
             self._waiting = False
             self._limits.waiting_first_token -= 1
 
-    def release(self, used_tokens: int = 0) -> None:
+    def release(self) -> None:
         """Give back the slot, and to the token bucket what the estimate overcharged (or
-        take what it undercharged); a request that produced nothing is charged nothing."""
+        take what it undercharged)."""
         if self._released:
             return
         self._released = True
@@ -273,7 +275,7 @@ class Ticket:
         if not limits.in_flight_by_model[self._model]:
             del limits.in_flight_by_model[self._model]
         if self._tokens is not None:
-            difference = self._estimate - used_tokens
+            difference = self._estimate - self._used
             if difference >= 0:
                 self._tokens.give_back(difference)
             else:
@@ -281,23 +283,25 @@ class Ticket:
 
     def watch(self, batches: AsyncIterator[list[ClientEvent]]) -> AsyncIterator[list[ClientEvent]]:
         """Called once the first token is there: pass the events through, and release with
-        the usage the finishing event reports (or the estimate, if the stream broke)."""
+        the usage the finishing event reports (the estimate, if the stream broke)."""
         self.first_token()
+        self._used = self._estimate
         return self._watch(batches)
 
     async def _watch(
         self, batches: AsyncIterator[list[ClientEvent]]
     ) -> AsyncIterator[list[ClientEvent]]:
-        used = self._estimate
         try:
             async for batch in batches:
                 last = batch[-1]
                 if last.WhichOneof("event") == "finished":
                     usage = last.finished.usage
-                    used = usage.input_tokens + usage.output_tokens
+                    self._used = usage.input_tokens + usage.output_tokens
+                    # Now: a consumer that stops at the last batch may never close us.
+                    self.release()
                 yield batch
         finally:
-            self.release(used)
+            self.release()
 
     async def serve(self, answer: Awaitable[Response]) -> Response:
         """Await the answer; release now unless a stream still runs, which releases when
