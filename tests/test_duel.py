@@ -12,7 +12,9 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import httpx
 import pytest
 from nats.aio.client import Client
@@ -51,26 +53,49 @@ BAD = "Unrelated words, then a wrong claim stated with confidence, and it goes o
 GRADED = "graded"
 GOOD_HOSTS = ("good-1", "good-2", "good-3")
 BAD_HOST = "bad-1"
+# Races while the dispatcher learns the bad host's quality, then races measured after.
+RACES_BEFORE = 10
+RACES_AFTER = 15
 
 
-def graded_host(name: str, quality: float, seed: int) -> HostConfig:
+def graded_host(name: str, quality: float, first_token_ms: float, seed: int) -> HostConfig:
     model = ModelConfig(
         name=GRADED,
         quality=quality,
         generation=Generation(max_tokens=24),
-        first_token=Latency(ms=20),
+        first_token=Latency(ms=first_token_ms),
         inter_token=Latency(ms=2),
     )
-    return HostConfig(name=name, seed=seed, models=[model])
+    # Its own model, raced alone: a first latency record, so S(h) starts even for all four.
+    warm_up = model.model_copy(update={"name": f"warm-{name}"})
+    return HostConfig(name=name, seed=seed, models=[model, warm_up])
+
+
+def fresh_database(server_url: str) -> str:
+    """A new, empty database on the session's Postgres: this stack's ledger is its own."""
+    name = f"duel_{uuid.uuid4().hex[:8]}"
+
+    async def create() -> None:
+        connection = await asyncpg.connect(server_url)
+        try:
+            await connection.execute(f"CREATE DATABASE {name}")
+        finally:
+            await connection.close()
+
+    asyncio.run(create())
+    parts = urlsplit(server_url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
 
 
 @pytest.fixture(scope="module")
-def duel_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    hosts = [graded_host(name, 1.0, seed) for seed, name in enumerate(GOOD_HOSTS, start=1)]
-    hosts.append(graded_host(BAD_HOST, 0.4, 9))
+def duel_stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    # The bad host is the fastest: on latency alone S(h) would race it nearly every time.
+    hosts = [graded_host(name, 1.0, 300, seed) for seed, name in enumerate(GOOD_HOSTS, start=1)]
+    hosts.append(graded_host(BAD_HOST, 0.4, 20, 9))
     stack = Stack(
         root=tmp_path_factory.mktemp("duel-stack"),
         http_port=free_port(),
+        database_url=fresh_database(database_url),
         hosts=hosts,
         extra_env={"LLOOMA_DUEL_FRACTION": "1.0", "LLOOMA_BEST_BUCKET_SIZE": "2"},
     )
@@ -229,6 +254,7 @@ class Arena:
 
     nc: Client
     judges: list[Judge]
+    judge_stake: float = 1.0
     model: str = field(default_factory=lambda: f"arena-{uuid.uuid4().hex[:6]}")
     hosts: list[ScriptedHost] = field(default_factory=list)
 
@@ -238,7 +264,9 @@ class Arena:
             ScriptedHost(self.nc, f"quick-{self.model}", self.model, answering(GOOD, 0.02, 0.005)),
             ScriptedHost(self.nc, f"slow-{self.model}", self.model, answering(BAD, 0.15, 0.04)),
             *(
-                LoadedHost(self.nc, f"judge{i}-{self.model}", self.model, judge)
+                LoadedHost(
+                    self.nc, f"judge{i}-{self.model}", self.model, judge, stake=self.judge_stake
+                )
                 for i, judge in enumerate(self.judges)
             ),
         ]
@@ -332,16 +360,17 @@ async def test_a_worse_host_loses_its_duels_and_is_raced_less_often(
     duel_http: httpx.AsyncClient, watch: Watch
 ) -> None:
     await wait_listed(duel_http, GRADED, hosts=4)
-    raced_before: list[bool] = []
-    raced_after: list[bool] = []
+    for name in (*GOOD_HOSTS, BAD_HOST):
+        request_id, _, _ = await answer(duel_http, f"warm-{name}")
+        await watch.race_for(request_id)
+    raced: list[bool] = []
     bad_duels: list[float] = []
     costs: list[tuple[int, int, int, int]] = []
-    for _ in range(60):
+    for _ in range(RACES_BEFORE + RACES_AFTER):
         request_id, _, _ = await answer(duel_http, GRADED)
         race = await watch.race_for(request_id)
         result = await watch.duel_for(request_id)
-        raced = BAD_HOST in {a.host_id for a in race.attempts}
-        (raced_after if len(bad_duels) >= 4 else raced_before).append(raced)
+        raced.append(BAD_HOST in {a.host_id for a in race.attempts})
         if BAD_HOST in (result.host_a, result.host_b):
             bad_duels.append(
                 {DUEL_VERDICT_TIE: 0.5, side_of(result, BAD_HOST): 1.0}.get(result.outcome, 0.0)
@@ -361,26 +390,24 @@ async def test_a_worse_host_loses_its_duels_and_is_raced_less_often(
                 race.output_tokens,
             )
         )
-        if len(raced_after) >= 15:
-            break
         # Let every heartbeat show the judges idle again: load is a term of S(h) too.
         await asyncio.sleep(0.6)
-    assert len(bad_duels) >= 4
+    assert bad_duels, "the bad host never raced"
     assert sum(bad_duels) == 0.0, bad_duels
-    assert len(raced_after) >= 15
-    share_before = sum(raced_before) / len(raced_before)
-    share_after = sum(raced_after) / len(raced_after)
+    share_before = sum(raced[:RACES_BEFORE]) / RACES_BEFORE
+    share_after = sum(raced[RACES_BEFORE:]) / RACES_AFTER
     loser_extra, judge_out, judge_in, client = (
         sum(c[i] for c in costs) / len(costs) for i in range(4)
     )
     print(
-        f"\nbad host raced in {share_before:.2f} of {len(raced_before)} races before its 4th "
-        f"lost duel, {share_after:.2f} of {len(raced_after)} after; per duel: loser "
+        f"\nbad host raced in {share_before:.2f} of the first {RACES_BEFORE} races, "
+        f"{share_after:.2f} of the next {RACES_AFTER}; it lost {len(bad_duels)} duels; "
+        f"per duel: loser "
         f"+{loser_extra:.1f} output tokens, judges {judge_out:.1f} output and {judge_in:.1f} "
         f"input tokens, against {client:.1f} output tokens for the client"
     )
-    assert share_after <= 0.15
-    assert share_after < share_before
+    assert raced[0], "the fastest host is raced while its quality is unknown"
+    assert share_after <= 0.2 < share_before
     assert judge_out > 0
     assert loser_extra > 0
 
@@ -390,7 +417,8 @@ async def test_with_p_d_zero_no_race_duels(
 ) -> None:
     """The shared stack runs with LLOOMA_DUEL_FRACTION=0."""
     judges = [Judge() for _ in range(3)]
-    async with Arena(nc, judges) as arena:
+    # No stake: the shared stack's best bucket (4) holds them, but the draw passes them over.
+    async with Arena(nc, judges, judge_stake=0.0) as arena:
         await wait_listed(http, arena.model, hosts=5)
         request_ids = []
         for _ in range(4):
@@ -403,5 +431,5 @@ async def test_with_p_d_zero_no_race_duels(
     # Loaded hosts may be raced here (a best bucket of 4) and say busy; every loser that
     # was still running was cancelled.
     losers = [a for race in races for a in race.attempts if a.outcome == ATTEMPT_OUTCOME_LOST]
-    assert losers
+    assert losers, races
     assert all(a.attempt_id in shared_watch.cancelled for a in losers)

@@ -83,12 +83,13 @@ class Settings(BaseSettings):
     # compared with the winner by `duel_judges` judges (other hosts, drawn by stake) serving
     # `duel_judge_model` ("" = the duel's own model); `duel_timeout_s` bounds a whole duel.
     # Each host's duel record (0 lost, 0.5 tie, 1 won, an EWMA from 0.5) adds
-    # `duel_quality_weight` x (1 - quality) to its S(h).
+    # `duel_quality_weight` x (1 - quality) to its S(h). Above 0.3, a host that loses every
+    # duel ranks behind one never seen (unknown latency costs 0.3 x 0.5, unknown quality w/2).
     duel_fraction: float = Field(default=0.05, ge=0, le=1)
     duel_judges: int = Field(default=3, ge=1)
     duel_judge_model: str = ""
     duel_timeout_s: float = Field(default=60.0, gt=0)
-    duel_quality_weight: float = Field(default=0.2, ge=0)
+    duel_quality_weight: float = Field(default=0.4, ge=0)
     # Planner: stage-1 bypass thresholds, DAG size, the margin eps, and the optional split
     # call (a model asked for a JSON DAG when the prompt's structure gives none).
     planner_bypass_chars: int = 160
