@@ -467,6 +467,9 @@ class Racer:
         """Count a token to its attempt; return the chunk if it is the winner's."""
         if chunk.HasField("token"):
             attempt.output_tokens += 1
+        elif attempt is not winner and chunk.failed.code == ERROR_CODE_HOST_BUSY:
+            # A "busy" that lands after the race was won still says the host's load was false.
+            attempt.failed = True
         return chunk if attempt is winner else None
 
     async def _next_from(self, race: Race, winner: Attempt, stall_s: float) -> HostChunk:
