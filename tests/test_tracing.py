@@ -77,6 +77,7 @@ async def test_untraced_process_adds_no_header_and_no_layer() -> None:
     assert tracing.inject(headers) == {"Nats-Msg-Id": "x"}
     assert tracing.current_headers() is None
     assert tracing.start_span("nothing") is None
+    assert not tracing.carries_trace({"traceparent": f"00-{'1' * 32}-{'2' * 16}-01"})
 
     async def handler(msg: Msg) -> None:
         pass
@@ -97,6 +98,8 @@ async def test_inject_then_extract_continues_the_trace(exported: InMemorySpanExp
     assert match.group(1) == f"{context.trace_id:032x}"
     assert match.group(2) == f"{context.span_id:016x}"
     assert int(match.group(3), 16) & 1, "not marked sampled"
+    assert tracing.carries_trace(headers)
+    assert not tracing.carries_trace({"Nats-Msg-Id": "abc"})
     child = tracing.start_span("child", headers=headers)
     tracing.end_span(child)
     tracing.end_span(parent)

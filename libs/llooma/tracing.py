@@ -148,6 +148,11 @@ def current_headers() -> dict[str, str] | None:
     return None if _tracer is None else inject({})
 
 
+def carries_trace(headers: Mapping[str, str] | None) -> bool:
+    """Whether a message continues a trace (and tracing is on): what gets a span."""
+    return _tracer is not None and headers is not None and TRACEPARENT in headers
+
+
 def extract(headers: Mapping[str, str] | None) -> Context:
     """The remote parent carried by NATS or HTTP headers (an empty context without one)."""
     return _propagator.extract(headers or {})

@@ -168,7 +168,7 @@ class HostWorker:
         self._in_flight[task.model] += 1
         serving = (
             self._serve_traced(task, backend, msg.reply, msg.headers)
-            if tracing.enabled()
+            if tracing.carries_trace(msg.headers)
             else self._serve(task, backend, msg.reply)
         )
         runner = asyncio.create_task(serving)
