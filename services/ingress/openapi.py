@@ -20,8 +20,9 @@ from services.ingress.schema import ChatCompletionRequest
 Schema = dict[str, Any]
 
 SCHEMAS = "#/components/schemas/"
-# Whole milliseconds from 1 to 60000, as the ingress accepts them (leading zeros too).
-DEADLINE_PATTERN = "^0*([1-9][0-9]{0,3}|[1-5][0-9]{4}|60000)$"
+# Whole milliseconds from 1 to 60000, as the ingress accepts them (leading zeros too); an
+# empty value, like an empty race width or privacy header, counts as not sent.
+DEADLINE_PATTERN = "^(0*([1-9][0-9]{0,3}|[1-5][0-9]{4}|60000))?$"
 
 
 def _ref(name: str) -> Schema:
@@ -96,6 +97,19 @@ CHAT_COMPLETION: Schema = {
     },
 }
 
+# One server-sent event (OpenAPI 3.1 describes each event of a stream, not the stream).
+CHUNK_EVENT: Schema = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "description": 'A chat.completion.chunk, an {"error": ...} object, or [DONE].',
+            "type": "string",
+            "pattern": "^(\\[DONE\\]|\\{.*\\})$",
+        }
+    },
+}
+
 MODEL_LIST: Schema = {
     "type": "object",
     "required": ["object", "data"],
@@ -164,12 +178,14 @@ def _request_parameters() -> list[Schema]:
             {"type": "string", "pattern": DEADLINE_PATTERN},
         ),
         header(
-            RACE_WIDTH_HEADER, "How many hosts race for this request.", {"enum": ["1", "2", "3"]}
+            RACE_WIDTH_HEADER,
+            "How many hosts race for this request.",
+            {"enum": ["", "1", "2", "3"]},
         ),
         header(
             PRIVACY_HEADER,
             "`strict` also redacts quasi-identifiers.",
-            {"enum": ["standard", "strict"]},
+            {"enum": ["", "standard", "strict"]},
         ),
         header(SPLIT_HEADER, "`off` asks the planner not to split.", {"enum": ["auto", "off"]}),
     ]
@@ -207,7 +223,7 @@ def _chat_completions() -> Schema:
                 },
                 "content": {
                     "application/json": {"schema": _ref("ChatCompletion")},
-                    "text/event-stream": {"schema": {"type": "string"}},
+                    "text/event-stream": {"schema": _ref("ChatCompletionChunkEvent")},
                 },
             },
             "400": _error(
@@ -239,6 +255,7 @@ def openapi_document() -> Schema:
     components.update(
         ChatCompletionRequest=request,
         ChatCompletion=CHAT_COMPLETION,
+        ChatCompletionChunkEvent=CHUNK_EVENT,
         Usage=USAGE,
         ModelList=MODEL_LIST,
         Health=HEALTH,

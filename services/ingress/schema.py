@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 
 from llooma.v1.common_pb2 import ChatMessage, GenerationParams
+
+
+def _integral(value: object) -> object:
+    # JSON Schema (and so the OpenAPI description) counts 8.0 as an integer; 8.5 stays refused.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+TokenCount = Annotated[int, Field(ge=1, le=1_000_000), BeforeValidator(_integral)]
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1), BeforeValidator(_integral)]
+OnlyOne = Annotated[int, Field(ge=1, le=1), BeforeValidator(_integral)]
 
 
 class TextPart(BaseModel):
@@ -47,13 +59,13 @@ class ChatCompletionRequest(BaseModel):
     messages: list[ChatMessageIn] = Field(min_length=1, max_length=4096)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    max_tokens: TokenCount | None = None
+    max_completion_tokens: TokenCount | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    n: int = Field(default=1, ge=1, le=1)
+    seed: Seed | None = None
+    n: OnlyOne = 1
 
     def messages_proto(self) -> list[ChatMessage]:
         return [ChatMessage(role=m.role, content=m.text()) for m in self.messages]
