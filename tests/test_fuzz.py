@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import schemathesis
@@ -46,7 +47,9 @@ def report_cases() -> Iterator[None]:
     deadline=None,
     suppress_health_check=list(HealthCheck),
 )
-def test_api_conforms_to_its_openapi_description(case: Case[APIOperation]) -> None:
+def test_api_conforms_to_its_openapi_description(
+    case: Case[APIOperation[Any, Any, Any, Any]],
+) -> None:
     response = case.call_and_validate(headers=AUTH, timeout=30)
     CASES_RUN[f"{case.method} {case.path}"] += 1
     STATUSES[response.status_code] += 1
