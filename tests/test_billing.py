@@ -39,7 +39,7 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     await conn.close()
 
 
-async def eventually(probe: Callable[[], Awaitable[T | None]], timeout_s: float = 10.0) -> T:
+async def eventually(probe: Callable[[], Awaitable[T | None]], timeout_s: float = 30.0) -> T:
     deadline = time.monotonic() + timeout_s
     while True:
         value = await probe()
