@@ -34,6 +34,7 @@ class Sent:
     tokens: int
     retry_after: str | None
     error: dict[str, str] | None
+    done: float
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,7 @@ async def hammer(
                     usage.get("total_tokens", 0),
                     response.headers.get("retry-after"),
                     payload.get("error"),
+                    time.monotonic(),
                 )
             )
             if response.status_code == 429:
@@ -81,12 +83,16 @@ async def hammer(
 
 
 def achieved_after_first_refusal(sent: list[Sent], amount: str) -> tuple[float, float]:
-    """(admitted units per second, seconds measured) from the first 429 to the end."""
+    """(admitted units per second, seconds measured) in the steady state: from the first
+    429 (the burst allowance is spent) or, if later, from when the requests admitted before
+    it have ended (their usage corrections, credited then, belong to the burst) to the end."""
     first_refusal = min(s.at for s in sent if s.status == 429)
+    burst_done = max(s.done for s in sent if s.status == 200 and s.at < first_refusal)
+    start = max(first_refusal, burst_done)
     end = max(s.at for s in sent)
-    admitted = [s for s in sent if s.status == 200 and first_refusal <= s.at <= end]
+    admitted = [s for s in sent if s.status == 200 and start <= s.at <= end]
     units = len(admitted) if amount == "requests" else sum(s.tokens for s in admitted)
-    return units / (end - first_refusal), end - first_refusal
+    return units / (end - start), end - start
 
 
 def assert_refusals_are_well_formed(sent: list[Sent], code: str) -> None:
