@@ -3,6 +3,7 @@ so its counts and tampering never meet the running stack's ledger."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -36,3 +37,19 @@ async def fresh_database(url: str) -> AsyncIterator[str]:
             await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
         finally:
             await admin.close()
+
+
+def new_database(url: str, prefix: str) -> str:
+    """A new, empty database on the same server (for a stack of a test module's own: its
+    ledger, signed by its own key, must not share blocks with the session stack's)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+    async def create() -> None:
+        admin = await asyncpg.connect(url)
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await admin.close()
+
+    asyncio.run(create())
+    return with_database(url, name)

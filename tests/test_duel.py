@@ -12,9 +12,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import httpx
 import pytest
 from nats.aio.client import Client
@@ -45,6 +43,7 @@ from llooma.v1.host_pb2 import (
 )
 from llooma.v1.race_pb2 import RaceEvent
 from llooma.v1.settlement_pb2 import ATTEMPT_OUTCOME_LOST
+from tests.ledger_db import new_database
 from tests.scripted_host import Reply, Script, ScriptedHost
 from tests.test_race import chat, stream_text, wait_listed
 
@@ -71,22 +70,6 @@ def graded_host(name: str, quality: float, first_token_ms: float, seed: int) -> 
     return HostConfig(name=name, seed=seed, models=[model, warm_up])
 
 
-def fresh_database(server_url: str) -> str:
-    """A new, empty database on the session's Postgres: this stack's ledger is its own."""
-    name = f"duel_{uuid.uuid4().hex[:8]}"
-
-    async def create() -> None:
-        connection = await asyncpg.connect(server_url)
-        try:
-            await connection.execute(f"CREATE DATABASE {name}")
-        finally:
-            await connection.close()
-
-    asyncio.run(create())
-    parts = urlsplit(server_url)
-    return urlunsplit(parts._replace(path=f"/{name}"))
-
-
 @pytest.fixture(scope="module")
 def duel_stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # The bad host is the fastest: on latency alone S(h) would race it nearly every time.
@@ -95,7 +78,7 @@ def duel_stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> I
     stack = Stack(
         root=tmp_path_factory.mktemp("duel-stack"),
         http_port=free_port(),
-        database_url=fresh_database(database_url),
+        database_url=new_database(database_url, "duel"),
         hosts=hosts,
         extra_env={"LLOOMA_DUEL_FRACTION": "1.0", "LLOOMA_BEST_BUCKET_SIZE": "2"},
     )

@@ -17,6 +17,7 @@ import pytest
 from llooma.embedded import free_port
 from llooma.settings import api_key_id
 from llooma.stack import Stack
+from tests.ledger_db import new_database
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 
 KEY = f"sk-hash-test-{secrets.token_hex(12)}"
@@ -36,7 +37,7 @@ def traced_stack(receiver: OtlpReceiver, database_url: str, tmp_path: Path) -> I
     running = Stack(
         root=tmp_path / "stack",
         http_port=free_port(),
-        database_url=database_url,
+        database_url=new_database(database_url, "keys"),
         extra_env={
             "LLOOMA_API_KEYS": KEY,
             # Room for three requests, so the fourth takes the rate-limit path.
@@ -102,8 +103,10 @@ def span_text(spans: list[ReceivedSpan]) -> str:
 
 @pytest.mark.timeout(240)
 async def test_no_raw_api_key_in_database_files_or_traces(
-    traced_stack: Stack, receiver: OtlpReceiver, database_url: str
+    traced_stack: Stack, receiver: OtlpReceiver
 ) -> None:
+    assert traced_stack.database_url is not None
+    database_url = traced_stack.database_url
     statuses = use_every_path(traced_stack.base_url)
     assert statuses == [200, 200, 200, 200, 401, 400, 429]
 

@@ -147,11 +147,17 @@ async def test_the_status_page_shows_the_hosts_and_the_numbers_of_v1_stats(
     demo = {"host-fast", "host-steady", "host-jittery"}
     assert demo <= set(dom.hosts), dom.hosts.keys()
     live = {h["host_id"]: h for h in stats["hosts"]}
+    # The p95 term is over a rolling window: samples may age out while the page renders.
+    live_after = {h["host_id"]: h for h in after["hosts"]}
     for host_id in demo:
         row = dom.hosts[host_id]
         assert row["host.id"][0] == host_id
         assert int(row["host.wins"][0]) == live[host_id]["wins"]
-        assert number(row["host.p95"][1]) == live[host_id]["p95_first_token_ms"]
+        shown_p95 = number(row["host.p95"][1])
+        assert shown_p95 in (
+            live[host_id]["p95_first_token_ms"],
+            live_after[host_id]["p95_first_token_ms"],
+        ), (shown_p95, live[host_id], live_after[host_id])
     assert sum(int(dom.hosts[h]["host.wins"][0]) for h in demo) > 0
 
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)

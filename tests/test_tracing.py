@@ -28,6 +28,7 @@ from llooma import tracing
 from llooma.embedded import free_port
 from llooma.settings import DEV_API_KEY
 from llooma.stack import Stack
+from tests.ledger_db import new_database
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 
 TRACEPARENT_FORMAT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
@@ -232,7 +233,7 @@ def traced_stack(receiver: OtlpReceiver, database_url: str, tmp_path: Path) -> I
     running = Stack(
         root=tmp_path / "stack",
         http_port=free_port(),
-        database_url=database_url,
+        database_url=new_database(database_url, "tracing"),
         extra_env={
             "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
             "OTEL_BSP_SCHEDULE_DELAY": "100",
