@@ -18,6 +18,7 @@ from llooma.credentials import CredentialStore
 from llooma.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from llooma.settings import DEV_API_KEY
 from llooma.stack import Stack, demo_hosts
+from tests.otlp_receiver import OtlpReceiver
 
 AUTH = {"Authorization": f"Bearer {DEV_API_KEY}"}
 HEDGED_MODEL = "hedged-test-model"
@@ -88,6 +89,14 @@ def stack(
         },
     )
     running.start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def receiver() -> Iterator[OtlpReceiver]:
+    """An OTLP/HTTP endpoint keeping every span it is sent in memory."""
+    running = OtlpReceiver().start()
     yield running
     running.stop()
 

@@ -169,6 +169,15 @@ class OtlpReceiver:
             time.sleep(0.1)
 
 
+def exporting_to(receiver: OtlpReceiver) -> dict[str, str]:
+    """The environment that makes a stack's processes export their spans to `receiver`."""
+    return {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "OTEL_SERVICE_NAME": "",
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=4318)

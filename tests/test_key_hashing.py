@@ -18,17 +18,10 @@ from llooma.embedded import free_port
 from llooma.settings import api_key_id
 from llooma.stack import Stack
 from tests.ledger_db import new_database
-from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
+from tests.otlp_receiver import OtlpReceiver, ReceivedSpan, exporting_to
 
 KEY = f"sk-hash-test-{secrets.token_hex(12)}"
 WRONG_KEY = f"sk-wrong-{secrets.token_hex(12)}"
-
-
-@pytest.fixture
-def receiver() -> Iterator[OtlpReceiver]:
-    running = OtlpReceiver().start()
-    yield running
-    running.stop()
 
 
 @pytest.fixture
@@ -44,9 +37,7 @@ def traced_stack(receiver: OtlpReceiver, database_url: str, tmp_path: Path) -> I
             "LLOOMA_RATE_LIMITS_BY_KEY": orjson.dumps({KEY: {"rpm": 4}}).decode(),
             "LLOOMA_RATE_LIMIT_BURST_S": "45",
             "LLOOMA_LOG_LEVEL": "DEBUG",
-            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-            "OTEL_BSP_SCHEDULE_DELAY": "100",
-            "OTEL_SERVICE_NAME": "",
+            **exporting_to(receiver),
         },
     )
     running.start()

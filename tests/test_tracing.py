@@ -29,7 +29,7 @@ from llooma.embedded import free_port
 from llooma.settings import DEV_API_KEY
 from llooma.stack import Stack
 from tests.ledger_db import new_database
-from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
+from tests.otlp_receiver import OtlpReceiver, ReceivedSpan, exporting_to
 
 TRACEPARENT_FORMAT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 PIPELINE_SERVICES = {"ingress", "privacy", "planner", "dispatcher", "racer", "host", "accounting"}
@@ -220,13 +220,6 @@ async def test_http_server_span_continues_the_callers_trace(
 
 
 @pytest.fixture
-def receiver() -> Iterator[OtlpReceiver]:
-    running = OtlpReceiver().start()
-    yield running
-    running.stop()
-
-
-@pytest.fixture
 def traced_stack(receiver: OtlpReceiver, database_url: str, tmp_path: Path) -> Iterator[Stack]:
     # Its own NATS server: on the shared one, the session stack's untraced services would
     # take turns with these in every consumer group.
@@ -235,9 +228,7 @@ def traced_stack(receiver: OtlpReceiver, database_url: str, tmp_path: Path) -> I
         http_port=free_port(),
         database_url=new_database(database_url, "tracing"),
         extra_env={
-            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-            "OTEL_BSP_SCHEDULE_DELAY": "100",
-            "OTEL_SERVICE_NAME": "",
+            **exporting_to(receiver),
         },
     )
     running.start()

@@ -7,8 +7,6 @@ view's own staleness cutoff marks a vanished member ineligible well before that.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -16,13 +14,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Generic, TypeVar
 
-import nats.errors
 from google.protobuf.message import DecodeError, Message
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from llooma import subjects
 from llooma.bus import MEMBERSHIP_TTL_S
+from llooma.kv_view import BucketView
 from llooma.v1.host_pb2 import HostHeartbeat
 from llooma.v1.service_pb2 import ServiceHeartbeat
 
@@ -47,26 +45,13 @@ class Member(Generic[HeartbeatT]):
         return now - self.seen_monotonic
 
 
-class Membership(Generic[HeartbeatT]):
+class Membership(BucketView, Generic[HeartbeatT]):
     """A live view of one heartbeat bucket; the key (from the subject) is the identity."""
 
     def __init__(self, bucket: str, parse: Callable[[bytes], HeartbeatT]) -> None:
-        self._bucket = bucket
+        super().__init__(bucket, idle_renew_s=WATCH_IDLE_S)
         self._parse = parse
         self._members: dict[str, Member[HeartbeatT]] = {}
-        self._task: asyncio.Task[None] | None = None
-        self._initial_load = asyncio.Event()
-
-    async def start(self, js: JetStreamContext) -> None:
-        kv = await js.key_value(self._bucket)
-        self._task = asyncio.create_task(self._watch(kv), name=f"watch-{self._bucket}")
-        await asyncio.wait_for(self._initial_load.wait(), timeout=10)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     def fresh(self, stale_after_s: float) -> list[Member[HeartbeatT]]:
         now = time.monotonic()
@@ -79,31 +64,11 @@ class Membership(Generic[HeartbeatT]):
             del self._members[key]
         return list(self._members.values())
 
-    async def _watch(self, kv: KeyValue) -> None:
-        while True:
-            try:
-                watcher = await kv.watchall()
-                while True:
-                    try:
-                        entry = await watcher.updates(timeout=WATCH_IDLE_S)  # type: ignore[no-untyped-call]
-                    except nats.errors.TimeoutError:
-                        with contextlib.suppress(Exception):
-                            await watcher.stop()  # type: ignore[no-untyped-call]
-                        break
-                    if entry is None:
-                        self._initial_load.set()
-                        continue
-                    # nats-py annotates `created` as int but hands over a datetime.
-                    created: object = entry.created
-                    created_unix = (
-                        created.timestamp() if isinstance(created, datetime) else time.time()
-                    )
-                    self._apply(entry.key, entry.value, entry.operation, created_unix)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.warning("watch on %s broke; re-watching", self._bucket, exc_info=True)
-                await asyncio.sleep(0.5)
+    def apply(self, entry: KeyValue.Entry) -> None:
+        # nats-py annotates `created` as int but hands over a datetime.
+        created: object = entry.created
+        created_unix = created.timestamp() if isinstance(created, datetime) else time.time()
+        self._apply(entry.key, entry.value, entry.operation, created_unix)
 
     def _apply(
         self, key: str, value: bytes | None, operation: str | None, created_unix: float
