@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 import shlex
+import subprocess
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from llooma.embedded import nats_server_binary
 from llooma.host.config import HostConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -255,6 +258,25 @@ def test_nats_runs_with_jetstream() -> None:
     assert "-js" in command or "--jetstream" in command, (
         f"nats runs without JetStream (-js); its command is {command}"
     )
+
+
+def test_nats_config_fsyncs_before_ack_and_the_server_accepts_it() -> None:
+    nats = service("nats")
+    command = command_of(nats)
+    config_path = command[command.index("-c") + 1]
+    mounts = {
+        str(volume).split(":")[1]: str(volume).split(":")[0]
+        for volume in nats.get("volumes", [])
+        if str(volume).startswith("./")
+    }
+    assert config_path in mounts, f"{config_path} is not mounted into the nats container"
+    local = ROOT / mounts[config_path]
+    text = local.read_text()
+    assert re.search(r"sync_interval:\s*always", text), "JetStream does not fsync before ack"
+    checked = subprocess.run(
+        [nats_server_binary(), "-c", str(local), "-t"], capture_output=True, text=True, timeout=30
+    )
+    assert checked.returncode == 0, checked.stderr or checked.stdout
 
 
 def test_postgres_exists_and_reports_health() -> None:
