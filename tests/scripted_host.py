@@ -14,7 +14,13 @@ from nats.aio.subscription import Subscription
 
 from llooma import subjects
 from llooma.settings import VERSION
-from llooma.v1.host_pb2 import HostChunk, HostHeartbeat, HostTask, ModelCapability
+from llooma.v1.host_pb2 import (
+    HostAccepted,
+    HostChunk,
+    HostHeartbeat,
+    HostTask,
+    ModelCapability,
+)
 
 Reply = Callable[[HostChunk], Awaitable[None]]
 Script = Callable[[HostTask, Reply], Coroutine[Any, Any, None]]
@@ -22,9 +28,18 @@ Script = Callable[[HostTask, Reply], Coroutine[Any, Any, None]]
 
 class ScriptedHost:
     def __init__(
-        self, nc: Client, host_id: str, model: str, script: Script, *, stake: float = 1.0
+        self,
+        nc: Client,
+        host_id: str,
+        model: str,
+        script: Script,
+        *,
+        stake: float = 1.0,
+        accept: bool = False,
     ) -> None:
         self.stake = stake
+        # Send `accepted` before the script's first chunk, as a real HostWorker does.
+        self.accept = accept
         self.nc = nc
         self.host_id = host_id
         self.model = model
@@ -78,6 +93,8 @@ class ScriptedHost:
         async def reply(chunk: HostChunk) -> None:
             await self.nc.publish(reply_subject, chunk.SerializeToString())
 
+        if self.accept:
+            await reply(HostChunk(seq=0, accepted=HostAccepted()))
         running: asyncio.Task[None] = asyncio.create_task(self.script(task, reply))
         self._running.add(running)
         running.add_done_callback(self._running.discard)

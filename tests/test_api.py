@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -12,11 +14,20 @@ import openai
 import orjson
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from starlette.applications import Starlette
 
-from llooma.settings import DEV_API_KEY
+from llooma import bus, subjects
+from llooma.embedded import EmbeddedNats
+from llooma.membership import HostDirectory, ServiceDirectory
+from llooma.settings import DEV_API_KEY, ORCHESTRATED_MODEL, Settings
 from llooma.stack import Stack
 from llooma.v1.common_pb2 import ERROR_CODE_HOST_FAILED, ErrorDetail, Usage
 from llooma.v1.host_pb2 import HostAccepted, HostChunk, HostFinished, HostTask, HostToken
+from llooma.v1.pipeline_pb2 import ChatRequest, ClientDelta, ClientEvent, ClientStarted
+from services.ingress.api import Ingress
+from services.ingress.main import ROUTES as INGRESS_ROUTES
+from services.ingress.replies import ReplyRouter
 from tests.conftest import AUTH
 from tests.scripted_host import Reply, ScriptedHost
 
@@ -306,3 +317,93 @@ async def test_host_finishing_cleanly_reports_its_usage(
     payload = response.json()
     assert payload["choices"][0]["message"]["content"] == "ok"
     assert payload["usage"] == {"prompt_tokens": 11, "completion_tokens": 1, "total_tokens": 12}
+
+
+# -- one ingress in this process, on a nats-server of its own, the test playing the pipeline --
+
+
+@pytest.fixture(scope="module")
+def lone_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats]:
+    server = EmbeddedNats.start(tmp_path_factory.mktemp("lone-nats"), sync_always=False)
+    yield server
+    server.stop()
+
+
+async def test_client_leaving_before_the_first_byte_frees_its_queue_and_cancels(
+    lone_nats: EmbeddedNats,
+) -> None:
+    settings = Settings()
+    nc = await bus.connect(lone_nats.url, "llooma-test-ingress")
+    js = nc.jetstream()
+    await bus.ensure_topology(js)
+    replies = ReplyRouter("ingress-test")
+    await replies.start(nc)
+    hosts = HostDirectory(stale_after_s=2.0, min_version="0.1.0")
+    ingress = Ingress(settings, nc, js, replies, hosts, ServiceDirectory(stale_after_s=3.0))
+    app = Starlette(routes=INGRESS_ROUTES)
+    app.state.ingress = ingress
+    cancelled: asyncio.Queue[str] = asyncio.Queue()
+
+    async def on_cancel(msg: Msg) -> None:
+        cancelled.put_nowait(msg.subject)
+
+    await nc.subscribe(subjects.REQUEST_CANCEL_ANY, cb=on_cancel)
+    handed_off = await js.subscribe(subjects.PIPELINE_PRIVACY, durable="test-privacy")
+
+    body = orjson.dumps(chat(ORCHESTRATED_MODEL, "hi", stream=True))
+    client_left = asyncio.Event()
+    sent: list[MutableMapping[str, Any]] = []
+
+    body_read = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal body_read
+        if not body_read:
+            body_read = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await client_left.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        # Writes that yield, as uvicorn's do while the socket's buffer is full.
+        await asyncio.sleep(0)
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "headers": [
+            (b"authorization", AUTH["Authorization"].encode()),
+            (b"content-type", b"application/json"),
+        ],
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 8000),
+    }
+    try:
+        serving = asyncio.create_task(app(scope, receive, send))
+        msg = (await handed_off.next_msg(timeout=5.0)).data
+        request = ChatRequest.FromString(msg)
+        assert request.request_id in replies
+        # The client gives up while the pipeline is still choosing hosts ...
+        client_left.set()
+        await asyncio.sleep(0.05)
+        # ... and then the first token arrives, with more behind it.
+        for event in (
+            ClientEvent(started=ClientStarted(model="m")),
+            ClientEvent(delta=ClientDelta(text="too late")),
+        ):
+            await nc.publish(request.reply_subject, event.SerializeToString())
+        await asyncio.wait_for(serving, 10.0)
+        subject = await asyncio.wait_for(cancelled.get(), 5.0)
+        assert subject == subjects.request_cancel(request.request_id)
+        assert request.request_id not in replies
+        assert ingress.limits.in_flight == 0
+        assert not any(m.get("body") for m in sent), "no byte of the body reached the client"
+    finally:
+        await nc.drain()

@@ -193,7 +193,7 @@ async def test_no_first_token_by_the_deadline_goes_to_the_fallback(
     async with (
         ScriptedHost(nc, f"mute-a-{model}", model, mute, stake=100.0),
         ScriptedHost(nc, f"mute-b-{model}", model, mute, stake=100.0),
-        ScriptedHost(nc, f"rescuer-{model}", model, rescue, stake=0.0),
+        ScriptedHost(nc, f"rescuer-{model}", model, rescue, stake=0.0, accept=True),
     ):
         await wait_listed(http, model, hosts=3)
         for _ in range(3):
@@ -218,10 +218,12 @@ async def test_no_first_token_by_the_deadline_goes_to_the_fallback(
     raise AssertionError("the fallback never answered")
 
 
-def continuer(text: str, repeat_chars: int) -> tuple[Script, list[str]]:
+def continuer(text: str, repeat_chars: int) -> tuple[Script, list[str], list[int]]:
     """A host that continues `text` from the prefix in its prompt, re-emitting the last
-    `repeat_chars` characters of it first (as models do), and refuses plain tasks."""
+    `repeat_chars` characters of it first (as models do), and refuses plain tasks; also
+    returns the max_tokens each continuation was given."""
     prefixes: list[str] = []
+    budgets: list[int] = []
 
     async def script(task: HostTask, reply: Reply) -> None:
         prefix = extract_prefix(task.messages[-1].content)
@@ -229,13 +231,14 @@ def continuer(text: str, repeat_chars: int) -> tuple[Script, list[str]]:
             await reply(HostChunk(failed=ErrorDetail(code=ERROR_CODE_HOST_BUSY, message="no")))
             return
         prefixes.append(prefix)
+        budgets.append(task.params.max_tokens)
         assert text.startswith(prefix)
         rest = text[max(0, len(prefix) - repeat_chars) :]
         for index, piece in enumerate(rest.split(" ")):
             await reply(HostChunk(token=HostToken(text=piece if index == 0 else " " + piece)))
         await reply(HostChunk(finished=HostFinished(finish_reason="stop")))
 
-    return script, prefixes
+    return script, prefixes, budgets
 
 
 @pytest.mark.parametrize("stall_at", [3, 11, 24])
@@ -252,15 +255,18 @@ async def test_a_stalled_stream_continues_on_another_host_without_seams(
         await reply(HostChunk(token=HostToken(text=" " + words[stall_at][:2])))
         await asyncio.sleep(30)
 
-    script, prefixes = continuer(TEXT, repeat_chars=12)
+    script, prefixes, budgets = continuer(TEXT, repeat_chars=12)
     async with (
-        ScriptedHost(nc, f"staller-{model}", model, stall, stake=100.0),
-        ScriptedHost(nc, f"continuer-{model}", model, script, stake=0.0),
+        ScriptedHost(nc, f"staller-{model}", model, stall, stake=100.0, accept=True),
+        # `accepted` first, as a real host sends it: a handover must wait past it for a token.
+        ScriptedHost(nc, f"continuer-{model}", model, script, stake=0.0, accept=True),
     ):
         await wait_listed(http, model, hosts=2)
-        request_id, text, events = await stream_text(http, chat(model))
+        request_id, text, events = await stream_text(http, chat(model, max_tokens=500))
     assert text == TEXT
     assert prefixes, "the continuation host got the prefix in its prompt"
+    # max_tokens is the answer's: the heir may write only what the staller left of it.
+    assert budgets == [500 - (stall_at + 1)]
     assert TEXT.startswith(prefixes[0])
     assert prefixes[0].endswith(" ")
     assert events[-1]["choices"][0]["finish_reason"] == "stop"  # type: ignore[index]
@@ -314,7 +320,7 @@ async def test_kill_9_of_a_host_mid_stream_continues_elsewhere(
         await reply(HostChunk(finished=HostFinished(finish_reason="stop")))
 
     try:
-        async with ScriptedHost(nc, f"heir-{model}", model, carry_on, stake=0.0):
+        async with ScriptedHost(nc, f"heir-{model}", model, carry_on, stake=0.0, accept=True):
             await wait_for_host(nc, name)
             await wait_listed(http, model, hosts=2)
             body = {**chat(model), "stream": True}

@@ -53,7 +53,9 @@ class HostStats:
         for attempt in event.attempts:
             host = self._hosts.setdefault(attempt.host_id, HostRecord())
             host.attempts += 1
-            bad = attempt.outcome == ATTEMPT_OUTCOME_FAILED or attempt.stalled
+            # A winner that broke a rule (violations) still won, but it is an error for S(h).
+            failed = attempt.outcome == ATTEMPT_OUTCOME_FAILED
+            bad = failed or attempt.stalled or attempt.violations > 0
             host.error_rate += ERROR_EWMA_ALPHA * (float(bad) - host.error_rate)
             if attempt.first_token_ms and attempt.role != ATTEMPT_ROLE_CONTINUATION:
                 host.first_token_ms.append((now, float(attempt.first_token_ms)))

@@ -7,7 +7,7 @@ import contextlib
 import hmac
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import orjson
@@ -16,6 +16,7 @@ from nats.js import JetStreamContext
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from llooma import bus, subjects, tracing
 from llooma.ledger.balances import BalanceBook
@@ -87,6 +88,30 @@ PATH_NAMES = {REQUEST_PATH_SPLIT: "split", REQUEST_PATH_FALLBACK: "fallback"}
 
 class BodyTooLarge(Exception):
     pass
+
+
+class _EventStream(StreamingResponse):
+    """An SSE response that ends its request however it ends: Starlette cancels the stream of
+    a client that left, and a generator cancelled before its first step runs no `finally`."""
+
+    def __init__(
+        self,
+        content: AsyncGenerator[bytes],
+        *,
+        on_close: Callable[[], Awaitable[None]],
+        media_type: str,
+        headers: dict[str, str],
+    ) -> None:
+        super().__init__(content, media_type=media_type, headers=headers)
+        self._content = content
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._content.aclose()
+            await self._on_close()
 
 
 @dataclass
@@ -243,7 +268,6 @@ class Ingress:
         accepted_at = time.monotonic()
         request_id = uuid.uuid4().hex
         tracing.annotate_chat(request_id, parsed.model)
-        queue = self.replies.open(request_id)
         chat = ChatRequest(
             request_id=request_id,
             model=parsed.model,
@@ -258,6 +282,23 @@ class Ingress:
             plan=Plan(decision="bypass: the client asked for no split") if no_split else None,
             privacy=privacy,
         )
+        queue = self.replies.open(request_id)
+        try:
+            return await self._answer(chat, parsed, ticket, queue, accepted_at)
+        except BaseException:
+            # Whatever broke (or cancelled) before the stream took the request over.
+            await self._end(request_id, finished=False)
+            raise
+
+    async def _answer(
+        self,
+        chat: ChatRequest,
+        parsed: ChatCompletionRequest,
+        ticket: Ticket,
+        queue: asyncio.Queue[bytes],
+        accepted_at: float,
+    ) -> Response:
+        request_id = chat.request_id
         headers = {"x-llooma-request-id": request_id}
         try:
             await bus.hand_off(
@@ -272,7 +313,7 @@ class Ingress:
                 code="control_plane_unavailable",
                 headers={**headers, "retry-after": str(self.settings.shed_retry_after_s)},
             )
-        deadline_ms = self.settings.deadline_ms(parsed.model, deadline_ms)
+        deadline_ms = self.settings.deadline_ms(parsed.model, chat.first_token_deadline_ms)
         first_wait_s = (
             deadline_ms + self.settings.fallback_first_token_ms
         ) / 1000.0 + PIPELINE_MARGIN_S
@@ -286,8 +327,7 @@ class Ingress:
             first = await self._next_event(queue, first_wait_s)
         kind = first.WhichOneof("event")
         if kind != "started":
-            self.replies.close(request_id)
-            await self._cancel(request_id)
+            await self._end(request_id, finished=False)
             if self.stats is not None:
                 self.stats.request_failed()
             return self._failure_response(first.failed, headers)
@@ -303,12 +343,19 @@ class Ingress:
         stream = ticket.watch(self._events(request_id, queue, restorer))
         if parsed.stream:
             include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
-            return StreamingResponse(
+
+            async def on_close() -> None:
+                ticket.release()
+                await self._end(request_id, finished=False)
+
+            return _EventStream(
                 self._sse(request_id, first.started.model, stream, include_usage),
+                on_close=on_close,
                 media_type="text/event-stream",
                 headers={**headers, "cache-control": "no-cache"},
             )
-        return await self._collect(request_id, first.started.model, stream, headers)
+        async with contextlib.aclosing(stream):
+            return await self._collect(request_id, first.started.model, stream, headers)
 
     async def _next_event(self, queue: asyncio.Queue[bytes], timeout_s: float) -> ClientEvent:
         try:
@@ -324,7 +371,7 @@ class Ingress:
 
     async def _events(
         self, request_id: str, queue: asyncio.Queue[bytes], restorer: StreamRestorer | None
-    ) -> AsyncIterator[list[ClientEvent]]:
+    ) -> AsyncGenerator[list[ClientEvent]]:
         """Events after `started`, in batches of what had already arrived, ending with
         `finished` or `failed`; cancels the request upstream if the consumer stops early."""
         # The racer's own stall deadline plus a continuation's time to its first token.
@@ -348,9 +395,13 @@ class Ingress:
                 yield batch
             done = batch[-1].WhichOneof("event") == "finished"
         finally:
-            self.replies.close(request_id)
-            if not done:
-                await self._cancel(request_id)
+            await self._end(request_id, finished=done)
+
+    async def _end(self, request_id: str, *, finished: bool) -> None:
+        """Drop the request's reply queue and, unless it finished, stop it upstream; only the
+        first call for a request does anything."""
+        if self.replies.close(request_id) and not finished:
+            await self._cancel(request_id)
 
     async def _cancel(self, request_id: str) -> None:
         with contextlib.suppress(Exception):
@@ -372,9 +423,9 @@ class Ingress:
         self,
         request_id: str,
         model: str,
-        batches: AsyncIterator[list[ClientEvent]],
+        batches: AsyncGenerator[list[ClientEvent]],
         include_usage: bool,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes]:
         created = int(time.time())
         head = (
             b'data: {"id":"chatcmpl-' + request_id.encode() + b'","object":"chat.completion.chunk",'
@@ -385,8 +436,9 @@ class Ingress:
             + b'"choices":[{"index":0,"delta":{"role":"assistant","content":""},'
             + (b'"finish_reason":null}]}\n\n')
         )
-        async for batch in batches:
-            yield b"".join(_sse_event(head, event, include_usage) for event in batch)
+        async with contextlib.aclosing(batches):
+            async for batch in batches:
+                yield b"".join(_sse_event(head, event, include_usage) for event in batch)
 
     async def _collect(
         self,

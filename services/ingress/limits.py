@@ -11,10 +11,11 @@ process: with N replicas, divide them by N.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from starlette.background import BackgroundTask
@@ -281,7 +282,9 @@ class Ticket:
             else:
                 self._tokens.take(-difference)
 
-    def watch(self, batches: AsyncIterator[list[ClientEvent]]) -> AsyncIterator[list[ClientEvent]]:
+    def watch(
+        self, batches: AsyncGenerator[list[ClientEvent]]
+    ) -> AsyncGenerator[list[ClientEvent]]:
         """Called once the first token is there: pass the events through, and release with
         the usage the finishing event reports (the estimate, if the stream broke)."""
         self.first_token()
@@ -289,17 +292,18 @@ class Ticket:
         return self._watch(batches)
 
     async def _watch(
-        self, batches: AsyncIterator[list[ClientEvent]]
-    ) -> AsyncIterator[list[ClientEvent]]:
+        self, batches: AsyncGenerator[list[ClientEvent]]
+    ) -> AsyncGenerator[list[ClientEvent]]:
         try:
-            async for batch in batches:
-                last = batch[-1]
-                if last.WhichOneof("event") == "finished":
-                    usage = last.finished.usage
-                    self._used = usage.input_tokens + usage.output_tokens
-                    # Now: a consumer that stops at the last batch may never close us.
-                    self.release()
-                yield batch
+            async with contextlib.aclosing(batches):
+                async for batch in batches:
+                    last = batch[-1]
+                    if last.WhichOneof("event") == "finished":
+                        usage = last.finished.usage
+                        self._used = usage.input_tokens + usage.output_tokens
+                        # Now: a consumer that stops at the last batch may never close us.
+                        self.release()
+                    yield batch
         finally:
             self.release()
 

@@ -27,8 +27,12 @@ class ReplyRouter:
         self._waiting[request_id] = queue
         return queue
 
-    def close(self, request_id: str) -> None:
-        self._waiting.pop(request_id, None)
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._waiting
+
+    def close(self, request_id: str) -> bool:
+        """Stop routing to the request; True if it was still open."""
+        return self._waiting.pop(request_id, None) is not None
 
     async def _route(self, msg: Msg) -> None:
         queue = self._waiting.get(msg.subject.rpartition(".")[2])

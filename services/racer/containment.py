@@ -1,35 +1,68 @@
 """What a host's text must pass before a client sees it: hosts are untrusted, so chat-template
 control tokens and terminal control characters are removed, even when a host splits them
-across chunks, and how much a host tried to slip through is counted against it."""
+across chunks, and how much a host tried to slip through is counted against it.
+
+The racer's set is narrower than the compressor's (llooma.compress.CONTROL_TOKENS): `<s>`,
+`<think>` or `[INST]` are ordinary text in an answer ("Use <s>old</s> price"), so only the
+`<|name|>` family, its full-width-bar twin (U+FF5C) and the role line after `<|im_start|>`
+go. Text is held back only while it can still become one of those."""
 
 from __future__ import annotations
 
 import re
 from typing import Final
 
-from llooma.compress import strip_control_tokens
-
 # C0 and C1 control characters except tab, newline and carriage return (ANSI escapes, NUL,
 # bell, ...), and the Unicode bidi overrides that can disguise text on a terminal.
 _CONTROL_CHARS: Final = re.compile(
     r"\x1b\[[0-9;?]*[ -/]*[@-~]|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]"
 )
-# Anything that may start a control token or is a control character: the fast path is a miss.
-_SUSPECT: Final = re.compile(
-    r"[<\[\uff5c\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]"
+_NAME: Final = r"[A-Za-z0-9_.:/-]"
+_WIDE_NAME: Final = r"[^\uff5c\s<>]"
+_ROLE_LINE: Final = r"[^\S\n]*[A-Za-z_]{1,32}[^\S\n]*\n?"
+_CONTROL_TOKENS: Final = re.compile(
+    rf"<\|im_start\|>(?:{_ROLE_LINE})?|<\|{_NAME}{{1,64}}\|>|<\uff5c{_WIDE_NAME}{{1,64}}\uff5c>"
 )
-# A control token is at most this long; an unclosed `<` or `[` further back is plain text.
-_LONGEST_TOKEN: Final = 80
+# What may still grow into a control token or an escape sequence: held until the next chunk.
+_UNFINISHED: Final = re.compile(
+    rf"<(?:\|(?:{_NAME}{{0,64}}\|?)?)?"
+    r"|<\|im_start\|>[^\S\n]*[A-Za-z_]{0,32}[^\S\n]*"
+    rf"|<(?:\uff5c{_WIDE_NAME}{{0,64}})?"
+    r"|\x1b(?:\[[0-9;?]*[ -/]*)?"
+)
+# Anything that may start a control token or is a control character: the fast path is a miss.
+_SUSPECT: Final = re.compile(r"[<\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# A token is a few characters: a token chunk longer than this is a flood, cut (a violation).
+MAX_CHUNK_CHARS: Final = 256
+# With max_tokens set, an answer's text is capped at this many characters per token.
+MAX_CHARS_PER_TOKEN: Final = 16
+# Where a held run may begin: a control token with its role line is never longer.
+_LONGEST_HOLD: Final = 120
 
 
 def clean(text: str) -> str:
     """`text` without control tokens and control characters."""
-    return _CONTROL_CHARS.sub("", strip_control_tokens(text))
+    return _CONTROL_CHARS.sub("", _CONTROL_TOKENS.sub("", text))
+
+
+def _unfinished_start(text: str) -> int:
+    """Where the unfinished control token or escape at the end of `text` begins, or -1."""
+    start = max(0, len(text) - _LONGEST_HOLD)
+    while True:
+        at = min(
+            (i for i in (text.find("<", start), text.find("\x1b", start)) if i >= 0),
+            default=-1,
+        )
+        if at < 0:
+            return -1
+        if _UNFINISHED.fullmatch(text, at):
+            return at
+        start = at + 1
 
 
 class Sanitizer:
     """Cleans one stream chunk by chunk; holds back a possible control token's beginning until
-    the next chunk shows whether it is one."""
+    the next chunk shows whether it is one. `removed` counts the characters taken out."""
 
     __slots__ = ("_held", "removed")
 
@@ -41,10 +74,8 @@ class Sanitizer:
         if not self._held and not _SUSPECT.search(text):
             return text
         text = self._held + text
-        cut = max(text.rfind("<"), text.rfind("["), text.rfind("\uff5c"))
-        if cut > 0 and text[cut - 1] == "\x1b":
-            cut -= 1  # an escape sequence's start stays whole
-        if cut >= 0 and len(text) - cut <= _LONGEST_TOKEN and not _closed(text[cut:]):
+        cut = _unfinished_start(text)
+        if cut >= 0:
             text, self._held = text[:cut], text[cut:]
         else:
             self._held = ""
@@ -58,7 +89,3 @@ class Sanitizer:
         out = clean(text)
         self.removed += len(text) - len(out)
         return out
-
-
-def _closed(tail: str) -> bool:
-    return ">" in tail or "]" in tail

@@ -33,8 +33,9 @@ from llooma.membership import HostDirectory
 from llooma.scoring import Candidate
 from llooma.settings import Settings
 from llooma.v1.common_pb2 import ChatMessage, GenerationParams
-from llooma.v1.duel_pb2 import DUEL_VERDICT_UNSPECIFIED, DuelResult, JudgeVote
+from llooma.v1.duel_pb2 import DUEL_VERDICT_A, DUEL_VERDICT_UNSPECIFIED, DuelResult, JudgeVote
 from llooma.v1.host_pb2 import CancelTask, HostChunk, HostTask
+from services.racer.containment import MAX_CHARS_PER_TOKEN, MAX_CHUNK_CHARS, Sanitizer
 
 if TYPE_CHECKING:
     from services.racer.race import Attempt, Race
@@ -43,30 +44,57 @@ log = logging.getLogger(__name__)
 
 # Duels are a sample and cost host time: past this many at once, races are not sampled.
 MAX_CONCURRENT_DUELS = 64
+# The text cap of a duel answer whose request set no max_tokens, in tokens.
+MAX_ANSWER_TOKENS = 8192
 
 
 @dataclass(slots=True)
 class Answer:
-    """One host's stream in a duel: the loser's answer, or one judge's reading."""
+    """One host's stream in a duel: the loser's answer, or one judge's reading. It passes the
+    same containment as a race's answer; a host that breaks a rule forfeits."""
 
     attempt_id: str
     host_id: str
+    max_tokens: int = 0
     text: list[str] = field(default_factory=list)
     output_tokens: int = 0
+    chars: int = 0
     failed: bool = False
+    forfeited: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    sanitizer: Sanitizer = field(default_factory=Sanitizer)
 
     def feed(self, chunk: HostChunk) -> None:
+        if self.done.is_set():
+            return
         kind = chunk.WhichOneof("event")
         if kind == "token":
-            self.text.append(chunk.token.text)
             self.output_tokens += 1
+            raw = chunk.token.text
+            if len(raw) > MAX_CHUNK_CHARS or (
+                self.max_tokens and self.output_tokens > self.max_tokens
+            ):
+                self._forfeit()
+                return
+            self._add(self.sanitizer.feed(raw))
         elif kind == "finished":
-            self.output_tokens = max(self.output_tokens, chunk.finished.usage.output_tokens)
+            self._add(self.sanitizer.flush())
             self.done.set()
         elif kind == "failed":
             self.failed = True
             self.done.set()
+
+    def _add(self, piece: str) -> None:
+        self.chars += len(piece)
+        limit = (self.max_tokens or MAX_ANSWER_TOKENS) * MAX_CHARS_PER_TOKEN
+        if self.sanitizer.removed or self.chars > limit:
+            self._forfeit()
+        elif piece:
+            self.text.append(piece)
+
+    def _forfeit(self) -> None:
+        self.failed = self.forfeited = True
+        self.done.set()
 
 
 @dataclass(slots=True)
@@ -126,7 +154,11 @@ class Duels:
         judges = self._judges(winner.host.model, {winner.host.host_id, loser.host.host_id})
         if not judges:
             return None  # nobody but the duelists could judge: let the race go as usual
-        answer = Answer(loser.attempt_id, loser.host.host_id)
+        answer = Answer(
+            loser.attempt_id,
+            loser.host.host_id,
+            max_tokens=race.assignment.request.params.max_tokens,
+        )
         by_attempt.pop(loser.attempt_id, None)
         self._routes[loser.attempt_id] = answer
         # The loser's chunks already queued for the race belong to its answer.
@@ -205,6 +237,15 @@ class Duels:
                     await duel.loser.done.wait()
             except TimeoutError:
                 duel.loser.failed = True
+            if duel.loser.forfeited:
+                # It broke a rule: the winner's answer is the better one, no judge needed.
+                forfeit = self._result(duel)
+                forfeit.outcome = DUEL_VERDICT_A
+                forfeit.finished_unix_nanos = time.time_ns()
+                await bus.hand_off(
+                    self._js, subjects.SETTLEMENT_DUEL, forfeit.SerializeToString(), duel.duel_id
+                )
+                return
             if duel.loser.failed:
                 log.debug("duel %s dropped: the loser did not finish", duel.duel_id)
                 return
@@ -275,7 +316,7 @@ class Duels:
         )
 
     async def _ask(self, judge: Candidate, messages: list[ChatMessage]) -> Answer:
-        answer = Answer(uuid.uuid4().hex, judge.host_id)
+        answer = Answer(uuid.uuid4().hex, judge.host_id, max_tokens=JUDGE_MAX_TOKENS)
         self._routes[answer.attempt_id] = answer
         task = HostTask(
             attempt_id=answer.attempt_id,

@@ -9,11 +9,13 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.errors import BadRequestError
 from opentelemetry.trace import Span, SpanKind
 
 from llooma import bus, subjects, tracing
@@ -33,6 +35,7 @@ from llooma.v1.common_pb2 import (
     ChatMessage,
     ErrorCode,
     ErrorDetail,
+    GenerationParams,
     Usage,
 )
 from llooma.v1.host_pb2 import CancelTask, HostChunk, HostFinished, HostTask
@@ -59,7 +62,7 @@ from llooma.v1.settlement_pb2 import (
     ATTEMPT_OUTCOME_WON,
     TaskSettlement,
 )
-from services.racer.containment import Sanitizer
+from services.racer.containment import MAX_CHARS_PER_TOKEN, MAX_CHUNK_CHARS, Sanitizer
 from services.racer.duel import Duels
 
 log = logging.getLogger(__name__)
@@ -72,6 +75,10 @@ ATTEMPT_OUTCOME_NAMES: dict[int, str] = {
 
 # How long a settlement or race event publish is retried while NATS is away.
 PUBLISH_RETRY_S = 60.0
+# The racer's ceiling on a prompt's tokens, so a host cannot bill an invented prompt: no
+# tokenizer needs more than one token per two characters, plus a template's few per message.
+PROMPT_CHARS_PER_TOKEN = 2
+PROMPT_TOKENS_PER_MESSAGE = 8
 
 
 @dataclass(slots=True)
@@ -81,15 +88,22 @@ class Attempt:
     role: AttemptRole.ValueType
     launched_at: float
     first_token_at: float | None = None
+    # Token chunks the racer received from the host (not the host's own count).
     output_tokens: int = 0
+    # Token chunks of this attempt relayed to the client.
+    delivered: int = 0
+    # The racer's ceiling on this attempt's prompt tokens (see prompt_tokens()).
+    prompt_tokens: int = 0
+    # Sent accepted, a token or finished: it kept its reservation.
+    accepted: bool = False
     usage: Usage | None = None
     failed: bool = False
     stalled: bool = False
     contributed: bool = False
     cancelled: bool = False
     span: Span | None = None
-    # Protocol breaches (tokens past max_tokens, control tokens or characters): each one
-    # makes the attempt a failure in the settlement and the race event, so in S(h).
+    # Protocol breaches (tokens past max_tokens, control tokens or characters, floods): each
+    # counts as an error in S(h); a winner that broke one still won (its answer was delivered).
     violations: int = 0
 
 
@@ -108,7 +122,11 @@ class Race:
     inbox: asyncio.Queue[tuple[Attempt, HostChunk]] = field(default_factory=asyncio.Queue)
     spare: list[HostCandidate] = field(default_factory=list)
     emitted: list[str] = field(default_factory=list)
+    # Token chunks relayed to the client, across handovers: the answer's max_tokens budget.
     client_tokens: int = 0
+    client_chars: int = 0
+    # The racer's ceiling on the original prompt's tokens.
+    prompt_tokens: int = 0
     first_token_at: float | None = None
     deadline_hit: bool = False
     continuations: int = 0
@@ -176,14 +194,16 @@ class Racer:
         assert task is not None
         self._by_request.setdefault(request_id, set()).add(task)
         race = Race(assignment, time.monotonic(), self._fallback_timeout_s)
-        race.span = tracing.start_span(
-            f"race {assignment.request.model}",
-            attributes={
-                **tracing.chat_attributes(assignment.request.model),
-                "llooma.request_id": request_id,
-                "llooma.task_id": assignment.task_id,
-            },
-        )
+        race.prompt_tokens = prompt_tokens(assignment.request.messages)
+        if tracing.enabled():
+            race.span = tracing.start_span(
+                f"race {assignment.request.model}",
+                attributes={
+                    **tracing.chat_attributes(assignment.request.model),
+                    "llooma.request_id": request_id,
+                    "llooma.task_id": assignment.task_id,
+                },
+            )
         # The fallback pool first; raced hosts that said no may still continue a stream.
         race.spare = [*assignment.fallback, *assignment.hosts]
         try:
@@ -212,25 +232,36 @@ class Racer:
         messages: list[ChatMessage] | None = None,
     ) -> Attempt:
         attempt = Attempt(uuid.uuid4().hex, host, role, time.monotonic())
-        attempt.span = tracing.start_span(
-            f"chat {host.model}",
-            kind=SpanKind.CLIENT,
-            parent=race.span,
-            attributes={
-                **tracing.chat_attributes(host.model),
-                "llooma.attempt_id": attempt.attempt_id,
-                "llooma.host_id": host.host_id,
-                "llooma.attempt_role": AttemptRole.Name(role),
-            },
-        )
+        if tracing.enabled():
+            attempt.span = tracing.start_span(
+                f"chat {host.model}",
+                kind=SpanKind.CLIENT,
+                parent=race.span,
+                attributes={
+                    **tracing.chat_attributes(host.model),
+                    "llooma.attempt_id": attempt.attempt_id,
+                    "llooma.host_id": host.host_id,
+                    "llooma.attempt_role": AttemptRole.Name(role),
+                },
+            )
         race.attempts[attempt.attempt_id] = attempt
         self._by_attempt[attempt.attempt_id] = (race, attempt)
         request = race.assignment.request
+        params = request.params
+        if messages is None:
+            attempt.prompt_tokens = race.prompt_tokens
+        else:
+            attempt.prompt_tokens = prompt_tokens(messages)
+            if params.max_tokens:
+                # max_tokens is the answer's: a handover gets only what is left of it.
+                params = GenerationParams()
+                params.CopyFrom(request.params)
+                params.max_tokens = max(1, request.params.max_tokens - race.client_tokens)
         task = HostTask(
             attempt_id=attempt.attempt_id,
             model=host.model,
             messages=messages if messages is not None else request.messages,
-            params=request.params,
+            params=params,
         )
         await self._nc.publish(
             subjects.host_task(host.model, host.host_id),
@@ -316,7 +347,11 @@ class Racer:
                     ) from None
                 continue
             kind = chunk.WhichOneof("event")
+            if kind == "accepted":
+                attempt.accepted = True
+                continue
             if kind in ("token", "finished"):
+                attempt.accepted = True
                 attempt.first_token_at = time.monotonic()
                 if kind == "token":
                     attempt.output_tokens += 1
@@ -352,6 +387,7 @@ class Racer:
         relay = _Relay()
         sanitizer = Sanitizer()
         max_tokens = race.assignment.request.params.max_tokens
+        max_chars = max_tokens * MAX_CHARS_PER_TOKEN
         text: list[str] = []
         while True:
             if chunk is None:
@@ -364,40 +400,64 @@ class Racer:
                     sanitizer = Sanitizer()
                     continue
             kind = chunk.WhichOneof("event")
-            if kind == "token" and max_tokens and winner.output_tokens > max_tokens:
-                # Past the budget it was given: cut here, stop the host, count it against it.
-                winner.violations += 1
-                await self._cancel(winner)
-                usage = Usage(output_tokens=max_tokens)
-                chunk = HostChunk(finished=HostFinished(finish_reason="length", usage=usage))
+            if kind == "token" and max_tokens and race.client_tokens >= max_tokens:
+                # Past the answer's budget: cut here, stop the host, count it against it.
+                winner.output_tokens -= 1  # the cut token is not the host's
+                chunk = await self._cut(winner)
                 continue
             if kind == "token":
                 winner.contributed = True
-                piece = relay.feed(sanitizer.feed(chunk.token.text))
+                race.client_tokens += 1
+                winner.delivered += 1
+                raw = chunk.token.text
+                if len(raw) > MAX_CHUNK_CHARS:
+                    winner.violations += 1
+                    raw = raw[:MAX_CHUNK_CHARS]
+                piece = relay.feed(sanitizer.feed(raw))
                 if sanitizer.removed:
                     winner.violations += 1
                     sanitizer.removed = 0
+                if max_chars and race.client_chars + len(piece) > max_chars:
+                    text.append(piece[: max_chars - race.client_chars])
+                    race.client_chars = max_chars
+                    chunk = await self._cut(winner)
+                    continue
+                race.client_chars += len(piece)
                 if piece:
                     text.append(piece)
             elif kind == "finished":
                 tail = relay.feed(sanitizer.flush()) + relay.flush()
+                if sanitizer.removed:
+                    winner.violations += 1
+                    sanitizer.removed = 0
+                if max_chars:
+                    tail = tail[: max(0, max_chars - race.client_chars)]
                 if tail:
                     text.append(tail)
                 await self._flush(race, text)
-                winner.usage = chunk.finished.usage
-                if max_tokens and winner.usage.output_tokens > max_tokens:
-                    winner.usage.output_tokens = max_tokens  # never paid past the budget
+                reported = chunk.finished.usage
+                # Paid and charged on what the racer counted: a host's usage is only a claim.
+                winner.usage = Usage(
+                    input_tokens=min(reported.input_tokens, winner.prompt_tokens),
+                    output_tokens=min(reported.output_tokens, winner.output_tokens),
+                )
+                if winner.role == ATTEMPT_ROLE_CONTINUATION and winner.prompt_tokens:
+                    # The user asked the original prompt; the continuation's carries our prefix.
+                    winner.usage.input_tokens = min(
+                        race.prompt_tokens,
+                        winner.usage.input_tokens * race.prompt_tokens // winner.prompt_tokens,
+                    )
                 usage = Usage(
-                    input_tokens=chunk.finished.usage.input_tokens,
-                    output_tokens=race.client_tokens,
+                    input_tokens=winner.usage.input_tokens, output_tokens=race.client_tokens
                 )
                 finished = ClientFinished(finish_reason=chunk.finished.finish_reason, usage=usage)
-                tracing.record_usage(
-                    race.span,
-                    usage.input_tokens,
-                    usage.output_tokens,
-                    chunk.finished.finish_reason,
-                )
+                if race.span is not None:
+                    tracing.record_usage(
+                        race.span,
+                        usage.input_tokens,
+                        usage.output_tokens,
+                        chunk.finished.finish_reason,
+                    )
                 await self._emit(race.reply, ClientEvent(finished=finished))
                 race.winner = winner
                 return
@@ -409,11 +469,18 @@ class Racer:
                 continue
             chunk = self._queued_from(race, winner)
 
+    async def _cut(self, attempt: Attempt) -> HostChunk:
+        """Stop a host that broke the answer's budget; the answer ends there, "length"."""
+        attempt.violations += 1
+        await self._cancel(attempt)
+        # The host never reported this stream's usage: what was counted, and the prompt ceiling.
+        usage = Usage(input_tokens=attempt.prompt_tokens, output_tokens=attempt.output_tokens)
+        return HostChunk(finished=HostFinished(finish_reason="length", usage=usage))
+
     async def _flush(self, race: Race, text: list[str]) -> None:
         if text:
             joined = "".join(text)
             race.emitted.append(joined)
-            race.client_tokens += len(text)
             text.clear()
             await self._emit(race.reply, ClientEvent(delta=ClientDelta(text=joined)))
 
@@ -464,9 +531,17 @@ class Racer:
 
     @staticmethod
     def _count(winner: Attempt, attempt: Attempt, chunk: HostChunk) -> HostChunk | None:
-        """Count a token to its attempt; return the chunk if it is the winner's."""
-        if chunk.HasField("token"):
+        """Count a token to its attempt; return the chunk if it is the winner's (an accepted
+        is only noted: it is no token, and no failure either)."""
+        kind = chunk.WhichOneof("event")
+        if kind == "accepted":
+            attempt.accepted = True
+            return None
+        if kind == "token":
+            attempt.accepted = True
             attempt.output_tokens += 1
+        elif kind == "finished":
+            attempt.accepted = True
         elif attempt is not winner and chunk.failed.code == ERROR_CODE_HOST_BUSY:
             # A "busy" that lands after the race was won still says the host's load was false.
             attempt.failed = True
@@ -502,12 +577,29 @@ class Racer:
             ):
                 await self._cancel(attempt)
 
-    def _outcome(self, race: Race, attempt: Attempt) -> int:
-        if attempt.violations:
-            return ATTEMPT_OUTCOME_FAILED
-        if attempt is race.winner and attempt.usage is not None:
-            return ATTEMPT_OUTCOME_WON
+    @staticmethod
+    def _paid_winner(race: Race) -> Attempt | None:
+        """The attempt settled WON: the finisher, or, when the stream ended early (the client
+        left, or no host could continue it), the last one whose tokens reached the client."""
+        if race.winner is not None and race.winner.usage is not None:
+            return race.winner
+        delivering = [a for a in race.attempts.values() if a.delivered]
+        if not delivering:
+            return None
+        paid = delivering[-1]
+        # Only what reached the client, on the racer's prompt ceiling (the host never said).
+        paid.usage = Usage(input_tokens=race.prompt_tokens, output_tokens=paid.delivered)
+        return paid
+
+    @staticmethod
+    def _outcome(attempt: Attempt, paid: Attempt | None) -> int:
+        """What the host did, for the race event and S(h): a partial winner that broke off is
+        still a failure there, though it is paid for what it delivered."""
         if attempt.failed or attempt.stalled:
+            return ATTEMPT_OUTCOME_FAILED
+        if attempt is paid:
+            return ATTEMPT_OUTCOME_WON
+        if attempt.violations:
             return ATTEMPT_OUTCOME_FAILED
         return ATTEMPT_OUTCOME_LOST
 
@@ -516,14 +608,15 @@ class Racer:
         request = race.assignment.request
         now = time.monotonic()
         reports = []
-        finisher = race.winner
+        settles = []
+        paid = self._paid_winner(race)
         for attempt in race.attempts.values():
             first_ms = (
                 int((attempt.first_token_at - attempt.launched_at) * 1000)
                 if attempt.first_token_at
                 else 0
             )
-            outcome = self._outcome(race, attempt)
+            outcome = self._outcome(attempt, paid)
             usage = attempt.usage or Usage(output_tokens=attempt.output_tokens)
             reports.append(
                 AttemptReport(
@@ -536,6 +629,8 @@ class Racer:
                     first_token_ms=first_ms,
                     output_tokens=attempt.output_tokens,
                     stalled=attempt.stalled,
+                    violations=attempt.violations,
+                    accepted=attempt.accepted,
                 )
             )
             settlement = TaskSettlement(
@@ -544,26 +639,27 @@ class Racer:
                 task_id=race.assignment.task_id,
                 host_id=attempt.host.host_id,
                 model=attempt.host.model,
-                outcome=outcome,  # type: ignore[arg-type]
+                # The paid winner is WON here even if it broke off: it is paid for its part.
+                outcome=ATTEMPT_OUTCOME_WON if attempt is paid else outcome,  # type: ignore[arg-type]
                 usage=usage,
                 first_token_ms=first_ms,
                 duration_ms=int((now - attempt.launched_at) * 1000),
                 finished_unix_nanos=time.time_ns(),
                 api_key_id=request.api_key_id,
                 fallback=attempt.role == ATTEMPT_ROLE_FALLBACK,
+                accepted=attempt.accepted,
+                delivered_tokens=attempt.delivered,
+                violations=attempt.violations,
             )
-            if finisher is not None and finisher.usage is not None:
-                settlement.winner_model = finisher.host.model
-                settlement.winner_output_tokens = finisher.usage.output_tokens
-                settlement.winner_fallback = finisher.role == ATTEMPT_ROLE_FALLBACK
-            # The settlement carries its attempt's traceparent: the ledger's span joins the trace.
-            with tracing.within(attempt.span):
-                await self._publish(
-                    subjects.SETTLEMENT_TASK, settlement.SerializeToString(), attempt.attempt_id
-                )
-            _end_attempt_span(attempt, outcome, first_ms)
+            if paid is not None and paid.usage is not None:
+                settlement.winner_model = paid.host.model
+                settlement.winner_output_tokens = paid.usage.output_tokens
+                settlement.winner_fallback = paid.role == ATTEMPT_ROLE_FALLBACK
+            settles.append(self._settle(attempt, settlement, outcome, first_ms))
+        # Concurrently: one attempt's retries while NATS is away do not hold up the others.
+        await asyncio.gather(*settles)
         winner = race.winner
-        succeeded = winner is not None and winner.usage is not None
+        succeeded = winner is not None and winner.usage is not None and winner is paid
         event = RaceEvent(
             request_id=request.request_id,
             task_id=race.assignment.task_id,
@@ -602,6 +698,16 @@ class Racer:
                 race.span.set_attribute("gen_ai.response.model", winner.host.model)
         tracing.end_span(race.span, error="" if succeeded else ErrorCode.Name(race.error))
 
+    async def _settle(
+        self, attempt: Attempt, settlement: TaskSettlement, outcome: int, first_ms: int
+    ) -> None:
+        # The settlement carries its attempt's traceparent: the ledger's span joins the trace.
+        with tracing.within(attempt.span):
+            await self._publish(
+                subjects.SETTLEMENT_TASK, settlement.SerializeToString(), attempt.attempt_id
+            )
+        _end_attempt_span(attempt, outcome, first_ms)
+
     async def _publish(self, subject: str, payload: bytes, msg_id: str) -> None:
         # A settlement must outlive a NATS restart: retry (idempotent by id) until it is back.
         give_up_at = time.monotonic() + PUBLISH_RETRY_S
@@ -609,6 +715,10 @@ class Racer:
         while True:
             try:
                 await bus.hand_off(self._js, subject, payload, msg_id)
+                return
+            except BadRequestError:
+                # The stream refused this message itself: resending cannot change its mind.
+                log.exception("%s refused for %s", subject, msg_id)
                 return
             except Exception:
                 if time.monotonic() > give_up_at:
@@ -634,6 +744,14 @@ def _end_attempt_span(attempt: Attempt, outcome: int, first_token_ms: int) -> No
     else:
         span.set_attribute("gen_ai.usage.output_tokens", attempt.output_tokens)
     tracing.end_span(span, error="attempt_failed" if attempt.failed else "")
+
+
+def prompt_tokens(messages: Iterable[ChatMessage]) -> int:
+    """The racer's ceiling on what a prompt can cost in tokens (hosts report usage, but a host's
+    report is a claim)."""
+    return sum(
+        len(m.content) // PROMPT_CHARS_PER_TOKEN + PROMPT_TOKENS_PER_MESSAGE for m in messages
+    )
 
 
 def merge_turns(turns: list[tuple[str, str]]) -> list[ChatMessage]:

@@ -64,6 +64,8 @@ class AttemptReport(_message.Message):
     FIRST_TOKEN_MS_FIELD_NUMBER: _builtins.int
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     STALLED_FIELD_NUMBER: _builtins.int
+    VIOLATIONS_FIELD_NUMBER: _builtins.int
+    ACCEPTED_FIELD_NUMBER: _builtins.int
     attempt_id: _builtins.str
     host_id: _builtins.str
     model: _builtins.str
@@ -75,6 +77,9 @@ class AttemptReport(_message.Message):
     """From this attempt's launch to its first token; zero if it produced none."""
     output_tokens: _builtins.int
     stalled: _builtins.bool
+    violations: _builtins.int
+    """Rules broken (see TaskSettlement.violations): an error for S(h) even when it won."""
+    accepted: _builtins.bool
     def __init__(
         self,
         *,
@@ -87,10 +92,12 @@ class AttemptReport(_message.Message):
         first_token_ms: _builtins.int = ...,
         output_tokens: _builtins.int = ...,
         stalled: _builtins.bool = ...,
+        violations: _builtins.int = ...,
+        accepted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_id", b"attempt_id", "first_token_ms", b"first_token_ms", "host_id", b"host_id", "launched_after_ms", b"launched_after_ms", "model", b"model", "outcome", b"outcome", "output_tokens", b"output_tokens", "role", b"role", "stalled", b"stalled"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "attempt_id", b"attempt_id", "first_token_ms", b"first_token_ms", "host_id", b"host_id", "launched_after_ms", b"launched_after_ms", "model", b"model", "outcome", b"outcome", "output_tokens", b"output_tokens", "role", b"role", "stalled", b"stalled", "violations", b"violations"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -58,6 +58,9 @@ class TaskSettlement(_message.Message):
     WINNER_MODEL_FIELD_NUMBER: _builtins.int
     WINNER_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     WINNER_FALLBACK_FIELD_NUMBER: _builtins.int
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    DELIVERED_TOKENS_FIELD_NUMBER: _builtins.int
+    VIOLATIONS_FIELD_NUMBER: _builtins.int
     attempt_id: _builtins.str
     request_id: _builtins.str
     task_id: _builtins.str
@@ -76,6 +79,16 @@ class TaskSettlement(_message.Message):
     """
     winner_output_tokens: _builtins.int
     winner_fallback: _builtins.bool
+    accepted: _builtins.bool
+    """The host sent accepted (or a token, or finished): only then is a loser's reservation fee due."""
+    delivered_tokens: _builtins.int
+    """Token chunks of this attempt the racer relayed to the client; usage.output_tokens is
+    already clamped to what the racer counted, never the host's bare claim.
+    """
+    violations: _builtins.int
+    """Rules the attempt broke (tokens past max_tokens, control tokens, floods); a winner that
+    broke one still won (its answer was delivered and is charged).
+    """
     @_builtins.property
     def usage(self) -> _common_pb2.Usage: ...
     def __init__(
@@ -96,10 +109,13 @@ class TaskSettlement(_message.Message):
         winner_model: _builtins.str = ...,
         winner_output_tokens: _builtins.int = ...,
         winner_fallback: _builtins.bool = ...,
+        accepted: _builtins.bool = ...,
+        delivered_tokens: _builtins.int = ...,
+        violations: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "attempt_id", b"attempt_id", "duration_ms", b"duration_ms", "fallback", b"fallback", "finished_unix_nanos", b"finished_unix_nanos", "first_token_ms", b"first_token_ms", "host_id", b"host_id", "model", b"model", "outcome", b"outcome", "request_id", b"request_id", "task_id", b"task_id", "usage", b"usage", "winner_fallback", b"winner_fallback", "winner_model", b"winner_model", "winner_output_tokens", b"winner_output_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "api_key_id", b"api_key_id", "attempt_id", b"attempt_id", "delivered_tokens", b"delivered_tokens", "duration_ms", b"duration_ms", "fallback", b"fallback", "finished_unix_nanos", b"finished_unix_nanos", "first_token_ms", b"first_token_ms", "host_id", b"host_id", "model", b"model", "outcome", b"outcome", "request_id", b"request_id", "task_id", b"task_id", "usage", b"usage", "violations", b"violations", "winner_fallback", b"winner_fallback", "winner_model", b"winner_model", "winner_output_tokens", b"winner_output_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
