@@ -81,7 +81,8 @@ def stack(
             "LLOOMA_HEDGE_DELAY_BY_MODEL": f'{{"{HEDGED_MODEL}": "{HEDGE_DELAY_MS}"}}',
             "LLOOMA_PLANNER_SPLIT_MODEL": SPLITTER_MODEL,
             "LLOOMA_API_KEYS": f"{DEV_API_KEY},{PRIVACY_OFF_KEY},{NO_BALANCE_KEY}",
-            "LLOOMA_OPENING_BALANCES_MICROS": f'{{"{NO_BALANCE_KEY}": 0}}',
+            # Keys open at 0 but for the dev key; NO_BALANCE_KEY keeps that default.
+            "LLOOMA_OPENING_BALANCES_MICROS": f'{{"{PRIVACY_OFF_KEY}": 1000000000000}}',
             "LLOOMA_PRIVACY_OFF_API_KEYS": PRIVACY_OFF_KEY,
             # Duels (tested on their own stack, tests/test_duel.py) would let a sampled race's
             # loser run on and send judge prompts to other tests' hosts.

@@ -33,6 +33,7 @@ def traced_stack(receiver: OtlpReceiver, database_url: str, tmp_path: Path) -> I
         database_url=new_database(database_url, "keys"),
         extra_env={
             "LLOOMA_API_KEYS": KEY,
+            "LLOOMA_OPENING_BALANCE_MICROS": "1000000000000",
             # Room for three requests, so the fourth takes the rate-limit path.
             "LLOOMA_RATE_LIMITS_BY_KEY": orjson.dumps({KEY: {"rpm": 4}}).decode(),
             "LLOOMA_RATE_LIMIT_BURST_S": "45",

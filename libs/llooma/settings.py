@@ -102,8 +102,10 @@ class Settings(BaseSettings):
     # With billing on, a key whose balance is not positive gets 402 at the ingress.
     billing_enabled: bool = True
     # Every configured key opens with this balance once; per raw key, JSON {"sk-...": 0}.
-    opening_balance_micros: int = Field(default=1_000_000_000_000, ge=0)
+    opening_balance_micros: int = Field(default=0, ge=0)
     opening_balances_micros: dict[str, int] = {}
+    # The dev key (DEV_API_KEY) opens with this instead, so `llooma up` works out of the box.
+    dev_key_opening_balance_micros: int = Field(default=1_000_000_000_000, ge=0)
     # What users pay per token (prompt and completion), published; per model, JSON.
     user_price_micros: int = Field(default=20, ge=0)
     user_price_micros_by_model: dict[str, int] = {}

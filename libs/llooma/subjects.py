@@ -51,6 +51,9 @@ SERVICES_BUCKET = "llooma_services"
 # Accounting's published state: balances per API key id (billing at the ingress) and the
 # ledger summary (LedgerSummary under LEDGER_SUMMARY_KEY) for /v1/stats and metrics.
 BALANCES_BUCKET = "llooma_balances"
+# Written after accounting published every balance: from then on, a key absent from the
+# bucket has none (until then the ingress cannot tell "no balance" from "not yet published").
+BALANCES_COMPLETE_KEY = "all-published"
 LEDGER_BUCKET = "llooma_ledger"
 LEDGER_SUMMARY_KEY = "summary"
 

@@ -6,15 +6,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Annotated
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Annotated, TypeVar
 
+import asyncpg
 from faststream import AckPolicy, Context
 from faststream.nats import NatsRouter, PullSub
 from faststream.nats.message import NatsBatchMessage
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from opentelemetry import metrics
 
 from llooma import subjects, tracing
-from llooma.ledger.balances import publish_balances
+from llooma.ledger.balances import publish_balances, publish_balances_complete
+from llooma.ledger.intake import Rejected, read_duel, read_settlement
 from llooma.ledger.store import LedgerStore, Posted
 from llooma.runtime import SETTLEMENTS
 from llooma.v1.duel_pb2 import DuelResult
@@ -28,6 +33,20 @@ BATCH_SIZE = 256
 BATCH_WAIT_S = 0.05
 # Balances can also change outside a batch (`llooma ledger credit`): re-read them this often.
 BALANCE_REFRESH_S = 2.0
+# The summary's query scans every account: at most this often, however many batches land.
+SUMMARY_EVERY_S = 1.0
+
+# What one message can make Postgres (or the pricing) refuse, as opposed to Postgres being
+# unreachable: only these set a message aside; anything else is retried by redelivery.
+POISON_ERRORS = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.ProgramLimitExceededError,
+    ValueError,
+    OverflowError,
+)
+
+Event = TypeVar("Event", TaskSettlement, DuelResult)
 
 
 class Accounting:
@@ -37,22 +56,48 @@ class Accounting:
     js: JetStreamContext
 
     def __init__(self) -> None:
-        self._published: dict[str, int] = {}
-        self._refresher: asyncio.Task[None] | None = None
+        # api_key_id -> (block height it was read at, balance published).
+        self._published: dict[str, tuple[int, int]] = {}
+        # A batch's balances and a refresh's are each a snapshot at some height: publishing
+        # one under this lock, only where it is newer, never puts an older balance last.
+        self._publishing = asyncio.Lock()
+        self._summary_due = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.rejected = 0
+        self._rejected_counter = metrics.get_meter("llooma.accounting").create_counter(
+            "llooma.accounting.rejected",
+            description="Settlement-stream messages set aside as impossible to post",
+        )
 
     async def settle(self, settlements: list[TaskSettlement]) -> Posted:
-        return await self._publish(await self.store.settle(settlements))
+        return await self.publish_posted(await self.store.settle(settlements))
 
     async def settle_duels(self, duels: list[DuelResult]) -> Posted:
-        return await self._publish(await self.store.settle_duels(duels))
+        return await self.publish_posted(await self.store.settle_duels(duels))
 
-    async def _publish(self, posted: Posted) -> Posted:
+    async def publish_posted(self, posted: Posted) -> Posted:
         if posted.block is None:
             return posted
-        await publish_balances(self.js, posted.user_balances)
-        self._published.update(posted.user_balances)
-        await self.publish_summary()
+        await self._publish_balances(posted.block.height, posted.user_balances)
+        self._summary_due.set()
         return posted
+
+    async def _publish_balances(self, height: int, balances: dict[str, int]) -> None:
+        async with self._publishing:
+            newer = {
+                key: balance
+                for key, balance in balances.items()
+                if self._published.get(key, (-1, 0))[0] < height
+            }
+            changed = {
+                key: balance
+                for key, balance in newer.items()
+                if key not in self._published or self._published[key][1] != balance
+            }
+            if changed:
+                await publish_balances(self.js, changed)
+            for key, balance in newer.items():
+                self._published[key] = (height, balance)
 
     async def publish_summary(self) -> None:
         kv = await self.js.key_value(subjects.LEDGER_BUCKET)
@@ -61,14 +106,59 @@ class Accounting:
 
     async def refresh_balances(self) -> None:
         """Publish every user balance that differs from what was last published."""
-        balances = await self.store.user_balances()
-        changed = {k: v for k, v in balances.items() if self._published.get(k) != v}
-        if changed:
-            await publish_balances(self.js, changed)
-            self._published.update(changed)
+        height, balances = await self.store.user_balances()
+        await self._publish_balances(height, balances)
 
-    def start_refresher(self) -> None:
-        async def loop() -> None:
+    async def publish_all_balances(self) -> None:
+        """Every balance, then the mark that tells the ingress a key absent now has none."""
+        await self.refresh_balances()
+        await publish_balances_complete(self.js)
+
+    async def take(
+        self,
+        messages: Sequence[Msg],
+        read: Callable[[bytes], Event],
+        post: Callable[[list[Event]], Awaitable[Posted]],
+    ) -> None:
+        """Post a batch and ack it; set aside (terminate) each message that cannot be posted,
+        so it never blocks the others; nak the rest if Postgres is unreachable."""
+        good: list[tuple[Msg, Event]] = []
+        for message in messages:
+            try:
+                good.append((message, read(message.data)))
+            except Rejected as why:
+                await self._set_aside(message, str(why))
+        if not good:
+            return
+        try:
+            await post([event for _, event in good])
+        except POISON_ERRORS:
+            # One of them is refused: find it by posting them one at a time.
+            for index, (message, event) in enumerate(good):
+                try:
+                    await post([event])
+                except POISON_ERRORS as error:
+                    await self._set_aside(message, f"refused: {type(error).__name__}")
+                except BaseException:
+                    await asyncio.gather(*(m.nak() for m, _ in good[index:]))
+                    raise
+                else:
+                    await message.ack()
+            return
+        except BaseException:
+            await asyncio.gather(*(m.nak() for m, _ in good))
+            raise
+        await asyncio.gather(*(m.ack() for m, _ in good))
+
+    async def _set_aside(self, message: Msg, reason: str) -> None:
+        self.rejected += 1
+        self._rejected_counter.add(1, {"messaging.destination.name": message.subject})
+        sequence = message.metadata.sequence.stream if message.reply else None
+        log.warning("set aside %s message (stream seq %s): %s", message.subject, sequence, reason)
+        await message.term()
+
+    def start_background(self) -> None:
+        async def refresh() -> None:
             while True:
                 await asyncio.sleep(BALANCE_REFRESH_S)
                 try:
@@ -76,43 +166,56 @@ class Accounting:
                 except Exception:
                     log.warning("balance refresh failed", exc_info=True)
 
-        self._refresher = asyncio.create_task(loop(), name="balance-refresh")
+        async def summarize() -> None:
+            while True:
+                await self._summary_due.wait()
+                self._summary_due.clear()
+                try:
+                    await self.publish_summary()
+                except Exception:
+                    log.warning("summary publish failed", exc_info=True)
+                    self._summary_due.set()
+                await asyncio.sleep(SUMMARY_EVERY_S)
 
-    async def stop_refresher(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
+        self._tasks = [
+            asyncio.create_task(refresh(), name="balance-refresh"),
+            asyncio.create_task(summarize(), name="summary-publish"),
+        ]
+
+    async def stop_background(self) -> None:
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+                await task
+        self._tasks = []
 
 
 def build_router(accounting: Accounting) -> NatsRouter:
     router = NatsRouter()
 
-    # Acked only after the batch is committed; an error (Postgres down) or a crash means a
+    # Acked one by one once the batch is committed; Postgres down or a crash means a
     # redelivery, which the settlement's key turns into a no-op for attempts that did land.
     @router.subscriber(
         subjects.SETTLEMENT_TASK,
         durable=subjects.CONSUMER_ACCOUNTING,
         stream=SETTLEMENTS,
         pull_sub=PullSub(batch_size=BATCH_SIZE, timeout=BATCH_WAIT_S, batch=True),
-        ack_policy=AckPolicy.NACK_ON_ERROR,
+        ack_policy=AckPolicy.MANUAL,
     )
     async def settle(batch: Annotated[NatsBatchMessage, Context("message")]) -> None:
         # One span per settlement, each in its task's trace, covering the batch's posting.
         with tracing.batch_spans(subjects.SETTLEMENT_TASK, batch.raw_message):
-            await accounting.settle([TaskSettlement.FromString(m.data) for m in batch.raw_message])
+            await accounting.take(batch.raw_message, read_settlement, accounting.settle)
 
     @router.subscriber(
         subjects.SETTLEMENT_DUEL,
         durable=subjects.CONSUMER_ACCOUNTING_DUELS,
         stream=SETTLEMENTS,
         pull_sub=PullSub(batch_size=BATCH_SIZE, timeout=BATCH_WAIT_S, batch=True),
-        ack_policy=AckPolicy.NACK_ON_ERROR,
+        ack_policy=AckPolicy.MANUAL,
     )
     async def settle_duels(batch: Annotated[NatsBatchMessage, Context("message")]) -> None:
         with tracing.batch_spans(subjects.SETTLEMENT_DUEL, batch.raw_message):
-            await accounting.settle_duels(
-                [DuelResult.FromString(m.data) for m in batch.raw_message]
-            )
+            await accounting.take(batch.raw_message, read_duel, accounting.settle_duels)
 
     return router

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import asyncpg
 from faststream import FastStream
 from faststream.nats import NatsBroker
@@ -11,11 +13,27 @@ from llooma.db.migrate import migrate
 from llooma.ledger import signing_key_path
 from llooma.ledger.blocks import Signer
 from llooma.ledger.economics import Prices, opening_balances
-from llooma.ledger.store import LedgerStore
+from llooma.ledger.store import LedgerStore, ledger_height
 from llooma.settings import Settings
 from services.accounting.handlers import Accounting, build_router
 
 SERVICE = "accounting"
+
+
+async def open_signer(pool: asyncpg.Pool, key_path: Path) -> Signer:
+    """The block-signing key; created only for a ledger without blocks."""
+    return signer_for(key_path, chain_started=await ledger_height(pool) > 0)
+
+
+def signer_for(key_path: Path, *, chain_started: bool) -> Signer:
+    if chain_started and not key_path.exists():
+        # A new key would sign blocks that `llooma ledger verify` cannot trust beside the old
+        # ones: a lost key needs a person, not a silent new chain of trust.
+        raise SystemExit(
+            f"accounting: the ledger already has blocks but its signing key {key_path} is "
+            "missing; restore it (or point LLOOMA_LEDGER_SIGNING_KEY_FILE at it)"
+        )
+    return Signer.load_or_create(key_path)
 
 
 def create_app(settings: Settings) -> FastStream:
@@ -26,17 +44,21 @@ def create_app(settings: Settings) -> FastStream:
     async def open_ledger(broker: NatsBroker) -> None:
         await migrate(settings.database_url)
         pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=8)
-        signer = Signer.load_or_create(signing_key_path(settings))
+        try:
+            signer = await open_signer(pool, signing_key_path(settings))
+        except SystemExit:
+            await pool.close()
+            raise
         accounting.store = LedgerStore(pool, signer, Prices.from_settings(settings))
         accounting.js = broker.config.connection_state.stream
         # Before this instance says it is ready, so the ingress never 402s a funded key.
         await accounting.store.open_accounts(opening_balances(settings))
-        await accounting.refresh_balances()
+        await accounting.publish_all_balances()
         await accounting.publish_summary()
-        accounting.start_refresher()
+        accounting.start_background()
 
     async def close_ledger(_: NatsBroker) -> None:
-        await accounting.stop_refresher()
+        await accounting.stop_background()
         await accounting.store.pool.close()
 
     return runtime.build_app(

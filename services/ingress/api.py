@@ -161,7 +161,7 @@ class Ingress:
     def _out_of_credit(self, key_id: str) -> bool:
         if not self.settings.billing_enabled or self.balances is None:
             return False
-        return self.balances.balance(key_id) <= 0
+        return self.balances.refuses(key_id)
 
     def _known_model(self, model: str) -> bool:
         return model == ORCHESTRATED_MODEL or model in self.hosts.known_models()

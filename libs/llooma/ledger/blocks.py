@@ -9,9 +9,11 @@ changes an id that the signature no longer covers, or breaks the link to the nex
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,24 +85,32 @@ class Signer:
         self.public_key = key.verify_key.encode().hex()
 
     @classmethod
+    def load(cls, path: Path) -> Signer:
+        """Read an existing seed file."""
+        return cls(SigningKey(bytes.fromhex(path.read_text().strip())))
+
+    @classmethod
     def load_or_create(cls, path: Path) -> Signer:
-        """Read the seed file, or create it once (mode 0600) with its public key beside it."""
+        """Read the seed file, or create it once (mode 0600) with its public key beside it.
+
+        Racing creators each write a scratch file and link it into place: one link wins, and
+        every racer then reads the seed at the path, so all sign with the same key."""
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            key = SigningKey.generate()
-            scratch = path.with_suffix(".tmp")
-            descriptor = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(descriptor, "w") as handle:
-                handle.write(key.encode().hex())
+            descriptor, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
             try:
+                with os.fdopen(descriptor, "w") as handle:
+                    handle.write(SigningKey.generate().encode().hex())
                 # Linking fails if another process created it meanwhile: theirs wins.
-                os.link(scratch, path)
-            except FileExistsError:
-                pass
+                with contextlib.suppress(FileExistsError):
+                    os.link(scratch, path)
             finally:
-                scratch.unlink()
-            public_key_path(path).write_text(key.verify_key.encode().hex() + "\n")
-        return cls(SigningKey(bytes.fromhex(path.read_text().strip())))
+                os.unlink(scratch)
+        signer = cls.load(path)
+        pub = public_key_path(path)
+        if not pub.exists() or pub.read_text().strip() != signer.public_key:
+            pub.write_text(signer.public_key + "\n")
+        return signer
 
     def seal(
         self, height: int, parent_id: str, created_unix_nanos: int, entries: list[Entry]

@@ -133,6 +133,13 @@ def credit(
     database_url: DatabaseUrl = "",
     data_dir: DataDir = Path(".llooma"),
     key_file: KeyFile = None,
+    idempotency_key: Annotated[
+        str,
+        typer.Option(
+            help="Names this credit: re-running with the same one credits nothing again "
+            "(default: a new one each run)"
+        ),
+    ] = "",
 ) -> None:
     """Add credits to a key's balance (a signed deposit; the ingress sees it within ~2 s)."""
     import asyncpg
@@ -148,18 +155,29 @@ def credit(
     if micros <= 0:
         raise typer.BadParameter("the amount must be positive")
     key_id = key if _KEY_ID.match(key) else api_key_id(key)
-    signer = Signer.load_or_create(_key_file(key_file))
+    signing_key = _key_file(key_file)
+    if not signing_key.exists():
+        # Blocks signed by a key of its own would not verify against accounting's.
+        console.print(f"[red]no signing key at {signing_key}: start accounting first[/red]")
+        raise typer.Exit(2)
+    signer = Signer.load(signing_key)
+    txn_id = f"credit:{idempotency_key or uuid.uuid4().hex}"
 
-    async def run() -> int:
+    async def run() -> tuple[bool, int]:
         pool = await asyncpg.create_pool(
             _database_url(database_url, data_dir), min_size=1, max_size=1
         )
         try:
             store = LedgerStore(pool, signer, Prices())
-            posted = await store.deposit([deposit(f"credit:{uuid.uuid4().hex}", key_id, micros)])
-            return posted.user_balances[key_id]
+            posted = await store.deposit([deposit(txn_id, key_id, micros)])
+            return posted.new > 0, await store.user_balance(key_id)
         finally:
             await pool.close()
 
-    balance = asyncio.run(run())
-    console.print(f"credited {credits(micros)} to {key_id}; balance {credits(balance)}")
+    done, balance = asyncio.run(run())
+    if done:
+        console.print(f"credited {credits(micros)} to {key_id}; balance {credits(balance)}")
+    else:
+        console.print(
+            f"{txn_id} was credited before: nothing added; {key_id} balance {credits(balance)}"
+        )

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from llooma.settings import Settings, api_key_id
+from llooma.settings import DEV_API_KEY, Settings, api_key_id
 from llooma.v1.duel_pb2 import DUEL_VERDICT_A, DUEL_VERDICT_B, DUEL_VERDICT_UNSPECIFIED, DuelResult
 from llooma.v1.settlement_pb2 import ATTEMPT_OUTCOME_LOST, ATTEMPT_OUTCOME_WON, TaskSettlement
 
@@ -185,6 +185,11 @@ def account_deltas(postings: Iterable[Posting]) -> dict[str, int]:
 def opening_balances(settings: Settings) -> dict[str, int]:
     """Each configured key's opening balance, by api_key_id (the raw key is never stored)."""
     return {
-        api_key_id(key): settings.opening_balances_micros.get(key, settings.opening_balance_micros)
+        api_key_id(key): settings.opening_balances_micros.get(
+            key,
+            settings.dev_key_opening_balance_micros
+            if key == DEV_API_KEY
+            else settings.opening_balance_micros,
+        )
         for key in settings.api_keys
     }

@@ -50,8 +50,8 @@ INSERT INTO task_settlements (
     first_token_ms, duration_ms, api_key_id, finished_at, fallback
 )
 SELECT * FROM unnest(
-    $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int[],
-    $8::int[], $9::int[], $10::int[], $11::text[], $12::timestamptz[], $13::bool[]
+    $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int8[],
+    $8::int8[], $9::int8[], $10::int8[], $11::text[], $12::timestamptz[], $13::bool[]
 )
 ON CONFLICT (attempt_id) DO NOTHING
 RETURNING attempt_id
@@ -89,6 +89,13 @@ SELECT t.completed_responses, t.user_charges_micros, h.height, h.block_id,
         WHERE b.account IS NULL OR b.account LIKE 'host:%'
      ) AS line) AS hosts
 FROM ledger_totals t, ledger_head h
+"""
+
+
+# One statement, so one snapshot: the balances as of exactly that height.
+USER_BALANCES = """
+SELECT h.height, b.account, b.balance
+FROM ledger_head h LEFT JOIN account_balances b ON b.account LIKE 'user:%'
 """
 
 
@@ -343,14 +350,27 @@ class LedgerStore:
             },
         )
 
-    async def user_balances(self) -> dict[str, int]:
-        rows = await self.pool.fetch(
-            "SELECT account, balance FROM account_balances WHERE account LIKE 'user:%'"
+    async def user_balances(self) -> tuple[int, dict[str, int]]:
+        """Every user's balance and the chain height they are as of (one snapshot)."""
+        rows = await self.pool.fetch(USER_BALANCES)
+        return rows[0]["height"], {
+            r["account"].removeprefix("user:"): r["balance"] for r in rows if r["account"]
+        }
+
+    async def user_balance(self, api_key_id: str) -> int:
+        balance: int | None = await self.pool.fetchval(
+            "SELECT balance FROM account_balances WHERE account = $1", f"user:{api_key_id}"
         )
-        return {r["account"].removeprefix("user:"): r["balance"] for r in rows}
+        return balance or 0
 
     async def summary(self) -> LedgerSummary:
         return await read_summary(self.pool)
+
+
+async def ledger_height(db: asyncpg.Pool | asyncpg.Connection) -> int:
+    """How many blocks the chain has (0 before the first)."""
+    height: int = await db.fetchval("SELECT height FROM ledger_head")
+    return height
 
 
 async def read_summary(db: asyncpg.Pool | asyncpg.Connection) -> LedgerSummary:
