@@ -69,6 +69,9 @@ def settlement(
     key_id: str = "k1",
     input_tokens: int = 0,
     model: str = "m",
+    accepted: bool = True,
+    delivered: int = 0,
+    violations: int = 0,
 ) -> TaskSettlement:
     return TaskSettlement(
         attempt_id=uuid.uuid4().hex,
@@ -84,6 +87,9 @@ def settlement(
         winner_output_tokens=winner_tokens,
         winner_fallback=winner_fallback,
         finished_unix_nanos=1,
+        accepted=accepted,
+        delivered_tokens=delivered,
+        violations=violations,
     )
 
 
@@ -115,6 +121,24 @@ def test_failed_hosts_get_no_reservation_fee_and_nobody_is_paid_without_a_winner
     assert account_deltas([settle_attempt(PRICES, failed)])[host_account("h1")] == 30
     orphan = settlement(ATTEMPT_OUTCOME_LOST, 10)
     assert settle_attempt(PRICES, orphan).legs == ()
+
+
+def test_a_winner_is_paid_and_charged_for_no_more_tokens_than_were_delivered() -> None:
+    claimed = settlement(ATTEMPT_OUTCOME_WON, 100, input_tokens=30, delivered=60)
+    deltas = account_deltas([settle_attempt(PRICES, claimed)])
+    assert deltas[host_account("h1")] == 11 * 60
+    assert deltas[user_account("k1")] == -7 * (30 + 60)
+    honest = settlement(ATTEMPT_OUTCOME_WON, 40, delivered=60)
+    assert account_deltas([settle_attempt(PRICES, honest)])[host_account("h1")] == 11 * 40
+
+
+def test_the_reservation_fee_needs_an_accepted_attempt_without_violations() -> None:
+    # Progress only: 3 * 10 = 30 (with the reservation it would be 70, under the cap).
+    for loser in (
+        settlement(ATTEMPT_OUTCOME_LOST, 10, winner_tokens=1000, winner_model="m", accepted=False),
+        settlement(ATTEMPT_OUTCOME_LOST, 10, winner_tokens=1000, winner_model="m", violations=2),
+    ):
+        assert account_deltas([settle_attempt(PRICES, loser)])[host_account("h1")] == 30
 
 
 def test_fallback_is_priced_apart_and_booked_as_its_own_cost() -> None:
@@ -336,6 +360,25 @@ def block_tampers(height: int, top: int) -> dict[str, Tamper]:
     }
 
 
+def bookkeeping_tampers() -> list[tuple[str, int, Tamper]]:
+    """The chain's head row and the derived balances: outside the blocks, still checked."""
+
+    def run(sql: str) -> Tamper:
+        return lambda c: c.execute(sql)
+
+    return [
+        ("head: height", 0, run("UPDATE ledger_head SET height = height - 1")),
+        ("head: block id", 0, run("UPDATE ledger_head SET block_id = md5(block_id)")),
+        (
+            "balances: change",
+            0,
+            run("UPDATE account_balances SET balance = balance + 1 WHERE account = 'user:k1'"),
+        ),
+        ("balances: delete", 0, run("DELETE FROM account_balances WHERE account = 'host:h2'")),
+        ("balances: insert", 0, run("INSERT INTO account_balances VALUES ('user:mallory', 5)")),
+    ]
+
+
 async def test_verify_catches_every_single_row_tamper(dsn: str, tmp_path: Path) -> None:
     signer = Signer.load_or_create(tmp_path / "ledger.key")
     async with fresh_database(dsn) as own:
@@ -370,8 +413,9 @@ async def test_verify_catches_every_single_row_tamper(dsn: str, tmp_path: Path) 
             for height in range(1, top + 1):
                 for name, tamper in block_tampers(height, top).items():
                     cases.append((f"block {height}: {name}", height, tamper))
+            chained = len(cases)
             missed = []
-            for label, height, tamper in cases:
+            for index, (label, height, tamper) in enumerate([*cases, *bookkeeping_tampers()]):
                 tx = conn.transaction(isolation="repeatable_read")
                 await tx.start()
                 try:
@@ -383,12 +427,18 @@ async def test_verify_catches_every_single_row_tamper(dsn: str, tmp_path: Path) 
                     await tx.rollback()
                 if verdict.ok:
                     missed.append(label)
-                elif verdict.bad_height is not None:
+                elif index < chained:
                     # Named at the tampered block, or at the next one whose link it broke.
                     assert verdict.bad_height in (height, height + 1, height + 100, top + 1), (
                         label,
                         verdict,
                     )
+                elif label.startswith("head"):
+                    assert verdict.bad_height == top + 1, (label, verdict)
+                    assert "head" in verdict.reason, (label, verdict)
+                else:
+                    assert verdict.bad_height is None, (label, verdict)
+                    assert "balance of" in verdict.reason, (label, verdict)
             assert not missed, missed
             assert len(cases) > 100
             assert (await verify_ledger(conn, trusted)).ok

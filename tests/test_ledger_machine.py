@@ -135,6 +135,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 fallback=attempt.fallback,
                 usage=Usage(output_tokens=attempt.tokens),
                 finished_unix_nanos=1,
+                accepted=True,
             )
             if winner is not None:
                 s.winner_model = "m"

@@ -43,6 +43,7 @@ def race(index: int) -> list[TaskSettlement]:
         host_id=f"host-{(index + 1) % 8}",
         outcome=ATTEMPT_OUTCOME_LOST,
         usage=Usage(output_tokens=30),
+        accepted=True,
         winner_model="m",
         winner_output_tokens=120,
         finished_unix_nanos=time.time_ns(),

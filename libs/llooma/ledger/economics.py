@@ -114,6 +114,9 @@ def settle_attempt(prices: Prices, s: TaskSettlement) -> Posting:
     """What one attempt earns and, for the winner, what the user pays."""
     legs: list[Leg] = []
     tokens = s.usage.output_tokens
+    if s.outcome == ATTEMPT_OUTCOME_WON and s.delivered_tokens:
+        # Paid and charged for no more than the racer relayed, whatever the host claims.
+        tokens = min(tokens, s.delivered_tokens)
     if s.outcome == ATTEMPT_OUTCOME_WON:
         paid = prices.winner_payout(s.model, tokens, fallback=s.fallback)
         legs += _transfer(PLATFORM, payee(s), paid, "fallback" if s.fallback else "payout")
@@ -124,8 +127,10 @@ def settle_attempt(prices: Prices, s: TaskSettlement) -> Posting:
         winner_paid = prices.winner_payout(
             s.winner_model, s.winner_output_tokens, fallback=s.winner_fallback
         )
-        # A failed or stalled host broke its commitment: it keeps only its progress fee.
-        fee = prices.loser_fee(tokens, winner_paid, reserved=s.outcome == ATTEMPT_OUTCOME_LOST)
+        # The reservation fee is for a commitment kept: a host that never accepted, failed,
+        # stalled or broke a rule (violations) keeps only its progress fee.
+        reserved = s.outcome == ATTEMPT_OUTCOME_LOST and s.accepted and not s.violations
+        fee = prices.loser_fee(tokens, winner_paid, reserved=reserved)
         legs += _transfer(PLATFORM, payee(s), fee, "fallback" if s.fallback else "loser_fee")
     return Posting(attempt_txn_id(s.attempt_id), s.attempt_id, tuple(legs))
 
