@@ -89,8 +89,7 @@ async def connect(
         if on_reconnect is not None:
             # nats-py awaits this inside its reconnect loop: do the slow part elsewhere.
             task = asyncio.create_task(on_reconnect(), name=f"{name}-reconnected")
-            restoring.add(task)
-            task.add_done_callback(restoring.discard)
+            keep_task(restoring, task, f"{name}: restore after a reconnect", level=logging.ERROR)
 
     for _ in range(attempts):
         try:
@@ -107,6 +106,21 @@ async def connect(
             last_error = error
             await asyncio.sleep(0.25)
     raise ConnectionError(f"cannot reach NATS at {url}: {last_error}")
+
+
+def keep_task(
+    tasks: set[asyncio.Task[None]], task: asyncio.Task[None], what: str, level: int = logging.DEBUG
+) -> None:
+    """Hold a task nobody awaits in `tasks` until it ends (the loop keeps only a weak
+    reference), then log its exception, which would otherwise go unretrieved."""
+    tasks.add(task)
+
+    def ended(finished: asyncio.Task[None]) -> None:
+        tasks.discard(finished)
+        if not finished.cancelled() and (error := finished.exception()) is not None:
+            log.log(level, "%s failed", what, exc_info=error)
+
+    task.add_done_callback(ended)
 
 
 async def _log_error(error: Exception) -> None:

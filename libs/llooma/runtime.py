@@ -91,8 +91,7 @@ def build_app(
         # A restarted server may have lost the memory streams and buckets; nats-py awaits this
         # callback inside its reconnect loop, so the restore runs on its own.
         task = asyncio.create_task(bus.restore_topology(broker.config.connection_state.stream))
-        restoring.add(task)
-        task.add_done_callback(restoring.discard)
+        bus.keep_task(restoring, task, f"{service}: topology restore", level=logging.ERROR)
 
     broker = NatsBroker(
         settings.nats_url,

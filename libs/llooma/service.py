@@ -21,7 +21,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from llooma import bus, tracing
+from llooma import bus, subjects, tracing
 from llooma.runtime import ServiceHeartbeater, configure_logging, new_instance_id
 from llooma.settings import Settings, load_settings
 
@@ -62,7 +62,8 @@ class Service:
     async def _reconnected(self) -> None:
         """A restarted server has lost the memory pipeline stream and its consumers; core
         subscriptions come back by themselves, and the push consumers deliver again to the
-        same subjects once re-created (a no-op where they survived)."""
+        same fixed subjects once re-created: every replica re-creates the same config, so it
+        does not matter which one (or a replica started meanwhile) comes first."""
         try:
             await bus.restore_topology(self.js)
             for stream, config in self._consumers:
@@ -117,11 +118,17 @@ class Service:
         config = ConsumerConfig(
             durable_name=queue,
             deliver_group=queue,
+            # Fixed, not an inbox: a consumer re-created by any replica reaches all of them.
+            deliver_subject=subjects.consumer_deliver(queue),
+            filter_subject=subject,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
             max_ack_pending=max_concurrency * 4,
             ack_wait=30.0 if ack_first else ack_wait_s,
         )
+        stream = await self.js.find_stream_name_by_subject(subject)
+        # Create, or move one made on an inbox by an older version onto the fixed subject.
+        await self.js.add_consumer(stream, config=config)
         subscription = await self.js.subscribe(
             subject,
             queue=queue,
@@ -132,8 +139,7 @@ class Service:
             pending_msgs_limit=max_concurrency * 16,
         )
         self._subscriptions.append(subscription)
-        info = await subscription.consumer_info()
-        self._consumers.append((info.stream_name, info.config))
+        self._consumers.append((stream, config))
 
     async def subscribe(self, subject: str, handler: Handler) -> None:
         """A core NATS subscription (hot, ephemeral traffic), dropped on shutdown."""
@@ -181,11 +187,14 @@ class _InProgress:
     def __init__(self, msg: Msg, every_s: float) -> None:
         self._msg = msg
         self._every_s = every_s
-        self._pending: asyncio.Task[None] | None = None
+        # Each signal until it is sent: the loop holds tasks only weakly.
+        self._pending: set[asyncio.Task[None]] = set()
         self._timer = asyncio.get_running_loop().call_later(every_s, self._fire)
 
     def _fire(self) -> None:
-        self._pending = asyncio.create_task(self._msg.in_progress())
+        bus.keep_task(
+            self._pending, asyncio.create_task(self._msg.in_progress()), "in-progress signal"
+        )
         self._timer = asyncio.get_running_loop().call_later(self._every_s, self._fire)
 
     def cancel(self) -> None:

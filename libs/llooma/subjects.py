@@ -40,6 +40,12 @@ CONSUMER_RACER = "racer"
 CONSUMER_ACCOUNTING = "accounting"
 CONSUMER_ACCOUNTING_DUELS = "accounting-duels"
 
+
+def consumer_deliver(durable: str) -> str:
+    """The fixed deliver subject of a durable push consumer: whichever replica (re)creates it,
+    e.g. after a server restart lost it, every replica's queue subscription still receives."""
+    return f"{PREFIX}.deliver.{checked_token(durable)}"
+
 # Request-reply services on core NATS (queue groups).
 COMPRESS = f"{PREFIX}.compress"
 # Dispatcher -> aggregator: take over streaming a split request (AggregationStart).

@@ -57,8 +57,17 @@ def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         instance_id = runtime.new_instance_id(SERVICE)
+
+        async def reconnected() -> None:
+            # A restarted server may have lost the memory stream and buckets the ingress
+            # publishes to and watches (bus.connect logs a failure).
+            await bus.restore_topology(nc.jetstream())
+
         nc = await bus.connect(
-            settings.nats_url, f"llooma-{SERVICE}", nkey_seed_file=settings.nats_nkey_seed_file
+            settings.nats_url,
+            f"llooma-{SERVICE}",
+            nkey_seed_file=settings.nats_nkey_seed_file,
+            on_reconnect=reconnected,
         )
         js = nc.jetstream()
         await bus.ensure_topology(js)

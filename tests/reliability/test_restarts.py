@@ -4,11 +4,19 @@ itself, and every settlement acknowledged before the crash ends up in the ledger
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+from collections import Counter
 from collections.abc import Iterator
+from typing import Any, cast
 
 import pytest
+from nats.aio.msg import Msg
 
+from llooma import bus, subjects
+from llooma.embedded import EmbeddedNats
+from llooma.service import Service, _InProgress
+from llooma.settings import Settings
 from llooma.stack import Stack
 from tests.reliability.conftest import (
     Load,
@@ -80,3 +88,82 @@ async def test_postgres_crash_and_restart_mid_load(own: Stack) -> None:
     assert counts == {"completed": len(results)}
     assert audit["lost"] == 0
     assert audit["paid_twice"] == 0
+
+
+# -- the service runner on a nats-server of its own ------------------------------------------
+
+
+@pytest.fixture
+def lone_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats]:
+    server = EmbeddedNats.start(tmp_path_factory.mktemp("lone-nats"), sync_always=False)
+    yield server
+    server.stop()
+
+
+async def test_a_replica_started_while_the_server_was_down_leaves_the_others_receiving(
+    lone_nats: EmbeddedNats,
+) -> None:
+    """The restart window, in the order that hurt: the memory stream and its consumers are
+    gone, a new replica re-creates the consumer first, the old one restores it afterwards."""
+    settings = Settings(nats_url=lone_nats.url)
+    received: Counter[str] = Counter()
+
+    def counting(replica: str) -> Any:
+        async def handle(_: Msg) -> None:
+            received[replica] += 1
+
+        return handle
+
+    old = Service("restart-test", settings)
+    await old.connect()
+    await old.consume(subjects.PIPELINE_PRIVACY, "restart-test", counting("old"))
+    admin = await bus.connect(lone_nats.url, "llooma-test-admin")
+    new = Service("restart-test", settings)
+    try:
+        # What a restarted server has lost: the memory stream, and with it the consumer.
+        await admin.jetstream().delete_stream(subjects.PIPELINE_STREAM)
+        await new.connect()
+        await new.consume(subjects.PIPELINE_PRIVACY, "restart-test", counting("new"))
+        await old._reconnected()
+        js = admin.jetstream()
+        for index in range(40):
+            await bus.hand_off(js, subjects.PIPELINE_PRIVACY, b"x", f"restart-test-{index}")
+        async with asyncio.timeout(10.0):
+            while received.total() < 40:
+                await asyncio.sleep(0.05)
+        assert received["old"] > 0, f"the older replica stopped receiving: {received}"
+        assert received["new"] > 0, f"the new replica receives nothing: {received}"
+    finally:
+        for client in (admin, old.nc, new.nc):
+            await client.drain()
+
+
+class _SlowSignal:
+    """A message whose in-progress signal takes a while and then fails (a lost connection)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def in_progress(self) -> None:
+        self.calls += 1
+        await asyncio.sleep(0.05)
+        raise ConnectionError("connection closed")
+
+
+async def test_every_in_progress_signal_is_kept_and_its_error_read() -> None:
+    loop = asyncio.get_running_loop()
+    unretrieved: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: unretrieved.append(context))
+    msg = _SlowSignal()
+    try:
+        progress = _InProgress(cast(Msg, msg), 0.01)
+        await asyncio.sleep(0.2)
+        progress.cancel()
+        await asyncio.sleep(0.1)
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(previous)
+    assert msg.calls >= 5
+    assert unretrieved == []
