@@ -230,6 +230,10 @@ def _chat_completions() -> Schema:
                 "Malformed JSON, a missing or wrongly typed field, invalid UTF-8, a bad header."
             ),
             "401": _error("Missing or unknown API key."),
+            "402": _error(
+                "The key's balance is exhausted (`insufficient_balance`); add credits with "
+                "`llooma ledger credit`."
+            ),
             "404": _error("No host has announced the model."),
             "413": _error("The body is over the limit; checked before it is read whole."),
             "429": _error(
