@@ -4,6 +4,7 @@ against requests this test sends (real NATS, real hosts)."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -23,12 +24,17 @@ from llooma.settings import Settings
 from llooma.v1.common_pb2 import REQUEST_PATH_DIRECT, REQUEST_PATH_FALLBACK, Usage
 from llooma.v1.host_pb2 import HostAccepted, HostChunk, HostFinished, HostTask, HostToken
 from llooma.v1.race_pb2 import (
+    ATTEMPT_ROLE_CONTINUATION,
     ATTEMPT_ROLE_FALLBACK,
     ATTEMPT_ROLE_RACER,
     AttemptReport,
     RaceEvent,
 )
-from llooma.v1.settlement_pb2 import ATTEMPT_OUTCOME_LOST, ATTEMPT_OUTCOME_WON
+from llooma.v1.settlement_pb2 import (
+    ATTEMPT_OUTCOME_FAILED,
+    ATTEMPT_OUTCOME_LOST,
+    ATTEMPT_OUTCOME_WON,
+)
 from services.ingress.api import Ingress
 from services.ingress.stats import ROUTES
 from tests.conftest import AUTH
@@ -117,6 +123,55 @@ def test_percentiles_overhead_and_rates_follow_the_definitions() -> None:
     assert wins == {("a", "m"): 75, ("b", "m"): 25, ("c", "m"): 1}
     assert snap["split_rate"] == 0.0
     assert snap["cost"]["cost_per_successful_response_micros"] is None
+
+
+def test_a_replayed_race_counts_from_when_it_ran_not_when_it_was_read() -> None:
+    stats = _collector()
+    old = _race("old", "slow-host", launched_after_ms=0, host_ms=900)
+    old.finished_unix_nanos = time.time_ns() - 15 * 60 * 1_000_000_000
+    recent = _race("recent", "slow-host", launched_after_ms=0, host_ms=100)
+    recent.finished_unix_nanos = time.time_ns() - 1_000_000_000
+    stats.record_race(old)
+    stats.record_race(recent)
+    # The 15-minute-old race is outside the 5-minute window: only the recent one counts.
+    assert stats.host_stats.p95_ms("slow-host") == pytest.approx(100.0)
+
+
+def test_overhead_after_a_handover_is_measured_against_the_first_winner() -> None:
+    stats = _collector()
+    stats.request_started("handed-over", "direct", 0.130)
+    first = AttemptReport(
+        host_id="first",
+        model="m",
+        role=ATTEMPT_ROLE_RACER,
+        outcome=ATTEMPT_OUTCOME_FAILED,
+        launched_after_ms=0,
+        first_token_ms=120,
+        stalled=True,
+    )
+    continuation = AttemptReport(
+        host_id="second",
+        model="m",
+        role=ATTEMPT_ROLE_CONTINUATION,
+        outcome=ATTEMPT_OUTCOME_WON,
+        launched_after_ms=2000,
+        first_token_ms=80,
+    )
+    stats.record_race(
+        RaceEvent(
+            request_id="handed-over",
+            task_id=uuid.uuid4().hex,
+            path=REQUEST_PATH_DIRECT,
+            attempts=[first, continuation],
+            winner_host_id="second",
+            first_token_ms=120,
+            continuations=1,
+            succeeded=True,
+        )
+    )
+    # The client's first token came from "first" at 120 ms: 130 - 120 is the overhead.
+    overhead = stats.snapshot()["overhead_ms"]["direct"]
+    assert (overhead["count"], overhead["p50"]) == (1, pytest.approx(10.0))
 
 
 def test_the_prometheus_text_carries_the_same_numbers() -> None:
