@@ -97,8 +97,9 @@ async def test_a_completed_request_charges_the_user_and_pays_its_hosts(
     }
     key_id = api_key_id(DEV_API_KEY)
     assert legs[(user_account(key_id), "charge")] == -USER_PRICE * usage["total_tokens"]
+    # Against what the client was told it got, not what the settlement path itself wrote.
     assert legs[(host_account(winner["host_id"]), "payout")] == (
-        HOST_PRICE * winner["output_tokens"]
+        HOST_PRICE * usage["completion_tokens"]
     )
     # The user's balance in KV (what the ingress reads) is the ledger's, once settled.
     kv = await nc.jetstream().key_value(subjects.BALANCES_BUCKET)
@@ -226,10 +227,21 @@ async def test_the_cli_verifies_reports_and_credits(
     assert report.returncode == 0, report.stderr
     assert "cost per successful response" in report.stdout
     assert "host-fast" in report.stdout or "host-steady" in report.stdout
-    credited = await asyncio.to_thread(
-        llooma, "credit", NO_BALANCE_KEY, "5", *common, "--key-file", str(stack.ledger_key_file)
+    keyless = await asyncio.to_thread(
+        llooma, "credit", NO_BALANCE_KEY, "5", *common, "--key-file", str(stack.root / "no.key")
     )
+    # Never a signing key of its own: its blocks would not verify against accounting's.
+    assert keyless.returncode == 2, keyless.stdout + keyless.stderr
+    assert not (stack.root / "no.key").exists()
+    credit = ["credit", NO_BALANCE_KEY, "5", *common, "--key-file", str(stack.ledger_key_file)]
+    once = ["--idempotency-key", f"top-up-{uuid.uuid4().hex}"]
+    credited = await asyncio.to_thread(llooma, *credit, *once)
     assert credited.returncode == 0, credited.stdout + credited.stderr
+    assert "balance 5.000000" in credited.stdout
+    again = await asyncio.to_thread(llooma, *credit, *once)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "nothing added" in again.stdout
+    assert "balance 5.000000" in again.stdout
     body = {"model": "synthetic-small", "messages": [{"role": "user", "content": "hi"}]}
     headers = {"Authorization": f"Bearer {NO_BALANCE_KEY}"}
 

@@ -176,8 +176,11 @@ def credit(
 
     done, balance = asyncio.run(run())
     if done:
-        console.print(f"credited {credits(micros)} to {key_id}; balance {credits(balance)}")
+        console.print(
+            f"credited {credits(micros)} to {key_id}; balance {credits(balance)}", soft_wrap=True
+        )
     else:
         console.print(
-            f"{txn_id} was credited before: nothing added; {key_id} balance {credits(balance)}"
+            f"{txn_id} was credited before: nothing added; {key_id} balance {credits(balance)}",
+            soft_wrap=True,
         )
