@@ -5,8 +5,10 @@ Rate limits are token buckets per API key (requests and tokens per minute). A re
 charged its estimate (prompt characters / 4 + max_tokens) when admitted, and the difference
 to its real usage when it ends. Load shedding turns requests away with 503 when this ingress
 already has too many in flight, too many still waiting for a first token, or more in flight
-for a model than the model's eligible hosts announced capacity for. Limits are per ingress
-process: with N replicas, divide them by N.
+for a model than the model's eligible hosts announced capacity for (each host believed up to
+`admission_max_host_capacity`; orchestrated requests and direct ones on the models they can use
+also share the pool's capacity). Limits are per ingress process: with N replicas, divide them
+by N.
 """
 
 from __future__ import annotations
@@ -128,7 +130,8 @@ class Limits:
         self._overrides = {
             api_key_id(key): limits for key, limits in settings.rate_limits_by_key.items()
         }
-        self._capacity: dict[str, tuple[float, int]] = {}
+        # Per model: when computed, the capacity, and the models whose hosts it counted.
+        self._capacity: dict[str, tuple[float, int, frozenset[str]]] = {}
 
     # -- load shedding -----------------------------------------------------------------------
 
@@ -151,35 +154,57 @@ class Limits:
         return None
 
     def model_capacity(self, model: str) -> int:
-        """Tasks the model's eligible hosts say they take at once (0: none announced)."""
+        """Tasks the model's eligible hosts say they take at once (0: none announced), each
+        host counted for at most `admission_max_host_capacity`."""
+        return self._capacity_of(model)[0]
+
+    def _capacity_of(self, model: str) -> tuple[int, frozenset[str]]:
         now = self.clock()
         cached = self._capacity.get(model)
         if cached is not None and now - cached[0] < CAPACITY_CACHE_S:
-            return cached[1]
+            return cached[1], cached[2]
         orchestrated = model == ORCHESTRATED_MODEL
         excluded = set(self.settings.orchestration_excluded_models)
+        most = self.settings.admission_max_host_capacity
         total = 0
+        models: set[str] = set()
         for member in self.hosts.eligible(None if orchestrated else model):
+            host = 0
             for capability in member.heartbeat.models:
                 if capability.name not in excluded if orchestrated else capability.name == model:
-                    total += capability.capacity
-        self._capacity[model] = (now, total)
-        return total
+                    host += capability.capacity
+                    models.add(capability.name)
+            total += min(host, most)
+        self._capacity[model] = (now, total, frozenset(models))
+        return total, frozenset(models)
 
     def _over_capacity(self, model: str) -> Response | None:
+        """Past the model's capacity, or past the orchestrated pool's: an orchestrated request
+        runs on the same hosts as direct ones, so both count against the pool, and direct
+        plus orchestrated cannot admit twice what the hosts take."""
         factor = self.settings.admission_capacity_factor
         if not factor:
             return None
-        capacity = self.model_capacity(model)
-        # No capacity announced: the pipeline answers no_eligible_host itself.
-        limit = max(1, int(capacity * factor)) if capacity else 0
-        if limit and self.in_flight_by_model[model] >= limit:
-            self.shed += 1
-            return overloaded(
-                f"overloaded: {model!r} has {self.in_flight_by_model[model]} requests in "
-                f"flight for a capacity of {capacity}",
-                self.settings.shed_retry_after_s,
+        in_flight = self.in_flight_by_model
+        checks = []
+        if model != ORCHESTRATED_MODEL:
+            checks.append((repr(model), self.model_capacity(model), in_flight[model]))
+        pool_capacity, pool_models = self._capacity_of(ORCHESTRATED_MODEL)
+        if model == ORCHESTRATED_MODEL or model in pool_models:
+            pool_in_flight = in_flight[ORCHESTRATED_MODEL] + sum(
+                in_flight[name] for name in pool_models
             )
+            checks.append(("the orchestrated pool", pool_capacity, pool_in_flight))
+        for name, capacity, count in checks:
+            # No capacity announced: the pipeline answers no_eligible_host itself.
+            limit = max(1, int(capacity * factor)) if capacity else 0
+            if limit and count >= limit:
+                self.shed += 1
+                return overloaded(
+                    f"overloaded: {name} has {count} requests in flight for a capacity of "
+                    f"{capacity}",
+                    self.settings.shed_retry_after_s,
+                )
         return None
 
     # -- rate limits -------------------------------------------------------------------------

@@ -24,7 +24,12 @@ from nats.aio.msg import Msg
 from llooma import subjects
 from llooma.embedded import EmbeddedNats
 from llooma.host.config import Generation, Latency, ModelConfig
+from llooma.membership import HostDirectory
+from llooma.settings import ORCHESTRATED_MODEL, VERSION, Settings
 from llooma.stack import Stack
+from llooma.v1.host_pb2 import HostHeartbeat, ModelCapability
+from services.ingress.limits import Limits, Ticket
+from services.ingress.schema import ChatCompletionRequest
 from tests.conftest import AUTH
 from tests.extra_processes import extra_host, extra_ingress
 
@@ -234,3 +239,50 @@ async def test_requests_waiting_for_a_first_token_are_capped(waiting_limited_ing
     assert all(o.status == 503 and o.code == "overloaded" and o.retry_after for o in shed)
     assert after.status == 200
     assert after.completed
+
+
+# -- admission by capacity, on the ingress's own state ---------------------------------------
+
+
+def _hosts_announcing(*hosts: tuple[str, dict[str, int]]) -> HostDirectory:
+    directory = HostDirectory(stale_after_s=5.0, min_version="0.1.0")
+    for host_id, capacities in hosts:
+        beat = HostHeartbeat(
+            version=VERSION,
+            models=[ModelCapability(name=n, capacity=c) for n, c in capacities.items()],
+        )
+        directory.members._apply(host_id, beat.SerializeToString(), "PUT", time.time())
+    return directory
+
+
+def _admitted(limits: Limits, model: str, count: int) -> list[Ticket]:
+    request = ChatCompletionRequest.model_validate(
+        {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+    )
+    tickets = []
+    for _ in range(count):
+        answer = limits.admit("key", request)
+        if not isinstance(answer, Ticket):
+            assert answer.status_code == 503
+            break
+        tickets.append(answer)
+    return tickets
+
+
+def test_a_host_announcing_a_huge_capacity_counts_for_the_cap_only() -> None:
+    settings = Settings(max_waiting_first_token=0, admission_max_host_capacity=8)
+    limits = Limits(settings, _hosts_announcing(("liar", {"m": 100_000}), ("honest", {"m": 2})))
+    assert len(_admitted(limits, "m", 50)) == 10
+    assert limits.shed == 1
+
+
+def test_direct_and_orchestrated_requests_share_the_hosts_capacity() -> None:
+    settings = Settings(max_waiting_first_token=0)
+    hosts = _hosts_announcing(("a", {"m": 2}), ("b", {"n": 2}), ("e", {"echo": 5}))
+    limits = Limits(settings, hosts)
+    assert len(_admitted(limits, "m", 5)) == 2
+    # The orchestrated pool is m and n (echo is excluded): 2 of its 4 slots are taken.
+    assert len(_admitted(limits, ORCHESTRATED_MODEL, 5)) == 2
+    assert _admitted(limits, "n", 1) == []
+    # echo is outside the pool: its own capacity only.
+    assert len(_admitted(limits, "echo", 9)) == 5
