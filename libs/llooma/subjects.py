@@ -46,6 +46,7 @@ def consumer_deliver(durable: str) -> str:
     e.g. after a server restart lost it, every replica's queue subscription still receives."""
     return f"{PREFIX}.deliver.{checked_token(durable)}"
 
+
 # Request-reply services on core NATS (queue groups).
 COMPRESS = f"{PREFIX}.compress"
 # Dispatcher -> aggregator: take over streaming a split request (AggregationStart).
