@@ -76,9 +76,11 @@ ATTEMPT_OUTCOME_NAMES: dict[int, str] = {
 # How long a settlement or race event publish is retried while NATS is away.
 PUBLISH_RETRY_S = 60.0
 # The racer's ceiling on a prompt's tokens, so a host cannot bill an invented prompt: no
-# tokenizer needs more than one token per two characters, plus a template's few per message.
+# tokenizer needs more than one token per two characters, plus a chat template's markers (a
+# generous allowance: an honest host's count must never be clipped).
 PROMPT_CHARS_PER_TOKEN = 2
-PROMPT_TOKENS_PER_MESSAGE = 8
+PROMPT_TOKENS_PER_MESSAGE = 16
+PROMPT_TOKENS_PER_PROMPT = 16
 
 
 @dataclass(slots=True)
@@ -749,7 +751,7 @@ def _end_attempt_span(attempt: Attempt, outcome: int, first_token_ms: int) -> No
 def prompt_tokens(messages: Iterable[ChatMessage]) -> int:
     """The racer's ceiling on what a prompt can cost in tokens (hosts report usage, but a host's
     report is a claim)."""
-    return sum(
+    return PROMPT_TOKENS_PER_PROMPT + sum(
         len(m.content) // PROMPT_CHARS_PER_TOKEN + PROMPT_TOKENS_PER_MESSAGE for m in messages
     )
 

@@ -103,7 +103,7 @@ def test_sanitizer_counts_what_flush_removes() -> None:
 
 def test_prompt_ceiling_counts_characters_and_messages() -> None:
     messages = [ChatMessage(role="user", content="x" * 100), ChatMessage(role="user", content="")]
-    assert prompt_tokens(messages) == 50 + 2 * 8
+    assert prompt_tokens(messages) == 16 + 50 + 2 * 16
 
 
 def _token(text: str) -> HostChunk:
