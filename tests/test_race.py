@@ -18,7 +18,7 @@ import pytest
 import yaml
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import BadRequestError, KeyNotFoundError
 
 from llooma import subjects
 from llooma.continuation import extract_prefix
@@ -34,6 +34,7 @@ from llooma.v1.race_pb2 import (
     RaceEvent,
 )
 from llooma.v1.settlement_pb2 import ATTEMPT_OUTCOME_LOST, ATTEMPT_OUTCOME_WON
+from services.racer.race import Racer
 from tests.conftest import AUTH, HEDGE_DELAY_MS, HEDGED_MODEL
 from tests.scripted_host import Reply, Script, ScriptedHost
 
@@ -385,3 +386,21 @@ async def test_hedged_mode_launches_the_second_host_only_after_the_delay(
                 assert event.winner_host_id == "hedge-prompt"
                 assert response.json()["choices"][0]["message"]["content"] == "quick"
         assert seen_first == {"hedge-prompt", "hedge-sluggish"}
+
+
+async def test_a_settlement_the_stream_refuses_is_not_retried() -> None:
+    """A BadRequest is the stream's answer about this message: retrying it for a minute would
+    only hold the consumer slot (an in-memory stand-in for JetStream; one call, no NATS)."""
+    calls: list[str] = []
+
+    class Refusing:
+        async def publish(self, subject: str, *_: object, **__: object) -> None:
+            calls.append(subject)
+            raise BadRequestError(code=400, description="refused")
+
+    racer = Racer("unit")
+    racer._js = Refusing()  # type: ignore[assignment]
+    started = time.monotonic()
+    await racer._publish(subjects.SETTLEMENT_TASK, b"", "attempt")
+    assert calls == [subjects.SETTLEMENT_TASK]
+    assert time.monotonic() - started < 0.5

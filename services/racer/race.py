@@ -611,6 +611,7 @@ class Racer:
         now = time.monotonic()
         reports = []
         settles = []
+        succeeded = race.winner is not None and race.winner.usage is not None
         paid = self._paid_winner(race)
         for attempt in race.attempts.values():
             first_ms = (
@@ -661,7 +662,6 @@ class Racer:
         # Concurrently: one attempt's retries while NATS is away do not hold up the others.
         await asyncio.gather(*settles)
         winner = race.winner
-        succeeded = winner is not None and winner.usage is not None and winner is paid
         event = RaceEvent(
             request_id=request.request_id,
             task_id=race.assignment.task_id,

@@ -314,7 +314,7 @@ async def test_the_reservation_is_only_for_a_host_that_accepted(
 
 @pytest.mark.timeout(60)
 async def test_invalid_utf8_never_reaches_the_client(
-    http: httpx.AsyncClient, nc: Client, race_events: RaceEvents
+    http: httpx.AsyncClient, nc: Client, race_events: RaceEvents, settlements: Settlements
 ) -> None:
     model = "liar-utf8"
 
@@ -331,6 +331,11 @@ async def test_invalid_utf8_never_reaches_the_client(
     assert text == "ok "
     assert end == "host_failed"  # no other host could continue it
     assert all(a.outcome == ATTEMPT_OUTCOME_FAILED for a in event.attempts)
+    assert not event.succeeded
+    # Its one good token reached the client: paid and charged for that, as a partial winner.
+    settled = (await settlements.wait_for(request_id))[f"garbler-{model}"]
+    assert settled.outcome == ATTEMPT_OUTCOME_WON
+    assert settled.usage.output_tokens == settled.delivered_tokens == 1
 
 
 @pytest.mark.timeout(60)
