@@ -32,8 +32,9 @@ _UNFINISHED: Final = re.compile(
 )
 # Anything that may start a control token or is a control character: the fast path is a miss.
 _SUSPECT: Final = re.compile(r"[<\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-# A token is a few characters: a token chunk longer than this is a flood, cut (a violation).
-MAX_CHUNK_CHARS: Final = 256
+# A chunk is a token or a few a backend coalesced (a whole JSON reply from some): one longer
+# than this is a flood, cut (a violation).
+MAX_CHUNK_CHARS: Final = 4096
 # With max_tokens set, an answer's text is capped at this many characters per token.
 MAX_CHARS_PER_TOKEN: Final = 16
 # Where a held run may begin: a control token with its role line is never longer.
