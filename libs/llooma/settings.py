@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     max_waiting_first_token: int = Field(default=256, ge=0)
     admission_capacity_factor: float = Field(default=1.0, ge=0)
     # What one host's announced capacity counts for at most: a host cannot open the gate wide.
-    admission_max_host_capacity: int = Field(default=64, ge=1)
+    admission_max_host_capacity: int = Field(default=1024, ge=1)
     # The Retry-After a shed request (503) is given.
     shed_retry_after_s: int = Field(default=1, ge=1)
     request_timeout_s: float = 120.0
