@@ -93,6 +93,10 @@ class HostStats:
         record = self._hosts.get(host_id)
         return record.quality if record else UNKNOWN_QUALITY
 
+    def duels(self, host_id: str) -> int:
+        record = self._hosts.get(host_id)
+        return record.duels if record else 0
+
     def terms(
         self,
         host_id: str,

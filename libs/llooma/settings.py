@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     duel_judge_model: str = ""
     duel_timeout_s: float = Field(default=60.0, gt=0)
     duel_quality_weight: float = Field(default=0.4, ge=0)
+    # A starting dispatcher replays this many seconds of duel results (the settlements stream
+    # keeps 7 days) before it takes requests, so a restart keeps each host's quality; 0: none.
+    duel_quality_replay_s: float = Field(default=86400.0, ge=0)
     # Planner: stage-1 bypass thresholds, DAG size, the margin eps, and the optional split
     # call (a model asked for a JSON DAG when the prompt's structure gives none).
     planner_bypass_chars: int = 160

@@ -17,7 +17,6 @@ from llooma.membership import HostDirectory
 from llooma.scoring import Candidate, ScoreTerms, ScoreWeights, host_score, pick_hosts
 from llooma.settings import ORCHESTRATED_MODEL, Settings
 from llooma.v1.common_pb2 import ERROR_CODE_NO_ELIGIBLE_HOST, REQUEST_PATH_DIRECT, ErrorDetail
-from llooma.v1.duel_pb2 import DuelResult
 from llooma.v1.pipeline_pb2 import ChatRequest, ClientEvent, HostCandidate, TaskAssignment
 from llooma.v1.race_pb2 import RaceEvent
 from services.dispatcher.dag import DagRunner
@@ -49,9 +48,6 @@ class Dispatcher:
         self._suspended = set(settings.suspended_hosts)
         self.stats = HostStats()
         self.dag = DagRunner(nc, js, instance_id, self.assign)
-
-    async def on_duel_result(self, msg: Msg) -> None:
-        self.stats.record_duel(DuelResult.FromString(msg.data))
 
     async def on_race_event(self, msg: Msg) -> None:
         self.stats.record(RaceEvent.FromString(msg.data))

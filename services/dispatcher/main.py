@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+
 from llooma import subjects
 from llooma.membership import HostDirectory
 from llooma.service import Service, serve
 from services.dispatcher.handlers import Dispatcher
+from services.dispatcher.quality import DuelQualityFeed
+
+log = logging.getLogger(__name__)
 
 SERVICE = "dispatcher"
+# A day of duel results replays in well under a second; past this a stuck replay goes on in
+# the background rather than keep the dispatcher from serving.
+REPLAY_WAIT_S = 30.0
 
 
 async def setup(service: Service) -> None:
@@ -21,8 +29,13 @@ async def setup(service: Service) -> None:
     await service.subscribe(dispatcher.dag.done_subject, dispatcher.dag.on_node_done)
     # Every dispatcher replica learns from every race, so no queue group.
     await service.subscribe(subjects.RACE_EVENT, dispatcher.on_race_event)
-    # Duel results make the host quality term of S(h); likewise every replica.
-    await service.subscribe(subjects.SETTLEMENT_DUEL, dispatcher.on_duel_result)
+    # Duel results make the host quality term of S(h); likewise every replica. Those of the
+    # replay window are counted before this dispatcher takes a request.
+    quality = DuelQualityFeed(dispatcher.stats, settings.duel_quality_replay_s)
+    await quality.start(service.js)
+    service.on_stop(quality.stop)
+    if not await quality.wait_caught_up(REPLAY_WAIT_S):
+        log.warning("duel quality replay unfinished after %.0f s; taking requests", REPLAY_WAIT_S)
     await service.consume(
         subjects.PIPELINE_DISPATCHER, subjects.CONSUMER_DISPATCHER, dispatcher.handle
     )
