@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -72,6 +73,7 @@ def settlement(
     accepted: bool = True,
     delivered: int = 0,
     violations: int = 0,
+    requested_model: str = "",
 ) -> TaskSettlement:
     return TaskSettlement(
         attempt_id=uuid.uuid4().hex,
@@ -90,6 +92,7 @@ def settlement(
         accepted=accepted,
         delivered_tokens=delivered,
         violations=violations,
+        requested_model=requested_model,
     )
 
 
@@ -151,6 +154,29 @@ def test_fallback_is_priced_apart_and_booked_as_its_own_cost() -> None:
         ATTEMPT_OUTCOME_LOST, 200, winner_tokens=100, winner_model="m", winner_fallback=True
     )
     assert account_deltas([settle_attempt(PRICES, loser)])[host_account("h1")] == 435
+
+
+def test_a_pool_host_continuing_a_stream_is_paid_as_the_fallback_not_at_its_model_price() -> None:
+    # The racer marks fallback=True for any attempt on a pool host, a continuation included.
+    continued = settlement(ATTEMPT_OUTCOME_WON, 100, host="pool", model="big", fallback=True)
+    deltas = account_deltas([settle_attempt(PRICES, continued)])
+    assert deltas[FALLBACK] == 29 * 100
+    assert host_account("pool") not in deltas
+    on_a_host = settlement(ATTEMPT_OUTCOME_WON, 100, host="pool", model="big")
+    assert account_deltas([settle_attempt(PRICES, on_a_host)])[host_account("pool")] == 50 * 100
+
+
+def test_the_user_pays_the_asked_for_model_and_the_host_is_paid_for_the_serving_one() -> None:
+    prices = replace(PRICES, user_by_model={"asked": 13, "big": 90})
+    won = settlement(
+        ATTEMPT_OUTCOME_WON, 100, model="big", requested_model="asked", input_tokens=20
+    )
+    deltas = account_deltas([settle_attempt(prices, won)])
+    assert deltas[user_account("k1")] == -13 * 120
+    assert deltas[host_account("h1")] == 50 * 100
+    # An older settlement without the requested model is charged at the serving model's price.
+    legacy = settlement(ATTEMPT_OUTCOME_WON, 100, model="big", input_tokens=20)
+    assert account_deltas([settle_attempt(prices, legacy)])[user_account("k1")] == -90 * 120
 
 
 def duel(outcome: int, votes: Sequence[tuple[str, int, int]]) -> DuelResult:

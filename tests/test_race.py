@@ -27,14 +27,16 @@ from llooma.host.config import Generation, HostConfig, Latency, ModelConfig, Pol
 from llooma.host.worker import HostWorker
 from llooma.v1.common_pb2 import ERROR_CODE_HOST_BUSY, ErrorDetail, Usage
 from llooma.v1.host_pb2 import HostAccepted, HostChunk, HostFinished, HostTask, HostToken
+from llooma.v1.pipeline_pb2 import ChatRequest, HostCandidate, TaskAssignment
 from llooma.v1.race_pb2 import (
     ATTEMPT_ROLE_CONTINUATION,
     ATTEMPT_ROLE_FALLBACK,
     ATTEMPT_ROLE_HEDGE,
+    ATTEMPT_ROLE_RACER,
     RaceEvent,
 )
-from llooma.v1.settlement_pb2 import ATTEMPT_OUTCOME_LOST, ATTEMPT_OUTCOME_WON
-from services.racer.race import Racer
+from llooma.v1.settlement_pb2 import ATTEMPT_OUTCOME_LOST, ATTEMPT_OUTCOME_WON, TaskSettlement
+from services.racer.race import Attempt, Race, Racer
 from tests.conftest import AUTH, HEDGE_DELAY_MS, HEDGED_MODEL
 from tests.scripted_host import Reply, Script, ScriptedHost
 
@@ -404,3 +406,45 @@ async def test_a_settlement_the_stream_refuses_is_not_retried() -> None:
     await racer._publish(subjects.SETTLEMENT_TASK, b"", "attempt")
     assert calls == [subjects.SETTLEMENT_TASK]
     assert time.monotonic() - started < 0.5
+
+
+async def test_a_continuation_on_a_pool_host_settles_as_fallback_at_the_asked_models_price() -> (
+    None
+):
+    """Settlement fields of a race whose stream stalled and was continued on a fallback-pool
+    host (an in-memory stand-in for JetStream records what the racer publishes; no NATS)."""
+    published: dict[str, list[bytes]] = {}
+
+    class Recording:
+        async def publish(self, subject: str, payload: bytes, **_: object) -> None:
+            published.setdefault(subject, []).append(payload)
+
+    racer = Racer("unit")
+    racer._js = Recording()  # type: ignore[assignment]
+    raced = HostCandidate(host_id="raced", model="served-a")
+    pool = HostCandidate(host_id="pool", model="served-b")
+    assignment = TaskAssignment(
+        task_id="t",
+        request=ChatRequest(request_id="r", model="asked", api_key_id="k"),
+        hosts=[raced],
+        fallback=[pool],
+    )
+    race = Race(assignment, time.monotonic(), 1.0)
+    staller = Attempt("a-raced", raced, ATTEMPT_ROLE_RACER, race.started, accepted=True)
+    staller.output_tokens = staller.delivered = 3
+    staller.stalled = True
+    heir = Attempt("a-pool", pool, ATTEMPT_ROLE_CONTINUATION, race.started, accepted=True)
+    heir.output_tokens = heir.delivered = 5
+    heir.usage = Usage(input_tokens=9, output_tokens=5)
+    race.attempts = {a.attempt_id: a for a in (staller, heir)}
+    race.winner = heir
+    await racer._report(race)
+    settled = {
+        s.host_id: s for s in map(TaskSettlement.FromString, published[subjects.SETTLEMENT_TASK])
+    }
+    assert settled["pool"].outcome == ATTEMPT_OUTCOME_WON
+    assert settled["pool"].fallback
+    assert not settled["raced"].fallback
+    assert settled["raced"].winner_fallback
+    assert {s.requested_model for s in settled.values()} == {"asked"}
+    assert settled["pool"].model == "served-b"

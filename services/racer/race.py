@@ -613,6 +613,8 @@ class Racer:
         settles = []
         succeeded = race.winner is not None and race.winner.usage is not None
         paid = self._paid_winner(race)
+        # Priced by where the host came from, not its role: a continuation may run on a pool host.
+        pool = {host.host_id for host in race.assignment.fallback}
         for attempt in race.attempts.values():
             first_ms = (
                 int((attempt.first_token_at - attempt.launched_at) * 1000)
@@ -649,7 +651,8 @@ class Racer:
                 duration_ms=int((now - attempt.launched_at) * 1000),
                 finished_unix_nanos=time.time_ns(),
                 api_key_id=request.api_key_id,
-                fallback=attempt.role == ATTEMPT_ROLE_FALLBACK,
+                requested_model=request.model,
+                fallback=attempt.host.host_id in pool,
                 accepted=attempt.accepted,
                 delivered_tokens=attempt.delivered,
                 violations=attempt.violations,
@@ -657,7 +660,7 @@ class Racer:
             if paid is not None and paid.usage is not None:
                 settlement.winner_model = paid.host.model
                 settlement.winner_output_tokens = paid.usage.output_tokens
-                settlement.winner_fallback = paid.role == ATTEMPT_ROLE_FALLBACK
+                settlement.winner_fallback = paid.host.host_id in pool
             settles.append(self._settle(attempt, settlement, outcome, first_ms))
         # Concurrently: one attempt's retries while NATS is away do not hold up the others.
         await asyncio.gather(*settles)

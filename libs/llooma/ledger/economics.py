@@ -121,7 +121,8 @@ def settle_attempt(prices: Prices, s: TaskSettlement) -> Posting:
         paid = prices.winner_payout(s.model, tokens, fallback=s.fallback)
         legs += _transfer(PLATFORM, payee(s), paid, "fallback" if s.fallback else "payout")
         if s.api_key_id:
-            charge = prices.user_charge(s.model, s.usage.input_tokens + tokens)
+            # The user pays for the model asked for, whichever model served it.
+            charge = prices.user_charge(s.requested_model or s.model, s.usage.input_tokens + tokens)
             legs += _transfer(user_account(s.api_key_id), PLATFORM, charge, "charge")
     else:
         winner_paid = prices.winner_payout(

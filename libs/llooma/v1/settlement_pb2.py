@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from llooma.v1 import common_pb2 as llooma_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1allooma/v1/settlement.proto\x12\tllooma.v1\x1a\x16llooma/v1/common.proto\"\xb3\x03\n\x0eTaskSettlement\x12\x12\n\nattempt_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x0f\n\x07host_id\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12*\n\x07outcome\x18\x06 \x01(\x0e\x32\x19.llooma.v1.AttemptOutcome\x12\x1f\n\x05usage\x18\x07 \x01(\x0b\x32\x10.llooma.v1.Usage\x12\x16\n\x0e\x66irst_token_ms\x18\x08 \x01(\r\x12\x13\n\x0b\x64uration_ms\x18\t \x01(\r\x12\x1b\n\x13\x66inished_unix_nanos\x18\n \x01(\x03\x12\x12\n\napi_key_id\x18\x0b \x01(\t\x12\x10\n\x08\x66\x61llback\x18\x0c \x01(\x08\x12\x14\n\x0cwinner_model\x18\r \x01(\t\x12\x1c\n\x14winner_output_tokens\x18\x0e \x01(\r\x12\x17\n\x0fwinner_fallback\x18\x0f \x01(\x08\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x10 \x01(\x08\x12\x18\n\x10\x64\x65livered_tokens\x18\x11 \x01(\r\x12\x12\n\nviolations\x18\x12 \x01(\r*\x80\x01\n\x0e\x41ttemptOutcome\x12\x1f\n\x1b\x41TTEMPT_OUTCOME_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41TTEMPT_OUTCOME_WON\x10\x01\x12\x18\n\x14\x41TTEMPT_OUTCOME_LOST\x10\x02\x12\x1a\n\x16\x41TTEMPT_OUTCOME_FAILED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1allooma/v1/settlement.proto\x12\tllooma.v1\x1a\x16llooma/v1/common.proto\"\xcc\x03\n\x0eTaskSettlement\x12\x12\n\nattempt_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x0f\n\x07host_id\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12*\n\x07outcome\x18\x06 \x01(\x0e\x32\x19.llooma.v1.AttemptOutcome\x12\x1f\n\x05usage\x18\x07 \x01(\x0b\x32\x10.llooma.v1.Usage\x12\x16\n\x0e\x66irst_token_ms\x18\x08 \x01(\r\x12\x13\n\x0b\x64uration_ms\x18\t \x01(\r\x12\x1b\n\x13\x66inished_unix_nanos\x18\n \x01(\x03\x12\x12\n\napi_key_id\x18\x0b \x01(\t\x12\x10\n\x08\x66\x61llback\x18\x0c \x01(\x08\x12\x14\n\x0cwinner_model\x18\r \x01(\t\x12\x1c\n\x14winner_output_tokens\x18\x0e \x01(\r\x12\x17\n\x0fwinner_fallback\x18\x0f \x01(\x08\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x10 \x01(\x08\x12\x18\n\x10\x64\x65livered_tokens\x18\x11 \x01(\r\x12\x12\n\nviolations\x18\x12 \x01(\r\x12\x17\n\x0frequested_model\x18\x13 \x01(\t*\x80\x01\n\x0e\x41ttemptOutcome\x12\x1f\n\x1b\x41TTEMPT_OUTCOME_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41TTEMPT_OUTCOME_WON\x10\x01\x12\x18\n\x14\x41TTEMPT_OUTCOME_LOST\x10\x02\x12\x1a\n\x16\x41TTEMPT_OUTCOME_FAILED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llooma.v1.settlement_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ATTEMPTOUTCOME']._serialized_start=504
-  _globals['_ATTEMPTOUTCOME']._serialized_end=632
+  _globals['_ATTEMPTOUTCOME']._serialized_start=529
+  _globals['_ATTEMPTOUTCOME']._serialized_end=657
   _globals['_TASKSETTLEMENT']._serialized_start=66
-  _globals['_TASKSETTLEMENT']._serialized_end=501
+  _globals['_TASKSETTLEMENT']._serialized_end=526
 # @@protoc_insertion_point(module_scope)

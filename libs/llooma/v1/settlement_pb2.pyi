@@ -61,6 +61,7 @@ class TaskSettlement(_message.Message):
     ACCEPTED_FIELD_NUMBER: _builtins.int
     DELIVERED_TOKENS_FIELD_NUMBER: _builtins.int
     VIOLATIONS_FIELD_NUMBER: _builtins.int
+    REQUESTED_MODEL_FIELD_NUMBER: _builtins.int
     attempt_id: _builtins.str
     request_id: _builtins.str
     task_id: _builtins.str
@@ -72,7 +73,9 @@ class TaskSettlement(_message.Message):
     finished_unix_nanos: _builtins.int
     api_key_id: _builtins.str
     fallback: _builtins.bool
-    """Launched from the central fallback pool: paid at the fallback price, booked as its cost."""
+    """The host is in the assignment's fallback pool (a fallback or a continuation on a pool
+    host): paid at the fallback price, booked as the fallback cost.
+    """
     winner_model: _builtins.str
     """The task's winner (empty if none finished), so each attempt is priced on its own: a
     loser's fees are capped at a fraction of the winner's payout.
@@ -88,6 +91,10 @@ class TaskSettlement(_message.Message):
     violations: _builtins.int
     """Rules the attempt broke (tokens past max_tokens, control tokens, floods); a winner that
     broke one still won (its answer was delivered and is charged).
+    """
+    requested_model: _builtins.str
+    """The model the user asked for (may be the orchestrated "llooma"): the user is charged at
+    its price, while the host is paid at the price of the model that served (`model`).
     """
     @_builtins.property
     def usage(self) -> _common_pb2.Usage: ...
@@ -112,10 +119,11 @@ class TaskSettlement(_message.Message):
         accepted: _builtins.bool = ...,
         delivered_tokens: _builtins.int = ...,
         violations: _builtins.int = ...,
+        requested_model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "api_key_id", b"api_key_id", "attempt_id", b"attempt_id", "delivered_tokens", b"delivered_tokens", "duration_ms", b"duration_ms", "fallback", b"fallback", "finished_unix_nanos", b"finished_unix_nanos", "first_token_ms", b"first_token_ms", "host_id", b"host_id", "model", b"model", "outcome", b"outcome", "request_id", b"request_id", "task_id", b"task_id", "usage", b"usage", "violations", b"violations", "winner_fallback", b"winner_fallback", "winner_model", b"winner_model", "winner_output_tokens", b"winner_output_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "api_key_id", b"api_key_id", "attempt_id", b"attempt_id", "delivered_tokens", b"delivered_tokens", "duration_ms", b"duration_ms", "fallback", b"fallback", "finished_unix_nanos", b"finished_unix_nanos", "first_token_ms", b"first_token_ms", "host_id", b"host_id", "model", b"model", "outcome", b"outcome", "request_id", b"request_id", "requested_model", b"requested_model", "task_id", b"task_id", "usage", b"usage", "violations", b"violations", "winner_fallback", b"winner_fallback", "winner_model", b"winner_model", "winner_output_tokens", b"winner_output_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
