@@ -6,18 +6,21 @@ need the embedded server's credentials are then skipped).
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
-from llooma import bus
+from llooma import bus, subjects
 from llooma.credentials import CredentialStore
 from llooma.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from llooma.settings import DEV_API_KEY
 from llooma.stack import Stack, demo_hosts
+from llooma.v1.race_pb2 import RaceEvent
 from tests.otlp_receiver import OtlpReceiver
 
 AUTH = {"Authorization": f"Bearer {DEV_API_KEY}"}
@@ -27,6 +30,35 @@ SPLITTER_MODEL = "splitter-test-model"
 PRIVACY_OFF_KEY = "sk-test-privacy-off"
 # A known key that opens with no balance: with billing on, the ingress answers it 402.
 NO_BALANCE_KEY = "sk-test-no-balance"
+
+
+class RaceEvents:
+    """Collects race events from the stack: all of them (a split request has several), and
+    the last one by request id."""
+
+    def __init__(self) -> None:
+        self.all: list[RaceEvent] = []
+        self.by_request: dict[str, RaceEvent] = {}
+
+    async def on_event(self, msg: Msg) -> None:
+        event = RaceEvent.FromString(msg.data)
+        self.all.append(event)
+        self.by_request[event.request_id] = event
+
+    async def wait_for(self, request_id: str) -> RaceEvent:
+        for _ in range(200):
+            if request_id in self.by_request:
+                return self.by_request[request_id]
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"no race event for {request_id}")
+
+
+@pytest.fixture
+async def race_events(nc: Client) -> AsyncIterator[RaceEvents]:
+    events = RaceEvents()
+    subscription = await nc.subscribe(subjects.RACE_EVENT, cb=events.on_event)
+    yield events
+    await subscription.unsubscribe()
 
 
 @pytest.fixture(scope="session")

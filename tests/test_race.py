@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -17,7 +16,6 @@ import orjson
 import pytest
 import yaml
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.js.errors import BadRequestError, KeyNotFoundError
 
 from llooma import subjects
@@ -33,11 +31,10 @@ from llooma.v1.race_pb2 import (
     ATTEMPT_ROLE_FALLBACK,
     ATTEMPT_ROLE_HEDGE,
     ATTEMPT_ROLE_RACER,
-    RaceEvent,
 )
 from llooma.v1.settlement_pb2 import ATTEMPT_OUTCOME_LOST, ATTEMPT_OUTCOME_WON, TaskSettlement
 from services.racer.race import Attempt, Race, Racer
-from tests.conftest import AUTH, HEDGE_DELAY_MS, HEDGED_MODEL
+from tests.conftest import AUTH, HEDGE_DELAY_MS, HEDGED_MODEL, RaceEvents
 from tests.scripted_host import Reply, Script, ScriptedHost
 
 TEXT = (
@@ -45,32 +42,6 @@ TEXT = (
     "When a stream stalls, another model continues from the emitted prefix, "
     "and the client never sees a seam in the answer it reads."
 )
-
-
-class RaceEvents:
-    """Collects race events from the stack by request id."""
-
-    def __init__(self) -> None:
-        self.by_request: dict[str, RaceEvent] = {}
-
-    async def on_event(self, msg: Msg) -> None:
-        event = RaceEvent.FromString(msg.data)
-        self.by_request[event.request_id] = event
-
-    async def wait_for(self, request_id: str) -> RaceEvent:
-        for _ in range(200):
-            if request_id in self.by_request:
-                return self.by_request[request_id]
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"no race event for {request_id}")
-
-
-@pytest.fixture
-async def race_events(nc: Client) -> AsyncIterator[RaceEvents]:
-    events = RaceEvents()
-    subscription = await nc.subscribe(subjects.RACE_EVENT, cb=events.on_event)
-    yield events
-    await subscription.unsubscribe()
 
 
 def chat(model: str, content: str = "go", **extra: object) -> dict[str, object]:

@@ -13,11 +13,9 @@ from nats.aio.client import Client
 
 from llooma.v1.common_pb2 import Usage
 from llooma.v1.host_pb2 import HostChunk, HostFinished, HostTask, HostToken
-from tests.conftest import AUTH, SPLITTER_MODEL
+from tests.conftest import AUTH, SPLITTER_MODEL, RaceEvents
 from tests.scripted_host import Reply, ScriptedHost
-from tests.test_race import RaceEvents, race_events, wait_listed
-
-__all__ = ["race_events"]
+from tests.test_race import wait_listed
 
 THREE_PARTS = (
     "I am writing a guide for new volunteers at our community garden this season.\n"

@@ -7,17 +7,14 @@ import asyncio
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import httpx
 import pytest
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 
-from llooma import subjects
 from llooma.membership import HostDirectory, ServiceDirectory
 from llooma.metrics import StatsCollector
 from llooma.settings import Settings
@@ -37,28 +34,10 @@ from llooma.v1.settlement_pb2 import (
 )
 from services.ingress.api import Ingress
 from services.ingress.stats import ROUTES
-from tests.conftest import AUTH
+from tests.conftest import AUTH, RaceEvents
 from tests.scripted_host import Reply, ScriptedHost
 from tests.test_race import wait_listed
 from tests.test_split import THREE_PARTS, answer_part
-
-
-class RaceEvents:
-    """Every race event the stack publishes while a test runs (several per split request)."""
-
-    def __init__(self) -> None:
-        self.all: list[RaceEvent] = []
-
-    async def on_event(self, msg: Msg) -> None:
-        self.all.append(RaceEvent.FromString(msg.data))
-
-
-@pytest.fixture
-async def race_events(nc: Client) -> AsyncIterator[RaceEvents]:
-    events = RaceEvents()
-    subscription = await nc.subscribe(subjects.RACE_EVENT, cb=events.on_event)
-    yield events
-    await subscription.unsubscribe()
 
 
 def _collector(**settings: Any) -> StatsCollector:

@@ -24,11 +24,9 @@ from llooma.v1.settlement_pb2 import (
 from services.racer.containment import MAX_CHUNK_CHARS, Sanitizer, clean
 from services.racer.duel import Answer
 from services.racer.race import prompt_tokens
-from tests.conftest import AUTH
+from tests.conftest import AUTH, RaceEvents
 from tests.scripted_host import Reply, ScriptedHost
-from tests.test_race import RaceEvents, chat, race_events, wait_listed
-
-__all__ = ["race_events"]  # the fixture, used by name
+from tests.test_race import chat, wait_listed
 
 
 class Settlements:
