@@ -65,20 +65,28 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(default=None, ge=0, le=1)
     stop: str | list[str] | None = None
     seed: Seed | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     n: OnlyOne = 1
 
     def messages_proto(self) -> list[ChatMessage]:
         return [ChatMessage(role=m.role, content=m.text()) for m in self.messages]
 
     def params_proto(self) -> GenerationParams:
+        """The sampling parameters with presence kept: what the client left out stays unset
+        on the wire (host default) and an explicit 0 stays 0."""
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        return GenerationParams(
-            max_tokens=self.max_completion_tokens or self.max_tokens or 0,
-            temperature=self.temperature or 0.0,
-            top_p=self.top_p or 0.0,
-            stop=stop,
-            seed=self.seed or 0,
-        )
+        params = GenerationParams(stop=stop)
+        max_tokens = self.max_completion_tokens or self.max_tokens
+        if max_tokens is not None:
+            params.max_tokens = max_tokens
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(params, name, value)
+        if self.seed is not None:
+            params.seed = self.seed
+        return params
 
 
 def describe_validation_error(error: ValidationError) -> str:

@@ -107,18 +107,25 @@ Global___HostAccepted: _TypeAlias = HostAccepted  # noqa: Y015
 
 @_typing.final
 class HostToken(_message.Message):
+    """One piece of the answer. A chunk may carry answer text, reasoning text (a thinking model's
+    reasoning_content), or both; either counts as progress for the race's deadlines.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TEXT_FIELD_NUMBER: _builtins.int
+    REASONING_FIELD_NUMBER: _builtins.int
     text: _builtins.str
+    reasoning: _builtins.str
     def __init__(
         self,
         *,
         text: _builtins.str = ...,
+        reasoning: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reasoning", b"reasoning", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -176,10 +183,29 @@ class ModelCapability(_message.Message):
     CAPACITY_FIELD_NUMBER: _builtins.int
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
     STAKE_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    ENGINE_FIELD_NUMBER: _builtins.int
+    ENGINE_ID_FIELD_NUMBER: _builtins.int
+    ENGINE_UNREACHABLE_FIELD_NUMBER: _builtins.int
+    ENGINE_RUNNING_FIELD_NUMBER: _builtins.int
+    ENGINE_WAITING_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     capacity: _builtins.int
     in_flight: _builtins.int
     stake: _builtins.float
+    engine: _builtins.str
+    """Which engine serves this model ("llama.cpp", "vllm", "sglang", "ollama", "synthetic", ...)."""
+    engine_id: _builtins.str
+    """An opaque id shared by every model (and host) served by one engine instance, so that
+    capacity on one shared engine is counted once.
+    """
+    engine_unreachable: _builtins.bool
+    """True while the engine does not answer its health check: the model is not eligible."""
+    engine_running: _builtins.int
+    """Requests running / waiting on the engine, read from the engine itself when it reports them."""
+    engine_waiting: _builtins.int
+    @_builtins.property
+    def features(self) -> Global___ModelFeatures: ...
     def __init__(
         self,
         *,
@@ -187,14 +213,67 @@ class ModelCapability(_message.Message):
         capacity: _builtins.int = ...,
         in_flight: _builtins.int = ...,
         stake: _builtins.float = ...,
+        features: Global___ModelFeatures | None = ...,
+        engine: _builtins.str = ...,
+        engine_id: _builtins.str = ...,
+        engine_unreachable: _builtins.bool = ...,
+        engine_running: _builtins.int = ...,
+        engine_waiting: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["features", b"features"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "in_flight", b"in_flight", "name", b"name", "stake", b"stake"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "engine", b"engine", "engine_id", b"engine_id", "engine_running", b"engine_running", "engine_unreachable", b"engine_unreachable", "engine_waiting", b"engine_waiting", "features", b"features", "in_flight", b"in_flight", "name", b"name", "stake", b"stake"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelCapability: _TypeAlias = ModelCapability  # noqa: Y015
+
+@_typing.final
+class ModelFeatures(_message.Message):
+    """What a model on a host can do beyond plain chat; the host-selection pipeline only races
+    hosts that can serve what a request asks.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOOLS_FIELD_NUMBER: _builtins.int
+    JSON_MODE_FIELD_NUMBER: _builtins.int
+    JSON_SCHEMA_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
+    ASSISTANT_PREFILL_FIELD_NUMBER: _builtins.int
+    REASONING_FIELD_NUMBER: _builtins.int
+    EMBEDDINGS_FIELD_NUMBER: _builtins.int
+    MULTIPLE_CHOICES_FIELD_NUMBER: _builtins.int
+    tools: _builtins.bool
+    json_mode: _builtins.bool
+    json_schema: _builtins.bool
+    logprobs: _builtins.bool
+    assistant_prefill: _builtins.bool
+    """The engine continues a trailing assistant message (llama.cpp does; vLLM with
+    continue_final_message): continuation by prefill, no instructions.
+    """
+    reasoning: _builtins.bool
+    embeddings: _builtins.bool
+    multiple_choices: _builtins.bool
+    def __init__(
+        self,
+        *,
+        tools: _builtins.bool = ...,
+        json_mode: _builtins.bool = ...,
+        json_schema: _builtins.bool = ...,
+        logprobs: _builtins.bool = ...,
+        assistant_prefill: _builtins.bool = ...,
+        reasoning: _builtins.bool = ...,
+        embeddings: _builtins.bool = ...,
+        multiple_choices: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant_prefill", b"assistant_prefill", "embeddings", b"embeddings", "json_mode", b"json_mode", "json_schema", b"json_schema", "logprobs", b"logprobs", "multiple_choices", b"multiple_choices", "reasoning", b"reasoning", "tools", b"tools"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelFeatures: _TypeAlias = ModelFeatures  # noqa: Y015
 
 @_typing.final
 class HostHeartbeat(_message.Message):

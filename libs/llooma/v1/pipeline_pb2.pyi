@@ -285,20 +285,26 @@ class ClientStarted(_message.Message):
     PATH_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     PLAN_DECISION_FIELD_NUMBER: _builtins.int
+    HOST_ID_FIELD_NUMBER: _builtins.int
     path: _common_pb2.RequestPath.ValueType
     model: _builtins.str
     plan_decision: _builtins.str
     """The planner's decision, for the x-llooma-plan header."""
+    host_id: _builtins.str
+    """The host whose answer the client gets (empty on the split path, where several do), for
+    the x-llooma-host header; `model` is the model that host serves (x-llooma-model).
+    """
     def __init__(
         self,
         *,
         path: _common_pb2.RequestPath.ValueType = ...,
         model: _builtins.str = ...,
         plan_decision: _builtins.str = ...,
+        host_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "path", b"path", "plan_decision", b"plan_decision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "model", b"model", "path", b"path", "plan_decision", b"plan_decision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -309,15 +315,19 @@ class ClientDelta(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TEXT_FIELD_NUMBER: _builtins.int
+    REASONING_FIELD_NUMBER: _builtins.int
     text: _builtins.str
+    reasoning: _builtins.str
+    """A thinking model's reasoning, relayed as OpenAI-compatible servers do (reasoning_content)."""
     def __init__(
         self,
         *,
         text: _builtins.str = ...,
+        reasoning: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reasoning", b"reasoning", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
