@@ -81,6 +81,7 @@ async def test_sse_wire_format_and_headers(http: httpx.AsyncClient) -> None:
         assert response.headers["content-type"].startswith("text/event-stream")
         assert response.headers["x-llooma-path"] == "direct"
         request_id = response.headers["x-llooma-request-id"]
+        assert response.headers["x-request-id"] == request_id
         lines = [line async for line in response.aiter_lines() if line]
     assert lines[-1] == "data: [DONE]"
     events = [orjson.loads(line.removeprefix("data: ")) for line in lines[:-1]]
@@ -192,6 +193,22 @@ async def test_unauthorized(http: httpx.AsyncClient, headers: dict[str, str], ca
             "temperature",
         ),
         (b"[1, 2, 3]", "body"),
+        (b'{"model": "echo", "messages": [{"role": "user", "content": null}]}', "needs content"),
+        (b'{"model": "echo", "messages": [{"role": "system"}]}', "needs content"),
+        (
+            b'{"model": "echo", "stop": ["a", "b", "c", "d", "e"],'
+            b' "messages": [{"role": "user", "content": "x"}]}',
+            "at most 4 stop sequences",
+        ),
+        (
+            b'{"model": "echo", "temperature": NaN,'
+            b' "messages": [{"role": "user", "content": "x"}]}',
+            "finite number",
+        ),
+        (
+            b'{"model": "echo", "top_p": Infinity, "messages": [{"role": "user", "content": "x"}]}',
+            "finite number",
+        ),
     ],
 )
 async def test_bad_request_bodies(
@@ -213,6 +230,58 @@ async def test_unknown_model_is_404(http: httpx.AsyncClient) -> None:
         "/v1/chat/completions", json=chat(f"no-such-model-{uuid.uuid4().hex}", "hi"), headers=AUTH
     )
     assert_openai_error(response, 404, "model_not_found")
+
+
+async def test_a_model_whose_hosts_left_is_503_with_retry_after_not_404(
+    http: httpx.AsyncClient, nc: Client
+) -> None:
+    model = f"resting-{uuid.uuid4().hex[:8]}"
+
+    async def never(_: HostTask, __: Reply) -> None:
+        raise AssertionError("no task for a host that left")
+
+    async with ScriptedHost(nc, f"host-{model}", model, never):
+        await wait_for_model(http, model)
+        # Every request refreshes what the ingress remembers of the models it has seen.
+        never_seen = chat(f"no-such-{model}", "hi")
+        response = await http.post("/v1/chat/completions", json=never_seen, headers=AUTH)
+        assert_openai_error(response, 404, "model_not_found")
+    for _ in range(100):
+        listed = await http.get("/v1/models", headers=AUTH)
+        if model not in [m["id"] for m in listed.json()["data"]]:
+            break
+        await asyncio.sleep(0.05)
+    response = await http.post("/v1/chat/completions", json=chat(model, "hi"), headers=AUTH)
+    assert_openai_error(response, 503, "no_eligible_host")
+    assert int(response.headers["retry-after"]) >= 1
+
+
+async def test_unknown_routes_and_methods_answer_in_openai_error_shape(
+    http: httpx.AsyncClient,
+) -> None:
+    for path in ("/v1/completions", "/v1/embeddings", "/v1/responses", "/nope"):
+        response = await http.post(path, json={}, headers=AUTH)
+        assert_openai_error(response, 404, "not_found")
+        assert path in response.json()["error"]["message"]
+    response = await http.get("/v1/chat/completions", headers=AUTH)
+    assert_openai_error(response, 405, "method_not_allowed")
+    assert "POST" in response.headers["allow"]
+
+
+async def test_models_by_id(http: httpx.AsyncClient) -> None:
+    for name in ("llooma", "echo"):
+        response = await http.get(f"/v1/models/{name}", headers=AUTH)
+        assert response.status_code == 200
+        assert response.json() == {
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "llooma",
+        }
+    response = await http.get("/v1/models/no-such-model", headers=AUTH)
+    assert_openai_error(response, 404, "model_not_found")
+    assert response.json()["error"]["param"] == "model"
+    assert (await http.get("/v1/models/echo")).status_code == 401
 
 
 async def test_oversized_body_is_413_with_or_without_length(http: httpx.AsyncClient) -> None:

@@ -43,6 +43,7 @@ from llooma.v1.pipeline_pb2 import (
     PrivacyMode,
 )
 from llooma.v1.plan_pb2 import Plan
+from services.ingress.headers import InvalidHeader, RequestOptions, parse_options
 from services.ingress.limits import Limits, Ticket
 from services.ingress.replies import ReplyRouter
 from services.ingress.schema import (
@@ -74,14 +75,9 @@ STATUS_BY_ERROR = {
     ERROR_CODE_HOST_FAILED: (502, "host_failed"),
 }
 
-# A client may set its own first-token deadline δ for one request.
-DEADLINE_HEADER = "x-llooma-first-token-deadline-ms"
-# ... and how many hosts race for it (1 to 3).
-RACE_WIDTH_HEADER = "x-llooma-race-width"
-# ... whether quasi-identifiers are redacted too ("strict") or not ("standard", the default).
-PRIVACY_HEADER = "x-llooma-privacy"
-# ... and whether the planner may split it ("auto", the default, or "off").
-SPLIT_HEADER = "x-llooma-split"
+# How long a model stays known after its last host left: requests for it get 503 (retried by
+# clients) rather than 404 (never retried) while its hosts restart or reconnect.
+KNOWN_MODEL_MEMORY_S = 600.0
 
 PATH_NAMES = {REQUEST_PATH_SPLIT: "split", REQUEST_PATH_FALLBACK: "fallback"}
 
@@ -130,6 +126,7 @@ class Ingress:
         self.balances: BalanceBook | None = None
         self.stats: StatsCollector | None = None
         self.limits = Limits(self.settings, self.hosts)
+        self._models_seen: dict[str, float] = {}
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -163,20 +160,14 @@ class Ingress:
             return False
         return self.balances.refuses(key_id)
 
-    def _known_model(self, model: str) -> bool:
-        return model == ORCHESTRATED_MODEL or model in self.hosts.known_models()
-
     # -- routes ----------------------------------------------------------------------------
 
     async def chat_completions(self, request: Request) -> Response:
+        """Every check a request passes before it reaches NATS, cheapest first; each step
+        answers with OpenAI's error shape or hands on what it found."""
         key_id = self._authenticate(request)
         if key_id is None:
-            return error_response(
-                401,
-                "missing or invalid API key",
-                error_type="authentication_error",
-                code="invalid_api_key",
-            )
+            return _invalid_api_key()
         if self._out_of_credit(key_id):
             return error_response(
                 402,
@@ -187,6 +178,22 @@ class Ingress:
         shed = self.limits.shed_early()
         if shed is not None:
             return shed
+        parsed = await self._parse(request)
+        if isinstance(parsed, Response):
+            return parsed
+        unavailable = self._model_unavailable(parsed.model)
+        if unavailable is not None:
+            return unavailable
+        try:
+            options = parse_options(request.headers)
+        except InvalidHeader as error:
+            return error_response(400, str(error), code="invalid_request")
+        ticket = self.limits.admit(key_id, parsed)
+        if not isinstance(ticket, Ticket):
+            return ticket
+        return await ticket.serve(self._complete(parsed, key_id, options, ticket))
+
+    async def _parse(self, request: Request) -> ChatCompletionRequest | Response:
         try:
             body = await self._read_body(request)
         except BodyTooLarge:
@@ -206,63 +213,44 @@ class Ingress:
                 code="invalid_utf8",
             )
         try:
-            parsed = ChatCompletionRequest.model_validate_json(text, strict=True)
+            return ChatCompletionRequest.model_validate_json(text, strict=True)
         except ValidationError as error:
             return error_response(400, describe_validation_error(error), code="invalid_request")
-        if not self._known_model(parsed.model):
+
+    def _model_unavailable(self, model: str) -> Response | None:
+        """404 for a model no host has announced lately; 503 with Retry-After for one whose
+        hosts are all gone for now (clients retry a 503, never a 404)."""
+        if model == ORCHESTRATED_MODEL:
+            return None
+        now = time.monotonic()
+        known = self.hosts.known_models()
+        for name in known:
+            self._models_seen[name] = now
+        if model in known:
+            return None
+        seen = self._models_seen.get(model)
+        if seen is not None and now - seen < KNOWN_MODEL_MEMORY_S:
             return error_response(
-                404,
-                f"model {parsed.model!r} does not exist or no live host serves it",
-                code="model_not_found",
+                503,
+                f"no live host serves model {model!r} right now",
+                error_type="server_error",
+                code="no_eligible_host",
+                headers={"retry-after": str(self.settings.shed_retry_after_s)},
             )
-        deadline_header = request.headers.get(DEADLINE_HEADER, "")
-        deadline_ms = 0
-        if deadline_header:
-            if not _is_ascii_number(deadline_header) or not 1 <= int(deadline_header) <= 60_000:
-                return error_response(
-                    400,
-                    f"{DEADLINE_HEADER} must be whole milliseconds from 1 to 60000",
-                    code="invalid_request",
-                )
-            deadline_ms = int(deadline_header)
-        width_header = request.headers.get(RACE_WIDTH_HEADER, "")
-        if width_header and width_header not in ("1", "2", "3"):
-            return error_response(
-                400, f"{RACE_WIDTH_HEADER} must be 1, 2 or 3", code="invalid_request"
-            )
-        privacy = request.headers.get(PRIVACY_HEADER, "")
-        if privacy not in ("", "standard", "strict"):
-            return error_response(
-                400, f"{PRIVACY_HEADER} must be standard or strict", code="invalid_request"
-            )
-        if privacy == "strict":
-            mode = PRIVACY_MODE_STRICT
-        elif key_id in self._privacy_off and not privacy:
-            mode = PRIVACY_MODE_OFF
-        else:
-            mode = PRIVACY_MODE_UNSPECIFIED
-        split = request.headers.get(SPLIT_HEADER, "auto")
-        if split not in ("auto", "off"):
-            return error_response(
-                400, f"{SPLIT_HEADER} must be auto or off", code="invalid_request"
-            )
-        ticket = self.limits.admit(key_id, parsed)
-        if not isinstance(ticket, Ticket):
-            return ticket
-        return await ticket.serve(
-            self._complete(
-                parsed, key_id, deadline_ms, int(width_header or 0), split == "off", mode, ticket
-            )
-        )
+        return error_response(404, f"model {model!r} does not exist", code="model_not_found")
+
+    def _privacy_mode(self, key_id: str, requested: str) -> PrivacyMode.ValueType:
+        if requested == "strict":
+            return PRIVACY_MODE_STRICT
+        if key_id in self._privacy_off and not requested:
+            return PRIVACY_MODE_OFF
+        return PRIVACY_MODE_UNSPECIFIED
 
     async def _complete(
         self,
         parsed: ChatCompletionRequest,
         key_id: str,
-        deadline_ms: int,
-        race_width: int,
-        no_split: bool,
-        privacy: PrivacyMode.ValueType,
+        options: RequestOptions,
         ticket: Ticket,
     ) -> Response:
         accepted_at = time.monotonic()
@@ -277,10 +265,12 @@ class Ingress:
             reply_subject=self.replies.subject_for(request_id),
             api_key_id=key_id,
             accepted_unix_nanos=time.time_ns(),
-            first_token_deadline_ms=deadline_ms,
-            race_width=race_width,
-            plan=Plan(decision="bypass: the client asked for no split") if no_split else None,
-            privacy=privacy,
+            first_token_deadline_ms=options.deadline_ms,
+            race_width=options.race_width,
+            plan=Plan(decision="bypass: the client asked for no split")
+            if options.no_split
+            else None,
+            privacy=self._privacy_mode(key_id, options.privacy),
         )
         queue = self.replies.open(request_id)
         try:
@@ -299,7 +289,7 @@ class Ingress:
         accepted_at: float,
     ) -> Response:
         request_id = chat.request_id
-        headers = {"x-llooma-request-id": request_id}
+        headers = {"x-llooma-request-id": request_id, "x-request-id": request_id}
         try:
             await bus.hand_off(
                 self.js, subjects.PIPELINE_PRIVACY, chat.SerializeToString(), request_id
@@ -477,15 +467,19 @@ class Ingress:
 
     async def models(self, request: Request) -> Response:
         if self._authenticate(request) is None:
-            return error_response(
-                401,
-                "missing or invalid API key",
-                error_type="authentication_error",
-                code="invalid_api_key",
-            )
+            return _invalid_api_key()
         names = [ORCHESTRATED_MODEL, *sorted(self.hosts.models())]
-        data = [{"id": n, "object": "model", "created": 0, "owned_by": "llooma"} for n in names]
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse({"object": "list", "data": [_model_card(name) for name in names]})
+
+    async def model(self, request: Request) -> Response:
+        if self._authenticate(request) is None:
+            return _invalid_api_key()
+        name = request.path_params["model"]
+        if name != ORCHESTRATED_MODEL and name not in self.hosts.models():
+            return error_response(
+                404, f"model {name!r} does not exist", code="model_not_found", param="model"
+            )
+        return JSONResponse(_model_card(name))
 
     async def healthz(self, _: Request) -> Response:
         ready = self.services.ready_instances()
@@ -496,6 +490,16 @@ class Ingress:
             {"status": "ok" if healthy else "unavailable", "services": services, "hosts": hosts},
             status_code=200 if healthy else 503,
         )
+
+
+def _invalid_api_key() -> Response:
+    return error_response(
+        401, "missing or invalid API key", error_type="authentication_error", code="invalid_api_key"
+    )
+
+
+def _model_card(name: str) -> dict[str, object]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "llooma"}
 
 
 def _is_ascii_number(value: str) -> bool:

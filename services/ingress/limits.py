@@ -226,10 +226,12 @@ class Limits:
         requests, tokens = buckets.requests, buckets.tokens
         if tokens is not None and estimate > tokens.per_minute:
             self.rate_limited += 1
-            return rate_limited(
+            # Waiting never helps, so not 429 (which clients retry): 413, as for a body too large.
+            return error_response(
+                413,
                 f"request too large: it may use {estimate} tokens, the key's limit is "
                 f"{tokens.per_minute} tokens per minute; lower max_tokens or the prompt",
-                60.0,
+                error_type="invalid_request_error",
                 code="tokens_exceed_limit",
             )
         if requests is not None and (wait_s := requests.wait_s(1, now)) > 0:

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import uvicorn
 import uvloop
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
@@ -22,6 +23,7 @@ from llooma.settings import Settings, load_settings
 from services.ingress.api import Ingress
 from services.ingress.openapi import serve_openapi
 from services.ingress.replies import ReplyRouter
+from services.ingress.schema import error_response
 from services.ingress.stats import ROUTES as STATS_ROUTES
 
 SERVICE = "ingress"
@@ -40,13 +42,30 @@ async def models(request: Request) -> Response:
     return await _ingress(request).models(request)
 
 
+async def model(request: Request) -> Response:
+    return await _ingress(request).model(request)
+
+
 async def healthz(request: Request) -> Response:
     return await _ingress(request).healthz(request)
+
+
+async def http_error(request: Request, error: Exception) -> Response:
+    """Unknown routes and wrong methods answer in OpenAI's error shape, not plain text."""
+    assert isinstance(error, HTTPException)
+    if error.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}"
+        return error_response(
+            405, message, code="method_not_allowed", headers=dict(error.headers or {})
+        )
+    message = f"no route {request.method} {request.url.path}; see /openapi.json"
+    return error_response(error.status_code, message, code="not_found")
 
 
 ROUTES = [
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/models", models, methods=["GET"]),
+    Route("/v1/models/{model:path}", model, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     *STATS_ROUTES,
     Route("/openapi.json", serve_openapi, methods=["GET"]),
@@ -101,7 +120,12 @@ def create_app(settings: Settings) -> Starlette:
 
     # Only when tracing: an untraced ingress keeps no middleware layer at all.
     middleware = [Middleware(tracing.ServerSpans)] if tracing.enabled() else []
-    return Starlette(routes=ROUTES, lifespan=lifespan, middleware=middleware)
+    return Starlette(
+        routes=ROUTES,
+        lifespan=lifespan,
+        middleware=middleware,
+        exception_handlers={HTTPException: http_error},
+    )
 
 
 def main() -> None:

@@ -14,15 +14,21 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from llooma.settings import VERSION
-from services.ingress.api import DEADLINE_HEADER, PRIVACY_HEADER, RACE_WIDTH_HEADER, SPLIT_HEADER
+from services.ingress.headers import (
+    DEADLINE_HEADER,
+    DEADLINE_PATTERN,
+    PRIVACY_HEADER,
+    PRIVACY_MODES,
+    RACE_WIDTH_HEADER,
+    RACE_WIDTHS,
+    SPLIT_HEADER,
+    SPLIT_MODES,
+)
 from services.ingress.schema import ChatCompletionRequest
 
 Schema = dict[str, Any]
 
 SCHEMAS = "#/components/schemas/"
-# Whole milliseconds from 1 to 60000, as the ingress accepts them (leading zeros too); an
-# empty value, like an empty race width or privacy header, counts as not sent.
-DEADLINE_PATTERN = "^(0*([1-9][0-9]{0,3}|[1-5][0-9]{4}|60000))?$"
 
 
 def _ref(name: str) -> Schema:
@@ -180,14 +186,14 @@ def _request_parameters() -> list[Schema]:
         header(
             RACE_WIDTH_HEADER,
             "How many hosts race for this request.",
-            {"enum": ["", "1", "2", "3"]},
+            {"enum": list(RACE_WIDTHS)},
         ),
         header(
             PRIVACY_HEADER,
             "`strict` also redacts quasi-identifiers.",
-            {"enum": ["", "standard", "strict"]},
+            {"enum": list(PRIVACY_MODES)},
         ),
-        header(SPLIT_HEADER, "`off` asks the planner not to split.", {"enum": ["auto", "off"]}),
+        header(SPLIT_HEADER, "`off` asks the planner not to split.", {"enum": list(SPLIT_MODES)}),
     ]
 
 
@@ -234,18 +240,21 @@ def _chat_completions() -> Schema:
                 "The key's balance is exhausted (`insufficient_balance`); add credits with "
                 "`llooma ledger credit`."
             ),
-            "404": _error("No host has announced the model."),
-            "413": _error("The body is over the limit; checked before it is read whole."),
+            "404": _error("No host has announced the model lately."),
+            "413": _error(
+                "The body is over the limit, checked before it is read whole "
+                "(`body_too_large`), or the request alone may use more tokens than the key's "
+                "tokens per minute (`tokens_exceed_limit`): neither is worth retrying."
+            ),
             "429": _error(
-                "The key's requests or tokens per minute are used up "
-                "(`rate_limit_exceeded`), or the request alone exceeds its tokens per minute "
-                "(`tokens_exceed_limit`).",
+                "The key's requests or tokens per minute are used up (`rate_limit_exceeded`).",
                 {"retry-after": RETRY_AFTER},
             ),
             "502": _error("The raced hosts failed.", pipeline_headers),
             "503": _error(
-                "Shed (`overloaded`), no eligible host, every raced host busy, or the control "
-                "plane is unreachable.",
+                "Shed (`overloaded`), no eligible host (also for a model whose hosts have all "
+                "left in the last 10 minutes), every raced host busy, or the control plane is "
+                "unreachable.",
                 {"retry-after": RETRY_AFTER},
             ),
             "504": _error("The raced hosts missed the first-token deadline.", pipeline_headers),
