@@ -334,6 +334,9 @@ class Ticket:
         finally:
             self.release()
 
+    async def _release_after_response(self) -> None:
+        self.release()
+
     async def serve(self, answer: Awaitable[Response]) -> Response:
         """Await the answer; release now unless a stream still runs, which releases when
         it ends (or, if the client left before it began, when the response is done)."""
@@ -343,7 +346,8 @@ class Ticket:
             self.release()
             raise
         if isinstance(response, StreamingResponse):
-            response.background = BackgroundTask(self.release)
+            # A coroutine: Starlette runs a plain function's background task on a thread.
+            response.background = BackgroundTask(self._release_after_response)
         else:
             self.release()
         return response
