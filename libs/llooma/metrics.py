@@ -45,7 +45,7 @@ from llooma import subjects
 from llooma.bench.stats import percentile
 from llooma.host_stats import HostStats
 from llooma.membership import HostDirectory
-from llooma.scoring import ScoreWeights, host_score
+from llooma.selection import Selector, weighted
 from llooma.settings import Settings
 from llooma.v1.common_pb2 import REQUEST_PATH_FALLBACK, REQUEST_PATH_SPLIT, RequestPath
 from llooma.v1.duel_pb2 import DuelResult
@@ -87,6 +87,10 @@ PATH_NAMES: dict[RequestPath.ValueType, str] = {
     REQUEST_PATH_SPLIT: "split",
     REQUEST_PATH_FALLBACK: "fallback",
 }
+
+
+# A host turned away by one of these filters shows under its name; by any other, ineligible.
+HOST_STATES = {"not_suspended": "suspended", "not_draining": "draining"}
 
 
 def path_name(path: RequestPath.ValueType) -> str:
@@ -148,8 +152,8 @@ class StatsCollector:
     def __init__(self, settings: Settings, hosts: HostDirectory) -> None:
         self._settings = settings
         self._hosts = hosts
-        self._weights = ScoreWeights(*settings.score_weights, quality=settings.duel_quality_weight)
         self.host_stats = HostStats()
+        self.selector = Selector.from_settings(settings, self.host_stats)
         self.started_unix_ms = int(time.time() * 1000)
         self._first_token = {path: Recent() for path in PATHS}
         self._overhead = {path: Recent() for path in PATHS}
@@ -368,27 +372,15 @@ class StatsCollector:
 
     def host_view(self) -> list[dict[str, Any]]:
         now = time.monotonic()
-        eligible = {m.key for m in self._hosts.eligible()}
-        suspended = set(self._settings.suspended_hosts)
         deadline_ms = self._settings.first_token_deadline_ms
         ledger = {line.host_id: line for line in self.ledger.hosts} if self.ledger else {}
         view = []
         for member in sorted(self._hosts.members.all(), key=lambda m: m.key):
             beat = member.heartbeat
             staleness_s = member.staleness_s(now)
-            terms = self.host_stats.terms(
-                member.key,
-                load=beat.load,
-                staleness_s=staleness_s,
-                stale_after_s=self._settings.host_stale_after_s,
-                deadline_ms=deadline_ms,
-            )
-            if member.key in suspended:
-                state = "suspended"
-            elif beat.draining:
-                state = "draining"
-            else:
-                state = "eligible" if member.key in eligible else "ineligible"
+            terms = self.selector.host_terms(member, deadline_ms, now)
+            rejection = self.selector.rejection(member, now)
+            state = HOST_STATES.get(rejection, "ineligible") if rejection else "eligible"
             p95 = self.host_stats.p95_ms(member.key)
             line = ledger.get(member.key)
             view.append(
@@ -410,14 +402,8 @@ class StatsCollector:
                     "staleness_s": round(staleness_s, 3),
                     "p95_first_token_ms": None if p95 is None else round(p95, 1),
                     "error_rate": round(self.host_stats.error_rate(member.key), 4),
-                    "terms": {
-                        "load": round(terms.load, 4),
-                        "latency_p95": round(terms.latency_p95, 4),
-                        "staleness": round(terms.staleness, 4),
-                        "error_rate": round(terms.error_rate, 4),
-                        "quality_deficit": round(terms.quality_deficit, 4),
-                    },
-                    "score": round(host_score(terms, self._weights), 4),
+                    "terms": {name: round(value, 4) for name, value in terms.items()},
+                    "score": round(weighted(terms, self.selector.weights), 4),
                     "wins": self._wins_by_host.get(member.key, 0),
                     "payouts_micros": line.payouts_micros if line else None,
                     "quality": line.quality if line else None,
@@ -434,13 +420,7 @@ class StatsCollector:
             "since_unix_ms": self.started_unix_ms,
             "replay_s": self._settings.stats_replay_s,
             "first_token_deadline_ms": self._settings.first_token_deadline_ms,
-            "score_weights": {
-                "load": self._weights.load,
-                "latency_p95": self._weights.latency_p95,
-                "staleness": self._weights.staleness,
-                "error_rate": self._weights.error_rate,
-                "quality_deficit": self._weights.quality,
-            },
+            "score_weights": dict(self.selector.weights),
             "requests": {
                 "total": requests,
                 "by_path": dict(self._requests),

@@ -4,6 +4,7 @@ decomposition into a task DAG, plan validation, and the L_split + eps < L_dir es
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 from collections import deque
@@ -226,10 +227,17 @@ def critical_path_parts(plan: Plan) -> int:
 
 
 def estimate_ms(
-    plan: Plan, rates: ModelRates, max_tokens: int, config: PlannerConfig, split_call_ms: float
+    plan: Plan,
+    rates: ModelRates,
+    max_tokens: int,
+    config: PlannerConfig,
+    split_call_ms: float,
+    engines: int = 0,
 ) -> tuple[float, float]:
     """(L_dir, L_split): the whole answer from one host, or the parts in parallel, where
-    L_split = t_split + t_agg + the longest dependency path of part latencies."""
+    L_split = t_split + t_agg + the longest dependency path of part latencies. With `engines`
+    independent engines (0: unknown, as many as parts), at most that many parts run at once:
+    the parts take at least ceil(parts / engines) rounds, however shallow the DAG."""
     parts = len(plan.nodes)
     per_part = config.expected_tokens_per_part
     total_tokens = max_tokens or per_part * parts
@@ -237,5 +245,8 @@ def estimate_ms(
     ttft, tps = rates.ttft_ms(), rates.tps()
     direct = ttft + total_tokens / tps * 1000
     part_ms = ttft + part_tokens / tps * 1000
-    split = split_call_ms + config.aggregation_ms + critical_path_parts(plan) * part_ms
+    rounds = critical_path_parts(plan)
+    if engines > 0:
+        rounds = max(rounds, math.ceil(parts / engines))
+    split = split_call_ms + config.aggregation_ms + rounds * part_ms
     return direct, split

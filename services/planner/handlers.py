@@ -14,6 +14,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from llooma import bus, subjects
+from llooma.membership import HostDirectory
 from llooma.planning import (
     SPLIT_INSTRUCTION,
     ModelRates,
@@ -24,6 +25,7 @@ from llooma.planning import (
     parse_split_reply,
     validate,
 )
+from llooma.selection import Ask, Selector
 from llooma.settings import Settings
 from llooma.v1.common_pb2 import REQUEST_PATH_DIRECT, REQUEST_PATH_SPLIT, ChatMessage
 from llooma.v1.pipeline_pb2 import ChatRequest, ClientEvent
@@ -35,9 +37,16 @@ log = logging.getLogger(__name__)
 
 class Planner:
     def __init__(
-        self, settings: Settings, nc: Client, js: JetStreamContext, instance_id: str
+        self,
+        settings: Settings,
+        nc: Client,
+        js: JetStreamContext,
+        instance_id: str,
+        hosts: HostDirectory | None = None,
     ) -> None:
         self._settings = settings
+        self._hosts = hosts
+        self._selector = Selector.from_settings(settings)
         self._nc = nc
         self._js = js
         self._inbox = f"{subjects.PREFIX}.planner.{instance_id}"
@@ -59,6 +68,13 @@ class Planner:
         streaming_s = (event.duration_ms - event.first_token_ms) / 1000.0
         if event.output_tokens > 1 and streaming_s > 0:
             rates.tokens_per_s.append((event.output_tokens - 1) / streaming_s)
+
+    def engines(self, model: str) -> int:
+        """Independent engines that could run the parts (0: unknown): hosts and models on one
+        shared engine are one, so splitting across them buys no parallelism."""
+        if self._hosts is None:
+            return 0
+        return self._selector.engines(self._hosts.members.all(), Ask(model))
 
     async def handle(self, msg: Msg) -> None:
         request = ChatRequest.FromString(msg.data)
@@ -97,7 +113,12 @@ class Planner:
             return Plan(decision=f"direct: invalid plan: {problem}", source=plan.source)
         rates = self._rates.get(request.model, ModelRates())
         direct_ms, split_ms = estimate_ms(
-            plan, rates, request.params.max_tokens, self._config, split_call_ms
+            plan,
+            rates,
+            request.params.max_tokens,
+            self._config,
+            split_call_ms,
+            engines=self.engines(request.model),
         )
         plan.direct_estimate_ms = direct_ms
         plan.split_estimate_ms = split_ms
