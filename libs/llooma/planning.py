@@ -10,7 +10,13 @@ import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
-from llooma.v1.plan_pb2 import Plan, PlanNode
+from llooma.v1.plan_pb2 import (
+    PLAN_KIND_BYPASS,
+    PLAN_KIND_DIRECT,
+    PLAN_KIND_SPLIT,
+    Plan,
+    PlanNode,
+)
 
 _ITEM = re.compile(r"^\s*((?:\d{1,2}[.)])|(?:[a-z][.)])|[-*•])\s+(\S.*)$")
 _SENTENCE_END = re.compile(r"[.!?](?:\s|$)")
@@ -21,6 +27,31 @@ _DEPENDENCY = re.compile(
     re.IGNORECASE,
 )
 _THEN = re.compile(r"(?:^|(?<=[.!?]\s))(?:then|next|after that|afterwards)\s*,?\s+", re.IGNORECASE)
+
+
+# The `decision` of a split plan (and of the x-llooma-plan header of a split answer).
+SPLIT_DECISION = "split"
+
+
+def bypass_plan(reason: str) -> Plan:
+    """Kept off the split path before any planning: stage 1, the client, or the model."""
+    return Plan(kind=PLAN_KIND_BYPASS, decision=f"bypass: {reason}")
+
+
+def direct_plan(reason: str, source: str = "") -> Plan:
+    return Plan(kind=PLAN_KIND_DIRECT, decision=f"direct: {reason}", source=source)
+
+
+def decide(plan: Plan, *, split: bool, reason: str = "") -> None:
+    """Record the choice on a planned DAG (a direct one keeps no nodes)."""
+    plan.kind = PLAN_KIND_SPLIT if split else PLAN_KIND_DIRECT
+    plan.decision = SPLIT_DECISION if split else f"direct: {reason}"
+    if not split:
+        plan.ClearField("nodes")
+
+
+def is_split(plan: Plan) -> bool:
+    return plan.kind == PLAN_KIND_SPLIT
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from nats.js import JetStreamContext
 from llooma import bus, subjects
 from llooma.host_stats import HostStats
 from llooma.membership import HostDirectory
+from llooma.planning import decide, is_split
 from llooma.selection import Ask, Candidate, Selector
 from llooma.settings import Settings
 from llooma.v1.common_pb2 import ERROR_CODE_NO_ELIGIBLE_HOST, REQUEST_PATH_DIRECT, ErrorDetail
@@ -103,14 +104,14 @@ class Dispatcher:
 
     async def handle(self, msg: Msg) -> None:
         request = ChatRequest.FromString(msg.data)
-        if request.plan.decision == "split" and self.candidates(request.model, 1):
+        if is_split(request.plan) and self.candidates(request.model, 1):
             try:
                 await self.dag.start(request)
                 return
             except Exception as error:
                 # No aggregator answered: the direct path still answers the request.
                 log.warning("split of %s fell back to direct: %s", request.request_id, error)
-                request.plan.decision = f"direct: split could not start ({error})"
+                decide(request.plan, split=False, reason=f"split could not start ({error})")
                 request.path = REQUEST_PATH_DIRECT
         assignment = self.assign(request)
         if assignment is None:

@@ -22,6 +22,8 @@ from llooma import bus, subjects, tracing
 from llooma.ledger.balances import BalanceBook
 from llooma.membership import HostDirectory, ServiceDirectory
 from llooma.metrics import StatsCollector
+from llooma.names import SERVICES, path_name
+from llooma.planning import bypass_plan
 from llooma.privacy import Mapping, StreamRestorer
 from llooma.settings import ORCHESTRATED_MODEL, Settings, api_key_id
 from llooma.v1.common_pb2 import (
@@ -29,8 +31,6 @@ from llooma.v1.common_pb2 import (
     ERROR_CODE_HOST_BUSY,
     ERROR_CODE_HOST_FAILED,
     ERROR_CODE_NO_ELIGIBLE_HOST,
-    REQUEST_PATH_FALLBACK,
-    REQUEST_PATH_SPLIT,
     ErrorDetail,
 )
 from llooma.v1.pipeline_pb2 import (
@@ -42,24 +42,12 @@ from llooma.v1.pipeline_pb2 import (
     ClientEvent,
     PrivacyMode,
 )
-from llooma.v1.plan_pb2 import Plan
 from services.ingress.limits import Limits, Ticket
 from services.ingress.replies import ReplyRouter
 from services.ingress.schema import (
     ChatCompletionRequest,
     describe_validation_error,
     error_response,
-)
-
-SERVICES = (
-    "ingress",
-    "privacy",
-    "planner",
-    "dispatcher",
-    "racer",
-    "compressor",
-    "aggregator",
-    "accounting",
 )
 
 # How much longer than the first-token deadline the pipeline may take to say anything at all.
@@ -82,8 +70,6 @@ RACE_WIDTH_HEADER = "x-llooma-race-width"
 PRIVACY_HEADER = "x-llooma-privacy"
 # ... and whether the planner may split it ("auto", the default, or "off").
 SPLIT_HEADER = "x-llooma-split"
-
-PATH_NAMES = {REQUEST_PATH_SPLIT: "split", REQUEST_PATH_FALLBACK: "fallback"}
 
 
 class BodyTooLarge(Exception):
@@ -279,7 +265,7 @@ class Ingress:
             accepted_unix_nanos=time.time_ns(),
             first_token_deadline_ms=deadline_ms,
             race_width=race_width,
-            plan=Plan(decision="bypass: the client asked for no split") if no_split else None,
+            plan=bypass_plan("the client asked for no split") if no_split else None,
             privacy=privacy,
         )
         queue = self.replies.open(request_id)
@@ -331,7 +317,7 @@ class Ingress:
             if self.stats is not None:
                 self.stats.request_failed()
             return self._failure_response(first.failed, headers)
-        headers["x-llooma-path"] = PATH_NAMES.get(first.started.path, "direct")
+        headers["x-llooma-path"] = path_name(first.started.path)
         if self.stats is not None:
             self.stats.request_started(
                 request_id, headers["x-llooma-path"], time.monotonic() - accepted_at

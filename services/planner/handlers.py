@@ -19,9 +19,13 @@ from llooma.planning import (
     SPLIT_INSTRUCTION,
     ModelRates,
     PlannerConfig,
+    bypass_plan,
     bypass_reason,
+    decide,
     decompose,
+    direct_plan,
     estimate_ms,
+    is_split,
     parse_split_reply,
     validate,
 )
@@ -29,7 +33,7 @@ from llooma.selection import Ask, Selector
 from llooma.settings import Settings
 from llooma.v1.common_pb2 import REQUEST_PATH_DIRECT, REQUEST_PATH_SPLIT, ChatMessage
 from llooma.v1.pipeline_pb2 import ChatRequest, ClientEvent
-from llooma.v1.plan_pb2 import Plan
+from llooma.v1.plan_pb2 import PLAN_KIND_UNSPECIFIED, Plan
 from llooma.v1.race_pb2 import RaceEvent
 
 log = logging.getLogger(__name__)
@@ -49,7 +53,7 @@ class Planner:
         self._selector = Selector.from_settings(settings)
         self._nc = nc
         self._js = js
-        self._inbox = f"{subjects.PREFIX}.planner.{instance_id}"
+        self._instance_id = instance_id
         self._config = PlannerConfig(
             bypass_chars=settings.planner_bypass_chars,
             bypass_max_tokens=settings.planner_bypass_max_tokens,
@@ -78,11 +82,9 @@ class Planner:
 
     async def handle(self, msg: Msg) -> None:
         request = ChatRequest.FromString(msg.data)
-        if not request.plan.decision:
+        if request.plan.kind == PLAN_KIND_UNSPECIFIED:
             request.plan.CopyFrom(await self.plan(request))
-        request.path = (
-            REQUEST_PATH_SPLIT if request.plan.decision == "split" else REQUEST_PATH_DIRECT
-        )
+        request.path = REQUEST_PATH_SPLIT if is_split(request.plan) else REQUEST_PATH_DIRECT
         await bus.hand_off(
             self._js,
             subjects.PIPELINE_DISPATCHER,
@@ -93,10 +95,10 @@ class Planner:
     async def plan(self, request: ChatRequest) -> Plan:
         prompt = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
         if request.model in self._settings.orchestration_excluded_models:
-            return Plan(decision="bypass: model is never split")
+            return bypass_plan("model is never split")
         reason = bypass_reason(prompt, request.params.max_tokens, self._config)
         if reason is not None:
-            return Plan(decision=f"bypass: {reason}")
+            return bypass_plan(reason)
         plan = decompose(prompt)
         split_call_ms = 0.0
         if plan is None and self._settings.planner_split_model:
@@ -104,13 +106,13 @@ class Planner:
             try:
                 plan = await self._split_call(request, prompt)
             except (ValueError, TimeoutError) as error:
-                return Plan(decision=f"direct: split call failed: {error}")
+                return direct_plan(f"split call failed: {error}")
             split_call_ms = (time.monotonic() - started) * 1000
         if plan is None:
-            return Plan(decision="direct: no structure to split")
+            return direct_plan("no structure to split")
         problem = validate(plan, self._config.max_nodes)
         if problem is not None:
-            return Plan(decision=f"direct: invalid plan: {problem}", source=plan.source)
+            return direct_plan(f"invalid plan: {problem}", source=plan.source)
         rates = self._rates.get(request.model, ModelRates())
         direct_ms, split_ms = estimate_ms(
             plan,
@@ -122,17 +124,17 @@ class Planner:
         )
         plan.direct_estimate_ms = direct_ms
         plan.split_estimate_ms = split_ms
-        if split_ms + self._config.epsilon_ms < direct_ms:
-            plan.decision = "split"
-        else:
-            plan.decision = f"direct: split not faster ({split_ms:.0f} vs {direct_ms:.0f} ms)"
-            plan.ClearField("nodes")
+        decide(
+            plan,
+            split=split_ms + self._config.epsilon_ms < direct_ms,
+            reason=f"split not faster ({split_ms:.0f} vs {direct_ms:.0f} ms)",
+        )
         return plan
 
     async def _split_call(self, request: ChatRequest, prompt: str) -> Plan:
         """Ask a model for a JSON DAG, through the same dispatcher and racer as any task."""
         call_id = uuid.uuid4().hex
-        reply_subject = f"{self._inbox}.{call_id}"
+        reply_subject = subjects.planner_reply(self._instance_id, call_id)
         events: asyncio.Queue[ClientEvent] = asyncio.Queue()
 
         async def collect(msg: Msg) -> None:
@@ -151,7 +153,7 @@ class Planner:
                 api_key_id=request.api_key_id,
                 accepted_unix_nanos=time.time_ns(),
                 path=REQUEST_PATH_DIRECT,
-                plan=Plan(decision="bypass: split call"),
+                plan=bypass_plan("split call"),
             )
             await bus.hand_off(
                 self._js, subjects.PIPELINE_DISPATCHER, call.SerializeToString(), call.request_id
