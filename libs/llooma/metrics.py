@@ -37,10 +37,10 @@ from opentelemetry.sdk.resources import Resource
 from prometheus_client import CollectorRegistry, generate_latest
 
 from llooma import subjects
-from llooma.bench.stats import percentile
 from llooma.host_stats import HostStats
 from llooma.membership import HostDirectory
 from llooma.names import PATHS, path_name
+from llooma.quantiles import percentile
 from llooma.replay import Replay
 from llooma.selection import Selector, weighted
 from llooma.settings import Settings
