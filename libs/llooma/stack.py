@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import yaml
 
+from llooma import names
 from llooma.credentials import CredentialStore
 from llooma.db.migrate import migrate
 from llooma.embedded import (
@@ -29,16 +30,8 @@ from llooma.ledger.blocks import Signer
 
 log = logging.getLogger(__name__)
 
-SERVICES = (
-    "accounting",
-    "compressor",
-    "aggregator",
-    "racer",
-    "dispatcher",
-    "planner",
-    "privacy",
-    "ingress",
-)
+# Started last service first: accounting (migrations) before the rest, the ingress last.
+SERVICES = tuple(reversed(names.SERVICES))
 
 
 def demo_hosts(nats_url: str) -> list[HostConfig]:

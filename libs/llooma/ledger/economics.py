@@ -188,6 +188,17 @@ def account_deltas(postings: Iterable[Posting]) -> dict[str, int]:
     return deltas
 
 
+def user_charges(postings: Iterable[Posting]) -> int:
+    """What the users paid in these postings: the totals are read off the legs posted, never
+    priced a second time."""
+    return sum(
+        leg.amount
+        for posting in postings
+        for leg in posting.legs
+        if leg.kind == "charge" and leg.account == PLATFORM
+    )
+
+
 def opening_balances(settings: Settings) -> dict[str, int]:
     """Each configured key's opening balance, by api_key_id (the raw key is never stored)."""
     return {
