@@ -297,7 +297,7 @@ def summary(system: System, direct: System) -> dict[str, float | str]:
         "system": system.name,
         "ttft_p50_ms": 1000 * statistics.median(system.ttft_s),
         "added_ttft_p50_ms": statistics.median(added),
-        "added_ttft_p99_ms": percentile(added, 99),
+        "added_ttft_p99_ms": percentile(added, 0.99),
         "cpu_ms_per_request": system.cpu_ms_per_request,
         "idle_cpu_percent_of_a_core": system.idle_cpu_percent,
     }
