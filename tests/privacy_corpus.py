@@ -829,6 +829,40 @@ HARD_PROSE = (
     "The ferry to Victoria leaves at {TIME}.",
 )
 
+# Numbers that are no identifier but have the length or shape of one: timestamps, ISBNs, big
+# integers in code and formulas, hashes, versions, order and tracking numbers, dates, prices.
+HARD_NUMBERS = (
+    "The build finished at {TS_MS} ms since the epoch.",
+    '{"created_at": {TS_S}, "updated_at": {TS_MS}}',
+    "ts = {TS_NS}",
+    "ISBN {ISBN13} is the paperback.",
+    "The paperback is {ISBN13}.",
+    "commit {HEX} fixed the flaky test",
+    "request id {UUID} failed with a timeout",
+    "seed = {BIG16}",
+    "x = {BIG16} * {N}",
+    "{BIG16} + {BIG16B} = {BIGSUM16}",
+    "2**64 = 18446744073709551616 and 20! = 2432902008176640000",
+    "Upgrade to {VERSION4} before Friday.",
+    "Release {YEAR}.{MM}.{DD}.{TICKET} is out.",
+    "The archive covers {YEAR}-{YEAR2}.",
+    "Order {ORDER16} shipped on {WEEKDAY}.",
+    "Tracking number {TRACK12} is out for delivery.",
+    "Pages {N3}-{N3B} of the report cover it.",
+    "Coordinates: {LAT}, {LON}",
+    "The invoice total was {BIGPRICE} EUR.",
+    "Account balance: {PRICE} USD on {DATE_ISO}.",
+    "The meeting is on {DD}.{MM}.{YEAR} at {TIME}.",
+    "Timestamp: {DATE_ISO}T{TIME}:00Z",
+    "Room {N}.{N3}, building {N2}.",
+    "1729 is the smallest taxicab number.",
+    "CVE-{YEAR}-{N5} was patched in {VERSION}.",
+    "Use fe80::/10 for link-local addresses.",
+    "version {VERSION}-{N3}, build {YEAR}{MM}{DD}.1",
+    "The checksum is 0x{HEX}.",
+    "Sensor {N3} read {BIG16} counts in {N2} s.",
+)
+
 PROSE = (
     "The forecast for {CITY} says {N}°C and light rain on {WEEKDAY}.",
     "It was sunny in {CITY} all week, but {MONTH} is usually colder.",
@@ -978,18 +1012,61 @@ def _clean_values(ctx: _Ctx) -> dict[str, tuple[str, str | None]]:
         "TABLE": ctx.pick(["orders", "invoices", "products", "events"]),
         "PORT": str(ctx.pick(["8000", "8080", "5432", "3000", "6379"])),
     }
+    values.update(_number_values(ctx))
     return {k: (v, None) for k, v in values.items()}
 
 
+def _isbn13(ctx: _Ctx) -> str:
+    body = ctx.pick(["978", "979"]) + ctx.chars(string.digits, 9)
+    total = sum(int(d) * (3 if i % 2 else 1) for i, d in enumerate(body))
+    return body + str(-total % 10)
+
+
+def _number_values(ctx: _Ctx) -> dict[str, str]:
+    rng = ctx.rng
+    big, big2 = rng.randrange(10**15, 10**16), rng.randrange(10**15, 10**16)
+    hexdigits = "0123456789abcdef"
+    day = f"{rng.randrange(1990, 2031)}-{rng.randrange(1, 13):02d}-{rng.randrange(1, 29):02d}"
+    return {
+        "TS_S": str(rng.randrange(1_500_000_000, 1_800_000_000)),
+        "TS_MS": str(rng.randrange(1_500_000_000_000, 1_800_000_000_000)),
+        "TS_NS": str(rng.randrange(1_500_000_000_000_000_000, 1_800_000_000_000_000_000)),
+        "ISBN13": _isbn13(ctx),
+        "HEX": ctx.chars(hexdigits, rng.choice([7, 16, 40])),
+        "UUID": "-".join(ctx.chars(hexdigits, n) for n in (8, 4, 4, 4, 12)),
+        "BIG16": str(big),
+        "BIG16B": str(big2),
+        "BIGSUM16": str(big + big2),
+        "VERSION4": f"10.0.{rng.randrange(10000, 30000)}.{rng.randrange(1000, 9999)}",
+        "MM": f"{rng.randrange(1, 13):02d}",
+        "DD": f"{rng.randrange(1, 29):02d}",
+        "ORDER16": ctx.chars(string.digits, 16),
+        "TRACK12": ctx.chars(string.digits, 12),
+        "N3": str(rng.randrange(100, 999)),
+        "N3B": str(rng.randrange(100, 999)),
+        "N5": str(rng.randrange(10000, 99999)),
+        "LAT": f"{rng.uniform(-90, 90):.6f}",
+        "LON": f"{rng.uniform(-180, 180):.6f}",
+        "BIGPRICE": f"{rng.randrange(10**5, 10**8):,}.{rng.randrange(100):02d}",
+        "DATE_ISO": day,
+    }
+
+
 def gen_pii_free(ctx: _Ctx) -> Sample:
-    group = ctx.pick(["prose", "prose", "hard", "code", "maths"])
-    pool = {"prose": PROSE, "hard": HARD_PROSE, "code": CODE, "maths": MATHS}[group]
-    count = ctx.rng.randrange(1, 4) if group in ("prose", "hard") else 1
+    group = ctx.pick(["prose", "prose", "hard", "code", "maths", "numbers"])
+    pool = {
+        "prose": PROSE,
+        "hard": HARD_PROSE,
+        "code": CODE,
+        "maths": MATHS,
+        "numbers": HARD_NUMBERS,
+    }[group]
+    count = ctx.rng.randrange(1, 4) if group in ("prose", "hard", "numbers") else 1
     parts = []
     for _ in range(count):
         text, _labels = _render(ctx.pick(pool), _clean_values(ctx))
         parts.append(text)
-    joiner = " " if group in ("prose", "hard") else "\n"
+    joiner = " " if group in ("prose", "hard", "numbers") else "\n"
     return Sample(joiner.join(parts), (), f"PII_FREE/{group}")
 
 

@@ -16,27 +16,13 @@ an optional `ner` hook returning extra name spans for one. The mapping never sho
 `repr`/`str`, so it is safe in a log line.
 """
 
-from llooma.privacy._mapping import Mapping
+from llooma.privacy._mapping import KINDS, STRICT_KINDS, Mapping
 from llooma.privacy._redact import Entity, NerHook, Redaction, redact
-from llooma.privacy._restore import StreamRestorer, restore
-
-KINDS = (
-    "EMAIL",
-    "PHONE",
-    "CARD",
-    "IBAN",
-    "NATIONAL_ID",
-    "IP",
-    "URL",
-    "SECRET",
-    "ADDRESS",
-    "DOB",
-    "NAME",
-)
-STRICT_KINDS = ("AGE", "POSTCODE", "EMPLOYER")
+from llooma.privacy._restore import NEUTRAL, StreamRestorer, restore
 
 __all__ = [
     "KINDS",
+    "NEUTRAL",
     "STRICT_KINDS",
     "Entity",
     "Mapping",

@@ -127,6 +127,13 @@ _EXTENSION = re.compile(r"(?i)[ \t]?(?:x|ext\.?|extension|#)[ \t]?\d{1,6}(?![\w]
 _NANP = re.compile(
     r"(?:(?:\+?1|001)[ \t.-]?)?(?:\([2-9]\d{2}\)[ \t]?|[2-9]\d{2}[ .-])[2-9]?\d{2}[ .-]\d{4}"
 )
+# A code or JSON key that names a number: "created_at": 1557044434, user_id = 4155550123.
+_NUMBER_KEY = re.compile(
+    r"(?i)[\w-]*(?:_at|_ts|_time|time|stamp|_id|_ms|_ns|_count|_size|_bytes|_num|seed|epoch)"
+    r"[\"']?[ \t]*[:=][ \t]*[\"']?$"
+)
+_OPERAND_BEFORE = re.compile(r"[=+*/^\u00d7\u00f7][ \t]+$")
+_OPERAND_AFTER = re.compile(r"[ \t]+[=+*/^\u00d7\u00f7][ \t]")
 _INTERNATIONAL = re.compile(r"(?:\+|\(\+|\+\(|00[1-9])")
 _YEAR_RANGE = re.compile(r"(?:19|20)\d\d[ \t]*[-/][ \t]*(?:19|20)\d\d")
 
@@ -162,6 +169,8 @@ def find_phones(text: str) -> list[Found]:
             spans[shaped] = _found(*shaped, "PHONE")
             continue  # the whole window is a number: libphonenumber would find a part at best
         piece = text[a:b]
+        if sum(c.isdigit() for c in piece) < 7:
+            continue  # six digits make a phone number only in groups after a cue
         for region in PHONE_REGIONS:
             for m in phonenumbers.PhoneNumberMatcher(piece, region, leniency=_VALID):
                 start, end = a + m.start, a + m.end
@@ -174,8 +183,10 @@ def _real_date(raw: str) -> bool:
     """Whether a date-like "347-00-56" could be a date (no part zero, one a month)."""
     if not _DATE_LIKE.fullmatch(raw):
         return False
-    parts = [int(p) for p in re.split(r"[./:-]", raw) if p]
-    return all(parts) and any(p <= 12 for p in parts)
+    parts = [p for p in re.split(r"[./:-]", raw) if p]
+    return all(
+        (0 < int(p) <= 31 and len(p) <= 2) or (len(p) == 4 and p[:2] in ("19", "20")) for p in parts
+    ) and any(int(p) <= 12 for p in parts)
 
 
 def _shaped_phone(text: str, start: int, end: int) -> tuple[int, int] | None:
@@ -224,6 +235,10 @@ def _plausible_phone(text: str, start: int, end: int, *, dates: bool = True) -> 
     raw = text[start:end]
     if (dates and _DATE_LIKE.fullmatch(raw.strip())) or _DOTTED_QUAD.fullmatch(raw.strip()):
         return False
+    if _YEAR_RANGE.match(raw) or _NUMBER_KEY.search(text, 0, start):
+        return False
+    if _OPERAND_BEFORE.search(text, 0, start) or _OPERAND_AFTER.match(text, end):
+        return False  # "a + 4981349690000738 = b": a term of a formula
     before = text[start - 1] if start else ""
     after = text[end] if end < len(text) else ""
     if before and (before.isalnum() or before in "_#/-.@$€£¥"):
@@ -284,12 +299,12 @@ def _card_ok(text: str, m: re.Match[str]) -> bool:
     digits = re.sub(r"\D", "", m.group())
     if not 12 <= len(digits) <= 19 or not luhn.is_valid(digits):
         return False
+    brand = _card_brand_ok(digits)
+    if not brand and max(map(digits.count, set(digits))) >= len(digits) - 1:
+        return False  # "9999 9999 9999 9995", "0000 0000 0000 0000": a placeholder number
     before = _before(text, m.start())
     if _CARD_CUE.search(before):
         return True
-    if max(map(digits.count, set(digits))) >= len(digits) - 1:
-        return False  # "9999 9999 9999 9995", "0000 0000 0000 0000": a placeholder number
-    brand = _card_brand_ok(digits)
     if _NOT_CARD_CUE.search(before) or (
         _PHONE_CUE.search(before) and digits == m.group() and not brand
     ):

@@ -30,7 +30,7 @@ from llooma.privacy._words import (
     word_set,
 )
 
-MAX_NAME_WORDS = 4
+MAX_NAME_WORDS = 5
 
 
 def _mark_class() -> str:
@@ -269,6 +269,8 @@ class _Text:
         low = _bare(tok.low)
         if low in self.lex.family:
             return True
+        if low.endswith("n\u00e9") and low[:-2] in self.lex.given | self.lex.family:
+            return True  # Hungarian married names: "Zolt\u00e1nn\u00e9", "Farkasn\u00e9"
         return "-" in low and all(p in self.lex.family_parts for p in low.split("-"))
 
     def common(self, tok: _Tok) -> bool:
@@ -355,21 +357,40 @@ def _lexical(doc: _Text) -> list[tuple[int, int]]:
                 spans.append((tok.start, toks[end].end))
                 i = end + 1
                 continue
-        elif doc.family(tok) and doc.capitalised(tok) and _unmarked(doc, tok) and i + 1 < len(toks):
-            # Family name first: East Asian and Hungarian order, "Surname, Given" lists.
-            nxt = toks[i + 1]
-            gap = doc.text[tok.end : nxt.start]
-            if (
-                (gap in (" ", ", ") and doc.given(nxt))
-                and doc.capitalised(nxt)
-                and _unmarked(doc, nxt)
-            ):
-                end = doc.extend(i + 1, strict_last=False)
-                spans.append((tok.start, toks[end].end))
-                i = end + 1
+        elif doc.family(tok) and doc.capitalised(tok) and _unmarked(doc, tok):
+            # Family name first: East Asian and Hungarian order ("Kiss Farkas Erika"), and
+            # "Surname, Given" lists.
+            j = i + 1
+            while j < len(toks) and j - i < 3:
+                nxt = toks[j]
+                gap = doc.text[toks[j - 1].end : nxt.start]
+                if gap not in (" ", ", ") or not doc.capitalised(nxt) or not _unmarked(doc, nxt):
+                    break
+                if doc.given(nxt):
+                    end = doc.extend(j, strict_last=False)
+                    spans.append((tok.start, toks[end].end))
+                    break
+                if gap != " " or not doc.family(nxt):
+                    break
+                j += 1
+            if spans and spans[-1][0] == tok.start:
+                i = doc.index[spans[-1][0]]
+                while i < len(toks) and toks[i].end <= spans[-1][1]:
+                    i += 1
                 continue
+        if _lone_caseless(doc, i):
+            spans.append((tok.start, tok.end))
         i += 1
     return spans
+
+
+def _lone_caseless(doc: _Text, i: int) -> bool:
+    """A known name in a caseless script alone among words of another script ("Thanks, சஜனி")."""
+    tok = doc.toks[i]
+    if not caseless(tok.text) or not (doc.given(tok) or doc.family(tok)) or doc.in_code(tok):
+        return False
+    neighbours = [doc.toks[k] for k in (i - 1, i + 1) if 0 <= k < len(doc.toks)]
+    return not any(caseless(n.text) for n in neighbours)
 
 
 def _unmarked(doc: _Text, tok: _Tok) -> bool:
