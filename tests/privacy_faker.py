@@ -83,7 +83,7 @@ SHAPES: dict[str, tuple[str, ...]] = {
 
 def _locales(provider: str) -> tuple[str, ...]:
     package = importlib.import_module(f"faker.providers.{provider}")
-    return tuple(sorted(m.name for m in pkgutil.iter_modules(package.__path__) if "_" in m.name))
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(package.__path__)))
 
 
 # en_PH's bank provider logs a warning with every account number it makes up.
@@ -129,10 +129,10 @@ def locales(kind: str) -> tuple[str, ...]:
             fake = _faker(kind, locale)
         except AttributeError:
             continue
-        method = {"CARD": "credit_card_number", "IBAN": "iban", "EMAIL": "email"}.get(
-            kind, "phone_number" if kind == "PHONE" else "name"
+        methods = {"CARD": ("credit_card_number",), "IBAN": ("iban",), "EMAIL": ("email",)}.get(
+            kind, _PHONE_METHODS if kind == "PHONE" else ("name",)
         )
-        if hasattr(fake, method):
+        if any(hasattr(fake, method) for method in methods):
             found.append(locale)
     return tuple(found)
 
@@ -161,8 +161,13 @@ def _email(fake: Faker, rng: random.Random, _locale: str) -> str:
     return str(getattr(fake, method)())
 
 
-def _phone(fake: Faker, _rng: random.Random, _locale: str) -> str:
-    return str(fake.phone_number())
+# The Philippine locales have no phone_number(), only mobile and landline numbers.
+_PHONE_METHODS = ("phone_number", "mobile_number", "landline_number")
+
+
+def _phone(fake: Faker, rng: random.Random, _locale: str) -> str:
+    methods = [m for m in _PHONE_METHODS if hasattr(fake, m)]
+    return str(getattr(fake, rng.choice(methods))())
 
 
 _PREFIX_ATTRS = ("prefixes", "prefixes_male", "prefixes_female", "prefixes_nonbinary")
@@ -206,13 +211,13 @@ _VALUES: dict[str, Callable[[Faker, random.Random, str], str]] = {
 _SLOT = re.compile(r"\{V\}")
 
 
-def generate(kind: str, per_locale: int, *, seed: int) -> list[Sample]:
-    """`per_locale` labelled samples of `kind` from every locale that ships it."""
+def generate(kind: str, per_locale: int, *, seed: int, only: tuple[str, ...] = ()) -> list[Sample]:
+    """`per_locale` labelled samples of `kind` from every locale that ships it (or `only`)."""
     rng = random.Random(f"{seed}/{kind}")
     out = []
     # Six locales ship card providers, with up to 29 card types each: five times as many cards.
     count = per_locale * (5 if kind == "CARD" else 1)
-    for locale in locales(kind):
+    for locale in only or locales(kind):
         fake = _faker(kind, locale)
         fake.seed_instance(rng.randrange(2**32))
         for _ in range(count):

@@ -306,9 +306,9 @@ def _card_ok(text: str, m: re.Match[str]) -> bool:
     if _CARD_CUE.search(before):
         return True
     if _NOT_CARD_CUE.search(before) or (
-        _PHONE_CUE.search(before) and digits == m.group() and not brand
+        _PHONE_CUE.search(before) and digits == m.group() and (not brand or len(digits) == 12)
     ):
-        return False
+        return False  # "dial 573247789007": a phone number, whatever Luhn says
     if m.group() == digits and (
         _CODE_OR_MATHS.search(before) or _OPERATOR_AFTER.match(text, m.end())
     ):

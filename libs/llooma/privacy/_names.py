@@ -47,7 +47,8 @@ def _mark_class() -> str:
 
 # Vowel signs of the Indic scripts are marks, not letters: a word goes on through them.
 _LETTERS = rf"[^\W\d_](?:[^\W\d_]|[{_mark_class()}])*"
-_APOSTROPHE = r"['\u2019](?!s\b)"  # an apostrophe inside a name, not a possessive 's
+# An apostrophe inside a name, not a possessive 's; Uzbek writes "Ulug\u2018bek" with U+2018.
+_APOSTROPHE = r"['\u2019\u2018\u02bb](?!s\b)"
 _PIECE = rf"{_LETTERS}(?:{_APOSTROPHE}{_LETTERS})*"
 _WORD = re.compile(rf"{_PIECE}(?:-{_PIECE})*")
 _SPLIT = re.compile(r"[\s,\-]+")
@@ -549,4 +550,12 @@ def find_names(text: str, known: Iterable[str] = ()) -> list[tuple[int, int]]:
     found = merge(
         [*_lexical(doc), *_honorifics(doc), *_cues(doc), *_introductions(doc), *_fused(doc)]
     )
-    return merge([*found, *_propagate(doc, found, known)])
+    spans = merge([*found, *_propagate(doc, found, known)])
+    # Two names one space apart are one name ("Kovács Bálintné Kovács Éva"): one placeholder.
+    joined: list[tuple[int, int]] = []
+    for start, end in spans:
+        if joined and text[joined[-1][1] : start] == " ":
+            joined[-1] = (joined[-1][0], end)
+        else:
+            joined.append((start, end))
+    return joined
