@@ -200,6 +200,8 @@ def lexicon() -> Lexicon:
 
 def caseless(word: str) -> bool:
     """A word of a script without letter case (or, like Georgian, without capitals in use)."""
+    if word.isascii():
+        return False  # the fast path: Latin letters have case
     return not any(c.isupper() or (c.islower() and c.title() != c) for c in word)
 
 
