@@ -547,6 +547,13 @@ HARD_NEGATIVES = [
     "Placeholder card 0000 0000 0000 0000 and 9999 9999 9999 9995.",
     "uuid 123e4567-e89b-12d3-a456-426614174000",
     "Serial no. 5020 0392 5398 on the box.",
+    "April showers bring May flowers. Meeting ID: 845 2231 9987, passcode 96098.",
+    "Coordinates: -14.241575, 166.749585 and 0.119321, -18.463914",
+    "Account balance: 1346.24 USD on 1994-06-06. 2**64 = 18446744073709551616",
+    "The build finished at 1689861762200 ms since the epoch.",
+    "Call center hours: 8:00-20:00 CET. Hope Street is closed.",
+    '{"created_at": 1557044434, "updated_at": 1795622469804}',
+    "2659575593003434 + 4981349690000738 = 7640925283004172",
 ]
 
 

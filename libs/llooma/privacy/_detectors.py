@@ -81,6 +81,9 @@ def _alternation(words: tuple[str, ...] | frozenset[str]) -> str:
 def _before(text: str, start: int, width: int = 40) -> str:
     """The text shortly before `start` on the same line."""
     window = text[max(0, start - width) : start]
+    if start > width and text[start - width - 1].isalnum():
+        # Cut mid-word: the tail of "bring" is no "ring" cue.
+        window = window.lstrip("".join(c for c in window[:20] if c.isalnum()))
     return window.rsplit("\n", 1)[-1]
 
 
@@ -142,6 +145,8 @@ _VALID = phonenumbers.Leniency.VALID
 # A run of digits and the separators phone numbers are written with.
 _DIGIT_RUN = re.compile(r"(?:\(\+|\+\(|[+(])?\d(?:[ \t().\-/]{1,3}[+(]?\d|\d)*\)?")
 _DIGIT_GROUP = re.compile(r"\d+")
+_SENTENCE_GAP = re.compile(r"\.[ \t]+")
+_DECIMAL = re.compile(r"-?\d{1,3}\.\d{4,}(?![\d.])")
 
 
 def _phone_windows(text: str) -> list[tuple[int, int]]:
@@ -152,7 +157,10 @@ def _phone_windows(text: str) -> list[tuple[int, int]]:
     windows = []
     for run in _DIGIT_RUN.finditer(text):
         start = run.start()
-        groups = list(_DIGIT_GROUP.finditer(text, run.start(), run.end()))
+        for stop in _SENTENCE_GAP.finditer(text, run.start(), run.end()):
+            windows.append((start, stop.start()))  # "1994-06-06. 2**64": two sentences
+            start = stop.end()
+        groups = list(_DIGIT_GROUP.finditer(text, start, run.end()))
         for left, right in pairwise(groups):
             if len(left.group()) >= 6 and len(right.group()) >= 6:
                 windows.append((start, left.end()))
@@ -174,6 +182,10 @@ def find_phones(text: str) -> list[Found]:
         for region in PHONE_REGIONS:
             for m in phonenumbers.PhoneNumberMatcher(piece, region, leniency=_VALID):
                 start, end = a + m.start, a + m.end
+                if m.raw_string.isdigit() and len(m.raw_string) >= 13:
+                    continue  # 13 bare digits and more: a timestamp or a count, not as dialled
+                if _DECIMAL.match(m.raw_string):
+                    continue  # "166.749585": a coordinate (a cue before it is taken above)
                 if (start, end) not in spans and _plausible_phone(text, start, end):
                     spans[(start, end)] = _found(start, end, "PHONE")
     return list(spans.values())
@@ -665,7 +677,8 @@ def find_secrets(text: str) -> list[Found]:
 _EN_TYPES = _alternation(_words.EN_STREET_TYPES + _words.EN_FEATURE_TYPES)
 _EN_FEATURES = frozenset(_words.EN_FEATURE_TYPES)
 _EN_ADDRESS = re.compile(
-    rf"(?<![\w/.-])(?:(?:Flat|Apartment|Apt\.?|Unit|Suite|Studio)[ \t]+\d{{1,4}}[A-Za-z]?,?[ \t]+)?"
+    rf"(?<![\w/.:-])"  # not in "8:00-20:00 CET. Hope Street"
+    rf"(?:(?:Flat|Apartment|Apt\.?|Unit|Suite|Studio)[ \t]+\d{{1,4}}[A-Za-z]?,?[ \t]+)?"
     rf"(?:H\.?[ \t]?No\.?[ \t]*)?\d{{1,5}}[A-Za-z]?(?:[-/]\d{{1,5}}[A-Za-z]?)?,?[ \t]+"
     rf"(?P<words>(?:{_NAMEWORD}[ \t]+){{1,4}}?)(?P<type>{_EN_TYPES})\b\.?"
     rf"(?:[ \t]+(?:NW|NE|SW|SE|N|S|E|W)\b)?"
