@@ -637,3 +637,20 @@ async def test_probe_with_a_metrics_url(engine: FakeEngine) -> None:
     state = await probe.probe()
     assert (state.reachable, state.running, state.waiting) == (True, 5, 8)
     await probe.aclose()
+
+
+async def test_idle_connections_expire(engine: FakeEngine) -> None:
+    pool = HttpPool(engine.base_url, max_connections=4, idle_expiry_s=0.1)
+
+    async def get() -> None:
+        async with pool.request("GET", "/models") as response:
+            await response.read(1000)
+
+    await asyncio.gather(*(get() for _ in range(3)))
+    assert pool.open_connections == 3
+    await asyncio.sleep(0.15)
+    await get()
+    assert pool.open_connections == 1
+    assert await engine.wait_connections(1) == 1
+    await pool.aclose()
+    assert await engine.wait_connections(0) == 0

@@ -236,7 +236,7 @@ class _Exchange:
                 pool._put_idle(connection)
             else:
                 pool.stats.discarded += 1
-                connection.close()
+                pool._discard(connection)
         pool._watched.discard(self)
         pool._slots.release()
 
@@ -270,7 +270,6 @@ class HttpPool:
     @property
     def open_connections(self) -> int:
         """Sockets open now, idle or in use."""
-        self._open = {c for c in self._open if not c.writer.transport.is_closing()}
         return len(self._open)
 
     @property
@@ -293,13 +292,23 @@ class HttpPool:
             self._watchdog.cancel()
             self._watchdog = None
 
+    def _discard(self, connection: _Connection) -> None:
+        self._open.discard(connection)
+        connection.close()
+
     def _put_idle(self, connection: _Connection) -> None:
+        now = asyncio.get_running_loop().time()
+        idle = self._idle
+        # The oldest idle connections are at the front: close the expired or dead ones, so a
+        # pool that once was busy does not keep its peak of sockets open.
+        while idle and (now - idle[0].idle_since >= self._idle_expiry or not idle[0].alive()):
+            self._discard(idle.pop(0))
         if connection.alive():
-            connection.idle_since = asyncio.get_running_loop().time()
+            connection.idle_since = now
             connection.reused = True
-            self._idle.append(connection)
+            idle.append(connection)
         else:
-            connection.close()
+            self._discard(connection)
 
     def _take_idle(self, now: float) -> _Connection | None:
         idle = self._idle
@@ -308,7 +317,7 @@ class HttpPool:
             if now - connection.idle_since < self._idle_expiry and connection.alive():
                 self.stats.reused += 1
                 return connection
-            connection.close()
+            self._discard(connection)
         return None
 
     async def _connect(self) -> _Connection:
@@ -358,7 +367,7 @@ class HttpPool:
                 raise
         # The server had closed the reused keep-alive connection: nothing was answered, so
         # sending again on a new connection cannot run the request twice.
-        connection.close()
+        self._discard(connection)
         self.stats.retried += 1
         exchange._connection = None
         connection = await self._connect()
