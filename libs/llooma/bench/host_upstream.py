@@ -22,8 +22,13 @@ import multiprocessing
 import os
 import platform
 import random
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +36,16 @@ from typing import Any
 
 import httpx
 import orjson
+import psutil
 import uvloop
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 
+from llooma import bus, subjects
+from llooma.embedded import EmbeddedNats
 from llooma.host.openai_backend import GenerationDefaults, OpenAIBackend
 from llooma.v1.common_pb2 import ChatMessage, GenerationParams
-from llooma.v1.host_pb2 import HostTask
+from llooma.v1.host_pb2 import CancelTask, HostChunk, HostTask
 
 TOKENS = 16
 RESULT = Path("bench/results/host_upstream.md")
@@ -64,6 +74,8 @@ class _EngineStats:
     open = 0
     accepted = 0
     peak = 0
+    # Seconds between groups of 4 tokens (0: as fast as the loop turns).
+    pause_s = 0.0
 
 
 async def _engine_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -92,7 +104,7 @@ async def _engine_connection(reader: asyncio.StreamReader, writer: asyncio.Strea
             for start in range(0, TOKENS, 4):
                 writer.write(b"".join(_CHUNKS[start : start + 4]))
                 await writer.drain()
-                await asyncio.sleep(0)
+                await asyncio.sleep(stats.pause_s)
             writer.write(_TAIL)
             await writer.drain()
     except (ConnectionError, asyncio.IncompleteReadError):
@@ -102,7 +114,9 @@ async def _engine_connection(reader: asyncio.StreamReader, writer: asyncio.Strea
         writer.close()
 
 
-def _run_engine(sock: socket.socket) -> None:
+def _run_engine(sock: socket.socket, pause_s: float) -> None:
+    _EngineStats.pause_s = pause_s
+
     async def serve() -> None:
         server = await asyncio.start_server(_engine_connection, sock=sock, backlog=1024)
         async with server:
@@ -318,21 +332,204 @@ async def races(client: Client, port: int, total: int, window: int, seed: int) -
     return run
 
 
-def _start_engine() -> tuple[multiprocessing.process.BaseProcess, int]:
+# -- through a host worker --------------------------------------------------------------------
+
+HOST = "bench-upstream-host"
+MODEL = "bench-upstream"
+
+
+@dataclass
+class HostWindow:
+    races: int
+    host_cpu_ms_per_race: float
+    engine_connections: int
+    engine_accepted: int
+    host_rss_mb: float
+    # A fresh request's time to its first token, after the window.
+    answer_ms: float
+
+
+@dataclass
+class HostRun:
+    windows: list[HostWindow] = field(default_factory=list)
+    failed: str = ""
+    sigterm_exit_s: float | None = None
+
+
+class _Attempts:
+    """Reply streams by inbox, on one subscription."""
+
+    def __init__(self, nc: NatsClient) -> None:
+        self._nc = nc
+        self._prefix = nc.new_inbox()
+        self.first: dict[str, asyncio.Future[str]] = {}
+        self.ended: dict[str, asyncio.Future[str]] = {}
+
+    async def start(self) -> None:
+        await self._nc.subscribe(self._prefix + ".*", cb=self._on_chunk)
+
+    async def _on_chunk(self, msg: Msg) -> None:
+        chunk = HostChunk.FromString(msg.data)
+        kind = chunk.WhichOneof("event")
+        key = msg.subject
+        if kind == "token":
+            first = self.first.get(key)
+            if first is not None and not first.done():
+                first.set_result(key)
+        elif kind in ("finished", "failed"):
+            ended = self.ended.get(key)
+            if ended is not None and not ended.done():
+                ended.set_result(kind if kind == "finished" else chunk.failed.message)
+
+    async def send(self, first: asyncio.Future[str]) -> tuple[str, str]:
+        """Sends one task; returns (attempt id, reply subject)."""
+        attempt_id = uuid.uuid4().hex
+        reply = f"{self._prefix}.{attempt_id}"
+        self.first[reply] = first
+        self.ended[reply] = asyncio.get_running_loop().create_future()
+        task = HostTask(
+            attempt_id=attempt_id,
+            model=MODEL,
+            messages=[ChatMessage(role="user", content="Say something.")],
+            params=GenerationParams(max_tokens=TOKENS),
+        )
+        await self._nc.publish(
+            subjects.host_task(MODEL, HOST), task.SerializeToString(), reply=reply
+        )
+        return attempt_id, reply
+
+    def forget(self, reply: str) -> None:
+        self.first.pop(reply, None)
+        self.ended.pop(reply, None)
+
+
+def _start_host(config: Path) -> subprocess.Popen[bytes]:
+    llooma = Path(sys.executable).parent / "llooma"
+    return subprocess.Popen([str(llooma), "host", "--config", str(config)])
+
+
+async def host_races(total: int, window: int, seed: int, root: Path) -> HostRun:
+    # Streams of ~8 ms, so that most cancels land while the loser is still streaming.
+    engine, port = _start_engine(pause_s=0.002)
+    nats = EmbeddedNats.start(root / "nats")
+    config = root / "host.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "name": HOST,
+                "nats_url": nats.url,
+                "models": [
+                    {
+                        "name": MODEL,
+                        "backend": "openai",
+                        "base_url": f"http://127.0.0.1:{port}/v1",
+                        "capacity": 8,
+                    }
+                ],
+            }
+        )
+    )
+    host = _start_host(config)
+    run = HostRun()
+    nc = await bus.connect(nats.url, "bench-host-upstream")
+    try:
+        beat = asyncio.get_running_loop().create_future()
+
+        async def on_beat(_msg: Msg) -> None:
+            if not beat.done():
+                beat.set_result(None)
+
+        await nc.subscribe(subjects.kv_put_subject(subjects.HOSTS_BUCKET, HOST), cb=on_beat)
+        await asyncio.wait_for(beat, 30)
+        attempts = _Attempts(nc)
+        await attempts.start()
+        process = psutil.Process(host.pid)
+        rng = random.Random(seed)
+        loop = asyncio.get_running_loop()
+        done = 0
+        while done < total:
+            cpu = process.cpu_times()
+            started = cpu.user + cpu.system
+            for _ in range(window):
+                first: asyncio.Future[str] = loop.create_future()
+                a = await attempts.send(first)
+                b = await attempts.send(first)
+                try:
+                    if rng.random() < 0.25:
+                        winner, loser = a, b
+                    else:
+                        won = await asyncio.wait_for(first, 10)
+                        winner, loser = (a, b) if won == a[1] else (b, a)
+                    cancel = CancelTask(attempt_id=loser[0])
+                    await nc.publish(subjects.host_cancel(HOST), cancel.SerializeToString())
+                    ended = await asyncio.wait_for(attempts.ended[winner[1]], 10)
+                except TimeoutError:
+                    run.failed = f"the host did not answer within 10 s after {done} races"
+                    return run
+                if ended != "finished":
+                    run.failed = f"a winner failed after {done} races: {ended}"
+                    return run
+                attempts.forget(a[1])
+                attempts.forget(b[1])
+                done += 1
+            cpu = process.cpu_times()
+            used = (cpu.user + cpu.system - started) * 1000 / window
+            await asyncio.sleep(0.2)
+            first = loop.create_future()
+            asked = time.perf_counter()
+            probe = await attempts.send(first)
+            await asyncio.wait_for(first, 10)
+            answer_ms = (time.perf_counter() - asked) * 1000
+            await asyncio.wait_for(attempts.ended[probe[1]], 10)
+            attempts.forget(probe[1])
+            stats = await _engine_stats(port)
+            run.windows.append(
+                HostWindow(
+                    done,
+                    used,
+                    stats["open"],
+                    stats["accepted"],
+                    process.memory_info().rss / 1e6,
+                    answer_ms,
+                )
+            )
+            print(f"  host: {run.windows[-1]}")
+        signalled = time.perf_counter()
+        host.send_signal(signal.SIGTERM)
+        await asyncio.get_running_loop().run_in_executor(None, host.wait, 30)
+        run.sigterm_exit_s = time.perf_counter() - signalled
+        return run
+    finally:
+        await nc.close()
+        if host.poll() is None:
+            host.kill()
+            host.wait()
+        nats.stop()
+        engine.kill()
+        engine.join()
+
+
+def _start_engine(pause_s: float = 0.0) -> tuple[multiprocessing.process.BaseProcess, int]:
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port: int = sock.getsockname()[1]
     process = multiprocessing.get_context("fork").Process(
-        target=_run_engine, args=(sock,), daemon=True
+        target=_run_engine, args=(sock, pause_s), daemon=True
     )
     process.start()
     sock.close()
     return process, port
 
 
-async def main(requests: int, total_races: int, httpx_races: int, window: int) -> str:
+async def main(
+    requests: int, total_races: int, httpx_races: int, window: int, host_races_total: int
+) -> str:
     lines: list[str] = []
+    host_run: HostRun | None = None
+    if host_races_total:
+        with tempfile.TemporaryDirectory() as root:
+            host_run = await host_races(host_races_total, max(window, 2000), 2, Path(root))
     cpu_rows: list[tuple[str, float]] = []
     race_runs: list[RaceRun] = []
     makers: list[tuple[Callable[[str], Client | None], int]] = [
@@ -346,6 +543,9 @@ async def main(requests: int, total_races: int, httpx_races: int, window: int) -
         try:
             client = make(f"http://127.0.0.1:{port}/v1")
             if client is None:
+                continue
+            if not race_count and make is not llooma_client:
+                await client.close()
                 continue
             cpu_rows.append((client.name, await per_request_cpu(client, requests)))
             print(f"{client.name}: {cpu_rows[-1][1]:.3f} ms CPU per streamed request")
@@ -361,7 +561,7 @@ async def main(requests: int, total_races: int, httpx_races: int, window: int) -
     lines.append("")
     lines.append(
         f"`.venv/bin/python -m llooma.bench.host_upstream --requests {requests} "
-        f"--races {total_races} --httpx-races {httpx_races}` "
+        f"--races {total_races} --httpx-races {httpx_races} --host-races {host_races_total}` "
         f"({platform.python_implementation()} {platform.python_version()}, uvloop, "
         f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}). "
         f"A fast local engine in its own process streams {TOKENS} content chunks, a usage "
@@ -384,6 +584,8 @@ async def main(requests: int, total_races: int, httpx_races: int, window: int) -
         "connections and the connections it accepted so far."
     )
     for run in race_runs:
+        if not run.windows and not run.failed:
+            continue
         lines.append("")
         lines.append(f"### {run.client}")
         lines.append("")
@@ -399,6 +601,34 @@ async def main(requests: int, total_races: int, httpx_races: int, window: int) -
         if run.failed:
             lines.append("")
             lines.append(f"Stopped: {run.failed}.")
+    if host_run is not None:
+        lines.append("")
+        lines.append("## Cancelled races through a host worker")
+        lines.append("")
+        lines.append(
+            "A `llooma host` process (openai backend, capacity 8) on an embedded NATS, in front "
+            "of the same engine; each race sends two tasks to it over NATS and a CancelTask for "
+            "the loser, as the racer does. Sampled after each window: the host process's CPU "
+            "per race, the engine's open connections and accepted connections so far, the "
+            "host's RSS, and a fresh request's time to first token."
+        )
+        lines.append("")
+        lines.append(
+            "| races | host CPU ms / race | engine connections | accepted | host RSS MB | TTFT ms |"
+        )
+        lines.append("|---:|---:|---:|---:|---:|---:|")
+        for h in host_run.windows:
+            lines.append(
+                f"| {h.races} | {h.host_cpu_ms_per_race:.3f} | {h.engine_connections} | "
+                f"{h.engine_accepted} | {h.host_rss_mb:.0f} | {h.answer_ms:.1f} |"
+            )
+        lines.append("")
+        if host_run.failed:
+            lines.append(f"Stopped: {host_run.failed}.")
+        if host_run.sigterm_exit_s is not None:
+            lines.append(
+                f"After the races, SIGTERM: the host exited in {host_run.sigterm_exit_s:.2f} s."
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -408,9 +638,12 @@ def cli() -> None:
     parser.add_argument("--races", type=int, default=20_000)
     parser.add_argument("--httpx-races", type=int, default=5_000)
     parser.add_argument("--window", type=int, default=1000)
+    parser.add_argument("--host-races", type=int, default=20_000)
     parser.add_argument("--out", type=Path, default=RESULT)
     args = parser.parse_args()
-    report = uvloop.run(main(args.requests, args.races, args.httpx_races, args.window))
+    report = uvloop.run(
+        main(args.requests, args.races, args.httpx_races, args.window, args.host_races)
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
     print(report)
