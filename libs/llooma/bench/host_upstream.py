@@ -107,7 +107,8 @@ async def _engine_connection(reader: asyncio.StreamReader, writer: asyncio.Strea
                 await asyncio.sleep(stats.pause_s)
             writer.write(_TAIL)
             await writer.drain()
-    except (ConnectionError, asyncio.IncompleteReadError):
+    except (ConnectionError, asyncio.IncompleteReadError, RuntimeError):
+        # RuntimeError: uvloop's write to a connection the client already closed.
         return
     finally:
         stats.open -= 1

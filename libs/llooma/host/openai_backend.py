@@ -34,6 +34,8 @@ _CONTEXT_EXCEEDED = re.compile(
     r"|too many tokens",
     re.IGNORECASE,
 )
+# Longest SSE line accepted (a data line is one chunk of a few hundred bytes).
+_LINE_LIMIT = 1 << 20
 # How long to wait for the end of the HTTP body after `[DONE]` before dropping the connection.
 _DRAIN_S = 1.0
 
@@ -331,6 +333,8 @@ class OpenAIBackend:
                     if done:
                         break
                     pending = data[start:]
+                    if len(pending) > _LINE_LIMIT:
+                        raise UpstreamError("stream line over 1 MiB")
                 if done:
                     # The end of the chunked body follows [DONE] at once; reading it keeps
                     # the connection for the next request.
