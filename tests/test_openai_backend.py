@@ -654,3 +654,20 @@ async def test_idle_connections_expire(engine: FakeEngine) -> None:
     assert await engine.wait_connections(1) == 1
     await pool.aclose()
     assert await engine.wait_connections(0) == 0
+
+
+async def test_a_server_refusing_stream_options_is_asked_without(engine: FakeEngine) -> None:
+    async def strict(request: Request, out: Out) -> None:
+        if "stream_options" in request.json():
+            error = {"error": {"message": "Unrecognized request argument: stream_options"}}
+            await out.whole(400, orjson.dumps(error))
+        else:
+            await stream_events(out, delta("ok", finish="stop"), DONE)
+
+    engine.handler = strict
+    source = backend(engine)
+    for _ in range(2):
+        outcome = Outcome()
+        assert await collect(source, task(), outcome) == ["ok"]
+        assert not outcome.reported
+    assert len(engine.requests) == 3

@@ -67,6 +67,10 @@ class UpstreamRejected(UpstreamError):
         self.client_code = client_code
 
 
+class _RetryWithoutUsage(Exception):
+    """The server refused stream_options before answering anything: send it again without."""
+
+
 class Reasoning(str):
     """A piece of a thinking model's reasoning (reasoning_content), not of its answer."""
 
@@ -215,6 +219,9 @@ class OpenAIBackend:
         self._model = upstream_model
         self._defaults = defaults
         self._engine = engine
+        # Cleared for good if the server refuses stream_options (a strict older server): it
+        # then gives no usage, and the worker says its counts are estimates.
+        self._include_usage = True
 
     async def aclose(self) -> None:
         await self.pool.aclose()
@@ -228,7 +235,6 @@ class OpenAIBackend:
             "model": self._model,
             "messages": messages,
             "stream": True,
-            "stream_options": {"include_usage": True},
             "max_tokens": params.max_tokens
             if params.HasField("max_tokens")
             else defaults.max_tokens,
@@ -249,6 +255,8 @@ class OpenAIBackend:
             body["presence_penalty"] = _float_param(params.presence_penalty)
         if params.HasField("frequency_penalty"):
             body["frequency_penalty"] = _float_param(params.frequency_penalty)
+        if self._include_usage:
+            body["stream_options"] = {"include_usage": True}
         if messages and messages[-1]["role"] == "assistant" and self._engine == "vllm":
             # Continue the trailing assistant message instead of starting a new one (llama.cpp
             # does this by itself).
@@ -272,7 +280,15 @@ class OpenAIBackend:
                 "POST", "/chat/completions", payload, self._headers
             ) as response:
                 if response.status != 200:
-                    raise await _status_error(response)
+                    error = await _status_error(response)
+                    if (
+                        isinstance(error, UpstreamRejected)
+                        and self._include_usage
+                        and "stream_options" in error.message
+                    ):
+                        self._include_usage = False
+                        raise _RetryWithoutUsage
+                    raise error
                 body = response.body()
                 pending = b""
                 done = False
@@ -343,6 +359,10 @@ class OpenAIBackend:
                             await _drain(body)
                     except (TimeoutError, HttpError):
                         pass
+        except _RetryWithoutUsage:
+            async for piece in self.stream(task, outcome):
+                yield piece
+            return
         except ConnectFailed as error:
             raise UpstreamUnreachable(f"upstream unreachable: {error}") from error
         except HttpError as error:
