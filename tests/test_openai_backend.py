@@ -671,3 +671,25 @@ async def test_a_server_refusing_stream_options_is_asked_without(engine: FakeEng
         assert await collect(source, task(), outcome) == ["ok"]
         assert not outcome.reported
     assert len(engine.requests) == 3
+
+
+@pytest.mark.parametrize(
+    ("deltas", "expected"),
+    [
+        # llama.cpp with a Jinja template: the answer starts with the prefix again.
+        (["The village ", "stood", " still"], ["stood", " still"]),
+        (["The vil", "lage stood", " still"], ["stood", " still"]),
+        (["The village stood", " still"], ["stood", " still"]),
+        # vLLM and others: only the new text.
+        (["stood", " still"], ["stood", " still"]),
+        (["The", " end"], ["The end"]),
+        # The stream ends inside what looked like the prefix: it was the answer.
+        (["The vil"], ["The vil"]),
+    ],
+    ids=["echo-whole", "echo-split", "echo-and-more", "no-echo", "diverges", "ends-inside"],
+)
+async def test_an_echoed_prefill_is_not_sent_twice(
+    engine: FakeEngine, deltas: list[str], expected: list[str]
+) -> None:
+    engine.handler = scripted(*(delta(d) for d in deltas), DONE)
+    assert await collect(backend(engine), task(prefill="The village ")) == expected

@@ -273,6 +273,12 @@ class OpenAIBackend:
             outcome = Outcome()
         payload = orjson.dumps(self.request_body(task))
         pieces = 0
+        # A trailing assistant message is continued (prefill). Some engines (llama.cpp with a
+        # Jinja template) start their answer with that message's text again; only what comes
+        # after it is new. Text is held while it still matches the prefix.
+        messages = task.messages
+        prefill = messages[-1].content if messages and messages[-1].role == "assistant" else ""
+        held = ""
         try:
             # Leaving this block, by aclose() or cancellation too, closes the connection unless
             # its response was read to the end, which is how engines notice to stop generating.
@@ -322,6 +328,8 @@ class OpenAIBackend:
                                     raise _malformed(value) from None
                                 if delta:
                                     content = delta.get("content")
+                                    if content and prefill:
+                                        content, held, prefill = _strip_echo(content, held, prefill)
                                     if content:
                                         pieces += 1
                                         yield content
@@ -367,8 +375,24 @@ class OpenAIBackend:
             raise UpstreamUnreachable(f"upstream unreachable: {error}") from error
         except HttpError as error:
             raise UpstreamError(f"upstream transport error: {_truncate(str(error))}") from error
+        if held:
+            # The stream ended inside what looked like the prefix: it was the answer after all.
+            pieces += 1
+            yield held
         if not outcome.reported:
             outcome.output_tokens = pieces
+
+
+def _strip_echo(content: str, held: str, prefill: str) -> tuple[str, str, str]:
+    """(text to emit now, text still held, prefix still to check: "" once decided)."""
+    held += content
+    if len(held) < len(prefill):
+        if prefill.startswith(held):
+            return "", held, prefill
+        return held, "", ""
+    if held.startswith(prefill):
+        return held[len(prefill) :], "", ""
+    return held, "", ""
 
 
 def _read_usage(usage: object, outcome: Outcome) -> None:
