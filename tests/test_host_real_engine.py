@@ -7,13 +7,18 @@ import asyncio
 import os
 import subprocess
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
 
+from llooma import subjects
 from llooma.embedded import free_port
+from llooma.host.config import HostConfig, ModelConfig
 from llooma.host.engines import EngineProbe
 from llooma.host.openai_backend import (
     GenerationDefaults,
@@ -21,8 +26,9 @@ from llooma.host.openai_backend import (
     Outcome,
     UpstreamRejected,
 )
+from llooma.host.worker import HostWorker
 from llooma.v1.common_pb2 import ChatMessage, GenerationParams
-from llooma.v1.host_pb2 import HostTask
+from llooma.v1.host_pb2 import HostHeartbeat, HostTask
 
 # Gemma's turns, as Jinja. This llama-server renders templates with Jinja by default, so
 # `--chat-template gemma` would be taken as a template whose text is "gemma"; and only a Jinja
@@ -69,7 +75,9 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture(scope="module")
-def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def llama_process(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     assert SERVER is not None
     assert MODEL is not None
     template = tmp_path_factory.mktemp("gemma") / "gemma.jinja"
@@ -100,7 +108,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(url, process)
-        yield url
+        yield url, process
     finally:
         process.terminate()
         try:
@@ -108,6 +116,11 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture
+def llama_server(llama_process: tuple[str, subprocess.Popen[bytes]]) -> str:
+    return llama_process[0]
 
 
 @pytest.fixture
@@ -206,3 +219,54 @@ async def test_probe_reads_load_and_health(backend: OpenAIBackend, llama_server:
     await asyncio.gather(*busy, return_exceptions=True)
     await probe.aclose()
     assert seen >= 1
+
+
+async def test_a_host_in_front_of_llama_server(
+    llama_process: tuple[str, subprocess.Popen[bytes]], nc: Client, nats_url: str
+) -> None:
+    """Load rises in the heartbeat while the engine is busy; with the engine killed, the
+    model is unreachable within 2 s. (Last in this module: it kills the server.)"""
+    url, process = llama_process
+    host_id = f"real-{uuid.uuid4().hex[:6]}"
+    model = ModelConfig(
+        name="gemma", backend="openai", base_url=url + "/v1", engine="llama.cpp", capacity=4
+    )
+    worker = HostWorker(HostConfig(name=host_id, nats_url=nats_url, models=[model]), nc)
+    beats: asyncio.Queue[HostHeartbeat] = asyncio.Queue()
+
+    async def on_beat(msg: Msg) -> None:
+        beats.put_nowait(HostHeartbeat.FromString(msg.data))
+
+    subscription = await nc.subscribe(
+        subjects.kv_put_subject(subjects.HOSTS_BUCKET, host_id), cb=on_beat
+    )
+    await worker.start()
+    source = OpenAIBackend(url + "/v1", None, "gemma", defaults=GenerationDefaults(max_tokens=200))
+    busy = [
+        asyncio.create_task(run(source, task("Write a long essay.", max_tokens=200)))
+        for _ in range(2)
+    ]
+    try:
+        async with asyncio.timeout(20):
+            while True:
+                beat = await beats.get()
+                capability = beat.models[0]
+                if capability.engine_running >= 1:
+                    break
+        assert capability.engine == "llama.cpp"
+        assert capability.features.assistant_prefill
+        assert not capability.engine_unreachable
+        assert beat.load >= 0.25
+        process.kill()
+        killed = asyncio.get_running_loop().time()
+        async with asyncio.timeout(5):
+            while not (await beats.get()).models[0].engine_unreachable:
+                pass
+        assert asyncio.get_running_loop().time() - killed < 2.0
+    finally:
+        for running in busy:
+            running.cancel()
+        await asyncio.gather(*busy, return_exceptions=True)
+        await source.aclose()
+        await worker.drain()
+        await subscription.unsubscribe()
