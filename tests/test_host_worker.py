@@ -388,3 +388,37 @@ async def test_cancelled_races_through_the_worker(nc: Client, nats_url: str) -> 
             assert (await ask(nc, host_id, "llm"))[-1].finished.usage.reported_by_engine
         finally:
             await worker.drain()
+
+
+@pytest.mark.parametrize(
+    ("rendered", "expected"),
+    [
+        # A Jinja template: the prompt ends with the assistant's text, to be continued.
+        ("<start_of_turn>model\nllooma-prefill-probe", True),
+        # A legacy built-in template (--no-jinja): the turn is closed.
+        ("<start_of_turn>model\nllooma-prefill-probe<end_of_turn>\n", False),
+        (None, True),  # no /apply-template: the engine's default
+    ],
+    ids=["jinja", "legacy", "unknown"],
+)
+async def test_llama_cpp_prefill_is_read_from_the_engine(
+    nc: Client, nats_url: str, rendered: str | None, expected: bool
+) -> None:
+    async def server(request: Request, out: Out) -> None:
+        if request.path == "/apply-template" and rendered is not None:
+            await out.whole(200, json.dumps({"prompt": rendered}).encode())
+        elif request.path == "/health":
+            await out.whole(200, b"{}")
+        else:
+            await out.whole(404, b"")
+
+    async with FakeEngine(handler=server) as engine:
+        host_id = f"prefill-{uuid.uuid4().hex[:6]}"
+        worker = HostWorker(openai_host(host_id, nats_url, engine), nc)
+        await worker.start()
+        try:
+            capability = worker.heartbeat().models[0]
+        finally:
+            await worker.drain()
+    assert capability.features.assistant_prefill is expected
+    assert not capability.engine_unreachable

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -57,6 +58,8 @@ DEFAULT_FEATURES: dict[str, frozenset[str]] = {
     "synthetic": frozenset({"assistant_prefill"}),
     "echo": frozenset(),
 }
+
+log = logging.getLogger(__name__)
 
 _LOAD_METRICS = (
     ("llamacpp:requests_processing", "llamacpp:requests_deferred"),
@@ -239,3 +242,51 @@ class EngineProbe:
                 if busy is not None:
                     return EngineState(True, busy, 0, reported=True)
             return EngineState(reachable=True)
+
+
+_PREFILL_MARKER = "llooma-prefill-probe"
+
+
+async def detect_prefill(base_url: str, timeout_s: float = 2.0) -> bool | None:
+    """Whether llama-server continues a trailing assistant message, from how it renders one
+    (`POST /apply-template`): with a Jinja template it ends the prompt with the message's text;
+    with a legacy built-in template (`--no-jinja`) it closes the turn, so a "continuation"
+    would be a new answer. None when the server cannot tell (an older one without the
+    endpoint)."""
+    pool = HttpPool(engine_root(base_url), max_connections=1, connect_timeout_s=timeout_s)
+    body = orjson.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": "Say something."},
+                {"role": "assistant", "content": _PREFILL_MARKER},
+            ]
+        }
+    )
+    try:
+        async with asyncio.timeout(timeout_s):
+            async with pool.request(
+                "POST", "/apply-template", body, "Content-Type: application/json\r\n"
+            ) as response:
+                status = response.status
+                answer = await response.read(_BODY_LIMIT)
+    except (TimeoutError, HttpError):
+        return None
+    finally:
+        await pool.aclose()
+    if status != 200:
+        return None
+    try:
+        prompt = orjson.loads(answer).get("prompt")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    if not isinstance(prompt, str):
+        return None
+    if "Say something." not in prompt:
+        log.warning(
+            "llama-server at %s renders a conversation without its messages (%r): its chat "
+            "template is wrong (with Jinja on, --chat-template NAME is taken as the template's "
+            "text; use --chat-template-file or --no-jinja)",
+            engine_root(base_url),
+            prompt[:80],
+        )
+    return prompt.rstrip().endswith(_PREFILL_MARKER)

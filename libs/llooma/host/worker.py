@@ -22,6 +22,7 @@ from llooma.host.engines import (
     FEATURE_NAMES,
     EngineProbe,
     EngineState,
+    detect_prefill,
     engine_id,
     local_engine_id,
 )
@@ -79,9 +80,13 @@ def model_features(model: ModelConfig) -> ModelFeatures:
 class _Engine:
     """One engine instance behind one or more of this host's models, and what its probe saw."""
 
-    def __init__(self, probe: EngineProbe) -> None:
+    def __init__(self, probe: EngineProbe, base_url: str) -> None:
         self.probe = probe
-        self.state = EngineState()
+        self.base_url = base_url
+        self.state = EngineState(reachable=False)
+        self.probed = False
+        # Models whose assistant_prefill is read from the engine (not set in the YAML).
+        self.prefill_models: list[str] = []
 
 
 class HostWorker:
@@ -110,8 +115,10 @@ class HostWorker:
                         api_key=model.api_key,
                         timeout_s=config.engine_probe_timeout_s,
                     )
-                    self._engines[key] = _Engine(probe)
+                    self._engines[key] = _Engine(probe, model.base_url)
                 self._engine_of[model.name] = key
+                if model.engine == "llama.cpp" and model.features.assistant_prefill is None:
+                    self._engines[key].prefill_models.append(model.name)
             else:
                 key = local_engine_id(config.name, model.name)
             self._capabilities[model.name] = ModelCapability(
@@ -223,11 +230,21 @@ class HostWorker:
     async def _probe_once(self, engine: _Engine) -> bool:
         """Probe one engine; True when its reachability changed."""
         state = await engine.probe.probe()
-        changed = state.reachable != engine.state.reachable
+        changed = state.reachable != engine.state.reachable or not engine.probed
+        if state.reachable and changed and engine.prefill_models:
+            # Whether it continues a trailing assistant message depends on how it was started
+            # (a Jinja template or not), so it is asked again whenever it comes back.
+            prefill = await detect_prefill(engine.base_url, self._config.engine_probe_timeout_s)
+            if prefill is not None:
+                for name in engine.prefill_models:
+                    self._capabilities[name].features.assistant_prefill = prefill
+        first = not engine.probed
         engine.state = state
+        engine.probed = True
         if changed:
             if state.reachable:
-                log.warning("engine %s answers again", engine.probe.engine)
+                if not first:
+                    log.warning("engine %s answers again", engine.probe.engine)
             else:
                 log.warning(
                     "engine %s does not answer: its models are unreachable", engine.probe.engine
