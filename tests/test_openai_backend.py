@@ -693,3 +693,24 @@ async def test_an_echoed_prefill_is_not_sent_twice(
 ) -> None:
     engine.handler = scripted(*(delta(d) for d in deltas), DONE)
     assert await collect(backend(engine), task(prefill="The village ")) == expected
+
+
+async def test_a_slow_load_endpoint_falls_back_to_health(engine: FakeEngine) -> None:
+    slow = asyncio.Event()
+
+    async def busy_engine(request: Request, out: Out) -> None:
+        if request.path == "/metrics":
+            if slow.is_set():
+                await asyncio.Event().wait()  # waits for the engine's next batch
+            await out.whole(200, LLAMA_CPP_METRICS.encode(), "text/plain")
+        elif request.path == "/health":
+            await out.whole(200, b'{"status": "ok"}')
+
+    engine.handler = busy_engine
+    probe = EngineProbe("llama.cpp", engine.base_url, timeout_s=0.5)
+    assert (await probe.probe()).running == 4
+    slow.set()
+    state = await probe.probe()
+    # Reachable, with the last load seen.
+    assert (state.reachable, state.running, state.waiting) == (True, 4, 2)
+    await probe.aclose()
