@@ -445,8 +445,13 @@ async def test_connections_are_bounded(engine: FakeEngine) -> None:
     engine.handler = slow
     source = backend(engine, max_connections=2)
     attempts = [asyncio.create_task(collect(source, task())) for _ in range(6)]
-    await asyncio.sleep(0.2)
+    for _ in range(500):
+        if len(engine.requests) >= 2:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
     assert engine.open_connections == 2
+    assert len(engine.requests) == 2
     release.set()
     assert await asyncio.gather(*attempts) == [["x"]] * 6
     assert engine.peak_connections == 2
