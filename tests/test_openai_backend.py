@@ -445,8 +445,13 @@ async def test_connections_are_bounded(engine: FakeEngine) -> None:
     engine.handler = slow
     source = backend(engine, max_connections=2)
     attempts = [asyncio.create_task(collect(source, task())) for _ in range(6)]
-    await asyncio.sleep(0.2)
+    for _ in range(500):
+        if len(engine.requests) >= 2:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
     assert engine.open_connections == 2
+    assert len(engine.requests) == 2
     release.set()
     assert await asyncio.gather(*attempts) == [["x"]] * 6
     assert engine.peak_connections == 2
@@ -693,3 +698,24 @@ async def test_an_echoed_prefill_is_not_sent_twice(
 ) -> None:
     engine.handler = scripted(*(delta(d) for d in deltas), DONE)
     assert await collect(backend(engine), task(prefill="The village ")) == expected
+
+
+async def test_a_slow_load_endpoint_falls_back_to_health(engine: FakeEngine) -> None:
+    slow = asyncio.Event()
+
+    async def busy_engine(request: Request, out: Out) -> None:
+        if request.path == "/metrics":
+            if slow.is_set():
+                await asyncio.Event().wait()  # waits for the engine's next batch
+            await out.whole(200, LLAMA_CPP_METRICS.encode(), "text/plain")
+        elif request.path == "/health":
+            await out.whole(200, b'{"status": "ok"}')
+
+    engine.handler = busy_engine
+    probe = EngineProbe("llama.cpp", engine.base_url, timeout_s=0.5)
+    assert (await probe.probe()).running == 4
+    slow.set()
+    state = await probe.probe()
+    # Reachable, with the last load seen.
+    assert (state.reachable, state.running, state.waiting) == (True, 4, 2)
+    await probe.aclose()

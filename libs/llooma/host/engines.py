@@ -26,7 +26,7 @@ from typing import Literal
 
 import orjson
 
-from llooma.host.http import HttpError, HttpPool, parse_origin
+from llooma.host.http import ConnectFailed, HttpError, HttpPool, parse_origin
 
 EngineName = Literal["llama.cpp", "vllm", "sglang", "ollama", "openai"]
 ENGINE_NAMES: tuple[EngineName, ...] = ("llama.cpp", "vllm", "sglang", "ollama", "openai")
@@ -203,6 +203,15 @@ class EngineProbe:
         }.get(engine, ["metrics", models_path] if metrics_url else [models_path])
         if engine in ("llama.cpp", "vllm", "sglang") and metrics_url is None:
             self._endpoints[0] = "/metrics"
+        # Answered at once, without waiting for the engine's loop: the fallback when the load
+        # endpoint is slow.
+        self._health: str | None = {
+            "llama.cpp": "/health",
+            "vllm": "/health",
+            "sglang": "/health",
+            "ollama": "/api/version",
+        }.get(engine)
+        self._last = EngineState()
 
     async def aclose(self) -> None:
         await self._pool.aclose()
@@ -210,11 +219,31 @@ class EngineProbe:
             await self._metrics_pool.aclose()
 
     async def probe(self) -> EngineState:
+        health = self._health
+        budget = self._timeout * 0.6 if health else self._timeout
         try:
-            async with asyncio.timeout(self._timeout):
-                return await self._probe()
+            async with asyncio.timeout(budget):
+                self._last = await self._probe()
+                return self._last
+        except ConnectFailed:
+            return EngineState(reachable=False)
+        except (TimeoutError, HttpError):
+            if health is None:
+                return EngineState(reachable=False)
+        # The load endpoint was slow (llama-server answers /metrics and /slots between two
+        # batches, and a batch on a CPU can take seconds): /health answers at once, so the
+        # engine is not taken for dead while it works. Its load is then the last one seen.
+        try:
+            async with asyncio.timeout(self._timeout - budget):
+                async with self._pool.request("GET", health) as response:
+                    status = response.status
+                    await response.read(_BODY_LIMIT)
         except (TimeoutError, HttpError):
             return EngineState(reachable=False)
+        if not 200 <= status < 300:
+            return EngineState(reachable=False)
+        last = self._last
+        return EngineState(True, last.running, last.waiting, reported=last.reported)
 
     async def _probe(self) -> EngineState:
         while True:

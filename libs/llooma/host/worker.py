@@ -150,8 +150,8 @@ class HostWorker:
             await self._nc.subscribe(subjects.host_cancel(self.host_id), cb=self._on_cancel)
         )
         await self._nc.flush()
-        # The first probe of each engine before the first heartbeat, so a host never announces
-        # a model whose engine is down.
+        # The first probe of each engine before the first heartbeat, so that heartbeat already
+        # says whether each model's engine answers (and, for llama.cpp, whether it prefills).
         await asyncio.gather(*(self._probe_once(engine) for engine in self._engines.values()))
         await self._publish_heartbeat()
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="host-heartbeat")
@@ -380,7 +380,7 @@ class HostWorker:
             await self._fail(reply, ERROR_CODE_HOST_FAILED, "backend error")
             return None
         if not outcome.reported:
-            # The engine gave no usage: an estimate, and the heartbeat of truth says so.
+            # The engine gave no usage: an estimate, marked as one (reported_by_engine false).
             outcome.input_tokens = estimate_input_tokens(task)
             outcome.output_tokens = seq
         if not outcome.finish_reason:
