@@ -66,6 +66,12 @@ BUCKETS = (
 
 
 ErrorCallback = Callable[[Exception], Awaitable[None]]
+
+
+class CredentialRefused(ConnectionError):
+    """The server refused this key (revoked, or never admitted): retrying cannot help."""
+
+
 ReconnectHook = Callable[[], Coroutine[Any, Any, None]]
 # How long a reconnected client keeps trying to restore the topology while JetStream recovers.
 RESTORE_TIMEOUT_S = 60.0
@@ -103,6 +109,8 @@ async def connect(
                 reconnect_time_wait=0.5,
             )
         except Exception as error:  # nats-py raises several unrelated types here
+            if "authorization" in str(error).lower():
+                raise CredentialRefused(f"NATS at {url} refused the credential: {error}") from error
             last_error = error
             await asyncio.sleep(0.25)
     raise ConnectionError(f"cannot reach NATS at {url}: {last_error}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -39,7 +40,22 @@ class Candidate:
 
 
 def clamp01(value: float) -> float:
+    """Into [0, 1]; NaN counts as the worst (1), so no term can poison a sort."""
+    if value != value:  # NaN
+        return 1.0
     return 0.0 if value < 0.0 else 1.0 if value > 1.0 else value
+
+
+# Stake is a weight in a draw: heartbeats are checked (llooma.heartbeats), and the draw still
+# never takes a weight that is not a finite number within these bounds.
+MIN_STAKE_WEIGHT = 1e-3
+MAX_STAKE_WEIGHT = 1000.0
+
+
+def stake_weight(stake: float) -> float:
+    if not math.isfinite(stake):
+        return MIN_STAKE_WEIGHT
+    return min(max(stake, MIN_STAKE_WEIGHT), MAX_STAKE_WEIGHT)
 
 
 def host_score(terms: ScoreTerms, weights: ScoreWeights) -> float:
@@ -67,7 +83,7 @@ def pick_hosts(
     chosen: list[Candidate] = []
     while bucket and len(chosen) < k:
         # A host with no stake still gets a small chance, so newcomers can earn a record.
-        weights = [max(c.stake, 1e-3) for c in bucket]
+        weights = [stake_weight(c.stake) for c in bucket]
         index = rng.choices(range(len(bucket)), weights=weights)[0]
         chosen.append(bucket.pop(index))
     return chosen
