@@ -7,11 +7,12 @@ import random
 import time
 import uuid
 
+from google.protobuf.message import DecodeError
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from llooma import bus, subjects
+from llooma import bus, counters, subjects
 from llooma.host_stats import HostStats
 from llooma.membership import HostDirectory
 from llooma.scoring import Candidate, ScoreTerms, ScoreWeights, host_score, pick_hosts
@@ -50,7 +51,12 @@ class Dispatcher:
         self.dag = DagRunner(nc, js, instance_id, self.assign)
 
     async def on_race_event(self, msg: Msg) -> None:
-        self.stats.record(RaceEvent.FromString(msg.data))
+        try:
+            event = RaceEvent.FromString(msg.data)
+        except DecodeError:
+            counters.count("poison_dropped.race_event")
+            return
+        self.stats.record(event)
 
     def terms(self, host_id: str, load: float, staleness_s: float, deadline_ms: int) -> ScoreTerms:
         return self.stats.terms(
