@@ -103,6 +103,13 @@ def host(config: Annotated[Path, typer.Option(help="Host YAML config")]) -> None
         raise typer.Exit(2) from error
 
     refused: list[str] = []
+    seed = None
+    if host_config.credentials is not None:
+        try:
+            seed = host_config.credentials.read_text().strip()
+        except OSError as error:
+            console.print(f"[red]cannot read credentials {host_config.credentials}: {error}[/red]")
+            raise typer.Exit(2) from error
 
     async def serve() -> None:
         stop = asyncio.Event()
@@ -116,7 +123,7 @@ def host(config: Annotated[Path, typer.Option(help="Host YAML config")]) -> None
         nc = await bus.connect(
             host_config.nats_url,
             f"llooma-host-{host_config.name}",
-            nkey_seed_file=str(host_config.credentials) if host_config.credentials else None,
+            nkey_seed=seed,
             error_cb=on_error,
             attempts=20,
         )

@@ -222,6 +222,9 @@ class Stack:
                 response = httpx.get(f"{self.base_url}/healthz", timeout=1.0)
                 if response.status_code == 200:
                     return
+                # Started without hosts: up once every service is (hosts join later).
+                if self.hosts == [] and all(response.json().get("services", {0: 0}).values()):
+                    return
                 last = response.text
             except httpx.HTTPError as error:
                 last = str(error)
