@@ -19,7 +19,9 @@ _VERSION = re.compile(r"^[0-9A-Za-z.+-]{1,32}$")
 MAX_MODELS = 64
 # Announced stake is a weight in a draw among the best-scoring hosts; past this it is a lie.
 MAX_STAKE = 1000.0
-MAX_CAPACITY = 65_536
+# Tasks in flight a host may announce; the ingress still counts each for at most
+# `admission_max_host_capacity`.
+MAX_CAPACITY = 1_000_000
 MAX_QUEUE_DEPTH = 1_000_000
 MAX_HEARTBEAT_BYTES = 16_384
 
