@@ -30,6 +30,10 @@ CONTROL_ACCOUNT = "LLOOMA"
 HOSTS_ACCOUNT = "HOSTS"
 # A reply subject stays open for a host as long as a long generation may take.
 REPLY_WINDOW = "30m"
+# The server forgets a task's reply mapping (hosts account -> control plane) this long after
+# the host's last reply to it: far past any stall deadline, short enough that the mappings of
+# cancelled and finished tasks do not pile up in the server.
+TASK_REPLY_IDLE = "2m"
 MAX_REPLIES_PER_TASK = 1_000_000
 
 
@@ -154,9 +158,9 @@ def accounts_block(control_users: list[str], host_users: list[str]) -> str:
         f"  {hosts} {{\n"
         f"    users: [\n{users(host_users)}    ]\n"
         "    exports: [\n"
-        # Many replies per task (the token stream), for as long as a long generation takes.
+        # Many replies per task (the token stream), for as long as they keep coming.
         f'      {{ service: "{subjects.HOST_TASKS_ANY}", accounts: [{cp}], response: stream, '
-        f'threshold: "{REPLY_WINDOW}" }}\n'
+        f'threshold: "{TASK_REPLY_IDLE}" }}\n'
         "    ]\n"
         "    imports: [\n"
         f'      {{ service: {{ account: {cp}, subject: "{subjects.HOST_HEARTBEAT_ANY}" }} }}\n'
