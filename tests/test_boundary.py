@@ -70,7 +70,9 @@ async def all_served(http: httpx.AsyncClient, requests: int = 8) -> None:
         )
     )
     assert [r.status_code for r in replies] == [200] * requests, [r.text for r in replies]
-    assert time.monotonic() - started < 10
+    # Well before the 21 s a stopped dispatcher once cost (the client's timeout), even on a
+    # loaded machine.
+    assert time.monotonic() - started < 15
 
 
 class Mallory:
