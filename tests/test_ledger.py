@@ -145,6 +145,14 @@ def test_the_reservation_fee_needs_an_accepted_attempt_without_violations() -> N
         assert account_deltas([settle_attempt(PRICES, loser)])[host_account("h1")] == 30
 
 
+def test_no_reservation_fee_for_an_attempt_that_produced_no_token() -> None:
+    lazy = settlement(ATTEMPT_OUTCOME_LOST, 0, winner_tokens=1000, winner_model="m")
+    assert lazy.accepted
+    assert settle_attempt(PRICES, lazy).legs == ()
+    one = settlement(ATTEMPT_OUTCOME_LOST, 1, winner_tokens=1000, winner_model="m")
+    assert account_deltas([settle_attempt(PRICES, one)])[host_account("h1")] == 40 + 3
+
+
 def test_fallback_is_priced_apart_and_booked_as_its_own_cost() -> None:
     won = settlement(ATTEMPT_OUTCOME_WON, 100, fallback=True)
     deltas = account_deltas([settle_attempt(PRICES, won)])

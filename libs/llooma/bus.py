@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -11,7 +12,7 @@ import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, NoStreamResponseError
 
 from llooma import subjects, tracing
 
@@ -66,6 +67,12 @@ BUCKETS = (
 
 
 ErrorCallback = Callable[[Exception], Awaitable[None]]
+
+
+class CredentialRefused(ConnectionError):
+    """The server refused this key (revoked, or never admitted): retrying cannot help."""
+
+
 ReconnectHook = Callable[[], Coroutine[Any, Any, None]]
 # How long a reconnected client keeps trying to restore the topology while JetStream recovers.
 RESTORE_TIMEOUT_S = 60.0
@@ -76,6 +83,7 @@ async def connect(
     name: str,
     *,
     nkey_seed_file: str | None = None,
+    nkey_seed: str | None = None,
     attempts: int = 60,
     error_cb: ErrorCallback | None = None,
     on_reconnect: ReconnectHook | None = None,
@@ -91,18 +99,43 @@ async def connect(
             task = asyncio.create_task(on_reconnect(), name=f"{name}-reconnected")
             keep_task(restoring, task, f"{name}: restore after a reconnect", level=logging.ERROR)
 
+    refused: list[Exception] = []
+    report = error_cb or _log_error
+
+    async def on_error(error: Exception) -> None:
+        if "authorization" in str(error).lower():
+            refused.append(error)
+        await report(error)
+
     for _ in range(attempts):
-        try:
-            return await nats.connect(
+        # nats-py retries a refused first connect by itself, forever: stop it on a refusal.
+        connecting = asyncio.ensure_future(
+            nats.connect(
                 url,
                 name=name,
                 nkeys_seed=nkey_seed_file or None,
-                error_cb=error_cb or _log_error,
+                # Held in memory: a reconnect presents the same key even if the file is gone.
+                nkeys_seed_str=nkey_seed or None,
+                error_cb=on_error,
                 reconnected_cb=reconnected,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
             )
+        )
+        try:
+            while not connecting.done() and not refused:
+                await asyncio.wait({connecting}, timeout=0.05)
+            if refused and not connecting.done():
+                connecting.cancel()
+                with contextlib.suppress(BaseException):
+                    await connecting
+                raise CredentialRefused(f"NATS at {url} refused the credential: {refused[0]}")
+            return connecting.result()
+        except CredentialRefused:
+            raise
         except Exception as error:  # nats-py raises several unrelated types here
+            if "authorization" in str(error).lower():
+                raise CredentialRefused(f"NATS at {url} refused the credential: {error}") from error
             last_error = error
             await asyncio.sleep(0.25)
     raise ConnectionError(f"cannot reach NATS at {url}: {last_error}")
@@ -164,7 +197,22 @@ def msg_id_headers(msg_id: str) -> dict[str, str]:
     return {"Nats-Msg-Id": msg_id}
 
 
+# JetStream answers no one for a few milliseconds while the server reloads an accounts config
+# (`llooma hosts add` / `revoke`) or elects a leader: a hand-off retries that, and only that
+# (the message id makes a repeat harmless).
+HAND_OFF_ATTEMPTS = 5
+HAND_OFF_RETRY_S = 0.05
+
+
 async def hand_off(js: JetStreamContext, subject: str, payload: bytes, msg_id: str) -> None:
     """A durable, idempotent hand-off to the next service (waits for the stream's ack); it
     carries the current span's traceparent when tracing."""
-    await js.publish(subject, payload, headers=tracing.inject(msg_id_headers(msg_id)))
+    headers = tracing.inject(msg_id_headers(msg_id))
+    for attempt in range(1, HAND_OFF_ATTEMPTS + 1):
+        try:
+            await js.publish(subject, payload, headers=headers)
+            return
+        except NoStreamResponseError:
+            if attempt == HAND_OFF_ATTEMPTS:
+                raise
+            await asyncio.sleep(HAND_OFF_RETRY_S * attempt)

@@ -48,6 +48,16 @@ def _require(extra: str, what: str) -> None:
 @app.command()
 def up(
     http_port: Annotated[int, typer.Option(envvar="LLOOMA_HTTP_PORT")] = 8080,
+    nats_port: Annotated[
+        int, typer.Option(envvar="LLOOMA_NATS_PORT", help="The embedded NATS server's port")
+    ] = 4222,
+    demo_hosts: Annotated[
+        bool,
+        typer.Option(
+            envvar="LLOOMA_DEMO_HOSTS",
+            help="Start the three synthetic demo hosts (--no-demo-hosts: only hosts you add)",
+        ),
+    ] = True,
     data_dir: Annotated[Path, typer.Option(help="Where NATS and Postgres keep data")] = Path(
         ".llooma"
     ),
@@ -55,12 +65,16 @@ def up(
     """Run the whole stack on this machine until Ctrl-C or SIGTERM."""
     _require("embedded", "llooma up")
     from llooma.stack import Stack
+    from llooma.stack import demo_hosts as synthetic_hosts
 
+    external_nats = os.environ.get("NATS_URL") or None
     stack = Stack(
         root=data_dir.resolve(),
         http_port=http_port,
-        nats_url=os.environ.get("NATS_URL") or None,
+        nats_port=nats_port,
+        nats_url=external_nats,
         database_url=os.environ.get("DATABASE_URL") or None,
+        hosts=None if demo_hosts else [],
     )
     stopping = False
 
@@ -70,16 +84,19 @@ def up(
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    console.print("starting NATS, Postgres, 8 services and 3 hosts ...")
+    host_count = len(synthetic_hosts("")) if demo_hosts else 0
+    console.print(f"starting NATS, Postgres, 8 services and {host_count} hosts ...")
     try:
         stack.start()
     except Exception as error:
         console.print(f"[red]could not start the stack:[/red] {error}")
         raise typer.Exit(1) from error
+    models = "llooma, synthetic-small, echo" if demo_hosts else "llooma (once a host joins)"
     console.print(
         f"\n[bold green]LLooMA is up[/bold green] at {stack.base_url}\n"
         f"  API key : {DEV_API_KEY}\n"
-        f"  models  : llooma, synthetic-small, echo\n"
+        f"  models  : {models}\n"
+        f"  NATS    : {stack.nats_url} (hosts join here: `llooma hosts add NAME`)\n"
         f"  logs    : {data_dir / 'logs'}\n\n"
         f"  curl {stack.base_url}/v1/chat/completions \\\n"
         f'    -H "Authorization: Bearer {DEV_API_KEY}" -H "Content-Type: application/json" \\\n'
@@ -110,6 +127,13 @@ def host(config: Annotated[Path, typer.Option(help="Host YAML config")]) -> None
         raise typer.Exit(2) from error
 
     refused: list[str] = []
+    seed = None
+    if host_config.credentials is not None:
+        try:
+            seed = host_config.credentials.read_text().strip()
+        except OSError as error:
+            console.print(f"[red]cannot read credentials {host_config.credentials}: {error}[/red]")
+            raise typer.Exit(2) from error
 
     async def serve() -> None:
         stop = asyncio.Event()
@@ -123,20 +147,29 @@ def host(config: Annotated[Path, typer.Option(help="Host YAML config")]) -> None
         nc = await bus.connect(
             host_config.nats_url,
             f"llooma-host-{host_config.name}",
-            nkey_seed_file=str(host_config.credentials) if host_config.credentials else None,
+            nkey_seed=seed,
             error_cb=on_error,
             attempts=20,
         )
         await run_worker(host_config, nc, stop)
 
     tracing.setup("host", instance_id=host_config.name)
+    admit_hint = (
+        f"it was revoked, or never admitted: an operator runs `llooma hosts add "
+        f"{host_config.name}` and gives this host the seed file it prints"
+    )
     try:
         uvloop.run(serve())
+    except bus.CredentialRefused as error:
+        console.print(f"[red]{error}; {admit_hint}[/red]")
+        raise typer.Exit(3) from error
     except ConnectionError as error:
         console.print(f"[red]{error}[/red]")
         raise typer.Exit(3) from error
     if refused:
-        console.print(f"[red]NATS refused this host's credential: {refused[0]}[/red]")
+        console.print(
+            f"[red]NATS refused this host's credential ({refused[0]}); {admit_hint}[/red]"
+        )
         raise typer.Exit(3)
 
 
@@ -146,49 +179,59 @@ app.add_typer(hosts_app, name="hosts")
 DataDir = Annotated[Path, typer.Option(help="The stack's data folder")]
 
 
-def _apply_credentials(data_dir: Path) -> str:
-    """Re-render the embedded server's config and reload it, if the server has run here."""
-    from llooma.credentials import CredentialStore, reload_nats
-
-    nats_dir = data_dir / "nats"
-    port_file = nats_dir / "port"
-    if not port_file.exists():
-        return "no embedded NATS server has run here; it will pick this up when it starts"
-    _require("embedded", "the embedded NATS server")
-    from llooma.embedded import write_nats_config
-
-    store = CredentialStore(data_dir / "credentials")
-    write_nats_config(nats_dir, store, int(port_file.read_text()))
-    if reload_nats(nats_dir / "nats-server.pid"):
-        return "the running NATS server has reloaded its permissions"
-    return "no NATS server is running; the next `llooma up` uses this"
-
-
 @hosts_app.command("add")
-def hosts_add(name: str, data_dir: DataDir = Path(".llooma")) -> None:
-    """Issue NAME its own NATS credential (an nkey seed) and admit it."""
+def hosts_add(
+    name: str,
+    data_dir: DataDir = Path(".llooma"),
+    config_out: Annotated[
+        Path | None, typer.Option(help="Also write the host YAML printed below to this file")
+    ] = None,
+) -> None:
+    """Issue NAME its own NATS credential (an nkey seed), admit it, print a host YAML."""
+    _require("embedded", "llooma hosts")
+    from llooma import admission
     from llooma.credentials import CredentialStore
 
     try:
-        path = CredentialStore(data_dir / "credentials").issue(name)
+        path = CredentialStore(data_dir.resolve() / "credentials").issue(name)
     except ValueError as error:
         console.print(f"[red]{error}[/red]")
         raise typer.Exit(2) from error
     console.print(f"credential for {name}: {path.resolve()}")
-    console.print("put it in the host's YAML as `credentials: <path>`")
-    console.print(_apply_credentials(data_dir))
+    outcome = admission.apply(data_dir, path.read_text().strip(), admitted=True)
+    if not outcome.ok:
+        console.print(f"[red]{outcome.message}[/red]")
+        raise typer.Exit(1)
+    console.print(outcome.message)
+    config = admission.host_yaml(name, data_dir, path)
+    if config_out is not None:
+        config_out.write_text(config)
+        console.print(
+            f"host config written to {config_out}; run: llooma host --config {config_out}"
+        )
+    console.print("host config (edit `models`, then `llooma host --config <file>`):\n")
+    print(config, end="")
 
 
 @hosts_app.command("revoke")
 def hosts_revoke(name: str, data_dir: DataDir = Path(".llooma")) -> None:
     """Withdraw NAME's credential; a connected host is cut off at once."""
+    _require("embedded", "llooma hosts")
+    from llooma import admission
     from llooma.credentials import CredentialStore
 
-    if not CredentialStore(data_dir / "credentials").revoke(name):
+    store = CredentialStore(data_dir.resolve() / "credentials")
+    seed_path = store.seed_path(name)
+    seed = seed_path.read_text().strip() if seed_path.exists() else ""
+    if not store.revoke(name):
         console.print(f"[red]no host named {name!r} holds a credential[/red]")
         raise typer.Exit(1)
     console.print(f"revoked {name}")
-    console.print(_apply_credentials(data_dir))
+    outcome = admission.apply(data_dir, seed, admitted=False)
+    if not outcome.ok:
+        console.print(f"[red]{outcome.message}[/red]")
+        raise typer.Exit(1)
+    console.print(outcome.message)
 
 
 @hosts_app.command("list")
@@ -196,7 +239,7 @@ def hosts_list(data_dir: DataDir = Path(".llooma")) -> None:
     """Hosts holding a credential, with their public keys."""
     from llooma.credentials import CredentialStore
 
-    for name, key in sorted(CredentialStore(data_dir / "credentials").hosts().items()):
+    for name, key in sorted(CredentialStore(data_dir.resolve() / "credentials").hosts().items()):
         console.print(f"{name}\t{key}")
 
 

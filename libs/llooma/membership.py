@@ -1,8 +1,9 @@
 """Who is alive: heartbeats in JetStream KV buckets, watched into an in-memory view.
 
-Hosts and service instances put a heartbeat under their own key every interval. The bucket's
-TTL drops entries nobody refreshes, so a restarted watcher never sees long-dead members; the
-view's own staleness cutoff marks a vanished member ineligible well before that.
+Service instances put a heartbeat under their own key every interval; hosts send theirs to
+the dispatcher (`HostHeartbeatIntake`), which checks it and puts it under the host's key.
+The bucket's TTL drops entries nobody refreshes, so a restarted watcher never sees long-dead
+members; the view's own staleness cutoff marks a vanished member ineligible well before that.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from google.protobuf.message import DecodeError, Message
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from llooma import selection, subjects
+from llooma import counters, heartbeats, selection, subjects
 from llooma.bus import MEMBERSHIP_TTL_S
 from llooma.kv_view import BucketView
 from llooma.selection import Ask, Policy, as_host, host_rejection, version_tuple
@@ -82,8 +83,12 @@ class Membership(BucketView, Generic[HeartbeatT]):
             return
         try:
             heartbeat = self._parse(value)
-        except DecodeError:
-            log.warning("undecodable heartbeat under %s.%s", self._bucket, key)
+        except (DecodeError, ValueError) as error:
+            # Only the control plane writes these buckets, and it checks first: this is the
+            # second line (every reader of heartbeat numbers reads them through here).
+            counters.count(f"membership_refused.{self._bucket}")
+            log.warning("refused a heartbeat under %s.%s: %s", self._bucket, key, error)
+            self._members.pop(key, None)
             return
         # The server's timestamp ages entries read from history when a watch (re)starts.
         age_s = max(0.0, time.time() - created_unix)
@@ -91,7 +96,7 @@ class Membership(BucketView, Generic[HeartbeatT]):
 
 
 def _parse_host(data: bytes) -> HostHeartbeat:
-    return HostHeartbeat.FromString(data)
+    return heartbeats.parse(data)
 
 
 def _parse_service(data: bytes) -> ServiceHeartbeat:

@@ -119,6 +119,19 @@ def host_cancel(host_id: str) -> str:
     return f"{PREFIX}.host.{host_id}.cancel"
 
 
+# Hosts live in a NATS account of their own (see credentials.py): these are the only subjects
+# that cross between it and the control plane's account.
+HOST_TASKS_ANY = f"{PREFIX}.cap.>"
+HOST_CANCEL_ANY = f"{PREFIX}.host.*.cancel"
+HOST_HEARTBEAT_ANY = f"{PREFIX}.heartbeat.host.*"
+
+
+def host_heartbeat(host_id: str) -> str:
+    """Where a host sends its heartbeat; a control-plane service validates it and writes the
+    hosts bucket (a host never writes a bucket itself)."""
+    return f"{PREFIX}.heartbeat.host.{host_id}"
+
+
 def checked_token(value: str) -> str:
     """Return value if it is safe as one subject token (host ids, instance ids), else raise."""
     if not _SAFE_TOKEN.match(value):

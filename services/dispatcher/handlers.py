@@ -6,11 +6,12 @@ import logging
 import random
 import uuid
 
+from google.protobuf.message import DecodeError
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from llooma import bus, subjects
+from llooma import bus, counters, subjects
 from llooma.host_stats import HostStats
 from llooma.membership import HostDirectory
 from llooma.planning import decide, is_split
@@ -49,7 +50,12 @@ class Dispatcher:
         self.dag = DagRunner(nc, js, instance_id, self.assign)
 
     async def on_race_event(self, msg: Msg) -> None:
-        self.stats.record(RaceEvent.FromString(msg.data))
+        try:
+            event = RaceEvent.FromString(msg.data)
+        except DecodeError:
+            counters.count("poison_dropped.race_event")
+            return
+        self.stats.record(event)
 
     def candidates(self, model: str, deadline_ms: int) -> list[Candidate]:
         ask = Ask(model, deadline_ms=deadline_ms)

@@ -136,7 +136,8 @@ class HostWorker:
         self._subscriptions: list[Subscription] = []
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._draining = False
-        self._heartbeat_subject = subjects.kv_put_subject(subjects.HOSTS_BUCKET, config.name)
+        # Checked by the dispatcher, which writes the hosts bucket (a host cannot).
+        self._heartbeat_subject = subjects.host_heartbeat(config.name)
 
     @property
     def host_id(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -12,6 +13,18 @@ class Candidate:
     model: str
     score: float
     stake: float
+
+
+# Stake is a weight in a draw: heartbeats are checked (llooma.heartbeats), and the draw still
+# never takes a weight that is not a finite number within these bounds.
+MIN_STAKE_WEIGHT = 1e-3
+MAX_STAKE_WEIGHT = 1000.0
+
+
+def stake_weight(stake: float) -> float:
+    if not math.isfinite(stake):
+        return MIN_STAKE_WEIGHT
+    return min(max(stake, MIN_STAKE_WEIGHT), MAX_STAKE_WEIGHT)
 
 
 def pick_hosts(
@@ -29,7 +42,7 @@ def pick_hosts(
     chosen: list[Candidate] = []
     while bucket and len(chosen) < k:
         # A host with no stake still gets a small chance, so newcomers can earn a record.
-        weights = [max(c.stake, 1e-3) for c in bucket]
+        weights = [stake_weight(c.stake) for c in bucket]
         index = rng.choices(range(len(bucket)), weights=weights)[0]
         chosen.append(bucket.pop(index))
     return chosen

@@ -102,6 +102,9 @@ def weights_from_settings(settings: Settings) -> dict[str, float]:
 
 
 def clamp01(value: float) -> float:
+    """Into [0, 1]; NaN counts as the worst (1), so no term can poison a sort."""
+    if value != value:  # NaN
+        return 1.0
     return 0.0 if value < 0.0 else 1.0 if value > 1.0 else value
 
 
