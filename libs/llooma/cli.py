@@ -99,7 +99,7 @@ def host(config: Annotated[Path, typer.Option(help="Host YAML config")]) -> None
         nc = await bus.connect(
             host_config.nats_url,
             f"llooma-host-{host_config.name}",
-            nkey_seed_file=str(host_config.credentials) if host_config.credentials else None,
+            access=host_config.nats_access(),
             error_cb=on_error,
             attempts=20,
         )

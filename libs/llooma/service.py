@@ -53,11 +53,11 @@ class Service:
         self.nc = await bus.connect(
             self.settings.nats_url,
             f"llooma-{self.name}",
-            nkey_seed_file=self.settings.nats_nkey_seed_file,
+            access=self.settings.nats_access(),
             on_reconnect=self._reconnected,
         )
         self.js = self.nc.jetstream()
-        await bus.ensure_topology(self.js)
+        await bus.keep_topology(self.js, self.name)
 
     async def _reconnected(self) -> None:
         """A restarted server has lost the memory pipeline stream and its consumers; core
