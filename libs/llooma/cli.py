@@ -28,6 +28,13 @@ def up(
     data_dir: Annotated[Path, typer.Option(help="Where NATS and Postgres keep data")] = Path(
         ".llooma"
     ),
+    cluster: Annotated[
+        int,
+        typer.Option(
+            envvar="LLOOMA_UP_CLUSTER",
+            help="Run N clustered NATS nodes on loopback instead of one (streams at R3)",
+        ),
+    ] = 0,
 ) -> None:
     """Run the whole stack on this machine until Ctrl-C or SIGTERM."""
     from llooma.stack import Stack
@@ -37,6 +44,7 @@ def up(
         http_port=http_port,
         nats_url=os.environ.get("NATS_URL") or None,
         database_url=os.environ.get("DATABASE_URL") or None,
+        nats_cluster=cluster,
     )
     stopping = False
 
@@ -56,6 +64,7 @@ def up(
         f"\n[bold green]LLooMA is up[/bold green] at {stack.base_url}\n"
         f"  API key : {DEV_API_KEY}\n"
         f"  models  : llooma, synthetic-small, echo\n"
+        f"  NATS    : {stack.nats_url}\n"
         f"  logs    : {data_dir / 'logs'}\n\n"
         f"  curl {stack.base_url}/v1/chat/completions \\\n"
         f'    -H "Authorization: Bearer {DEV_API_KEY}" -H "Content-Type: application/json" \\\n'

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import yaml
 
+from llooma.cluster import NatsCluster
 from llooma.credentials import CredentialStore
 from llooma.db.migrate import migrate
 from llooma.embedded import (
@@ -108,9 +109,14 @@ class Stack:
     children: list[Child] = field(default_factory=list)
     nats: EmbeddedNats | None = None
     postgres: EmbeddedPostgres | None = None
+    # With N > 0 and no NATS_URL: N clustered nats-server nodes instead of one (streams R3).
+    nats_cluster: int = 0
+    cluster: NatsCluster | None = None
 
     @property
     def credentials(self) -> CredentialStore | None:
+        if self.cluster is not None:
+            return self.cluster.credentials
         server = self.nats or self.shared_nats
         return server.credentials if server is not None else None
 
@@ -139,6 +145,13 @@ class Stack:
         try:
             if self.shared_nats is not None:
                 self.nats_url = self.shared_nats.url
+            elif self.nats_url is None and self.nats_cluster > 0:
+                self.cluster = NatsCluster.start(
+                    self.root,
+                    self.nats_cluster,
+                    credentials=CredentialStore(self.root / "credentials"),
+                )
+                self.nats_url = self.cluster.url
             elif self.nats_url is None:
                 self.nats = EmbeddedNats.start(
                     self.root / "nats", credentials=CredentialStore(self.root / "credentials")
@@ -150,8 +163,12 @@ class Stack:
             asyncio.run(migrate(self.database_url))
             # Created here, once, so `llooma ledger verify` finds the public key beside it.
             Signer.load_or_create(self.ledger_key_file)
+            cluster_env = (
+                {"LLOOMA_NATS_REPLICAS": str(self.cluster.replicas)} if self.cluster else {}
+            )
             env = child_environment(
                 {
+                    **cluster_env,
                     **self.extra_env,
                     "NATS_URL": self.nats_url,
                     "DATABASE_URL": self.database_url,
@@ -181,6 +198,8 @@ class Stack:
             server = self.nats or self.shared_nats
             if server is not None:
                 server.reload()
+            if self.cluster is not None:
+                self.cluster.reload()
             for child in self.children:
                 child.spawn()
             self.wait_ready(ready_timeout_s)
@@ -240,6 +259,15 @@ class Stack:
             old.stop()
         self.nats = EmbeddedNats.start(old.data_dir, old.port, credentials=old.credentials)
 
+    def kill_nats_node(self, index: int) -> int:
+        """kill -9 one node of the stack's NATS cluster; returns its pid."""
+        assert self.cluster is not None, "the stack runs no NATS cluster"
+        return self.cluster.kill(index)
+
+    def restart_nats_node(self, index: int) -> None:
+        assert self.cluster is not None, "the stack runs no NATS cluster"
+        self.cluster.restart(index)
+
     def restart_postgres(self) -> None:
         """kill -9 the postmaster and its backends, then start it again (crash recovery)."""
         assert self.postgres is not None, "only the stack's own Postgres can be restarted"
@@ -250,6 +278,8 @@ class Stack:
         found = [c.process.pid for c in self.children if c.process is not None]
         if self.nats is not None:
             found.append(self.nats.process.pid)
+        if self.cluster is not None:
+            found.extend(self.cluster.pids())
         if self.postgres is not None and (pg_pid := self.postgres.pid()) is not None:
             found.append(pg_pid)
         return found
@@ -269,6 +299,9 @@ class Stack:
         if self.nats is not None:
             self.nats.stop()
             self.nats = None
+        if self.cluster is not None:
+            self.cluster.stop()
+            self.cluster = None
         if self.postgres is not None:
             self.postgres.stop()
             self.postgres = None
