@@ -460,7 +460,34 @@ def msg_id_headers(msg_id: str) -> dict[str, str]:
     return {"Nats-Msg-Id": msg_id}
 
 
-async def hand_off(js: JetStreamContext, subject: str, payload: bytes, msg_id: str) -> None:
+# A hand-off's publish is retried (with its Nats-Msg-Id, so a retry of one that was in fact
+# stored is discarded as a duplicate) while a stream's leader is re-elected after a node died;
+# each attempt waits this long for the ack, all of them together the budget.
+HAND_OFF_ATTEMPT_S = 1.0
+HAND_OFF_BUDGET_S = 2.5
+HAND_OFF_RETRY_PAUSE_S = 0.1
+
+
+async def hand_off(
+    js: JetStreamContext,
+    subject: str,
+    payload: bytes,
+    msg_id: str,
+    *,
+    budget_s: float = HAND_OFF_BUDGET_S,
+) -> None:
     """A durable, idempotent hand-off to the next service (waits for the stream's ack); it
-    carries the current span's traceparent when tracing."""
-    await js.publish(subject, payload, headers=tracing.inject(msg_id_headers(msg_id)))
+    carries the current span's traceparent when tracing. Retried within `budget_s` (no
+    leader for the stream yet, a lost ack, a reconnect), then the last error is raised."""
+    headers = tracing.inject(msg_id_headers(msg_id))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + budget_s
+    while True:
+        attempt_s = min(HAND_OFF_ATTEMPT_S, max(deadline - loop.time(), 0.05))
+        try:
+            await js.publish(subject, payload, timeout=attempt_s, headers=headers)
+            return
+        except Exception:  # a timeout, no responders (no leader yet), a lost connection
+            if loop.time() + HAND_OFF_RETRY_PAUSE_S >= deadline:
+                raise
+            await asyncio.sleep(HAND_OFF_RETRY_PAUSE_S)

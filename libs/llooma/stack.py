@@ -23,6 +23,7 @@ from llooma.embedded import (
     EmbeddedPostgres,
     child_environment,
     die_with_parent,
+    free_port,
     port_is_free,
 )
 from llooma.host.config import Generation, HostConfig, Latency, ModelConfig, Policy
@@ -112,6 +113,8 @@ class Stack:
     # With N > 0 and no NATS_URL: N clustered nats-server nodes instead of one (streams R3).
     nats_cluster: int = 0
     cluster: NatsCluster | None = None
+    # The ports of the ingresses after the first (replicas["ingress"] > 1).
+    ingress_ports: list[int] = field(default_factory=list)
 
     @property
     def credentials(self) -> CredentialStore | None:
@@ -133,6 +136,11 @@ class Stack:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def ingress_urls(self) -> list[str]:
+        """Every ingress's base URL, the first one's (base_url) first."""
+        return [self.base_url, *(f"http://127.0.0.1:{p}" for p in self.ingress_ports)]
 
     def start(self, ready_timeout_s: float = 90.0) -> None:
         if not port_is_free(self.http_port):
@@ -181,7 +189,13 @@ class Stack:
                 args = [sys.executable, "-m", f"services.{service}"]
                 for replica in range(1, self.replicas.get(service, 1) + 1):
                     name = service if replica == 1 else f"{service}-{replica}"
-                    self.children.append(Child(name, args, env, logs / f"{name}.log"))
+                    child_env = env
+                    if service == "ingress" and replica > 1:
+                        # Each further ingress listens on a port of its own (ingress_urls).
+                        port = free_port()
+                        child_env = {**env, "LLOOMA_HTTP_PORT": str(port)}
+                        self.ingress_ports.append(port)
+                    self.children.append(Child(name, args, child_env, logs / f"{name}.log"))
             host_dir = self.root / "hosts"
             host_dir.mkdir(exist_ok=True)
             host_store = self.credentials

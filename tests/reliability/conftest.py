@@ -64,6 +64,8 @@ class Result:
     end: str = ""
     status: int = 0
     request_id: str = ""
+    # The Retry-After of a refused request (4xx/5xx before any stream).
+    retry_after: str = ""
 
 
 @dataclass
@@ -117,6 +119,7 @@ async def one_request(http: httpx.AsyncClient, body: dict[str, object], result: 
             result.status = reply.status_code
             result.request_id = reply.headers.get("x-llooma-request-id", "")
             if reply.status_code != 200:
+                result.retry_after = reply.headers.get("retry-after", "")
                 await reply.aread()
                 return "http_error"
             async for line in reply.aiter_lines():
