@@ -167,14 +167,15 @@ async def published_settlements(stack: Stack) -> list[TaskSettlement]:
     nc = await bus.connect(stack.nats_url, "llooma-tests-audit", nkey_seed_file=stack.control_seed)
     try:
         js = nc.jetstream()
-        found: list[TaskSettlement] = []
+        found: dict[int, TaskSettlement] = {}
         sub = await js.subscribe(subjects.SETTLEMENT_TASK, ordered_consumer=True)
         info = await js.stream_info(subjects.SETTLEMENT_STREAM)
+        # By stream sequence: an ordered consumer that resets may deliver one again.
         while len(found) < info.state.messages:
             msg = await sub.next_msg(timeout=5)
-            found.append(TaskSettlement.FromString(msg.data))
+            found[msg.metadata.sequence.stream] = TaskSettlement.FromString(msg.data)
         await sub.unsubscribe()
-        return found
+        return list(found.values())
     finally:
         await nc.close()
 
