@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from nats.aio.client import Client
+from nats.js.errors import BadRequestError
 
 from llooma import bus, subjects
 from llooma.embedded import EmbeddedNats, free_port
@@ -121,3 +123,32 @@ async def test_an_impossible_topology_is_retried_not_fatal(client: Client) -> No
     assert await bus.keep_topology(js, "test", timeout_s=5.0) is True
     info = await js.stream_info(subjects.PIPELINE_STREAM)
     assert info.config.num_replicas == 1
+
+
+class FlakyStream:
+    """A JetStream stand-in whose publish fails `failures` times first (no NATS)."""
+
+    def __init__(self, failures: int, error: Exception) -> None:
+        self.failures = failures
+        self.error = error
+        self.calls = 0
+
+    async def publish(self, *_: object, **__: object) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error
+
+
+async def test_a_hand_off_is_retried_while_a_stream_elects_a_leader() -> None:
+    flaky = FlakyStream(2, TimeoutError())
+    await bus.hand_off(flaky, "s", b"", "id")  # type: ignore[arg-type]
+    assert flaky.calls == 3
+    dead = FlakyStream(10**6, TimeoutError())
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await bus.hand_off(dead, "s", b"", "id", budget_s=0.5)  # type: ignore[arg-type]
+    assert time.monotonic() - started < 1.0
+    refused = FlakyStream(10**6, BadRequestError(code=400, description="refused"))
+    with pytest.raises(BadRequestError):
+        await bus.hand_off(refused, "s", b"", "id")  # type: ignore[arg-type]
+    assert refused.calls == 1

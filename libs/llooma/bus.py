@@ -487,6 +487,8 @@ async def hand_off(
         try:
             await js.publish(subject, payload, timeout=attempt_s, headers=headers)
             return
+        except BadRequestError:
+            raise  # the stream's own answer about this message: resending cannot change it
         except Exception:  # a timeout, no responders (no leader yet), a lost connection
             if loop.time() + HAND_OFF_RETRY_PAUSE_S >= deadline:
                 raise
