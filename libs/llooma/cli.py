@@ -132,17 +132,21 @@ DataDir = Annotated[Path, typer.Option(help="The stack's data folder")]
 
 
 def _apply_credentials(data_dir: Path) -> str:
-    """Re-render the embedded server's config and reload it, if the server has run here."""
+    """Re-render the embedded server's config (each node's, for `up --cluster`) and reload
+    it, if the server has run here."""
+    from llooma.cluster import node_dirs
     from llooma.credentials import CredentialStore, reload_nats
     from llooma.embedded import write_nats_config
 
-    nats_dir = data_dir / "nats"
-    port_file = nats_dir / "port"
-    if not port_file.exists():
+    nodes = [d for d in node_dirs(data_dir) if (d / "port").exists()]
+    if not nodes:
         return "no embedded NATS server has run here; it will pick this up when it starts"
     store = CredentialStore(data_dir / "credentials")
-    write_nats_config(nats_dir, store, int(port_file.read_text()))
-    if reload_nats(nats_dir / "nats-server.pid"):
+    reloaded = 0
+    for nats_dir in nodes:
+        write_nats_config(nats_dir, store, int((nats_dir / "port").read_text()))
+        reloaded += reload_nats(nats_dir / "nats-server.pid")
+    if reloaded:
         return "the running NATS server has reloaded its permissions"
     return "no NATS server is running; the next `llooma up` uses this"
 

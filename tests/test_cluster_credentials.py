@@ -1,0 +1,56 @@
+"""`llooma hosts add/revoke` on a stack run with `llooma up --cluster 3`: every node's config is
+re-rendered (its cluster block kept) and reloaded, so a host is admitted, and cut off, on each
+node."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from llooma import bus
+from llooma.cli import app
+from llooma.cluster import NatsCluster
+from llooma.credentials import CredentialStore
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    root = tmp_path_factory.mktemp("cluster-creds")
+    running = NatsCluster.start(root, 3, credentials=CredentialStore(root / "credentials"))
+    yield running
+    running.stop()
+
+
+async def admitted(url: str, seed: Path) -> bool:
+    try:
+        async with asyncio.timeout(3):
+            nc = await bus.connect(url, "llooma-tests-host", nkey_seed_file=str(seed), attempts=1)
+    except (TimeoutError, ConnectionError):
+        return False
+    await nc.close()
+    return True
+
+
+async def test_a_host_is_admitted_and_cut_off_on_every_node(cluster: NatsCluster) -> None:
+    runner = CliRunner()
+    added = await asyncio.to_thread(
+        runner.invoke, app, ["hosts", "add", "edge-1", "--data-dir", str(cluster.root)]
+    )
+    assert added.exit_code == 0, added.output
+    assert cluster.credentials is not None
+    seed = cluster.credentials.seed_path("edge-1")
+    for url in cluster.url.split(","):
+        assert await admitted(url, seed), url
+    # Each node still belongs to the cluster after its reload.
+    assert all("cluster {" in (cluster.node_dir(i) / "nats.conf").read_text() for i in range(3))
+    revoked = await asyncio.to_thread(
+        runner.invoke, app, ["hosts", "revoke", "edge-1", "--data-dir", str(cluster.root)]
+    )
+    assert revoked.exit_code == 0, revoked.output
+    await asyncio.sleep(0.5)
+    for url in cluster.url.split(","):
+        assert not await admitted(url, seed), url
