@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llooma.credentials import CredentialStore
-from llooma.embedded import EmbeddedNats, free_port
+from llooma.embedded import EmbeddedNats, free_port, port_is_free
 
 CLUSTER_NAME = "llooma"
 # Replicas on a cluster of N nodes: 3, or N when it has fewer.
@@ -79,12 +79,15 @@ class NatsCluster:
     ) -> NatsCluster:
         if size < 1:
             raise ValueError("a cluster has at least one node")
-        cluster = cls(
-            root,
-            client_ports or [free_port() for _ in range(size)],
-            [free_port() for _ in range(size)],
-            credentials,
-        )
+        # A restarted `llooma up --cluster` keeps its nodes' ports: hosts' configs name them.
+        if client_ports is None:
+            client_ports = [_kept_port(root / node_name(i) / "port") for i in range(size)]
+        cluster_ports = [_kept_port(root / node_name(i) / "cluster_port") for i in range(size)]
+        cluster = cls(root, client_ports, cluster_ports, credentials)
+        for index, port in enumerate(cluster_ports):
+            (root / node_name(index)).mkdir(parents=True, exist_ok=True)
+            (root / node_name(index) / "cluster_port").write_text(str(port))
+            (root / node_name(index) / "port").write_text(str(client_ports[index]))
         if credentials is not None:
             credentials.control_plane_seed()
         try:
@@ -138,6 +141,15 @@ class NatsCluster:
             if node is not None:
                 node.stop()
         self.nodes = [None] * len(self.nodes)
+
+
+def _kept_port(path: Path) -> int:
+    """The port a node used last time (kept in its folder) if it is free, else a free one."""
+    if path.exists():
+        port = int(path.read_text())
+        if port_is_free(port):
+            return port
+    return free_port()
 
 
 def node_dirs(data_dir: Path) -> list[Path]:

@@ -1,6 +1,6 @@
-"""`llooma hosts add/revoke` on a stack run with `llooma up --cluster 3`: every node's config is
-re-rendered (its cluster block kept) and reloaded, so a host is admitted, and cut off, on each
-node."""
+"""`llooma up --cluster` nodes: `llooma hosts add/revoke` re-render and reload every node (its
+cluster block kept), so a host is admitted, and cut off, on each; a restarted cluster keeps
+its ports, its R3 streams and their messages."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from llooma import bus
+from llooma import bus, subjects
 from llooma.cli import app
 from llooma.cluster import NatsCluster
 from llooma.credentials import CredentialStore
@@ -54,3 +54,27 @@ async def test_a_host_is_admitted_and_cut_off_on_every_node(cluster: NatsCluster
     await asyncio.sleep(0.5)
     for url in cluster.url.split(","):
         assert not await admitted(url, seed), url
+
+
+async def test_a_restarted_cluster_keeps_its_ports_streams_and_messages(tmp_path: Path) -> None:
+    first = NatsCluster.start(tmp_path, 3)
+    try:
+        nc = await bus.connect(first.url, "llooma-tests-cluster")
+        js = nc.jetstream()
+        assert await bus.keep_topology(js, "test", timeout_s=60)
+        await bus.hand_off(js, subjects.SETTLEMENT_TASK, b"kept", "m-1", budget_s=10)
+        await nc.close()
+    finally:
+        first.stop()
+    again = NatsCluster.start(tmp_path, 3)
+    try:
+        assert again.client_ports == first.client_ports
+        nc = await bus.connect(again.url, "llooma-tests-cluster")
+        js = nc.jetstream()
+        assert await bus.keep_topology(js, "test", timeout_s=60)
+        info = await js.stream_info(subjects.SETTLEMENT_STREAM)
+        assert info.config.num_replicas == 3
+        assert info.state.messages == 1
+        await nc.close()
+    finally:
+        again.stop()
