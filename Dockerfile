@@ -16,7 +16,8 @@ COPY libs/ libs/
 COPY services/ services/
 COPY proto/ proto/
 
-# Runtime dependencies only (no dev extras); build leftovers are removed from the source tree.
+# What the services and host workers need, no extras (dev, embedded servers, bench plots: see
+# pyproject.toml); build leftovers are removed from the source tree.
 RUN pip install . \
     && rm -rf build libs/*.egg-info *.egg-info
 

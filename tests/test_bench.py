@@ -168,3 +168,39 @@ def test_plots_write_pngs(tmp_path: Path) -> None:
         data = path.read_bytes()
         assert data.startswith(png), path
         assert len(data) > 5000, path
+
+
+async def test_the_bench_upstream_streams_what_an_openai_client_reads() -> None:
+    """The peers bench's upstream speaks OpenAI's protocol as a real engine does: the official
+    client reads its chunks, finish reason and usage, over one keep-alive connection."""
+    import openai
+
+    from llooma.bench.upstream import serve_forever
+    from llooma.embedded import free_port
+
+    port = free_port()
+    server = asyncio.create_task(serve_forever(port, 5))
+    await asyncio.sleep(0.2)
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
+    try:
+        stream = await client.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": "one two three"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in stream]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == "tok " * 5
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+        assert chunks[-1].usage is not None
+        assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (3, 5)
+        whole = await client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x"}]
+        )
+        assert whole.choices[0].message.content == "tok " * 5
+        assert whole.usage is not None
+        assert whole.usage.completion_tokens == 5
+    finally:
+        await client.close()
+        server.cancel()

@@ -15,6 +15,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from llooma.credentials import CONTROL_PLANE, accounts_block, host_user, public_key
 from llooma.embedded import nats_server_binary
 from llooma.host.config import HostConfig
 
@@ -344,3 +345,56 @@ def test_ingress_publishes_its_port() -> None:
     )
     host = environment_of(ingress).get("LLOOMA_HTTP_HOST")
     assert host == "0.0.0.0", f"ingress listens on {host or '127.0.0.1'}, unreachable from outside"
+
+
+# -- the host boundary: accounts and keys --------------------------------------------------
+
+DEV_CREDENTIALS = ROOT / "deploy" / "nats" / "dev-credentials"
+
+
+def dev_key(name: str) -> str:
+    return public_key((DEV_CREDENTIALS / f"{name}.nk").read_bytes().strip())
+
+
+def mounted_files(definition: dict[str, Any]) -> dict[str, Path]:
+    """Container path -> local file for every bind mount of a file in the repository."""
+    found = {}
+    for volume in definition.get("volumes", []):
+        source, _, rest = str(volume).partition(":")
+        if source.startswith("./"):
+            found[rest.split(":")[0]] = ROOT / source
+    return found
+
+
+def test_nats_config_has_the_embedded_servers_accounts_layout() -> None:
+    """The same accounts, exports and imports as `llooma up` renders, for the dev keys."""
+    hosts = {name: dev_key(name) for name in ("host-a", "host-b")}
+    expected = accounts_block(
+        [f'{{ nkey: "{dev_key(CONTROL_PLANE)}" }}'],
+        [host_user(key, name) for name, key in sorted(hosts.items())],
+    )
+    text = (ROOT / "deploy" / "nats" / "nats.conf").read_text()
+    assert expected in text, "deploy/nats/nats.conf differs from llooma.credentials.accounts_block"
+
+
+@pytest.mark.parametrize("folder", service_folders())
+def test_every_service_connects_with_the_control_planes_key(folder: str) -> None:
+    name = next(n for n, m in python_module_services().items() if m == f"services.{folder}")
+    definition = service(name)
+    seed_file = environment_of(definition).get("LLOOMA_NATS_NKEY_SEED_FILE")
+    assert seed_file, f"{name} has no LLOOMA_NATS_NKEY_SEED_FILE"
+    mounted = mounted_files(definition)
+    assert seed_file in mounted, f"{name} does not mount {seed_file}"
+    assert mounted[seed_file] == DEV_CREDENTIALS / f"{CONTROL_PLANE}.nk"
+
+
+def test_every_host_mounts_only_its_own_key() -> None:
+    for service_name, path in host_worker_configs().items():
+        config = HostConfig.model_validate(yaml.safe_load(path.read_text()))
+        definition = service(service_name)
+        assert config.credentials is not None, f"{service_name} has no credentials"
+        mounted = mounted_files(definition)
+        assert mounted.get(str(config.credentials)) == DEV_CREDENTIALS / f"{config.name}.nk"
+        assert DEV_CREDENTIALS / f"{CONTROL_PLANE}.nk" not in mounted.values()
+        assert "LLOOMA_NATS_NKEY_SEED_FILE" not in environment_of(definition)
+        assert "DATABASE_URL" not in environment_of(definition)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import uuid
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nats.aio.client import Client
@@ -14,6 +17,7 @@ from nats.aio.msg import Msg
 from llooma import subjects
 from llooma.host.backends import BackendFailure, SyntheticBackend
 from llooma.host.config import (
+    Features,
     Generation,
     HostConfig,
     HostConfigError,
@@ -23,11 +27,18 @@ from llooma.host.config import (
     load_host_config,
 )
 from llooma.host.worker import HostWorker
-from llooma.v1.common_pb2 import ERROR_CODE_HOST_BUSY, ChatMessage, GenerationParams
-from llooma.v1.host_pb2 import HostChunk, HostTask
+from llooma.v1.common_pb2 import (
+    ERROR_CODE_HOST_BUSY,
+    ERROR_CODE_REQUEST_REJECTED,
+    ChatMessage,
+    GenerationParams,
+    Usage,
+)
+from llooma.v1.host_pb2 import CancelTask, HostChunk, HostHeartbeat, HostTask, ModelFeatures
+from tests.fake_engine import DONE, FakeEngine, Out, Request, delta, stream_events, usage
 
 
-def task(prompt: str, max_tokens: int = 0, seed: int = 0) -> HostTask:
+def task(prompt: str, max_tokens: int | None = None, seed: int | None = None) -> HostTask:
     return HostTask(
         attempt_id=uuid.uuid4().hex,
         model="m",
@@ -111,7 +122,9 @@ async def test_lognormal_latency_is_drawn_per_task() -> None:
     assert max(durations) > 1.5 * min(durations)
 
 
-async def ask(nc: Client, host_id: str, model: str) -> list[HostChunk]:
+async def ask(
+    nc: Client, host_id: str, model: str, request: HostTask | None = None
+) -> list[HostChunk]:
     inbox = nc.new_inbox()
     chunks: list[HostChunk] = []
     done = asyncio.Event()
@@ -123,7 +136,7 @@ async def ask(nc: Client, host_id: str, model: str) -> list[HostChunk]:
             done.set()
 
     subscription = await nc.subscribe(inbox, cb=on_chunk)
-    request = task("hello")
+    request = request or task("hello")
     request.model = model
     await nc.publish(subjects.host_task(model, host_id), request.SerializeToString(), reply=inbox)
     await asyncio.wait_for(done.wait(), 5)
@@ -164,3 +177,248 @@ async def test_accept_frequency_declines_a_share_of_tasks(nc: Client, nats_url: 
     declined = [c for c in outcomes if c.WhichOneof("event") == "failed"]
     assert all(c.failed.code == ERROR_CODE_HOST_BUSY for c in declined)
     assert 15 <= len(declined) <= 45
+
+
+# The worker in front of a real (local, scripted) OpenAI-compatible engine.
+
+
+def openai_host(host_id: str, nats_url: str, engine: FakeEngine, **model: Any) -> HostConfig:
+    settings: dict[str, Any] = {
+        "name": "llm",
+        "backend": "openai",
+        "base_url": engine.base_url,
+        "engine": "llama.cpp",
+        **model,
+    }
+    return HostConfig(
+        name=host_id,
+        nats_url=nats_url,
+        engine_probe_interval_s=0.2,
+        engine_probe_timeout_s=0.5,
+        heartbeat_interval_s=0.2,
+        models=[ModelConfig(**settings)],
+    )
+
+
+async def heartbeats(nc: Client, host_id: str) -> AsyncIterator[HostHeartbeat]:
+    subject = subjects.kv_put_subject(subjects.HOSTS_BUCKET, host_id)
+    queue: asyncio.Queue[HostHeartbeat] = asyncio.Queue()
+
+    async def on_beat(msg: Msg) -> None:
+        queue.put_nowait(HostHeartbeat.FromString(msg.data))
+
+    subscription = await nc.subscribe(subject, cb=on_beat)
+    try:
+        while True:
+            yield await queue.get()
+    finally:
+        await subscription.unsubscribe()
+
+
+async def beat_where(
+    nc: Client, host_id: str, check: Callable[[HostHeartbeat], bool], within_s: float
+) -> tuple[HostHeartbeat, float]:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    async def first() -> HostHeartbeat:
+        async for beat in heartbeats(nc, host_id):
+            if check(beat):
+                return beat
+        raise AssertionError("unreachable")
+
+    beat = await asyncio.wait_for(first(), within_s)
+    return beat, loop.time() - started
+
+
+def test_features_engine_and_engine_id_in_the_heartbeat(nc: Client) -> None:
+    llama = ModelConfig(
+        name="a", backend="openai", base_url="http://127.0.0.1:8080/v1", engine="llama.cpp"
+    )
+    same_engine = ModelConfig(
+        name="b",
+        backend="openai",
+        base_url="http://127.0.0.1:8080/v1/",
+        engine="llama.cpp",
+        features=Features(tools=False, reasoning=True),
+    )
+    vllm = ModelConfig(name="c", backend="openai", base_url="http://gpu:8000/v1", engine="vllm")
+    synthetic = ModelConfig(name="d")
+    config = HostConfig(name="h", models=[llama, same_engine, vllm, synthetic])
+    beat = HostWorker(config, nc).heartbeat()
+    models = {m.name: m for m in beat.models}
+    assert models["a"].engine == "llama.cpp"
+    assert models["a"].features == ModelFeatures(
+        tools=True, json_mode=True, json_schema=True, logprobs=True, assistant_prefill=True
+    )
+    assert models["b"].features.reasoning
+    assert not models["b"].features.tools
+    assert models["a"].engine_id == models["b"].engine_id != models["c"].engine_id
+    assert models["c"].engine == "vllm"
+    assert models["c"].features.assistant_prefill
+    assert models["d"].engine == "synthetic"
+    assert models["d"].features.assistant_prefill
+    assert models["d"].engine_id not in (models["a"].engine_id, models["c"].engine_id)
+
+
+async def test_engine_usage_reasoning_and_finish_reach_the_racer(nc: Client, nats_url: str) -> None:
+    async def thinking(request: Request, out: Out) -> None:
+        if request.path != "/v1/chat/completions":
+            await out.whole(200, b"llamacpp:requests_processing 0\n", "text/plain")
+            return
+        await stream_events(
+            out,
+            delta(reasoning="Think."),
+            delta("Hi"),
+            delta(None, finish="stop"),
+            usage(21, 24),
+            DONE,
+        )
+
+    async with FakeEngine(handler=thinking) as engine:
+        host_id = f"oa-{uuid.uuid4().hex[:6]}"
+        worker = HostWorker(openai_host(host_id, nats_url, engine), nc)
+        await worker.start()
+        try:
+            chunks = await ask(nc, host_id, "llm", task("hello", max_tokens=0, seed=0))
+        finally:
+            await worker.drain()
+    tokens = [c.token for c in chunks if c.WhichOneof("event") == "token"]
+    assert [(t.text, t.reasoning) for t in tokens] == [("", "Think."), ("Hi", "")]
+    finished = chunks[-1].finished
+    assert finished.finish_reason == "stop"
+    assert finished.usage == Usage(input_tokens=21, output_tokens=24, reported_by_engine=True)
+    sent = next(r for r in engine.requests if r.path.endswith("/chat/completions")).json()
+    assert sent["max_tokens"] == 0
+    assert sent["seed"] == 0
+
+
+async def test_engine_refusal_is_a_rejected_request(nc: Client, nats_url: str) -> None:
+    overflow = {
+        "error": {
+            "code": 400,
+            "message": "request (4476 tokens) exceeds the available context size (2048 tokens)",
+            "type": "exceed_context_size_error",
+        }
+    }
+
+    async def refuse(request: Request, out: Out) -> None:
+        if request.path.endswith("/chat/completions"):
+            await out.whole(400, json.dumps(overflow).encode())
+        else:
+            await out.whole(200, b"", "text/plain")
+
+    async with FakeEngine(handler=refuse) as engine:
+        host_id = f"rej-{uuid.uuid4().hex[:6]}"
+        worker = HostWorker(openai_host(host_id, nats_url, engine), nc)
+        await worker.start()
+        try:
+            chunks = await ask(nc, host_id, "llm")
+        finally:
+            await worker.drain()
+    failed = chunks[-1].failed
+    assert failed.code == ERROR_CODE_REQUEST_REJECTED
+    assert failed.http_status == 400
+    assert failed.client_code == "context_length_exceeded"
+    assert "exceeds the available context size" in failed.message
+
+
+async def test_engine_load_and_an_engine_that_stops_answering(nc: Client, nats_url: str) -> None:
+    metrics = b"llamacpp:requests_processing 3\nllamacpp:requests_deferred 2\n"
+
+    async def gauges(request: Request, out: Out) -> None:
+        await out.whole(200, metrics, "text/plain")
+
+    engine = await FakeEngine(handler=gauges).start()
+    host_id = f"health-{uuid.uuid4().hex[:6]}"
+    worker = HostWorker(openai_host(host_id, nats_url, engine, capacity=10), nc)
+    await worker.start()
+    try:
+        beat, _ = await beat_where(nc, host_id, lambda b: b.models[0].engine_running == 3, 3)
+        model = beat.models[0]
+        assert (model.engine_waiting, model.engine_unreachable) == (2, False)
+        assert beat.load == pytest.approx(0.5)
+        assert beat.queue_depth == 2
+        port = engine.port
+        await engine.stop()
+        beat, took = await beat_where(nc, host_id, lambda b: b.models[0].engine_unreachable, 3)
+        assert took < 2.0
+        await engine.start(port)
+        await beat_where(nc, host_id, lambda b: not b.models[0].engine_unreachable, 3)
+    finally:
+        await worker.drain()
+        await engine.stop()
+
+
+async def test_cancelled_races_through_the_worker(nc: Client, nats_url: str) -> None:
+    """The racer cancels a loser at every race: the worker's engine connections stay within
+    its capacity and it still answers."""
+
+    async def tokens(request: Request, out: Out) -> None:
+        if not request.path.endswith("/chat/completions"):
+            await out.whole(200, b"", "text/plain")
+            return
+        await out.head(200, {"Content-Type": "text/event-stream"})
+        for piece in ("a", "b", "c"):
+            await asyncio.sleep(0.002)
+            await out.chunk(delta(piece))
+        await out.chunk(usage(5, 3) + DONE)
+        await out.end()
+
+    async with FakeEngine(handler=tokens) as engine:
+        host_id = f"races-{uuid.uuid4().hex[:6]}"
+        worker = HostWorker(openai_host(host_id, nats_url, engine, capacity=4), nc)
+        await worker.start()
+        rng = random.Random(3)
+        try:
+            for _ in range(60):
+                loser = task("race")
+                loser.model = "llm"
+                inbox = nc.new_inbox()
+                await nc.publish(
+                    subjects.host_task("llm", host_id), loser.SerializeToString(), reply=inbox
+                )
+                winner = asyncio.create_task(ask(nc, host_id, "llm"))
+                await asyncio.sleep(rng.choice((0, 0.001, 0.003, 0.006)))
+                cancel = CancelTask(attempt_id=loser.attempt_id)
+                await nc.publish(subjects.host_cancel(host_id), cancel.SerializeToString())
+                assert (await winner)[-1].WhichOneof("event") == "finished"
+            assert engine.peak_connections <= 4
+            assert await engine.wait_connections(4) <= 4
+            assert (await ask(nc, host_id, "llm"))[-1].finished.usage.reported_by_engine
+        finally:
+            await worker.drain()
+
+
+@pytest.mark.parametrize(
+    ("rendered", "expected"),
+    [
+        # A Jinja template: the prompt ends with the assistant's text, to be continued.
+        ("<start_of_turn>model\nllooma-prefill-probe", True),
+        # A legacy built-in template (--no-jinja): the turn is closed.
+        ("<start_of_turn>model\nllooma-prefill-probe<end_of_turn>\n", False),
+        (None, True),  # no /apply-template: the engine's default
+    ],
+    ids=["jinja", "legacy", "unknown"],
+)
+async def test_llama_cpp_prefill_is_read_from_the_engine(
+    nc: Client, nats_url: str, rendered: str | None, expected: bool
+) -> None:
+    async def server(request: Request, out: Out) -> None:
+        if request.path == "/apply-template" and rendered is not None:
+            await out.whole(200, json.dumps({"prompt": rendered}).encode())
+        elif request.path == "/health":
+            await out.whole(200, b"{}")
+        else:
+            await out.whole(404, b"")
+
+    async with FakeEngine(handler=server) as engine:
+        host_id = f"prefill-{uuid.uuid4().hex[:6]}"
+        worker = HostWorker(openai_host(host_id, nats_url, engine), nc)
+        await worker.start()
+        try:
+            capability = worker.heartbeat().models[0]
+        finally:
+            await worker.drain()
+    assert capability.features.assistant_prefill is expected
+    assert not capability.engine_unreachable

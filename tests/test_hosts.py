@@ -91,6 +91,8 @@ async def test_a_host_credential_allows_only_its_own_subjects(
         await attacker.subscribe(subject)
     denied_publications = [
         subjects.kv_put_subject(subjects.HOSTS_BUCKET, victim),
+        subjects.kv_put_subject(subjects.HOSTS_BUCKET, mallory),
+        subjects.host_heartbeat(victim),
         subjects.host_task("echo", victim),
         subjects.host_cancel(victim),
         subjects.host_reply("racer-x", "attempt-it-was-not-sent"),
@@ -121,7 +123,7 @@ async def test_a_host_credential_allows_only_its_own_subjects(
         replies.append(msg.data)
 
     await attacker.subscribe(subjects.host_task("echo", mallory), cb=answer)
-    await attacker.publish(subjects.kv_put_subject(subjects.HOSTS_BUCKET, mallory), b"")
+    await attacker.publish(subjects.host_heartbeat(mallory), b"")
     await attacker.flush()
     reply_subject = subjects.host_reply("racer-test", uuid.uuid4().hex)
     await nc.subscribe(reply_subject, cb=collect)

@@ -13,6 +13,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from llooma.db.migrate import migration_files
 from llooma.ledger.blocks import Signer, public_key_path, trusted_key
 from llooma.ledger.economics import (
     FALLBACK,
@@ -142,6 +143,14 @@ def test_the_reservation_fee_needs_an_accepted_attempt_without_violations() -> N
         settlement(ATTEMPT_OUTCOME_LOST, 10, winner_tokens=1000, winner_model="m", violations=2),
     ):
         assert account_deltas([settle_attempt(PRICES, loser)])[host_account("h1")] == 30
+
+
+def test_no_reservation_fee_for_an_attempt_that_produced_no_token() -> None:
+    lazy = settlement(ATTEMPT_OUTCOME_LOST, 0, winner_tokens=1000, winner_model="m")
+    assert lazy.accepted
+    assert settle_attempt(PRICES, lazy).legs == ()
+    one = settlement(ATTEMPT_OUTCOME_LOST, 1, winner_tokens=1000, winner_model="m")
+    assert account_deltas([settle_attempt(PRICES, one)])[host_account("h1")] == 40 + 3
 
 
 def test_fallback_is_priced_apart_and_booked_as_its_own_cost() -> None:
@@ -326,6 +335,44 @@ async def test_cost_per_successful_response_sums_charges_payouts_and_fallback(
             assert summary.cost_per_successful_response_micros == (
                 (charges + payouts + 29 * 50) / 2
             )
+        finally:
+            await pool.close()
+
+
+async def test_ledger_totals_are_the_charges_posted_not_priced_again(
+    dsn: str, signer: Signer
+) -> None:
+    """Asked for `asked` (20 a token), served by `served` (25), 100 output tokens claimed but
+    90 delivered: the posting charges 20 x (10 + 90) = 2,000; pricing the settlement again
+    with the serving model on everything claimed would say 25 x 110 = 2,750."""
+    prices = replace(PRICES, user_by_model={"asked": 20, "served": 25})
+    won = settlement(
+        ATTEMPT_OUTCOME_WON,
+        100,
+        model="served",
+        requested_model="asked",
+        input_tokens=10,
+        delivered=90,
+    )
+    legs = settle_attempt(prices, won).legs
+    charge = next(leg for leg in legs if leg.kind == "charge" and leg.account == PLATFORM)
+    assert charge.amount == 20 * (10 + 90) != prices.user_charge("served", 10 + 100)
+    async with fresh_database(dsn) as own:
+        pool = await asyncpg.create_pool(own, min_size=1, max_size=2)
+        try:
+            store = LedgerStore(pool, signer, prices)
+            posted = await store.settle([won])
+            summary = await read_summary(pool)
+            assert summary.user_charges_micros == charge.amount == 2000
+            assert posted.user_balances == {"k1": -2000}
+            charged = await pool.fetchval(
+                "SELECT sum(amount) FROM ledger_entries WHERE kind = 'charge' AND amount > 0"
+            )
+            assert charged == summary.user_charges_micros
+            # A ledger tallied before 0004 (priced again): the migration sums the entries.
+            await pool.execute("UPDATE ledger_totals SET user_charges_micros = 2750")
+            await pool.execute(dict(migration_files())["0004_charges_from_entries"])
+            assert (await read_summary(pool)).user_charges_micros == 2000
         finally:
             await pool.close()
 

@@ -150,7 +150,8 @@ class LedgerMachine(RuleBasedStateMachine):
                 self.book(PLATFORM, charge - won_payout)
             else:
                 s.outcome = ATTEMPT_OUTCOME_FAILED if attempt.failed else ATTEMPT_OUTCOME_LOST
-                reservation = 0 if attempt.failed else RESERVATION
+                # No reservation without a token (an accept alone earns nothing).
+                reservation = 0 if attempt.failed or not attempt.tokens else RESERVATION
                 cap = int(ETA * won_payout)
                 fee = min(reservation + PROGRESS * attempt.tokens, cap)
                 self.book(payee, fee)

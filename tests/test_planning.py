@@ -9,13 +9,24 @@ import pytest
 from llooma.planning import (
     ModelRates,
     PlannerConfig,
+    bypass_plan,
     bypass_reason,
+    decide,
     decompose,
+    direct_plan,
     estimate_ms,
+    is_split,
     parse_split_reply,
     validate,
 )
-from llooma.v1.plan_pb2 import Plan, PlanNode
+from llooma.v1.plan_pb2 import (
+    PLAN_KIND_BYPASS,
+    PLAN_KIND_DIRECT,
+    PLAN_KIND_SPLIT,
+    PLAN_KIND_UNSPECIFIED,
+    Plan,
+    PlanNode,
+)
 
 CONFIG = PlannerConfig()
 LIST_PROMPT = (
@@ -116,3 +127,23 @@ def test_splitting_pays_only_when_decoding_dominates() -> None:
     # A slow split call eats the gain.
     direct, split = estimate_ms(plan, slow_decoder, 0, CONFIG, 20000.0)
     assert not split + CONFIG.epsilon_ms < direct
+
+
+def test_plan_kinds_are_typed_and_the_decision_stays_for_people() -> None:
+    assert bypass_plan("short prompt").kind == PLAN_KIND_BYPASS
+    assert bypass_plan("short prompt").decision == "bypass: short prompt"
+    direct = direct_plan("invalid plan: a cycle", source="structure")
+    assert (direct.kind, direct.decision, direct.source) == (
+        PLAN_KIND_DIRECT,
+        "direct: invalid plan: a cycle",
+        "structure",
+    )
+    plan = decompose("Please do these:\n1. one thing here\n2. another thing there")
+    assert plan is not None
+    assert plan.kind == PLAN_KIND_UNSPECIFIED
+    decide(plan, split=True)
+    assert is_split(plan)
+    assert (plan.kind, plan.decision, len(plan.nodes)) == (PLAN_KIND_SPLIT, "split", 2)
+    decide(plan, split=False, reason="split not faster")
+    assert not is_split(plan)
+    assert (plan.decision, len(plan.nodes)) == ("direct: split not faster", 0)

@@ -124,3 +124,41 @@ async def test_a_key_with_privacy_off_sends_text_as_is(
     await asyncio.sleep(0.3)
     tasks = [data for subject, data in observer.host_bound if ".cap." in subject]
     assert any(PII["email"].encode() in data for data in tasks)
+
+
+async def test_nul_and_typed_placeholders_round_trip_exactly(
+    http: httpx.AsyncClient, observer: Observer
+) -> None:
+    # NUL reaches the host and comes back (the racer strips terminal controls, not NUL); a
+    # placeholder the user typed comes back as typed, not as someone's value or a neutral word.
+    prompt = "a\x00b, the template says [EMAIL_1] and [NAME_2]; mine is jo@example.com\x00"
+    for stream in (False, True):
+        body: dict[str, object] = {
+            "model": "echo",
+            "messages": [{"role": "user", "content": prompt}],
+        }
+        if stream:
+            assert await streamed_body(http, body) == prompt
+        else:
+            response = await http.post("/v1/chat/completions", json=body, headers=AUTH)
+            assert response.json()["choices"][0]["message"]["content"] == prompt
+    await asyncio.sleep(0.3)
+    tasks = [data for subject, data in observer.host_bound if ".cap." in subject]
+    assert any(b"a\x00b" in data and b"[EMAIL_2]" in data for data in tasks)
+    assert not any(b"jo@example.com" in data for data in tasks)
+
+
+async def streamed_body(http: httpx.AsyncClient, body: dict[str, object]) -> str:
+    import orjson
+
+    pieces = []
+    async with http.stream(
+        "POST", "/v1/chat/completions", json={**body, "stream": True}, headers=AUTH
+    ) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                event = orjson.loads(line[6:])
+                if event.get("choices"):
+                    pieces.append(event["choices"][0]["delta"].get("content", ""))
+    return "".join(pieces)

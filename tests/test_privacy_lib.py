@@ -348,15 +348,15 @@ def test_restore_round_trip_and_unknown_brackets() -> None:
     text = "Dear Mr. Jones, your card 4111 1111 1111 1111 [see note] is [EMAIL_7] ok."
     result = redact(text)
     assert restore(result.text, result.mapping) == text
-    assert restore("[NAME_1] and [NAME_99] and [x]", result.mapping).startswith(
-        "Jones and [NAME_99]"
-    )
+    # A placeholder the model made up becomes a neutral word; other brackets stay.
+    assert restore("[NAME_1] and [NAME_99] and [x]", result.mapping) == "Jones and someone and [x]"
 
 
 def test_typed_placeholder_lookalikes_are_never_restored() -> None:
     text = "The template says [EMAIL_1]; my address is jo@example.com."
     result = redact(text)
-    assert "[EMAIL_1]" not in result.mapping
+    assert result.mapping["[EMAIL_1]"] == "[EMAIL_1]"  # maps to itself, not to the address
+    assert result.text == "The template says [EMAIL_1]; my address is [EMAIL_2]."
     assert restore(result.text, result.mapping) == text
 
 
@@ -468,3 +468,166 @@ def test_corpus_strict_mode() -> None:
         assert scores[kind].recall >= 0.9, (kind, scores[kind], scores.misses.get(kind, [])[:5])
         assert scores[kind].precision >= 0.95, (kind, scores.misses.get(f"FP {kind}", [])[:5])
     assert scores.pii_free_change_rate <= 0.02, scores.changed_examples[:5]
+
+
+# --- issue 20: formats people type, invented placeholders, exact round trip ------------------
+
+MISSED_BEFORE = [
+    # phones libphonenumber rejects at VALID: extensions, unassigned North American area codes
+    ("Call (275)959-1229x80508 tomorrow.", "PHONE", "(275)959-1229x80508"),
+    ("Office: 411.457.5192x7989", "PHONE", "411.457.5192x7989"),
+    ("Reach me on +1-745-913-3136x4701.", "PHONE", "+1-745-913-3136x4701"),
+    ("My number is +1-749-995-1484.", "PHONE", "+1-749-995-1484"),
+    ("call 4114176849 after six", "PHONE", "4114176849"),
+    ("4114176849 is my mobile", "PHONE", "4114176849"),
+    ("Tel. 001-938-252-2951 ext. 17407", "PHONE", "001-938-252-2951 ext. 17407"),
+    ("Contact: +359(0)040109249", "PHONE", "+359(0)040109249"),
+    ("You can reach the office on +(370) 68185545.", "PHONE", "+(370) 68185545"),
+    ("Tel: (+30) 2356 690267", "PHONE", "(+30) 2356 690267"),
+    ("347-00-56 is my mobile.", "PHONE", "347-00-56"),
+    # Luhn-valid card numbers of 12 to 19 digits, any issuer
+    ("Maestro 676296293217", "CARD", "676296293217"),
+    ("paid with 502003925398", "CARD", "502003925398"),
+    ("card 639083577838 expired", "CARD", "639083577838"),
+    ("Please refund 6104-3383-0154-5048 by Friday.", "CARD", "6104-3383-0154-5048"),
+    ("Paid with 9886377702594914 yesterday.", "CARD", "9886377702594914"),
+    ('{"card": "6949133738924935"}', "CARD", "6949133738924935"),
+    # IBAN-shaped with good mod-97 check digits, outside the IBAN registry or of odd length
+    ("Wire it to BD23IVJY889700322.", "IBAN", "BD23IVJY889700322"),
+    ("IBAN: GB92 ZKQD 5698 5712 7820 1", "IBAN", "GB92 ZKQD 5698 5712 7820 1"),
+    ("Account TH15 3782 8219 57 (current)", "IBAN", "TH15 3782 8219 57"),
+    # SSNs python-stdnum lists as invalid are still somebody's number
+    ("SSN 078-05-1120", "NATIONAL_ID", "078-05-1120"),
+    ("my number 219-09-9999 on the form", "NATIONAL_ID", "219-09-9999"),
+    # names of every Faker locale, caseless scripts and family-first order included
+    ("Thanks,\nأيمن ناصر", "NAME", "أيمن ناصر"),
+    ("I had lunch with 李畅 yesterday.", "NAME", "李畅"),
+    ("中村 明美 will join the call.", "NAME", "中村 明美"),
+    ("Thanks,\nअशोक जोशी", "NAME", "अशोक जोशी"),
+    ("Signed: ნესტან ვასაძე", "NAME", "ნესტან ვასაძე"),
+    ("Approved by Вишняков Трифон Ярославович.", "NAME", "Вишняков Трифон Ярославович"),
+    ("Kazlauskas, Leticija will join the call.", "NAME", "Kazlauskas, Leticija"),
+    ("Please forward this to Vusumuzi Mbokazi.", "NAME", "Vusumuzi Mbokazi"),
+]
+
+
+@pytest.mark.parametrize(("text", "kind", "value"), MISSED_BEFORE)
+def test_detector_finds_what_validators_reject(text: str, kind: str, value: str) -> None:
+    assert (kind, value) in found(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("I'm a nurse at Globex.", "Globex"),
+        ("She is a senior engineer at Globex Corp in Berlin.", "Globex Corp"),
+        ("My job at Initech is boring.", "Initech"),
+    ],
+)
+def test_strict_employer_after_a_role(text: str, value: str) -> None:
+    assert ("EMPLOYER", value) in found(text, strict=True)
+
+
+HARD_NEGATIVES = [
+    "The build finished at 1701234567890 ms since the epoch.",
+    "ts = 1701234567890123456",
+    "ISBN 978-3-16-148410-0 and 9780306406157 are the same book's editions.",
+    "The book 9780306406157 is out of print.",
+    "2**64 = 18446744073709551616 and 20! = 2432902008176640000",
+    "x = 4539578763621486 * 3",
+    "seed = 4539578763621486",
+    "Checksum 0x7fffffffdeadbeef, sha 3f2a9c1e0b7d4a6f",
+    "Upgrade to 10.0.19045.3570 or 2.31.0-rc1.",
+    "Contact us between 2019-2024 for the archive.",
+    "Order #4155550123 and order number 6104338301545048 shipped.",
+    "EAN 4006381333931 on the jar.",
+    "The meeting is on 12.03.2024 at 10:30, room 4.12.",
+    "Prices: 1,299.00 EUR, $12,345,678 and 3.1415926535.",
+    "Pages 123-456 and 4111-4222 of the report.",
+    "Placeholder card 0000 0000 0000 0000 and 9999 9999 9999 9995.",
+    "uuid 123e4567-e89b-12d3-a456-426614174000",
+    "Serial no. 5020 0392 5398 on the box.",
+    "April showers bring May flowers. Meeting ID: 845 2231 9987, passcode 96098.",
+    "Coordinates: -14.241575, 166.749585 and 0.119321, -18.463914",
+    "Account balance: 1346.24 USD on 1994-06-06. 2**64 = 18446744073709551616",
+    "The build finished at 1689861762200 ms since the epoch.",
+    "Call center hours: 8:00-20:00 CET. Hope Street is closed.",
+    '{"created_at": 1557044434, "updated_at": 1795622469804}',
+    "2659575593003434 + 4981349690000738 = 7640925283004172",
+]
+
+
+@pytest.mark.parametrize("text", HARD_NEGATIVES)
+def test_hard_negatives_stay(text: str) -> None:
+    assert redact(text).text == text, found(text)
+
+
+def test_invented_placeholders_become_neutral_words() -> None:
+    result = redact("Mail jo@example.com or call +44 20 7946 0958.")
+    answer = "[EMAIL_1] works. [EMAIL_2] too; ask [NAME_3] or call [PHONE_2]. [TODO_1] stays."
+    assert restore(answer, result.mapping) == (
+        "jo@example.com works. The email address too; ask someone or call the phone number. "
+        "[TODO_1] stays."
+    )
+    assert restore("[NAME_1] said hi", Mapping()) == "Someone said hi"
+
+
+@settings(max_examples=200, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=0, max_value=120), max_size=10))
+def test_invented_placeholders_split_across_chunks(cuts: list[int]) -> None:
+    result = redact("Mail jo@example.com.")
+    text = "Hi [NAME_3], write to [EMAIL_1] or [EMAIL_2]. [PHONE_12] [NATIONAL_ID_4]"
+    bounds = sorted({min(c, len(text)) for c in cuts})
+    chunks = [text[a:b] for a, b in zip([0, *bounds], [*bounds, len(text)], strict=True)]
+    restorer = StreamRestorer(result.mapping)
+    out = "".join(restorer.feed(c) for c in chunks) + restorer.flush()
+    assert out == restore(text, result.mapping)
+    assert "[" not in out
+    assert out == (
+        "Hi someone, write to jo@example.com or the email address. The phone number the ID number"
+    )
+
+
+def test_stream_holds_an_invented_placeholder_until_it_closes() -> None:
+    restorer = StreamRestorer(redact("mail a@example.com").mapping)
+    assert restorer.feed("Write to [EMAIL_") == "Write to "
+    assert restorer.feed("2") == ""
+    assert restorer.feed("] now") == "the email address now"
+    assert restorer.feed(" [EMAIL_3 and") == " [EMAIL_3 and"  # never closed: text as is
+
+
+def test_nul_and_control_characters_round_trip() -> None:
+    text = "a\x00b mail jo@example.com\x00, card 4111 1111 1111 1111\x00\x01\x1b[2J\u202e end\x00"
+    result = redact(text)
+    assert "\x00" in result.text
+    assert "jo@example.com" not in result.text
+    assert restore(result.text, result.mapping) == text
+    restorer = StreamRestorer(result.mapping)
+    out = "".join(restorer.feed(c) for c in result.text) + restorer.flush()
+    assert out == text
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(max_size=80))
+def test_round_trip_is_exact_for_any_text(text: str) -> None:
+    result = redact(text)
+    assert restore(result.text, result.mapping) == text
+
+
+@cache
+def _faker_held_out() -> dict[str, Evaluation]:
+    from tests.privacy_faker import HELD_OUT_SEED, evaluate_split
+
+    return evaluate_split(2, seed=HELD_OUT_SEED + 1)
+
+
+@pytest.mark.parametrize(
+    ("kind", "minimum"),
+    [("CARD", 0.995), ("IBAN", 0.995), ("EMAIL", 0.995), ("PHONE", 0.99), ("NAME", 0.97)],
+)
+def test_faker_held_out_recall(kind: str, minimum: float) -> None:
+    # Values from Faker's providers in every locale that ships them, on a seed never tuned on.
+    result = _faker_held_out()[kind]
+    counts = result[kind]
+    assert counts.recall >= minimum, (counts, result.misses.get(kind, [])[:5])
+    assert sum(c.fp for c in result.values()) == 0, result.misses

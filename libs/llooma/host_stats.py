@@ -1,5 +1,6 @@
-"""What the racer observed of each host, rolling and decaying: p95 first-token latency and the
-timeout/error rate that feed S(h). Built from race events, never from what a host claims."""
+"""What the racer observed of each host, rolling and decaying: p95 first-token latency, the
+timeout/error rate and duel quality that feed S(h)'s scorers (`llooma.selection`). Built from
+race events and duel results, never from what a host claims."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from llooma.duel import duel_score
-from llooma.scoring import ScoreTerms
 from llooma.v1.duel_pb2 import DUEL_VERDICT_A, DUEL_VERDICT_B, DuelResult
 from llooma.v1.race_pb2 import ATTEMPT_ROLE_CONTINUATION, RaceEvent
 from llooma.v1.settlement_pb2 import ATTEMPT_OUTCOME_FAILED
@@ -19,8 +19,6 @@ LATENCY_WINDOW_S = 300.0
 LATENCY_SAMPLES = 256
 # Each new attempt moves the error rate this far toward its outcome (about the last 20).
 ERROR_EWMA_ALPHA = 0.1
-# A host with no record yet sits mid-range on latency: neither favoured nor shut out.
-UNKNOWN_LATENCY_TERM = 0.5
 # Duel quality starts mid-range and each judged duel moves it this far toward the duel's score
 # (won 1, tie 0.5, lost 0): duels are rare (p_d), so a few of them must count.
 UNKNOWN_QUALITY = 0.5
@@ -96,22 +94,3 @@ class HostStats:
     def duels(self, host_id: str) -> int:
         record = self._hosts.get(host_id)
         return record.duels if record else 0
-
-    def terms(
-        self,
-        host_id: str,
-        *,
-        load: float,
-        staleness_s: float,
-        stale_after_s: float,
-        deadline_ms: int,
-    ) -> ScoreTerms:
-        """S(h)'s terms: load and staleness from the heartbeat, p95 and errors as observed."""
-        p95 = self.p95_ms(host_id)
-        return ScoreTerms(
-            load=load,
-            latency_p95=UNKNOWN_LATENCY_TERM if p95 is None else p95 / deadline_ms,
-            staleness=staleness_s / stale_after_s,
-            error_rate=self.error_rate(host_id),
-            quality_deficit=1.0 - self.quality(host_id),
-        )

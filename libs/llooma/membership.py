@@ -1,8 +1,9 @@
 """Who is alive: heartbeats in JetStream KV buckets, watched into an in-memory view.
 
-Hosts and service instances put a heartbeat under their own key every interval. The bucket's
-TTL drops entries nobody refreshes, so a restarted watcher never sees long-dead members; the
-view's own staleness cutoff marks a vanished member ineligible well before that.
+Service instances put a heartbeat under their own key every interval; hosts send theirs to
+the dispatcher (`HostHeartbeatIntake`), which checks it and puts it under the host's key.
+The bucket's TTL drops entries nobody refreshes, so a restarted watcher never sees long-dead
+members; the view's own staleness cutoff marks a vanished member ineligible well before that.
 """
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ from google.protobuf.message import DecodeError, Message
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from llooma import subjects
+from llooma import counters, heartbeats, selection, subjects
 from llooma.bus import MEMBERSHIP_TTL_S
 from llooma.kv_view import BucketView
+from llooma.selection import Ask, Policy, as_host, host_rejection, version_tuple
 from llooma.v1.host_pb2 import HostHeartbeat
 from llooma.v1.service_pb2 import ServiceHeartbeat
 
 log = logging.getLogger(__name__)
+
+# What membership alone decides (suspension, models and engines are the pipeline's).
+MEMBERSHIP_FILTERS = (selection.not_draining, selection.min_version, selection.fresh)
 
 HeartbeatT = TypeVar("HeartbeatT", bound=Message)
 
@@ -78,8 +83,12 @@ class Membership(BucketView, Generic[HeartbeatT]):
             return
         try:
             heartbeat = self._parse(value)
-        except DecodeError:
-            log.warning("undecodable heartbeat under %s.%s", self._bucket, key)
+        except (DecodeError, ValueError) as error:
+            # Only the control plane writes these buckets, and it checks first: this is the
+            # second line (every reader of heartbeat numbers reads them through here).
+            counters.count(f"membership_refused.{self._bucket}")
+            log.warning("refused a heartbeat under %s.%s: %s", self._bucket, key, error)
+            self._members.pop(key, None)
             return
         # The server's timestamp ages entries read from history when a watch (re)starts.
         age_s = max(0.0, time.time() - created_unix)
@@ -87,19 +96,11 @@ class Membership(BucketView, Generic[HeartbeatT]):
 
 
 def _parse_host(data: bytes) -> HostHeartbeat:
-    return HostHeartbeat.FromString(data)
+    return heartbeats.parse(data)
 
 
 def _parse_service(data: bytes) -> ServiceHeartbeat:
     return ServiceHeartbeat.FromString(data)
-
-
-def version_tuple(version: str) -> tuple[int, ...]:
-    parts: list[int] = []
-    for piece in version.split("."):
-        digits = "".join(c for c in piece if c.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
 
 
 class HostDirectory:
@@ -108,7 +109,7 @@ class HostDirectory:
     def __init__(self, *, stale_after_s: float, min_version: str) -> None:
         self.members: Membership[HostHeartbeat] = Membership(subjects.HOSTS_BUCKET, _parse_host)
         self._stale_after_s = stale_after_s
-        self._min_version = version_tuple(min_version)
+        self._policy = Policy(stale_after_s=stale_after_s, min_version=version_tuple(min_version))
 
     async def start(self, js: JetStreamContext) -> None:
         await self.members.start(js)
@@ -117,13 +118,16 @@ class HostDirectory:
         await self.members.stop()
 
     def eligible(self, model: str | None = None) -> list[Member[HostHeartbeat]]:
-        """Fresh heartbeat, minimum version, not draining, and (if given) serving model."""
+        """Fresh heartbeat, minimum version, not draining, and (if given) serving model: the
+        selection pipeline's membership filters (`llooma.selection.Selector` adds the rest)."""
+        now = time.monotonic()
+        ask = Ask(model or "")
         hosts = []
         for member in self.members.fresh(self._stale_after_s):
-            beat = member.heartbeat
-            if beat.draining or version_tuple(beat.version) < self._min_version:
+            host = as_host(member, now)
+            if host_rejection(host, ask, self._policy, MEMBERSHIP_FILTERS) is not None:
                 continue
-            if model is not None and all(cap.name != model for cap in beat.models):
+            if model is not None and all(cap.name != model for cap in member.heartbeat.models):
                 continue
             hosts.append(member)
         return hosts

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import datetime
 import logging
 import time
 from collections import OrderedDict, deque
@@ -30,10 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf.message import DecodeError
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-from nats.js import JetStreamContext, api
+from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -42,12 +37,13 @@ from opentelemetry.sdk.resources import Resource
 from prometheus_client import CollectorRegistry, generate_latest
 
 from llooma import subjects
-from llooma.bench.stats import percentile
 from llooma.host_stats import HostStats
 from llooma.membership import HostDirectory
-from llooma.scoring import ScoreWeights, host_score
+from llooma.names import PATHS, path_name
+from llooma.quantiles import percentile
+from llooma.replay import Replay
+from llooma.selection import Selector, weighted
 from llooma.settings import Settings
-from llooma.v1.common_pb2 import REQUEST_PATH_FALLBACK, REQUEST_PATH_SPLIT, RequestPath
 from llooma.v1.duel_pb2 import DuelResult
 from llooma.v1.ledger_pb2 import LedgerSummary
 from llooma.v1.race_pb2 import ATTEMPT_ROLE_CONTINUATION, ATTEMPT_ROLE_FALLBACK, RaceEvent
@@ -55,7 +51,6 @@ from llooma.v1.settlement_pb2 import ATTEMPT_OUTCOME_WON
 
 log = logging.getLogger(__name__)
 
-PATHS = ("direct", "split", "fallback")
 # Percentiles are over the most recent samples of each path.
 LATENCY_SAMPLES = 2048
 # Requests waiting for their race event, to measure the overhead (oldest dropped first).
@@ -83,14 +78,8 @@ FIRST_TOKEN_BUCKETS_S = (
 QUANTILES = {"p50": 0.50, "p95": 0.95, "p99": 0.99}
 
 
-PATH_NAMES: dict[RequestPath.ValueType, str] = {
-    REQUEST_PATH_SPLIT: "split",
-    REQUEST_PATH_FALLBACK: "fallback",
-}
-
-
-def path_name(path: RequestPath.ValueType) -> str:
-    return PATH_NAMES.get(path, "direct")
+# A host turned away by one of these filters shows under its name; by any other, ineligible.
+HOST_STATES = {"not_suspended": "suspended", "not_draining": "draining"}
 
 
 def _ratio(part: int, whole: int) -> float | None:
@@ -148,8 +137,8 @@ class StatsCollector:
     def __init__(self, settings: Settings, hosts: HostDirectory) -> None:
         self._settings = settings
         self._hosts = hosts
-        self._weights = ScoreWeights(*settings.score_weights, quality=settings.duel_quality_weight)
         self.host_stats = HostStats()
+        self.selector = Selector.from_settings(settings, self.host_stats)
         self.started_unix_ms = int(time.time() * 1000)
         self._first_token = {path: Recent() for path in PATHS}
         self._overhead = {path: Recent() for path in PATHS}
@@ -163,7 +152,7 @@ class StatsCollector:
         self._wins: dict[tuple[str, str], int] = {}
         self._wins_by_host: dict[str, int] = {}
         self.ledger: LedgerSummary | None = None
-        self._subscriptions: list[Subscription] = []
+        self._replays: list[Replay[Any]] = []
         self._poller: asyncio.Task[None] | None = None
         self.registry = CollectorRegistry()
         self._reader = PrometheusMetricReader(registry=self.registry)
@@ -296,46 +285,29 @@ class StatsCollector:
             self._overhead[pending.path].add(overhead_ms)
             self._overhead_histogram.record(overhead_ms / 1000.0, {"llooma.path": pending.path})
 
-    async def _on_race_event(self, msg: Msg) -> None:
-        try:
-            event = RaceEvent.FromString(msg.data)
-        except DecodeError:
-            log.warning("undecodable race event on %s", msg.subject)
-            return
-        self.record_race(event)
-
-    async def _on_duel(self, msg: Msg) -> None:
-        try:
-            result = DuelResult.FromString(msg.data)
-        except DecodeError:
-            log.warning("undecodable duel result on %s", msg.subject)
-            return
-        self.host_stats.record_duel(result)
-
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self, js: JetStreamContext) -> None:
         replay_s = self._settings.stats_replay_s
-        start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=replay_s)
-        config = api.ConsumerConfig(
-            deliver_policy=api.DeliverPolicy.BY_START_TIME if replay_s else api.DeliverPolicy.NEW,
-            opt_start_time=start if replay_s else None,
-        )
-        # Ordered consumers: no acks, no durable state, and a gap makes them resume in order.
         # Duel results feed the quality term of S(h), as in the dispatcher.
-        for subject, stream, callback in (
-            (subjects.RACE_EVENT, subjects.EVENTS_STREAM, self._on_race_event),
-            (subjects.SETTLEMENT_DUEL, subjects.SETTLEMENT_STREAM, self._on_duel),
-        ):
-            self._subscriptions.append(
-                await js.subscribe(
-                    subject,
-                    stream=stream,
-                    cb=callback,
-                    ordered_consumer=True,
-                    config=dataclasses.replace(config),
-                )
-            )
+        self._replays = [
+            Replay(
+                subjects.RACE_EVENT,
+                subjects.EVENTS_STREAM,
+                RaceEvent.FromString,
+                self.record_race,
+                replay_s,
+            ),
+            Replay(
+                subjects.SETTLEMENT_DUEL,
+                subjects.SETTLEMENT_STREAM,
+                DuelResult.FromString,
+                self.host_stats.record_duel,
+                replay_s,
+            ),
+        ]
+        for replay in self._replays:
+            await replay.start(js)
         self._poller = asyncio.create_task(self._poll_ledger(js), name="ledger-summary")
 
     async def stop(self) -> None:
@@ -343,9 +315,8 @@ class StatsCollector:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
-        for subscription in self._subscriptions:
-            with contextlib.suppress(Exception):
-                await subscription.unsubscribe()
+        for replay in self._replays:
+            await replay.stop()
         self._provider.shutdown()
 
     async def _poll_ledger(self, js: JetStreamContext) -> None:
@@ -368,27 +339,15 @@ class StatsCollector:
 
     def host_view(self) -> list[dict[str, Any]]:
         now = time.monotonic()
-        eligible = {m.key for m in self._hosts.eligible()}
-        suspended = set(self._settings.suspended_hosts)
         deadline_ms = self._settings.first_token_deadline_ms
         ledger = {line.host_id: line for line in self.ledger.hosts} if self.ledger else {}
         view = []
         for member in sorted(self._hosts.members.all(), key=lambda m: m.key):
             beat = member.heartbeat
             staleness_s = member.staleness_s(now)
-            terms = self.host_stats.terms(
-                member.key,
-                load=beat.load,
-                staleness_s=staleness_s,
-                stale_after_s=self._settings.host_stale_after_s,
-                deadline_ms=deadline_ms,
-            )
-            if member.key in suspended:
-                state = "suspended"
-            elif beat.draining:
-                state = "draining"
-            else:
-                state = "eligible" if member.key in eligible else "ineligible"
+            terms = self.selector.host_terms(member, deadline_ms, now)
+            rejection = self.selector.rejection(member, now)
+            state = HOST_STATES.get(rejection, "ineligible") if rejection else "eligible"
             p95 = self.host_stats.p95_ms(member.key)
             line = ledger.get(member.key)
             view.append(
@@ -410,14 +369,8 @@ class StatsCollector:
                     "staleness_s": round(staleness_s, 3),
                     "p95_first_token_ms": None if p95 is None else round(p95, 1),
                     "error_rate": round(self.host_stats.error_rate(member.key), 4),
-                    "terms": {
-                        "load": round(terms.load, 4),
-                        "latency_p95": round(terms.latency_p95, 4),
-                        "staleness": round(terms.staleness, 4),
-                        "error_rate": round(terms.error_rate, 4),
-                        "quality_deficit": round(terms.quality_deficit, 4),
-                    },
-                    "score": round(host_score(terms, self._weights), 4),
+                    "terms": {name: round(value, 4) for name, value in terms.items()},
+                    "score": round(weighted(terms, self.selector.weights), 4),
                     "wins": self._wins_by_host.get(member.key, 0),
                     "payouts_micros": line.payouts_micros if line else None,
                     "quality": line.quality if line else None,
@@ -434,13 +387,7 @@ class StatsCollector:
             "since_unix_ms": self.started_unix_ms,
             "replay_s": self._settings.stats_replay_s,
             "first_token_deadline_ms": self._settings.first_token_deadline_ms,
-            "score_weights": {
-                "load": self._weights.load,
-                "latency_p95": self._weights.latency_p95,
-                "staleness": self._weights.staleness,
-                "error_rate": self._weights.error_rate,
-                "quality_deficit": self._weights.quality,
-            },
+            "score_weights": dict(self.selector.weights),
             "requests": {
                 "total": requests,
                 "by_path": dict(self._requests),

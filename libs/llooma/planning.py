@@ -4,12 +4,19 @@ decomposition into a task DAG, plan validation, and the L_split + eps < L_dir es
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
-from llooma.v1.plan_pb2 import Plan, PlanNode
+from llooma.v1.plan_pb2 import (
+    PLAN_KIND_BYPASS,
+    PLAN_KIND_DIRECT,
+    PLAN_KIND_SPLIT,
+    Plan,
+    PlanNode,
+)
 
 _ITEM = re.compile(r"^\s*((?:\d{1,2}[.)])|(?:[a-z][.)])|[-*•])\s+(\S.*)$")
 _SENTENCE_END = re.compile(r"[.!?](?:\s|$)")
@@ -20,6 +27,31 @@ _DEPENDENCY = re.compile(
     re.IGNORECASE,
 )
 _THEN = re.compile(r"(?:^|(?<=[.!?]\s))(?:then|next|after that|afterwards)\s*,?\s+", re.IGNORECASE)
+
+
+# The `decision` of a split plan (and of the x-llooma-plan header of a split answer).
+SPLIT_DECISION = "split"
+
+
+def bypass_plan(reason: str) -> Plan:
+    """Kept off the split path before any planning: stage 1, the client, or the model."""
+    return Plan(kind=PLAN_KIND_BYPASS, decision=f"bypass: {reason}")
+
+
+def direct_plan(reason: str, source: str = "") -> Plan:
+    return Plan(kind=PLAN_KIND_DIRECT, decision=f"direct: {reason}", source=source)
+
+
+def decide(plan: Plan, *, split: bool, reason: str = "") -> None:
+    """Record the choice on a planned DAG (a direct one keeps no nodes)."""
+    plan.kind = PLAN_KIND_SPLIT if split else PLAN_KIND_DIRECT
+    plan.decision = SPLIT_DECISION if split else f"direct: {reason}"
+    if not split:
+        plan.ClearField("nodes")
+
+
+def is_split(plan: Plan) -> bool:
+    return plan.kind == PLAN_KIND_SPLIT
 
 
 @dataclass(frozen=True)
@@ -226,10 +258,17 @@ def critical_path_parts(plan: Plan) -> int:
 
 
 def estimate_ms(
-    plan: Plan, rates: ModelRates, max_tokens: int, config: PlannerConfig, split_call_ms: float
+    plan: Plan,
+    rates: ModelRates,
+    max_tokens: int,
+    config: PlannerConfig,
+    split_call_ms: float,
+    engines: int = 0,
 ) -> tuple[float, float]:
     """(L_dir, L_split): the whole answer from one host, or the parts in parallel, where
-    L_split = t_split + t_agg + the longest dependency path of part latencies."""
+    L_split = t_split + t_agg + the longest dependency path of part latencies. With `engines`
+    independent engines (0: unknown, as many as parts), at most that many parts run at once:
+    the parts take at least ceil(parts / engines) rounds, however shallow the DAG."""
     parts = len(plan.nodes)
     per_part = config.expected_tokens_per_part
     total_tokens = max_tokens or per_part * parts
@@ -237,5 +276,8 @@ def estimate_ms(
     ttft, tps = rates.ttft_ms(), rates.tps()
     direct = ttft + total_tokens / tps * 1000
     part_ms = ttft + part_tokens / tps * 1000
-    split = split_call_ms + config.aggregation_ms + critical_path_parts(plan) * part_ms
+    rounds = critical_path_parts(plan)
+    if engines > 0:
+        rounds = max(rounds, math.ceil(parts / engines))
+    split = split_call_ms + config.aggregation_ms + rounds * part_ms
     return direct, split

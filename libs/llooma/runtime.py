@@ -16,7 +16,7 @@ from faststream.nats import JStream, NatsBroker, NatsRouter
 from faststream.nats.security import NatsCredentials, NatsNKey, NatsSecurity
 from nats.aio.client import Client
 
-from llooma import bus, subjects, tracing
+from llooma import bus, counters, subjects, tracing
 from llooma.settings import VERSION, Settings, load_settings
 from llooma.v1.service_pb2 import ServiceHeartbeat
 
@@ -62,6 +62,8 @@ class ServiceHeartbeater:
     async def _publish(self, *, ready: bool) -> None:
         self._beat.ready = ready
         self._beat.sent_unix_nanos = time.time_ns()
+        self._beat.counters.clear()
+        self._beat.counters.update(counters.snapshot())
         await self._nc.publish(self._subject, self._beat.SerializeToString())
 
     async def _loop(self) -> None:

@@ -1,9 +1,14 @@
-"""Host score S(h) and the stake-weighted pick of race participants (pure functions)."""
+"""S(h) as the paper writes it: five fixed terms and their weights. The selection pipeline
+(`llooma.selection`) names each term as a scorer and computes S(h) from them; this is the
+fixed-shape view of the same sum, and the picker's names for callers that import them here."""
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
+
+from llooma.selection import Candidate, clamp01, pick_hosts, weighted
+
+__all__ = ["Candidate", "ScoreTerms", "ScoreWeights", "clamp01", "host_score", "pick_hosts"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,6 +22,15 @@ class ScoreWeights:
     # Duel-and-judge quality (settings.duel_quality_weight); off unless configured.
     quality: float = 0.0
 
+    def by_scorer(self) -> dict[str, float]:
+        return {
+            "load": self.load,
+            "latency_p95": self.latency_p95,
+            "staleness": self.staleness,
+            "error_rate": self.error_rate,
+            "quality_deficit": self.quality,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class ScoreTerms:
@@ -29,45 +43,15 @@ class ScoreTerms:
     # 1 - the host's duel quality: 0.5 for a host never judged.
     quality_deficit: float = 0.0
 
-
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    host_id: str
-    model: str
-    score: float
-    stake: float
-
-
-def clamp01(value: float) -> float:
-    return 0.0 if value < 0.0 else 1.0 if value > 1.0 else value
+    def by_scorer(self) -> dict[str, float]:
+        return {
+            "load": self.load,
+            "latency_p95": self.latency_p95,
+            "staleness": self.staleness,
+            "error_rate": self.error_rate,
+            "quality_deficit": self.quality_deficit,
+        }
 
 
 def host_score(terms: ScoreTerms, weights: ScoreWeights) -> float:
-    return (
-        weights.load * clamp01(terms.load)
-        + weights.latency_p95 * clamp01(terms.latency_p95)
-        + weights.staleness * clamp01(terms.staleness)
-        + weights.error_rate * clamp01(terms.error_rate)
-        + weights.quality * clamp01(terms.quality_deficit)
-    )
-
-
-def pick_hosts(
-    candidates: list[Candidate], *, k: int, bucket_size: int, rng: random.Random
-) -> list[Candidate]:
-    """Up to k distinct hosts, drawn by stake without replacement from the best-scoring bucket.
-
-    The bucket holds the `bucket_size` best scores (at least k), so the pick never concentrates
-    on one host deterministically, while hosts with more stake are proportionally likelier.
-    """
-    best_per_host: dict[str, Candidate] = {}
-    for candidate in sorted(candidates, key=lambda c: (c.score, c.host_id)):
-        best_per_host.setdefault(candidate.host_id, candidate)
-    bucket = list(best_per_host.values())[: max(bucket_size, k)]
-    chosen: list[Candidate] = []
-    while bucket and len(chosen) < k:
-        # A host with no stake still gets a small chance, so newcomers can earn a record.
-        weights = [max(c.stake, 1e-3) for c in bucket]
-        index = rng.choices(range(len(bucket)), weights=weights)[0]
-        chosen.append(bucket.pop(index))
-    return chosen
+    return weighted(terms.by_scorer(), weights.by_scorer())

@@ -15,13 +15,14 @@ import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from google.protobuf.message import DecodeError
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from llooma import bus, subjects, tracing
+from llooma import bus, counters, subjects, tracing
 from llooma.runtime import ServiceHeartbeater, configure_logging, new_instance_id
 from llooma.settings import Settings, load_settings
 
@@ -31,6 +32,9 @@ Handler = Callable[[Msg], Awaitable[None]]
 
 # A redelivered message waits this long, so a failing dependency is not hammered.
 REDELIVERY_DELAY_S = 1.0
+# Deliveries of one message before it is given up (terminated and counted): a message its
+# handler fails on every time must not be redelivered forever, holding an ack-pending slot.
+MAX_DELIVER = 5
 
 
 @dataclass
@@ -85,7 +89,9 @@ class Service:
 
         The message is acked after the handler returns (or, with ack_first, on receipt);
         a handler that raises gets its message redelivered after a delay, and one whose
-        process dies gets it redelivered (to a replica) after `pipeline_ack_wait_s`.
+        process dies gets it redelivered (to a replica) after `pipeline_ack_wait_s`. Poison is
+        contained: an undecodable message is terminated at once, one that failed MAX_DELIVER
+        times is terminated, both counted (`poison_terminated.<queue>` in the heartbeat).
         """
         slots = asyncio.Semaphore(max_concurrency)
         handler = tracing.traced(subject, handler)
@@ -103,11 +109,16 @@ class Service:
                 if progress is not None:
                     progress.cancel()
                     await msg.ack()
+            except DecodeError:
+                await self._give_up(msg, queue, "undecodable", acked=ack_first)
             except Exception:
-                log.exception("%s: handler failed on %s", self.name, subject)
-                if progress is not None:
-                    with contextlib.suppress(Exception):
-                        await msg.nak(delay=REDELIVERY_DELAY_S)
+                if ack_first or _deliveries(msg) < MAX_DELIVER:
+                    log.exception("%s: handler failed on %s", self.name, subject)
+                    if progress is not None:
+                        with contextlib.suppress(Exception):
+                            await msg.nak(delay=REDELIVERY_DELAY_S)
+                else:
+                    await self._give_up(msg, queue, f"failed {MAX_DELIVER} times", acked=False)
             finally:
                 if progress is not None:
                     progress.cancel()
@@ -128,6 +139,7 @@ class Service:
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
             max_ack_pending=max_concurrency * 4,
+            max_deliver=MAX_DELIVER,
             ack_wait=30.0 if ack_first else ack_wait_s,
         )
         stream = await self.js.find_stream_name_by_subject(subject)
@@ -144,6 +156,13 @@ class Service:
         )
         self._subscriptions.append(subscription)
         self._consumers.append((stream, config))
+
+    async def _give_up(self, msg: Msg, queue: str, why: str, *, acked: bool) -> None:
+        counters.count(f"poison_terminated.{queue}")
+        log.warning("%s: terminated a message on %s: %s", self.name, msg.subject, why)
+        if not acked:
+            with contextlib.suppress(Exception):
+                await msg.term()
 
     async def subscribe(self, subject: str, handler: Handler) -> None:
         """A core NATS subscription (hot, ephemeral traffic), dropped on shutdown."""
@@ -180,6 +199,13 @@ class Service:
         for hook in self._on_stop:
             await hook()
         await self.nc.drain()
+
+
+def _deliveries(msg: Msg) -> int:
+    try:
+        return int(msg.metadata.num_delivered)
+    except Exception:  # not a JetStream message (no metadata in its reply subject)
+        return 1
 
 
 # An ack on receipt is sent as a request the server answers once it took it (a double ack),

@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     # API keys whose requests skip the privacy mediator (privacy is on for every other key).
     privacy_off_api_keys: Annotated[list[str], NoDecode] = []
     max_body_bytes: int = 1024 * 1024
+    # A request's headers and body must arrive within this (else 408, connection closed);
+    # headers larger than this get 431.
+    http_read_timeout_s: float = Field(default=10.0, gt=0)
+    http_max_header_bytes: int = Field(default=64 * 1024, ge=1024)
     # Per-API-key rate limits (0: none): requests and tokens (prompt + max_tokens, corrected
     # by actual usage) per minute; the bucket holds `rate_limit_burst_s` seconds of either.
     rate_limit_rpm: int = Field(default=0, ge=0)

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import yaml
 
+from llooma import names
 from llooma.cluster import NatsCluster
 from llooma.credentials import CredentialStore
 from llooma.db.migrate import migrate
@@ -31,16 +32,8 @@ from llooma.ledger.blocks import Signer
 
 log = logging.getLogger(__name__)
 
-SERVICES = (
-    "accounting",
-    "compressor",
-    "aggregator",
-    "racer",
-    "dispatcher",
-    "planner",
-    "privacy",
-    "ingress",
-)
+# Started last service first: accounting (migrations) before the rest, the ingress last.
+SERVICES = tuple(reversed(names.SERVICES))
 
 
 def demo_hosts(nats_url: str) -> list[HostConfig]:
@@ -71,6 +64,17 @@ def demo_hosts(nats_url: str) -> list[HostConfig]:
     return hosts
 
 
+# A host is someone else's machine, even when the stack starts it: it gets its own YAML and
+# credential, never the control plane's key, database URL or ledger signing key.
+_CONTROL_PLANE_ONLY = ("NATS_URL", "DATABASE_URL")
+
+
+def host_environment(env: dict[str, str]) -> dict[str, str]:
+    return {
+        k: v for k, v in env.items() if k not in _CONTROL_PLANE_ONLY and not k.startswith("LLOOMA_")
+    }
+
+
 @dataclass
 class Child:
     name: str
@@ -99,6 +103,8 @@ class Stack:
 
     root: Path
     http_port: int
+    # The embedded NATS server's port (None: any free one); hosts' configs name it.
+    nats_port: int | None = None
     nats_url: str | None = None
     database_url: str | None = None
     # A server someone else started (the tests share one); its credentials are used.
@@ -161,8 +167,14 @@ class Stack:
                 )
                 self.nats_url = self.cluster.url
             elif self.nats_url is None:
+                if self.nats_port is not None and not port_is_free(self.nats_port):
+                    raise RuntimeError(
+                        f"NATS port {self.nats_port} is taken; set LLOOMA_NATS_PORT to another"
+                    )
                 self.nats = EmbeddedNats.start(
-                    self.root / "nats", credentials=CredentialStore(self.root / "credentials")
+                    self.root / "nats",
+                    self.nats_port,
+                    credentials=CredentialStore(self.root / "credentials"),
                 )
                 self.nats_url = self.nats.url
             if self.database_url is None:
@@ -208,7 +220,9 @@ class Stack:
                 config_path = host_dir / f"{host.name}.yaml"
                 config_path.write_text(yaml.safe_dump(host.model_dump(mode="json")))
                 args = [sys.executable, "-m", "llooma.cli", "host", "--config", str(config_path)]
-                self.children.append(Child(host.name, args, env, logs / f"{host.name}.log"))
+                self.children.append(
+                    Child(host.name, args, host_environment(env), logs / f"{host.name}.log")
+                )
             server = self.nats or self.shared_nats
             if server is not None:
                 server.reload()
@@ -233,6 +247,9 @@ class Stack:
             try:
                 response = httpx.get(f"{self.base_url}/healthz", timeout=1.0)
                 if response.status_code == 200:
+                    return
+                # Started without hosts: up once every service is (hosts join later).
+                if self.hosts == [] and all(response.json().get("services", {0: 0}).values()):
                     return
                 last = response.text
             except httpx.HTTPError as error:

@@ -1,4 +1,5 @@
-"""Every NATS subject, stream, consumer and KV bucket name the system uses.
+"""Every NATS subject, stream, consumer and KV bucket name the system uses, with the
+parsers that read an id back out of a subject (nothing else splits a subject by hand).
 
 Subjects run general to specific: ``llooma.v1.<domain>.<event>[.<id>]``.
 """
@@ -79,12 +80,22 @@ def client_reply(ingress_instance: str, request_id: str) -> str:
     return f"{PREFIX}.reply.{ingress_instance}.{request_id}"
 
 
+def client_reply_request_id(subject: str) -> str:
+    """The request id of a `client_reply` subject."""
+    return subject.rpartition(".")[2]
+
+
 def host_reply_prefix(racer_instance: str) -> str:
     return f"{PREFIX}.tokens.{racer_instance}"
 
 
 def host_reply(racer_instance: str, attempt_id: str) -> str:
     return f"{PREFIX}.tokens.{racer_instance}.{attempt_id}"
+
+
+def host_reply_attempt_id(subject: str) -> str:
+    """The attempt id of a `host_reply` subject."""
+    return subject.rpartition(".")[2]
 
 
 def model_token(model: str) -> str:
@@ -108,6 +119,19 @@ def host_cancel(host_id: str) -> str:
     return f"{PREFIX}.host.{host_id}.cancel"
 
 
+# Hosts live in a NATS account of their own (see credentials.py): these are the only subjects
+# that cross between it and the control plane's account.
+HOST_TASKS_ANY = f"{PREFIX}.cap.>"
+HOST_CANCEL_ANY = f"{PREFIX}.host.*.cancel"
+HOST_HEARTBEAT_ANY = f"{PREFIX}.heartbeat.host.*"
+
+
+def host_heartbeat(host_id: str) -> str:
+    """Where a host sends its heartbeat; a control-plane service validates it and writes the
+    hosts bucket (a host never writes a bucket itself)."""
+    return f"{PREFIX}.heartbeat.host.{host_id}"
+
+
 def checked_token(value: str) -> str:
     """Return value if it is safe as one subject token (host ids, instance ids), else raise."""
     if not _SAFE_TOKEN.match(value):
@@ -120,8 +144,24 @@ def aggregation_nodes(aggregator_instance: str, request_id: str) -> str:
     return f"{PREFIX}.agg.{aggregator_instance}.{request_id}"
 
 
+def aggregation_node(nodes_prefix: str, node_id: str) -> str:
+    """Where one node's race reports, under the prefix `aggregation_nodes` gave."""
+    return f"{nodes_prefix}.{node_id}"
+
+
 def aggregation_any(aggregator_instance: str) -> str:
     return f"{PREFIX}.agg.{aggregator_instance}.*.*"
+
+
+def aggregation_node_ids(subject: str) -> tuple[str, str]:
+    """(request id, node id) of an `aggregation_node` subject."""
+    _, _, request_id, node_id = subject.rsplit(".", 3)
+    return request_id, node_id
+
+
+def planner_reply(planner_instance: str, call_id: str) -> str:
+    """Where a planner instance's split call is answered (one subject per call)."""
+    return f"{PREFIX}.planner.{planner_instance}.{call_id}"
 
 
 def node_done(dispatcher_instance: str) -> str:
@@ -132,6 +172,11 @@ def node_done(dispatcher_instance: str) -> str:
 def request_cancel(request_id: str) -> str:
     """The ingress says the client went away; the racer holding the request stops its hosts."""
     return f"{PREFIX}.request.{request_id}.cancel"
+
+
+def request_cancel_request_id(subject: str) -> str:
+    """The request id of a `request_cancel` subject."""
+    return subject.rsplit(".", 2)[1]
 
 
 REQUEST_CANCEL_ANY = f"{PREFIX}.request.*.cancel"

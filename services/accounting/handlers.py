@@ -17,7 +17,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from opentelemetry import metrics
 
-from llooma import subjects, tracing
+from llooma import counters, subjects, tracing
 from llooma.ledger.balances import publish_balances, publish_balances_complete
 from llooma.ledger.intake import Rejected, read_duel, read_settlement
 from llooma.ledger.store import LedgerStore, Posted
@@ -152,6 +152,8 @@ class Accounting:
 
     async def _set_aside(self, message: Msg, reason: str) -> None:
         self.rejected += 1
+        consumer = _CONSUMERS.get(message.subject, message.subject)
+        counters.count(f"poison_terminated.{consumer}")
         self._rejected_counter.add(1, {"messaging.destination.name": message.subject})
         sequence = message.metadata.sequence.stream if message.reply else None
         log.warning("set aside %s message (stream seq %s): %s", message.subject, sequence, reason)
@@ -188,6 +190,12 @@ class Accounting:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+
+
+_CONSUMERS = {
+    subjects.SETTLEMENT_TASK: subjects.CONSUMER_ACCOUNTING,
+    subjects.SETTLEMENT_DUEL: subjects.CONSUMER_ACCOUNTING_DUELS,
+}
 
 
 def build_router(accounting: Accounting) -> NatsRouter:

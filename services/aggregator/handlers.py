@@ -13,6 +13,7 @@ from nats.aio.msg import Msg
 
 from llooma import subjects
 from llooma.compress import strip_control_tokens
+from llooma.planning import SPLIT_DECISION
 from llooma.v1.common_pb2 import REQUEST_PATH_SPLIT, ErrorDetail, Usage
 from llooma.v1.pipeline_pb2 import ClientDelta, ClientEvent, ClientFinished, ClientStarted
 from llooma.v1.plan_pb2 import AggregationReady, AggregationStart, NodeDone, PlanNode
@@ -67,7 +68,7 @@ class Aggregator:
         await msg.respond(AggregationReady(node_subject_prefix=prefix).SerializeToString())
 
     async def on_node_event(self, msg: Msg) -> None:
-        _, _, request_id, node_id = msg.subject.rsplit(".", 3)
+        request_id, node_id = subjects.aggregation_node_ids(msg.subject)
         run = self._runs.get(request_id)
         if run is None or node_id not in run.parts:
             return
@@ -150,7 +151,7 @@ class Aggregator:
         if not run.started:
             run.started = True
             started = ClientStarted(
-                path=REQUEST_PATH_SPLIT, model=run.start.model, plan_decision="split"
+                path=REQUEST_PATH_SPLIT, model=run.start.model, plan_decision=SPLIT_DECISION
             )
             await self._send(run, ClientEvent(started=started))
         text = "".join(run.pending)

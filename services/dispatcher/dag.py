@@ -132,7 +132,7 @@ class DagRunner:
                 # The client's budget is for the whole answer: each part gets its share.
                 parts = len(run.request.plan.nodes)
                 node_request.params.max_tokens = max(16, run.request.params.max_tokens // parts)
-            node_request.reply_subject = f"{run.node_prefix}.{node.node_id}"
+            node_request.reply_subject = subjects.aggregation_node(run.node_prefix, node.node_id)
             system = [m for m in run.request.messages if m.role in ("system", "developer")]
             node_request.ClearField("messages")
             node_request.messages.extend([*system, ChatMessage(role="user", content=prompt)])
@@ -159,6 +159,6 @@ class DagRunner:
                 code=ERROR_CODE_NO_ELIGIBLE_HOST, message="a part failed to start"
             )
             await self._nc.publish(
-                f"{run.node_prefix}.{node.node_id}",
+                subjects.aggregation_node(run.node_prefix, node.node_id),
                 ClientEvent(failed=failure).SerializeToString(),
             )

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 import uuid
 
+from google.protobuf.message import DecodeError
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from llooma import bus, subjects
+from llooma import bus, counters, subjects
 from llooma.host_stats import HostStats
 from llooma.membership import HostDirectory
-from llooma.scoring import Candidate, ScoreTerms, ScoreWeights, host_score, pick_hosts
-from llooma.settings import ORCHESTRATED_MODEL, Settings
+from llooma.planning import decide, is_split
+from llooma.selection import Ask, Candidate, Selector
+from llooma.settings import Settings
 from llooma.v1.common_pb2 import ERROR_CODE_NO_ELIGIBLE_HOST, REQUEST_PATH_DIRECT, ErrorDetail
 from llooma.v1.pipeline_pb2 import ChatRequest, ClientEvent, HostCandidate, TaskAssignment
 from llooma.v1.race_pb2 import RaceEvent
@@ -43,41 +44,22 @@ class Dispatcher:
         self._js = js
         self._settings = settings
         self._hosts = hosts
-        self._weights = ScoreWeights(*settings.score_weights, quality=settings.duel_quality_weight)
         self._rng = random.Random()
-        self._suspended = set(settings.suspended_hosts)
         self.stats = HostStats()
+        self.selector = Selector.from_settings(settings, self.stats)
         self.dag = DagRunner(nc, js, instance_id, self.assign)
 
     async def on_race_event(self, msg: Msg) -> None:
-        self.stats.record(RaceEvent.FromString(msg.data))
-
-    def terms(self, host_id: str, load: float, staleness_s: float, deadline_ms: int) -> ScoreTerms:
-        return self.stats.terms(
-            host_id,
-            load=load,
-            staleness_s=staleness_s,
-            stale_after_s=self._settings.host_stale_after_s,
-            deadline_ms=deadline_ms,
-        )
+        try:
+            event = RaceEvent.FromString(msg.data)
+        except DecodeError:
+            counters.count("poison_dropped.race_event")
+            return
+        self.stats.record(event)
 
     def candidates(self, model: str, deadline_ms: int) -> list[Candidate]:
-        orchestrated = model == ORCHESTRATED_MODEL
-        excluded = set(self._settings.orchestration_excluded_models)
-        now = time.monotonic()
-        found: list[Candidate] = []
-        for member in self._hosts.eligible(None if orchestrated else model):
-            if member.key in self._suspended:
-                continue
-            beat = member.heartbeat
-            terms = self.terms(member.key, beat.load, member.staleness_s(now), deadline_ms)
-            score = host_score(terms, self._weights)
-            found.extend(
-                Candidate(member.key, cap.name, score, cap.stake)
-                for cap in beat.models
-                if (cap.name not in excluded if orchestrated else cap.name == model)
-            )
-        return found
+        ask = Ask(model, deadline_ms=deadline_ms)
+        return self.selector.candidates(self._hosts.members.all(), ask)
 
     def _fallback(self, candidates: list[Candidate], chosen: list[Candidate]) -> list[Candidate]:
         taken = {c.host_id for c in chosen}
@@ -110,10 +92,10 @@ class Dispatcher:
         k = request.race_width or self._settings.race_width
         bucket = self._settings.best_bucket_size
         free = [c for c in candidates if c.host_id not in (avoid or ())]
-        chosen = pick_hosts(free, k=k, bucket_size=bucket, rng=self._rng)
+        chosen = self.selector.pick(free, k=k, bucket_size=bucket, rng=self._rng)
         if len(chosen) < k and avoid:
             busy = [c for c in candidates if c.host_id in avoid]
-            chosen += pick_hosts(busy, k=k - len(chosen), bucket_size=bucket, rng=self._rng)
+            chosen += self.selector.pick(busy, k=k - len(chosen), bucket_size=bucket, rng=self._rng)
         if not chosen:
             return None
         return TaskAssignment(
@@ -128,14 +110,14 @@ class Dispatcher:
 
     async def handle(self, msg: Msg) -> None:
         request = ChatRequest.FromString(msg.data)
-        if request.plan.decision == "split" and self.candidates(request.model, 1):
+        if is_split(request.plan) and self.candidates(request.model, 1):
             try:
                 await self.dag.start(request)
                 return
             except Exception as error:
                 # No aggregator answered: the direct path still answers the request.
                 log.warning("split of %s fell back to direct: %s", request.request_id, error)
-                request.plan.decision = f"direct: split could not start ({error})"
+                decide(request.plan, split=False, reason=f"split could not start ({error})")
                 request.path = REQUEST_PATH_DIRECT
         assignment = self.assign(request)
         if assignment is None:

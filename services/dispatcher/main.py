@@ -8,6 +8,7 @@ from llooma import subjects
 from llooma.membership import HostDirectory
 from llooma.service import Service, serve
 from services.dispatcher.handlers import Dispatcher
+from services.dispatcher.heartbeats import HostHeartbeatIntake
 from services.dispatcher.quality import DuelQualityFeed
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,9 @@ async def setup(service: Service) -> None:
     )
     await hosts.start(service.js)
     service.on_stop(hosts.stop)
+    # Hosts' heartbeats, checked, into the hosts bucket (one replica takes each).
+    intake = HostHeartbeatIntake(service.nc)
+    await service.subscribe_queue(subjects.HOST_HEARTBEAT_ANY, "host-heartbeats", intake.handle)
     dispatcher = Dispatcher(settings, hosts, service.nc, service.js, service.instance_id)
     await service.subscribe(dispatcher.dag.done_subject, dispatcher.dag.on_node_done)
     # Every dispatcher replica learns from every race, so no queue group.

@@ -22,6 +22,8 @@ from llooma import bus, subjects, tracing
 from llooma.ledger.balances import BalanceBook
 from llooma.membership import HostDirectory, ServiceDirectory
 from llooma.metrics import StatsCollector
+from llooma.names import SERVICES, path_name
+from llooma.planning import bypass_plan
 from llooma.privacy import Mapping, StreamRestorer
 from llooma.settings import ORCHESTRATED_MODEL, Settings, api_key_id
 from llooma.v1.common_pb2 import (
@@ -29,8 +31,6 @@ from llooma.v1.common_pb2 import (
     ERROR_CODE_HOST_BUSY,
     ERROR_CODE_HOST_FAILED,
     ERROR_CODE_NO_ELIGIBLE_HOST,
-    REQUEST_PATH_FALLBACK,
-    REQUEST_PATH_SPLIT,
     ErrorDetail,
 )
 from llooma.v1.pipeline_pb2 import (
@@ -42,7 +42,6 @@ from llooma.v1.pipeline_pb2 import (
     ClientEvent,
     PrivacyMode,
 )
-from llooma.v1.plan_pb2 import Plan
 from services.ingress.headers import InvalidHeader, RequestOptions, parse_options
 from services.ingress.limits import Limits, Ticket
 from services.ingress.replies import ReplyRouter
@@ -50,17 +49,6 @@ from services.ingress.schema import (
     ChatCompletionRequest,
     describe_validation_error,
     error_response,
-)
-
-SERVICES = (
-    "ingress",
-    "privacy",
-    "planner",
-    "dispatcher",
-    "racer",
-    "compressor",
-    "aggregator",
-    "accounting",
 )
 
 # How much longer than the first-token deadline the pipeline may take to say anything at all.
@@ -78,8 +66,6 @@ STATUS_BY_ERROR = {
 # How long a model stays known after its last host left: requests for it get 503 (retried by
 # clients) rather than 404 (never retried) while its hosts restart or reconnect.
 KNOWN_MODEL_MEMORY_S = 600.0
-
-PATH_NAMES = {REQUEST_PATH_SPLIT: "split", REQUEST_PATH_FALLBACK: "fallback"}
 
 
 class BodyTooLarge(Exception):
@@ -267,9 +253,7 @@ class Ingress:
             accepted_unix_nanos=time.time_ns(),
             first_token_deadline_ms=options.deadline_ms,
             race_width=options.race_width,
-            plan=Plan(decision="bypass: the client asked for no split")
-            if options.no_split
-            else None,
+            plan=bypass_plan("the client asked for no split") if options.no_split else None,
             privacy=self._privacy_mode(key_id, options.privacy),
         )
         queue = self.replies.open(request_id)
@@ -321,7 +305,7 @@ class Ingress:
             if self.stats is not None:
                 self.stats.request_failed()
             return self._failure_response(first.failed, headers)
-        headers["x-llooma-path"] = PATH_NAMES.get(first.started.path, "direct")
+        headers["x-llooma-path"] = path_name(first.started.path)
         if self.stats is not None:
             self.stats.request_started(
                 request_id, headers["x-llooma-path"], time.monotonic() - accepted_at

@@ -5,9 +5,10 @@ Rate limits are token buckets per API key (requests and tokens per minute). A re
 charged its estimate (prompt characters / 4 + max_tokens) when admitted, and the difference
 to its real usage when it ends. Load shedding turns requests away with 503 when this ingress
 already has too many in flight, too many still waiting for a first token, or more in flight
-for a model than the model's eligible hosts announced capacity for (each host believed up to
-`admission_max_host_capacity`; orchestrated requests and direct ones on the models they can use
-also share the pool's capacity). Limits are per ingress process: with N replicas, divide them
+for a model than the hosts the selection pipeline would race it on announced capacity for
+(each host believed up to `admission_max_host_capacity`, an engine shared by several models or
+hosts counted once; orchestrated requests and direct ones on the models they can use also share
+the pool's capacity). Limits are per ingress process: with N replicas, divide them
 by N.
 """
 
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
+from llooma import selection
 from llooma.membership import HostDirectory
 from llooma.settings import ORCHESTRATED_MODEL, Settings, api_key_id
 from llooma.v1.pipeline_pb2 import ClientEvent
@@ -126,6 +128,7 @@ class Limits:
         self.in_flight_by_model: Counter[str] = Counter()
         self.shed = 0
         self.rate_limited = 0
+        self.selector = selection.Selector.from_settings(settings)
         self._buckets: dict[str, KeyBuckets] = {}
         self._overrides = {
             api_key_id(key): limits for key, limits in settings.rate_limits_by_key.items()
@@ -163,18 +166,11 @@ class Limits:
         cached = self._capacity.get(model)
         if cached is not None and now - cached[0] < CAPACITY_CACHE_S:
             return cached[1], cached[2]
-        orchestrated = model == ORCHESTRATED_MODEL
-        excluded = set(self.settings.orchestration_excluded_models)
-        most = self.settings.admission_max_host_capacity
-        total = 0
-        models: set[str] = set()
-        for member in self.hosts.eligible(None if orchestrated else model):
-            host = 0
-            for capability in member.heartbeat.models:
-                if capability.name not in excluded if orchestrated else capability.name == model:
-                    host += capability.capacity
-                    models.add(capability.name)
-            total += min(host, most)
+        # The hosts that may serve it, as the dispatcher would pick them (not suspended, engine
+        # reachable, ...); an engine shared by several models or hosts counts once.
+        served = self.selector.endpoints(self.hosts.members.all(), selection.Ask(model))
+        total = selection.capacity(served, per_host_max=self.settings.admission_max_host_capacity)
+        models = {endpoint.model.name for endpoint in served}
         self._capacity[model] = (now, total, frozenset(models))
         return total, frozenset(models)
 
@@ -334,6 +330,9 @@ class Ticket:
         finally:
             self.release()
 
+    async def _release_after_response(self) -> None:
+        self.release()
+
     async def serve(self, answer: Awaitable[Response]) -> Response:
         """Await the answer; release now unless a stream still runs, which releases when
         it ends (or, if the client left before it began, when the response is done)."""
@@ -343,7 +342,8 @@ class Ticket:
             self.release()
             raise
         if isinstance(response, StreamingResponse):
-            response.background = BackgroundTask(self.release)
+            # A coroutine: Starlette runs a plain function's background task on a thread.
+            response.background = BackgroundTask(self._release_after_response)
         else:
             self.release()
         return response

@@ -21,6 +21,7 @@ from llooma.metrics import StatsCollector
 from llooma.runtime import ServiceHeartbeater
 from llooma.settings import Settings, load_settings
 from services.ingress.api import Ingress
+from services.ingress.http_protocol import bounded_protocol
 from services.ingress.openapi import serve_openapi
 from services.ingress.replies import ReplyRouter
 from services.ingress.schema import error_response
@@ -137,7 +138,8 @@ def main() -> None:
         host=settings.http_host,
         port=settings.http_port,
         loop="none",
-        http="httptools",
+        # Requests read whole within a deadline, headers bounded (slow clients are cut off).
+        http=bounded_protocol(settings.http_read_timeout_s, settings.http_max_header_bytes),
         log_level=settings.log_level.lower(),
         access_log=False,
         timeout_graceful_shutdown=5,

@@ -35,6 +35,6 @@ class ReplyRouter:
         return self._waiting.pop(request_id, None) is not None
 
     async def _route(self, msg: Msg) -> None:
-        queue = self._waiting.get(msg.subject.rpartition(".")[2])
+        queue = self._waiting.get(subjects.client_reply_request_id(msg.subject))
         if queue is not None:
             queue.put_nowait(msg.data)

@@ -14,20 +14,26 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from llooma import bus, subjects
+from llooma.membership import HostDirectory
 from llooma.planning import (
     SPLIT_INSTRUCTION,
     ModelRates,
     PlannerConfig,
+    bypass_plan,
     bypass_reason,
+    decide,
     decompose,
+    direct_plan,
     estimate_ms,
+    is_split,
     parse_split_reply,
     validate,
 )
+from llooma.selection import Ask, Selector
 from llooma.settings import Settings
 from llooma.v1.common_pb2 import REQUEST_PATH_DIRECT, REQUEST_PATH_SPLIT, ChatMessage
 from llooma.v1.pipeline_pb2 import ChatRequest, ClientEvent
-from llooma.v1.plan_pb2 import Plan
+from llooma.v1.plan_pb2 import PLAN_KIND_UNSPECIFIED, Plan
 from llooma.v1.race_pb2 import RaceEvent
 
 log = logging.getLogger(__name__)
@@ -35,12 +41,19 @@ log = logging.getLogger(__name__)
 
 class Planner:
     def __init__(
-        self, settings: Settings, nc: Client, js: JetStreamContext, instance_id: str
+        self,
+        settings: Settings,
+        nc: Client,
+        js: JetStreamContext,
+        instance_id: str,
+        hosts: HostDirectory | None = None,
     ) -> None:
         self._settings = settings
+        self._hosts = hosts
+        self._selector = Selector.from_settings(settings)
         self._nc = nc
         self._js = js
-        self._inbox = f"{subjects.PREFIX}.planner.{instance_id}"
+        self._instance_id = instance_id
         self._config = PlannerConfig(
             bypass_chars=settings.planner_bypass_chars,
             bypass_max_tokens=settings.planner_bypass_max_tokens,
@@ -60,13 +73,18 @@ class Planner:
         if event.output_tokens > 1 and streaming_s > 0:
             rates.tokens_per_s.append((event.output_tokens - 1) / streaming_s)
 
+    def engines(self, model: str) -> int:
+        """Independent engines that could run the parts (0: unknown): hosts and models on one
+        shared engine are one, so splitting across them buys no parallelism."""
+        if self._hosts is None:
+            return 0
+        return self._selector.engines(self._hosts.members.all(), Ask(model))
+
     async def handle(self, msg: Msg) -> None:
         request = ChatRequest.FromString(msg.data)
-        if not request.plan.decision:
+        if request.plan.kind == PLAN_KIND_UNSPECIFIED:
             request.plan.CopyFrom(await self.plan(request))
-        request.path = (
-            REQUEST_PATH_SPLIT if request.plan.decision == "split" else REQUEST_PATH_DIRECT
-        )
+        request.path = REQUEST_PATH_SPLIT if is_split(request.plan) else REQUEST_PATH_DIRECT
         await bus.hand_off(
             self._js,
             subjects.PIPELINE_DISPATCHER,
@@ -77,10 +95,10 @@ class Planner:
     async def plan(self, request: ChatRequest) -> Plan:
         prompt = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
         if request.model in self._settings.orchestration_excluded_models:
-            return Plan(decision="bypass: model is never split")
+            return bypass_plan("model is never split")
         reason = bypass_reason(prompt, request.params.max_tokens, self._config)
         if reason is not None:
-            return Plan(decision=f"bypass: {reason}")
+            return bypass_plan(reason)
         plan = decompose(prompt)
         split_call_ms = 0.0
         if plan is None and self._settings.planner_split_model:
@@ -88,30 +106,35 @@ class Planner:
             try:
                 plan = await self._split_call(request, prompt)
             except (ValueError, TimeoutError) as error:
-                return Plan(decision=f"direct: split call failed: {error}")
+                return direct_plan(f"split call failed: {error}")
             split_call_ms = (time.monotonic() - started) * 1000
         if plan is None:
-            return Plan(decision="direct: no structure to split")
+            return direct_plan("no structure to split")
         problem = validate(plan, self._config.max_nodes)
         if problem is not None:
-            return Plan(decision=f"direct: invalid plan: {problem}", source=plan.source)
+            return direct_plan(f"invalid plan: {problem}", source=plan.source)
         rates = self._rates.get(request.model, ModelRates())
         direct_ms, split_ms = estimate_ms(
-            plan, rates, request.params.max_tokens, self._config, split_call_ms
+            plan,
+            rates,
+            request.params.max_tokens,
+            self._config,
+            split_call_ms,
+            engines=self.engines(request.model),
         )
         plan.direct_estimate_ms = direct_ms
         plan.split_estimate_ms = split_ms
-        if split_ms + self._config.epsilon_ms < direct_ms:
-            plan.decision = "split"
-        else:
-            plan.decision = f"direct: split not faster ({split_ms:.0f} vs {direct_ms:.0f} ms)"
-            plan.ClearField("nodes")
+        decide(
+            plan,
+            split=split_ms + self._config.epsilon_ms < direct_ms,
+            reason=f"split not faster ({split_ms:.0f} vs {direct_ms:.0f} ms)",
+        )
         return plan
 
     async def _split_call(self, request: ChatRequest, prompt: str) -> Plan:
         """Ask a model for a JSON DAG, through the same dispatcher and racer as any task."""
         call_id = uuid.uuid4().hex
-        reply_subject = f"{self._inbox}.{call_id}"
+        reply_subject = subjects.planner_reply(self._instance_id, call_id)
         events: asyncio.Queue[ClientEvent] = asyncio.Queue()
 
         async def collect(msg: Msg) -> None:
@@ -130,7 +153,7 @@ class Planner:
                 api_key_id=request.api_key_id,
                 accepted_unix_nanos=time.time_ns(),
                 path=REQUEST_PATH_DIRECT,
-                plan=Plan(decision="bypass: split call"),
+                plan=bypass_plan("split call"),
             )
             await bus.hand_off(
                 self._js, subjects.PIPELINE_DISPATCHER, call.SerializeToString(), call.request_id

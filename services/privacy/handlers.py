@@ -34,11 +34,11 @@ class Mediator:
             for message in request.messages:
                 message.content = redact(message.content, strict=strict, mapping=mapping).text
             request.privacy_redacted = True
-            if len(mapping):
-                entries = [PlaceholderEntry(placeholder=p, original=o) for p, o in mapping.items()]
-                event = ClientEvent(mapping=PrivacyMapping(entries=entries))
-                # Before the hand-off, so the ingress has it before any token can arrive.
-                await self._nc.publish(request.reply_subject, event.SerializeToString())
+            # Sent even when empty: the ingress then also turns placeholders the model makes up
+            # into neutral words. Before the hand-off, so it arrives before any token can.
+            entries = [PlaceholderEntry(placeholder=p, original=o) for p, o in mapping.items()]
+            event = ClientEvent(mapping=PrivacyMapping(entries=entries))
+            await self._nc.publish(request.reply_subject, event.SerializeToString())
         await bus.hand_off(
             self._js,
             subjects.PIPELINE_PLANNER,

@@ -12,10 +12,11 @@ from __future__ import annotations
 import re
 from typing import Final
 
-# C0 and C1 control characters except tab, newline and carriage return (ANSI escapes, NUL,
-# bell, ...), and the Unicode bidi overrides that can disguise text on a terminal.
+# C0 and C1 control characters except NUL, tab, newline and carriage return (ANSI escapes,
+# bell, ...), and the Unicode bidi overrides that can disguise text on a terminal. NUL does
+# nothing on a terminal and is content a user may have sent (an answer that quotes it keeps it).
 _CONTROL_CHARS: Final = re.compile(
-    r"\x1b\[[0-9;?]*[ -/]*[@-~]|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]"
+    r"\x1b\[[0-9;?]*[ -/]*[@-~]|[\x01-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]"
 )
 _NAME: Final = r"[A-Za-z0-9_.:/-]"
 _WIDE_NAME: Final = r"[^\uff5c\s<>]"
@@ -31,7 +32,7 @@ _UNFINISHED: Final = re.compile(
     r"|\x1b(?:\[[0-9;?]*[ -/]*)?"
 )
 # Anything that may start a control token or is a control character: the fast path is a miss.
-_SUSPECT: Final = re.compile(r"[<\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_SUSPECT: Final = re.compile(r"[<\x01-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 # A chunk is a token or a few a backend coalesced (a whole JSON reply from some): one longer
 # than this is a flood, cut (a violation).
 MAX_CHUNK_CHARS: Final = 4096

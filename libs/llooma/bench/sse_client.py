@@ -7,11 +7,12 @@ client keeps keep-alive connections and parses chunked SSE with a few byte searc
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from dataclasses import dataclass
 
-_FIRST_CONTENT = b'"content":"'
-_EMPTY_CONTENT = b'"content":""'
+# A non-empty content delta, however the server spaces its JSON (peer gateways put a space).
+_FIRST_CONTENT = re.compile(rb'"content": ?"[^"]')
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,10 +126,8 @@ class SseClient:
                 await reader.readline()
                 break
             data = await reader.readexactly(size + 2)
-            if first is None:
-                at = data.find(_FIRST_CONTENT)
-                if at >= 0 and data.find(_EMPTY_CONTENT) != at:
-                    first = time.perf_counter()
+            if first is None and _FIRST_CONTENT.search(data):
+                first = time.perf_counter()
         self._idle.append(connection)
         if first is None:
             raise NoToken("stream ended without a token")

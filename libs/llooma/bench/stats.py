@@ -1,14 +1,7 @@
-"""Summary statistics shared by the benchmarks."""
+"""Summary statistics shared by the benchmarks (the quantile is the live metrics' own)."""
 
 from __future__ import annotations
 
-import math
+from llooma.quantiles import percentile
 
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-quantile (0 <= q <= 1), interpolated linearly between the closest ranks."""
-    ordered = sorted(values)
-    position = q * (len(ordered) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+__all__ = ["percentile"]

@@ -19,12 +19,14 @@ import uvloop
 from rich.console import Console
 from rich.progress import Progress
 
-from llooma.bench import overhead, race, scheduling, split, throughput
+from llooma.bench import overhead, peers, race, scheduling, split, throughput
 from llooma.embedded import free_port
 from llooma.host.config import HostConfig
 from llooma.stack import Stack
 
-SUITES = ("overhead", "throughput", "race", "split", "scheduling")
+SUITES = ("overhead", "throughput", "race", "split", "scheduling", "peers")
+# Suites that bring their own processes (an HTTP upstream, a peer gateway) and stack.
+OWN_STACK = ("peers",)
 # The stack sets each host's NATS URL itself.
 _UNUSED_URL = "nats://unused"
 
@@ -85,6 +87,22 @@ def run(suites: list[str], quick: bool, results_dir: Path, console: Console) -> 
         f"{'' if len(suites) == len(SUITES) else f' --suite {suites[0]}'}), one stack "
         "shared by the suites, client and stack on the same machine."
     )
+    started = time.monotonic()
+    shared = [name for name in suites if name not in OWN_STACK]
+    if shared:
+        _run_shared(shared, sizes, results_dir, note, console)
+    if "peers" in suites:
+        with Progress(console=console) as progress:
+            peer_sizes = peers.QUICK if quick else peers.FULL
+            systems, direct = peers.run(peer_sizes, progress)
+        table = peers.write_results(systems, direct, results_dir, note)
+        console.print(f"[bold]peers[/bold]\n{table}")
+    console.print(f"results in {results_dir}/ after {time.monotonic() - started:.0f} s")
+
+
+def _run_shared(
+    suites: list[str], sizes: Sizes, results_dir: Path, note: str, console: Console
+) -> None:
     hosts, env = stack_parts(suites, sizes)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="llooma-bench-") as scratch:
@@ -104,7 +122,6 @@ def run(suites: list[str], quick: bool, results_dir: Path, console: Console) -> 
                 _run_suites(stack, suites, sizes, results_dir, note, console, progress)
         finally:
             stack.stop()
-    console.print(f"results in {results_dir}/ after {time.monotonic() - started:.0f} s")
 
 
 def _measure(coroutine: Coroutine[Any, Any, Result]) -> Result:

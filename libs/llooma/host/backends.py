@@ -13,7 +13,7 @@ from typing import Literal, Protocol
 
 from llooma.duel import read_judge_prompt
 from llooma.host.config import Latency, ModelConfig
-from llooma.host.openai_backend import GenerationDefaults, OpenAIBackend
+from llooma.host.openai_backend import GenerationDefaults, OpenAIBackend, Outcome
 from llooma.v1.host_pb2 import HostTask
 
 _TOKEN = re.compile(r"\s*\S+|\s+")
@@ -89,7 +89,18 @@ def synthetic_verdict(answer_a: str, answer_b: str) -> str:
 
 
 class Backend(Protocol):
-    def stream(self, task: HostTask) -> AsyncGenerator[str, None]: ...
+    def stream(
+        self, task: HostTask, outcome: Outcome | None = None
+    ) -> AsyncGenerator[str, None]: ...
+
+
+def _local_outcome(outcome: Outcome | None, task: HostTask, pieces: int, limit: int) -> None:
+    """A local backend is its own engine: its pieces are its tokens, its words its prompt."""
+    if outcome is not None:
+        outcome.input_tokens = sum(len(m.content.split()) for m in task.messages)
+        outcome.output_tokens = pieces
+        outcome.finish_reason = "length" if limit and pieces >= limit else "stop"
+        outcome.reported = True
 
 
 async def _pause(ms: float) -> None:
@@ -98,8 +109,8 @@ async def _pause(ms: float) -> None:
 
 
 def token_limit(task: HostTask, ceiling: int) -> int:
-    requested = task.params.max_tokens
-    return min(requested, ceiling) if requested else ceiling
+    params = task.params
+    return min(params.max_tokens, ceiling) if params.HasField("max_tokens") else ceiling
 
 
 class SyntheticBackend:
@@ -109,14 +120,20 @@ class SyntheticBackend:
         self._model = model
         self._rng = random.Random(seed)
 
-    async def stream(self, task: HostTask) -> AsyncGenerator[str, None]:
+    async def stream(
+        self, task: HostTask, outcome: Outcome | None = None
+    ) -> AsyncGenerator[str, None]:
         model = self._model
-        rng = random.Random(task.params.seed or self._rng.getrandbits(64))
+        params = task.params
+        seed = params.seed if params.HasField("seed") else self._rng.getrandbits(64)
+        rng = random.Random(seed)
         judged = read_judge_prompt(task.messages)
         if judged is not None:
             await _pause(sample_ms(model.first_token, rng))
-            for piece in split_tokens(synthetic_verdict(*judged)):
+            verdict = split_tokens(synthetic_verdict(*judged))
+            for piece in verdict:
                 yield piece
+            _local_outcome(outcome, task, len(verdict), 0)
             return
         limit = token_limit(task, model.generation.max_tokens)
         fmt = requested_format(task)
@@ -140,6 +157,7 @@ class SyntheticBackend:
             if index == fail_at:
                 raise BackendFailure("synthetic failure")
             yield piece
+        _local_outcome(outcome, task, len(pieces), limit)
 
 
 class EchoBackend:
@@ -149,14 +167,18 @@ class EchoBackend:
         self._model = model
         self._rng = random.Random(seed)
 
-    async def stream(self, task: HostTask) -> AsyncGenerator[str, None]:
+    async def stream(
+        self, task: HostTask, outcome: Outcome | None = None
+    ) -> AsyncGenerator[str, None]:
         last_user = next((m.content for m in reversed(task.messages) if m.role == "user"), "")
         await _pause(sample_ms(self._model.first_token, self._rng))
         limit = task.params.max_tokens or None
-        for index, piece in enumerate(split_tokens(last_user)[:limit]):
+        pieces = split_tokens(last_user)[:limit]
+        for index, piece in enumerate(pieces):
             if index:
                 await _pause(sample_ms(self._model.inter_token, self._rng))
             yield piece
+        _local_outcome(outcome, task, len(pieces), limit or 0)
 
 
 def build_backend(model: ModelConfig, seed: int) -> Backend:
@@ -174,5 +196,7 @@ def build_backend(model: ModelConfig, seed: int) -> Backend:
                 temperature=generation.temperature,
                 top_p=generation.top_p,
             ),
+            engine=model.engine,
+            max_connections=model.max_connections or model.capacity,
         )
     return SyntheticBackend(model, seed)

@@ -46,6 +46,24 @@ class Generation(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
 
 
+class Features(BaseModel):
+    """What a model can do beyond plain chat (ModelFeatures in the heartbeat). Unset fields take
+    the engine's default (llooma.host.engines.DEFAULT_FEATURES)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tools: bool | None = None
+    json_mode: bool | None = None
+    json_schema: bool | None = None
+    logprobs: bool | None = None
+    # The engine continues a trailing assistant message (llama.cpp; vLLM with
+    # continue_final_message): continuation by prefill.
+    assistant_prefill: bool | None = None
+    reasoning: bool | None = None
+    embeddings: bool | None = None
+    multiple_choices: bool | None = None
+
+
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -60,6 +78,12 @@ class ModelConfig(BaseModel):
     api_key: str | None = None
     upstream_model: str | None = None
     metrics_url: str | None = None
+    # openai backend: which engine serves it, for its load and health probe and its defaults
+    # (llama.cpp, vllm, sglang, ollama; openai for any other OpenAI-compatible server).
+    engine: Literal["llama.cpp", "vllm", "sglang", "ollama", "openai"] = "openai"
+    # openai backend: most upstream connections at once (default: capacity).
+    max_connections: int | None = Field(default=None, ge=1)
+    features: Features = Features()
     # synthetic and echo backends.
     first_token: Latency = Latency()
     inter_token: Latency = Latency()
@@ -91,6 +115,10 @@ class HostConfig(BaseModel):
     tls_key_file: Path | None = None
     seed: int = 0
     heartbeat_interval_s: float = Field(default=0.5, gt=0)
+    # How often each openai upstream engine is probed for health and load, and how long a probe
+    # may take before the engine counts as unreachable (the two bound the time to notice).
+    engine_probe_interval_s: float = Field(default=0.5, gt=0)
+    engine_probe_timeout_s: float = Field(default=1.0, gt=0)
     models: list[ModelConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

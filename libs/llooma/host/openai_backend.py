@@ -1,27 +1,43 @@
-"""A backend that streams from any OpenAI-compatible server, plus a load probe for it."""
+"""A backend that streams from any OpenAI-compatible server (llama.cpp, vLLM, SGLang, Ollama).
+
+It tells the engine's truth: it asks for `stream_options.include_usage` and reports the
+engine's own usage and finish_reason (Outcome.reported); it passes every sampling parameter
+the client set, 0 included; an engine's refusal of the request itself (400, 413, 422) is the
+client's error (UpstreamRejected), not the host's; reasoning deltas (`reasoning_content`, or
+`reasoning`) come out as Reasoning pieces.
+"""
 
 from __future__ import annotations
 
-import json
-import math
-from collections.abc import AsyncGenerator
+import asyncio
+import re
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import orjson
 
+from llooma.host.http import ConnectFailed, HttpError, HttpPool, Response
 from llooma.v1.host_pb2 import HostTask
 
 _MESSAGE_LIMIT = 300
 # An error body is only read for its message, so a misbehaving upstream cannot make us buffer MBs.
 _ERROR_BODY_LIMIT = 16_384
 _BUSY_STATUSES = frozenset({429, 503})
+# The engine refused the request as asked: the client's error, not the host's. (401/403/404
+# are the host's misconfiguration: a wrong key, a wrong model name.)
+_REJECTED_STATUSES = frozenset({400, 413, 422})
 # OpenAI-compatible servers (vLLM in particular) validate seed as a signed 64-bit integer.
 _SEED_MASK = (1 << 63) - 1
-_LOAD_METRICS = (
-    ("vllm:num_requests_running", "vllm:num_requests_waiting"),
-    ("sglang:num_running_reqs", "sglang:num_queue_reqs"),
+_CONTEXT_EXCEEDED = re.compile(
+    r"context length|context size|context window|maximum context|prompt is too long"
+    r"|too many tokens",
+    re.IGNORECASE,
 )
+# Longest SSE line accepted (a data line is one chunk of a few hundred bytes).
+_LINE_LIMIT = 1 << 20
+# How long to wait for the end of the HTTP body after `[DONE]` before dropping the connection.
+_DRAIN_S = 1.0
 
 
 class UpstreamError(Exception):
@@ -35,6 +51,41 @@ class UpstreamError(Exception):
 
 class UpstreamBusy(UpstreamError):
     """The upstream server refused the request for lack of capacity (429 or 503)."""
+
+
+class UpstreamUnreachable(UpstreamError):
+    """No connection to the upstream server could be made."""
+
+
+class UpstreamRejected(UpstreamError):
+    """The engine refused the request itself (a prompt over the context, a bad parameter):
+    `status` is its HTTP status, `client_code` an OpenAI-style code ("" when unknown),
+    `message` the engine's own words."""
+
+    def __init__(self, message: str, status: int, client_code: str) -> None:
+        super().__init__(message, status)
+        self.client_code = client_code
+
+
+class _RetryWithoutUsage(Exception):
+    """The server refused stream_options before answering anything: send it again without."""
+
+
+class Reasoning(str):
+    """A piece of a thinking model's reasoning (reasoning_content), not of its answer."""
+
+    __slots__ = ()
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How a stream ended, filled in by the backend as it reads. `reported` is True when the
+    token counts are the engine's own; otherwise the worker estimates them."""
+
+    finish_reason: str = ""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    reported: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,13 +108,13 @@ def _float_param(value: float) -> float:
 
 
 def _error_message(payload: object) -> str | None:
-    """The message of an error body in OpenAI, vLLM or Ollama shape, if it has one."""
+    """The message of an error body in OpenAI, vLLM, llama.cpp or Ollama shape, if any."""
     if not isinstance(payload, dict):
         return None
     error = payload.get("error")
     if isinstance(error, dict):
         message = error.get("message")
-        return str(message) if message is not None else json.dumps(error)
+        return str(message) if message is not None else orjson.dumps(error).decode()
     if isinstance(error, str):
         return error
     message = payload.get("message") or payload.get("detail")
@@ -76,58 +127,68 @@ def _error_status(payload: object) -> int | None:
     return code if isinstance(code, int) and not isinstance(code, bool) else None
 
 
-async def _read_error_body(response: httpx.Response) -> bytes:
-    body = bytearray()
-    async for chunk in response.aiter_bytes():
-        body += chunk
-        if len(body) >= _ERROR_BODY_LIMIT:
-            break
-    return bytes(body[:_ERROR_BODY_LIMIT])
+def client_code(payload: object, message: str) -> str:
+    """An OpenAI-style error code for an engine's refusal.
+
+    OpenAI: {"error": {"code": "context_length_exceeded", "type": "invalid_request_error"}};
+    llama.cpp: {"error": {"code": 400, "type": "exceed_context_size_error", "message":
+    "request (N tokens) exceeds the available context size (M tokens), ..."}}; vLLM:
+    {"error"|top level: {"type": "BadRequestError", "code": 400, "message": "This model's
+    maximum context length is ..."}}."""
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if not isinstance(error, dict):
+        error = payload if isinstance(payload, dict) else {}
+    code = error.get("code")
+    if isinstance(code, str) and code:
+        return code
+    if error.get("type") == "exceed_context_size_error" or _CONTEXT_EXCEEDED.search(message):
+        return "context_length_exceeded"
+    return ""
 
 
-async def _status_error(response: httpx.Response) -> UpstreamError:
-    status = response.status_code
-    body = await _read_error_body(response)
+async def _status_error(response: Response) -> UpstreamError:
+    status = response.status
     try:
-        detail = _error_message(json.loads(body))
-    except ValueError:
-        detail = None
+        body = await response.read(_ERROR_BODY_LIMIT)
+    except HttpError:
+        body = b""
+    try:
+        payload: object = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        payload = None
+    detail = _error_message(payload)
     if detail is None:
-        detail = body.decode("utf-8", errors="replace") or response.reason_phrase
+        detail = body.decode("utf-8", errors="replace") or f"HTTP {status}"
+    if status in _REJECTED_STATUSES:
+        return UpstreamRejected(_truncate(detail), status, client_code(payload, detail))
     message = f"upstream returned {status}: {_truncate(detail)}"
     if status in _BUSY_STATUSES:
         return UpstreamBusy(message, status)
     return UpstreamError(message, status)
 
 
-def _line_error(value: str) -> str:
-    try:
-        detail = _error_message(json.loads(value))
-    except ValueError:
-        detail = None
-    return _truncate(detail or value)
+def _event_error(event: dict[str, Any], pieces: int) -> UpstreamError:
+    detail = _error_message(event) or "unknown error"
+    status = _error_status(event)
+    if status in _REJECTED_STATUSES and not pieces:
+        return UpstreamRejected(_truncate(detail), status, client_code(event, detail))
+    return UpstreamError(f"upstream error mid-stream: {_truncate(detail)}", status)
 
 
-def _delta_text(data: str) -> str:
-    """The content delta of one `data:` payload; raises UpstreamError on malformed or error ones."""
-    try:
-        event = json.loads(data)
-    except ValueError:
-        raise UpstreamError(f"malformed stream event: {_truncate(data)}") from None
-    if not isinstance(event, dict):
-        raise UpstreamError(f"malformed stream event: {_truncate(data)}")
-    if event.get("error") is not None:
-        detail = _error_message(event) or "unknown error"
-        raise UpstreamError(f"upstream error mid-stream: {_truncate(detail)}", _error_status(event))
-    choices = event.get("choices")
-    # Usage-only chunks (stream_options.include_usage) carry an empty or absent choices list.
-    if not choices:
-        return ""
-    if not isinstance(choices, list) or not isinstance(choices[0], dict):
-        raise UpstreamError(f"malformed stream event: {_truncate(data)}")
-    delta = choices[0].get("delta")
-    content = delta.get("content") if isinstance(delta, dict) else None
-    return content if isinstance(content, str) else ""
+def _malformed(data: bytes) -> UpstreamError:
+    text = data.decode("utf-8", errors="replace")
+    return UpstreamError(f"malformed stream event: {_truncate(text)}")
+
+
+def estimate_input_tokens(task: HostTask) -> int:
+    """About four characters a token, plus a few for each message's template."""
+    return sum(len(m.content) for m in task.messages) // 4 + 4 * len(task.messages)
+
+
+async def _drain(body: AsyncIterator[bytes]) -> None:
+    """Read the body to its end, so the connection can carry the next request."""
+    async for _ in body:
+        pass
 
 
 class OpenAIBackend:
@@ -140,143 +201,206 @@ class OpenAIBackend:
         upstream_model: str,
         *,
         defaults: GenerationDefaults,
-        client: httpx.AsyncClient | None = None,
-        timeout_s: float = 300.0,
+        engine: str = "openai",
+        max_connections: int = 16,
+        connect_timeout_s: float = 10.0,
+        read_timeout_s: float = 300.0,
     ) -> None:
-        self._url = base_url.rstrip("/") + "/chat/completions"
-        self._headers = {"Accept": "text/event-stream"}
+        self.pool = HttpPool(
+            base_url,
+            max_connections=max_connections,
+            connect_timeout_s=connect_timeout_s,
+            read_timeout_s=read_timeout_s,
+        )
+        headers = "Content-Type: application/json\r\nAccept: text/event-stream\r\n"
         if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
+            headers += f"Authorization: Bearer {api_key}\r\n"
+        self._headers = headers
         self._model = upstream_model
         self._defaults = defaults
-        self._owns_client = client is None
-        self._client = client if client is not None else httpx.AsyncClient()
-        self._timeout = httpx.Timeout(timeout_s)
+        self._engine = engine
+        # Cleared for good if the server refuses stream_options (a strict older server): it
+        # then gives no usage, and the worker says its counts are estimates.
+        self._include_usage = True
 
     async def aclose(self) -> None:
-        """Close the HTTP client if this backend created it."""
-        if self._owns_client:
-            await self._client.aclose()
+        await self.pool.aclose()
 
-    def _request_body(self, task: HostTask) -> dict[str, Any]:
+    def request_body(self, task: HostTask) -> dict[str, Any]:
         """The JSON body sent upstream for a task."""
         params = task.params
+        defaults = self._defaults
+        messages = [{"role": m.role, "content": m.content} for m in task.messages]
         body: dict[str, Any] = {
             "model": self._model,
-            "messages": [{"role": m.role, "content": m.content} for m in task.messages],
+            "messages": messages,
             "stream": True,
-            "max_tokens": params.max_tokens or self._defaults.max_tokens,
+            "max_tokens": params.max_tokens
+            if params.HasField("max_tokens")
+            else defaults.max_tokens,
         }
-        temperature = _float_param(params.temperature) if params.temperature else None
-        if temperature is None:
-            temperature = self._defaults.temperature
-        if temperature is not None:
-            body["temperature"] = temperature
-        top_p = _float_param(params.top_p) if params.top_p else None
-        if top_p is None:
-            top_p = self._defaults.top_p
-        if top_p is not None:
-            body["top_p"] = top_p
+        if params.HasField("temperature"):
+            body["temperature"] = _float_param(params.temperature)
+        elif defaults.temperature is not None:
+            body["temperature"] = defaults.temperature
+        if params.HasField("top_p"):
+            body["top_p"] = _float_param(params.top_p)
+        elif defaults.top_p is not None:
+            body["top_p"] = defaults.top_p
         if params.stop:
             body["stop"] = list(params.stop)
-        if params.seed:
+        if params.HasField("seed"):
             body["seed"] = params.seed & _SEED_MASK
+        if params.HasField("presence_penalty"):
+            body["presence_penalty"] = _float_param(params.presence_penalty)
+        if params.HasField("frequency_penalty"):
+            body["frequency_penalty"] = _float_param(params.frequency_penalty)
+        if self._include_usage:
+            body["stream_options"] = {"include_usage": True}
+        if messages and messages[-1]["role"] == "assistant" and self._engine == "vllm":
+            # Continue the trailing assistant message instead of starting a new one (llama.cpp
+            # does this by itself).
+            body["continue_final_message"] = True
+            body["add_generation_prompt"] = False
         return body
 
-    async def stream(self, task: HostTask) -> AsyncGenerator[str, None]:
-        body = self._request_body(task)
+    async def stream(
+        self, task: HostTask, outcome: Outcome | None = None
+    ) -> AsyncGenerator[str, None]:
+        """The answer's text pieces (Reasoning pieces for reasoning) as the engine sends them;
+        `outcome` gets the engine's finish_reason and usage."""
+        if outcome is None:
+            outcome = Outcome()
+        payload = orjson.dumps(self.request_body(task))
+        pieces = 0
+        # A trailing assistant message is continued (prefill). Some engines (llama.cpp with a
+        # Jinja template) start their answer with that message's text again; only what comes
+        # after it is new. Text is held while it still matches the prefix.
+        messages = task.messages
+        prefill = messages[-1].content if messages and messages[-1].role == "assistant" else ""
+        held = ""
         try:
-            # Leaving this block, by aclose() or cancellation too, closes the response and with
-            # it the upstream connection, which is how vLLM and friends notice to stop generating.
-            async with self._client.stream(
-                "POST", self._url, json=body, headers=self._headers, timeout=self._timeout
+            # Leaving this block, by aclose() or cancellation too, closes the connection unless
+            # its response was read to the end, which is how engines notice to stop generating.
+            async with self.pool.request(
+                "POST", "/chat/completions", payload, self._headers
             ) as response:
-                if response.status_code != 200:
-                    raise await _status_error(response)
-                async for raw in response.aiter_lines():
-                    line = raw.strip()
-                    if not line or line.startswith(":"):
-                        continue
-                    field, _, value = line.partition(":")
-                    value = value.strip()
-                    # llama.cpp's server reports failures as an `error:` line instead of data.
-                    if field == "error":
-                        raise UpstreamError(f"upstream error mid-stream: {_line_error(value)}")
-                    if field != "data":
-                        continue
-                    if value == "[DONE]":
-                        return
-                    text = _delta_text(value)
-                    if text:
-                        yield text
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"upstream transport error: {_truncate(repr(exc))}") from exc
+                if response.status != 200:
+                    error = await _status_error(response)
+                    if (
+                        isinstance(error, UpstreamRejected)
+                        and self._include_usage
+                        and "stream_options" in error.message
+                    ):
+                        self._include_usage = False
+                        raise _RetryWithoutUsage
+                    raise error
+                body = response.body()
+                pending = b""
+                done = False
+                async for data in body:
+                    if pending:
+                        data = pending + data
+                    start = 0
+                    while (end := data.find(b"\n", start)) >= 0:
+                        line = data[start:end]
+                        start = end + 1
+                        if line.startswith(b"data:"):
+                            value = line[5:].strip()
+                            if value == b"[DONE]":
+                                done = True
+                                break
+                            try:
+                                event = orjson.loads(value)
+                            except orjson.JSONDecodeError:
+                                raise _malformed(value) from None
+                            if not isinstance(event, dict):
+                                raise _malformed(value)
+                            if event.get("error") is not None:
+                                raise _event_error(event, pieces)
+                            choices = event.get("choices")
+                            if choices:
+                                try:
+                                    choice = choices[0]
+                                    delta = choice.get("delta")
+                                    finish = choice.get("finish_reason")
+                                except (AttributeError, IndexError, KeyError, TypeError):
+                                    raise _malformed(value) from None
+                                if delta:
+                                    content = delta.get("content")
+                                    if content and prefill:
+                                        content, held, prefill = _strip_echo(content, held, prefill)
+                                    if content:
+                                        pieces += 1
+                                        yield content
+                                    thought = delta.get("reasoning_content") or delta.get(
+                                        "reasoning"
+                                    )
+                                    if thought:
+                                        pieces += 1
+                                        yield Reasoning(thought)
+                                if finish:
+                                    outcome.finish_reason = finish
+                            usage = event.get("usage")
+                            if usage:
+                                _read_usage(usage, outcome)
+                        elif line.startswith(b"error:"):
+                            # llama.cpp's server reports failures as an `error:` line.
+                            value = line[6:].strip()
+                            try:
+                                event = orjson.loads(value)
+                            except orjson.JSONDecodeError:
+                                event = {"error": value.decode("utf-8", errors="replace")}
+                            if not isinstance(event, dict):
+                                event = {"error": str(event)}
+                            raise _event_error(event, pieces)
+                    if done:
+                        break
+                    pending = data[start:]
+                    if len(pending) > _LINE_LIMIT:
+                        raise UpstreamError("stream line over 1 MiB")
+                if done:
+                    # The end of the chunked body follows [DONE] at once; reading it keeps
+                    # the connection for the next request.
+                    try:
+                        async with asyncio.timeout(_DRAIN_S):
+                            await _drain(body)
+                    except (TimeoutError, HttpError):
+                        pass
+        except _RetryWithoutUsage:
+            async for piece in self.stream(task, outcome):
+                yield piece
+            return
+        except ConnectFailed as error:
+            raise UpstreamUnreachable(f"upstream unreachable: {error}") from error
+        except HttpError as error:
+            raise UpstreamError(f"upstream transport error: {_truncate(str(error))}") from error
+        if held:
+            # The stream ended inside what looked like the prefix: it was the answer after all.
+            pieces += 1
+            yield held
+        if not outcome.reported:
+            outcome.output_tokens = pieces
 
 
-def _parse_sample(line: str) -> tuple[str, float] | None:
-    """The metric name and value of one exposition line, ignoring labels and timestamp."""
-    index = 0
-    length = len(line)
-    while index < length and line[index] not in "{ \t":
-        index += 1
-    name = line[:index]
-    while index < length and line[index] in " \t":
-        index += 1
-    if index < length and line[index] == "{":
-        index += 1
-        in_quotes = False
-        while index < length:
-            char = line[index]
-            if in_quotes and char == "\\":
-                index += 2
-                continue
-            if char == '"':
-                in_quotes = not in_quotes
-            elif char == "}" and not in_quotes:
-                break
-            index += 1
-        if index >= length:
-            return None
-        index += 1
-    fields = line[index:].split()
-    if not name or not fields:
-        return None
-    try:
-        value = float(fields[0])
-    except ValueError:
-        return None
-    return name, value
+def _strip_echo(content: str, held: str, prefill: str) -> tuple[str, str, str]:
+    """(text to emit now, text still held, prefix still to check: "" once decided)."""
+    held += content
+    if len(held) < len(prefill):
+        if prefill.startswith(held):
+            return "", held, prefill
+        return held, "", ""
+    if held.startswith(prefill):
+        return held[len(prefill) :], "", ""
+    return held, "", ""
 
 
-def parse_load(text: str) -> tuple[float, float] | None:
-    """(running, waiting) from a Prometheus text page of vLLM or SGLang, else None."""
-    wanted = {name for pair in _LOAD_METRICS for name in pair}
-    totals: dict[str, float] = {}
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        sample = _parse_sample(line)
-        if sample is None or sample[0] not in wanted:
-            continue
-        name, value = sample
-        # A NaN or infinite gauge would poison the sum; treat it as no data for that series.
-        if math.isfinite(value):
-            totals[name] = totals.get(name, 0.0) + value
-        else:
-            totals.setdefault(name, 0.0)
-    for running, waiting in _LOAD_METRICS:
-        if running in totals or waiting in totals:
-            return totals.get(running, 0.0), totals.get(waiting, 0.0)
-    return None
-
-
-async def scrape_load(client: httpx.AsyncClient, metrics_url: str) -> tuple[float, float] | None:
-    """(running, waiting) requests scraped from a vLLM or SGLang /metrics, or None."""
-    try:
-        response = await client.get(metrics_url)
-    except httpx.HTTPError:
-        return None
-    if response.status_code != 200:
-        return None
-    return parse_load(response.text)
+def _read_usage(usage: object, outcome: Outcome) -> None:
+    if not isinstance(usage, dict):
+        return
+    prompt = usage.get("prompt_tokens")
+    completion = usage.get("completion_tokens")
+    if isinstance(prompt, int) and isinstance(completion, int) and prompt >= 0 and completion >= 0:
+        outcome.input_tokens = prompt
+        outcome.output_tokens = completion
+        outcome.reported = True

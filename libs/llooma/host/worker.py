@@ -9,7 +9,6 @@ import random
 import signal
 import time
 
-import httpx
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -17,13 +16,31 @@ from opentelemetry.trace import SpanKind
 
 from llooma import subjects, tracing
 from llooma.host.backends import Backend, BackendFailure, build_backend, token_limit
-from llooma.host.config import HostConfig
-from llooma.host.openai_backend import UpstreamBusy, UpstreamError, scrape_load
+from llooma.host.config import HostConfig, ModelConfig
+from llooma.host.engines import (
+    DEFAULT_FEATURES,
+    FEATURE_NAMES,
+    EngineProbe,
+    EngineState,
+    detect_prefill,
+    engine_id,
+    local_engine_id,
+)
+from llooma.host.openai_backend import (
+    OpenAIBackend,
+    Outcome,
+    UpstreamBusy,
+    UpstreamError,
+    UpstreamRejected,
+    UpstreamUnreachable,
+    estimate_input_tokens,
+)
 from llooma.settings import VERSION
 from llooma.v1.common_pb2 import (
     ERROR_CODE_HOST_BUSY,
     ERROR_CODE_HOST_FAILED,
     ERROR_CODE_INVALID_REQUEST,
+    ERROR_CODE_REQUEST_REJECTED,
     ErrorDetail,
     Usage,
 )
@@ -36,9 +53,40 @@ from llooma.v1.host_pb2 import (
     HostTask,
     HostToken,
     ModelCapability,
+    ModelFeatures,
 )
 
 log = logging.getLogger(__name__)
+
+
+def model_engine(model: ModelConfig) -> str:
+    return model.engine if model.backend == "openai" else model.backend
+
+
+def model_features(model: ModelConfig) -> ModelFeatures:
+    """The engine's defaults with the host's YAML on top."""
+    defaults = DEFAULT_FEATURES.get(model_engine(model), frozenset())
+    configured = model.features
+    return ModelFeatures(
+        **{
+            name: getattr(configured, name)
+            if getattr(configured, name) is not None
+            else name in defaults
+            for name in FEATURE_NAMES
+        }
+    )
+
+
+class _Engine:
+    """One engine instance behind one or more of this host's models, and what its probe saw."""
+
+    def __init__(self, probe: EngineProbe, base_url: str) -> None:
+        self.probe = probe
+        self.base_url = base_url
+        self.state = EngineState(reachable=False)
+        self.probed = False
+        # Models whose assistant_prefill is read from the engine (not set in the YAML).
+        self.prefill_models: list[str] = []
 
 
 class HostWorker:
@@ -51,15 +99,45 @@ class HostWorker:
         self._models = {m.name: m for m in config.models}
         self._capacity = {m.name: m.capacity for m in config.models}
         self._policy_rng = random.Random(config.seed)
-        # (running, waiting) reported by each openai upstream's metrics endpoint.
-        self._upstream_load: dict[str, tuple[float, float]] = {}
-        self._metrics_client = httpx.AsyncClient(timeout=2.0)
+        # One probe per engine instance (models on one engine share it), by engine id.
+        self._engines: dict[str, _Engine] = {}
+        self._engine_of: dict[str, str] = {}
+        self._capabilities: dict[str, ModelCapability] = {}
+        for model in config.models:
+            if model.backend == "openai":
+                assert model.base_url is not None
+                key = engine_id(model.base_url)
+                if key not in self._engines:
+                    probe = EngineProbe(
+                        model.engine,
+                        model.base_url,
+                        metrics_url=model.metrics_url,
+                        api_key=model.api_key,
+                        timeout_s=config.engine_probe_timeout_s,
+                    )
+                    self._engines[key] = _Engine(probe, model.base_url)
+                self._engine_of[model.name] = key
+                if model.engine == "llama.cpp" and model.features.assistant_prefill is None:
+                    self._engines[key].prefill_models.append(model.name)
+            else:
+                key = local_engine_id(config.name, model.name)
+            self._capabilities[model.name] = ModelCapability(
+                name=model.name,
+                capacity=model.capacity,
+                stake=model.policy.stake,
+                features=model_features(model),
+                engine=model_engine(model),
+                engine_id=key,
+            )
+        self._probe_tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
         self._in_flight: dict[str, int] = dict.fromkeys(self._capacity, 0)
         self._tasks: dict[str, asyncio.Task[object]] = {}
         self._subscriptions: list[Subscription] = []
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._draining = False
-        self._heartbeat_subject = subjects.kv_put_subject(subjects.HOSTS_BUCKET, config.name)
+        # Checked by the dispatcher, which writes the hosts bucket (a host cannot).
+        self._heartbeat_subject = subjects.host_heartbeat(config.name)
 
     @property
     def host_id(self) -> str:
@@ -73,8 +151,15 @@ class HostWorker:
             await self._nc.subscribe(subjects.host_cancel(self.host_id), cb=self._on_cancel)
         )
         await self._nc.flush()
+        # The first probe of each engine before the first heartbeat, so that heartbeat already
+        # says whether each model's engine answers (and, for llama.cpp, whether it prefills).
+        await asyncio.gather(*(self._probe_once(engine) for engine in self._engines.values()))
         await self._publish_heartbeat()
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="host-heartbeat")
+        for key, engine in self._engines.items():
+            self._probe_tasks.append(
+                asyncio.create_task(self._probe_loop(engine), name=f"engine-probe-{key}")
+            )
 
     async def drain(self) -> None:
         """Stop taking tasks, let in-flight ones finish, then stop heartbeating."""
@@ -84,36 +169,48 @@ class HostWorker:
         await self._publish_heartbeat()
         if self._tasks:
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-        if self._heartbeat_task is not None:
-            self._heartbeat_task.cancel()
+        background = [t for t in (self._heartbeat_task, *self._probe_tasks) if t is not None]
+        for task in background:
+            task.cancel()
+        for task in background:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat_task
+                await task
         await self._nc.flush()
-        await self._metrics_client.aclose()
+        for engine in self._engines.values():
+            await engine.probe.aclose()
+        for backend in self._backends.values():
+            if isinstance(backend, OpenAIBackend):
+                await backend.aclose()
 
     def heartbeat(self) -> HostHeartbeat:
         total_capacity = sum(self._capacity.values())
         in_flight = sum(self._in_flight.values())
         load = in_flight / total_capacity if total_capacity else 1.0
-        queue_depth = 0.0
-        for name, (running, waiting) in self._upstream_load.items():
-            # The upstream may serve others too: its own gauges can show more load than ours.
-            load = max(load, min(1.0, (running + waiting) / self._capacity[name]))
-            queue_depth += waiting
-        capabilities = [
-            ModelCapability(
-                name=name,
-                capacity=self._capacity[name],
-                in_flight=self._in_flight[name],
-                stake=model.policy.stake,
-            )
-            for name, model in self._models.items()
-        ]
+        queue_depth = 0
+        counted: set[str] = set()
+        capabilities = []
+        for name, capability in self._capabilities.items():
+            capability.in_flight = self._in_flight[name]
+            key = self._engine_of.get(name)
+            if key is not None:
+                state = self._engines[key].state
+                capability.engine_unreachable = not state.reachable
+                capability.engine_running = state.running
+                capability.engine_waiting = state.waiting
+                if state.reported:
+                    # The engine may serve others too: its own gauges can show more load
+                    # than ours.
+                    busy = state.running + state.waiting
+                    load = max(load, min(1.0, busy / self._capacity[name]))
+                    if key not in counted:
+                        counted.add(key)
+                        queue_depth += state.waiting
+            capabilities.append(capability)
         return HostHeartbeat(
             version=VERSION,
             models=capabilities,
             in_flight=in_flight,
-            queue_depth=int(queue_depth),
+            queue_depth=queue_depth,
             load=load,
             stake=max(m.policy.stake for m in self._models.values()),
             sent_unix_nanos=time.time_ns(),
@@ -127,19 +224,47 @@ class HostWorker:
         while True:
             await asyncio.sleep(self._config.heartbeat_interval_s)
             try:
-                await self._scrape_upstreams()
                 await self._publish_heartbeat()
             except Exception:
                 log.warning("heartbeat failed", exc_info=True)
 
-    async def _scrape_upstreams(self) -> None:
-        for name, model in self._models.items():
-            if model.metrics_url:
-                found = await scrape_load(self._metrics_client, model.metrics_url)
-                if found is None:
-                    self._upstream_load.pop(name, None)
-                else:
-                    self._upstream_load[name] = found
+    async def _probe_once(self, engine: _Engine) -> bool:
+        """Probe one engine; True when its reachability changed."""
+        state = await engine.probe.probe()
+        changed = state.reachable != engine.state.reachable or not engine.probed
+        if state.reachable and changed and engine.prefill_models:
+            # Whether it continues a trailing assistant message depends on how it was started
+            # (a Jinja template or not), so it is asked again whenever it comes back.
+            prefill = await detect_prefill(engine.base_url, self._config.engine_probe_timeout_s)
+            if prefill is not None:
+                for name in engine.prefill_models:
+                    self._capabilities[name].features.assistant_prefill = prefill
+        first = not engine.probed
+        engine.state = state
+        engine.probed = True
+        if changed:
+            if state.reachable:
+                if not first:
+                    log.warning("engine %s answers again", engine.probe.engine)
+            else:
+                log.warning(
+                    "engine %s does not answer: its models are unreachable", engine.probe.engine
+                )
+        return changed
+
+    async def _probe_loop(self, engine: _Engine) -> None:
+        """Probe on its own clock, apart from serving and from the heartbeat; a change of
+        reachability is published at once rather than at the next heartbeat."""
+        interval = self._config.engine_probe_interval_s
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            try:
+                if await self._probe_once(engine):
+                    await self._publish_heartbeat()
+            except Exception:
+                log.warning("engine probe failed", exc_info=True)
+            await asyncio.sleep(max(0.0, interval - (loop.time() - started)))
 
     async def _on_task(self, msg: Msg) -> None:
         if not msg.reply:
@@ -220,13 +345,27 @@ class HostWorker:
         publish = self._nc.publish
         await publish(reply, HostChunk(seq=0, accepted=HostAccepted()).SerializeToString())
         seq = 0
+        outcome = Outcome()
         try:
-            async with contextlib.aclosing(backend.stream(task)) as pieces:
+            async with contextlib.aclosing(backend.stream(task, outcome)) as pieces:
                 async for piece in pieces:
                     seq += 1
-                    chunk = HostChunk(seq=seq, token=HostToken(text=piece))
+                    if piece.__class__ is str:
+                        chunk = HostChunk(seq=seq, token=HostToken(text=piece))
+                    else:  # Reasoning
+                        chunk = HostChunk(seq=seq, token=HostToken(reasoning=piece))
                     await publish(reply, chunk.SerializeToString())
         except asyncio.CancelledError:
+            return None
+        except UpstreamRejected as error:
+            # The engine refused the request itself: the client's error, passed on as such.
+            detail = ErrorDetail(
+                code=ERROR_CODE_REQUEST_REJECTED,
+                message=error.message,
+                http_status=error.status or 400,
+                client_code=error.client_code,
+            )
+            await publish(reply, HostChunk(failed=detail).SerializeToString())
             return None
         except UpstreamBusy as error:
             await self._fail(reply, ERROR_CODE_HOST_BUSY, f"upstream busy: {error}")
@@ -234,19 +373,46 @@ class HostWorker:
         except (UpstreamError, BackendFailure) as error:
             log.warning("backend failed on %s: %s", task.attempt_id, error)
             await self._fail(reply, ERROR_CODE_HOST_FAILED, f"backend error: {error}")
+            if isinstance(error, UpstreamUnreachable):
+                self._engine_lost(task.model)
             return None
         except Exception:
             log.exception("backend crashed on %s", task.attempt_id)
             await self._fail(reply, ERROR_CODE_HOST_FAILED, "backend error")
             return None
-        limited = bool(task.params.max_tokens) and seq >= task.params.max_tokens
-        input_tokens = sum(len(m.content.split()) for m in task.messages)
+        if not outcome.reported:
+            # The engine gave no usage: an estimate, marked as one (reported_by_engine false).
+            outcome.input_tokens = estimate_input_tokens(task)
+            outcome.output_tokens = seq
+        if not outcome.finish_reason:
+            limit = task.params.max_tokens
+            outcome.finish_reason = "length" if limit and seq >= limit else "stop"
         finished = HostFinished(
-            finish_reason="length" if limited else "stop",
-            usage=Usage(input_tokens=input_tokens, output_tokens=seq),
+            finish_reason=outcome.finish_reason,
+            usage=Usage(
+                input_tokens=outcome.input_tokens,
+                output_tokens=outcome.output_tokens,
+                reported_by_engine=outcome.reported,
+            ),
         )
         await publish(reply, HostChunk(seq=seq + 1, finished=finished).SerializeToString())
         return finished
+
+    def _engine_lost(self, model: str) -> None:
+        """A connection to the engine was refused while serving: unreachable now, not at the
+        next probe (which clears it again when the engine answers)."""
+        key = self._engine_of.get(model)
+        if key is None:
+            return
+        engine = self._engines[key]
+        if engine.state.reachable:
+            engine.state = EngineState(reachable=False)
+            log.warning(
+                "engine %s refused a connection: its models are unreachable", engine.probe.engine
+            )
+            task = asyncio.create_task(self._publish_heartbeat())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
 
 async def run_worker(config: HostConfig, nc: Client, stop: asyncio.Event) -> None:

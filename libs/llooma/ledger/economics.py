@@ -129,8 +129,12 @@ def settle_attempt(prices: Prices, s: TaskSettlement) -> Posting:
             s.winner_model, s.winner_output_tokens, fallback=s.winner_fallback
         )
         # The reservation fee is for a commitment kept: a host that never accepted, failed,
-        # stalled or broke a rule (violations) keeps only its progress fee.
-        reserved = s.outcome == ATTEMPT_OUTCOME_LOST and s.accepted and not s.violations
+        # stalled or broke a rule (violations) keeps only its progress fee. Nor is a host
+        # paid for accepting alone: one that accepted every task and never sent a token
+        # would otherwise earn a fee from every race it was drawn into (docs/SECURITY.md).
+        reserved = (
+            s.outcome == ATTEMPT_OUTCOME_LOST and s.accepted and not s.violations and tokens > 0
+        )
         fee = prices.loser_fee(tokens, winner_paid, reserved=reserved)
         legs += _transfer(PLATFORM, payee(s), fee, "fallback" if s.fallback else "loser_fee")
     return Posting(attempt_txn_id(s.attempt_id), s.attempt_id, tuple(legs))
@@ -186,6 +190,17 @@ def account_deltas(postings: Iterable[Posting]) -> dict[str, int]:
         for leg in posting.legs:
             deltas[leg.account] = deltas.get(leg.account, 0) + leg.amount
     return deltas
+
+
+def user_charges(postings: Iterable[Posting]) -> int:
+    """What the users paid in these postings: the totals are read off the legs posted, never
+    priced a second time."""
+    return sum(
+        leg.amount
+        for posting in postings
+        for leg in posting.legs
+        if leg.kind == "charge" and leg.account == PLATFORM
+    )
 
 
 def opening_balances(settings: Settings) -> dict[str, int]:

@@ -26,6 +26,7 @@ from llooma.ledger.economics import (
     opening_txn_id,
     settle_attempt,
     settle_duel,
+    user_charges,
     voted_judges,
 )
 from llooma.v1.duel_pb2 import DUEL_VERDICT_A, DUEL_VERDICT_B, DuelResult
@@ -175,24 +176,23 @@ class LedgerStore:
             if not fresh:
                 return Posted()
             statement = _Statement()
-            self._tally_races(statement, list(fresh.values()))
             postings = [settle_attempt(self.prices, s) for s in fresh.values()]
+            self._tally_races(statement, list(fresh.values()), user_charges(postings))
             posted = await self._seal(conn, head, statement, postings)
             posted.new = len(fresh)
             return posted
 
-    def _tally_races(self, statement: _Statement, fresh: list[TaskSettlement]) -> None:
+    @staticmethod
+    def _tally_races(statement: _Statement, fresh: list[TaskSettlement], charges: int) -> None:
+        """Race wins and losses per host, completed responses, and the user charges the
+        batch's postings carry (summed off their legs, not priced again)."""
         wins: dict[str, int] = {}
         losses: dict[str, int] = {}
         completed: set[str] = set()
-        charges = 0
         for s in fresh:
             if s.outcome == AttemptOutcome.ATTEMPT_OUTCOME_WON:
                 wins[s.host_id] = wins.get(s.host_id, 0) + 1
                 completed.add(s.request_id)
-                if s.api_key_id:
-                    tokens = s.usage.input_tokens + s.usage.output_tokens
-                    charges += self.prices.user_charge(s.model, tokens)
             else:
                 losses[s.host_id] = losses.get(s.host_id, 0) + 1
         hosts = sorted(wins.keys() | losses.keys())

@@ -10,6 +10,7 @@ from typing import NamedTuple
 from urllib.parse import parse_qsl, urlsplit
 
 import phonenumbers
+from faker.providers.address import Provider as AddressProvider
 from stdnum import iban as std_iban
 from stdnum import luhn
 from stdnum.br import cpf
@@ -18,6 +19,7 @@ from stdnum.es import dni, nie
 from stdnum.fr import nir
 from stdnum.gb import nhs
 from stdnum.in_ import aadhaar
+from stdnum.iso7064 import mod_97_10
 from stdnum.it import codicefiscale
 from stdnum.nl import bsn
 from stdnum.us import ssn
@@ -79,6 +81,9 @@ def _alternation(words: tuple[str, ...] | frozenset[str]) -> str:
 def _before(text: str, start: int, width: int = 40) -> str:
     """The text shortly before `start` on the same line."""
     window = text[max(0, start - width) : start]
+    if start > width and text[start - width - 1].isalnum():
+        # Cut mid-word: the tail of "bring" is no "ring" cue.
+        window = window.lstrip("".join(c for c in window[:20] if c.isalnum()))
     return window.rsplit("\n", 1)[-1]
 
 
@@ -112,14 +117,36 @@ _NOT_PHONE_CUE = re.compile(
 _PHONE_CUE = re.compile(
     r"(?i)\b(?:phone|tel|telephone|mobile|mob|cell|fax|call|ring|text|sms|whatsapp|signal|"
     r"telefon|handy|téléphone|portable|teléfono|móvil|telefono|cellulare|celular|telefoon|reach|"
-    r"dial|contact)\b"
+    r"dial|contact|landline|hotline|helpline|phone[ \t]?number)\b"
+    r"|\b(?:my|his|her|our|their|your)[ \t]+(?:new[ \t]+|direct[ \t]+)?number\b"
 )
+# "... is my mobile", "(cell)": a cue after the number.
+_PHONE_CUE_AFTER = re.compile(
+    r"(?i)[ \t]*[,(]?[ \t]*(?:is[ \t]+(?:my|his|her|our|their|the)[ \t]+)?"
+    r"(?:mobile|phone|cell|landline|tel|fax|home|work|office|whatsapp|number)\b"
+)
+_EXTENSION = re.compile(r"(?i)[ \t]?(?:x|ext\.?|extension|#)[ \t]?\d{1,6}(?![\w])")
+# North American shapes: (NXX) NXX-XXXX, NXX-NXX-XXXX, NXX.NXX.XXXX, with +1, 1- or 001-.
+_NANP = re.compile(
+    r"(?:(?:\+?1|001)[ \t.-]?)?(?:\([2-9]\d{2}\)[ \t]?|[2-9]\d{2}[ .-])[2-9]?\d{2}[ .-]\d{4}"
+)
+# A code or JSON key that names a number: "created_at": 1557044434, user_id = 4155550123.
+_NUMBER_KEY = re.compile(
+    r"(?i)[\w-]*(?:_at|_ts|_time|time|stamp|_id|_ms|_ns|_count|_size|_bytes|_num|seed|epoch)"
+    r"[\"']?[ \t]*[:=][ \t]*[\"']?$"
+)
+_OPERAND_BEFORE = re.compile(r"[=+*/^\u00d7\u00f7][ \t]+$")
+_OPERAND_AFTER = re.compile(r"[ \t]+[=+*/^\u00d7\u00f7][ \t]")
+_INTERNATIONAL = re.compile(r"(?:\+|\(\+|\+\(|00[1-9])")
+_YEAR_RANGE = re.compile(r"(?:19|20)\d\d[ \t]*[-/][ \t]*(?:19|20)\d\d")
 
 _VALID = phonenumbers.Leniency.VALID
 
 # A run of digits and the separators phone numbers are written with.
-_DIGIT_RUN = re.compile(r"[+(]?\d(?:[ \t().\-/]{1,3}[+(]?\d|\d)*\)?")
+_DIGIT_RUN = re.compile(r"(?:\(\+|\+\(|[+(])?\d(?:[ \t().\-/]{1,3}[+(]?\d|\d)*\)?")
 _DIGIT_GROUP = re.compile(r"\d+")
+_SENTENCE_GAP = re.compile(r"\.[ \t]+")
+_DECIMAL = re.compile(r"-?\d{1,3}\.\d{4,}(?![\d.])")
 
 
 def _phone_windows(text: str) -> list[tuple[int, int]]:
@@ -130,25 +157,85 @@ def _phone_windows(text: str) -> list[tuple[int, int]]:
     windows = []
     for run in _DIGIT_RUN.finditer(text):
         start = run.start()
-        groups = list(_DIGIT_GROUP.finditer(text, run.start(), run.end()))
+        for stop in _SENTENCE_GAP.finditer(text, run.start(), run.end()):
+            windows.append((start, stop.start()))  # "1994-06-06. 2**64": two sentences
+            start = stop.end()
+        groups = list(_DIGIT_GROUP.finditer(text, start, run.end()))
         for left, right in pairwise(groups):
             if len(left.group()) >= 6 and len(right.group()) >= 6:
                 windows.append((start, left.end()))
                 start = right.start()
         windows.append((start, run.end()))
-    return [(a, b) for a, b in windows if sum(c.isdigit() for c in text[a:b]) >= 7]
+    return [(a, b) for a, b in windows if sum(c.isdigit() for c in text[a:b]) >= 6]
 
 
 def find_phones(text: str) -> list[Found]:
     spans: dict[tuple[int, int], Found] = {}
     for a, b in _phone_windows(text):
+        shaped = _shaped_phone(text, a, b)
+        if shaped is not None:
+            spans[shaped] = _found(*shaped, "PHONE")
+            continue  # the whole window is a number: libphonenumber would find a part at best
         piece = text[a:b]
+        if sum(c.isdigit() for c in piece) < 7:
+            continue  # six digits make a phone number only in groups after a cue
         for region in PHONE_REGIONS:
             for m in phonenumbers.PhoneNumberMatcher(piece, region, leniency=_VALID):
                 start, end = a + m.start, a + m.end
+                if m.raw_string.isdigit() and len(m.raw_string) >= 13:
+                    continue  # 13 bare digits and more: a timestamp or a count, not as dialled
+                if _DECIMAL.match(m.raw_string):
+                    continue  # "166.749585": a coordinate (a cue before it is taken above)
                 if (start, end) not in spans and _plausible_phone(text, start, end):
                     spans[(start, end)] = _found(start, end, "PHONE")
     return list(spans.values())
+
+
+def _real_date(raw: str) -> bool:
+    """Whether a date-like "347-00-56" could be a date (no part zero, one a month)."""
+    if not _DATE_LIKE.fullmatch(raw):
+        return False
+    parts = [p for p in re.split(r"[./:-]", raw) if p]
+    return all(
+        (0 < int(p) <= 31 and len(p) <= 2) or (len(p) == 4 and p[:2] in ("19", "20")) for p in parts
+    ) and any(int(p) <= 12 for p in parts)
+
+
+def _shaped_phone(text: str, start: int, end: int) -> tuple[int, int] | None:
+    """The span of a number written like a phone number, valid or not, or None."""
+    # libphonenumber at VALID rejects numbers with unassigned area codes or odd lengths, but a
+    # mistyped or made-up number in a user's text is still theirs: a phone cue before or after
+    # it, an extension, an international prefix or a North American shape is enough.
+    while (
+        end > start
+        and text[end - 1] == ")"
+        and text.count("(", start, end) < text.count(")", start, end)
+    ):
+        end -= 1
+    raw = text[start:end]
+    digits = sum(c.isdigit() for c in raw)
+    if not 6 <= digits <= 16 or _YEAR_RANGE.fullmatch(raw):
+        return None
+    extension = _EXTENSION.match(text, end)
+    full_end = extension.end() if extension else end
+    cued = _PHONE_CUE.search(_before(text, start, 30)) or _PHONE_CUE_AFTER.match(text, full_end)
+    if not _plausible_phone(text, start, full_end, dates=not cued or _real_date(raw)):
+        return None
+    if _DATE_LIKE.fullmatch(raw) and not (cued and not _real_date(raw)):
+        return None
+    if digits == 6 and not (cued and any(c in raw for c in " -.")):
+        return None  # six digits only in groups after a cue ("30 20 19" in Denmark's old plan)
+    shaped = (
+        extension is not None
+        or _INTERNATIONAL.match(raw)
+        or _NANP.fullmatch(raw)
+        or (raw.startswith("(") and any(c in raw for c in " -."))
+    )
+    if not (cued or shaped):
+        return None
+    if not cued and raw.count(".") == 1 and " " not in raw:
+        return None  # "3.1415926" is a decimal
+    return start, full_end
 
 
 _ZIP_BEFORE = re.compile(
@@ -156,10 +243,14 @@ _ZIP_BEFORE = re.compile(
 )
 
 
-def _plausible_phone(text: str, start: int, end: int) -> bool:
+def _plausible_phone(text: str, start: int, end: int, *, dates: bool = True) -> bool:
     raw = text[start:end]
-    if _DATE_LIKE.fullmatch(raw.strip()) or _DOTTED_QUAD.fullmatch(raw.strip()):
+    if (dates and _DATE_LIKE.fullmatch(raw.strip())) or _DOTTED_QUAD.fullmatch(raw.strip()):
         return False
+    if _YEAR_RANGE.match(raw) or _NUMBER_KEY.search(text, 0, start):
+        return False
+    if _OPERAND_BEFORE.search(text, 0, start) or _OPERAND_AFTER.match(text, end):
+        return False  # "a + 4981349690000738 = b": a term of a formula
     before = text[start - 1] if start else ""
     after = text[end] if end < len(text) else ""
     if before and (before.isalnum() or before in "_#/-.@$€£¥"):
@@ -177,8 +268,20 @@ def _plausible_phone(text: str, start: int, end: int) -> bool:
 # --- payment card ------------------------------------------------------------------------------
 
 _CARD = re.compile(
-    r"(?<![\w.,-])(?:\d{4}([ -]?)\d{4}\1\d{4}\1\d{1,4}(?:\1\d{1,3})?|\d{4}([ -]?)\d{6}\2\d{4,5})"
+    r"(?<![\w.,+-])(?:\d{4}([ -]?)\d{4}\1\d{4}(?:\1\d{1,4})?(?:\1\d{1,3})?"
+    r"|\d{4}([ -]?)\d{6}\2\d{4,5})"
     r"(?![\w-]|[.,]\d)"
+)
+_CARD_CUE = re.compile(
+    r"(?i)\b(?:card|cards|cc|credit|debit|visa|mastercard|master[ \t]card|amex|maestro|"
+    r"discover|diners|jcb|unionpay|mir|pan|karte|kreditkarte|carte|tarjeta|cartão|cartao|carta|"
+    r"kaart|kort|karta|kartu|карта|картка|كارت|کارت)\b[^\n]{0,25}$"
+)
+_NOT_CARD_CUE = re.compile(
+    r"(?i)\b(?:order|invoice|inv|ref|reference|ticket|tracking|case|booking|confirmation|receipt|"
+    r"serial|sku|part|model|transaction|txn|isbn|issn|id|po|item|batch|lot|build|version|"
+    r"patent|claim|policy|customer|ean|upc|gtin|barcode|timestamp|ts|epoch|nonce|seed|hash)\b"
+    r"[\s#:.\-=\"']*(?:no\.?|nr\.?|number|num|#|id)?[\s#:.\-=\"']*$"
 )
 
 
@@ -194,24 +297,69 @@ def _card_brand_ok(digits: str) -> bool:
         (p4 in (2131, 1800), n == 15),  # JCB, legacy 15 digits
         (300 <= p3 <= 305 or p2 in (36, 38, 39) or p4 == 3095, 14 <= n <= 19),  # Diners
         (p2 in (62, 81), 16 <= n <= 19),  # UnionPay
-        (p2 in (50, 56, 57, 58) or p2 in (63, 67), 13 <= n <= 19),  # Maestro
+        (p2 in (50, 56, 57, 58, 63, 67) or p4 == 604, 12 <= n <= 19),  # Maestro
         (2200 <= p4 <= 2204, n == 16),  # Mir
     )
     return any(prefix and length for prefix, length in checks)
 
 
+_CODE_OR_MATHS = re.compile(r"[=(\[{<>+*/^\u00d7\u00f7-][ \t]*$")
+_OPERATOR_AFTER = re.compile(r"[ \t]*(?:[=+*/^\u00d7\u00f7)\]}]|-[ \t]|[lLnNuU]\b)")
+
+
+def _card_ok(text: str, m: re.Match[str]) -> bool:
+    digits = re.sub(r"\D", "", m.group())
+    if not 12 <= len(digits) <= 19 or not luhn.is_valid(digits):
+        return False
+    brand = _card_brand_ok(digits)
+    if not brand and max(map(digits.count, set(digits))) >= len(digits) - 1:
+        return False  # "9999 9999 9999 9995", "0000 0000 0000 0000": a placeholder number
+    before = _before(text, m.start())
+    if _CARD_CUE.search(before):
+        return True
+    if _NOT_CARD_CUE.search(before) or (
+        _PHONE_CUE.search(before) and digits == m.group() and (not brand or len(digits) == 12)
+    ):
+        return False  # "dial 573247789007": a phone number, whatever Luhn says
+    if m.group() == digits and (
+        _CODE_OR_MATHS.search(before) or _OPERATOR_AFTER.match(text, m.end())
+    ):
+        return False  # "seed = 4539...", "x * 4539..." : a number in code or a formula
+    if len(digits) == 13 and digits.startswith(("978", "979")):
+        return False  # an ISBN-13
+    if m.group() == digits and len(digits) == 15 and nir.is_valid(digits):
+        return False  # a French social security number (its own detector names it)
+    if brand or (len(digits) >= 13 and m.group() != digits):
+        return True
+    # A Luhn-valid run of card length whose first digit is a bank's, a merchant's or a national
+    # scheme's (ISO/IEC 7812); 1 (airlines) would take every millisecond timestamp.
+    return len(digits) >= 13 and digits[0] in "2345669"
+
+
 def find_cards(text: str) -> list[Found]:
-    out = []
-    for m in _CARD.finditer(text):
-        digits = re.sub(r"\D", "", m.group())
-        if 13 <= len(digits) <= 19 and luhn.is_valid(digits) and _card_brand_ok(digits):
-            out.append(_found(m.start(), m.end(), "CARD"))
-    return out
+    # Any issuer, any length from 12 to 19: a Luhn-valid number of card length is redacted
+    # unless a cue says it is something else (an EAN, an order number, a timestamp).
+    return [_found(m.start(), m.end(), "CARD") for m in _CARD.finditer(text) if _card_ok(text, m)]
 
 
 # --- IBAN --------------------------------------------------------------------------------------
 
-_IBAN = re.compile(r"(?<![\w])[A-Z]{2}\d{2}(?:[ -]?[A-Z0-9]){11,30}(?![\w])")
+_IBAN = re.compile(r"(?<![\w])[A-Z]{2}\d{2}(?:[ -]?[A-Z0-9]){8,30}(?![\w])")
+
+
+# ISO 3166 country codes (Faker's list): an IBAN-shaped number of a country that has no IBAN
+# registry entry, or of the wrong length for its country, is still an account number if its
+# mod-97 check digits hold (one random string in 97 passes).
+_COUNTRIES = frozenset(AddressProvider.alpha_2_country_codes)
+
+
+def _iban_shaped(candidate: str) -> bool:
+    compact = candidate.replace(" ", "").replace("-", "")
+    if compact[:2] not in _COUNTRIES or not any(c.isdigit() for c in compact[4:]):
+        return False
+    if len(compact) < 15 and not compact[4:].isdigit():
+        return False  # short ones (Thailand's 14) only all digits
+    return 12 <= len(compact) <= 34 and mod_97_10.is_valid(compact[4:] + compact[:4])
 
 
 def find_ibans(text: str) -> list[Found]:
@@ -219,10 +367,10 @@ def find_ibans(text: str) -> list[Found]:
     for m in _IBAN.finditer(text):
         candidate = m.group()
         # A following upper-case word may have been swallowed: shorten group by group.
-        cuts = (i for i in range(len(candidate) - 1, 14, -1) if candidate[i] in " -")
+        cuts = (i for i in range(len(candidate) - 1, 11, -1) if candidate[i] in " -")
         ends = [len(candidate), *cuts]
         for end in ends:
-            if std_iban.is_valid(candidate[:end]):
+            if std_iban.is_valid(candidate[:end]) or _iban_shaped(candidate[:end]):
                 out.append(_found(m.start(), m.start() + end, "IBAN"))
                 break
     return out
@@ -238,12 +386,20 @@ class _IdRule(NamedTuple):
     weak: bool  # a bare digit run: loses to an overlapping phone unless a cue names it
 
 
+def _ssn_shaped(number: str) -> bool:
+    """An SSN or ITIN by its structure; python-stdnum's list of known invalid numbers (the
+    "078-05-1120" of a wallet insert, advertising numbers) is ignored: typed in a request, it
+    is still somebody's number to the host."""
+    area, group, serial = number[:3], number[4:6], number[7:]
+    return area not in ("000", "666") and group != "00" and serial != "0000"
+
+
 def _cue(words: str) -> re.Pattern[str]:
     return re.compile(rf"(?i)(?:{words})\b[^\n]{{0,25}}$")
 
 
 _ID_RULES = (
-    _IdRule(re.compile(r"(?<![\w-])\d{3}([- ])\d{2}\1\d{4}(?![\w-])"), ssn.is_valid, None, False),
+    _IdRule(re.compile(r"(?<![\w-])\d{3}([- ])\d{2}\1\d{4}(?![\w-])"), _ssn_shaped, None, False),
     _IdRule(
         re.compile(r"(?<![\w-])\d{9}(?![\w-])"),
         ssn.is_valid,
@@ -521,7 +677,8 @@ def find_secrets(text: str) -> list[Found]:
 _EN_TYPES = _alternation(_words.EN_STREET_TYPES + _words.EN_FEATURE_TYPES)
 _EN_FEATURES = frozenset(_words.EN_FEATURE_TYPES)
 _EN_ADDRESS = re.compile(
-    rf"(?<![\w/.-])(?:(?:Flat|Apartment|Apt\.?|Unit|Suite|Studio)[ \t]+\d{{1,4}}[A-Za-z]?,?[ \t]+)?"
+    rf"(?<![\w/.:-])"  # not in "8:00-20:00 CET. Hope Street"
+    rf"(?:(?:Flat|Apartment|Apt\.?|Unit|Suite|Studio)[ \t]+\d{{1,4}}[A-Za-z]?,?[ \t]+)?"
     rf"(?:H\.?[ \t]?No\.?[ \t]*)?\d{{1,5}}[A-Za-z]?(?:[-/]\d{{1,5}}[A-Za-z]?)?,?[ \t]+"
     rf"(?P<words>(?:{_NAMEWORD}[ \t]+){{1,4}}?)(?P<type>{_EN_TYPES})\b\.?"
     rf"(?:[ \t]+(?:NW|NE|SW|SE|N|S|E|W)\b)?"
@@ -673,6 +830,11 @@ _EMPLOYER_CUE = re.compile(
     r"(?i)(?<![\w])(?:(?P<first>i[ \t]+work|i['\u2019]m[ \t]+working|i[ \t]+am[ \t]+working"
     r"|i[ \t]+worked|employed|i['\u2019]m[ \t]+employed|i[ \t]+am[ \t]+employed)"
     r"|works|worked|working|hired)[ \t]+(?:at|for|by|with)"
+    r"|(?<![\w])(?P<role>(?:i['\u2019]m|i[ \t]+am|he['\u2019]s|she['\u2019]s|he[ \t]+is|she[ \t]+is"
+    r"|we[ \t]+are|they[ \t]+are|i[ \t]+was|as)[ \t]+(?:a|an|the)[ \t]+(?:[\w-]+[ \t]+){0,3}?"
+    r"(?:at|for|with)"
+    r"|(?:my|his|her|their|our)[ \t]+(?:job|position|role|internship|team|colleagues?|boss|"
+    r"manager|office)[ \t]+(?:at|with))"
     r"|(?<![\w])(?P<named>(?:my[ \t]+)?employer(?:[ \t]+is|[ \t]*:)"
     r"|ich[ \t]+arbeite[ \t]+bei|je[ \t]+travaille[ \t]+(?:chez|pour)|trabajo[ \t]+en"
     r"|lavoro[ \t]+(?:per|presso|da)|trabalho[ \t]+(?:na|no|em|para)|ik[ \t]+werk[ \t]+bij)"

@@ -6,6 +6,22 @@ import re
 from collections.abc import Iterator
 from collections.abc import Mapping as AbcMapping
 
+KINDS = (
+    "EMAIL",
+    "PHONE",
+    "CARD",
+    "IBAN",
+    "NATIONAL_ID",
+    "IP",
+    "URL",
+    "SECRET",
+    "ADDRESS",
+    "DOB",
+    "NAME",
+)
+STRICT_KINDS = ("AGE", "POSTCODE", "EMPLOYER")
+ALL_KINDS = KINDS + STRICT_KINDS
+
 PLACEHOLDER = re.compile(r"\[([A-Z]+(?:_[A-Z]+)*)_([1-9][0-9]*)\]")
 
 _COMPACT_KINDS = frozenset({"PHONE", "CARD", "IBAN", "NATIONAL_ID"})
@@ -58,16 +74,18 @@ class Mapping(AbcMapping[str, str]):
         return placeholder
 
     def reserve(self, text: str) -> None:
-        """Skip the numbers of placeholder-like text the user typed, so it is never restored."""
+        """Keep placeholder-like text the user typed as it is: its number is skipped, and it
+        maps to itself, so `restore` gives it back rather than a neutral word."""
         for m in PLACEHOLDER.finditer(text):
             if m.group() not in self._originals:
                 kind, number = m.group(1), int(m.group(2))
                 self._counters[kind] = max(self._counters.get(kind, 0), number)
+                self._originals[m.group()] = m.group()
 
     def values_of(self, kind: str) -> list[str]:
         """Original values of one kind (used to find later mentions of known names)."""
         prefix = f"[{kind}_"
-        return [v for p, v in self._originals.items() if p.startswith(prefix)]
+        return [v for p, v in self._originals.items() if p.startswith(prefix) and v != p]
 
     def __getitem__(self, placeholder: str) -> str:
         return self._originals[placeholder]

@@ -1,9 +1,18 @@
-"""Deterministic person-name detector: Faker name lexicons, honorifics and context cues."""
+"""Deterministic person-name detector: Faker name lexicons, honorifics and context cues.
+
+The lexicons hold the given and family names of every locale Faker ships a person provider for.
+Scripts without letter case (Arabic, Hebrew, the Indic scripts, Thai, CJK, Georgian, Armenian)
+have no capital to go by: a word in them counts as capitalised only if the lexicon knows it, and
+a CJK or Hangul run that is exactly a known family name then a known given name is a name.
+"""
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import re
+import unicodedata
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
@@ -21,11 +30,25 @@ from llooma.privacy._words import (
     word_set,
 )
 
-LOCALES = ("en_US", "en_GB", "en_IN", "de_DE", "fr_FR", "es_ES", "it_IT", "nl_NL", "pt_BR")
-MAX_NAME_WORDS = 4
+MAX_NAME_WORDS = 5
 
-_LETTERS = r"[^\W\d_]+"
-_APOSTROPHE = r"['\u2019](?!s\b)"  # an apostrophe inside a name, not a possessive 's
+
+def _mark_class() -> str:
+    """A character class of the combining marks of the Basic Multilingual Plane."""
+    ranges: list[list[int]] = []
+    for code in range(0x300, 0x10000):
+        if unicodedata.category(chr(code)).startswith("M"):
+            if ranges and ranges[-1][1] == code - 1:
+                ranges[-1][1] = code
+            else:
+                ranges.append([code, code])
+    return "".join(f"\\u{a:04x}-\\u{b:04x}" for a, b in ranges) + "\\u200c\\u200d"
+
+
+# Vowel signs of the Indic scripts are marks, not letters: a word goes on through them.
+_LETTERS = rf"[^\W\d_](?:[^\W\d_]|[{_mark_class()}])*"
+# An apostrophe inside a name, not a possessive 's; Uzbek writes "Ulug\u2018bek" with U+2018.
+_APOSTROPHE = r"['\u2019\u2018\u02bb](?!s\b)"
 _PIECE = rf"{_LETTERS}(?:{_APOSTROPHE}{_LETTERS})*"
 _WORD = re.compile(rf"{_PIECE}(?:-{_PIECE})*")
 _SPLIT = re.compile(r"[\s,\-]+")
@@ -121,26 +144,73 @@ def _parts(name: str) -> set[str]:
     return {whole, *(p for p in _SPLIT.split(whole) if p)}
 
 
+# In some locale's lists, but far more often a place or a brand in English text.
+_NOT_NAMES = word_set("santa san saint sankt são pepper")
+
+
 @cache
-def lexicon() -> Lexicon:
-    """Build the lexicons once from Faker's person providers (no download, no model)."""
+def locales() -> tuple[str, ...]:
+    """Every locale with a Faker person provider (deprecated aliases included)."""
+    package = importlib.import_module("faker.providers.person")
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(package.__path__)))
+
+
+def _names_of(provider: type, part: str) -> list[str]:
+    """The provider's name lists of one part: "first" (given and middle names) or "last"."""
+    out: list[str] = []
+    for attr in dir(provider):
+        if "names" not in attr or "romanized" in attr:
+            continue
+        is_given = attr.startswith(("first_", "middle_"))
+        if (part == "first") != is_given or (part == "last" and "last_names" not in attr):
+            continue
+        values = getattr(provider, attr)
+        if isinstance(values, (list, tuple, dict, set, frozenset)):
+            out += [str(v) for v in values]
+    return out
+
+
+@cache
+def build_lexicon(locales_: tuple[str, ...]) -> Lexicon:
+    """The lexicons of `locales_` (every Faker person locale for `lexicon()`)."""
     given: set[str] = set()
     family: set[str] = set()
-    for locale in LOCALES:
-        provider = importlib.import_module(f"faker.providers.person.{locale}").Provider
-        for attr in ("first_names", "first_names_male", "first_names_female"):
-            for name in getattr(provider, attr, ()):
-                given |= _parts(str(name))
-        for name in getattr(provider, "last_names", ()):
-            family |= _parts(str(name))
-    family -= PARTICLES
-    given -= PARTICLES
+    for locale in locales_:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecated locales warn on import
+            provider = importlib.import_module(f"faker.providers.person.{locale}").Provider
+        for name in _names_of(provider, "first"):
+            given |= _parts(name)
+        for name in _names_of(provider, "last"):
+            family |= _parts(name)
+    family -= PARTICLES | _NOT_NAMES
+    given -= PARTICLES | _NOT_NAMES
     return Lexicon(
         frozenset(given),
         frozenset(family),
         common_words(),
         frozenset(given | family | PARTICLES),
     )
+
+
+def lexicon() -> Lexicon:
+    """Built once from Faker's person providers of every locale (no download, no model)."""
+    return build_lexicon(locales())
+
+
+def caseless(word: str) -> bool:
+    """A word of a script without letter case (or, like Georgian, without capitals in use)."""
+    if word.isascii():
+        return False  # the fast path: Latin letters have case
+    return not any(c.isupper() or (c.islower() and c.title() != c) for c in word)
+
+
+_FUSED = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]{2,5}")
+
+
+def _bare(word: str) -> str:
+    """`word` without the Hindi and Marathi honorific suffix "ji" (जी)."""
+    return word[:-2] if word.endswith("\u091c\u0940") and len(word) > 3 else word
 
 
 @dataclass(frozen=True)
@@ -165,6 +235,8 @@ class _Text:
 
     def capitalised(self, tok: _Tok) -> bool:
         word = tok.text
+        if caseless(word):
+            return self.given(tok) or self.family(tok)
         if not word[0].isupper() or (len(word) > 1 and word.isupper()):
             return False
         return all(
@@ -191,15 +263,17 @@ class _Text:
         return i < 0 or self.text[i] in ".!?\n:;\u2026"
 
     def given(self, tok: _Tok) -> bool:
-        low = tok.low
+        low = _bare(tok.low)
         return low in self.lex.given or (
             "-" in low and all(p in self.lex.given for p in low.split("-"))
         )
 
     def family(self, tok: _Tok) -> bool:
-        low = tok.low
+        low = _bare(tok.low)
         if low in self.lex.family:
             return True
+        if low.endswith("n\u00e9") and low[:-2] in self.lex.given | self.lex.family:
+            return True  # Hungarian married names: "Zolt\u00e1nn\u00e9", "Farkasn\u00e9"
         return "-" in low and all(p in self.lex.family_parts for p in low.split("-"))
 
     def common(self, tok: _Tok) -> bool:
@@ -286,8 +360,45 @@ def _lexical(doc: _Text) -> list[tuple[int, int]]:
                 spans.append((tok.start, toks[end].end))
                 i = end + 1
                 continue
+        elif doc.family(tok) and doc.capitalised(tok) and _unmarked(doc, tok):
+            # Family name first: East Asian and Hungarian order ("Kiss Farkas Erika"), and
+            # "Surname, Given" lists.
+            j = i + 1
+            while j < len(toks) and j - i < 3:
+                nxt = toks[j]
+                gap = doc.text[toks[j - 1].end : nxt.start]
+                if gap not in (" ", ", ") or not doc.capitalised(nxt) or not _unmarked(doc, nxt):
+                    break
+                if doc.given(nxt):
+                    end = doc.extend(j, strict_last=False)
+                    spans.append((tok.start, toks[end].end))
+                    break
+                if gap != " " or not doc.family(nxt):
+                    break
+                j += 1
+            if spans and spans[-1][0] == tok.start:
+                i = doc.index[spans[-1][0]]
+                while i < len(toks) and toks[i].end <= spans[-1][1]:
+                    i += 1
+                continue
+        if _lone_caseless(doc, i):
+            spans.append((tok.start, tok.end))
         i += 1
     return spans
+
+
+def _lone_caseless(doc: _Text, i: int) -> bool:
+    """A known name in a caseless script alone among words of another script ("Thanks, சஜனி")."""
+    tok = doc.toks[i]
+    if not caseless(tok.text) or not (doc.given(tok) or doc.family(tok)) or doc.in_code(tok):
+        return False
+    neighbours = [doc.toks[k] for k in (i - 1, i + 1) if 0 <= k < len(doc.toks)]
+    return not any(caseless(n.text) for n in neighbours)
+
+
+def _unmarked(doc: _Text, tok: _Tok) -> bool:
+    """Neither code, nor a common word, place or date: may start a family-first name."""
+    return not (doc.in_code(tok) or doc.common(tok) or doc.place_or_date(tok))
 
 
 # How much a context vouches for the capitalised words after it.
@@ -314,7 +425,7 @@ def _after(doc: _Text, pos: int, cue: Cue) -> tuple[int, int] | None:
     known = doc.given(tok) or doc.family(tok)
     weak = cue in ("weak", "weak_honorific")
     # "Hello London" is no name, "Thanks, Victoria" is; a family name may follow either.
-    vocative = not weak and doc.given(tok) and tok.low in PLACES
+    vocative = not weak and tok.low in AMBIGUOUS_GIVEN and tok.low in PLACES
     if doc.place_or_date(tok) and not (end > i and doc.family(doc.toks[end])) and not vocative:
         return None
     if weak and not known:
@@ -421,8 +532,32 @@ def _introductions(doc: _Text) -> list[tuple[int, int]]:
     return spans
 
 
+def _fused(doc: _Text) -> list[tuple[int, int]]:
+    """CJK and Hangul names written without a space: a known family name, then a given name."""
+    spans: list[tuple[int, int]] = []
+    for tok in doc.toks:
+        if not _FUSED.fullmatch(tok.text):
+            continue
+        word = tok.text
+        for cut in (1, 2):
+            if word[:cut] in doc.lex.family and word[cut:] in doc.lex.given:
+                spans.append((tok.start, tok.end))
+                break
+    return spans
+
+
 def find_names(text: str, known: Iterable[str] = ()) -> list[tuple[int, int]]:
     """Spans of person names: lexicon pairs, words after honorifics or cues, later mentions."""
     doc = _Text(text, lexicon())
-    found = merge([*_lexical(doc), *_honorifics(doc), *_cues(doc), *_introductions(doc)])
-    return merge([*found, *_propagate(doc, found, known)])
+    found = merge(
+        [*_lexical(doc), *_honorifics(doc), *_cues(doc), *_introductions(doc), *_fused(doc)]
+    )
+    spans = merge([*found, *_propagate(doc, found, known)])
+    # Two names one space apart are one name ("Kovács Bálintné Kovács Éva"): one placeholder.
+    joined: list[tuple[int, int]] = []
+    for start, end in spans:
+        if joined and text[joined[-1][1] : start] == " ":
+            joined[-1] = (joined[-1][0], end)
+        else:
+            joined.append((start, end))
+    return joined

@@ -151,6 +151,7 @@ WEAK_HONORIFICS = word_set(
 PARTICLES = word_set(
     "van von der den de del della delle dei degli la le les du da das dos do di ten ter te 't y e",
     "bin ibn al el mac en",
+    "بن بنت آل أبو ابن بنو",  # Arabic: bin, bint, al, abu, ibn, banu
 )
 
 EN_STREET_TYPES = word_seq(

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from llooma.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -18,6 +19,34 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _PlanKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PlanKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PlanKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PLAN_KIND_UNSPECIFIED: _PlanKind.ValueType  # 0
+    """Not planned yet: the planner plans it."""
+    PLAN_KIND_BYPASS: _PlanKind.ValueType  # 1
+    """Stage 1 (or the client, or the model) kept it off the split path."""
+    PLAN_KIND_DIRECT: _PlanKind.ValueType  # 2
+    """Planned, and answered whole by one race."""
+    PLAN_KIND_SPLIT: _PlanKind.ValueType  # 3
+    """Split into `nodes`, raced as a DAG."""
+
+class PlanKind(_PlanKind, metaclass=_PlanKindEnumTypeWrapper):
+    """What the planner chose for a request; services branch on this, never on `decision`."""
+
+PLAN_KIND_UNSPECIFIED: PlanKind.ValueType  # 0
+"""Not planned yet: the planner plans it."""
+PLAN_KIND_BYPASS: PlanKind.ValueType  # 1
+"""Stage 1 (or the client, or the model) kept it off the split path."""
+PLAN_KIND_DIRECT: PlanKind.ValueType  # 2
+"""Planned, and answered whole by one race."""
+PLAN_KIND_SPLIT: PlanKind.ValueType  # 3
+"""Split into `nodes`, raced as a DAG."""
+Global___PlanKind: _TypeAlias = PlanKind  # noqa: Y015
 
 @_typing.final
 class PlanNode(_message.Message):
@@ -66,12 +95,14 @@ class Plan(_message.Message):
     SOURCE_FIELD_NUMBER: _builtins.int
     DIRECT_ESTIMATE_MS_FIELD_NUMBER: _builtins.int
     SPLIT_ESTIMATE_MS_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     decision: _builtins.str
-    """"bypass: <reason>", "direct: <reason>" or "split"."""
+    """For people (the x-llooma-plan header): "bypass: <reason>", "direct: <reason>" or "split"."""
     source: _builtins.str
     """"structure" or "split_call"."""
     direct_estimate_ms: _builtins.float
     split_estimate_ms: _builtins.float
+    kind: Global___PlanKind.ValueType
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlanNode]: ...
     def __init__(
@@ -82,10 +113,11 @@ class Plan(_message.Message):
         source: _builtins.str = ...,
         direct_estimate_ms: _builtins.float = ...,
         split_estimate_ms: _builtins.float = ...,
+        kind: Global___PlanKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "direct_estimate_ms", b"direct_estimate_ms", "nodes", b"nodes", "source", b"source", "split_estimate_ms", b"split_estimate_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "direct_estimate_ms", b"direct_estimate_ms", "kind", b"kind", "nodes", b"nodes", "source", b"source", "split_estimate_ms", b"split_estimate_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

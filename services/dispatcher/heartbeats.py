@@ -1,0 +1,67 @@
+"""Host heartbeats in, checked, and into the hosts bucket: a host never writes a bucket.
+
+Hosts publish in their own NATS account on `llooma.v1.heartbeat.host.<host>`, which only that
+host's credential may publish to; the host id is taken from that subject, never the payload.
+The dispatcher keeps the host registry, so it admits heartbeats too: with no dispatcher,
+nothing would be dispatched to a listed host anyway, and hosts drop out of the bucket.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from llooma import counters, heartbeats, subjects
+
+log = logging.getLogger(__name__)
+
+# Per host: a burst of this many heartbeats, refilled at this rate (hosts beat every 0.5 s;
+# a drain sends one more at once). More is refused, so one host cannot flood the bucket.
+BURST = 5.0
+PER_SECOND = 10.0
+# At most one log line per host this often: a hostile host must not fill the log instead.
+LOG_EVERY_S = 10.0
+
+
+class HostHeartbeatIntake:
+    def __init__(self, nc: Client) -> None:
+        self._nc = nc
+        self._allowance: dict[str, tuple[float, float]] = {}
+        self._logged: dict[str, float] = {}
+
+    def _admit(self, host_id: str, now: float) -> bool:
+        tokens, since = self._allowance.get(host_id, (BURST, now))
+        tokens = min(BURST, tokens + (now - since) * PER_SECOND)
+        if tokens < 1.0:
+            self._allowance[host_id] = (tokens, now)
+            return False
+        self._allowance[host_id] = (tokens - 1.0, now)
+        return True
+
+    def _refuse(self, host_id: str, reason: str, detail: str, now: float) -> None:
+        counters.count(f"heartbeat_refused.{reason}")
+        if now - self._logged.get(host_id, -LOG_EVERY_S) >= LOG_EVERY_S:
+            self._logged[host_id] = now
+            log.warning("refused a heartbeat from %s: %s: %s", host_id, reason, detail)
+
+    async def handle(self, msg: Msg) -> None:
+        host_id = msg.subject.rpartition(".")[2]
+        now = time.monotonic()
+        try:
+            subjects.checked_token(host_id)
+        except ValueError:
+            self._refuse("?", "host_id", msg.subject[:100], now)
+            return
+        if not self._admit(host_id, now):
+            self._refuse(host_id, "rate", "more than 10 a second", now)
+            return
+        try:
+            heartbeats.parse(msg.data)
+        except heartbeats.HeartbeatRefused as error:
+            self._refuse(host_id, error.reason, str(error), now)
+            return
+        # What lands in the bucket is the host's own bytes, checked; the key is its identity.
+        await self._nc.publish(subjects.kv_put_subject(subjects.HOSTS_BUCKET, host_id), msg.data)

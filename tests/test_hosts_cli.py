@@ -1,0 +1,231 @@
+"""`llooma up` and `llooma hosts add` / `revoke` exactly as the README writes them, on a
+running stack of this module's own: no demo hosts, a fixed NATS port it prints, a ready host
+YAML, admission and revocation that are real (a revoked host is cut off within 2 s and cannot
+come back), and no way to hand out the control plane's key."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import nats
+import pytest
+import yaml
+
+from llooma.embedded import die_with_parent, free_port
+from llooma.host.config import HostConfig
+from tests.conftest import AUTH
+from tests.ledger_db import new_database
+
+
+@dataclass
+class Running:
+    folder: Path
+    http_port: int
+    nats_port: int
+    output: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+
+def llooma(folder: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """One `llooma` command, run from the folder `llooma up` runs in."""
+    return subprocess.run(
+        [sys.executable, "-m", "llooma.cli", *args],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Iterator[Running]:
+    folder = tmp_path_factory.mktemp("readme")
+    http_port, nats_port = free_port(), free_port()
+    output = folder / "up.log"
+    env = {
+        **os.environ,
+        "COLUMNS": "200",
+        "LLOOMA_HTTP_PORT": str(http_port),
+        "LLOOMA_NATS_PORT": str(nats_port),
+        "DATABASE_URL": new_database(database_url, "readme"),
+    }
+    env.pop("NATS_URL", None)
+    with output.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "llooma.cli", "up", "--no-demo-hosts"],
+            cwd=folder,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "LLooMA is up" not in output.read_text():
+            assert process.poll() is None, output.read_text()
+            assert time.monotonic() < deadline, output.read_text()
+            time.sleep(0.2)
+        yield Running(folder, http_port, nats_port, output)
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def models_listed(running: Running) -> list[str]:
+    response = httpx.get(f"{running.base_url}/v1/models", headers=AUTH, timeout=5)
+    return [m["id"] for m in response.json()["data"]]
+
+
+def test_up_prints_its_fixed_nats_port_and_starts_no_demo_hosts(running: Running) -> None:
+    printed = running.output.read_text()
+    assert f"nats://127.0.0.1:{running.nats_port}" in printed
+    assert (running.folder / ".llooma" / "nats" / "port").read_text() == str(running.nats_port)
+    assert models_listed(running) == ["llooma"]
+
+
+def host_yaml_from(printed: str) -> dict[str, object]:
+    marker = re.search(r"host config \(edit `models`.*\):\n", printed)
+    assert marker is not None, printed
+    loaded = yaml.safe_load(printed[marker.end() :])
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+def start_host(config_path: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "llooma.cli", "host", "--config", str(config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        preexec_fn=die_with_parent,
+    )
+
+
+def wait_until(check: object, timeout_s: float) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if check():  # type: ignore[operator]
+            return time.monotonic() - started
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout_s} s")
+
+
+async def refused(url: str, seed: str) -> bool:
+    try:
+        client = await nats.connect(
+            url, nkeys_seed_str=seed, allow_reconnect=False, connect_timeout=2
+        )
+    except Exception as error:
+        return "authorization" in str(error).lower()
+    await client.close()
+    return False
+
+
+def test_hosts_add_and_revoke_as_the_readme_writes_them(running: Running) -> None:
+    added = llooma(running.folder, "hosts", "add", "my-host")
+    assert added.returncode == 0, added.stdout + added.stderr
+    assert "admitted" in added.stdout
+    config = host_yaml_from(added.stdout)
+    assert config["nats_url"] == f"nats://127.0.0.1:{running.nats_port}"
+    seed_path = Path(str(config["credentials"]))
+    assert seed_path.is_absolute()
+    assert seed_path.exists()
+    assert oct(seed_path.stat().st_mode & 0o777) == "0o600"
+    HostConfig.model_validate(config)  # ready as printed; only its model is an example
+    config["models"] = [{"name": "readme-model", "backend": "synthetic", "capacity": 4}]
+    config_path = running.folder / "my-host.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    seed = seed_path.read_text().strip()
+
+    host = start_host(config_path)
+    try:
+        wait_until(lambda: "readme-model" in models_listed(running), 15)
+        answer = httpx.post(
+            f"{running.base_url}/v1/chat/completions",
+            json={"model": "readme-model", "messages": [{"role": "user", "content": "hi"}]},
+            headers=AUTH,
+            timeout=30,
+        )
+        assert answer.status_code == 200, answer.text
+
+        exited: list[float] = []
+
+        def watch_exit() -> None:
+            host.wait(30)
+            exited.append(time.time())
+
+        watcher = threading.Thread(target=watch_exit, daemon=True)
+        watcher.start()
+        revoke_started = time.monotonic()
+        revoked = llooma(running.folder, "hosts", "revoke", "my-host")
+        assert revoked.returncode == 0, revoked.stdout + revoked.stderr
+        assert "refused" in revoked.stdout
+        watcher.join(10)
+        assert exited, "the revoked host is still running"
+        # From the moment the command reloaded the server (it rewrites the config just before;
+        # the command's own start, Python importing its modules, is not the server's doing).
+        reloaded_unix = (running.folder / ".llooma" / "nats" / "nats.conf").stat().st_mtime
+        cut_off_after = exited[0] - reloaded_unix
+        took = time.monotonic() - revoke_started
+        print(f"revoke took {took:.2f} s; the host was cut off {cut_off_after:.2f} s after reload")
+    finally:
+        if host.poll() is None:
+            host.kill()
+        said = host.communicate(timeout=10)[0]
+    assert cut_off_after < 2.0
+    assert host.returncode == 3
+    assert "refused this host's credential" in said, said
+    assert "llooma hosts add my-host" in said, said
+    assert asyncio.run(refused(f"nats://127.0.0.1:{running.nats_port}", seed))
+    assert not seed_path.exists()
+    wait_until(lambda: "readme-model" not in models_listed(running), 5)
+    listed = llooma(running.folder, "hosts", "list")
+    assert "my-host" not in listed.stdout
+
+
+def test_a_host_never_admitted_exits_with_a_clear_message(running: Running) -> None:
+    from llooma.credentials import new_user_seed
+
+    stranger = running.folder / "stranger.nk"
+    stranger.write_bytes(new_user_seed())
+    config = {
+        "name": "stranger",
+        "nats_url": f"nats://127.0.0.1:{running.nats_port}",
+        "credentials": str(stranger),
+        "models": [{"name": "m", "backend": "synthetic"}],
+    }
+    path = running.folder / "stranger.yaml"
+    path.write_text(yaml.safe_dump(config))
+    host = start_host(path)
+    said = host.communicate(timeout=20)[0]
+    assert host.returncode == 3
+    assert "refused the credential" in said, said
+
+
+def test_the_control_planes_credential_cannot_be_handed_out(running: Running) -> None:
+    attempt = llooma(running.folder, "hosts", "add", "control-plane")
+    assert attempt.returncode == 2
+    assert "control-plane.nk" not in attempt.stdout
+    revoke = llooma(running.folder, "hosts", "revoke", "control-plane")
+    assert revoke.returncode == 1
+    assert (running.folder / ".llooma" / "credentials" / "control-plane.nk").exists()
