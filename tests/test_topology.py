@@ -109,6 +109,9 @@ def test_more_replicas_are_applied_fewer_never() -> None:
     assert bus.safe_update(wider, lower) is not None
     # A stream with more subjects than the code's keeps them all.
     assert bus.safe_update(lower, wider) is None
+    # A field the code leaves to the server's default is no difference.
+    defaulted = dataclasses.replace(lower, duplicate_window=0)
+    assert bus.differences(defaulted, dataclasses.replace(lower, duplicate_window=120.0)) == {}
 
 
 async def test_an_impossible_topology_is_retried_not_fatal(client: Client) -> None:

@@ -327,8 +327,8 @@ def differences(wanted: StreamConfig, existing: StreamConfig) -> dict[str, tuple
         found["subjects"] = (missing, existing.subjects)
     for name in _COMPARED:
         mine, theirs = getattr(wanted, name), getattr(existing, name)
-        if mine is None:
-            continue
+        if mine is None or (name == "duplicate_window" and not mine):
+            continue  # not set here: the server's default is no difference
         if isinstance(mine, float) and isinstance(theirs, (int, float)):
             if math.isclose(mine, theirs, rel_tol=1e-6, abs_tol=1e-3):
                 continue
