@@ -56,3 +56,12 @@ bench-quick: install
 
 clean:
 	rm -rf $(VENV) .llooma .mypy_cache .pytest_cache .ruff_cache
+
+# The stack on 3 clustered NATS nodes on loopback (streams at R3), and its fault suite:
+# each node killed in turn under load (part of `make test` too; about 3 minutes).
+.PHONY: run-cluster cluster
+run-cluster: install
+	$(VENV)/bin/llooma up --cluster 3
+
+cluster: install
+	$(PY) -m pytest -q -m cluster tests/reliability/test_cluster.py

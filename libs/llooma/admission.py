@@ -17,6 +17,7 @@ from pathlib import Path
 import nats
 import yaml
 
+from llooma.cluster import node_dirs
 from llooma.credentials import CredentialStore, reload_nats
 from llooma.embedded import write_nats_config
 
@@ -75,32 +76,50 @@ def _wait_for(url: str, seed: str, accepted: bool) -> bool:
         time.sleep(0.1)
 
 
+def node_ports(data_dir: Path) -> list[tuple[Path, int]]:
+    """(folder, client port) of the lone embedded server, or of each `up --cluster` node."""
+    found = []
+    for folder in node_dirs(data_dir.resolve()):
+        try:
+            found.append((folder, int((folder / "port").read_text().strip())))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 def apply(data_dir: Path, seed: str, *, admitted: bool) -> Outcome:
-    """Reload the embedded server with the store's keys; check `seed` is (not) admitted."""
-    folder = nats_dir(data_dir)
-    port = embedded_port(data_dir)
-    if port is None:
+    """Reload the embedded server (every node of a cluster) with the store's keys; check
+    `seed` is (not) admitted on each."""
+    nodes = node_ports(data_dir)
+    if not nodes:
         return Outcome(True, "no embedded NATS server has run here; `llooma up` will use this")
-    write_nats_config(folder, CredentialStore(data_dir.resolve() / "credentials"), port)
-    if not reload_nats(folder / "nats-server.pid"):
+    store = CredentialStore(data_dir.resolve() / "credentials")
+    running = []
+    for folder, port in nodes:
+        write_nats_config(folder, store, port)
+        if reload_nats(folder / "nats-server.pid"):
+            running.append((folder, f"nats://127.0.0.1:{port}"))
+    if not running:
         return Outcome(True, "no NATS server is running here; the next `llooma up` uses this")
-    url = f"nats://127.0.0.1:{port}"
-    if _wait_for(url, seed, admitted):
+    late = [(folder, url) for folder, url in running if not _wait_for(url, seed, admitted)]
+    urls = ", ".join(url for _, url in running)
+    if not late:
         done = "admitted" if admitted else "refused, and its connections closed"
-        return Outcome(True, f"the running NATS server ({url}) reloaded: the key is {done}")
+        return Outcome(True, f"the running NATS server ({urls}) reloaded: the key is {done}")
     return Outcome(
         False,
-        f"the running NATS server ({url}) did not apply the change within "
-        f"{VERIFY_TIMEOUT_S:.0f} s; see {folder / 'nats-server.log'}",
+        f"the running NATS server ({', '.join(url for _, url in late)}) did not apply the "
+        f"change within {VERIFY_TIMEOUT_S:.0f} s; see "
+        + ", ".join(str(folder / "nats-server.log") for folder, _ in late),
     )
 
 
 def host_yaml(name: str, data_dir: Path, seed_path: Path) -> str:
     """A ready host config for `llooma host --config`: edit the model to what it serves."""
-    port = embedded_port(data_dir) or 4222
+    ports = [port for _, port in node_ports(data_dir)] or [embedded_port(data_dir) or 4222]
     config = {
         "name": name,
-        "nats_url": f"nats://127.0.0.1:{port}",
+        "nats_url": ",".join(f"nats://127.0.0.1:{port}" for port in ports),
         "credentials": str(seed_path.resolve()),
         "models": [
             {

@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+import math
+import re
+import ssl
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError, NoStreamResponseError
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+    StreamInfo,
+)
+from nats.js.errors import BadRequestError, NotFoundError
 
 from llooma import subjects, tracing
 
@@ -74,22 +85,117 @@ class CredentialRefused(ConnectionError):
 
 
 ReconnectHook = Callable[[], Coroutine[Any, Any, None]]
-# How long a reconnected client keeps trying to restore the topology while JetStream recovers.
-RESTORE_TIMEOUT_S = 60.0
+# How long a reconnected client keeps trying to restore the topology while JetStream recovers
+# (None: until it stands; each failure is logged).
+RESTORE_TIMEOUT_S: float | None = None
+# Retries of a topology that cannot be ensured yet (a cluster electing leaders, a node down):
+# from the first delay, doubled up to the last.
+TOPOLOGY_RETRY_FIRST_S = 0.25
+TOPOLOGY_RETRY_MAX_S = 5.0
+# Replicas of every stream and bucket on a clustered server when none is configured.
+CLUSTER_REPLICAS = 3
+
+
+def server_list(urls: str | Sequence[str]) -> list[str]:
+    """`nats://a:4222,nats://b:4222` (commas or spaces) as nats-py's list of servers: a
+    process starts and stays connected while any one of them is up."""
+    parts = re.split(r"[,\s]+", urls) if isinstance(urls, str) else list(urls)
+    servers = [part.strip() for part in parts if part.strip()]
+    if not servers:
+        raise ValueError("no NATS server URL given")
+    return servers
+
+
+@dataclasses.dataclass(frozen=True)
+class NatsAccess:
+    """How a process proves who it is to NATS and how it trusts the servers: an nkey seed
+    file, or a `.creds` file (user JWT and nkey seed, from `nsc` or an operator); TLS with a
+    CA to verify the servers and optionally a client certificate and key (mutual TLS)."""
+
+    nkey_seed_file: str = ""
+    creds_file: str = ""
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+
+    def __post_init__(self) -> None:
+        if self.nkey_seed_file and self.creds_file:
+            raise ValueError("give an nkey seed file or a .creds file, not both")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("a TLS client certificate needs its key, and a key its certificate")
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """None when no TLS file is given (a `tls://` URL still gets the system's CAs)."""
+        if not (self.tls_ca_file or self.tls_cert_file):
+            return None
+        context = ssl.create_default_context(cafile=self.tls_ca_file or None)
+        if self.tls_cert_file:
+            context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+        return context
+
+    def connect_options(self) -> dict[str, Any]:
+        """Keyword arguments for `nats.connect`."""
+        options: dict[str, Any] = {}
+        if self.nkey_seed_file:
+            options["nkeys_seed"] = self.nkey_seed_file
+        if self.creds_file:
+            options["user_credentials"] = self.creds_file
+        if (context := self.tls_context()) is not None:
+            options["tls"] = context
+        return options
+
+
+def credential_kind(path: str) -> str:
+    """ "creds" for a `.creds` file (a user JWT and its seed), "nkey" for a bare seed file."""
+    if path.endswith(".creds"):
+        return "creds"
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(64)
+    except OSError:
+        return "nkey"  # nats-py names the missing file when it connects
+    return "creds" if b"BEGIN NATS USER JWT" in head else "nkey"
+
+
+def access_for(
+    credential: str = "", *, tls_ca_file: str = "", tls_cert_file: str = "", tls_key_file: str = ""
+) -> NatsAccess:
+    """A NatsAccess from one credential file of either kind (a host's YAML names one)."""
+    kind = credential_kind(credential) if credential else "nkey"
+    return NatsAccess(
+        nkey_seed_file=credential if kind == "nkey" else "",
+        creds_file=credential if kind == "creds" else "",
+        tls_ca_file=tls_ca_file,
+        tls_cert_file=tls_cert_file,
+        tls_key_file=tls_key_file,
+    )
 
 
 async def connect(
-    url: str,
+    url: str | Sequence[str],
     name: str,
     *,
     nkey_seed_file: str | None = None,
     nkey_seed: str | None = None,
+    access: NatsAccess | None = None,
     attempts: int = 60,
     error_cb: ErrorCallback | None = None,
     on_reconnect: ReconnectHook | None = None,
 ) -> Client:
-    """Connect, retrying while the server starts; afterwards nats-py reconnects by itself and
-    `on_reconnect` runs in the background after each reconnect (see `restore_topology`)."""
+    """Connect to any of the servers in `url` (one URL or several, comma-separated), retrying
+    while they start; afterwards nats-py reconnects by itself (to any of them, or to a server
+    the cluster announced) and `on_reconnect` runs in the background after each reconnect
+    (see `restore_topology`)."""
+    servers = server_list(url)
+    if access is None:
+        access = NatsAccess(nkey_seed_file=nkey_seed_file or "")
+    elif nkey_seed_file:
+        access = dataclasses.replace(access, nkey_seed_file=nkey_seed_file)
+    options = access.connect_options()
+    if nkey_seed:
+        # Held in memory: a reconnect presents the same key even if the file is gone.
+        options.pop("nkeys_seed", None)
+        options["nkeys_seed_str"] = nkey_seed
     last_error: Exception | None = None
     restoring: set[asyncio.Task[None]] = set()
 
@@ -111,11 +217,9 @@ async def connect(
         # nats-py retries a refused first connect by itself, forever: stop it on a refusal.
         connecting = asyncio.ensure_future(
             nats.connect(
-                url,
+                servers,
                 name=name,
-                nkeys_seed=nkey_seed_file or None,
-                # Held in memory: a reconnect presents the same key even if the file is gone.
-                nkeys_seed_str=nkey_seed or None,
+                **options,
                 error_cb=on_error,
                 reconnected_cb=reconnected,
                 max_reconnect_attempts=-1,
@@ -129,16 +233,20 @@ async def connect(
                 connecting.cancel()
                 with contextlib.suppress(BaseException):
                     await connecting
-                raise CredentialRefused(f"NATS at {url} refused the credential: {refused[0]}")
+                raise CredentialRefused(
+                    f"NATS at {', '.join(servers)} refused the credential: {refused[0]}"
+                )
             return connecting.result()
         except CredentialRefused:
             raise
         except Exception as error:  # nats-py raises several unrelated types here
             if "authorization" in str(error).lower():
-                raise CredentialRefused(f"NATS at {url} refused the credential: {error}") from error
+                raise CredentialRefused(
+                    f"NATS at {', '.join(servers)} refused the credential: {error}"
+                ) from error
             last_error = error
             await asyncio.sleep(0.25)
-    raise ConnectionError(f"cannot reach NATS at {url}: {last_error}")
+    raise ConnectionError(f"cannot reach NATS at {', '.join(servers)}: {last_error}")
 
 
 def keep_task(
@@ -160,36 +268,230 @@ async def _log_error(error: Exception) -> None:
     log.warning("nats: %s", error)
 
 
-async def ensure_topology(js: JetStreamContext) -> None:
-    """Create the streams and buckets if missing; safe to call from every process at once."""
-    for config in STREAMS:
+def replicas_for(nc: Client, configured: int = 0) -> int:
+    """The replicas of every stream and bucket: the configured number, else 1 on a lone
+    server and CLUSTER_REPLICAS on one that belongs to a cluster."""
+    if configured > 0:
+        return configured
+    info: dict[str, Any] = getattr(nc, "_server_info", None) or {}
+    return CLUSTER_REPLICAS if info.get("cluster") else 1
+
+
+def topology(replicas: int = 1) -> tuple[list[StreamConfig], list[StreamConfig]]:
+    """The streams and the buckets' streams, each with `replicas`."""
+    streams = [dataclasses.replace(c, num_replicas=replicas) for c in STREAMS]
+    buckets = [bucket_stream(dataclasses.replace(b, replicas=replicas)) for b in BUCKETS]
+    return streams, buckets
+
+
+def bucket_stream(bucket: KeyValueConfig) -> StreamConfig:
+    """The stream behind a KV bucket, as nats-py's `create_key_value` makes it."""
+    duplicate_window = min(bucket.ttl, 120.0) if bucket.ttl else 120.0
+    return StreamConfig(
+        name=f"KV_{bucket.bucket}",
+        description=bucket.description,
+        subjects=[f"$KV.{bucket.bucket}.>"],
+        allow_direct=bucket.direct,
+        allow_rollup_hdrs=True,
+        deny_delete=True,
+        discard=DiscardPolicy.NEW,
+        duplicate_window=duplicate_window,
+        max_age=bucket.ttl,
+        max_bytes=bucket.max_bytes,
+        max_consumers=-1,
+        max_msg_size=bucket.max_value_size,
+        max_msgs=-1,
+        max_msgs_per_subject=bucket.history,
+        num_replicas=bucket.replicas,
+        storage=bucket.storage,
+    )
+
+
+class TopologyError(RuntimeError):
+    """Some stream or bucket could not be created or read (JetStream unavailable, a cluster
+    without a leader, too few nodes for the replicas asked): retried, never fatal."""
+
+
+# Fields compared between the code's config and a stream's; the others are left to the server.
+_COMPARED = ("retention", "storage", "max_age", "duplicate_window", "max_msgs_per_subject")
+
+
+def differences(wanted: StreamConfig, existing: StreamConfig) -> dict[str, tuple[Any, Any]]:
+    """Field -> (wanted, existing) for every field of the code's config the stream differs
+    in (the subjects: only those missing)."""
+    found: dict[str, tuple[Any, Any]] = {}
+    if (wanted.num_replicas or 1) != (existing.num_replicas or 1):
+        found["num_replicas"] = (wanted.num_replicas or 1, existing.num_replicas or 1)
+    missing = sorted(set(wanted.subjects or ()) - set(existing.subjects or ()))
+    if missing:
+        found["subjects"] = (missing, existing.subjects)
+    for name in _COMPARED:
+        mine, theirs = getattr(wanted, name), getattr(existing, name)
+        if mine is None or (name == "duplicate_window" and not mine):
+            continue  # not set here: the server's default is no difference
+        if isinstance(mine, float) and isinstance(theirs, (int, float)):
+            if math.isclose(mine, theirs, rel_tol=1e-6, abs_tol=1e-3):
+                continue
+        elif mine == theirs:
+            continue
+        found[name] = (mine, theirs)
+    return found
+
+
+def safe_update(wanted: StreamConfig, existing: StreamConfig) -> StreamConfig | None:
+    """The stream's own config with only what is additive and safe taken from the code's:
+    missing subjects added, replicas raised (never lowered); None when nothing is."""
+    update: dict[str, Any] = {}
+    missing = [s for s in wanted.subjects or () if s not in (existing.subjects or ())]
+    if missing:
+        update["subjects"] = [*(existing.subjects or ()), *missing]
+    if (wanted.num_replicas or 1) > (existing.num_replicas or 1):
+        update["num_replicas"] = wanted.num_replicas
+    return dataclasses.replace(existing, **update) if update else None
+
+
+# Mismatches already reported by this process (each once, not at every reconnect).
+_reported: set[tuple[str, str, str]] = set()
+
+
+def _report(kind: str, name: str, found: dict[str, tuple[Any, Any]]) -> None:
+    for field, (mine, theirs) in found.items():
+        key = (name, field, repr(theirs))
+        if key in _reported:
+            continue
+        _reported.add(key)
+        if field == "num_replicas" and theirs > mine:
+            log.warning(
+                "%s %s has %s replicas, more than the %s configured here: kept "
+                "(set LLOOMA_NATS_REPLICAS=%s to match)",
+                kind,
+                name,
+                theirs,
+                mine,
+                theirs,
+            )
+        else:
+            log.warning(
+                "%s %s differs from this version's config in %s (here %r, on the server %r): "
+                "left as it is; change it on the server (nats stream edit) if it should be",
+                kind,
+                name,
+                field,
+                mine,
+                theirs,
+            )
+
+
+async def _ensure_stream(js: JetStreamContext, wanted: StreamConfig, kind: str) -> None:
+    assert wanted.name is not None
+    refused: Exception | None = None
+    for _ in range(3):
         try:
-            await js.add_stream(config=config)
-        except BadRequestError:
+            existing: StreamInfo = await js.stream_info(wanted.name)
+        except NotFoundError:
             try:
-                await js.update_stream(config=config)
+                await js.add_stream(config=wanted)
+                log.info("%s %s created with %s replicas", kind, wanted.name, wanted.num_replicas)
+                return
             except BadRequestError as error:
-                # E.g. a storage type change, which JetStream refuses; the old one still works.
-                log.warning("stream %s keeps its old config: %s", config.name, error)
-    for bucket in BUCKETS:
+                refused = error  # another process created it meanwhile: compare with theirs
+                continue
+        _report(kind, wanted.name, differences(wanted, existing.config))
+        update = safe_update(wanted, existing.config)
+        if update is None:
+            return
         try:
-            await js.create_key_value(config=bucket)
-        except BadRequestError:
-            log.debug("bucket %s already exists", bucket.bucket)
+            await js.update_stream(config=update)
+        except Exception as error:
+            # The stream works as it is; raising its replicas waits for the next start or
+            # reconnect (e.g. while a node is down there may be too few for them).
+            log.warning(
+                "%s %s: could not raise it to %s replicas / subjects %s (kept as it is): %s",
+                kind,
+                wanted.name,
+                update.num_replicas,
+                update.subjects,
+                error,
+            )
+            return
+        log.warning(
+            "%s %s updated: replicas %s -> %s, subjects %s",
+            kind,
+            wanted.name,
+            existing.config.num_replicas,
+            update.num_replicas,
+            update.subjects,
+        )
+        return
+    raise TopologyError(f"{kind} {wanted.name} cannot be created: {refused}")
 
 
-async def restore_topology(js: JetStreamContext, timeout_s: float = RESTORE_TIMEOUT_S) -> None:
-    """After a reconnect: the server may be a restarted one, whose memory streams and buckets
-    are gone and whose JetStream may still be recovering its files; retry until it stands."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
+async def ensure_topology(js: JetStreamContext, replicas: int | None = None) -> None:
+    """Create the streams and buckets that are missing, with `replicas` (default: the
+    LLOOMA_NATS_REPLICAS setting, else 1 on a lone server and 3 on a cluster); safe to call
+    from every process at once. An existing one is never put back to this code's config: a
+    difference is logged, and only missing subjects and more replicas are applied. Raises
+    TopologyError naming everything that failed (the rest is done)."""
+    if replicas is None:
+        from llooma.settings import load_settings
+
+        replicas = replicas_for(js._nc, load_settings().nats_replicas)
+    streams, buckets = topology(replicas)
+    failures: list[str] = []
+    for kind, configs in (("stream", streams), ("bucket", buckets)):
+        for config in configs:
+            try:
+                await _ensure_stream(js, config, kind)
+            except Exception as error:  # timeouts, no leader, too few nodes, ...
+                failures.append(f"{kind} {config.name}: {type(error).__name__}: {error}")
+    if failures:
+        raise TopologyError("; ".join(failures))
+
+
+async def keep_topology(
+    js: JetStreamContext,
+    what: str,
+    timeout_s: float | None = None,
+    replicas: int | None = None,
+) -> bool:
+    """`ensure_topology` until it succeeds (or `timeout_s` passes: False), each failure
+    logged, retried with backoff; never raises."""
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout_s is None else loop.time() + timeout_s
+    delay = TOPOLOGY_RETRY_FIRST_S
+    failures = 0
     while True:
         try:
-            await ensure_topology(js)
-            return
-        except Exception:
-            if asyncio.get_running_loop().time() > deadline:
-                raise
-            await asyncio.sleep(0.25)
+            await ensure_topology(js, replicas)
+            if failures:
+                log.warning("%s: topology ensured after %s failed attempts", what, failures)
+            return True
+        except Exception as error:
+            failures += 1
+            if deadline is not None and loop.time() + delay > deadline:
+                log.error("%s: topology not ensured, giving up for now: %s", what, error)
+                return False
+            # The first failure and then every 10th: a cluster electing leaders takes seconds.
+            level = logging.WARNING if failures == 1 or failures % 10 == 0 else logging.DEBUG
+            log.log(
+                level,
+                "%s: topology not ensured (attempt %s), retrying in %.2f s: %s",
+                what,
+                failures,
+                delay,
+                error,
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, TOPOLOGY_RETRY_MAX_S)
+
+
+async def restore_topology(
+    js: JetStreamContext, timeout_s: float | None = RESTORE_TIMEOUT_S
+) -> None:
+    """After a reconnect: the server may be a restarted one, whose memory streams and buckets
+    are gone and whose JetStream may still be recovering its files; retry until it stands
+    (never raises, never downgrades anything)."""
+    await keep_topology(js, "restore after a reconnect", timeout_s)
 
 
 def msg_id_headers(msg_id: str) -> dict[str, str]:
@@ -197,22 +499,36 @@ def msg_id_headers(msg_id: str) -> dict[str, str]:
     return {"Nats-Msg-Id": msg_id}
 
 
-# JetStream answers no one for a few milliseconds while the server reloads an accounts config
-# (`llooma hosts add` / `revoke`) or elects a leader: a hand-off retries that, and only that
-# (the message id makes a repeat harmless).
-HAND_OFF_ATTEMPTS = 5
-HAND_OFF_RETRY_S = 0.05
+# A hand-off's publish is retried (with its Nats-Msg-Id, so a retry of one that was in fact
+# stored is discarded as a duplicate) while a stream's leader is re-elected after a node died;
+# each attempt waits this long for the ack, all of them together the budget.
+HAND_OFF_ATTEMPT_S = 1.0
+HAND_OFF_BUDGET_S = 2.5
+HAND_OFF_RETRY_PAUSE_S = 0.1
 
 
-async def hand_off(js: JetStreamContext, subject: str, payload: bytes, msg_id: str) -> None:
+async def hand_off(
+    js: JetStreamContext,
+    subject: str,
+    payload: bytes,
+    msg_id: str,
+    *,
+    budget_s: float = HAND_OFF_BUDGET_S,
+) -> None:
     """A durable, idempotent hand-off to the next service (waits for the stream's ack); it
-    carries the current span's traceparent when tracing."""
+    carries the current span's traceparent when tracing. Retried within `budget_s` (no
+    leader for the stream yet, a lost ack, a reconnect), then the last error is raised."""
     headers = tracing.inject(msg_id_headers(msg_id))
-    for attempt in range(1, HAND_OFF_ATTEMPTS + 1):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + budget_s
+    while True:
+        attempt_s = min(HAND_OFF_ATTEMPT_S, max(deadline - loop.time(), 0.05))
         try:
-            await js.publish(subject, payload, headers=headers)
+            await js.publish(subject, payload, timeout=attempt_s, headers=headers)
             return
-        except NoStreamResponseError:
-            if attempt == HAND_OFF_ATTEMPTS:
+        except BadRequestError:
+            raise  # the stream's own answer about this message: resending cannot change it
+        except Exception:  # a timeout, no responders (no leader yet), a lost connection
+            if loop.time() + HAND_OFF_RETRY_PAUSE_S >= deadline:
                 raise
-            await asyncio.sleep(HAND_OFF_RETRY_S * attempt)
+            await asyncio.sleep(HAND_OFF_RETRY_PAUSE_S)

@@ -61,6 +61,13 @@ def up(
     data_dir: Annotated[Path, typer.Option(help="Where NATS and Postgres keep data")] = Path(
         ".llooma"
     ),
+    cluster: Annotated[
+        int,
+        typer.Option(
+            envvar="LLOOMA_UP_CLUSTER",
+            help="Run N clustered NATS nodes on loopback instead of one (streams at R3)",
+        ),
+    ] = 0,
 ) -> None:
     """Run the whole stack on this machine until Ctrl-C or SIGTERM."""
     _require("embedded", "llooma up")
@@ -74,6 +81,7 @@ def up(
         nats_port=nats_port,
         nats_url=external_nats,
         database_url=os.environ.get("DATABASE_URL") or None,
+        nats_cluster=cluster,
         hosts=None if demo_hosts else [],
     )
     stopping = False
@@ -128,7 +136,8 @@ def host(config: Annotated[Path, typer.Option(help="Host YAML config")]) -> None
 
     refused: list[str] = []
     seed = None
-    if host_config.credentials is not None:
+    # An nkey seed is read once and held in memory; a .creds file is nats-py's to read.
+    if host_config.credentials is not None and host_config.nats_access().nkey_seed_file:
         try:
             seed = host_config.credentials.read_text().strip()
         except OSError as error:
@@ -148,6 +157,7 @@ def host(config: Annotated[Path, typer.Option(help="Host YAML config")]) -> None
             host_config.nats_url,
             f"llooma-host-{host_config.name}",
             nkey_seed=seed,
+            access=host_config.nats_access(),
             error_cb=on_error,
             attempts=20,
         )

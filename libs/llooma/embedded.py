@@ -90,6 +90,8 @@ class EmbeddedNats:
     port: int
     data_dir: Path
     credentials: CredentialStore | None = None
+    # Appended to the rendered config (a cluster node's name and routes; see cluster.py).
+    extra_config: str = ""
 
     @property
     def url(self) -> str:
@@ -107,17 +109,20 @@ class EmbeddedNats:
         *,
         credentials: CredentialStore | None = None,
         sync_always: bool = True,
+        extra_config: str = "",
     ) -> EmbeddedNats:
         data_dir.mkdir(parents=True, exist_ok=True)
         port = port or free_port()
         args = [nats_server_binary(), "-P", str(data_dir / "nats-server.pid")]
         if credentials is not None:
             credentials.control_plane_seed()
-            write_nats_config(data_dir, credentials, port)
+            write_nats_config(data_dir, credentials, port, extra_config)
             args += ["-c", str(data_dir / "nats.conf")]
         else:
-            config = f"listen: 127.0.0.1:{port}\n" + jetstream_config(
-                data_dir / "jetstream", sync_always=sync_always
+            config = (
+                f"listen: 127.0.0.1:{port}\n"
+                + jetstream_config(data_dir / "jetstream", sync_always=sync_always)
+                + extra_config
             )
             (data_dir / "nats.conf").write_text(config)
             args += ["-c", str(data_dir / "nats.conf")]
@@ -131,12 +136,12 @@ class EmbeddedNats:
         except Exception:
             process.kill()
             raise
-        return cls(process, port, data_dir, credentials)
+        return cls(process, port, data_dir, credentials, extra_config)
 
     def reload(self) -> None:
         """Re-render the config from the credential store and have the server apply it."""
         if self.credentials is not None:
-            write_nats_config(self.data_dir, self.credentials, self.port)
+            write_nats_config(self.data_dir, self.credentials, self.port, self.extra_config)
             reload_nats(self.pid_file)
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -149,8 +154,17 @@ class EmbeddedNats:
                 self.process.wait()
 
 
-def write_nats_config(data_dir: Path, credentials: CredentialStore, port: int) -> None:
-    config = render_nats_config(credentials, port, data_dir / "jetstream")
+def write_nats_config(
+    data_dir: Path, credentials: CredentialStore, port: int, extra_config: str | None = None
+) -> None:
+    """Render the config; `extra_config` is kept beside it (None: the one kept last time), so
+    `llooma hosts add` re-renders a cluster node with its cluster block."""
+    extra_file = data_dir / "extra.conf"
+    if extra_config is None:
+        extra_config = extra_file.read_text() if extra_file.exists() else ""
+    else:
+        extra_file.write_text(extra_config)
+    config = render_nats_config(credentials, port, data_dir / "jetstream") + extra_config
     scratch = data_dir / "nats.conf.tmp"
     scratch.write_text(config)
     scratch.replace(data_dir / "nats.conf")

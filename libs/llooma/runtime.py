@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import uvloop
 from faststream import FastStream
 from faststream.nats import JStream, NatsBroker, NatsRouter
-from faststream.nats.security import NatsNKey
+from faststream.nats.security import NatsCredentials, NatsNKey, NatsSecurity
 from nats.aio.client import Client
 
 from llooma import bus, counters, subjects, tracing
@@ -78,6 +78,16 @@ class ServiceHeartbeater:
 BrokerHook = Callable[[NatsBroker], Awaitable[None]]
 
 
+def broker_security(access: bus.NatsAccess) -> NatsSecurity | None:
+    """FastStream's form of the control plane's NATS credential and TLS files."""
+    context = access.tls_context()
+    if access.creds_file:
+        return NatsCredentials.from_file(access.creds_file, ssl_context=context)
+    if access.nkey_seed_file:
+        return NatsNKey(access.nkey_seed_file, ssl_context=context)
+    return NatsSecurity(ssl_context=context) if context is not None else None
+
+
 def build_app(
     service: str,
     settings: Settings,
@@ -95,15 +105,16 @@ def build_app(
         task = asyncio.create_task(bus.restore_topology(broker.config.connection_state.stream))
         bus.keep_task(restoring, task, f"{service}: topology restore", level=logging.ERROR)
 
+    access = settings.nats_access()
     broker = NatsBroker(
-        settings.nats_url,
+        bus.server_list(settings.nats_url),
         name=f"llooma-{service}",
         # Per-message logs go to DEBUG: INFO on every message costs more than the hop itself.
         log_level=logging.DEBUG,
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
         reconnected_cb=_reconnected,
-        security=NatsNKey(settings.nats_nkey_seed_file) if settings.nats_nkey_seed_file else None,
+        security=broker_security(access),
     )
     for router in routers:
         broker.include_router(router)
@@ -115,7 +126,7 @@ def build_app(
     @app.on_startup
     async def _connect() -> None:
         await broker.connect()
-        await bus.ensure_topology(broker.config.connection_state.stream)
+        await bus.keep_topology(broker.config.connection_state.stream, service)
         if on_connected is not None:
             await on_connected(broker)
 

@@ -49,6 +49,7 @@ class Service:
     # Each durable consumer as created, to re-create on a restarted server (see _reconnected).
     _consumers: list[tuple[str, ConsumerConfig]] = field(default_factory=list)
     _on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    _confirming: set[asyncio.Task[None]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.instance_id = self.instance_id or new_instance_id(self.name)
@@ -57,11 +58,11 @@ class Service:
         self.nc = await bus.connect(
             self.settings.nats_url,
             f"llooma-{self.name}",
-            nkey_seed_file=self.settings.nats_nkey_seed_file,
+            access=self.settings.nats_access(),
             on_reconnect=self._reconnected,
         )
         self.js = self.nc.jetstream()
-        await bus.ensure_topology(self.js)
+        await bus.keep_topology(self.js, self.name)
 
     async def _reconnected(self) -> None:
         """A restarted server has lost the memory pipeline stream and its consumers; core
@@ -100,7 +101,10 @@ class Service:
             progress = None if ack_first else _InProgress(msg, ack_wait_s / 2)
             try:
                 if ack_first:
-                    await msg.ack()
+                    # Acked and the ack confirmed (a double ack), in the background: a plain
+                    # ack may die with the NATS node it went through, and JetStream would hand
+                    # the message to a replica after ack_wait, to run twice.
+                    bus.keep_task(self._confirming, asyncio.create_task(_confirm_ack(msg)), "ack")
                 await handler(msg)
                 if progress is not None:
                     progress.cancel()
@@ -202,6 +206,25 @@ def _deliveries(msg: Msg) -> int:
         return int(msg.metadata.num_delivered)
     except Exception:  # not a JetStream message (no metadata in its reply subject)
         return 1
+
+
+# An ack on receipt is sent as a request the server answers once it took it (a double ack),
+# re-sent for this long while a consumer's leader is re-elected after a node died.
+ACK_CONFIRM_BUDGET_S = 20.0
+ACK_CONFIRM_ATTEMPT_S = 2.0
+
+
+async def _confirm_ack(msg: Msg) -> None:
+    deadline = asyncio.get_running_loop().time() + ACK_CONFIRM_BUDGET_S
+    while True:
+        try:
+            await msg.ack_sync(timeout=ACK_CONFIRM_ATTEMPT_S)
+            return
+        except Exception:
+            if asyncio.get_running_loop().time() > deadline:
+                log.warning("ack of %s not confirmed: it may be redelivered", msg.subject)
+                return
+            await asyncio.sleep(0.2)
 
 
 class _InProgress:

@@ -9,6 +9,8 @@ from typing import Annotated
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from llooma.bus import NatsAccess
+
 DEV_API_KEY = "sk-llooma-dev"
 ORCHESTRATED_MODEL = "llooma"
 VERSION = "0.1.0"
@@ -24,12 +26,24 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LLOOMA_", extra="ignore")
 
+    # One server or several, comma-separated (nats://a:4222,nats://b:4222): a process starts
+    # while any one of them is up and fails over to the others.
     nats_url: str = Field(
         default="nats://127.0.0.1:4222",
         validation_alias=AliasChoices("NATS_URL", "LLOOMA_NATS_URL"),
     )
-    # The control plane's nkey seed file, when the NATS server requires credentials.
+    # The control plane's nkey seed file, when the NATS server requires credentials; or a
+    # `.creds` file (user JWT and nkey seed) instead, on a server run with JWT accounts.
     nats_nkey_seed_file: str = ""
+    nats_creds_file: str = ""
+    # TLS: the CA that signed the servers' certificates, and a client certificate and key
+    # when the servers verify clients (mutual TLS).
+    nats_tls_ca_file: str = ""
+    nats_tls_cert_file: str = ""
+    nats_tls_key_file: str = ""
+    # Replicas of every stream and KV bucket created (0: 1 on a lone server, 3 on a cluster).
+    # An existing stream is never lowered to this: a difference is logged.
+    nats_replicas: int = Field(default=0, ge=0, le=5)
     database_url: str = Field(
         default="", validation_alias=AliasChoices("DATABASE_URL", "LLOOMA_DATABASE_URL")
     )
@@ -134,7 +148,10 @@ class Settings(BaseSettings):
     duel_penalty_micros: int = Field(default=500, ge=0)
     judge_fee_micros: int = Field(default=100, ge=0)
     # Ed25519 seed that signs ledger blocks (created on first use); empty: under .llooma/.
+    # Or the seed itself (hex), from the environment or a secret store, instead of a file.
+    # One key per ledger: an accounting replica holding another refuses to start.
     ledger_signing_key_file: str = ""
+    ledger_signing_key: str = Field(default="", repr=False)
     # How long JetStream waits for a request-path service's ack before it redelivers (to a
     # replica): what a kill -9 of privacy, planner or dispatcher costs a request in flight.
     pipeline_ack_wait_s: float = Field(default=2.0, gt=0)
@@ -161,6 +178,16 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    def nats_access(self) -> NatsAccess:
+        """The control plane's NATS credential and TLS files."""
+        return NatsAccess(
+            nkey_seed_file=self.nats_nkey_seed_file,
+            creds_file=self.nats_creds_file,
+            tls_ca_file=self.nats_tls_ca_file,
+            tls_cert_file=self.nats_tls_cert_file,
+            tls_key_file=self.nats_tls_key_file,
+        )
 
     def deadline_ms(self, model: str, requested_ms: int = 0) -> int:
         """The first-token deadline: the request's own, else the model's, else the default."""

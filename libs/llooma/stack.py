@@ -16,6 +16,7 @@ import httpx
 import yaml
 
 from llooma import names
+from llooma.cluster import NatsCluster
 from llooma.credentials import CredentialStore
 from llooma.db.migrate import migrate
 from llooma.embedded import (
@@ -23,6 +24,7 @@ from llooma.embedded import (
     EmbeddedPostgres,
     child_environment,
     die_with_parent,
+    free_port,
     port_is_free,
 )
 from llooma.host.config import Generation, HostConfig, Latency, ModelConfig, Policy
@@ -114,9 +116,16 @@ class Stack:
     children: list[Child] = field(default_factory=list)
     nats: EmbeddedNats | None = None
     postgres: EmbeddedPostgres | None = None
+    # With N > 0 and no NATS_URL: N clustered nats-server nodes instead of one (streams R3).
+    nats_cluster: int = 0
+    cluster: NatsCluster | None = None
+    # The ports of the ingresses after the first (replicas["ingress"] > 1).
+    ingress_ports: list[int] = field(default_factory=list)
 
     @property
     def credentials(self) -> CredentialStore | None:
+        if self.cluster is not None:
+            return self.cluster.credentials
         server = self.nats or self.shared_nats
         return server.credentials if server is not None else None
 
@@ -134,6 +143,11 @@ class Stack:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    @property
+    def ingress_urls(self) -> list[str]:
+        """Every ingress's base URL, the first one's (base_url) first."""
+        return [self.base_url, *(f"http://127.0.0.1:{p}" for p in self.ingress_ports)]
+
     def start(self, ready_timeout_s: float = 90.0) -> None:
         if not port_is_free(self.http_port):
             raise RuntimeError(
@@ -145,6 +159,13 @@ class Stack:
         try:
             if self.shared_nats is not None:
                 self.nats_url = self.shared_nats.url
+            elif self.nats_url is None and self.nats_cluster > 0:
+                self.cluster = NatsCluster.start(
+                    self.root,
+                    self.nats_cluster,
+                    credentials=CredentialStore(self.root / "credentials"),
+                )
+                self.nats_url = self.cluster.url
             elif self.nats_url is None:
                 if self.nats_port is not None and not port_is_free(self.nats_port):
                     raise RuntimeError(
@@ -162,8 +183,12 @@ class Stack:
             asyncio.run(migrate(self.database_url))
             # Created here, once, so `llooma ledger verify` finds the public key beside it.
             Signer.load_or_create(self.ledger_key_file)
+            cluster_env = (
+                {"LLOOMA_NATS_REPLICAS": str(self.cluster.replicas)} if self.cluster else {}
+            )
             env = child_environment(
                 {
+                    **cluster_env,
                     **self.extra_env,
                     "NATS_URL": self.nats_url,
                     "DATABASE_URL": self.database_url,
@@ -176,7 +201,13 @@ class Stack:
                 args = [sys.executable, "-m", f"services.{service}"]
                 for replica in range(1, self.replicas.get(service, 1) + 1):
                     name = service if replica == 1 else f"{service}-{replica}"
-                    self.children.append(Child(name, args, env, logs / f"{name}.log"))
+                    child_env = env
+                    if service == "ingress" and replica > 1:
+                        # Each further ingress listens on a port of its own (ingress_urls).
+                        port = free_port()
+                        child_env = {**env, "LLOOMA_HTTP_PORT": str(port)}
+                        self.ingress_ports.append(port)
+                    self.children.append(Child(name, args, child_env, logs / f"{name}.log"))
             host_dir = self.root / "hosts"
             host_dir.mkdir(exist_ok=True)
             host_store = self.credentials
@@ -195,6 +226,8 @@ class Stack:
             server = self.nats or self.shared_nats
             if server is not None:
                 server.reload()
+            if self.cluster is not None:
+                self.cluster.reload()
             for child in self.children:
                 child.spawn()
             self.wait_ready(ready_timeout_s)
@@ -257,6 +290,15 @@ class Stack:
             old.stop()
         self.nats = EmbeddedNats.start(old.data_dir, old.port, credentials=old.credentials)
 
+    def kill_nats_node(self, index: int) -> int:
+        """kill -9 one node of the stack's NATS cluster; returns its pid."""
+        assert self.cluster is not None, "the stack runs no NATS cluster"
+        return self.cluster.kill(index)
+
+    def restart_nats_node(self, index: int) -> None:
+        assert self.cluster is not None, "the stack runs no NATS cluster"
+        self.cluster.restart(index)
+
     def restart_postgres(self) -> None:
         """kill -9 the postmaster and its backends, then start it again (crash recovery)."""
         assert self.postgres is not None, "only the stack's own Postgres can be restarted"
@@ -267,6 +309,8 @@ class Stack:
         found = [c.process.pid for c in self.children if c.process is not None]
         if self.nats is not None:
             found.append(self.nats.process.pid)
+        if self.cluster is not None:
+            found.extend(self.cluster.pids())
         if self.postgres is not None and (pg_pid := self.postgres.pid()) is not None:
             found.append(pg_pid)
         return found
@@ -286,6 +330,9 @@ class Stack:
         if self.nats is not None:
             self.nats.stop()
             self.nats = None
+        if self.cluster is not None:
+            self.cluster.stop()
+            self.cluster = None
         if self.postgres is not None:
             self.postgres.stop()
             self.postgres = None

@@ -7,31 +7,73 @@ from pathlib import Path
 import asyncpg
 from faststream import FastStream
 from faststream.nats import NatsBroker
+from nacl.signing import SigningKey
 
 from llooma import runtime
 from llooma.db.migrate import migrate
 from llooma.ledger import signing_key_path
 from llooma.ledger.blocks import Signer
 from llooma.ledger.economics import Prices, opening_balances
-from llooma.ledger.store import LedgerStore, ledger_height
+from llooma.ledger.store import LedgerStore
 from llooma.settings import Settings
 from services.accounting.handlers import Accounting, build_router
 
 SERVICE = "accounting"
 
 
-async def open_signer(pool: asyncpg.Pool, key_path: Path) -> Signer:
-    """The block-signing key; created only for a ledger without blocks."""
-    return signer_for(key_path, chain_started=await ledger_height(pool) > 0)
+# Serialises accounting replicas claiming the ledger's one signer (any constant works).
+_SIGNER_LOCK_KEY = 0x11_00_4C_53
+_SIGNER_TABLE = (
+    "CREATE TABLE IF NOT EXISTS ledger_signer ("
+    " singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),"
+    " public_key text NOT NULL,"
+    " claimed_at timestamptz NOT NULL DEFAULT now())"
+)
 
 
-def signer_for(key_path: Path, *, chain_started: bool) -> Signer:
-    if chain_started and not key_path.exists():
+async def open_signer(pool: asyncpg.Pool, key_path: Path, key_hex: str = "") -> Signer:
+    """The block-signing key: the seed in `key_hex` (LLOOMA_LEDGER_SIGNING_KEY) or the file
+    at `key_path`, created only for a ledger without blocks and without a signer. One signer
+    per ledger: the first replica claims the ledger for its public key (in Postgres, under an
+    advisory lock), and one holding another key refuses to start."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _SIGNER_LOCK_KEY)
+        await conn.execute(_SIGNER_TABLE)
+        claimed: str | None = await conn.fetchval("SELECT public_key FROM ledger_signer")
+        chain_started = await conn.fetchval("SELECT height FROM ledger_head") > 0
+        if key_hex:
+            signer = Signer(SigningKey(bytes.fromhex(key_hex.strip())))
+        else:
+            signer = signer_for(key_path, chain_started=chain_started, claimed=claimed)
+        owner = claimed
+        if owner is None and chain_started:
+            # A ledger from before signers were claimed: its last block names the signer.
+            owner = await conn.fetchval(
+                "SELECT proposer FROM ledger_blocks ORDER BY height DESC LIMIT 1"
+            )
+        if owner is not None and owner != signer.public_key:
+            raise SystemExit(
+                f"accounting: this ledger is signed by the key {owner}, and this replica's "
+                f"key ({'LLOOMA_LEDGER_SIGNING_KEY' if key_hex else key_path}) is another, "
+                f"{signer.public_key}: two signers would fork the chain. Give every accounting "
+                "replica the same signing key (see docs/DEPLOY.md)"
+            )
+        if claimed is None:
+            await conn.execute(
+                "INSERT INTO ledger_signer (public_key) VALUES ($1)", signer.public_key
+            )
+        return signer
+
+
+def signer_for(key_path: Path, *, chain_started: bool, claimed: str | None = None) -> Signer:
+    if (chain_started or claimed is not None) and not key_path.exists():
         # A new key would sign blocks that `llooma ledger verify` cannot trust beside the old
         # ones: a lost key needs a person, not a silent new chain of trust.
+        owner = f" (the ledger's signer is {claimed})" if claimed else ""
         raise SystemExit(
-            f"accounting: the ledger already has blocks but its signing key {key_path} is "
-            "missing; restore it (or point LLOOMA_LEDGER_SIGNING_KEY_FILE at it)"
+            f"accounting: the ledger already has blocks or a signer{owner} but its signing "
+            f"key {key_path} is missing; copy it here from the machine that holds it (or point "
+            "LLOOMA_LEDGER_SIGNING_KEY_FILE at it, or set LLOOMA_LEDGER_SIGNING_KEY)"
         )
     return Signer.load_or_create(key_path)
 
@@ -45,7 +87,9 @@ def create_app(settings: Settings) -> FastStream:
         await migrate(settings.database_url)
         pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=8)
         try:
-            signer = await open_signer(pool, signing_key_path(settings))
+            signer = await open_signer(
+                pool, signing_key_path(settings), settings.ledger_signing_key
+            )
         except SystemExit:
             await pool.close()
             raise

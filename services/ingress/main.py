@@ -86,11 +86,11 @@ def create_app(settings: Settings) -> Starlette:
         nc = await bus.connect(
             settings.nats_url,
             f"llooma-{SERVICE}",
-            nkey_seed_file=settings.nats_nkey_seed_file,
+            access=settings.nats_access(),
             on_reconnect=reconnected,
         )
         js = nc.jetstream()
-        await bus.ensure_topology(js)
+        await bus.keep_topology(js, SERVICE)
         hosts = HostDirectory(
             stale_after_s=settings.host_stale_after_s, min_version=settings.min_host_version
         )

@@ -64,6 +64,8 @@ class Result:
     end: str = ""
     status: int = 0
     request_id: str = ""
+    # The Retry-After of a refused request (4xx/5xx before any stream).
+    retry_after: str = ""
 
 
 @dataclass
@@ -117,6 +119,7 @@ async def one_request(http: httpx.AsyncClient, body: dict[str, object], result: 
             result.status = reply.status_code
             result.request_id = reply.headers.get("x-llooma-request-id", "")
             if reply.status_code != 200:
+                result.retry_after = reply.headers.get("retry-after", "")
                 await reply.aread()
                 return "http_error"
             async for line in reply.aiter_lines():
@@ -164,14 +167,15 @@ async def published_settlements(stack: Stack) -> list[TaskSettlement]:
     nc = await bus.connect(stack.nats_url, "llooma-tests-audit", nkey_seed_file=stack.control_seed)
     try:
         js = nc.jetstream()
-        found: list[TaskSettlement] = []
+        found: dict[int, TaskSettlement] = {}
         sub = await js.subscribe(subjects.SETTLEMENT_TASK, ordered_consumer=True)
         info = await js.stream_info(subjects.SETTLEMENT_STREAM)
+        # By stream sequence: an ordered consumer that resets may deliver one again.
         while len(found) < info.state.messages:
             msg = await sub.next_msg(timeout=5)
-            found.append(TaskSettlement.FromString(msg.data))
+            found[msg.metadata.sequence.stream] = TaskSettlement.FromString(msg.data)
         await sub.unsubscribe()
-        return found
+        return list(found.values())
     finally:
         await nc.close()
 

@@ -8,6 +8,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from llooma.bus import NatsAccess, access_for
 from llooma.subjects import checked_token
 
 
@@ -103,9 +104,15 @@ class HostConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
+    # One NATS server or several, comma-separated (any one of them up is enough).
     nats_url: str = "nats://127.0.0.1:4222"
-    # The host's nkey seed file, from `llooma hosts add NAME`.
+    # The host's nkey seed file, from `llooma hosts add NAME`, or a `.creds` file (user JWT
+    # and seed) on a server run with JWT accounts.
     credentials: Path | None = None
+    # TLS: the CA of the servers' certificates; a client certificate and key for mutual TLS.
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
     seed: int = 0
     heartbeat_interval_s: float = Field(default=0.5, gt=0)
     # How often each openai upstream engine is probed for health and load, and how long a probe
@@ -121,6 +128,17 @@ class HostConfig(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError("each model may appear only once")
         return self
+
+    def nats_access(self) -> NatsAccess:
+        def text(path: Path | None) -> str:
+            return str(path) if path is not None else ""
+
+        return access_for(
+            text(self.credentials),
+            tls_ca_file=text(self.tls_ca_file),
+            tls_cert_file=text(self.tls_cert_file),
+            tls_key_file=text(self.tls_key_file),
+        )
 
 
 class HostConfigError(ValueError):
