@@ -31,6 +31,7 @@ from llooma.v1.common_pb2 import (
     ERROR_CODE_DEADLINE_EXCEEDED,
     ERROR_CODE_HOST_BUSY,
     ERROR_CODE_HOST_FAILED,
+    ERROR_CODE_REQUEST_REJECTED,
     REQUEST_PATH_FALLBACK,
     ChatMessage,
     ErrorCode,
@@ -59,6 +60,7 @@ from llooma.v1.race_pb2 import (
 from llooma.v1.settlement_pb2 import (
     ATTEMPT_OUTCOME_FAILED,
     ATTEMPT_OUTCOME_LOST,
+    ATTEMPT_OUTCOME_REJECTED,
     ATTEMPT_OUTCOME_WON,
     TaskSettlement,
 )
@@ -71,6 +73,7 @@ ATTEMPT_OUTCOME_NAMES: dict[int, str] = {
     ATTEMPT_OUTCOME_WON: "won",
     ATTEMPT_OUTCOME_LOST: "lost",
     ATTEMPT_OUTCOME_FAILED: "failed",
+    ATTEMPT_OUTCOME_REJECTED: "rejected",
 }
 
 # How long a settlement or race event publish is retried while NATS is away.
@@ -94,12 +97,17 @@ class Attempt:
     output_tokens: int = 0
     # Token chunks of this attempt relayed to the client.
     delivered: int = 0
+    # UTF-8 bytes of this attempt's text and reasoning relayed to the client: the bound on
+    # what an engine's own usage report may bill (every token is at least one byte).
+    delivered_bytes: int = 0
     # The racer's ceiling on this attempt's prompt tokens (see prompt_tokens()).
     prompt_tokens: int = 0
     # Sent accepted, a token or finished: it kept its reservation.
     accepted: bool = False
     usage: Usage | None = None
     failed: bool = False
+    # The engine refused the request (ERROR_CODE_REQUEST_REJECTED): the client's error.
+    rejected: bool = False
     stalled: bool = False
     contributed: bool = False
     cancelled: bool = False
@@ -110,9 +118,13 @@ class Attempt:
 
 
 class RaceFailed(Exception):
-    def __init__(self, code: ErrorCode.ValueType, message: str) -> None:
+    def __init__(
+        self, code: ErrorCode.ValueType, message: str, detail: ErrorDetail | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
+        # Passed to the client as is (an engine's refusal keeps its status and client code).
+        self.detail = detail or ErrorDetail(code=code, message=message)
 
 
 @dataclass(slots=True)
@@ -301,13 +313,13 @@ class Racer:
                 path=path,
                 model=winner.host.model,
                 plan_decision=race.assignment.request.plan.decision,
+                host_id=winner.host.host_id,
             )
             await self._emit(race.reply, ClientEvent(started=started))
             await self._stream(race, winner, first)
         except RaceFailed as failure:
             race.error = failure.code
-            failed = ErrorDetail(code=failure.code, message=str(failure))
-            await self._emit(race.reply, ClientEvent(failed=failed))
+            await self._emit(race.reply, ClientEvent(failed=failure.detail))
 
     async def _first_token(self, race: Race) -> tuple[Attempt, HostChunk]:
         """Launch the racers (hedged ones later), then wait for the first token; past the
@@ -359,6 +371,8 @@ class Racer:
                     attempt.output_tokens += 1
                 return attempt, chunk
             if kind == "failed":
+                if chunk.failed.code == ERROR_CODE_REQUEST_REJECTED:
+                    raise _rejected(attempt, chunk.failed)
                 attempt.failed = True
                 busy_replies += chunk.failed.code == ERROR_CODE_HOST_BUSY
                 if any(not a.failed for a in race.attempts.values()):
@@ -388,18 +402,20 @@ class Racer:
         chunk: HostChunk | None = first
         relay = _Relay()
         sanitizer = Sanitizer()
+        thoughts = Sanitizer()
         max_tokens = race.assignment.request.params.max_tokens
         max_chars = max_tokens * MAX_CHARS_PER_TOKEN
         text: list[str] = []
+        reasoning: list[str] = []
         while True:
             if chunk is None:
-                await self._flush(race, text)
+                await self._flush(race, text, reasoning)
                 try:
                     chunk = await self._next_from(race, winner, stall_s)
                 except TimeoutError:
                     winner.stalled = True
                     winner, chunk, relay = await self._continue(race, winner, "stalled")
-                    sanitizer = Sanitizer()
+                    sanitizer, thoughts = Sanitizer(), Sanitizer()
                     continue
             kind = chunk.WhichOneof("event")
             if kind == "token" and max_tokens and race.client_tokens >= max_tokens:
@@ -411,37 +427,49 @@ class Racer:
                 winner.contributed = True
                 race.client_tokens += 1
                 winner.delivered += 1
-                raw = chunk.token.text
+                token = chunk.token
+                raw = token.text
                 if len(raw) > MAX_CHUNK_CHARS:
                     winner.violations += 1
                     raw = raw[:MAX_CHUNK_CHARS]
-                piece = relay.feed(sanitizer.feed(raw))
-                if sanitizer.removed:
+                piece = relay.feed(sanitizer.feed(raw)) if raw else ""
+                thought = ""
+                if token.reasoning:
+                    raw = token.reasoning
+                    if len(raw) > MAX_CHUNK_CHARS:
+                        winner.violations += 1
+                        raw = raw[:MAX_CHUNK_CHARS]
+                    thought = thoughts.feed(raw)
+                if sanitizer.removed or thoughts.removed:
                     winner.violations += 1
-                    sanitizer.removed = 0
-                if max_chars and race.client_chars + len(piece) > max_chars:
-                    text.append(piece[: max_chars - race.client_chars])
+                    sanitizer.removed = thoughts.removed = 0
+                if max_chars and race.client_chars + len(piece) + len(thought) > max_chars:
+                    room = max_chars - race.client_chars
+                    thought = thought[:room]
+                    piece = piece[: room - len(thought)]
+                    _add(winner, reasoning, thought)
+                    _add(winner, text, piece)
                     race.client_chars = max_chars
                     chunk = await self._cut(winner)
                     continue
-                race.client_chars += len(piece)
-                if piece:
-                    text.append(piece)
+                race.client_chars += len(piece) + len(thought)
+                _add(winner, reasoning, thought)
+                _add(winner, text, piece)
             elif kind == "finished":
                 tail = relay.feed(sanitizer.flush()) + relay.flush()
-                if sanitizer.removed:
+                thought = thoughts.flush()
+                if sanitizer.removed or thoughts.removed:
                     winner.violations += 1
-                    sanitizer.removed = 0
+                    sanitizer.removed = thoughts.removed = 0
                 if max_chars:
-                    tail = tail[: max(0, max_chars - race.client_chars)]
-                if tail:
-                    text.append(tail)
-                await self._flush(race, text)
-                reported = chunk.finished.usage
-                # Paid and charged on what the racer counted: a host's usage is only a claim.
-                winner.usage = Usage(
-                    input_tokens=min(reported.input_tokens, winner.prompt_tokens),
-                    output_tokens=min(reported.output_tokens, winner.output_tokens),
+                    room = max(0, max_chars - race.client_chars)
+                    thought = thought[:room]
+                    tail = tail[: room - len(thought)]
+                _add(winner, reasoning, thought)
+                _add(winner, text, tail)
+                await self._flush(race, text, reasoning)
+                winner.usage = billed_usage(
+                    winner, chunk.finished.usage, race.assignment.request.params.stop
                 )
                 if winner.role == ATTEMPT_ROLE_CONTINUATION and winner.prompt_tokens:
                     # The user asked the original prompt; the continuation's carries our prefix.
@@ -449,9 +477,11 @@ class Racer:
                         race.prompt_tokens,
                         winner.usage.input_tokens * race.prompt_tokens // winner.prompt_tokens,
                     )
-                usage = Usage(
-                    input_tokens=winner.usage.input_tokens, output_tokens=race.client_tokens
-                )
+                output = race.client_tokens
+                if winner.usage.reported_by_engine:
+                    # The engine's own count for its part, the chunks relayed for earlier ones.
+                    output += winner.usage.output_tokens - winner.delivered
+                usage = Usage(input_tokens=winner.usage.input_tokens, output_tokens=output)
                 finished = ClientFinished(finish_reason=chunk.finished.finish_reason, usage=usage)
                 if race.span is not None:
                     tracing.record_usage(
@@ -464,10 +494,12 @@ class Racer:
                 race.winner = winner
                 return
             else:
-                await self._flush(race, text)
+                await self._flush(race, text, reasoning)
+                if chunk.failed.code == ERROR_CODE_REQUEST_REJECTED:
+                    raise _rejected(winner, chunk.failed)
                 winner.failed = True
                 winner, chunk, relay = await self._continue(race, winner, chunk.failed.message)
-                sanitizer = Sanitizer()
+                sanitizer, thoughts = Sanitizer(), Sanitizer()
                 continue
             chunk = self._queued_from(race, winner)
 
@@ -479,12 +511,19 @@ class Racer:
         usage = Usage(input_tokens=attempt.prompt_tokens, output_tokens=attempt.output_tokens)
         return HostChunk(finished=HostFinished(finish_reason="length", usage=usage))
 
-    async def _flush(self, race: Race, text: list[str]) -> None:
+    async def _flush(self, race: Race, text: list[str], reasoning: list[str]) -> None:
+        if not (text or reasoning):
+            return
+        delta = ClientDelta()
         if text:
-            joined = "".join(text)
-            race.emitted.append(joined)
+            delta.text = "".join(text)
+            # Only the answer is continued on a handover, not the reasoning before it.
+            race.emitted.append(delta.text)
             text.clear()
-            await self._emit(race.reply, ClientEvent(delta=ClientDelta(text=joined)))
+        if reasoning:
+            delta.reasoning = "".join(reasoning)
+            reasoning.clear()
+        await self._emit(race.reply, ClientEvent(delta=delta))
 
     async def _continue(
         self, race: Race, broken: Attempt, why: str
@@ -515,6 +554,8 @@ class Racer:
                             continue
                         if chunk.HasField("failed"):
                             attempt.failed = True
+                            # Our continuation prompt, not the client's: refused, not failed.
+                            attempt.rejected = chunk.failed.code == ERROR_CODE_REQUEST_REJECTED
                             break
                         if attempt.first_token_at is None:
                             attempt.first_token_at = time.monotonic()
@@ -597,6 +638,8 @@ class Racer:
     def _outcome(attempt: Attempt, paid: Attempt | None) -> int:
         """What the host did, for the race event and S(h): a partial winner that broke off is
         still a failure there, though it is paid for what it delivered."""
+        if attempt.rejected:
+            return ATTEMPT_OUTCOME_REJECTED
         if attempt.failed or attempt.stalled:
             return ATTEMPT_OUTCOME_FAILED
         if attempt is paid:
@@ -644,8 +687,9 @@ class Racer:
                 task_id=race.assignment.task_id,
                 host_id=attempt.host.host_id,
                 model=attempt.host.model,
-                # The paid winner is WON here even if it broke off: it is paid for its part.
-                outcome=ATTEMPT_OUTCOME_WON if attempt is paid else outcome,  # type: ignore[arg-type]
+                # The paid winner is WON here even if it broke off: it is paid for its part; a
+                # rejected attempt is LOST (nothing delivered, nothing owed, no host failure).
+                outcome=settled_outcome(outcome, attempt is paid),  # type: ignore[arg-type]
                 usage=usage,
                 first_token_ms=first_ms,
                 duration_ms=int((now - attempt.launched_at) * 1000),
@@ -654,7 +698,7 @@ class Racer:
                 requested_model=request.model,
                 fallback=attempt.host.host_id in pool,
                 accepted=attempt.accepted,
-                delivered_tokens=attempt.delivered,
+                delivered_tokens=delivered_tokens(attempt),
                 violations=attempt.violations,
             )
             if paid is not None and paid.usage is not None:
@@ -749,6 +793,54 @@ def _end_attempt_span(attempt: Attempt, outcome: int, first_token_ms: int) -> No
     else:
         span.set_attribute("gen_ai.usage.output_tokens", attempt.output_tokens)
     tracing.end_span(span, error="attempt_failed" if attempt.failed else "")
+
+
+def _add(attempt: Attempt, pieces: list[str], piece: str) -> None:
+    if piece:
+        pieces.append(piece)
+        attempt.delivered_bytes += len(piece.encode())
+
+
+def _rejected(attempt: Attempt, detail: ErrorDetail) -> RaceFailed:
+    """The engine refused the request itself: the race ends with the client's error as is."""
+    attempt.rejected = True
+    attempt.accepted = False
+    return RaceFailed(ERROR_CODE_REQUEST_REJECTED, detail.message, detail)
+
+
+def settled_outcome(outcome: int, paid: bool) -> int:
+    if paid:
+        return ATTEMPT_OUTCOME_WON
+    return ATTEMPT_OUTCOME_LOST if outcome == ATTEMPT_OUTCOME_REJECTED else outcome
+
+
+# An engine's count may exceed what reached the client by the tokens it held back: a matched
+# stop string (never relayed) and its end-of-sequence token or two.
+ENGINE_TOKENS_ALLOWANCE = 2
+
+
+def billed_usage(attempt: Attempt, reported: Usage, stop: Iterable[str]) -> Usage:
+    """What a finished attempt is paid and charged: the host's claim, clamped. The prompt to the
+    racer's ceiling; the output to the chunks counted, or, when the engine reported its own
+    usage, to the UTF-8 bytes relayed (every token is at least one byte), so an honest engine's
+    count is never clipped while a lying host cannot bill for more than it delivered."""
+    if reported.reported_by_engine:
+        held_back = max((len(s.encode()) for s in stop), default=0) + ENGINE_TOKENS_ALLOWANCE
+        ceiling = max(attempt.output_tokens, attempt.delivered_bytes + held_back)
+    else:
+        ceiling = attempt.output_tokens
+    return Usage(
+        input_tokens=min(reported.input_tokens, attempt.prompt_tokens),
+        output_tokens=min(reported.output_tokens, ceiling),
+        reported_by_engine=reported.reported_by_engine,
+    )
+
+
+def delivered_tokens(attempt: Attempt) -> int:
+    """The settlement's delivered tokens: chunks relayed, or the engine's clamped count."""
+    if attempt.usage is not None and attempt.usage.reported_by_engine:
+        return max(attempt.delivered, attempt.usage.output_tokens)
+    return attempt.delivered
 
 
 def prompt_tokens(messages: Iterable[ChatMessage]) -> int:
