@@ -46,6 +46,9 @@ class Dispatcher:
         self._weights = ScoreWeights(*settings.score_weights, quality=settings.duel_quality_weight)
         self._rng = random.Random()
         self._suspended = set(settings.suspended_hosts)
+        # Per host, the models whose engine continues a trailing assistant message (the racer
+        # continues a stream there by prefill).
+        self._prefill: dict[str, set[str]] = {}
         self.stats = HostStats()
         self.dag = DagRunner(nc, js, instance_id, self.assign)
 
@@ -70,6 +73,8 @@ class Dispatcher:
             if member.key in self._suspended:
                 continue
             beat = member.heartbeat
+            prefill = {m.name for m in beat.models if m.features.assistant_prefill}
+            self._prefill[member.key] = prefill
             terms = self.terms(member.key, beat.load, member.staleness_s(now), deadline_ms)
             score = host_score(terms, self._weights)
             found.extend(
@@ -78,6 +83,11 @@ class Dispatcher:
                 if (cap.name not in excluded if orchestrated else cap.name == model)
             )
         return found
+
+    def _as_candidate(self, c: Candidate) -> HostCandidate:
+        candidate = as_candidate(c)
+        candidate.assistant_prefill = c.model in self._prefill.get(c.host_id, ())
+        return candidate
 
     def _fallback(self, candidates: list[Candidate], chosen: list[Candidate]) -> list[Candidate]:
         taken = {c.host_id for c in chosen}
@@ -119,8 +129,8 @@ class Dispatcher:
         return TaskAssignment(
             request=request,
             task_id=uuid.uuid4().hex,
-            hosts=[as_candidate(c) for c in chosen],
-            fallback=[as_candidate(c) for c in self._fallback(candidates, chosen)],
+            hosts=[self._as_candidate(c) for c in chosen],
+            fallback=[self._as_candidate(c) for c in self._fallback(candidates, chosen)],
             first_token_deadline_ms=deadline_ms,
             stall_deadline_ms=self._settings.stall_deadline_ms,
             hedge_delay_ms=self._hedge_delay_ms(chosen[0].model, chosen[0], deadline_ms),

@@ -353,7 +353,7 @@ class RaceCore:
 
     def _next_heir(self, now: float) -> None:
         race = self.race
-        host = self.race.take_spare()
+        host = self.race.take_spare(ATTEMPT_ROLE_CONTINUATION)
         if host is None:
             raise RaceFailed(
                 ERROR_CODE_HOST_FAILED,
@@ -419,7 +419,7 @@ class RaceCore:
         self._hedged = []
 
     def _launch_fallback(self, now: float) -> bool:
-        host = self.race.take_spare()
+        host = self.race.take_spare(ATTEMPT_ROLE_FALLBACK)
         if host is None:
             return False
         self._launch(host, ATTEMPT_ROLE_FALLBACK, now)

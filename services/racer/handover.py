@@ -7,9 +7,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from llooma.continuation import continuation_messages, detect_format, safe_prefix, tail_window
+from llooma.continuation_guard import prefill_messages
 from llooma.v1.common_pb2 import ChatMessage
 from llooma.v1.pipeline_pb2 import HostCandidate
 from services.racer.stream import Seam
+
+# What may close a sentence after its full stop ("He said so.")
+_CLOSERS = "\"')]}\u00bb\u201d\u2019"
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,14 +23,26 @@ class Handover:
 
 
 def plan_handover(original: Sequence[ChatMessage], emitted: str, host: HostCandidate) -> Handover:
-    """The continuing host's prompt: the conversation, the answer so far up to a safe boundary
-    and the request to continue it; the seam drops what repeats the client's text."""
+    """The continuing host's prompt and the seam where its text joins the client's.
+
+    Where the host's engine continues a trailing assistant message (host.assistant_prefill), by
+    prefill: the whole answer so far as that message, no instructions, nothing to leak or
+    repeat. Otherwise an instructed continuation: the answer so far up to a safe boundary and
+    the request to continue it, with a seam that removes every echo of that frame."""
+    turns = [(m.role, m.content) for m in original]
+    if host.assistant_prefill and emitted:
+        merged = [(m.role, m.content) for m in merge_turns(turns)]
+        messages = [ChatMessage(role=r, content=c) for r, c in prefill_messages(merged, emitted)]
+        return Handover(messages, Seam())
     fmt = detect_format(emitted)
     prefix = safe_prefix(emitted, fmt)
     tail = tail_window(prefix)
-    turns = [(m.role, m.content) for m in original]
-    messages = merge_turns(continuation_messages(turns, prefix, fmt, tail))
-    return Handover(messages, Seam(tail, emitted[len(prefix) :]))
+    dangling = emitted[len(prefix) :]
+    # "village." then "The": the client's text ends a sentence with no space after it.
+    end = prefix.rstrip(_CLOSERS)[-1:]
+    join_space = fmt == "prose" and not dangling and end != "" and end in ".!?;:,"
+    seam = Seam(tail, dangling, echoes=(prefix, tail), guard=True, join_space=join_space)
+    return Handover(merge_turns(continuation_messages(turns, prefix, fmt, tail)), seam)
 
 
 def merge_turns(turns: list[tuple[str, str]]) -> list[ChatMessage]:

@@ -85,15 +85,16 @@ class Race:
     def reply(self) -> str:
         return self.assignment.request.reply_subject
 
-    def take_spare(self) -> HostCandidate | None:
-        """The next spare host that has no live attempt and never broke this stream."""
-        race = self
-        for index, host in enumerate(race.spare):
-            attempts = [a for a in race.attempts.values() if a.host.host_id == host.host_id]
+    def take_spare(self, role: AttemptRole.ValueType) -> HostCandidate | None:
+        """The next spare host for `role` (fallback or continuation) that has no live attempt,
+        never broke this stream and was not yet tried in that role. A host that lost the
+        first-token race (as a racer or as the fallback) stays available to continue."""
+        for host in self.spare:
+            attempts = [a for a in self.attempts.values() if a.host.host_id == host.host_id]
             live = any(not (a.failed or a.stalled or a.cancelled) for a in attempts)
             broke = any(a.stalled or (a.failed and a.contributed) for a in attempts)
-            if not live and not broke:
-                del race.spare[index]
+            tried = any(a.role == role for a in attempts)
+            if not (live or broke or tried):
                 return host
         return None
 

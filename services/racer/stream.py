@@ -7,31 +7,61 @@ from __future__ import annotations
 
 from llooma.answer_text import MAX_CHARS_PER_TOKEN, MAX_CHUNK_CHARS, Sanitizer
 from llooma.continuation import OverlapFilter
+from llooma.continuation_guard import EchoFilter, FrameGuard
 from llooma.v1.host_pb2 import HostToken
 from llooma.v1.pipeline_pb2 import ClientDelta
 from services.racer.state import Attempt, Race
 
 
 class Seam:
-    """Passes a stream's text to the client; after a continuation, drops what repeats the
-    preserved tail and the part the client already saw past the safe prefix."""
+    """Passes a stream's text to the client. After an instructed continuation: drops every echo
+    of the frame and a re-emission of the answer so far, what repeats the preserved tail and
+    the part the client already saw past the safe prefix; and where the answer so far ended a
+    sentence with no space, the continuation's first word gets one ("village. The")."""
 
-    def __init__(self, tail: str = "", dangling: str = "") -> None:
+    def __init__(
+        self,
+        tail: str = "",
+        dangling: str = "",
+        *,
+        echoes: tuple[str, ...] = (),
+        guard: bool = False,
+        join_space: bool = False,
+    ) -> None:
+        self._guard = FrameGuard() if guard else None
+        self._echo = EchoFilter(*echoes) if echoes else None
         self._overlap = OverlapFilter(tail) if tail else None
         self._dangling = dangling
         self._held = ""
+        self._join_space = join_space
 
     def feed(self, text: str) -> str:
+        if self._guard is not None:
+            text = self._guard.feed(text)
+        if self._echo is not None:
+            text = self._echo.feed(text)
         if self._overlap is not None:
             text = self._overlap.feed(text)
-        return self._reconcile(text)
+        return self._join(self._reconcile(text))
 
     def flush(self) -> str:
-        text = self._overlap.flush() if self._overlap is not None else ""
+        text = self._guard.flush() if self._guard is not None else ""
+        if self._echo is not None:
+            text = self._echo.feed(text) + self._echo.flush()
+        if self._overlap is not None:
+            text = self._overlap.feed(text) + self._overlap.flush()
         out = self._reconcile(text)
         # Still held means still a prefix of what the client already has.
         self._held = ""
-        return out
+        return self._join(out)
+
+    def _join(self, text: str) -> str:
+        if self._join_space and text:
+            self._join_space = False
+            first = text[0]
+            if first.isalnum() and ord(first) < 0x2E80:  # not CJK: no space there
+                return " " + text
+        return text
 
     def _reconcile(self, text: str) -> str:
         if not self._dangling:

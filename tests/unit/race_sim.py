@@ -99,6 +99,7 @@ def assignment(
     hedge_ms: int = 0,
     max_tokens: int | None = None,
     content: str = "Tell me a story.",
+    prefill: Iterable[str] = (),
 ) -> TaskAssignment:
     params = GenerationParams() if max_tokens is None else GenerationParams(max_tokens=max_tokens)
     request = ChatRequest(
@@ -112,8 +113,10 @@ def assignment(
     return TaskAssignment(
         request=request,
         task_id="t1",
-        hosts=[HostCandidate(host_id=h, model="m") for h in hosts],
-        fallback=[HostCandidate(host_id=h, model="m") for h in fallback],
+        hosts=[HostCandidate(host_id=h, model="m", assistant_prefill=h in prefill) for h in hosts],
+        fallback=[
+            HostCandidate(host_id=h, model="m", assistant_prefill=h in prefill) for h in fallback
+        ],
         first_token_deadline_ms=deadline_ms,
         stall_deadline_ms=stall_ms,
         hedge_delay_ms=hedge_ms,

@@ -315,3 +315,23 @@ def test_a_duel_is_dropped_and_its_loser_cancelled_when_the_answer_was_continued
     ).run()
     assert sim.closed_duels == [("b", None)]
     assert sim.was_cancelled("b")
+
+
+def test_a_fallback_that_lost_the_first_token_race_can_still_continue_the_stream() -> None:
+    # Issue 14 (7): width 1, one idle pool host; the raced host wins after the deadline, then
+    # dies mid-stream: the pool host that lost the first-token race continues it.
+    sim = Sim(
+        assignment(["a"], ["pool"], deadline_ms=500),
+        {
+            "a": tokens("The village ", "slept. ", first=0.6, finish=None),
+            "pool": then(tokens("Late.", first=0.5), tokens("The night was calm.")),
+        },
+    ).run()
+    assert [host for _, host, _ in sim.launched] == ["a", "pool", "pool"]
+    assert sim.was_cancelled("pool")
+    assert sim.text == "The village slept. The night was calm."
+    assert sim.event is not None
+    assert sim.event.succeeded
+    assert sim.race is not None
+    roles = [a.role for a in sim.race.attempts.values()]
+    assert roles == [ATTEMPT_ROLE_RACER, ATTEMPT_ROLE_FALLBACK, ATTEMPT_ROLE_CONTINUATION]
