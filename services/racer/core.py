@@ -58,6 +58,7 @@ from services.racer.commands import (
     Settle,
 )
 from services.racer.handover import plan_handover
+from services.racer.pace import Deadlines, FixedDeadlines
 from services.racer.report import billed_usage
 from services.racer.state import Attempt, Race, RaceFailed, prompt_tokens
 from services.racer.stream import AnswerStream, Seam
@@ -74,6 +75,7 @@ class RaceCore:
         fallback_timeout_s: float,
         max_continuations: int = 2,
         duels: DuelSampler | None = None,
+        deadlines: Deadlines | None = None,
         new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
     ) -> None:
         race = Race(assignment, now, fallback_timeout_s)
@@ -86,11 +88,11 @@ class RaceCore:
         self._new_id = new_id
         self._max_continuations = max_continuations
         self._hedge_s = assignment.hedge_delay_ms / 1000.0
-        self._deadline_s = assignment.first_token_deadline_ms / 1000.0
-        self._stall_s = assignment.stall_deadline_ms / 1000.0
+        self._deadlines = deadlines or FixedDeadlines()
+        self._deadline_s = self._deadlines.first_token_s(assignment)
         self._hedged: list[HostCandidate] = []
         self._busy = 0
-        self._stall_at = 0.0
+        self._progress_at = 0.0
         self._answer = AnswerStream(race)
         self._heir: Attempt | None = None
         self._heir_deadline = 0.0
@@ -113,7 +115,9 @@ class RaceCore:
                 wakeups.append(race.started + self._deadline_s)
             return min(wakeups)
         if self.phase == "streaming":
-            return self._stall_at
+            # Asked again at every wait: another prompt prefilling on the host extends it.
+            assert race.winner is not None
+            return self._progress_at + self._deadlines.stall_s(race.winner, race.assignment)
         if self.phase == "continuing":
             return self._heir_deadline
         return None
@@ -268,7 +272,7 @@ class RaceCore:
 
     def _winner_chunk(self, winner: Attempt, chunk: HostChunk, now: float) -> None:
         race = self.race
-        self._stall_at = now + self._stall_s
+        self._progress_at = now
         kind = chunk.WhichOneof("event")
         max_tokens = race.assignment.request.params.max_tokens
         if kind == "token" and max_tokens and race.client_tokens >= max_tokens:
@@ -276,6 +280,9 @@ class RaceCore:
             winner.output_tokens -= 1  # the cut token is not the host's
             self._cut(winner)
         elif kind == "token":
+            if winner.last_token_at and now - winner.last_token_at > winner.longest_pause_s:
+                winner.longest_pause_s = now - winner.last_token_at
+            winner.last_token_at = now
             winner.contributed = True
             race.client_tokens += 1
             winner.delivered += 1

@@ -33,6 +33,7 @@ from services.racer.commands import (
 )
 from services.racer.core import RaceCore
 from services.racer.duel import Duels
+from services.racer.pace import Pace
 from services.racer.report import (
     ATTEMPT_OUTCOME_NAMES,
     attempt_usage,
@@ -127,6 +128,8 @@ class Racer:
         self._fallback_timeout_s = fallback_first_token_ms / 1000.0
         self._io = io
         self._inboxes: dict[str, Inbox] = {}
+        # Each host's observed pace, shared by every race: the deadlines follow it.
+        self.pace = Pace()
         # A split request runs one race per node, all under the request's id.
         self._by_request: dict[str, set[asyncio.Task[None]]] = {}
 
@@ -198,6 +201,7 @@ class _Run:
             fallback_timeout_s=racer._fallback_timeout_s,
             max_continuations=racer._max_continuations,
             duels=racer._duels,
+            deadlines=racer.pace,
         )
 
     async def drive(self) -> None:
@@ -251,6 +255,7 @@ class _Run:
             elif isinstance(command, Launch):
                 attempt = command.attempt
                 self._racer._inboxes[attempt.attempt_id] = self._inbox
+                self._racer.pace.launched(attempt)
                 span = self._start_span(attempt)
                 await io.launch(attempt.host.host_id, command.task, tracing.headers_for(span))
             elif isinstance(command, Cancel):
@@ -265,6 +270,7 @@ class _Run:
                     race.dueling = None
                     await io.cancel(command.loser.host.host_id, command.loser.attempt_id)
             elif isinstance(command, Settle):
+                self._racer.pace.settled(command.race)
                 # A client's cancel landing now (the ingress sends one after a failure) must
                 # not cut the settlements short.
                 await asyncio.shield(self._settle(command.race))

@@ -25,6 +25,9 @@ class Attempt:
     role: AttemptRole.ValueType
     launched_at: float
     first_token_at: float | None = None
+    # When its last token came, and its longest pause between two tokens (its pace).
+    last_token_at: float = 0.0
+    longest_pause_s: float = 0.0
     # Token chunks the racer received from the host (not the host's own count).
     output_tokens: int = 0
     # Token chunks of this attempt relayed to the client.

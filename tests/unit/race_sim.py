@@ -30,6 +30,7 @@ from services.racer.commands import (
     Settle,
 )
 from services.racer.core import RaceCore
+from services.racer.pace import Pace
 from services.racer.report import race_event, settlements
 from services.racer.state import Race
 
@@ -130,6 +131,7 @@ class Sim:
     fallback_timeout_s: float = 1.0
     max_continuations: int = 2
     duels: Callable[[DuelOffer], str | None] | None = None
+    pace: Pace | None = None
     now: float = 0.0
     events: list[ClientEvent] = field(default_factory=list)
     launched: list[tuple[float, str, HostTask]] = field(default_factory=list)
@@ -151,6 +153,7 @@ class Sim:
             fallback_timeout_s=self.fallback_timeout_s,
             max_continuations=self.max_continuations,
             duels=sampler,
+            deadlines=self.pace,
             new_id=lambda: next(ids),
         )
         self._pending: list[tuple[float, int, str, HostChunk]] = []
@@ -192,6 +195,8 @@ class Sim:
                 host_id = command.attempt.host.host_id
                 self.launched.append((self.now, host_id, command.task))
                 self._host_of[command.attempt.attempt_id] = host_id
+                if self.pace is not None:
+                    self.pace.launched(command.attempt)
                 at = self.now
                 for delay, chunk in self.hosts[host_id](command.task):
                     at += delay
@@ -212,6 +217,8 @@ class Sim:
                 self.closed_duels.append((command.loser.host.host_id, command.winner_text))
             elif isinstance(command, Settle):
                 self.race = command.race
+                if self.pace is not None:
+                    self.pace.settled(command.race)
                 for s in settlements(command.race, self.now, 0):
                     self.settled[s.host_id] = s
                 self.event = race_event(command.race, self.now, 0)
