@@ -77,7 +77,8 @@ class Pace:
                 observed.first_token_s.append(latency)
                 observed.prefill_s_per_token.append(latency / max(1, attempt.prompt_tokens))
                 touched.add(key)
-            if attempt.output_tokens > 1 and not attempt.stalled:
+            if attempt.last_token_at and attempt.delivered > 1 and not attempt.stalled:
+                # Only streams the racer timed token by token (a winner's, a continuation's).
                 observed.longest_pause_s.append(attempt.longest_pause_s)
                 touched.add(key)
         for key in touched:

@@ -21,7 +21,8 @@ def trained(host: str, *, first: float, pause: float = 0.01, prompt_tokens: int 
         attempt = Attempt(f"seen{n}", HostCandidate(host_id=host, model="m"), ATTEMPT_ROLE_RACER, 0)
         attempt.first_token_at = first
         attempt.prompt_tokens = prompt_tokens
-        attempt.output_tokens = 10
+        attempt.output_tokens = attempt.delivered = 10
+        attempt.last_token_at = first + 1.0
         attempt.longest_pause_s = pause
         race.attempts[attempt.attempt_id] = attempt
         pace.launched(attempt)
@@ -90,3 +91,14 @@ def test_the_stall_deadline_waits_for_a_prompt_prefilling_on_the_same_engine() -
     sim = Sim(assignment(["a"], ["pool"], stall_ms=500), hosts, pace=pace).run()
     assert not sim.launches("pool")
     assert sim.text == "One. Two."
+
+
+def test_the_pace_learns_from_the_races_it_runs() -> None:
+    pace = Pace()
+    hosts = {"a": tokens(*WORDS, first=0.3, gap=0.05)}
+    for _ in range(MIN_SAMPLES):
+        Sim(assignment(["a"]), hosts, pace=pace).run()
+    winner = Attempt("x", HostCandidate(host_id="a", model="m"), ATTEMPT_ROLE_RACER, 0.0)
+    task = assignment(["a"], deadline_ms=200, stall_ms=50)
+    assert abs(pace.first_token_s(task) - 1.5 * 0.3) < 1e-9
+    assert abs(pace.stall_s(winner, task) - 1.5 * 0.05) < 1e-9
