@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, TypeAlias
 
-from llooma.duel import DuelOffer
+from llooma.duel import Contender, DuelOffer
 from llooma.v1.host_pb2 import HostTask
 from llooma.v1.pipeline_pb2 import ClientEvent
 from services.racer.state import Attempt, Race
@@ -56,3 +56,25 @@ class DuelSampler(Protocol):
     loser's stream for a duel; returns the attempt id it took."""
 
     def open(self, offer: DuelOffer) -> str | None: ...
+
+
+def duel_offer(race: Race, winner: Attempt) -> DuelOffer:
+    """The race at its first token, as a duel sees it: the winner and the losers still running
+    on other hosts."""
+    losers = [
+        a
+        for a in race.attempts.values()
+        if a is not winner
+        and not (a.failed or a.cancelled or a.stalled)
+        and a.host.host_id != winner.host.host_id
+    ]
+    return DuelOffer(
+        task_id=race.assignment.task_id,
+        request=race.assignment.request,
+        winner=_contender(winner),
+        losers=tuple(_contender(a) for a in losers),
+    )
+
+
+def _contender(attempt: Attempt) -> Contender:
+    return Contender(attempt.attempt_id, attempt.host.host_id, attempt.host.model)

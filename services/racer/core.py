@@ -20,7 +20,6 @@ import uuid
 from collections.abc import Callable
 from typing import Literal, TypeAlias
 
-from llooma.duel import Contender, DuelOffer
 from llooma.v1.common_pb2 import (
     ERROR_CODE_DEADLINE_EXCEEDED,
     ERROR_CODE_HOST_BUSY,
@@ -28,11 +27,9 @@ from llooma.v1.common_pb2 import (
     ERROR_CODE_REQUEST_REJECTED,
     REQUEST_PATH_FALLBACK,
     ChatMessage,
-    ErrorDetail,
-    GenerationParams,
     Usage,
 )
-from llooma.v1.host_pb2 import HostChunk, HostTask
+from llooma.v1.host_pb2 import HostChunk
 from llooma.v1.pipeline_pb2 import (
     ClientEvent,
     ClientFinished,
@@ -56,11 +53,12 @@ from services.racer.commands import (
     HandToDuel,
     Launch,
     Settle,
+    duel_offer,
 )
-from services.racer.handover import plan_handover
+from services.racer.handover import host_task, plan_handover
 from services.racer.pace import Deadlines, FixedDeadlines
 from services.racer.report import billed_usage
-from services.racer.state import Attempt, Race, RaceFailed, prompt_tokens
+from services.racer.state import Attempt, Race, RaceFailed, prompt_tokens, rejected
 from services.racer.stream import AnswerStream, Seam
 
 Phase: TypeAlias = Literal["first_token", "streaming", "continuing", "done"]
@@ -201,7 +199,7 @@ class RaceCore:
             self._winner_chunk(attempt, chunk, now)
         else:
             if chunk.failed.code == ERROR_CODE_REQUEST_REJECTED:
-                raise _rejected(attempt, chunk.failed)
+                raise rejected(attempt, chunk.failed)
             attempt.failed = True
             self._busy += chunk.failed.code == ERROR_CODE_HOST_BUSY
             if any(not a.failed for a in self.race.attempts.values()):
@@ -248,21 +246,8 @@ class RaceCore:
     def _open_duel(self, winner: Attempt) -> None:
         assert self._duels is not None
         race = self.race
-        losers = [
-            a
-            for a in race.attempts.values()
-            if a is not winner
-            and not (a.failed or a.cancelled or a.stalled)
-            and a.host.host_id != winner.host.host_id
-        ]
         # Offered even with no loser: the sampler decides first, as it always has.
-        offer = DuelOffer(
-            task_id=race.assignment.task_id,
-            request=race.assignment.request,
-            winner=_contender(winner),
-            losers=tuple(_contender(a) for a in losers),
-        )
-        taken = self._duels.open(offer)
+        taken = self._duels.open(duel_offer(race, winner))
         loser = race.attempts.get(taken) if taken is not None else None
         if loser is not None:
             race.dueling, race.duel_winner = loser, winner
@@ -294,7 +279,7 @@ class RaceCore:
         elif kind == "failed":
             self._flush()
             if chunk.failed.code == ERROR_CODE_REQUEST_REJECTED:
-                raise _rejected(winner, chunk.failed)
+                raise rejected(winner, chunk.failed)
             winner.failed = True
             self._hand_over(winner, chunk.failed.message, now)
 
@@ -397,26 +382,9 @@ class RaceCore:
         now: float,
         messages: list[ChatMessage] | None = None,
     ) -> Attempt:
-        race = self.race
         attempt = Attempt(self._new_id(), host, role, now)
-        race.attempts[attempt.attempt_id] = attempt
-        request = race.assignment.request
-        params = request.params
-        if messages is None:
-            attempt.prompt_tokens = race.prompt_tokens
-        else:
-            attempt.prompt_tokens = prompt_tokens(messages)
-            if params.max_tokens:
-                # max_tokens is the answer's: a handover gets only what is left of it.
-                params = GenerationParams()
-                params.CopyFrom(request.params)
-                params.max_tokens = max(1, request.params.max_tokens - race.client_tokens)
-        task = HostTask(
-            attempt_id=attempt.attempt_id,
-            model=host.model,
-            messages=messages if messages is not None else request.messages,
-            params=params,
-        )
+        self.race.attempts[attempt.attempt_id] = attempt
+        task = host_task(self.race, attempt, messages)
         self._out.append(Launch(attempt, task))
         return attempt
 
@@ -462,14 +430,7 @@ class RaceCore:
         race = self.race
         self.phase = "done"
         if race.dueling is not None:
-            # Judged only if the duel's winner's whole answer reached the client untouched.
-            winner = race.duel_winner
-            clean = (
-                race.winner is winner
-                and winner is not None
-                and winner.usage is not None
-                and race.continuations == 0
-            )
+            clean = race.duel_clean
             self._out.append(CloseDuel(race.dueling, "".join(race.emitted) if clean else None))
             if not clean:
                 race.dueling = None
@@ -479,14 +440,3 @@ class RaceCore:
     def _take(self) -> list[Command]:
         out, self._out = self._out, []
         return out
-
-
-def _rejected(attempt: Attempt, detail: ErrorDetail) -> RaceFailed:
-    """The engine refused the request itself: the race ends with the client's error as is."""
-    attempt.rejected = True
-    attempt.accepted = False
-    return RaceFailed(ERROR_CODE_REQUEST_REJECTED, detail.message, detail)
-
-
-def _contender(attempt: Attempt) -> Contender:
-    return Contender(attempt.attempt_id, attempt.host.host_id, attempt.host.model)

@@ -8,8 +8,10 @@ from dataclasses import dataclass
 
 from llooma.continuation import continuation_messages, detect_format, safe_prefix, tail_window
 from llooma.continuation_guard import prefill_messages
-from llooma.v1.common_pb2 import ChatMessage
+from llooma.v1.common_pb2 import ChatMessage, GenerationParams
+from llooma.v1.host_pb2 import HostTask
 from llooma.v1.pipeline_pb2 import HostCandidate
+from services.racer.state import Attempt, Race, prompt_tokens
 from services.racer.stream import Seam
 
 # What may close a sentence after its full stop ("He said so.")
@@ -43,6 +45,27 @@ def plan_handover(original: Sequence[ChatMessage], emitted: str, host: HostCandi
     join_space = fmt == "prose" and not dangling and end != "" and end in ".!?;:,"
     seam = Seam(tail, dangling, echoes=(prefix, tail), guard=True, join_space=join_space)
     return Handover(merge_turns(continuation_messages(turns, prefix, fmt, tail)), seam)
+
+
+def host_task(race: Race, attempt: Attempt, messages: list[ChatMessage] | None) -> HostTask:
+    """What an attempt's host is sent: the request as asked, or (a handover) its own messages
+    and only what is left of the answer's max_tokens."""
+    request = race.assignment.request
+    params = request.params
+    if messages is None:
+        attempt.prompt_tokens = race.prompt_tokens
+    else:
+        attempt.prompt_tokens = prompt_tokens(messages)
+        if params.max_tokens:
+            params = GenerationParams()
+            params.CopyFrom(request.params)
+            params.max_tokens = max(1, request.params.max_tokens - race.client_tokens)
+    return HostTask(
+        attempt_id=attempt.attempt_id,
+        model=attempt.host.model,
+        messages=messages if messages is not None else request.messages,
+        params=params,
+    )
 
 
 def merge_turns(turns: list[tuple[str, str]]) -> list[ChatMessage]:

@@ -6,7 +6,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from llooma.v1.common_pb2 import ChatMessage, ErrorCode, ErrorDetail, Usage
+from llooma.v1.common_pb2 import (
+    ERROR_CODE_REQUEST_REJECTED,
+    ChatMessage,
+    ErrorCode,
+    ErrorDetail,
+    Usage,
+)
 from llooma.v1.pipeline_pb2 import HostCandidate, TaskAssignment
 from llooma.v1.race_pb2 import AttemptRole
 
@@ -88,6 +94,17 @@ class Race:
     def reply(self) -> str:
         return self.assignment.request.reply_subject
 
+    @property
+    def duel_clean(self) -> bool:
+        """The duel's winner's whole answer reached the client untouched: it may be judged."""
+        winner = self.duel_winner
+        return (
+            winner is not None
+            and self.winner is winner
+            and winner.usage is not None
+            and self.continuations == 0
+        )
+
     def take_spare(self, role: AttemptRole.ValueType) -> HostCandidate | None:
         """The next spare host for `role` (fallback or continuation) that has no live attempt,
         never broke this stream and was not yet tried in that role. A host that lost the
@@ -100,6 +117,13 @@ class Race:
             if not (live or broke or tried):
                 return host
         return None
+
+
+def rejected(attempt: Attempt, detail: ErrorDetail) -> RaceFailed:
+    """The engine refused the request itself: the race ends with the client's error as is."""
+    attempt.rejected = True
+    attempt.accepted = False
+    return RaceFailed(ERROR_CODE_REQUEST_REJECTED, detail.message, detail)
 
 
 def prompt_tokens(messages: Iterable[ChatMessage]) -> int:
