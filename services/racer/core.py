@@ -86,6 +86,7 @@ class RaceCore:
         self._new_id = new_id
         self._max_continuations = max_continuations
         self._hedge_s = assignment.hedge_delay_ms / 1000.0
+        self._max_tokens = assignment.request.params.max_tokens
         self._deadlines = deadlines or FixedDeadlines()
         self._deadline_s = self._deadlines.first_token_s(assignment)
         self._hedged: list[HostCandidate] = []
@@ -259,7 +260,7 @@ class RaceCore:
         race = self.race
         self._progress_at = now
         kind = chunk.WhichOneof("event")
-        max_tokens = race.assignment.request.params.max_tokens
+        max_tokens = self._max_tokens
         if kind == "token" and max_tokens and race.client_tokens >= max_tokens:
             # Past the answer's budget: cut here, stop the host, count it against it.
             winner.output_tokens -= 1  # the cut token is not the host's
