@@ -384,7 +384,7 @@ async def test_a_continuation_on_a_pool_host_settles_as_fallback_at_the_asked_mo
     None
 ):
     """Settlement fields of a race whose stream stalled and was continued on a fallback-pool
-    host (an in-memory stand-in for JetStream records what the racer publishes; no NATS)."""
+    host (report.settlements, the pure function the racer publishes from; no NATS)."""
     raced = HostCandidate(host_id="raced", model="served-a")
     pool = HostCandidate(host_id="pool", model="served-b")
     assignment = TaskAssignment(
