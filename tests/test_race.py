@@ -32,8 +32,10 @@ from llooma.v1.race_pb2 import (
     ATTEMPT_ROLE_HEDGE,
     ATTEMPT_ROLE_RACER,
 )
-from llooma.v1.settlement_pb2 import ATTEMPT_OUTCOME_LOST, ATTEMPT_OUTCOME_WON, TaskSettlement
-from services.racer.race import Attempt, Race, Racer
+from llooma.v1.settlement_pb2 import ATTEMPT_OUTCOME_LOST, ATTEMPT_OUTCOME_WON
+from services.racer.race import NatsIO
+from services.racer.report import settlements
+from services.racer.state import Attempt, Race
 from tests.conftest import AUTH, HEDGE_DELAY_MS, HEDGED_MODEL, RaceEvents
 from tests.scripted_host import Reply, Script, ScriptedHost
 
@@ -371,10 +373,9 @@ async def test_a_settlement_the_stream_refuses_is_not_retried() -> None:
             calls.append(subject)
             raise BadRequestError(code=400, description="refused")
 
-    racer = Racer("unit")
-    racer._js = Refusing()  # type: ignore[assignment]
+    io = NatsIO(None, Refusing(), "unit")  # type: ignore[arg-type]
     started = time.monotonic()
-    await racer._publish(subjects.SETTLEMENT_TASK, b"", "attempt")
+    await io.publish(subjects.SETTLEMENT_TASK, b"", "attempt")
     assert calls == [subjects.SETTLEMENT_TASK]
     assert time.monotonic() - started < 0.5
 
@@ -383,15 +384,7 @@ async def test_a_continuation_on_a_pool_host_settles_as_fallback_at_the_asked_mo
     None
 ):
     """Settlement fields of a race whose stream stalled and was continued on a fallback-pool
-    host (an in-memory stand-in for JetStream records what the racer publishes; no NATS)."""
-    published: dict[str, list[bytes]] = {}
-
-    class Recording:
-        async def publish(self, subject: str, payload: bytes, **_: object) -> None:
-            published.setdefault(subject, []).append(payload)
-
-    racer = Racer("unit")
-    racer._js = Recording()  # type: ignore[assignment]
+    host (report.settlements, the pure function the racer publishes from; no NATS)."""
     raced = HostCandidate(host_id="raced", model="served-a")
     pool = HostCandidate(host_id="pool", model="served-b")
     assignment = TaskAssignment(
@@ -409,10 +402,7 @@ async def test_a_continuation_on_a_pool_host_settles_as_fallback_at_the_asked_mo
     heir.usage = Usage(input_tokens=9, output_tokens=5)
     race.attempts = {a.attempt_id: a for a in (staller, heir)}
     race.winner = heir
-    await racer._report(race)
-    settled = {
-        s.host_id: s for s in map(TaskSettlement.FromString, published[subjects.SETTLEMENT_TASK])
-    }
+    settled = {s.host_id: s for s in settlements(race, time.monotonic(), time.time_ns())}
     assert settled["pool"].outcome == ATTEMPT_OUTCOME_WON
     assert settled["pool"].fallback
     assert not settled["raced"].fallback

@@ -259,3 +259,8 @@ def extract_prefix(message: str) -> str | None:
         if prefix.endswith(tail):
             return prefix
     return splits[0][0] if splits else None
+
+
+def frame_texts() -> list[str]:
+    """The fixed text of every continuation frame (for llooma.continuation_guard)."""
+    return [_HEAD, _FOOT, *(_MIDDLE.format(fmt=fmt) for fmt in FORMATS)]

@@ -8,6 +8,7 @@ import json
 import random
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import TypeAlias
 
 from llooma.scoring import Candidate, pick_hosts
@@ -20,6 +21,7 @@ from llooma.v1.duel_pb2 import (
     DuelVerdict,
     JudgeVote,
 )
+from llooma.v1.pipeline_pb2 import ChatRequest
 
 Verdict: TypeAlias = DuelVerdict.ValueType
 
@@ -49,6 +51,26 @@ _WORDS_OF_VERDICT = {
 }
 _JSON_OBJECT = re.compile(r"\{[^{}]*\}")
 _SWAPPED = {DUEL_VERDICT_A: DUEL_VERDICT_B, DUEL_VERDICT_B: DUEL_VERDICT_A}
+
+
+@dataclass(frozen=True, slots=True)
+class Contender:
+    """One attempt of a race, as a duel sees it."""
+
+    attempt_id: str
+    host_id: str
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class DuelOffer:
+    """A race at its first token, offered to the duel runner: the winner, and the losers still
+    running on other hosts (one may be taken and left to finish)."""
+
+    task_id: str
+    request: ChatRequest
+    winner: Contender
+    losers: tuple[Contender, ...]
 
 
 def should_duel(rng: random.Random, fraction: float) -> bool:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from llooma.duel import duel_score
 from llooma.v1.duel_pb2 import DUEL_VERDICT_A, DUEL_VERDICT_B, DuelResult
 from llooma.v1.race_pb2 import ATTEMPT_ROLE_CONTINUATION, RaceEvent
-from llooma.v1.settlement_pb2 import ATTEMPT_OUTCOME_FAILED
+from llooma.v1.settlement_pb2 import ATTEMPT_OUTCOME_FAILED, ATTEMPT_OUTCOME_REJECTED
 
 # Observations older than this no longer count toward p95.
 LATENCY_WINDOW_S = 300.0
@@ -49,6 +49,10 @@ class HostStats:
     def record(self, event: RaceEvent, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         for attempt in event.attempts:
+            if attempt.outcome == ATTEMPT_OUTCOME_REJECTED:
+                # The engine refused the client's request: no error of the host's, and no
+                # success either (refusing everything must not polish a score).
+                continue
             host = self._hosts.setdefault(attempt.host_id, HostRecord())
             host.attempts += 1
             # A winner that broke a rule (violations) still won, but it is an error for S(h).

@@ -12,6 +12,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from llooma import subjects
+from llooma.answer_text import clean
 from llooma.compress import strip_control_tokens
 from llooma.planning import SPLIT_DECISION
 from llooma.v1.common_pb2 import REQUEST_PATH_SPLIT, ErrorDetail, Usage
@@ -94,6 +95,7 @@ class Aggregator:
         done = NodeDone(
             request_id=run.start.request_id,
             node_id=part.node.node_id,
+            # Model-bound (a later node's prompt): the compressor's wider rule.
             text=strip_control_tokens("".join(part.output)),
             failed=error is not None,
             error=error,
@@ -117,7 +119,8 @@ class Aggregator:
 
     def _emit_ready(self, run: Aggregation, part: Part) -> bool:
         """Move the part's text to the pending output; False while its first line is held."""
-        text = strip_control_tokens("".join(part.text))
+        # Client-bound: the one answer-text policy (each node's race already applied it).
+        text = clean("".join(part.text))
         if not part.heading_checked:
             if "\n" not in text and len(text) < HEADING_HOLD_CHARS and not part.finished:
                 return False

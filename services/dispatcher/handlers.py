@@ -28,7 +28,13 @@ MAX_FALLBACK_CANDIDATES = 3
 
 
 def as_candidate(c: Candidate) -> HostCandidate:
-    return HostCandidate(host_id=c.host_id, score=c.score, stake=c.stake, model=c.model)
+    return HostCandidate(
+        host_id=c.host_id,
+        score=c.score,
+        stake=c.stake,
+        model=c.model,
+        assistant_prefill=c.assistant_prefill,
+    )
 
 
 class Dispatcher:

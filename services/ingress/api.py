@@ -31,6 +31,7 @@ from llooma.v1.common_pb2 import (
     ERROR_CODE_HOST_BUSY,
     ERROR_CODE_HOST_FAILED,
     ERROR_CODE_NO_ELIGIBLE_HOST,
+    ERROR_CODE_REQUEST_REJECTED,
     ErrorDetail,
 )
 from llooma.v1.pipeline_pb2 import (
@@ -312,8 +313,11 @@ class Ingress:
             )
         if first.started.plan_decision:
             # Header values must be latin-1: the decision is ASCII apart from model names.
-            decision = first.started.plan_decision.encode("ascii", "replace").decode()
-            headers["x-llooma-plan"] = decision[:200]
+            headers["x-llooma-plan"] = _header_value(first.started.plan_decision)
+        if first.started.host_id:
+            headers["x-llooma-host"] = _header_value(first.started.host_id)
+        if first.started.model:
+            headers["x-llooma-model"] = _header_value(first.started.model)
         stream = ticket.watch(self._events(request_id, queue, restorer))
         if parsed.stream:
             include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
@@ -323,13 +327,14 @@ class Ingress:
                 await self._end(request_id, finished=False)
 
             return _EventStream(
-                self._sse(request_id, first.started.model, stream, include_usage),
+                # `model` echoes the request (x-llooma-model names the one that answered).
+                self._sse(request_id, parsed.model, stream, include_usage),
                 on_close=on_close,
                 media_type="text/event-stream",
                 headers={**headers, "cache-control": "no-cache"},
             )
         async with contextlib.aclosing(stream):
-            return await self._collect(request_id, first.started.model, stream, headers)
+            return await self._collect(request_id, parsed.model, stream, headers)
 
     async def _next_event(self, queue: asyncio.Queue[bytes], timeout_s: float) -> ClientEvent:
         try:
@@ -382,13 +387,13 @@ class Ingress:
             await self.nc.publish(subjects.request_cancel(request_id), b"")
 
     def _failure_response(self, failure: ErrorDetail, headers: dict[str, str]) -> Response:
-        status, code = STATUS_BY_ERROR.get(failure.code, (500, "internal_error"))
+        status, error_type, code = _error_shape(failure)
         if status == 503:
             headers = {**headers, "retry-after": str(self.settings.shed_retry_after_s)}
         return error_response(
             status,
             failure.message or "the request failed",
-            error_type="server_error",
+            error_type=error_type,
             code=code,
             headers=headers,
         )
@@ -422,12 +427,18 @@ class Ingress:
         headers: dict[str, str],
     ) -> Response:
         pieces = []
+        thoughts = []
         async for batch in batches:
             for event in batch:
                 kind = event.WhichOneof("event")
                 if kind == "delta":
                     pieces.append(event.delta.text)
+                    if event.delta.reasoning:
+                        thoughts.append(event.delta.reasoning)
                 elif kind == "finished":
+                    message = {"role": "assistant", "content": "".join(pieces)}
+                    if thoughts:
+                        message["reasoning_content"] = "".join(thoughts)
                     body = {
                         "id": f"chatcmpl-{request_id}",
                         "object": "chat.completion",
@@ -436,7 +447,7 @@ class Ingress:
                         "choices": [
                             {
                                 "index": 0,
-                                "message": {"role": "assistant", "content": "".join(pieces)},
+                                "message": message,
                                 "finish_reason": event.finished.finish_reason or "stop",
                             }
                         ],
@@ -509,12 +520,17 @@ def _restore(batch: list[ClientEvent], restorer: StreamRestorer) -> list[ClientE
 def _sse_event(head: bytes, event: ClientEvent, include_usage: bool) -> bytes:
     kind = event.WhichOneof("event")
     if kind == "delta":
-        return (
-            head
-            + b'"choices":[{"index":0,"delta":{"content":'
-            + orjson.dumps(event.delta.text)
-            + b'},"finish_reason":null}]}\n\n'
-        )
+        delta = event.delta
+        if delta.reasoning:
+            # As OpenAI-compatible servers relay a thinking model's reasoning.
+            body = b'{"reasoning_content":' + orjson.dumps(delta.reasoning)
+            if delta.text:
+                body += b',"content":' + orjson.dumps(delta.text)
+            body += b"}"
+        else:
+            body = b'{"content":' + orjson.dumps(delta.text) + b"}"
+        return head + b'"choices":[{"index":0,"delta":' + body + b',"finish_reason":null}]}\n\n'
+
     if kind == "finished":
         finish = orjson.dumps(event.finished.finish_reason or "stop")
         parts = [head + b'"choices":[{"index":0,"delta":{},"finish_reason":' + finish + b"}]}\n\n"]
@@ -522,10 +538,25 @@ def _sse_event(head: bytes, event: ClientEvent, include_usage: bool) -> bytes:
             parts.append(head + b'"choices":[],"usage":' + orjson.dumps(_usage(event)) + b"}\n\n")
         parts.append(b"data: [DONE]\n\n")
         return b"".join(parts)
-    code = STATUS_BY_ERROR.get(event.failed.code, (500, "internal_error"))[1]
+    _, error_type, code = _error_shape(event.failed)
     message = event.failed.message or "the stream failed"
-    error = {"error": {"message": message, "type": "server_error", "code": code}}
+    error = {"error": {"message": message, "type": error_type, "code": code}}
     return b"data: " + orjson.dumps(error) + b"\n\n"
+
+
+def _error_shape(failure: ErrorDetail) -> tuple[int, str, str]:
+    """HTTP status, OpenAI error type and code for a failed request."""
+    if failure.code == ERROR_CODE_REQUEST_REJECTED:
+        # The engine refused the request itself: the client's error, with the engine's status.
+        status = failure.http_status if 400 <= failure.http_status < 500 else 400
+        return status, "invalid_request_error", failure.client_code or "invalid_request_error"
+    status, code = STATUS_BY_ERROR.get(failure.code, (500, "internal_error"))
+    return status, "server_error", code
+
+
+def _header_value(value: str) -> str:
+    """A latin-1-safe header value of bounded length."""
+    return value.encode("ascii", "replace").decode()[:200]
 
 
 def _usage(event: ClientEvent) -> dict[str, int]:

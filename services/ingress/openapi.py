@@ -155,6 +155,8 @@ PATH = _header(
     "How the answer was produced.", {"enum": ["direct", "split", "fallback"]}, required=False
 )
 PLAN = _header("The planner's decision (ASCII, at most 200 characters).", required=False)
+HOST = _header("The host that answered (absent on the split path).", required=False)
+MODEL = _header("The model that answered (the body's `model` is the one asked).", required=False)
 
 
 def _error(description: str, headers: dict[str, Schema] | None = None) -> Schema:
@@ -226,6 +228,8 @@ def _chat_completions() -> Schema:
                     "x-llooma-request-id": REQUEST_ID,
                     "x-llooma-path": PATH,
                     "x-llooma-plan": PLAN,
+                    "x-llooma-host": HOST,
+                    "x-llooma-model": MODEL,
                 },
                 "content": {
                     "application/json": {"schema": _ref("ChatCompletion")},

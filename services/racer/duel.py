@@ -12,15 +12,17 @@ import random
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from llooma import bus, subjects
+from llooma.answer_text import MAX_CHARS_PER_TOKEN, MAX_CHUNK_CHARS, Sanitizer
 from llooma.duel import (
     JUDGE_MAX_TOKENS,
+    Contender,
+    DuelOffer,
     Verdict,
     judge_messages,
     outcome,
@@ -31,14 +33,12 @@ from llooma.duel import (
 )
 from llooma.membership import HostDirectory
 from llooma.scoring import Candidate
+from llooma.selection import Ask, Selector
 from llooma.settings import Settings
 from llooma.v1.common_pb2 import ChatMessage, GenerationParams
 from llooma.v1.duel_pb2 import DUEL_VERDICT_A, DUEL_VERDICT_UNSPECIFIED, DuelResult, JudgeVote
 from llooma.v1.host_pb2 import CancelTask, HostChunk, HostTask
-from services.racer.containment import MAX_CHARS_PER_TOKEN, MAX_CHUNK_CHARS, Sanitizer
-
-if TYPE_CHECKING:
-    from services.racer.race import Attempt, Race
+from llooma.v1.pipeline_pb2 import ChatRequest
 
 log = logging.getLogger(__name__)
 
@@ -100,16 +100,19 @@ class Answer:
 @dataclass(slots=True)
 class Duel:
     duel_id: str
-    race: Race
-    winner: Attempt
+    task_id: str
+    request: ChatRequest
+    winner: Contender
     loser: Answer
     judges: list[Candidate]
     opened: float
 
 
 class Duels:
-    """Samples races for duels and runs them; host chunks reach it through the racer's
-    wildcard subscription when their attempt is not (or no longer) a race's."""
+    """Samples races for duels and runs them. The racer offers each race at its first token
+    (`open`), passes on the chunks of the loser it took (`feed`, and `on_chunk` for any attempt
+    that is not, or no longer, a race's) and says at the race's end whether the winner's whole
+    answer went out (`close`)."""
 
     def __init__(
         self,
@@ -126,78 +129,55 @@ class Duels:
         self._hosts = hosts
         self._settings = settings
         self._rng = rng or random.Random()
+        self._selector = Selector.from_settings(settings)
         self._routes: dict[str, Answer] = {}
         self._open: dict[str, Duel] = {}
         self._running: set[asyncio.Task[None]] = set()
 
-    # -- the racer's hooks ---------------------------------------------------------------------
+    # -- the racer's interface ----------------------------------------------------------------
 
-    def open(
-        self, race: Race, winner: Attempt, by_attempt: dict[str, tuple[Race, Attempt]]
-    ) -> Attempt | None:
-        """At the race's first token: maybe sample it, and if so take one live loser's stream
-        away from the race (it will not be cancelled); returns that loser."""
+    def open(self, offer: DuelOffer) -> str | None:
+        """Maybe sample this race; if so take one live loser's stream away from it (the racer
+        must route its chunks here and not cancel it); returns that loser's attempt id."""
         if len(self._open) + len(self._running) >= MAX_CONCURRENT_DUELS:
             return None
         if not should_duel(self._rng, self._settings.duel_fraction):
             return None
-        losers = [
-            a
-            for a in race.attempts.values()
-            if a is not winner
-            and not (a.failed or a.cancelled or a.stalled)
-            and a.host.host_id != winner.host.host_id
-        ]
-        if not losers:
+        if not offer.losers:
             return None
-        loser = self._rng.choice(losers)
-        judges = self._judges(winner.host.model, {winner.host.host_id, loser.host.host_id})
+        loser = self._rng.choice(offer.losers)
+        judges = self._judges(offer.winner.model, {offer.winner.host_id, loser.host_id})
         if not judges:
             return None  # nobody but the duelists could judge: let the race go as usual
-        answer = Answer(
-            loser.attempt_id,
-            loser.host.host_id,
-            max_tokens=race.assignment.request.params.max_tokens,
-        )
-        by_attempt.pop(loser.attempt_id, None)
+        answer = Answer(loser.attempt_id, loser.host_id, max_tokens=offer.request.params.max_tokens)
         self._routes[loser.attempt_id] = answer
-        # The loser's chunks already queued for the race belong to its answer.
-        kept = []
-        while not race.inbox.empty():
-            attempt, chunk = race.inbox.get_nowait()
-            if attempt is loser:
-                answer.feed(chunk)
-            else:
-                kept.append((attempt, chunk))
-        for item in kept:
-            race.inbox.put_nowait(item)
-        duel_id = f"{race.assignment.task_id}.duel"
-        self._open[loser.attempt_id] = Duel(duel_id, race, winner, answer, judges, time.monotonic())
-        return loser
-
-    def close(self, race: Race) -> None:
-        """At the race's end: judge if the winner's whole answer reached the client untouched;
-        otherwise drop the duel (race.dueling is cleared, so the race cancels the loser)."""
-        loser = race.dueling
-        if loser is None:
-            return
-        duel = self._open.pop(loser.attempt_id, None)
-        clean = (
-            duel is not None
-            and race.winner is duel.winner
-            and duel.winner.usage is not None
-            and race.continuations == 0
+        duel_id = f"{offer.task_id}.duel"
+        self._open[loser.attempt_id] = Duel(
+            duel_id, offer.task_id, offer.request, offer.winner, answer, judges, time.monotonic()
         )
-        if duel is None or not clean:
-            self._routes.pop(loser.attempt_id, None)
-            race.dueling = None
-            return
-        task = asyncio.create_task(self._run(duel, "".join(race.emitted)), name=duel.duel_id)
+        return loser.attempt_id
+
+    def feed(self, attempt_id: str, chunk: HostChunk) -> None:
+        """A chunk of a duel's stream (the loser's, or a judge's)."""
+        answer = self._routes.get(attempt_id)
+        if answer is not None:
+            answer.feed(chunk)
+
+    def close(self, loser_attempt_id: str, winner_text: str | None) -> bool:
+        """At the race's end: judge on the winner's whole answer, or drop the duel when it did
+        not reach the client untouched (winner_text None). False when the loser is the
+        racer's to cancel again."""
+        duel = self._open.pop(loser_attempt_id, None)
+        if duel is None or winner_text is None:
+            self._routes.pop(loser_attempt_id, None)
+            return False
+        task = asyncio.create_task(self._run(duel, winner_text), name=duel.duel_id)
         self._running.add(task)
         task.add_done_callback(self._running.discard)
+        return True
 
     async def on_chunk(self, msg: Msg) -> None:
-        answer = self._routes.get(msg.subject.rpartition(".")[2])
+        answer = self._routes.get(subjects.host_reply_attempt_id(msg.subject))
         if answer is None:
             return
         try:
@@ -218,14 +198,9 @@ class Duels:
 
     def _judges(self, model: str, duelists: set[str]) -> list[Candidate]:
         judge_model = self._settings.duel_judge_model or model
-        suspended = set(self._settings.suspended_hosts)
-        found = [
-            Candidate(member.key, cap.name, 0.0, cap.stake)
-            for member in self._hosts.eligible(judge_model)
-            if member.key not in suspended
-            for cap in member.heartbeat.models
-            if cap.name == judge_model
-        ]
+        # The same filters as every race (suspended, engine unreachable, ...); judges are then
+        # drawn by stake alone.
+        found = self._selector.candidates(self._hosts.members.all(), Ask(judge_model))
         return pick_judges(found, duelists, self._settings.duel_judges, self._rng)
 
     async def _run(self, duel: Duel, winner_text: str) -> None:
@@ -259,7 +234,7 @@ class Duels:
                 result.host_a, result.host_b = result.host_b, result.host_a
                 result.attempt_a, result.attempt_b = result.attempt_b, result.attempt_a
             nonce = uuid.uuid4().hex[:12]
-            conversation = duel.race.assignment.request.messages
+            conversation = duel.request.messages
             for judge in duel.judges:
                 as_shown = judge_messages(conversation, answer_a, answer_b, nonce)
                 reversed_ = judge_messages(conversation, answer_b, answer_a, nonce)
@@ -302,17 +277,16 @@ class Duels:
                     await self._cancel(answer)
 
     def _result(self, duel: Duel) -> DuelResult:
-        request = duel.race.assignment.request
         return DuelResult(
             duel_id=duel.duel_id,
-            request_id=request.request_id,
-            task_id=duel.race.assignment.task_id,
-            model=duel.winner.host.model,
-            host_a=duel.winner.host.host_id,
+            request_id=duel.request.request_id,
+            task_id=duel.task_id,
+            model=duel.winner.model,
+            host_a=duel.winner.host_id,
             host_b=duel.loser.host_id,
             attempt_a=duel.winner.attempt_id,
             attempt_b=duel.loser.attempt_id,
-            api_key_id=request.api_key_id,
+            api_key_id=duel.request.api_key_id,
         )
 
     async def _ask(self, judge: Candidate, messages: list[ChatMessage]) -> Answer:

@@ -13,6 +13,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from llooma import subjects
+from llooma.answer_text import MAX_CHUNK_CHARS, Sanitizer, clean
 from llooma.v1.common_pb2 import ERROR_CODE_HOST_BUSY, ChatMessage, ErrorDetail, Usage
 from llooma.v1.host_pb2 import HostChunk, HostFinished, HostTask, HostToken
 from llooma.v1.settlement_pb2 import (
@@ -21,9 +22,8 @@ from llooma.v1.settlement_pb2 import (
     ATTEMPT_OUTCOME_WON,
     TaskSettlement,
 )
-from services.racer.containment import MAX_CHUNK_CHARS, Sanitizer, clean
 from services.racer.duel import Answer
-from services.racer.race import prompt_tokens
+from services.racer.state import prompt_tokens
 from tests.conftest import AUTH, RaceEvents
 from tests.scripted_host import Reply, ScriptedHost
 from tests.test_race import chat, wait_listed

@@ -13,6 +13,9 @@ class Candidate:
     model: str
     score: float
     stake: float
+    # The model's engine continues a trailing assistant message: the racer continues a
+    # stream there by prefill, with no instructions.
+    assistant_prefill: bool = False
 
 
 # Stake is a weight in a draw: heartbeats are checked (llooma.heartbeats), and the draw still

@@ -100,7 +100,13 @@ class Selector:
     ) -> list[Candidate]:
         """Every endpoint that may serve the request, with its S(h) and stake."""
         return [
-            Candidate(e.host_id, e.model.name, self.score(e, ask), e.model.stake)
+            Candidate(
+                e.host_id,
+                e.model.name,
+                self.score(e, ask),
+                e.model.stake,
+                e.model.features.assistant_prefill,
+            )
             for e in self.endpoints(entries, ask, now)
         ]
 

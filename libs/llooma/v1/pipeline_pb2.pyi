@@ -125,11 +125,16 @@ class HostCandidate(_message.Message):
     SCORE_FIELD_NUMBER: _builtins.int
     STAKE_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    ASSISTANT_PREFILL_FIELD_NUMBER: _builtins.int
     host_id: _builtins.str
     score: _builtins.float
     stake: _builtins.float
     model: _builtins.str
     """The model to ask this host for (the request may name the orchestrated "llooma")."""
+    assistant_prefill: _builtins.bool
+    """The host's engine continues a trailing assistant message for this model
+    (ModelFeatures.assistant_prefill): a stream handed to it continues by prefill, no frame.
+    """
     def __init__(
         self,
         *,
@@ -137,10 +142,11 @@ class HostCandidate(_message.Message):
         score: _builtins.float = ...,
         stake: _builtins.float = ...,
         model: _builtins.str = ...,
+        assistant_prefill: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "model", b"model", "score", b"score", "stake", b"stake"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant_prefill", b"assistant_prefill", "host_id", b"host_id", "model", b"model", "score", b"score", "stake", b"stake"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

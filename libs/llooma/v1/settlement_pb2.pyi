@@ -28,6 +28,10 @@ class _AttemptOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Attemp
     ATTEMPT_OUTCOME_WON: _AttemptOutcome.ValueType  # 1
     ATTEMPT_OUTCOME_LOST: _AttemptOutcome.ValueType  # 2
     ATTEMPT_OUTCOME_FAILED: _AttemptOutcome.ValueType  # 3
+    ATTEMPT_OUTCOME_REJECTED: _AttemptOutcome.ValueType  # 4
+    """Race events only: the engine refused the request itself (ERROR_CODE_REQUEST_REJECTED), the
+    client's error, not the host's; its settlement says LOST (nothing delivered, nothing owed).
+    """
 
 class AttemptOutcome(_AttemptOutcome, metaclass=_AttemptOutcomeEnumTypeWrapper): ...
 
@@ -35,6 +39,10 @@ ATTEMPT_OUTCOME_UNSPECIFIED: AttemptOutcome.ValueType  # 0
 ATTEMPT_OUTCOME_WON: AttemptOutcome.ValueType  # 1
 ATTEMPT_OUTCOME_LOST: AttemptOutcome.ValueType  # 2
 ATTEMPT_OUTCOME_FAILED: AttemptOutcome.ValueType  # 3
+ATTEMPT_OUTCOME_REJECTED: AttemptOutcome.ValueType  # 4
+"""Race events only: the engine refused the request itself (ERROR_CODE_REQUEST_REJECTED), the
+client's error, not the host's; its settlement says LOST (nothing delivered, nothing owed).
+"""
 Global___AttemptOutcome: _TypeAlias = AttemptOutcome  # noqa: Y015
 
 @_typing.final
@@ -86,7 +94,9 @@ class TaskSettlement(_message.Message):
     """The host sent accepted (or a token, or finished): only then is a loser's reservation fee due."""
     delivered_tokens: _builtins.int
     """Token chunks of this attempt the racer relayed to the client; usage.output_tokens is
-    already clamped to what the racer counted, never the host's bare claim.
+    already clamped to what the racer counted, never the host's bare claim. When the engine
+    reported its own usage (usage.reported_by_engine), the tokens it delivered by that count,
+    itself clamped to a bound from the UTF-8 bytes the racer relayed.
     """
     violations: _builtins.int
     """Rules the attempt broke (tokens past max_tokens, control tokens, floods); a winner that

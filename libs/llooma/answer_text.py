@@ -1,11 +1,19 @@
-"""What a host's text must pass before a client sees it: hosts are untrusted, so chat-template
-control tokens and terminal control characters are removed, even when a host splits them
-across chunks, and how much a host tried to slip through is counted against it.
+"""The answer-text policy: what is removed from text on its way to a client, one rule for every
+path (the racer's relay and duels, the aggregator's split answers).
 
-The racer's set is narrower than the compressor's (llooma.compress.CONTROL_TOKENS): `<s>`,
-`<think>` or `[INST]` are ordinary text in an answer ("Use <s>old</s> price"), so only the
-`<|name|>` family, its full-width-bar twin (U+FF5C) and the role line after `<|im_start|>`
-go. Text is held back only while it can still become one of those."""
+Hosts are untrusted, so chat-template control tokens and terminal control characters go, even
+when a host splits them across chunks, and how much a host tried to slip through is counted
+against it. Removed: the `<|name|>` family (`<|im_end|>`, `<|eot_id|>`, ...), its full-width-bar
+twin (U+FF5C, DeepSeek's), the role line after `<|im_start|>`, C0/C1 control characters but tab,
+newline and carriage return, ANSI escapes and the bidi overrides. Kept: `<s>`, `</s>`, `<think>`,
+`[INST]`, `<<SYS>>` and the like. They are ordinary text in answers people ask for ("Use
+<s>old</s> price" is HTML, a prompt-format tutorial quotes `[INST]`), no engine emits them as
+text when it serves its own template, and stripping them would corrupt honest answers while the
+`<|...|>` family is never legitimate answer text and is what injection into a terminal or a
+downstream template needs. The compressor's wider list (llooma.compress.CONTROL_TOKENS) is for
+model-bound text (prompts built from earlier answers), not for what a client reads.
+
+Text is held back only while it can still become a removed token."""
 
 from __future__ import annotations
 
