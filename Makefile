@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PROTO_FILES := $(wildcard proto/llooma/v1/*.proto)
 
-.PHONY: install run test lint typecheck proto proto-check pytest reliability bench bench-quick clean chromium
+.PHONY: install run test test-fast lint typecheck proto proto-check pytest reliability bench bench-quick clean chromium
 
 install: $(STAMP)
 
@@ -43,6 +43,10 @@ pytest: install chromium
 	$(PY) -m pytest -q
 
 test: lint typecheck proto-check pytest
+
+# The fast subset for every change: lint, types and the unit tests (no server), under 2 minutes.
+test-fast: lint typecheck proto-check
+	$(PY) -m pytest -q tests/unit
 
 # Kills, restarts, lying hosts, overload and hostile input; own stacks, about 5 minutes.
 reliability: install

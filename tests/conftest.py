@@ -1,5 +1,11 @@
 """Shared fixtures: a real nats-server and Postgres per session, and one running stack.
 
+The suite is a pyramid: `tests/unit/` runs no server (`make test-fast`, on every change; a
+unit test that asks for a server fixture is refused at collection), `tests/stack/` drives the
+running stack through real NATS, Postgres and HTTP, `tests/engine/` a real llama-server, and
+`tests/reliability/` kills, restarts and attacks stacks of its own. `tests/support/` holds the
+helpers they share (scripted hosts, a fake engine, corpora).
+
 `NATS_URL` / `DATABASE_URL` make the suite use servers that already run instead (tests that
 need the embedded server's credentials are then skipped).
 """
@@ -21,7 +27,7 @@ from llooma.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from llooma.settings import DEV_API_KEY
 from llooma.stack import Stack, demo_hosts
 from llooma.v1.race_pb2 import RaceEvent
-from tests.otlp_receiver import OtlpReceiver
+from tests.support.otlp_receiver import OtlpReceiver
 
 AUTH = {"Authorization": f"Bearer {DEV_API_KEY}"}
 HEDGED_MODEL = "hedged-test-model"
@@ -30,6 +36,24 @@ SPLITTER_MODEL = "splitter-test-model"
 PRIVACY_OFF_KEY = "sk-test-privacy-off"
 # A known key that opens with no balance: with billing on, the ingress answers it 402.
 NO_BALANCE_KEY = "sk-test-no-balance"
+
+
+# Fixtures that start or reach a server: never in tests/unit/.
+SERVER_FIXTURES = frozenset(
+    {"nats_server", "nats_url", "control_seed", "database_url", "stack", "http", "nc"}
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.parent.name != "unit":
+            continue
+        used = SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if used:
+            raise pytest.UsageError(
+                f"{item.nodeid} is a unit test but uses {', '.join(sorted(used))}: "
+                "move it to tests/stack/"
+            )
 
 
 class RaceEvents:
@@ -116,7 +140,7 @@ def stack(
             # Keys open at 0 but for the dev key; NO_BALANCE_KEY keeps that default.
             "LLOOMA_OPENING_BALANCES_MICROS": f'{{"{PRIVACY_OFF_KEY}": 1000000000000}}',
             "LLOOMA_PRIVACY_OFF_API_KEYS": PRIVACY_OFF_KEY,
-            # Duels (tested on their own stack, tests/test_duel.py) would let a sampled race's
+            # Duels (tested on their own stack, tests/stack/test_duel.py) would let a sampled race's
             # loser run on and send judge prompts to other tests' hosts.
             "LLOOMA_DUEL_FRACTION": "0",
         },

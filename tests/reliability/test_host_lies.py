@@ -25,8 +25,8 @@ from llooma.v1.settlement_pb2 import (
 from services.racer.duel import Answer
 from services.racer.state import prompt_tokens
 from tests.conftest import AUTH, RaceEvents
-from tests.scripted_host import Reply, ScriptedHost
-from tests.test_race import chat, wait_listed
+from tests.stack.test_race import chat, wait_listed
+from tests.support.scripted_host import Reply, ScriptedHost
 
 
 class Settlements:

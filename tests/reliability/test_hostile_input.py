@@ -17,8 +17,8 @@ from llooma import subjects
 from llooma.v1.common_pb2 import Usage
 from llooma.v1.host_pb2 import HostChunk, HostFinished, HostTask, HostToken
 from tests.conftest import AUTH
-from tests.scripted_host import Reply, ScriptedHost
-from tests.test_race import wait_listed
+from tests.stack.test_race import wait_listed
+from tests.support.scripted_host import Reply, ScriptedHost
 
 PIPELINE_PREFIX = subjects.PIPELINE_PRIVACY.rsplit(".", 1)[0] + "."
 

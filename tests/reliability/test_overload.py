@@ -31,7 +31,7 @@ from llooma.v1.host_pb2 import HostHeartbeat, ModelCapability
 from services.ingress.limits import Limits, Ticket
 from services.ingress.schema import ChatCompletionRequest
 from tests.conftest import AUTH
-from tests.extra_processes import extra_host, extra_ingress
+from tests.support.extra_processes import extra_host, extra_ingress
 
 MODEL = "overload-model"
 SLOW_MODEL = "overload-slow-first-token"

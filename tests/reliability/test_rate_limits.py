@@ -19,7 +19,7 @@ import pytest
 from llooma.stack import Stack
 from services.ingress.limits import TokenBucket
 from tests.conftest import AUTH, PRIVACY_OFF_KEY
-from tests.extra_processes import extra_ingress
+from tests.support.extra_processes import extra_ingress
 
 RPM = 600
 TPM = 48_000

@@ -27,7 +27,7 @@ from llooma.host.config import Generation, HostConfig, Latency, ModelConfig
 from llooma.stack import Stack
 from llooma.v1.host_pb2 import HostTask
 from tests.conftest import AUTH
-from tests.scripted_host import Reply, ScriptedHost
+from tests.support.scripted_host import Reply, ScriptedHost
 
 
 def credentials_of(server: EmbeddedNats | None) -> EmbeddedNats:

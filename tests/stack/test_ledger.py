@@ -43,7 +43,7 @@ from llooma.v1.settlement_pb2 import (
     ATTEMPT_OUTCOME_WON,
     TaskSettlement,
 )
-from tests.ledger_db import fresh_database
+from tests.support.ledger_db import fresh_database
 
 PRICES = Prices(
     user=7,

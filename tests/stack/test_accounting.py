@@ -30,7 +30,7 @@ from llooma.v1.ledger_pb2 import LedgerSummary
 from llooma.v1.settlement_pb2 import ATTEMPT_OUTCOME_LOST, ATTEMPT_OUTCOME_WON, TaskSettlement
 from services.accounting.handlers import Accounting
 from services.accounting.main import open_signer
-from tests.ledger_db import fresh_database
+from tests.support.ledger_db import fresh_database
 
 UINT32_MAX = 2**32 - 1
 # A user price at which a uint32 token count overflows int8 once priced: a message that

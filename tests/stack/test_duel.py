@@ -43,9 +43,9 @@ from llooma.v1.host_pb2 import (
 )
 from llooma.v1.race_pb2 import RaceEvent
 from llooma.v1.settlement_pb2 import ATTEMPT_OUTCOME_LOST
-from tests.ledger_db import new_database
-from tests.scripted_host import Reply, Script, ScriptedHost
-from tests.test_race import chat, stream_text, wait_listed
+from tests.stack.test_race import chat, stream_text, wait_listed
+from tests.support.ledger_db import new_database
+from tests.support.scripted_host import Reply, Script, ScriptedHost
 
 GOOD = "A careful answer that explains the point with a worked example and a short summary."
 BAD = "Unrelated words, then a wrong claim stated with confidence, and it goes on for a while."

@@ -25,7 +25,7 @@ import yaml
 from llooma.embedded import die_with_parent, free_port
 from llooma.host.config import HostConfig
 from tests.conftest import AUTH
-from tests.ledger_db import new_database
+from tests.support.ledger_db import new_database
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """An OTLP/HTTP trace receiver that keeps spans in memory: what a collector would get.
 
-The tests point a stack's OTEL_EXPORTER_OTLP_ENDPOINT at it; `python -m tests.otlp_receiver
+The tests point a stack's OTEL_EXPORTER_OTLP_ENDPOINT at it; `python -m tests.support.otlp_receiver
 --port N` runs it alone (for measuring the stack with tracing on) and prints the span count.
 """
 

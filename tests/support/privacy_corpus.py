@@ -5,9 +5,9 @@ with several locales, fixed seed) plus a share of PII-free samples (code, maths,
 and numbers that are no identifier, written here). `evaluate(samples)` scores `redact` per
 entity type.
 
-`python -m tests.privacy_corpus [--samples N] [--faker-per-locale N] [--write]` prints the
+`python -m tests.support.privacy_corpus [--samples N] [--faker-per-locale N] [--write]` prints the
 report (and writes `bench/results/privacy.md`): this corpus, the Faker corpora of
-`tests.privacy_faker` (tuning and held-out seeds), names outside the lexicon and the
+`tests.support.privacy_faker` (tuning and held-out seeds), names outside the lexicon and the
 per-request redaction time.
 """
 
@@ -1274,7 +1274,7 @@ def redaction_times(batches: int = 10, per_batch: int = 20) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tests import privacy_faker
+    from tests.support import privacy_faker
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=3000)
@@ -1315,7 +1315,7 @@ def main(argv: list[str] | None = None) -> None:
     times = redaction_times()
 
     command = (
-        f"python -m tests.privacy_corpus --samples {args.samples} --seed {args.seed} "
+        f"python -m tests.support.privacy_corpus --samples {args.samples} --seed {args.seed} "
         f"--faker-per-locale {per_locale}"
     )
     if args.write:
@@ -1344,8 +1344,8 @@ def main(argv: list[str] | None = None) -> None:
             f"(cards: {locales['CARD']} locales, every card type, 5x{per_locale} each; IBANs "
             f"{locales['IBAN']}, emails {locales['EMAIL']}, phones {locales['PHONE']}, names "
             f"{locales['NAME']}; {per_locale} values a locale), each in one of 6 to 8 sentence "
-            "shapes per kind (`tests/privacy_faker.py`, `SHAPES`). The tuning seed's misses were "
-            "read while the detectors were improved; the held-out seed's were not.",
+            "shapes per kind (`tests/support/privacy_faker.py`, `SHAPES`). The tuning seed's "
+            "misses were read while the detectors were improved; the held-out seed's were not.",
             "",
             f"### Tuning seed ({privacy_faker.TUNING_SEED})",
             "",
@@ -1403,9 +1403,9 @@ def main(argv: list[str] | None = None) -> None:
             "",
             "A label counts as found when one placeholder of its type covers its whole span; a",
             "placeholder that overlaps no label of its type is a false positive. Targets asserted",
-            "by `tests/test_privacy_lib.py`: on a small sample of the held-out Faker seed, recall",
-            ">= 99.5 % for cards, IBANs and emails, >= 99 % for phones, >= 97 % for names, no",
-            "false positive; on a project corpus of another seed, recall >= 99.5 % for cards,",
+            "by `tests/unit/test_privacy_lib.py`: on a small sample of the held-out Faker seed,",
+            "recall >= 99.5 % for cards, IBANs and emails, >= 99 % for phones, >= 97 % for names,",
+            "no false positive; on a project corpus of another seed, recall >= 99.5 % for cards,",
             "IBANs and emails, >= 99 % for phones, >= 95 % for names, precision >= 95 % for every",
             "type, at most 1 % of PII-free samples changed.",
             "",
@@ -1453,7 +1453,7 @@ def main(argv: list[str] | None = None) -> None:
             for changed in result.changed_examples[: args.show_misses]:
                 print(f"CHANGED: {changed}", file=sys.stderr)
     if args.write:
-        path = Path(__file__).resolve().parent.parent / "bench" / "results" / "privacy.md"
+        path = Path(__file__).resolve().parents[2] / "bench" / "results" / "privacy.md"
         path.write_text(report)
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from llooma.ledger.blocks import Signer
 from services.accounting.main import open_signer
-from tests.ledger_db import fresh_database
+from tests.support.ledger_db import fresh_database
 
 
 async def start(pool: asyncpg.Pool, key: Path) -> Signer | SystemExit:

@@ -13,7 +13,7 @@ import yaml
 from llooma import bus
 from llooma.embedded import nats_server_binary
 from llooma.host.config import HostConfig
-from tests.test_compose import (
+from tests.unit.test_compose import (
     HOST_CONFIG_TARGET,
     ROOT,
     bind_mounts,

@@ -17,8 +17,8 @@ import pytest
 from llooma.embedded import free_port
 from llooma.settings import api_key_id
 from llooma.stack import Stack
-from tests.ledger_db import new_database
-from tests.otlp_receiver import OtlpReceiver, ReceivedSpan, exporting_to
+from tests.support.ledger_db import new_database
+from tests.support.otlp_receiver import OtlpReceiver, ReceivedSpan, exporting_to
 
 KEY = f"sk-hash-test-{secrets.token_hex(12)}"
 WRONG_KEY = f"sk-wrong-{secrets.token_hex(12)}"

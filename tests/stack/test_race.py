@@ -37,7 +37,7 @@ from services.racer.race import NatsIO
 from services.racer.report import settlements
 from services.racer.state import Attempt, Race
 from tests.conftest import AUTH, HEDGE_DELAY_MS, HEDGED_MODEL, RaceEvents
-from tests.scripted_host import Reply, Script, ScriptedHost
+from tests.support.scripted_host import Reply, Script, ScriptedHost
 
 TEXT = (
     "Racing two hosts turns the tail of one into the square of that tail. "

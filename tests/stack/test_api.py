@@ -29,9 +29,9 @@ from services.ingress.api import Ingress
 from services.ingress.main import ROUTES as INGRESS_ROUTES
 from services.ingress.replies import ReplyRouter
 from tests.conftest import AUTH
-from tests.scripted_host import Reply, ScriptedHost
+from tests.support.scripted_host import Reply, ScriptedHost
 
-SERVICES_DIR = Path(__file__).resolve().parents[1] / "services"
+SERVICES_DIR = Path(__file__).resolve().parents[2] / "services"
 
 UNICODE_PROMPT = "Grüße, 世界!  Two  spaces,\ttabs\nand a new line — with emoji 🦙 at the end."
 

@@ -1,13 +1,13 @@
 """Faker corpora: identifiers from Faker's providers in every locale that ships them.
 
-Unlike `tests.privacy_corpus`, whose templates were written with the detectors, these values
+Unlike `tests.support.privacy_corpus`, whose templates were written with the detectors, these values
 come from Faker as is (every card type of every credit-card locale, every locale's IBAN, email,
 phone number and person name) and are put into a few sentence shapes chosen here once, before
 tuning. Seeds are split: the corpus of `TUNING_SEED` was used while the detectors were
 improved, the one of `HELD_OUT_SEED` was not, and both are reported.
 
-`python -m tests.privacy_faker [--per-locale N] [--show-misses N]` prints recall and precision
-per kind for both splits.
+`python -m tests.support.privacy_faker [--per-locale N] [--show-misses N]` prints recall and
+precision per kind for both splits.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from functools import cache
 
 from faker import Faker
 
-from tests.privacy_corpus import Evaluation, Label, Sample, evaluate, table
+from tests.support.privacy_corpus import Evaluation, Label, Sample, evaluate, table
 
 TUNING_SEED = 20261203
 HELD_OUT_SEED = 77031  # never looked at while tuning the detectors

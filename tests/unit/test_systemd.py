@@ -13,7 +13,7 @@ import pytest
 
 from llooma.embedded import nats_server_binary
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 UNITS = sorted((ROOT / "deploy" / "systemd").glob("*.service"))
 SECTIONS = {"Unit", "Service", "Install"}
 SERVICE_KEYS = {

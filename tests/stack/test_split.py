@@ -14,8 +14,8 @@ from nats.aio.client import Client
 from llooma.v1.common_pb2 import Usage
 from llooma.v1.host_pb2 import HostChunk, HostFinished, HostTask, HostToken
 from tests.conftest import AUTH, SPLITTER_MODEL, RaceEvents
-from tests.scripted_host import Reply, ScriptedHost
-from tests.test_race import wait_listed
+from tests.stack.test_race import wait_listed
+from tests.support.scripted_host import Reply, ScriptedHost
 
 THREE_PARTS = (
     "I am writing a guide for new volunteers at our community garden this season.\n"

@@ -35,9 +35,9 @@ from llooma.v1.settlement_pb2 import (
 from services.ingress.api import Ingress
 from services.ingress.stats import ROUTES
 from tests.conftest import AUTH, RaceEvents
-from tests.scripted_host import Reply, ScriptedHost
-from tests.test_race import wait_listed
-from tests.test_split import THREE_PARTS, answer_part
+from tests.stack.test_race import wait_listed
+from tests.stack.test_split import THREE_PARTS, answer_part
+from tests.support.scripted_host import Reply, ScriptedHost
 
 
 def _collector(**settings: Any) -> StatsCollector:

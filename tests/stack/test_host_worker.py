@@ -35,7 +35,7 @@ from llooma.v1.common_pb2 import (
     Usage,
 )
 from llooma.v1.host_pb2 import CancelTask, HostChunk, HostHeartbeat, HostTask, ModelFeatures
-from tests.fake_engine import DONE, FakeEngine, Out, Request, delta, stream_events, usage
+from tests.support.fake_engine import DONE, FakeEngine, Out, Request, delta, stream_events, usage
 
 
 def task(prompt: str, max_tokens: int | None = None, seed: int | None = None) -> HostTask:

@@ -19,7 +19,7 @@ from llooma.credentials import CONTROL_PLANE, accounts_block, host_user, public_
 from llooma.embedded import nats_server_binary
 from llooma.host.config import HostConfig
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 HOST_CONFIG_TARGET = "/etc/llooma/host.yaml"

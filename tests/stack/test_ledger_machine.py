@@ -37,7 +37,7 @@ from llooma.v1.settlement_pb2 import (
     ATTEMPT_OUTCOME_WON,
     TaskSettlement,
 )
-from tests.ledger_db import fresh_database
+from tests.support.ledger_db import fresh_database
 
 USER, HOST, RESERVATION, PROGRESS, FALLBACK_PRICE = 5, 9, 30, 4, 13
 ETA = Fraction(3, 20)

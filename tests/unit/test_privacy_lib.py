@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llooma.privacy import KINDS, Mapping, StreamRestorer, redact, restore
-from tests.privacy_corpus import Evaluation, evaluate, generate
+from tests.support.privacy_corpus import Evaluation, evaluate, generate
 
 
 def found(text: str, *, strict: bool = False) -> list[tuple[str, str]]:
@@ -616,7 +616,7 @@ def test_round_trip_is_exact_for_any_text(text: str) -> None:
 
 @cache
 def _faker_held_out() -> dict[str, Evaluation]:
-    from tests.privacy_faker import HELD_OUT_SEED, evaluate_split
+    from tests.support.privacy_faker import HELD_OUT_SEED, evaluate_split
 
     return evaluate_split(2, seed=HELD_OUT_SEED + 1)
 

@@ -15,7 +15,7 @@ import pytest
 from llooma.stack import Stack
 from tests.conftest import AUTH
 
-SCREENSHOT = Path(__file__).resolve().parents[1] / "bench" / "results" / "status-page.png"
+SCREENSHOT = Path(__file__).resolve().parents[2] / "bench" / "results" / "status-page.png"
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 # Long enough for the page's first fetch and render, with the stack answering locally.
 VIRTUAL_TIME_MS = 4000

@@ -28,8 +28,8 @@ from llooma import tracing
 from llooma.embedded import free_port
 from llooma.settings import DEV_API_KEY
 from llooma.stack import Stack
-from tests.ledger_db import new_database
-from tests.otlp_receiver import OtlpReceiver, ReceivedSpan, exporting_to
+from tests.support.ledger_db import new_database
+from tests.support.otlp_receiver import OtlpReceiver, ReceivedSpan, exporting_to
 
 TRACEPARENT_FORMAT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 PIPELINE_SERVICES = {"ingress", "privacy", "planner", "dispatcher", "racer", "host", "accounting"}

@@ -22,8 +22,8 @@ from llooma.v1.settlement_pb2 import (
 )
 from tests.conftest import AUTH, RaceEvents
 from tests.reliability.test_host_lies import Settlements
-from tests.scripted_host import Reply, ScriptedHost
-from tests.test_race import chat, wait_listed
+from tests.stack.test_race import chat, wait_listed
+from tests.support.scripted_host import Reply, ScriptedHost
 
 
 @pytest.fixture

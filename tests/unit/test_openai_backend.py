@@ -25,7 +25,7 @@ from llooma.host.openai_backend import (
 )
 from llooma.v1.common_pb2 import ChatMessage, GenerationParams
 from llooma.v1.host_pb2 import HostTask
-from tests.fake_engine import (
+from tests.support.fake_engine import (
     DONE,
     FakeEngine,
     Handler,

@@ -28,8 +28,8 @@ from llooma.stack import Stack
 from llooma.v1.host_pb2 import HostChunk, HostHeartbeat, HostToken, ModelCapability
 from llooma.v1.service_pb2 import ServiceHeartbeat
 from tests.conftest import AUTH
-from tests.test_hosts import connect_as, credentials_of
-from tests.test_race import chat
+from tests.stack.test_hosts import connect_as, credentials_of
+from tests.stack.test_race import chat
 
 
 async def service_counters(nc: Client, service: str) -> Counter[str]:
