@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from functools import lru_cache
 from typing import Annotated
 
@@ -26,144 +27,294 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LLOOMA_", extra="ignore")
 
-    # One server or several, comma-separated (nats://a:4222,nats://b:4222): a process starts
-    # while any one of them is up and fails over to the others.
     nats_url: str = Field(
         default="nats://127.0.0.1:4222",
         validation_alias=AliasChoices("NATS_URL", "LLOOMA_NATS_URL"),
+        description="the NATS server, or several comma-separated (`nats://a:4222,nats://b:4222`): "
+        "a process starts while any one is up and fails over to the others; `llooma up` runs an "
+        "embedded one when unset",
     )
-    # The control plane's nkey seed file, when the NATS server requires credentials; or a
-    # `.creds` file (user JWT and nkey seed) instead, on a server run with JWT accounts.
-    nats_nkey_seed_file: str = ""
-    nats_creds_file: str = ""
-    # TLS: the CA that signed the servers' certificates, and a client certificate and key
-    # when the servers verify clients (mutual TLS).
-    nats_tls_ca_file: str = ""
-    nats_tls_cert_file: str = ""
-    nats_tls_key_file: str = ""
-    # Replicas of every stream and KV bucket created (0: 1 on a lone server, 3 on a cluster).
-    # An existing stream is never lowered to this: a difference is logged.
-    nats_replicas: int = Field(default=0, ge=0, le=5)
+    nats_nkey_seed_file: str = Field(
+        default="", description="the control plane's nkey seed file, when NATS requires credentials"
+    )
+    nats_creds_file: str = Field(
+        default="",
+        description="or a `.creds` file (user JWT and nkey seed), on a server with JWT accounts",
+    )
+    nats_tls_ca_file: str = Field(
+        default="", description="TLS: the CA that signed the NATS servers' certificates"
+    )
+    nats_tls_cert_file: str = Field(
+        default="", description="TLS: a client certificate, when the servers verify clients"
+    )
+    nats_tls_key_file: str = Field(default="", description="TLS: that certificate's key")
+    nats_replicas: int = Field(
+        default=0,
+        ge=0,
+        le=5,
+        description="replicas of every stream and KV bucket created (0: 1 on a lone server, 3 on "
+        "a cluster); an existing stream is never lowered to this, a difference is logged",
+    )
     database_url: str = Field(
-        default="", validation_alias=AliasChoices("DATABASE_URL", "LLOOMA_DATABASE_URL")
+        default="",
+        validation_alias=AliasChoices("DATABASE_URL", "LLOOMA_DATABASE_URL"),
+        description="the Postgres of the ledger (only accounting connects); `llooma up` runs an "
+        "embedded one when unset",
     )
-    http_host: str = "127.0.0.1"
-    http_port: int = 8080
-    api_keys: Annotated[list[str], NoDecode] = [DEV_API_KEY]
-    # API keys whose requests skip the privacy mediator (privacy is on for every other key).
-    privacy_off_api_keys: Annotated[list[str], NoDecode] = []
-    max_body_bytes: int = 1024 * 1024
-    # A request's headers and body must arrive within this (else 408, connection closed);
-    # headers larger than this get 431.
-    http_read_timeout_s: float = Field(default=10.0, gt=0)
-    http_max_header_bytes: int = Field(default=64 * 1024, ge=1024)
-    # Per-API-key rate limits (0: none): requests and tokens (prompt + max_tokens, corrected
-    # by actual usage) per minute; the bucket holds `rate_limit_burst_s` seconds of either.
-    rate_limit_rpm: int = Field(default=0, ge=0)
-    rate_limit_tpm: int = Field(default=0, ge=0)
-    rate_limit_burst_s: float = Field(default=1.0, gt=0)
-    # Per-key overrides, JSON: {"<api key>": {"rpm": 60, "tpm": 100000}} (0: none).
-    rate_limits_by_key: dict[str, dict[str, int]] = {}
-    # Completion tokens a request without max_tokens is charged until its usage is known.
-    rate_limit_default_max_tokens: int = Field(default=256, ge=1)
-    # Load shedding in each ingress (0: off): requests in flight at once, requests still
-    # waiting for their first token, and in flight per model as a multiple of the capacity
-    # the model's eligible hosts announce.
-    max_in_flight: int = Field(default=0, ge=0)
-    max_waiting_first_token: int = Field(default=256, ge=0)
-    admission_capacity_factor: float = Field(default=1.0, ge=0)
-    # What one host's announced capacity counts for at most: a host cannot open the gate wide.
-    admission_max_host_capacity: int = Field(default=1024, ge=1)
-    # The Retry-After a shed request (503) is given.
-    shed_retry_after_s: int = Field(default=1, ge=1)
-    request_timeout_s: float = 120.0
-    # Models never used to answer the orchestrated model (test and debug backends).
-    orchestration_excluded_models: Annotated[list[str], NoDecode] = ["echo"]
-    first_token_deadline_ms: int = Field(default=1000, ge=1)
-    # Per-model deadlines, JSON: {"model": ms}; a request may set its own (header).
-    first_token_deadline_ms_by_model: dict[str, int] = {}
-    stall_deadline_ms: int = Field(default=2000, ge=1)
-    race_width: int = Field(default=2, ge=1, le=3)
-    best_bucket_size: int = Field(default=4, ge=1)
-    # S(h) weights: load, p95 first-token latency, heartbeat staleness, error rate.
-    score_weights: tuple[float, float, float, float] = (0.40, 0.30, 0.20, 0.10)
-    # The central fallback pool: trusted host ids, used when a race misses its deadline and
-    # to continue stalled streams (other eligible hosts are used when none is available).
-    fallback_hosts: Annotated[list[str], NoDecode] = []
-    # With no pool host available, turn to any other eligible host (off: wait for the racers).
-    fallback_to_any_host: bool = True
-    # How long a fallback attempt may take to its first token.
-    fallback_first_token_ms: int = Field(default=10_000, ge=1)
-    max_continuations: int = Field(default=2, ge=0)
-    # Hedged mode per model, JSON: {"model": "p90"} (the first host's observed p90) or
-    # {"model": "150"} (ms); the second host starts only if no token came by then.
-    hedge_delay_by_model: dict[str, str] = {}
-    suspended_hosts: Annotated[list[str], NoDecode] = []
-    # Duel-and-judge (WWW.Serve 4.2): the share p_d of races whose loser finishes and is
-    # compared with the winner by `duel_judges` judges (other hosts, drawn by stake) serving
-    # `duel_judge_model` ("" = the duel's own model); `duel_timeout_s` bounds a whole duel.
-    # Each host's duel record (0 lost, 0.5 tie, 1 won, an EWMA from 0.5) adds
-    # `duel_quality_weight` x (1 - quality) to its S(h). Above 0.3, a host that loses every
-    # duel ranks behind one never seen (unknown latency costs 0.3 x 0.5, unknown quality w/2).
-    duel_fraction: float = Field(default=0.05, ge=0, le=1)
-    duel_judges: int = Field(default=3, ge=1)
-    duel_judge_model: str = ""
-    duel_timeout_s: float = Field(default=60.0, gt=0)
-    duel_quality_weight: float = Field(default=0.4, ge=0)
-    # A starting dispatcher replays this many seconds of duel results (the settlements stream
-    # keeps 7 days) before it takes requests, so a restart keeps each host's quality; 0: none.
-    duel_quality_replay_s: float = Field(default=86400.0, ge=0)
-    # Planner: stage-1 bypass thresholds, DAG size, the margin eps, and the optional split
-    # call (a model asked for a JSON DAG when the prompt's structure gives none).
-    planner_bypass_chars: int = 160
-    planner_bypass_max_tokens: int = 48
-    planner_max_nodes: int = Field(default=8, ge=2)
-    planner_epsilon_ms: float = 50.0
-    planner_split_model: str = ""
-    planner_split_timeout_ms: int = 5000
-    # Ledger and payouts, all money in integer micro-credits (1 credit = 1_000_000).
-    # With billing on, a key whose balance is not positive gets 402 at the ingress.
-    billing_enabled: bool = True
-    # Every configured key opens with this balance once; per raw key, JSON {"sk-...": 0}.
-    opening_balance_micros: int = Field(default=0, ge=0)
-    opening_balances_micros: dict[str, int] = {}
-    # The dev key (DEV_API_KEY) opens with this instead, so `llooma up` works out of the box.
-    dev_key_opening_balance_micros: int = Field(default=1_000_000_000_000, ge=0)
-    # What users pay per token (prompt and completion), published; per model, JSON.
-    user_price_micros: int = Field(default=20, ge=0)
-    user_price_micros_by_model: dict[str, int] = {}
-    # What the winning host earns per output token; per model, JSON.
-    host_price_micros: int = Field(default=10, ge=0)
-    host_price_micros_by_model: dict[str, int] = {}
-    # Each losing host: a reservation fee plus a progress fee per token it produced, together
-    # capped at eta times the winner's payout (paper IV).
-    loser_reservation_fee_micros: int = Field(default=20, ge=0)
-    loser_progress_fee_micros: int = Field(default=2, ge=0)
-    loser_cap_eta: float = Field(default=0.15, ge=0.0, le=1.0)
-    # The central fallback pool's cost per output token.
-    fallback_price_micros: int = Field(default=30, ge=0)
-    # Duel-and-judge: the better answer's host is rewarded, the worse one's penalized, and
-    # each judge that gave a verdict is paid.
-    duel_reward_micros: int = Field(default=500, ge=0)
-    duel_penalty_micros: int = Field(default=500, ge=0)
-    judge_fee_micros: int = Field(default=100, ge=0)
-    # Ed25519 seed that signs ledger blocks (created on first use); empty: under .llooma/.
-    # Or the seed itself (hex), from the environment or a secret store, instead of a file.
-    # One key per ledger: an accounting replica holding another refuses to start.
-    ledger_signing_key_file: str = ""
-    ledger_signing_key: str = Field(default="", repr=False)
-    # How long JetStream waits for a request-path service's ack before it redelivers (to a
-    # replica): what a kill -9 of privacy, planner or dispatcher costs a request in flight.
-    pipeline_ack_wait_s: float = Field(default=2.0, gt=0)
-    heartbeat_interval_s: float = 0.5
-    host_stale_after_s: float = 2.0
-    service_stale_after_s: float = 3.0
-    min_host_version: str = "0.1.0"
-    # /v1/stats, /metrics: race events of this many seconds back are replayed when an
-    # ingress starts; loopback clients need no API key unless this is off.
-    stats_replay_s: float = Field(default=900.0, ge=0)
-    stats_open_on_loopback: bool = True
-    log_level: str = "WARNING"
+    http_host: str = Field(default="127.0.0.1", description="the address the ingress binds")
+    http_port: int = Field(default=8080, description="the ingress port")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default=[DEV_API_KEY],
+        description="API keys, comma-separated (kept in memory only as keyed hashes)",
+    )
+    privacy_off_api_keys: Annotated[list[str], NoDecode] = Field(
+        default=[], description="keys whose requests skip the privacy mediator"
+    )
+    max_body_bytes: int = Field(default=1024 * 1024, description="the request body limit (413)")
+    http_read_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="a request's headers and body must arrive within this, else 408 and the "
+        "connection is closed (slow clients)",
+    )
+    http_max_header_bytes: int = Field(
+        default=64 * 1024, ge=1024, description="larger request headers get 431"
+    )
+    rate_limit_rpm: int = Field(
+        default=0, ge=0, description="requests per minute per API key (0: no limit)"
+    )
+    rate_limit_tpm: int = Field(
+        default=0,
+        ge=0,
+        description="tokens per minute per API key: a request is charged characters / 4 + "
+        "`max_tokens` when admitted, corrected to its real usage when it ends (0: no limit)",
+    )
+    rate_limit_burst_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="how many seconds of either rate a key may save up (the bucket's depth)",
+    )
+    rate_limits_by_key: dict[str, dict[str, int]] = Field(
+        default={},
+        description='per-key overrides, JSON `{"sk-...": {"rpm": 60, "tpm": 100000}}` (0: none)',
+    )
+    rate_limit_default_max_tokens: int = Field(
+        default=256,
+        ge=1,
+        description="what a request without `max_tokens` is charged until its usage is known",
+    )
+    max_in_flight: int = Field(
+        default=0,
+        ge=0,
+        description="shed (503) past this many requests in flight in one ingress (0: no limit)",
+    )
+    max_waiting_first_token: int = Field(
+        default=256,
+        ge=0,
+        description="shed past this many admitted requests still waiting for their first token "
+        "(0: no limit)",
+    )
+    admission_capacity_factor: float = Field(
+        default=1.0,
+        ge=0,
+        description="shed a model's requests past this multiple of the capacity its eligible "
+        "hosts announce (0: off); hosts on one engine count once, and orchestrated requests "
+        "share the pool's capacity with direct ones",
+    )
+    admission_max_host_capacity: int = Field(
+        default=1024,
+        ge=1,
+        description="the most one host's announced capacity counts for in that shedding",
+    )
+    shed_retry_after_s: int = Field(default=1, ge=1, description="the `Retry-After` of a 503")
+    orchestration_excluded_models: Annotated[list[str], NoDecode] = Field(
+        default=["echo"],
+        description="models never used to answer `llooma` (comma-separated), e.g. "
+        "`echo,synthetic-small` keeps synthetic answers out of it",
+    )
+    first_token_deadline_ms: int = Field(
+        default=1000, ge=1, description="the first-token deadline δ"
+    )
+    first_token_deadline_ms_by_model: dict[str, int] = Field(
+        default={},
+        description='per-model δ, JSON `{"model": ms}`; a request may set its own (header)',
+    )
+    stall_deadline_ms: int = Field(
+        default=2000,
+        ge=1,
+        description="the inter-token stall deadline (raised per host from its observed pauses)",
+    )
+    race_width: int = Field(default=2, ge=1, le=3, description="hosts raced per task (1 to 3)")
+    best_bucket_size: int = Field(
+        default=4, ge=1, description="how many best-scoring hosts the pick draws from"
+    )
+    score_weights: tuple[float, float, float, float] = Field(
+        default=(0.40, 0.30, 0.20, 0.10),
+        description="S(h) weights, JSON: load, p95 first-token latency, heartbeat staleness, "
+        "error rate",
+    )
+    fallback_hosts: Annotated[list[str], NoDecode] = Field(
+        default=[],
+        description="the trusted fallback pool (host names), used when a race misses its "
+        "deadline and to continue stalled streams",
+    )
+    fallback_to_any_host: bool = Field(
+        default=True,
+        description="with no pool host available, turn to any other eligible host (off: wait "
+        "for the racers)",
+    )
+    fallback_first_token_ms: int = Field(
+        default=10_000,
+        ge=1,
+        description="how long a fallback or continuation host may take to its first token",
+    )
+    max_continuations: int = Field(default=2, ge=0, description="continuations per stream")
+    hedge_delay_by_model: dict[str, str] = Field(
+        default={},
+        description='hedged mode, JSON `{"model": "p90"}` (the first host\'s observed p90) or '
+        '`{"model": "150"}` (ms): the second host starts only if no token came by then',
+    )
+    suspended_hosts: Annotated[list[str], NoDecode] = Field(
+        default=[], description="hosts never picked (comma-separated)"
+    )
+    duel_fraction: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="p_d: the share of races whose loser finishes and is judged (0: none)",
+    )
+    duel_judges: int = Field(
+        default=3,
+        ge=1,
+        description="k: judges per duel, other hosts drawn by stake (fewer if fewer serve the "
+        "judge model)",
+    )
+    duel_judge_model: str = Field(
+        default="", description="the model judges are asked with; empty: the duel's own model"
+    )
+    duel_timeout_s: float = Field(
+        default=60.0, gt=0, description="how long the loser and the judges may take, in all"
+    )
+    duel_quality_weight: float = Field(
+        default=0.4,
+        ge=0,
+        description="weight of 1 - duel quality (an EWMA of 1 won, 0.5 tie, 0 lost, from 0.5) "
+        "in S(h); above 0.3 a host that loses every duel ranks behind one never seen",
+    )
+    duel_quality_replay_s: float = Field(
+        default=86400.0,
+        ge=0,
+        description="duel results a starting dispatcher replays into host quality before it "
+        "takes requests (0: none)",
+    )
+    planner_bypass_chars: int = Field(
+        default=160, description="prompts shorter than this are never split"
+    )
+    planner_bypass_max_tokens: int = Field(
+        default=48, description="nor are requests with a smaller `max_tokens`"
+    )
+    planner_max_nodes: int = Field(default=8, ge=2, description="the largest plan accepted")
+    planner_epsilon_ms: float = Field(default=50.0, description="ε in L_split + ε < L_dir")
+    planner_split_model: str = Field(
+        default="",
+        description="a model asked for a JSON DAG when the prompt's structure gives none",
+    )
+    planner_split_timeout_ms: int = Field(
+        default=5000, description="how long that split call may take"
+    )
+    billing_enabled: bool = Field(
+        default=True, description="402 for a key whose balance is not positive"
+    )
+    opening_balance_micros: int = Field(
+        default=0, ge=0, description="every configured key's opening balance (once)"
+    )
+    opening_balances_micros: dict[str, int] = Field(
+        default={}, description='per raw key, JSON `{"sk-...": 0}`'
+    )
+    dev_key_opening_balance_micros: int = Field(
+        default=1_000_000_000_000,
+        ge=0,
+        description="the dev key's (`sk-llooma-dev`) opening balance instead, so `llooma up` "
+        "works out of the box",
+    )
+    user_price_micros: int = Field(
+        default=20,
+        ge=0,
+        description="what users pay per prompt and completion token (money is integer "
+        "micro-credits, 1 credit = 1,000,000)",
+    )
+    user_price_micros_by_model: dict[str, int] = Field(
+        default={}, description="per requested model, JSON"
+    )
+    host_price_micros: int = Field(
+        default=10, ge=0, description="the winner's payout per output token"
+    )
+    host_price_micros_by_model: dict[str, int] = Field(
+        default={}, description="per serving model, JSON"
+    )
+    loser_reservation_fee_micros: int = Field(
+        default=20,
+        ge=0,
+        description="a losing host's reservation fee (only if it sent a token and broke no rule)",
+    )
+    loser_progress_fee_micros: int = Field(
+        default=2, ge=0, description="a losing host's fee per token it produced"
+    )
+    loser_cap_eta: float = Field(
+        default=0.15,
+        ge=0.0,
+        le=1.0,
+        description="η: a loser's fees are at most this share of the winner's payout (paper IV)",
+    )
+    fallback_price_micros: int = Field(
+        default=30, ge=0, description="the fallback pool's cost per output token"
+    )
+    duel_reward_micros: int = Field(default=500, ge=0, description="a duel winner's reward")
+    duel_penalty_micros: int = Field(default=500, ge=0, description="a duel loser's penalty")
+    judge_fee_micros: int = Field(
+        default=100, ge=0, description="paid to each judge that gave a verdict"
+    )
+    ledger_signing_key_file: str = Field(
+        default="",
+        description="the Ed25519 seed that signs ledger blocks (created on first use; empty: "
+        "under the stack's credentials folder)",
+    )
+    ledger_signing_key: str = Field(
+        default="",
+        repr=False,
+        description="or the seed itself (hex), from a secret store; one key per ledger: an "
+        "accounting replica holding another refuses to start",
+    )
+    pipeline_ack_wait_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="how long JetStream waits for privacy, planner or dispatcher to ack a "
+        "hand-off before redelivering it (to a replica, after a crash)",
+    )
+    heartbeat_interval_s: float = Field(
+        default=0.5, description="how often every service announces itself"
+    )
+    host_stale_after_s: float = Field(
+        default=2.0, description="a host silent this long is no longer eligible"
+    )
+    service_stale_after_s: float = Field(
+        default=3.0, description="a service instance silent this long is not counted ready"
+    )
+    min_host_version: str = Field(
+        default="0.1.0", description="hosts announcing an older version are not eligible"
+    )
+    stats_replay_s: float = Field(
+        default=900.0,
+        ge=0,
+        description="race events this far back are replayed into `/v1/stats` when an ingress "
+        "starts (0: only new ones)",
+    )
+    stats_open_on_loopback: bool = Field(
+        default=True,
+        description="`/v1/stats` and `/metrics` need no API key from a loopback client; off: a "
+        "key from everyone",
+    )
+    log_level: str = Field(default="WARNING", description="the log level of every process")
 
     @field_validator(
         "api_keys",
@@ -199,3 +350,38 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def load_settings() -> Settings:
     return Settings()
+
+
+def environment_variable(name: str) -> str:
+    """The variable that sets a setting: its alias if it has one, else LLOOMA_<NAME>."""
+    alias = Settings.model_fields[name].validation_alias
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return f"LLOOMA_{name.upper()}"
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, list):
+        return f"`{','.join(value)}`" if value else "empty"
+    if isinstance(value, dict):
+        return "`{}`" if not value else f"`{json.dumps(value)}`"
+    if isinstance(value, tuple):
+        return f"`{json.dumps(list(value))}`"
+    if value == "":
+        return "empty"
+    return f"`{str(value).lower() if isinstance(value, bool) else value}`"
+
+
+def settings_table() -> str:
+    """The markdown table of every setting, generated from the descriptions above (the
+    operators' documentation embeds it, and a test keeps the two the same)."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        rows.append(
+            f"| `{environment_variable(name)}` | {_shown(field.default)} | {field.description} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(settings_table(), end="")
