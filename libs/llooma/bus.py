@@ -10,7 +10,7 @@ from typing import Any
 import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
 from llooma import subjects, tracing
@@ -52,6 +52,21 @@ STREAMS = (
         max_age=SETTLEMENT_MAX_AGE_S,
         duplicate_window=DUPLICATE_WINDOW_S,
     ),
+    # Kept forever; no message can be deleted or purged, and a height's anchor is written
+    # once (a second one for the same subject is refused).
+    StreamConfig(
+        name=subjects.LEDGER_ANCHOR_STREAM,
+        subjects=[subjects.LEDGER_ANCHOR_SUBJECTS],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_msgs_per_subject=1,
+        discard=DiscardPolicy.NEW,
+        discard_new_per_subject=True,
+        deny_delete=True,
+        deny_purge=True,
+        allow_rollup_hdrs=False,
+        duplicate_window=DUPLICATE_WINDOW_S,
+    ),
 )
 
 BUCKETS = (
@@ -62,6 +77,7 @@ BUCKETS = (
     # Accounting's published state outlives restarts; Postgres stays the source of truth.
     KeyValueConfig(bucket=subjects.BALANCES_BUCKET, storage=StorageType.FILE),
     KeyValueConfig(bucket=subjects.LEDGER_BUCKET, storage=StorageType.FILE),
+    KeyValueConfig(bucket=subjects.KEYS_BUCKET, storage=StorageType.FILE),
 )
 
 

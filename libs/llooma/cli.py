@@ -15,6 +15,7 @@ from rich.console import Console
 
 from llooma import bus, tracing
 from llooma.host.config import HostConfigError, load_host_config
+from llooma.keys.cli import keys_app
 from llooma.ledger.cli import ledger_app
 from llooma.settings import DEV_API_KEY
 
@@ -117,6 +118,7 @@ def host(config: Annotated[Path, typer.Option(help="Host YAML config")]) -> None
 
 
 app.add_typer(ledger_app, name="ledger")
+app.add_typer(keys_app, name="keys")
 hosts_app = typer.Typer(help="Host credentials for the embedded NATS server.")
 app.add_typer(hosts_app, name="hosts")
 DataDir = Annotated[Path, typer.Option(help="The stack's data folder")]

@@ -63,6 +63,22 @@ BALANCES_BUCKET = "llooma_balances"
 BALANCES_COMPLETE_KEY = "all-published"
 LEDGER_BUCKET = "llooma_ledger"
 LEDGER_SUMMARY_KEY = "summary"
+# API keys managed in Postgres, published by accounting: key = api_key_id (the keyed hash),
+# value = the key's record (JSON); a revoked key's entry is deleted. Every ingress watches it.
+KEYS_BUCKET = "llooma_api_keys"
+# Key administration (create, list, update, revoke, usage): request-reply to accounting's key
+# service, JSON bodies as in the admin HTTP API.
+KEYS_ADMIN = f"{PREFIX}.keys.admin"
+
+# Each sealed ledger block's height and id, outside the database: a stream that denies
+# deletes and purges, one subject per height, so `llooma ledger verify` catches a rewritten,
+# re-signed or truncated chain.
+LEDGER_ANCHOR_STREAM = "LLOOMA_LEDGER_ANCHORS"
+LEDGER_ANCHOR_SUBJECTS = f"{PREFIX}.ledger.anchor.>"
+
+
+def ledger_anchor(height: int) -> str:
+    return f"{PREFIX}.ledger.anchor.{height}"
 
 
 def kv_put_subject(bucket: str, key: str) -> str:

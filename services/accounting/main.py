@@ -16,6 +16,7 @@ from llooma.ledger.economics import Prices, opening_balances
 from llooma.ledger.store import LedgerStore, ledger_height
 from llooma.settings import Settings
 from services.accounting.handlers import Accounting, build_router
+from services.accounting.keys import KeyService, build_key_router
 
 SERVICE = "accounting"
 
@@ -40,6 +41,7 @@ def create_app(settings: Settings) -> FastStream:
     if not settings.database_url:
         raise SystemExit("accounting needs DATABASE_URL")
     accounting = Accounting()
+    keys = KeyService(accounting)
 
     async def open_ledger(broker: NatsBroker) -> None:
         await migrate(settings.database_url)
@@ -51,9 +53,11 @@ def create_app(settings: Settings) -> FastStream:
             raise
         accounting.store = LedgerStore(pool, signer, Prices.from_settings(settings))
         accounting.js = broker.config.connection_state.stream
+        keys.open(pool)
         # Before this instance says it is ready, so the ingress never 402s a funded key.
         await accounting.store.open_accounts(opening_balances(settings))
         await accounting.publish_all_balances()
+        await keys.publish_all()
         await accounting.publish_summary()
         accounting.start_background()
 
@@ -64,7 +68,7 @@ def create_app(settings: Settings) -> FastStream:
     return runtime.build_app(
         SERVICE,
         settings,
-        [build_router(accounting)],
+        [build_router(accounting), build_key_router(keys)],
         on_connected=open_ledger,
         on_stopping=close_ledger,
     )

@@ -77,6 +77,7 @@ class TokenBucket:
 class KeyBuckets:
     requests: TokenBucket | None
     tokens: TokenBucket | None
+    rates: tuple[int, int] = (0, 0)
 
 
 def _bucket(per_minute: int, burst_s: float, smallest: float) -> TokenBucket | None:
@@ -209,15 +210,20 @@ class Limits:
 
     # -- rate limits -------------------------------------------------------------------------
 
-    def _buckets_for(self, key_id: str) -> KeyBuckets:
+    def _buckets_for(self, key_id: str, rates: tuple[int, int] | None = None) -> KeyBuckets:
+        """`rates`: a managed key's own (rpm, tpm), 0 for the default; a change rebuilds."""
+        settings = self.settings
+        override = self._overrides.get(key_id, {})
+        rpm = override.get("rpm", settings.rate_limit_rpm)
+        tpm = override.get("tpm", settings.rate_limit_tpm)
+        if rates is not None:
+            rpm, tpm = rates[0] or rpm, rates[1] or tpm
         buckets = self._buckets.get(key_id)
-        if buckets is None:
-            settings = self.settings
-            override = self._overrides.get(key_id, {})
-            rpm = override.get("rpm", settings.rate_limit_rpm)
-            tpm = override.get("tpm", settings.rate_limit_tpm)
+        if buckets is None or buckets.rates != (rpm, tpm):
             burst_s = settings.rate_limit_burst_s
-            buckets = KeyBuckets(_bucket(rpm, burst_s, 1.0), _bucket(tpm, burst_s, 0.0))
+            buckets = KeyBuckets(
+                _bucket(rpm, burst_s, 1.0), _bucket(tpm, burst_s, 0.0), rates=(rpm, tpm)
+            )
             self._buckets[key_id] = buckets
         return buckets
 
@@ -248,10 +254,12 @@ class Limits:
 
     # -- admission ---------------------------------------------------------------------------
 
-    def admit(self, key_id: str, request: ChatCompletionRequest) -> Ticket | Response:
+    def admit(
+        self, key_id: str, request: ChatCompletionRequest, rates: tuple[int, int] | None = None
+    ) -> Ticket | Response:
         """Rate limits first (the key's own doing: 429), then capacity (503); a request
         turned away is charged nothing."""
-        buckets = self._buckets_for(key_id)
+        buckets = self._buckets_for(key_id, rates)
         estimate = 0
         if buckets.tokens is not None:
             estimate = estimate_tokens(request, self.settings.rate_limit_default_max_tokens)

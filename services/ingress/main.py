@@ -15,11 +15,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from llooma import bus, runtime, tracing
+from llooma.keys import KeyBook
 from llooma.ledger.balances import BalanceBook
 from llooma.membership import HostDirectory, ServiceDirectory
 from llooma.metrics import StatsCollector
 from llooma.runtime import ServiceHeartbeater
 from llooma.settings import Settings, load_settings
+from services.ingress.admin import ROUTES as ADMIN_ROUTES
+from services.ingress.admin import admin_key_ids
 from services.ingress.api import Ingress
 from services.ingress.openapi import serve_openapi
 from services.ingress.replies import ReplyRouter
@@ -68,6 +71,7 @@ ROUTES = [
     Route("/v1/models/{model:path}", model, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     *STATS_ROUTES,
+    *ADMIN_ROUTES,
     Route("/openapi.json", serve_openapi, methods=["GET"]),
 ]
 
@@ -105,6 +109,10 @@ def create_app(settings: Settings) -> Starlette:
         balances = BalanceBook()
         await balances.start(js)
         app.state.ingress.balances = balances
+        keys = KeyBook()
+        await keys.start(js)
+        app.state.ingress.keys = keys
+        app.state.admin_key_ids = admin_key_ids(settings.admin_keys())
         app.state.ingress.stats = stats
         heartbeat = ServiceHeartbeater(nc, SERVICE, instance_id, settings.heartbeat_interval_s)
         await heartbeat.start()
@@ -114,6 +122,7 @@ def create_app(settings: Settings) -> Starlette:
             await heartbeat.stop()
             await stats.stop()
             await balances.stop()
+            await keys.stop()
             await hosts.stop()
             await services.stop()
             await nc.drain()
