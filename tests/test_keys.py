@@ -127,7 +127,7 @@ async def test_key_lifecycle_on_two_ingresses(
     async def charged() -> int:
         total: int = await db.fetchval(
             "SELECT coalesce(-sum(amount), 0)::int8 FROM ledger_entries "
-            "WHERE account = $1 AND kind = 'charge'",
+            "WHERE account = $1 AND kind IN ('charge', 'refund')",
             f"user:{key_id}",
         )
         return total

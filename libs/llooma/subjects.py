@@ -26,6 +26,8 @@ SETTLEMENT_SUBJECTS = f"{PREFIX}.settlement.>"
 SETTLEMENT_TASK = f"{PREFIX}.settlement.task"
 # Duel-and-judge outcomes (DuelResult) from the racer: accounting and the dispatcher.
 SETTLEMENT_DUEL = f"{PREFIX}.settlement.duel"
+# What each request's client received (DeliveryReport), from the ingress to accounting.
+SETTLEMENT_DELIVERY = f"{PREFIX}.settlement.delivery"
 
 # Race events from the racer: the dispatcher's host statistics, metrics, accounting.
 EVENTS_STREAM = "LLOOMA_EVENTS"
@@ -39,6 +41,7 @@ CONSUMER_DISPATCHER = "dispatcher"
 CONSUMER_RACER = "racer"
 CONSUMER_ACCOUNTING = "accounting"
 CONSUMER_ACCOUNTING_DUELS = "accounting-duels"
+CONSUMER_ACCOUNTING_DELIVERIES = "accounting-deliveries"
 
 
 def consumer_deliver(durable: str) -> str:

@@ -44,6 +44,7 @@ from llooma.v1.pipeline_pb2 import (
     PrivacyMode,
 )
 from llooma.v1.plan_pb2 import Plan
+from services.ingress.delivery import DeliveryReporter
 from services.ingress.headers import InvalidHeader, RequestOptions, parse_options
 from services.ingress.limits import Limits, Ticket
 from services.ingress.replies import ReplyRouter
@@ -127,6 +128,8 @@ class Ingress:
         self.balances: BalanceBook | None = None
         # Keys managed by accounting (Postgres), through the keys bucket; env keys beside them.
         self.keys: KeyBook | None = None
+        # What each client received, for billing (accounting re-bills incomplete requests).
+        self.deliveries: DeliveryReporter | None = None
         self.stats: StatsCollector | None = None
         self.limits = Limits(self.settings, self.hosts)
         self._models_seen: dict[str, float] = {}
@@ -357,6 +360,8 @@ class Ingress:
             decision = first.started.plan_decision.encode("ascii", "replace").decode()
             headers["x-llooma-plan"] = decision[:200]
         stream = ticket.watch(self._events(request_id, queue, restorer))
+        if self.deliveries is not None:
+            stream = self.deliveries.watch(chat, stream)
         if parsed.stream:
             include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
 

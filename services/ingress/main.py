@@ -24,6 +24,7 @@ from llooma.settings import Settings, load_settings
 from services.ingress.admin import ROUTES as ADMIN_ROUTES
 from services.ingress.admin import admin_key_ids
 from services.ingress.api import Ingress
+from services.ingress.delivery import DeliveryReporter
 from services.ingress.openapi import serve_openapi
 from services.ingress.replies import ReplyRouter
 from services.ingress.schema import error_response
@@ -112,6 +113,7 @@ def create_app(settings: Settings) -> Starlette:
         keys = KeyBook()
         await keys.start(js)
         app.state.ingress.keys = keys
+        app.state.ingress.deliveries = DeliveryReporter(js)
         app.state.admin_key_ids = admin_key_ids(settings.admin_keys())
         app.state.ingress.stats = stats
         heartbeat = ServiceHeartbeater(nc, SERVICE, instance_id, settings.heartbeat_interval_s)

@@ -34,19 +34,22 @@ WHERE key_id = $1
 RETURNING {COLUMNS}
 """
 
-# Each charge is the user's leg of an attempt's posting (ref = attempt id); its time is its
-# block's. Requests count distinct requests (a split request settles one attempt a node).
+# Each charge is the user's leg of an attempt's posting (ref = attempt id), each refund the
+# user's leg of its request's re-billing (`delivery:<request_id>`, ref = a winning attempt);
+# its time is its block's. Requests count distinct requests (a split request settles one
+# attempt a node); tokens are the winners' (what the hosts produced).
 USAGE = """
 SELECT substr(e.account, 6) AS key_id, s.model,
        count(DISTINCT s.request_id) AS requests,
-       coalesce(sum(s.input_tokens), 0)::int8 AS input_tokens,
-       coalesce(sum(s.output_tokens), 0)::int8 AS output_tokens,
+       coalesce(sum(s.input_tokens) FILTER (WHERE e.kind = 'charge'), 0)::int8 AS input_tokens,
+       coalesce(sum(s.output_tokens) FILTER (WHERE e.kind = 'charge'), 0)::int8
+           AS output_tokens,
        coalesce(sum(-e.amount), 0)::int8 AS credits_micros
 FROM ledger_entries e
 JOIN ledger_blocks b ON b.height = e.block_height
 JOIN task_settlements s ON s.attempt_id = e.ref
-WHERE e.kind = 'charge' AND e.account LIKE 'user:%' AND e.amount < 0
-  AND e.txn_id = 'attempt:' || s.attempt_id
+WHERE e.kind IN ('charge', 'refund') AND e.account LIKE 'user:%'
+  AND e.txn_id IN ('attempt:' || s.attempt_id, 'delivery:' || s.request_id)
   AND ($1::text IS NULL OR e.account = 'user:' || $1)
   AND b.created_unix_nanos >= $2 AND b.created_unix_nanos < $3
 GROUP BY 1, 2
