@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     rate_limit_burst_s: float = Field(default=1.0, gt=0)
     # Per-key overrides, JSON: {"<api key>": {"rpm": 60, "tpm": 100000}} (0: none).
     rate_limits_by_key: dict[str, dict[str, int]] = {}
+    # Per-key rates held across every ingress (JetStream counters, llooma.limiter); off: each
+    # ingress holds them alone (N ingresses then allow N times each rate). Off by default
+    # until its token-per-minute accuracy matches the local buckets' (see OPERATIONS.md).
+    rate_limits_shared: bool = False
     # Completion tokens a request without max_tokens is charged until its usage is known.
     rate_limit_default_max_tokens: int = Field(default=256, ge=1)
     # Load shedding in each ingress (0: off): requests in flight at once, requests still

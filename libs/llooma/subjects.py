@@ -80,6 +80,19 @@ LEDGER_ANCHOR_STREAM = "LLOOMA_LEDGER_ANCHORS"
 LEDGER_ANCHOR_SUBJECTS = f"{PREFIX}.ledger.anchor.>"
 
 
+# Shared limits (llooma.limiter): one JetStream counter per scope and window, e.g. a key's
+# requests per minute, held across every ingress; old windows age out of the stream.
+LIMITS_STREAM = "LLOOMA_LIMITS"
+LIMITS_SUBJECTS = f"{PREFIX}.limit.>"
+# Where each limit scope's windows start (its first use), shared by every ingress.
+LIMIT_PHASES_BUCKET = "llooma_limit_phases"
+
+
+def limit_counter(scope: str, window: int) -> str:
+    """`scope` is dot-free tokens such as "rpm.<api_key_id>"."""
+    return f"{PREFIX}.limit.{scope}.{window}"
+
+
 def ledger_anchor(height: int) -> str:
     return f"{PREFIX}.ledger.anchor.{height}"
 

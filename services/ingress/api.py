@@ -53,6 +53,7 @@ from services.ingress.schema import (
     describe_validation_error,
     error_response,
 )
+from services.ingress.shared_limits import SharedRateLimits
 
 SERVICES = (
     "ingress",
@@ -130,6 +131,8 @@ class Ingress:
         self.keys: KeyBook | None = None
         # What each client received, for billing (accounting re-bills incomplete requests).
         self.deliveries: DeliveryReporter | None = None
+        # Per-key rates held across every ingress (NATS counters), when on.
+        self.shared_limits: SharedRateLimits | None = None
         self.stats: StatsCollector | None = None
         self.limits = Limits(self.settings, self.hosts)
         self._models_seen: dict[str, float] = {}
@@ -217,8 +220,16 @@ class Ingress:
         except InvalidHeader as error:
             return error_response(400, str(error), code="invalid_request")
         rates = (record.rpm, record.tpm) if record is not None else None
-        ticket = self.limits.admit(key_id, parsed, rates)
+        release = None
+        if self.shared_limits is not None:
+            shared = await self.shared_limits.admit(key_id, parsed, rates)
+            if isinstance(shared, Response):
+                return shared
+            release = shared
+        ticket = self.limits.admit(key_id, parsed, rates, release)
         if not isinstance(ticket, Ticket):
+            if release is not None:
+                release(0)
             return ticket
         return await ticket.serve(self._complete(parsed, key_id, options, ticket))
 

@@ -17,6 +17,7 @@ from starlette.routing import Route
 from llooma import bus, runtime, tracing
 from llooma.keys import KeyBook
 from llooma.ledger.balances import BalanceBook
+from llooma.limiter import SharedCounters
 from llooma.membership import HostDirectory, ServiceDirectory
 from llooma.metrics import StatsCollector
 from llooma.runtime import ServiceHeartbeater
@@ -28,6 +29,7 @@ from services.ingress.delivery import DeliveryReporter
 from services.ingress.openapi import serve_openapi
 from services.ingress.replies import ReplyRouter
 from services.ingress.schema import error_response
+from services.ingress.shared_limits import SharedRateLimits
 from services.ingress.stats import ROUTES as STATS_ROUTES
 
 SERVICE = "ingress"
@@ -114,6 +116,9 @@ def create_app(settings: Settings) -> Starlette:
         await keys.start(js)
         app.state.ingress.keys = keys
         app.state.ingress.deliveries = DeliveryReporter(js)
+        if settings.rate_limits_shared:
+            app.state.ingress.shared_limits = SharedRateLimits(settings, SharedCounters(js))
+            app.state.ingress.limits.rates_shared = True
         app.state.admin_key_ids = admin_key_ids(settings.admin_keys())
         app.state.ingress.stats = stats
         heartbeat = ServiceHeartbeater(nc, SERVICE, instance_id, settings.heartbeat_interval_s)
