@@ -74,8 +74,8 @@ KEYS_BUCKET = "llooma_api_keys"
 KEYS_ADMIN = f"{PREFIX}.keys.admin"
 
 # Each sealed ledger block's height and id, outside the database: a stream that denies
-# deletes and purges, one subject per height, so `llooma ledger verify` catches a rewritten,
-# re-signed or truncated chain.
+# deletes and purges, one subject per chain and height, so `llooma ledger verify` catches a
+# rewritten, re-signed or truncated chain. A chain is named by its signing key.
 LEDGER_ANCHOR_STREAM = "LLOOMA_LEDGER_ANCHORS"
 LEDGER_ANCHOR_SUBJECTS = f"{PREFIX}.ledger.anchor.>"
 
@@ -93,8 +93,17 @@ def limit_counter(scope: str, window: int) -> str:
     return f"{PREFIX}.limit.{scope}.{window}"
 
 
-def ledger_anchor(height: int) -> str:
-    return f"{PREFIX}.ledger.anchor.{height}"
+def ledger_chain(public_key: str) -> str:
+    """A chain's name in anchor subjects: the start of its signing key (hex)."""
+    return checked_token(public_key[:16])
+
+
+def ledger_anchor(chain: str, height: int) -> str:
+    return f"{PREFIX}.ledger.anchor.{chain}.{height}"
+
+
+def ledger_anchors(chain: str) -> str:
+    return f"{PREFIX}.ledger.anchor.{chain}.*"
 
 
 def kv_put_subject(bucket: str, key: str) -> str:

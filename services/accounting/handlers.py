@@ -19,6 +19,7 @@ from opentelemetry import metrics
 
 from llooma import subjects, tracing
 from llooma.ledger import deliveries
+from llooma.ledger.anchors import Anchorer
 from llooma.ledger.balances import publish_balances, publish_balances_complete
 from llooma.ledger.intake import Rejected, read_delivery, read_duel, read_settlement
 from llooma.ledger.store import LedgerStore, Posted
@@ -57,6 +58,7 @@ class Accounting:
 
     store: LedgerStore
     js: JetStreamContext
+    anchors: Anchorer
 
     def __init__(self) -> None:
         # api_key_id -> (block height it was read at, balance published).
@@ -100,9 +102,17 @@ class Accounting:
     async def publish_posted(self, posted: Posted) -> Posted:
         if posted.block is None:
             return posted
+        await self._anchor()
         await self._publish_balances(posted.block.height, posted.user_balances)
         self._summary_due.set()
         return posted
+
+    async def _anchor(self) -> None:
+        """Anchor the new blocks outside the database; a failure is retried by the refresh."""
+        try:
+            await self.anchors.catch_up(self.store.pool)
+        except Exception:
+            log.warning("anchoring blocks failed; will retry", exc_info=True)
 
     async def _publish_balances(self, height: int, balances: dict[str, int]) -> None:
         async with self._publishing:
@@ -183,6 +193,7 @@ class Accounting:
         async def refresh() -> None:
             while True:
                 await asyncio.sleep(BALANCE_REFRESH_S)
+                await self._anchor()
                 try:
                     await self.refresh_balances()
                 except Exception:

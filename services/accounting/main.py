@@ -8,9 +8,10 @@ import asyncpg
 from faststream import FastStream
 from faststream.nats import NatsBroker
 
-from llooma import runtime
+from llooma import runtime, subjects
 from llooma.db.migrate import migrate
 from llooma.ledger import signing_key_path
+from llooma.ledger.anchors import Anchorer
 from llooma.ledger.blocks import Signer
 from llooma.ledger.economics import Prices, opening_balances
 from llooma.ledger.store import LedgerStore, ledger_height
@@ -53,6 +54,9 @@ def create_app(settings: Settings) -> FastStream:
             raise
         accounting.store = LedgerStore(pool, signer, Prices.from_settings(settings))
         accounting.js = broker.config.connection_state.stream
+        accounting.anchors = Anchorer(accounting.js, subjects.ledger_chain(signer.public_key))
+        await accounting.anchors.start()
+        await accounting.anchors.catch_up(pool)
         keys.open(pool)
         # Before this instance says it is ready, so the ingress never 402s a funded key.
         await accounting.store.open_accounts(opening_balances(settings))

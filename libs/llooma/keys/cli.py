@@ -36,7 +36,7 @@ Models = Annotated[
 ]
 
 
-def _connection(nats_url: str, seed: str, data_dir: Path) -> tuple[str, str | None]:
+def nats_target(nats_url: str, seed: str, data_dir: Path) -> tuple[str, str | None]:
     if not nats_url:
         port = data_dir / "nats" / "port"
         if not port.exists():
@@ -53,7 +53,7 @@ def call(request: dict[str, Any], nats_url: str, seed: str, data_dir: Path) -> d
     """One request to the key service; exits non-zero on an error reply."""
     from llooma import bus, subjects
 
-    url, seed_file = _connection(nats_url, seed, data_dir)
+    url, seed_file = nats_target(nats_url, seed, data_dir)
 
     async def run() -> dict[str, Any]:
         nc = await bus.connect(url, "llooma-keys-cli", nkey_seed_file=seed_file, attempts=8)
