@@ -56,7 +56,12 @@ def up(
     console.print(
         f"\n[bold green]LLooMA is up[/bold green] at {stack.base_url}\n"
         f"  API key : {DEV_API_KEY}\n"
-        f"  models  : llooma, synthetic-small, echo\n"
+        + (
+            f"  admin   : key in {stack.admin_key_file} (llooma keys, /admin/v1/keys)\n"
+            if stack.admin_key_file.exists()
+            else ""
+        )
+        + f"  models  : llooma, synthetic-small, echo\n"
         f"  logs    : {data_dir / 'logs'}\n\n"
         f"  curl {stack.base_url}/v1/chat/completions \\\n"
         f'    -H "Authorization: Bearer {DEV_API_KEY}" -H "Content-Type: application/json" \\\n'

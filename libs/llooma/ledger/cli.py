@@ -47,6 +47,18 @@ def _key_file(key_file: Path | None) -> Path:
     return key_file or signing_key_path(load_settings())
 
 
+def _key_hash_secret(data_dir: Path) -> bytes | None:
+    """The environment's key-hash secret, else the one `llooma up` made under `data_dir`."""
+    import os
+
+    from llooma.settings import KEY_HASH_SECRET_ENV, KEY_HASH_SECRET_FILE_ENV
+
+    stack_secret = data_dir / "secrets" / "key-hash.secret"
+    if os.environ.get(KEY_HASH_SECRET_ENV) or os.environ.get(KEY_HASH_SECRET_FILE_ENV):
+        return None
+    return stack_secret.read_text().strip().encode() if stack_secret.exists() else None
+
+
 def credits(micros: int) -> str:
     return f"{Decimal(micros) / MICROS:,.6f}"
 
@@ -182,7 +194,7 @@ def credit(
         raise typer.BadParameter(f"not a number: {amount}") from error
     if micros <= 0:
         raise typer.BadParameter("the amount must be positive")
-    key_id = key if _KEY_ID.match(key) else api_key_id(key)
+    key_id = key if _KEY_ID.match(key) else api_key_id(key, _key_hash_secret(data_dir))
     signing_key = _key_file(key_file)
     if not signing_key.exists():
         # Blocks signed by a key of its own would not verify against accounting's.
