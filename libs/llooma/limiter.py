@@ -109,10 +109,10 @@ class SharedCounters:
             return wait_s
         total = await self._incr(current, cost)
         before = total - cost
-        # Unbiased: admitted while half the request (less one unit) still fits, so windows
-        # end on average at their allowance, not half a request past it; a request larger
-        # than the allowance waits for an empty window and leaves a debt.
-        if before < room and (before + (cost - 1) / 2 < room or before <= 0):
+        # Admitted while half the request still fits, so a window ends on average at its
+        # allowance (a whole unit would lose one a window, none would gain half a request);
+        # a request larger than the allowance waits for an idle window and leaves a debt.
+        if before + cost / 2 < room or (before <= 0 and room >= window.per_window):
             return 0.0
         await self._give_back(current, cost)
         return wait_s
