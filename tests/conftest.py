@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
@@ -24,10 +25,14 @@ from nats.aio.msg import Msg
 from llooma import bus, subjects
 from llooma.credentials import CredentialStore
 from llooma.embedded import EmbeddedNats, EmbeddedPostgres, free_port
-from llooma.settings import DEV_API_KEY
+from llooma.settings import DEV_API_KEY, KEY_HASH_SECRET_ENV
 from llooma.stack import Stack, demo_hosts
 from llooma.v1.race_pb2 import RaceEvent
 from tests.support.otlp_receiver import OtlpReceiver
+
+# One key-hash secret for the session, in the environment before anything hashes a key: every
+# stack a test starts inherits it, so `api_key_id` here names the same accounts as there.
+os.environ.setdefault(KEY_HASH_SECRET_ENV, secrets.token_hex(32))
 
 AUTH = {"Authorization": f"Bearer {DEV_API_KEY}"}
 HEDGED_MODEL = "hedged-test-model"

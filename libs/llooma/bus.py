@@ -36,6 +36,8 @@ EVENTS_MAX_AGE_S = 24 * 3600.0
 # JetStream's window for discarding a repeated Nats-Msg-Id.
 DUPLICATE_WINDOW_S = 600.0
 MEMBERSHIP_TTL_S = 5.0
+LIMITS_MAX_AGE_S = 180.0
+LIMIT_PHASE_TTL_S = 24 * 3600.0
 
 STREAMS = (
     # Memory: a hand-off lives milliseconds and its client waits on a live connection that a
@@ -64,6 +66,30 @@ STREAMS = (
         max_age=SETTLEMENT_MAX_AGE_S,
         duplicate_window=DUPLICATE_WINDOW_S,
     ),
+    # Counters (Nats-Incr) for limits shared by every ingress: a window matters for seconds.
+    StreamConfig(
+        name=subjects.LIMITS_STREAM,
+        subjects=[subjects.LIMITS_SUBJECTS],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.MEMORY,
+        max_age=LIMITS_MAX_AGE_S,
+        allow_msg_counter=True,
+    ),
+    # Kept forever; no message can be deleted or purged, and a height's anchor is written
+    # once (a second one for the same subject is refused).
+    StreamConfig(
+        name=subjects.LEDGER_ANCHOR_STREAM,
+        subjects=[subjects.LEDGER_ANCHOR_SUBJECTS],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_msgs_per_subject=1,
+        discard=DiscardPolicy.NEW,
+        discard_new_per_subject=True,
+        deny_delete=True,
+        deny_purge=True,
+        allow_rollup_hdrs=False,
+        duplicate_window=DUPLICATE_WINDOW_S,
+    ),
 )
 
 BUCKETS = (
@@ -74,6 +100,10 @@ BUCKETS = (
     # Accounting's published state outlives restarts; Postgres stays the source of truth.
     KeyValueConfig(bucket=subjects.BALANCES_BUCKET, storage=StorageType.FILE),
     KeyValueConfig(bucket=subjects.LEDGER_BUCKET, storage=StorageType.FILE),
+    KeyValueConfig(bucket=subjects.KEYS_BUCKET, storage=StorageType.FILE),
+    KeyValueConfig(
+        bucket=subjects.LIMIT_PHASES_BUCKET, ttl=LIMIT_PHASE_TTL_S, storage=StorageType.MEMORY
+    ),
 )
 
 

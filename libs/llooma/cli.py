@@ -16,6 +16,7 @@ from rich.console import Console
 
 from llooma import bus, tracing
 from llooma.host.config import HostConfigError, load_host_config
+from llooma.keys.cli import keys_app
 from llooma.ledger.cli import ledger_app
 from llooma.settings import DEV_API_KEY
 
@@ -103,7 +104,12 @@ def up(
     console.print(
         f"\n[bold green]LLooMA is up[/bold green] at {stack.base_url}\n"
         f"  API key : {DEV_API_KEY}\n"
-        f"  models  : {models}\n"
+        + (
+            f"  admin   : key in {stack.admin_key_file} (llooma keys, /admin/v1/keys)\n"
+            if stack.admin_key_file.exists()
+            else ""
+        )
+        + f"  models  : {models}\n"
         f"  NATS    : {stack.nats_url} (hosts join here: `llooma hosts add NAME`)\n"
         f"  logs    : {data_dir / 'logs'}\n\n"
         f"  curl {stack.base_url}/v1/chat/completions \\\n"
@@ -184,6 +190,7 @@ def host(config: Annotated[Path, typer.Option(help="Host YAML config")]) -> None
 
 
 app.add_typer(ledger_app, name="ledger")
+app.add_typer(keys_app, name="keys")
 hosts_app = typer.Typer(help="Host credentials for the embedded NATS server.")
 app.add_typer(hosts_app, name="hosts")
 DataDir = Annotated[Path, typer.Option(help="The stack's data folder")]

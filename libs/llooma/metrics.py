@@ -144,6 +144,8 @@ class StatsCollector:
         self._overhead = {path: Recent() for path in PATHS}
         self._requests = dict.fromkeys(PATHS, 0)
         self._failed_requests = 0
+        # Refusals by HTTP status, then reason (the error's code): counters only.
+        self._rejections: dict[int, dict[str, int]] = {}
         self._pending: OrderedDict[str, _Pending] = OrderedDict()
         self._tasks = dict.fromkeys(PATHS, 0)
         self._tasks_succeeded = 0
@@ -180,6 +182,11 @@ class StatsCollector:
         )
         self._request_counter = meter.create_counter(
             "llooma.requests", description="Requests by path, or failed before a first token"
+        )
+        self._rejection_counter = meter.create_counter(
+            "llooma.requests.rejected",
+            description="Requests answered with an error (401, 402, 404, 413, 429, 503, ...), "
+            "by status and reason",
         )
         self._task_counter = meter.create_counter(
             "llooma.race.tasks", description="Races by path, outcome and whether a fallback ran"
@@ -243,6 +250,11 @@ class StatsCollector:
     def request_failed(self) -> None:
         self._failed_requests += 1
         self._request_counter.add(1, {"llooma.path": "none"})
+
+    def rejected(self, status: int, reason: str) -> None:
+        by_reason = self._rejections.setdefault(status, {})
+        by_reason[reason] = by_reason.get(reason, 0) + 1
+        self._rejection_counter.add(1, {"http.response.status_code": status, "error.type": reason})
 
     # -- race events -----------------------------------------------------------------------
 
@@ -392,6 +404,13 @@ class StatsCollector:
                 "total": requests,
                 "by_path": dict(self._requests),
                 "failed_before_first_token": self._failed_requests,
+            },
+            "rejections": {
+                "total": sum(sum(r.values()) for r in self._rejections.values()),
+                "by_status": {
+                    str(status): dict(sorted(reasons.items()))
+                    for status, reasons in sorted(self._rejections.items())
+                },
             },
             "first_token_ms": {p: self._first_token[p].summary() for p in PATHS},
             "overhead_ms": {p: self._overhead[p].summary() for p in PATHS},

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import logging
+import os
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import AliasChoices, Field, field_validator
@@ -17,9 +21,36 @@ ORCHESTRATED_MODEL = "llooma"
 VERSION = "0.1.0"
 
 
-def api_key_id(key: str) -> str:
-    """The stored, logged and traced form of an API key: never the key itself."""
-    return hashlib.sha256(key.encode()).hexdigest()[:32]
+# Used only when no secret is configured (a process outside a stack, a unit test): the
+# stack and every deployment set LLOOMA_KEY_HASH_SECRET_FILE (or LLOOMA_KEY_HASH_SECRET).
+_PUBLIC_DEV_SECRET = b"llooma-development-key-hash-secret"
+KEY_HASH_SECRET_ENV = "LLOOMA_KEY_HASH_SECRET"
+KEY_HASH_SECRET_FILE_ENV = "LLOOMA_KEY_HASH_SECRET_FILE"
+
+
+@lru_cache(maxsize=1)
+def key_hash_secret() -> bytes:
+    """The server secret API keys are hashed with (HMAC-SHA256): from the environment or the
+    file it names, kept apart from the data, so a copy of the database or the KV store alone
+    cannot test guesses of a weak key."""
+    secret = os.environ.get(KEY_HASH_SECRET_ENV, "")
+    path = os.environ.get(KEY_HASH_SECRET_FILE_ENV, "")
+    if not secret and path:
+        secret = Path(path).read_text().strip()
+    if not secret:
+        logging.getLogger(__name__).warning(
+            "no %s(_FILE): API keys are hashed with the public development secret",
+            KEY_HASH_SECRET_ENV,
+        )
+        return _PUBLIC_DEV_SECRET
+    return secret.encode()
+
+
+def api_key_id(key: str, secret: bytes | None = None) -> str:
+    """The stored, logged and traced form of an API key, never the key itself: a keyed hash
+    (HMAC-SHA256 with the server secret), so a lookup table of weak keys does not reverse it."""
+    digest = hmac.new(secret or key_hash_secret(), key.encode(), hashlib.sha256)
+    return digest.hexdigest()[:32]
 
 
 class Settings(BaseSettings):
@@ -67,6 +98,12 @@ class Settings(BaseSettings):
         default=[DEV_API_KEY],
         description="API keys, comma-separated (kept in memory only as keyed hashes)",
     )
+    admin_api_keys: Annotated[list[str], NoDecode] = Field(
+        default=[],
+        description="keys for the admin API (`/admin/v1/...`), comma-separated; none (and no "
+        "file): the admin API answers 404",
+    )
+    admin_api_key_file: str = Field(default="", description="or a file of admin keys, one a line")
     privacy_off_api_keys: Annotated[list[str], NoDecode] = Field(
         default=[], description="keys whose requests skip the privacy mediator"
     )
@@ -97,6 +134,12 @@ class Settings(BaseSettings):
     rate_limits_by_key: dict[str, dict[str, int]] = Field(
         default={},
         description='per-key overrides, JSON `{"sk-...": {"rpm": 60, "tpm": 100000}}` (0: none)',
+    )
+    rate_limits_shared: bool = Field(
+        default=False,
+        description="per-key rates held across every ingress (JetStream counters, "
+        "`llooma.limiter`); off: each ingress holds them alone (N ingresses allow N times each "
+        "rate); off by default until its accuracy matches the local buckets'",
     )
     rate_limit_default_max_tokens: int = Field(
         default=256,
@@ -318,6 +361,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "api_keys",
+        "admin_api_keys",
         "privacy_off_api_keys",
         "orchestration_excluded_models",
         "fallback_hosts",
@@ -329,6 +373,14 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    def admin_keys(self) -> list[str]:
+        """Every configured admin key (the setting and the file's lines)."""
+        keys = list(self.admin_api_keys)
+        if self.admin_api_key_file:
+            text = Path(self.admin_api_key_file).read_text()
+            keys += [line.strip() for line in text.splitlines() if line.strip()]
+        return keys
 
     def nats_access(self) -> NatsAccess:
         """The control plane's NATS credential and TLS files."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from llooma.embedded import (
 )
 from llooma.host.config import Generation, HostConfig, Latency, ModelConfig, Policy
 from llooma.ledger.blocks import Signer
+from llooma.settings import KEY_HASH_SECRET_ENV, KEY_HASH_SECRET_FILE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,16 @@ def host_environment(env: dict[str, str]) -> dict[str, str]:
     return {
         k: v for k, v in env.items() if k not in _CONTROL_PLANE_ONLY and not k.startswith("LLOOMA_")
     }
+
+
+def write_secret(path: Path, value: str) -> None:
+    """Once: `value` into a file only its owner reads, in a folder only its owner opens."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.exists():
+        return
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(value + "\n")
 
 
 @dataclass
@@ -136,8 +148,32 @@ class Stack:
 
     @property
     def ledger_key_file(self) -> Path:
-        """The accounting service's block-signing key, under the stack's credentials."""
-        return self.root / "credentials" / "ledger-signing.key"
+        """The accounting service's block-signing key, in a folder of its own (0700): apart
+        from the data and from the other credentials."""
+        return self.root / "accounting" / "ledger-signing.key"
+
+    @property
+    def key_secret_file(self) -> Path:
+        """The secret API keys are hashed with, when the environment names none."""
+        return self.root / "secrets" / "key-hash.secret"
+
+    @property
+    def admin_key_file(self) -> Path:
+        """The admin API's key, when the environment names none."""
+        return self.root / "secrets" / "admin-api.key"
+
+    def _secrets_env(self) -> dict[str, str]:
+        """A key-hash secret and an admin key of the stack's own, unless configured."""
+        configured = {**os.environ, **self.extra_env}
+        env = {}
+        if not (configured.get(KEY_HASH_SECRET_ENV) or configured.get(KEY_HASH_SECRET_FILE_ENV)):
+            write_secret(self.key_secret_file, secrets.token_hex(32))
+            env[KEY_HASH_SECRET_FILE_ENV] = str(self.key_secret_file)
+        admin = ("LLOOMA_ADMIN_API_KEYS", "LLOOMA_ADMIN_API_KEY_FILE")
+        if not any(configured.get(name) for name in admin):
+            write_secret(self.admin_key_file, f"sk-llooma-admin-{secrets.token_urlsafe(24)}")
+            env["LLOOMA_ADMIN_API_KEY_FILE"] = str(self.admin_key_file)
+        return env
 
     @property
     def base_url(self) -> str:
@@ -181,7 +217,13 @@ class Stack:
                 self.postgres = EmbeddedPostgres(self.root / "postgres")
                 self.database_url = self.postgres.url
             asyncio.run(migrate(self.database_url))
-            # Created here, once, so `llooma ledger verify` finds the public key beside it.
+            # Created here, once, so `llooma ledger verify` finds the public key beside it;
+            # a key from before it had a folder of its own moves there.
+            moved_from = self.root / "credentials" / "ledger-signing.key"
+            if moved_from.exists() and not self.ledger_key_file.exists():
+                self.ledger_key_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                moved_from.rename(self.ledger_key_file)
+                moved_from.with_suffix(".pub").unlink(missing_ok=True)
             Signer.load_or_create(self.ledger_key_file)
             cluster_env = (
                 {"LLOOMA_NATS_REPLICAS": str(self.cluster.replicas)} if self.cluster else {}
@@ -189,6 +231,7 @@ class Stack:
             env = child_environment(
                 {
                     **cluster_env,
+                    **self._secrets_env(),
                     **self.extra_env,
                     "NATS_URL": self.nats_url,
                     "DATABASE_URL": self.database_url,

@@ -27,6 +27,8 @@ SETTLEMENT_SUBJECTS = f"{PREFIX}.settlement.>"
 SETTLEMENT_TASK = f"{PREFIX}.settlement.task"
 # Duel-and-judge outcomes (DuelResult) from the racer: accounting and the dispatcher.
 SETTLEMENT_DUEL = f"{PREFIX}.settlement.duel"
+# What each request's client received (DeliveryReport), from the ingress to accounting.
+SETTLEMENT_DELIVERY = f"{PREFIX}.settlement.delivery"
 
 # Race events from the racer: the dispatcher's host statistics, metrics, accounting.
 EVENTS_STREAM = "LLOOMA_EVENTS"
@@ -40,6 +42,7 @@ CONSUMER_DISPATCHER = "dispatcher"
 CONSUMER_RACER = "racer"
 CONSUMER_ACCOUNTING = "accounting"
 CONSUMER_ACCOUNTING_DUELS = "accounting-duels"
+CONSUMER_ACCOUNTING_DELIVERIES = "accounting-deliveries"
 
 
 def consumer_deliver(durable: str) -> str:
@@ -64,6 +67,44 @@ BALANCES_BUCKET = "llooma_balances"
 BALANCES_COMPLETE_KEY = "all-published"
 LEDGER_BUCKET = "llooma_ledger"
 LEDGER_SUMMARY_KEY = "summary"
+# API keys managed in Postgres, published by accounting: key = api_key_id (the keyed hash),
+# value = the key's record (JSON); a revoked key's entry is deleted. Every ingress watches it.
+KEYS_BUCKET = "llooma_api_keys"
+# Key administration (create, list, update, revoke, usage): request-reply to accounting's key
+# service, JSON bodies as in the admin HTTP API.
+KEYS_ADMIN = f"{PREFIX}.keys.admin"
+
+# Each sealed ledger block's height and id, outside the database: a stream that denies
+# deletes and purges, one subject per chain and height, so `llooma ledger verify` catches a
+# rewritten, re-signed or truncated chain. A chain is named by its signing key.
+LEDGER_ANCHOR_STREAM = "LLOOMA_LEDGER_ANCHORS"
+LEDGER_ANCHOR_SUBJECTS = f"{PREFIX}.ledger.anchor.>"
+
+
+# Shared limits (llooma.limiter): one JetStream counter per scope and window, e.g. a key's
+# requests per minute, held across every ingress; old windows age out of the stream.
+LIMITS_STREAM = "LLOOMA_LIMITS"
+LIMITS_SUBJECTS = f"{PREFIX}.limit.>"
+# Where each limit scope's windows start (its first use), shared by every ingress.
+LIMIT_PHASES_BUCKET = "llooma_limit_phases"
+
+
+def limit_counter(scope: str, window: int) -> str:
+    """`scope` is dot-free tokens such as "rpm.<api_key_id>"."""
+    return f"{PREFIX}.limit.{scope}.{window}"
+
+
+def ledger_chain(public_key: str) -> str:
+    """A chain's name in anchor subjects: the start of its signing key (hex)."""
+    return checked_token(public_key[:16])
+
+
+def ledger_anchor(chain: str, height: int) -> str:
+    return f"{PREFIX}.ledger.anchor.{chain}.{height}"
+
+
+def ledger_anchors(chain: str) -> str:
+    return f"{PREFIX}.ledger.anchor.{chain}.*"
 
 
 def kv_put_subject(bucket: str, key: str) -> str:

@@ -18,12 +18,14 @@ from nats.js import JetStreamContext
 from opentelemetry import metrics
 
 from llooma import counters, subjects, tracing
+from llooma.ledger import deliveries
+from llooma.ledger.anchors import Anchorer
 from llooma.ledger.balances import publish_balances, publish_balances_complete
-from llooma.ledger.intake import Rejected, read_duel, read_settlement
+from llooma.ledger.intake import Rejected, read_delivery, read_duel, read_settlement
 from llooma.ledger.store import LedgerStore, Posted
 from llooma.runtime import SETTLEMENTS
 from llooma.v1.duel_pb2 import DuelResult
-from llooma.v1.settlement_pb2 import TaskSettlement
+from llooma.v1.settlement_pb2 import DeliveryReport, TaskSettlement
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,9 @@ POISON_ERRORS = (
     OverflowError,
 )
 
-Event = TypeVar("Event", TaskSettlement, DuelResult)
+Event = TypeVar("Event", TaskSettlement, DuelResult, DeliveryReport)
+# Incomplete requests are re-billed (what their clients got) this often.
+RECONCILE_EVERY_S = 1.0
 
 
 class Accounting:
@@ -54,6 +58,7 @@ class Accounting:
 
     store: LedgerStore
     js: JetStreamContext
+    anchors: Anchorer
 
     def __init__(self) -> None:
         # api_key_id -> (block height it was read at, balance published).
@@ -75,12 +80,39 @@ class Accounting:
     async def settle_duels(self, duels: list[DuelResult]) -> Posted:
         return await self.publish_posted(await self.store.settle_duels(duels))
 
+    async def record_deliveries(self, reports: list[DeliveryReport]) -> Posted:
+        await deliveries.record_reports(self.store.pool, reports)
+        return Posted()
+
+    async def reconcile_deliveries(self) -> int:
+        """Re-bill every incomplete request that is due; returns how many were settled."""
+        pool = self.store.pool
+        done = 0
+        for delivered, _final, age_s in await deliveries.due(pool):
+            legs = await deliveries.winner_legs(pool, delivered.request_id)
+            if not legs and age_s < deliveries.GIVE_UP_S:
+                continue  # its settlements have not landed yet
+            posting = deliveries.adjustment(delivered, legs)
+            if posting.legs:
+                await self.publish_posted(await self.store.deposit([posting]))
+            await deliveries.mark_reconciled(pool, delivered.request_id)
+            done += 1
+        return done
+
     async def publish_posted(self, posted: Posted) -> Posted:
         if posted.block is None:
             return posted
+        await self._anchor()
         await self._publish_balances(posted.block.height, posted.user_balances)
         self._summary_due.set()
         return posted
+
+    async def _anchor(self) -> None:
+        """Anchor the new blocks outside the database; a failure is retried by the refresh."""
+        try:
+            await self.anchors.catch_up(self.store.pool)
+        except Exception:
+            log.warning("anchoring blocks failed; will retry", exc_info=True)
 
     async def _publish_balances(self, height: int, balances: dict[str, int]) -> None:
         async with self._publishing:
@@ -163,6 +195,7 @@ class Accounting:
         async def refresh() -> None:
             while True:
                 await asyncio.sleep(BALANCE_REFRESH_S)
+                await self._anchor()
                 try:
                     await self.refresh_balances()
                 except Exception:
@@ -179,9 +212,22 @@ class Accounting:
                     self._summary_due.set()
                 await asyncio.sleep(SUMMARY_EVERY_S)
 
+        async def reconcile() -> None:
+            rounds = 0
+            while True:
+                await asyncio.sleep(RECONCILE_EVERY_S)
+                try:
+                    await self.reconcile_deliveries()
+                    rounds += 1
+                    if rounds % 600 == 0:
+                        await deliveries.prune(self.store.pool)
+                except Exception:
+                    log.warning("delivery reconciliation failed", exc_info=True)
+
         self._tasks = [
             asyncio.create_task(refresh(), name="balance-refresh"),
             asyncio.create_task(summarize(), name="summary-publish"),
+            asyncio.create_task(reconcile(), name="delivery-reconcile"),
         ]
 
     async def stop_background(self) -> None:
@@ -225,5 +271,15 @@ def build_router(accounting: Accounting) -> NatsRouter:
     async def settle_duels(batch: Annotated[NatsBatchMessage, Context("message")]) -> None:
         with tracing.batch_spans(subjects.SETTLEMENT_DUEL, batch.raw_message):
             await accounting.take(batch.raw_message, read_duel, accounting.settle_duels)
+
+    @router.subscriber(
+        subjects.SETTLEMENT_DELIVERY,
+        durable=subjects.CONSUMER_ACCOUNTING_DELIVERIES,
+        stream=SETTLEMENTS,
+        pull_sub=PullSub(batch_size=BATCH_SIZE, timeout=BATCH_WAIT_S, batch=True),
+        ack_policy=AckPolicy.MANUAL,
+    )
+    async def record_deliveries(batch: Annotated[NatsBatchMessage, Context("message")]) -> None:
+        await accounting.take(batch.raw_message, read_delivery, accounting.record_deliveries)
 
     return router

@@ -9,14 +9,16 @@ from faststream import FastStream
 from faststream.nats import NatsBroker
 from nacl.signing import SigningKey
 
-from llooma import runtime
+from llooma import runtime, subjects
 from llooma.db.migrate import migrate
 from llooma.ledger import signing_key_path
+from llooma.ledger.anchors import Anchorer
 from llooma.ledger.blocks import Signer
 from llooma.ledger.economics import Prices, opening_balances
 from llooma.ledger.store import LedgerStore
 from llooma.settings import Settings
 from services.accounting.handlers import Accounting, build_router
+from services.accounting.keys import KeyService, build_key_router
 
 SERVICE = "accounting"
 
@@ -82,6 +84,7 @@ def create_app(settings: Settings) -> FastStream:
     if not settings.database_url:
         raise SystemExit("accounting needs DATABASE_URL")
     accounting = Accounting()
+    keys = KeyService(accounting)
 
     async def open_ledger(broker: NatsBroker) -> None:
         await migrate(settings.database_url)
@@ -95,9 +98,14 @@ def create_app(settings: Settings) -> FastStream:
             raise
         accounting.store = LedgerStore(pool, signer, Prices.from_settings(settings))
         accounting.js = broker.config.connection_state.stream
+        accounting.anchors = Anchorer(accounting.js, subjects.ledger_chain(signer.public_key))
+        await accounting.anchors.start()
+        await accounting.anchors.catch_up(pool)
+        keys.open(pool)
         # Before this instance says it is ready, so the ingress never 402s a funded key.
         await accounting.store.open_accounts(opening_balances(settings))
         await accounting.publish_all_balances()
+        await keys.publish_all()
         await accounting.publish_summary()
         accounting.start_background()
 
@@ -108,7 +116,7 @@ def create_app(settings: Settings) -> FastStream:
     return runtime.build_app(
         SERVICE,
         settings,
-        [build_router(accounting)],
+        [build_router(accounting), build_key_router(keys)],
         on_connected=open_ledger,
         on_stopping=close_ledger,
     )

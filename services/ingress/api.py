@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from llooma import bus, subjects, tracing
+from llooma.keys import KeyBook, KeyRecord
 from llooma.ledger.balances import BalanceBook
 from llooma.membership import HostDirectory, ServiceDirectory
 from llooma.metrics import StatsCollector
@@ -43,6 +44,7 @@ from llooma.v1.pipeline_pb2 import (
     ClientEvent,
     PrivacyMode,
 )
+from services.ingress.delivery import DeliveryReporter
 from services.ingress.headers import InvalidHeader, RequestOptions, parse_options
 from services.ingress.limits import Limits, Ticket
 from services.ingress.replies import ReplyRouter
@@ -51,6 +53,7 @@ from services.ingress.schema import (
     describe_validation_error,
     error_response,
 )
+from services.ingress.shared_limits import SharedRateLimits
 
 # How much longer than the first-token deadline the pipeline may take to say anything at all.
 PIPELINE_MARGIN_S = 10.0
@@ -111,6 +114,12 @@ class Ingress:
         self._privacy_off = {api_key_id(key) for key in self.settings.privacy_off_api_keys}
         # Balances come from accounting through KV, never from Postgres on this path.
         self.balances: BalanceBook | None = None
+        # Keys managed by accounting (Postgres), through the keys bucket; env keys beside them.
+        self.keys: KeyBook | None = None
+        # What each client received, for billing (accounting re-bills incomplete requests).
+        self.deliveries: DeliveryReporter | None = None
+        # Per-key rates held across every ingress (NATS counters), when on.
+        self.shared_limits: SharedRateLimits | None = None
         self.stats: StatsCollector | None = None
         self.limits = Limits(self.settings, self.hosts)
         self._models_seen: dict[str, float] = {}
@@ -126,7 +135,14 @@ class Ingress:
         for known in self._key_ids:
             if hmac.compare_digest(candidate, known):
                 return known
+        # A keyed hash: matching it in a dict leaks nothing a guesser could use.
+        record = self.keys.get(candidate) if self.keys is not None else None
+        if record is not None and not record.expired():
+            return candidate
         return None
+
+    def _record(self, key_id: str) -> KeyRecord | None:
+        return self.keys.get(key_id) if self.keys is not None else None
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.settings.max_body_bytes
@@ -150,6 +166,13 @@ class Ingress:
     # -- routes ----------------------------------------------------------------------------
 
     async def chat_completions(self, request: Request) -> Response:
+        """A request, and every refusal counted by status and reason (counters only)."""
+        response = await self._chat_completions(request)
+        if response.status_code >= 400 and self.stats is not None:
+            self.stats.rejected(response.status_code, _error_code(response))
+        return response
+
+    async def _chat_completions(self, request: Request) -> Response:
         """Every check a request passes before it reaches NATS, cheapest first; each step
         answers with OpenAI's error shape or hands on what it found."""
         key_id = self._authenticate(request)
@@ -168,6 +191,14 @@ class Ingress:
         parsed = await self._parse(request)
         if isinstance(parsed, Response):
             return parsed
+        record = self._record(key_id)
+        if record is not None and not record.allows(parsed.model):
+            # As OpenAI answers a model the key has no access to.
+            return error_response(
+                404,
+                f"model {parsed.model!r} does not exist or this API key may not use it",
+                code="model_not_found",
+            )
         unavailable = self._model_unavailable(parsed.model)
         if unavailable is not None:
             return unavailable
@@ -175,8 +206,17 @@ class Ingress:
             options = parse_options(request.headers)
         except InvalidHeader as error:
             return error_response(400, str(error), code="invalid_request")
-        ticket = self.limits.admit(key_id, parsed)
+        rates = (record.rpm, record.tpm) if record is not None else None
+        release = None
+        if self.shared_limits is not None:
+            shared = await self.shared_limits.admit(key_id, parsed, rates)
+            if isinstance(shared, Response):
+                return shared
+            release = shared
+        ticket = self.limits.admit(key_id, parsed, rates, release)
         if not isinstance(ticket, Ticket):
+            if release is not None:
+                release(0)
             return ticket
         return await ticket.serve(self._complete(parsed, key_id, options, ticket))
 
@@ -319,6 +359,8 @@ class Ingress:
         if first.started.model:
             headers["x-llooma-model"] = _header_value(first.started.model)
         stream = ticket.watch(self._events(request_id, queue, restorer))
+        if self.deliveries is not None:
+            stream = self.deliveries.watch(chat, stream)
         if parsed.stream:
             include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
 
@@ -491,6 +533,15 @@ def _invalid_api_key() -> Response:
     return error_response(
         401, "missing or invalid API key", error_type="authentication_error", code="invalid_api_key"
     )
+
+
+def _error_code(response: Response) -> str:
+    """The `code` of an error response in OpenAI's shape (the refusal path only)."""
+    try:
+        code = orjson.loads(response.body)["error"]["code"]
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return "unknown"
+    return str(code or "unknown")
 
 
 def _model_card(name: str) -> dict[str, object]:

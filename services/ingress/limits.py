@@ -79,6 +79,7 @@ class TokenBucket:
 class KeyBuckets:
     requests: TokenBucket | None
     tokens: TokenBucket | None
+    rates: tuple[int, int] = (0, 0)
 
 
 def _bucket(per_minute: int, burst_s: float, smallest: float) -> TokenBucket | None:
@@ -129,6 +130,8 @@ class Limits:
         self.shed = 0
         self.rate_limited = 0
         self.selector = selection.Selector.from_settings(settings)
+        # Per-key rates are held by the shared counters, not by buckets in this process.
+        self.rates_shared = False
         self._buckets: dict[str, KeyBuckets] = {}
         self._overrides = {
             api_key_id(key): limits for key, limits in settings.rate_limits_by_key.items()
@@ -205,15 +208,23 @@ class Limits:
 
     # -- rate limits -------------------------------------------------------------------------
 
-    def _buckets_for(self, key_id: str) -> KeyBuckets:
+    def _buckets_for(self, key_id: str, rates: tuple[int, int] | None = None) -> KeyBuckets:
+        """`rates`: a managed key's own (rpm, tpm), 0 for the default; a change rebuilds."""
+        settings = self.settings
+        if self.rates_shared:
+            # Held across every ingress instead (services.ingress.shared_limits).
+            return KeyBuckets(None, None)
+        override = self._overrides.get(key_id, {})
+        rpm = override.get("rpm", settings.rate_limit_rpm)
+        tpm = override.get("tpm", settings.rate_limit_tpm)
+        if rates is not None:
+            rpm, tpm = rates[0] or rpm, rates[1] or tpm
         buckets = self._buckets.get(key_id)
-        if buckets is None:
-            settings = self.settings
-            override = self._overrides.get(key_id, {})
-            rpm = override.get("rpm", settings.rate_limit_rpm)
-            tpm = override.get("tpm", settings.rate_limit_tpm)
+        if buckets is None or buckets.rates != (rpm, tpm):
             burst_s = settings.rate_limit_burst_s
-            buckets = KeyBuckets(_bucket(rpm, burst_s, 1.0), _bucket(tpm, burst_s, 0.0))
+            buckets = KeyBuckets(
+                _bucket(rpm, burst_s, 1.0), _bucket(tpm, burst_s, 0.0), rates=(rpm, tpm)
+            )
             self._buckets[key_id] = buckets
         return buckets
 
@@ -244,10 +255,16 @@ class Limits:
 
     # -- admission ---------------------------------------------------------------------------
 
-    def admit(self, key_id: str, request: ChatCompletionRequest) -> Ticket | Response:
+    def admit(
+        self,
+        key_id: str,
+        request: ChatCompletionRequest,
+        rates: tuple[int, int] | None = None,
+        on_release: Callable[[int], None] | None = None,
+    ) -> Ticket | Response:
         """Rate limits first (the key's own doing: 429), then capacity (503); a request
         turned away is charged nothing."""
-        buckets = self._buckets_for(key_id)
+        buckets = self._buckets_for(key_id, rates)
         estimate = 0
         if buckets.tokens is not None:
             estimate = estimate_tokens(request, self.settings.rate_limit_default_max_tokens)
@@ -265,14 +282,23 @@ class Limits:
         self.in_flight += 1
         self.waiting_first_token += 1
         self.in_flight_by_model[request.model] += 1
-        return Ticket(self, buckets.tokens, request.model, estimate)
+        return Ticket(self, buckets.tokens, request.model, estimate, on_release)
 
 
 class Ticket:
     """One admitted request's hold on the limits, released exactly once."""
 
-    def __init__(self, limits: Limits, tokens: TokenBucket | None, model: str, estimate: int):
+    def __init__(
+        self,
+        limits: Limits,
+        tokens: TokenBucket | None,
+        model: str,
+        estimate: int,
+        on_release: Callable[[int], None] | None = None,
+    ):
         self._limits = limits
+        # Told the tokens the request used, once, when it is released (shared limits).
+        self._on_release = on_release
         self._tokens = tokens
         self._model = model
         self._estimate = estimate
@@ -298,6 +324,8 @@ class Ticket:
         limits.in_flight_by_model[self._model] -= 1
         if not limits.in_flight_by_model[self._model]:
             del limits.in_flight_by_model[self._model]
+        if self._on_release is not None:
+            self._on_release(self._used)
         if self._tokens is not None:
             difference = self._estimate - self._used
             if difference >= 0:

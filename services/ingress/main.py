@@ -15,16 +15,22 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from llooma import bus, runtime, tracing
+from llooma.keys import KeyBook
 from llooma.ledger.balances import BalanceBook
+from llooma.limiter import SharedCounters
 from llooma.membership import HostDirectory, ServiceDirectory
 from llooma.metrics import StatsCollector
 from llooma.runtime import ServiceHeartbeater
 from llooma.settings import Settings, load_settings
+from services.ingress.admin import ROUTES as ADMIN_ROUTES
+from services.ingress.admin import admin_key_ids
 from services.ingress.api import Ingress
+from services.ingress.delivery import DeliveryReporter
 from services.ingress.http_protocol import bounded_protocol
 from services.ingress.openapi import serve_openapi
 from services.ingress.replies import ReplyRouter
 from services.ingress.schema import error_response
+from services.ingress.shared_limits import SharedRateLimits
 from services.ingress.stats import ROUTES as STATS_ROUTES
 
 SERVICE = "ingress"
@@ -69,6 +75,7 @@ ROUTES = [
     Route("/v1/models/{model:path}", model, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     *STATS_ROUTES,
+    *ADMIN_ROUTES,
     Route("/openapi.json", serve_openapi, methods=["GET"]),
 ]
 
@@ -106,6 +113,14 @@ def create_app(settings: Settings) -> Starlette:
         balances = BalanceBook()
         await balances.start(js)
         app.state.ingress.balances = balances
+        keys = KeyBook()
+        await keys.start(js)
+        app.state.ingress.keys = keys
+        app.state.ingress.deliveries = DeliveryReporter(js)
+        if settings.rate_limits_shared:
+            app.state.ingress.shared_limits = SharedRateLimits(settings, SharedCounters(js))
+            app.state.ingress.limits.rates_shared = True
+        app.state.admin_key_ids = admin_key_ids(settings.admin_keys())
         app.state.ingress.stats = stats
         heartbeat = ServiceHeartbeater(nc, SERVICE, instance_id, settings.heartbeat_interval_s)
         await heartbeat.start()
@@ -115,6 +130,7 @@ def create_app(settings: Settings) -> Starlette:
             await heartbeat.stop()
             await stats.stop()
             await balances.stop()
+            await keys.stop()
             await hosts.stop()
             await services.stop()
             await nc.drain()

@@ -218,11 +218,15 @@ async def test_the_cli_verifies_reports_and_credits(
     stack: Stack, http: httpx.AsyncClient, database_url: str
 ) -> None:
     common = ["--database-url", database_url]
+    assert stack.nats_url is not None
+    anchors = ["--nats-url", stack.nats_url, "--seed", stack.control_seed or ""]
+    public_key = str(stack.ledger_key_file.with_suffix(".pub"))
     verified = await asyncio.to_thread(
-        llooma, "verify", *common, "--key-file", str(stack.ledger_key_file.with_suffix(".pub"))
+        llooma, "verify", *common, *anchors, "--key-file", public_key
     )
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "ledger ok" in verified.stdout
+    assert "match their anchors" in verified.stdout
     report = await asyncio.to_thread(llooma, "report", *common)
     assert report.returncode == 0, report.stderr
     assert "cost per successful response" in report.stdout

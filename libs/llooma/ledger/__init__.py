@@ -7,7 +7,7 @@ from pathlib import Path
 
 from llooma.settings import Settings
 
-DEFAULT_SIGNING_KEY_FILE = Path(".llooma/credentials/ledger-signing.key")
+DEFAULT_SIGNING_KEY_FILE = Path(".llooma/accounting/ledger-signing.key")
 
 
 def signing_key_path(settings: Settings) -> Path:

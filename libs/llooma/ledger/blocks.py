@@ -96,7 +96,8 @@ class Signer:
         Racing creators each write a scratch file and link it into place: one link wins, and
         every racer then reads the seed at the path, so all sign with the same key."""
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
+            # Its own folder, which only its owner (accounting) opens; the seed is 0600.
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             descriptor, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
             try:
                 with os.fdopen(descriptor, "w") as handle:

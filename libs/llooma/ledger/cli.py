@@ -47,6 +47,18 @@ def _key_file(key_file: Path | None) -> Path:
     return key_file or signing_key_path(load_settings())
 
 
+def _key_hash_secret(data_dir: Path) -> bytes | None:
+    """The environment's key-hash secret, else the one `llooma up` made under `data_dir`."""
+    import os
+
+    from llooma.settings import KEY_HASH_SECRET_ENV, KEY_HASH_SECRET_FILE_ENV
+
+    stack_secret = data_dir / "secrets" / "key-hash.secret"
+    if os.environ.get(KEY_HASH_SECRET_ENV) or os.environ.get(KEY_HASH_SECRET_FILE_ENV):
+        return None
+    return stack_secret.read_text().strip().encode() if stack_secret.exists() else None
+
+
 def credits(micros: int) -> str:
     return f"{Decimal(micros) / MICROS:,.6f}"
 
@@ -56,25 +68,53 @@ def verify(
     database_url: DatabaseUrl = "",
     data_dir: DataDir = Path(".llooma"),
     key_file: KeyFile = None,
+    nats_url: Annotated[
+        str, typer.Option(envvar="NATS_URL", help="Where the anchors are; default: embedded")
+    ] = "",
+    seed: Annotated[str, typer.Option(envvar="LLOOMA_NATS_NKEY_SEED_FILE")] = "",
+    anchors: Annotated[
+        bool, typer.Option(help="Compare with the anchors outside the database")
+    ] = True,
 ) -> None:
-    """Recompute every block from the database; name the first one that does not check out."""
+    """Recompute every block from the database and compare it with its anchor; name the first
+    one that does not check out; re-derive the report's tables."""
     import asyncpg
 
+    from llooma import bus, subjects
+    from llooma.keys.cli import nats_target
+    from llooma.ledger.anchors import read_anchors
     from llooma.ledger.blocks import trusted_key
     from llooma.ledger.verify import Verdict, verify_ledger
 
-    trusted = {trusted_key(_key_file(key_file))}
+    public_key = trusted_key(_key_file(key_file))
+    trusted = {public_key}
+
+    async def anchored() -> dict[int, str] | None:
+        if not anchors:
+            return None
+        url, seed_file = nats_target(nats_url, seed, data_dir)
+        nc = await bus.connect(url, "llooma-ledger-verify", nkey_seed_file=seed_file, attempts=8)
+        try:
+            return await read_anchors(nc.jetstream(), subjects.ledger_chain(public_key))
+        finally:
+            await nc.close()
 
     async def run() -> Verdict:
+        found = await anchored()
         conn = await asyncpg.connect(_database_url(database_url, data_dir))
         try:
-            return await verify_ledger(conn, trusted)
+            return await verify_ledger(conn, trusted, found)
         finally:
             await conn.close()
 
     verdict = asyncio.run(run())
     if verdict.ok:
         console.print(f"ledger ok: {verdict.blocks} blocks, {verdict.entries} entries")
+        if anchors:
+            console.print(
+                f"{verdict.anchored} blocks match their anchors; {verdict.unanchored} not "
+                "anchored yet (accounting anchors each block within a few seconds)"
+            )
         return
     where = f"block {verdict.bad_height}" if verdict.bad_height is not None else "ledger"
     if verdict.bad_block_id:
@@ -154,7 +194,7 @@ def credit(
         raise typer.BadParameter(f"not a number: {amount}") from error
     if micros <= 0:
         raise typer.BadParameter("the amount must be positive")
-    key_id = key if _KEY_ID.match(key) else api_key_id(key)
+    key_id = key if _KEY_ID.match(key) else api_key_id(key, _key_hash_secret(data_dir))
     signing_key = _key_file(key_file)
     if not signing_key.exists():
         # Blocks signed by a key of its own would not verify against accounting's.

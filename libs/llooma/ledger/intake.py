@@ -8,7 +8,7 @@ from google.protobuf.message import DecodeError
 
 from llooma.ledger.economics import voted_judges
 from llooma.v1.duel_pb2 import DuelResult
-from llooma.v1.settlement_pb2 import TaskSettlement
+from llooma.v1.settlement_pb2 import DeliveryReport, TaskSettlement
 
 
 class Rejected(ValueError):
@@ -73,3 +73,17 @@ def read_duel(data: bytes) -> DuelResult:
         # It would pay an account with an empty name, which no account may have.
         raise Rejected(f"duel {d.duel_id[:64]} has a verdict without a judge")
     return d
+
+
+def read_delivery(data: bytes) -> DeliveryReport:
+    """Decode and check one delivery report; raises Rejected if it cannot be recorded."""
+    try:
+        report = DeliveryReport.FromString(data)
+    except DecodeError as error:
+        raise Rejected("undecodable DeliveryReport") from error
+    if not report.request_id:
+        raise Rejected("delivery report without a request_id")
+    problem = _problem_in_text(request_id=report.request_id, api_key_id=report.api_key_id)
+    if problem is not None:
+        raise Rejected(f"delivery report {problem}")
+    return report

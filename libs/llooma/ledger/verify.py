@@ -1,6 +1,8 @@
 """`llooma ledger verify`: recompute the block chain from the database and name the first
-block that does not check out; also that every transaction sums to zero and that the stored
-balances equal the sums of the entries."""
+block that does not check out; compare it with the anchors outside the database (a re-sealed,
+rewritten or cut chain no longer matches them); check that every transaction sums to zero,
+that the stored balances equal the sums of the entries, and re-derive the report's tables
+(host tallies, totals, completed requests) and the settlements' agreement with the chain."""
 
 from __future__ import annotations
 
@@ -32,6 +34,61 @@ ORDER BY 1 LIMIT 1
 """
 PREFETCH = 2000
 
+# The report's tables, re-derived from the raw events and the chain. Each query names the
+# first row that differs, or nothing.
+DRIFTED_TALLY = """
+WITH derived AS (
+    SELECT host_id, sum(wins) AS race_wins, sum(losses) AS race_losses, sum(duels) AS duels,
+           sum(duel_wins) AS duel_wins, sum(duel_ties) AS duel_ties
+    FROM (
+        SELECT host_id, count(*) FILTER (WHERE outcome = 'won') AS wins,
+               count(*) FILTER (WHERE outcome <> 'won') AS losses,
+               0 AS duels, 0 AS duel_wins, 0 AS duel_ties
+        FROM task_settlements GROUP BY host_id
+        UNION ALL
+        SELECT host, 0, 0, count(*), count(*) FILTER (WHERE won), count(*) FILTER (WHERE tie)
+        FROM (SELECT host_a AS host, outcome = 'a' AS won, outcome = 'tie' AS tie
+              FROM duel_settlements
+              UNION ALL
+              SELECT host_b, outcome = 'b', outcome = 'tie' FROM duel_settlements) AS d
+        GROUP BY host
+    ) AS parts
+    GROUP BY host_id
+)
+SELECT coalesce(d.host_id, t.host_id)
+FROM derived d FULL JOIN host_tallies t ON t.host_id = d.host_id
+WHERE (d.race_wins, d.race_losses, d.duels, d.duel_wins, d.duel_ties)
+    IS DISTINCT FROM (t.race_wins, t.race_losses, t.duels, t.duel_wins, t.duel_ties)
+ORDER BY 1 LIMIT 1
+"""
+DRIFTED_COMPLETED = """
+SELECT coalesce(c.request_id, w.request_id)
+FROM completed_requests c
+FULL JOIN (SELECT DISTINCT request_id FROM task_settlements WHERE outcome = 'won') AS w
+    ON w.request_id = c.request_id
+WHERE c.request_id IS NULL OR w.request_id IS NULL
+ORDER BY 1 LIMIT 1
+"""
+DRIFTED_TOTALS = """
+SELECT t.completed_responses <> (SELECT count(*) FROM completed_requests)
+    OR t.user_charges_micros <> (SELECT coalesce(-sum(amount), 0) FROM ledger_entries
+                                 WHERE kind = 'charge' AND account LIKE 'user:%')
+FROM ledger_totals t
+"""
+# A settlement whose row and posting disagree: a posting with no settlement (deleted), or a
+# row whose outcome is not the one its posting was priced for (a winner's legs are payouts,
+# fallback pay or charges; a loser's, fees).
+DRIFTED_SETTLEMENT = """
+SELECT e.txn_id
+FROM ledger_entries e
+LEFT JOIN task_settlements s ON e.txn_id = 'attempt:' || s.attempt_id
+WHERE e.txn_id LIKE 'attempt:%' AND e.leg = 0 AND (
+    s.attempt_id IS NULL
+    OR (s.outcome = 'won' AND e.kind NOT IN ('payout', 'fallback', 'charge'))
+    OR (s.outcome <> 'won' AND e.kind NOT IN ('loser_fee', 'fallback')))
+ORDER BY 1 LIMIT 1
+"""
+
 
 @dataclass
 class Verdict:
@@ -40,6 +97,9 @@ class Verdict:
     bad_height: int | None = None
     bad_block_id: str = ""
     reason: str = ""
+    # Blocks whose height has an anchor outside the database; the others above them.
+    anchored: int = 0
+    unanchored: int = 0
 
     @property
     def ok(self) -> bool:
@@ -62,15 +122,18 @@ class _Peekable:
             self.head = None
 
 
-async def verify_ledger(conn: asyncpg.Connection, trusted: set[str]) -> Verdict:
-    """Check the whole ledger in one consistent snapshot."""
+async def verify_ledger(
+    conn: asyncpg.Connection, trusted: set[str], anchors: dict[int, str] | None = None
+) -> Verdict:
+    """Check the whole ledger in one consistent snapshot (against `anchors`, height -> block
+    id, read from outside the database, when given)."""
     if conn.is_in_transaction():
-        return await _verify(conn, trusted)
+        return await _verify(conn, trusted, anchors or {})
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        return await _verify(conn, trusted)
+        return await _verify(conn, trusted, anchors or {})
 
 
-async def _verify(conn: asyncpg.Connection, trusted: set[str]) -> Verdict:
+async def _verify(conn: asyncpg.Connection, trusted: set[str], anchors: dict[int, str]) -> Verdict:
     verdict = Verdict()
     entries = _Peekable(conn.cursor(ENTRIES, prefetch=PREFETCH).__aiter__())
     await entries.advance()
@@ -90,6 +153,15 @@ async def _verify(conn: asyncpg.Connection, trusted: set[str]) -> Verdict:
         problem = block_problem(block, expected, parent_id, sealed, trusted)
         if problem is not None:
             return verdict.fail(block.height, block.block_id, problem)
+        anchored = anchors.get(block.height)
+        if anchored is not None and anchored != block.block_id:
+            return verdict.fail(
+                block.height,
+                block.block_id,
+                "block is not the one anchored at its height (the chain was rewritten and "
+                "re-sealed)",
+            )
+        verdict.anchored += anchored is not None
         verdict.blocks += 1
         verdict.entries += len(sealed)
         parent_id = block.block_id
@@ -102,10 +174,37 @@ async def _verify(conn: asyncpg.Connection, trusted: set[str]) -> Verdict:
         return verdict.fail(
             expected, "", "the chain's head does not match its last block (a block is missing)"
         )
+    last_anchor = max(anchors, default=0)
+    if last_anchor > expected - 1:
+        return verdict.fail(
+            expected,
+            anchors.get(expected, ""),
+            f"the chain ends at height {expected - 1} but height {last_anchor} was anchored "
+            "(blocks were cut off)",
+        )
+    verdict.unanchored = verdict.blocks - verdict.anchored
     unbalanced = await conn.fetchval(UNBALANCED)
     if unbalanced is not None:
         return verdict.fail(None, "", f"transaction {unbalanced} does not sum to zero")
     drifted = await conn.fetchval(DRIFTED_BALANCE)
     if drifted is not None:
         return verdict.fail(None, "", f"the balance of {drifted} is not the sum of its entries")
+    return await _derived_tables(conn, verdict)
+
+
+async def _derived_tables(conn: asyncpg.Connection, verdict: Verdict) -> Verdict:
+    """The tables outside the chain, re-derived from the raw events and the entries."""
+    settlement = await conn.fetchval(DRIFTED_SETTLEMENT)
+    if settlement is not None:
+        return verdict.fail(None, "", f"task_settlements does not match the posting {settlement}")
+    host = await conn.fetchval(DRIFTED_TALLY)
+    if host is not None:
+        return verdict.fail(None, "", f"host_tallies of {host} differ from the settlements")
+    request = await conn.fetchval(DRIFTED_COMPLETED)
+    if request is not None:
+        return verdict.fail(
+            None, "", f"completed_requests and the won settlements differ at {request}"
+        )
+    if await conn.fetchval(DRIFTED_TOTALS):
+        return verdict.fail(None, "", "ledger_totals differ from the entries and settlements")
     return verdict

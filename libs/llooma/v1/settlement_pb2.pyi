@@ -138,3 +138,57 @@ class TaskSettlement(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TaskSettlement: _TypeAlias = TaskSettlement  # noqa: Y015
+
+@_typing.final
+class DeliveryReport(_message.Message):
+    """What the ingress's client actually received of one request, published by the ingress on
+    the settlements stream: at the start (delivered 0), every couple of seconds while a stream
+    runs, and once at the end (final). Accounting bills a request that was not completed for
+    what the client received: nothing charged for an answer the client never got (a failed
+    non-streaming request), a cut stream for its delivered tokens; a request whose final report
+    never comes (its ingress died) for its last report.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    API_KEY_ID_FIELD_NUMBER: _builtins.int
+    DELIVERED_TOKENS_FIELD_NUMBER: _builtins.int
+    FINAL_FIELD_NUMBER: _builtins.int
+    COMPLETE_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    STREAM_FIELD_NUMBER: _builtins.int
+    SENT_UNIX_NANOS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    api_key_id: _builtins.str
+    delivered_tokens: _builtins.int
+    """Token deltas written to the client (a non-streaming answer: all of them, or none)."""
+    final: _builtins.bool
+    """The last report for this request."""
+    complete: _builtins.bool
+    """The client got the whole answer (the finishing event or the JSON body)."""
+    failed: _builtins.bool
+    """The control plane failed the request (a 5xx or an error event): the winner is not paid
+    for what did not reach the client.
+    """
+    stream: _builtins.bool
+    sent_unix_nanos: _builtins.int
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        api_key_id: _builtins.str = ...,
+        delivered_tokens: _builtins.int = ...,
+        final: _builtins.bool = ...,
+        complete: _builtins.bool = ...,
+        failed: _builtins.bool = ...,
+        stream: _builtins.bool = ...,
+        sent_unix_nanos: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "complete", b"complete", "delivered_tokens", b"delivered_tokens", "failed", b"failed", "final", b"final", "request_id", b"request_id", "sent_unix_nanos", b"sent_unix_nanos", "stream", b"stream"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliveryReport: _TypeAlias = DeliveryReport  # noqa: Y015

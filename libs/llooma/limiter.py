@@ -1,0 +1,146 @@
+"""Limits held across every ingress (and every replica of anything else that admits work): a
+JetStream counter stream (ADR-49, `Nats-Incr`), one counter per scope and time window.
+
+A limit of R units a minute becomes `per_window` units per window of `per_window * 60 / R`
+seconds (`per_window` = R x burst seconds / 60, at least 1), so the long-run rate is R
+whatever the number of processes taking from it. Admission is a sliding window: the previous
+window's total, weighted by how much of it still overlaps the last window's length, plus the
+current window's must leave room for the request (a large request's debt so weighs on the
+next window). A take adds its cost to the current window's counter and gets the new total in
+the publish ack (one round trip); refused, it gives the cost back. A process that saw the
+window full reads the counter (no write) until it has room again, and one process decides
+for one scope at a time, so refusals do not inflate the count. Corrections (a request's real
+usage) go into the current window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import nats.js.errors
+import orjson
+from nats.js import JetStreamContext
+
+from llooma import bus, subjects
+
+log = logging.getLogger(__name__)
+
+INCR = "Nats-Incr"
+# Counters remembered before the memory is cleared (old windows are of no use).
+MAX_SEEN = 100_000
+# A scope's first use falls this far before the end of its first window.
+PHASE_MARGIN = 0.02
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    per_window: int
+    window_s: float
+
+
+def window_for(per_minute: int, burst_s: float) -> Window:
+    """The window whose allowance is about `burst_s` seconds of the rate, at least 1 unit."""
+    per_window = max(1, round(per_minute * burst_s / 60.0))
+    return Window(per_window, per_window * 60.0 / per_minute)
+
+
+class SharedCounters:
+    def __init__(self, js: JetStreamContext, clock: Callable[[], float] = time.time) -> None:
+        self._js = js
+        self._clock = clock
+        self._pending: set[asyncio.Task[None]] = set()
+        # The last total seen per counter (this window's and the previous one's).
+        self._seen: dict[str, int] = {}
+        # Where each scope's windows start (see `_phase`).
+        self._phases: dict[str, float] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def _incr(self, subject: str, amount: int) -> int:
+        ack = await self._js.publish(subject, b"", headers={INCR: str(amount)})
+        total = int(ack.val or 0)
+        self._seen[subject] = total
+        return total
+
+    async def _read(self, subject: str) -> int:
+        try:
+            message = await self._js.get_last_msg(subjects.LIMITS_STREAM, subject)
+        except nats.js.errors.NotFoundError:
+            total = 0
+        else:
+            total = int(orjson.loads(message.data or b"{}").get("val", 0))
+        self._seen[subject] = total
+        return total
+
+    async def _previous(self, subject: str) -> int:
+        seen = self._seen.get(subject)
+        return seen if seen is not None else await self._read(subject)
+
+    def _later(self, work: Coroutine[Any, Any, None]) -> None:
+        bus.keep_task(self._pending, asyncio.create_task(work), "shared limit update")
+
+    async def take(self, scope: str, cost: int, window: Window) -> float:
+        """0.0 if admitted (its cost counted), else seconds to wait before asking again."""
+        if len(self._seen) > MAX_SEEN:
+            self._seen.clear()
+            self._phases.clear()
+            self._locks.clear()
+        # One decision at a time per scope in this process: a request that would not fit is
+        # then refused on what the last one saw, without writing (and inflating) the count.
+        async with self._locks.setdefault(scope, asyncio.Lock()):
+            return await self._take(scope, cost, window)
+
+    async def _take(self, scope: str, cost: int, window: Window) -> float:
+        phase = await self._phase(scope, window)
+        now = self._clock()
+        position = (now - phase) / window.window_s
+        index = math.floor(position)
+        current = subjects.limit_counter(scope, index)
+        previous = await self._previous(subjects.limit_counter(scope, index - 1))
+        room = window.per_window - previous * (1.0 - (position - index))
+        wait_s = max(0.001, (index + 1 - position) * window.window_s)
+        seen = self._seen.get(current)
+        if seen is not None and seen >= room and await self._read(current) >= room:
+            return wait_s
+        total = await self._incr(current, cost)
+        before = total - cost
+        # Admitted while half the request still fits, so a window ends on average at its
+        # allowance (a whole unit would lose one a window, none would gain half a request);
+        # a request larger than the allowance waits for an idle window and leaves a debt.
+        if before + cost / 2 < room or (before <= 0 and room >= window.per_window):
+            return 0.0
+        await self._give_back(current, cost)
+        return wait_s
+
+    async def _phase(self, scope: str, window: Window) -> float:
+        """Where the scope's windows start: its first use falls at the end of a window, so
+        the burst spent there weighs on the next window at once, as a token bucket refills
+        from the first request on (shared by every process through the phases bucket)."""
+        phase = self._phases.get(scope)
+        if phase is not None:
+            return phase
+        kv = await self._js.key_value(subjects.LIMIT_PHASES_BUCKET)
+        mine = self._clock() - window.window_s * (1.0 - PHASE_MARGIN)
+        try:
+            await kv.create(scope, repr(mine).encode())
+            phase = mine
+        except nats.js.errors.KeyWrongLastSequenceError:
+            entry = await kv.get(scope)
+            phase = float(entry.value or b"0")
+        self._phases[scope] = phase
+        return phase
+
+    def adjust(self, scope: str, amount: int, window: Window) -> None:
+        """Add (or, negative, take back) `amount` in the current window, in the background."""
+        if amount:
+            phase = self._phases.get(scope, 0.0)
+            index = math.floor((self._clock() - phase) / window.window_s)
+            self._later(self._give_back(subjects.limit_counter(scope, index), -amount))
+
+    async def _give_back(self, subject: str, amount: int) -> None:
+        await self._incr(subject, -amount)
