@@ -48,6 +48,9 @@ Rules of `compress(text, budget)`; the marker is always `ELISION_MARKER` ("[…]
    of its share. No cut precedes a combining mark, joiner, variation selector or skin tone.
 5. Outside JSON, markers separated only by whitespace are merged. The result is put into
    canonical form again: it never exceeds the budget, and `compress` returns it unchanged.
+
+Its size (~830 lines): one algorithm whose rules, above, are its specification; the
+rules cross-reference each other (canonical form, kinds, cuts), so they stay in one file.
 """
 
 from __future__ import annotations

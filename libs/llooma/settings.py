@@ -1,4 +1,8 @@
-"""Configuration shared by every process, read from the environment."""
+"""Configuration shared by every process, read from the environment.
+
+Its size (~440 lines): every setting with its description, once, by design (the operators'
+table is generated from it).
+"""
 
 from __future__ import annotations
 

@@ -12,13 +12,13 @@ import pytest
 from llooma.limiter import Window, window_for
 from llooma.stack import Stack
 from tests.conftest import AUTH
-from tests.support.extra_processes import extra_ingress
 from tests.reliability.test_rate_limits import (
     WINDOW_S,
     achieved_after_first_refusal,
     assert_refusals_are_well_formed,
     hammer,
 )
+from tests.support.extra_processes import extra_ingress
 
 RPM = 600
 

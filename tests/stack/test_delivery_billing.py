@@ -25,8 +25,8 @@ from llooma.stack import Stack
 from llooma.v1.common_pb2 import Usage
 from llooma.v1.host_pb2 import HostChunk, HostFinished, HostTask, HostToken
 from tests.conftest import AUTH
-from tests.support.scripted_host import Reply, ScriptedHost
 from tests.stack.test_race import wait_listed
+from tests.support.scripted_host import Reply, ScriptedHost
 
 USER = f"user:{api_key_id(DEV_API_KEY)}"
 

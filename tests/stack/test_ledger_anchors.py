@@ -21,8 +21,8 @@ from llooma.ledger.economics import deposit
 from llooma.ledger.store import LedgerStore
 from llooma.ledger.verify import Verdict, verify_ledger
 from llooma.v1.settlement_pb2 import ATTEMPT_OUTCOME_LOST, ATTEMPT_OUTCOME_WON
-from tests.support.ledger_db import fresh_database
 from tests.stack.test_ledger import PRICES, settlement
+from tests.support.ledger_db import fresh_database
 
 
 @pytest.fixture

@@ -9,6 +9,9 @@ starts two streams at once; the first to get a token wins and the other is cance
 of losers are cancelled at once, while connecting or sending, the rest when the winner has its
 first token, so while waiting for headers or mid-stream), then the winner is read to its end.
 Writes bench/results/host_upstream.md.
+
+Its size (~650 lines): one benchmark with its three clients, its fake engine and its report;
+not on any service's path.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ The rules that keep a host alive whatever its upstream does:
 - connect and read timeouts; the read timeout is a lazy watchdog (one timer per request,
   re-armed only when it fires), so reading a chunk costs no timer;
 - no compression (`Accept-Encoding: identity`): token streams are small and latency bound.
+
+Its size (~440 lines): an HTTP/1.1 client with a pool, chunked decoding and cancellation at
+every phase; split, the cancellation rules would be spread over files.
 """
 
 from __future__ import annotations

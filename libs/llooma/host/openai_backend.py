@@ -5,6 +5,9 @@ engine's own usage and finish_reason (Outcome.reported); it passes every samplin
 the client set, 0 included; an engine's refusal of the request itself (400, 413, 422) is the
 client's error (UpstreamRejected), not the host's; reasoning deltas (`reasoning_content`, or
 `reasoning`) come out as Reasoning pieces.
+
+Its size (~400 lines): one engine protocol, request building and stream parsing side by
+side, so what is sent and what is believed of the answer read together.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""The host worker process: tasks in on capability subjects, tokens out on reply subjects."""
+"""The host worker process: tasks in on capability subjects, tokens out on reply subjects.
+
+Its size (~430 lines): one process's whole life (credential, heartbeats with the engine
+probes' results, tasks, cancels, drain), each step short.
+"""
 
 from __future__ import annotations
 

@@ -3,6 +3,9 @@ once (their ids are keys), prices the new ones, and seals their entries into one
 
 Posters serialise on the chain's head row, so blocks link in order even with several
 accounting replicas; a duplicate event finds its key taken and posts nothing.
+
+Its size (~400 lines) is one transaction's SQL and its bookkeeping, kept together so a
+reader sees every statement a batch runs.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ The lexicons hold the given and family names of every locale Faker ships a perso
 Scripts without letter case (Arabic, Hebrew, the Indic scripts, Thai, CJK, Georgian, Armenian)
 have no capital to go by: a word in them counts as capitalised only if the lexicon knows it, and
 a CJK or Hangul run that is exactly a known family name then a known given name is a name.
+
+Its size (~570 lines): one detector whose rules (lexicons, honorifics, cues, scripts) are
+read together when tuning recall against precision.
 """
 
 from __future__ import annotations
