@@ -13,13 +13,25 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 
-def _reply_and_close(transport: asyncio.Transport, status: bytes, text: bytes) -> None:
+def _reply_and_close(transport: asyncio.Transport, status: bytes, message: str, code: str) -> None:
+    # OpenAI's error shape, as every other refusal of the ingress.
+    body = orjson.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "code": code,
+                "param": None,
+            }
+        }
+    )
     transport.write(
-        b"HTTP/1.1 " + status + b"\r\ncontent-type: text/plain; charset=utf-8\r\n"
-        b"content-length: " + str(len(text)).encode() + b"\r\nconnection: close\r\n\r\n" + text
+        b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
+        b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body
     )
     transport.close()
 
@@ -31,6 +43,8 @@ class BoundedReadProtocol(HttpToolsProtocol):
     _read_deadline: asyncio.TimerHandle | None = None
     _header_bytes: int = 0
     _reading_headers: bool = True
+    # The last bytes of the previous chunk: the headers' end may straddle two chunks.
+    _tail: bytes = b""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -43,11 +57,18 @@ class BoundedReadProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         self._arm()
         if self._reading_headers:
-            self._header_bytes += len(data)
+            # Only the bytes up to the blank line that ends the headers: a chunk often carries
+            # the body too, and a large body is the body limit's business, not this one's.
+            end = (self._tail + data).find(b"\r\n\r\n")
+            self._header_bytes += len(data) if end < 0 else max(0, end + 4 - len(self._tail))
+            self._tail = data[-3:]
             if self._header_bytes > self.max_header_bytes:
                 self._disarm()
                 _reply_and_close(
-                    self.transport, b"431 Request Header Fields Too Large", b"headers too large"
+                    self.transport,
+                    b"431 Request Header Fields Too Large",
+                    f"request headers exceed {self.max_header_bytes} bytes",
+                    "headers_too_large",
                 )
                 return
         super().data_received(data)
@@ -59,6 +80,7 @@ class BoundedReadProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._reading_headers = False
         self._header_bytes = 0
+        self._tail = b""
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -86,7 +108,12 @@ class BoundedReadProtocol(HttpToolsProtocol):
         if cycle is not None:
             cycle.disconnected = True
             cycle.message_event.set()
-        _reply_and_close(self.transport, b"408 Request Timeout", b"request not read in time")
+        _reply_and_close(
+            self.transport,
+            b"408 Request Timeout",
+            f"the request was not read within {self.read_timeout_s} s",
+            "request_timeout",
+        )
 
 
 def bounded_protocol(read_timeout_s: float, max_header_bytes: int) -> type[BoundedReadProtocol]:

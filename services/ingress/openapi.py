@@ -245,6 +245,11 @@ def _chat_completions() -> Schema:
                 "`llooma ledger credit`."
             ),
             "404": _error("No host has announced the model lately."),
+            "408": _error(
+                "The request's headers and body did not arrive within the read timeout "
+                "(`request_timeout`); the connection is closed."
+            ),
+            "431": _error("The request headers are over the limit (`headers_too_large`)."),
             "413": _error(
                 "The body is over the limit, checked before it is read whole "
                 "(`body_too_large`), or the request alone may use more tokens than the key's "
