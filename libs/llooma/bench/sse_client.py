@@ -10,6 +10,8 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+import orjson
+
 _FIRST_CONTENT = b'"content":"'
 _EMPTY_CONTENT = b'"content":""'
 
@@ -20,6 +22,16 @@ class StreamTiming:
     started: float
     first_token: float | None
     ended: float
+
+
+@dataclass(frozen=True, slots=True)
+class TextTiming:
+    """One stream read to its end: when it began, its first and last content, and its text."""
+
+    started: float
+    first_token: float
+    last_token: float
+    text: str
 
 
 class Refused(RuntimeError):
@@ -74,6 +86,23 @@ class SseClient:
             return StreamTiming(200, started, None, time.perf_counter())
         return StreamTiming(200, started, first, time.perf_counter())
 
+    async def timed_text(
+        self, path: str, body: bytes, headers: dict[str, str] | None = None
+    ) -> TextTiming:
+        """Stream one request to its end and keep its text (parsed after the clock stops)."""
+        started = time.perf_counter()
+        chunks: list[tuple[float, bytes]] = []
+        first, _ = await self._stream(path, body, headers or {}, collect=chunks)
+        last = max(at for at, data in chunks if _has_content(data))
+        text = []
+        for event in b"".join(data for _, data in chunks).split(b"\n\n"):
+            payload = event.strip().removeprefix(b"data:").strip()
+            if not payload.startswith(b"{"):
+                continue
+            for choice in orjson.loads(payload).get("choices") or []:
+                text.append((choice.get("delta") or {}).get("content") or "")
+        return TextTiming(started, first, last, "".join(text))
+
     async def request_id_of(self, path: str, body: bytes, headers: dict[str, str]) -> str:
         """Stream one request to its end; returns its x-llooma-request-id."""
         _, found = await self._stream(path, body, headers, b"x-llooma-request-id:")
@@ -85,7 +114,12 @@ class SseClient:
         return found
 
     async def _stream(
-        self, path: str, body: bytes, headers: dict[str, str], wanted: bytes = b""
+        self,
+        path: str,
+        body: bytes,
+        headers: dict[str, str],
+        wanted: bytes = b"",
+        collect: list[tuple[float, bytes]] | None = None,
     ) -> tuple[float, str]:
         connection = await self._connect()
         extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
@@ -125,11 +159,16 @@ class SseClient:
                 await reader.readline()
                 break
             data = await reader.readexactly(size + 2)
-            if first is None:
-                at = data.find(_FIRST_CONTENT)
-                if at >= 0 and data.find(_EMPTY_CONTENT) != at:
-                    first = time.perf_counter()
+            if collect is not None:
+                collect.append((time.perf_counter(), data[:-2]))
+            if first is None and _has_content(data):
+                first = time.perf_counter()
         self._idle.append(connection)
         if first is None:
             raise NoToken("stream ended without a token")
         return first, found
+
+
+def _has_content(data: bytes) -> bool:
+    at = data.find(_FIRST_CONTENT)
+    return at >= 0 and data.find(_EMPTY_CONTENT) != at
