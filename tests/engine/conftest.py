@@ -40,6 +40,8 @@ HOSTS = {key: f"engine-host-{key}" for key in KEYS}
 CAPACITY = 4
 PARALLEL = 2
 CTX_SIZE = 4096
+# The stack's default: a host without a heartbeat for this long is ineligible.
+HOST_STALE_S = 2.0
 ENGINE_ENV = {
     # Duels would send judge prompts to a base model; they are tested on synthetic hosts.
     "LLOOMA_DUEL_FRACTION": "0",
@@ -97,7 +99,10 @@ class EngineRig:
         for server in self.engines.values():
             if not server.running():
                 server.start()
-        self.stack.restart_crashed()
+        if self.stack.restart_crashed():
+            # A killed host's last heartbeat stays fresh for HOST_STALE_S: wait it out, so
+            # what is listed next is the new process's.
+            time.sleep(HOST_STALE_S + 0.5)
         self.wait_listed({MODEL, *ONLY.values()})
 
     def host_pid(self, key: str) -> int:

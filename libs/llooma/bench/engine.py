@@ -29,7 +29,7 @@ from llooma.settings import DEV_API_KEY
 from llooma.stack import Stack
 
 MODEL = "gemma-3-270m-bench"
-OUTPUT_TOKENS = 32
+OUTPUT_TOKENS = 24
 PATHS = ("direct", "stack width 1", "stack width 2")
 _WIDTH = {"stack width 1": "1", "stack width 2": "2"}
 _BODY = orjson.dumps(
@@ -179,8 +179,8 @@ def write_results(results: list[PathResult], results_dir: Path, note: str) -> st
         "# Real engine: llama-server direct vs. through the stack\n\n"
         f"{note}\n\n{table}\n\n"
         "Engine: llama.cpp's llama-server from the llama-cpp-python 0.3.36 sdist "
-        "(`llooma engine build`), Gemma 3 270M Q4_K_M, two servers (`-t 2 -c 4096 -np 2`, "
-        "`--chat-template gemma`), each behind one `openai` host. Every round sends one "
+        "(`llooma engine build`), Gemma 3 270M Q4_K_M, two servers (`-t 1 -c 4096 -np 2`, "
+        "`--no-jinja --chat-template gemma`), each behind one `openai` host. Every round sends one "
         f"streamed request ({OUTPUT_TOKENS} output tokens at most, default sampling) down each "
         "path, in an order that rotates by round; one request at a time. Direct: the lean SSE "
         "client straight to llama-server's /v1/chat/completions (alternating between the two "

@@ -60,7 +60,7 @@ FULL = Sizes(
     split_requests=100,
     scheduling_scale=scheduling.FULL_SCALE,
     scheduling_seeds=[1, 2, 3],
-    engine_requests=100,
+    engine_requests=60,
 )
 
 

@@ -29,7 +29,10 @@ class LlamaServer:
     paths: EnginePaths
     log_path: Path
     port: int = field(default_factory=free_port)
-    threads: int = 2
+    # One thread: with two, ggml's OpenMP workers spin at each barrier, and on a machine whose
+    # cores are busy (a test suite, a second engine) decoding ran ten times slower (1 token/s
+    # instead of 8 at load average 12 on two cores).
+    threads: int = 1
     # Total context; llama-server gives each of its `parallel` slots an equal share.
     ctx_size: int = 4096
     parallel: int = 2

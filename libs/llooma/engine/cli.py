@@ -43,7 +43,7 @@ def path() -> None:
 @engine_app.command("serve")
 def serve(
     port: Annotated[int, typer.Option(help="Loopback port")] = 8000,
-    threads: Annotated[int, typer.Option()] = 2,
+    threads: Annotated[int, typer.Option(help="Decoding threads (more only on idle cores)")] = 1,
     ctx_size: Annotated[int, typer.Option(help="Total context, shared by the slots")] = 4096,
     parallel: Annotated[int, typer.Option(help="Slots (requests decoded together)")] = 2,
     log: Annotated[Path, typer.Option()] = Path(".llooma/logs/llama-server.log"),
