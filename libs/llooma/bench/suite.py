@@ -90,8 +90,8 @@ def run(suites: list[str], quick: bool, results_dir: Path, console: Console) -> 
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, "
         f"{os.cpu_count()} cores (load average {load} when the run began), "
         f"Python {platform.python_version()}; {'quick' if quick else 'full'} run "
-        f"(`llooma bench{' --quick' if quick else ''}`"
-        f"{'' if len(suites) == len(SUITES) else f' --suite {suites[0]}'}), one stack "
+        f"(`llooma bench{' --quick' if quick else ''}"
+        f"{'' if len(suites) == len(SUITES) else f' --suite {suites[0]}'}`), one stack "
         "shared by the suites, client and stack on the same machine."
     )
     started = time.monotonic()
