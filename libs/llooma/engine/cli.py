@@ -23,14 +23,12 @@ def build() -> None:
     """Build llama-server and assemble the model into the cache (quick when both are there)."""
     started = time.monotonic()
     try:
-        paths = ensure_engine(lambda line: console.print(line, highlight=False))
+        paths = ensure_engine(print)
     except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
         console.print(f"[red]could not build the engine:[/red] {error}")
         raise typer.Exit(1) from error
-    console.print(
-        f"engine: {paths.server}\nmodel : {paths.model} ({time.monotonic() - started:.1f} s)",
-        highlight=False,
-    )
+    # Plain print: rich would wrap the long paths mid-line.
+    print(f"engine: {paths.server}\nmodel:  {paths.model} ({time.monotonic() - started:.1f} s)")
 
 
 @engine_app.command("path")
