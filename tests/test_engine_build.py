@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
+import tarfile
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from llooma.engine import _build
-from llooma.engine._build import EnginePaths, assemble_model, cache_root
+from llooma.engine._build import EnginePaths, assemble_model, build_server, cache_root
 
 
 def test_the_cache_lives_outside_the_repo_and_can_be_moved(
@@ -66,3 +69,63 @@ def test_a_model_that_fails_its_checksum_leaves_nothing_behind(
     assert not paths.model.exists()
     assert [p.name for p in paths.root.iterdir()] == ["models"]
     assert not any(paths.model.parent.iterdir())
+
+
+def fake_source(monkeypatch: pytest.MonkeyPatch, *, compiles: bool) -> list[list[str]]:
+    """An sdist with an empty vendor/llama.cpp, and a cmake that writes a stand-in binary."""
+    ran: list[list[str]] = []
+
+    def download(requirements: list[str], dest: Path, *, sdist: bool) -> list[Path]:
+        dest.mkdir(parents=True)
+        tree = dest / "tree" / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
+        tree.mkdir(parents=True)
+        archive_path = dest / "llama_cpp_python-0.3.36.tar.gz"
+        with tarfile.open(archive_path, "w:gz") as archive:
+            archive.add(dest / "tree" / "llama_cpp_python-0.3.36", "llama_cpp_python-0.3.36")
+        shutil.rmtree(dest / "tree")
+        return [archive_path]
+
+    def cmake(args: list[str], log: Path, say: object) -> None:
+        ran.append(args)
+        if "--build" not in args:
+            assert Path(args[args.index("-S") + 1]).name == "llama.cpp"
+            return
+        if not compiles:
+            raise RuntimeError(f"cmake --build ... failed; see {log}")
+        binary = Path(args[args.index("--build") + 1]) / "bin" / "llama-server"
+        binary.parent.mkdir(parents=True)
+        binary.write_text("#!/bin/sh\necho 'version: test'\n")
+        binary.chmod(0o755)
+
+    monkeypatch.setattr(_build, "_pip_download", download)
+    monkeypatch.setattr(_build, "_cmake", cmake)
+    return ran
+
+
+def test_a_built_server_is_renamed_into_place_with_what_built_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    ran = fake_source(monkeypatch, compiles=True)
+    paths = EnginePaths(tmp_path / "cache")
+    paths.root.mkdir()
+    assert build_server(paths, lambda _: None, jobs=2) == paths.server
+    assert ran[1][-2:] == ["-j", "2"]
+    info = json.loads((paths.build_dir / "build.json").read_text())
+    assert info["version"] == "version: test"
+    assert info["cmake_options"] == list(_build.CMAKE_OPTIONS)
+    assert sorted(p.name for p in paths.root.iterdir()) == ["build.log", paths.build_dir.name]
+    # Built: a second call does nothing.
+    assert build_server(paths, lambda _: None) == paths.server
+    assert len(ran) == 2
+
+
+def test_a_failed_build_leaves_nothing_that_looks_built(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    fake_source(monkeypatch, compiles=False)
+    paths = EnginePaths(tmp_path / "cache")
+    paths.root.mkdir()
+    with pytest.raises(RuntimeError, match="failed"):
+        build_server(paths, lambda _: None)
+    assert not paths.build_dir.exists()
+    assert [p.name for p in paths.root.iterdir()] == ["build.log"]
