@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PROTO_FILES := $(wildcard proto/llooma/v1/*.proto)
 
-.PHONY: install run test test-fast lint typecheck proto proto-check pytest reliability bench bench-quick clean chromium
+.PHONY: install run test test-fast lint typecheck proto proto-check pytest reliability bench bench-quick \
+	clean chromium engine
 
 install: $(STAMP)
 
@@ -39,8 +40,13 @@ chromium:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "chromium could not be installed: the status-page test will be skipped"
 
-pytest: install chromium
-	$(PY) -m pytest -q
+# llama.cpp's llama-server and Gemma 3 270M, built and assembled once per machine into
+# ~/.cache/llooma/engine (LLOOMA_ENGINE_DIR); about 15 minutes the first time, instant after.
+engine: install
+	@$(VENV)/bin/llooma engine build
+
+pytest: install chromium engine
+	LLOOMA_ENGINE_REQUIRED=1 $(PY) -m pytest -q
 
 test: lint typecheck proto-check pytest
 
@@ -52,10 +58,10 @@ test-fast: lint typecheck proto-check
 reliability: install
 	$(PY) -m pytest -q tests/reliability
 
-bench: install
+bench: install engine
 	$(VENV)/bin/llooma bench
 
-bench-quick: install
+bench-quick: install engine
 	$(VENV)/bin/llooma bench --quick
 
 clean:

@@ -15,6 +15,7 @@ import uvloop
 from rich.console import Console
 
 from llooma import bus, tracing
+from llooma.engine.cli import engine_app
 from llooma.host.config import HostConfigError, load_host_config
 from llooma.keys.cli import keys_app
 from llooma.ledger.cli import ledger_app
@@ -191,6 +192,7 @@ def host(config: Annotated[Path, typer.Option(help="Host YAML config")]) -> None
 
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(keys_app, name="keys")
+app.add_typer(engine_app, name="engine")
 hosts_app = typer.Typer(help="Host credentials for the embedded NATS server.")
 app.add_typer(hosts_app, name="hosts")
 DataDir = Annotated[Path, typer.Option(help="The stack's data folder")]
@@ -273,7 +275,7 @@ def migrate_command(database_url: Annotated[str, typer.Option(envvar="DATABASE_U
 def bench(
     quick: Annotated[bool, typer.Option(help="A small run, for a quick look")] = False,
     suite: Annotated[
-        str, typer.Option(help="overhead, throughput, race, split, scheduling or all")
+        str, typer.Option(help="overhead, throughput, race, split, scheduling, engine or all")
     ] = "all",
     results_dir: Annotated[Path, typer.Option()] = Path("bench/results"),
 ) -> None:

@@ -11,6 +11,8 @@ import re
 import time
 from dataclasses import dataclass
 
+import orjson
+
 # A non-empty content delta, however the server spaces its JSON (peer gateways put a space).
 _FIRST_CONTENT = re.compile(rb'"content": ?"[^"]')
 
@@ -21,6 +23,16 @@ class StreamTiming:
     started: float
     first_token: float | None
     ended: float
+
+
+@dataclass(frozen=True, slots=True)
+class TextTiming:
+    """One stream read to its end: when it began, its first and last content, and its text."""
+
+    started: float
+    first_token: float
+    last_token: float
+    text: str
 
 
 class Refused(RuntimeError):
@@ -75,6 +87,23 @@ class SseClient:
             return StreamTiming(200, started, None, time.perf_counter())
         return StreamTiming(200, started, first, time.perf_counter())
 
+    async def timed_text(
+        self, path: str, body: bytes, headers: dict[str, str] | None = None
+    ) -> TextTiming:
+        """Stream one request to its end and keep its text (parsed after the clock stops)."""
+        started = time.perf_counter()
+        chunks: list[tuple[float, bytes]] = []
+        first, _ = await self._stream(path, body, headers or {}, collect=chunks)
+        last = max(at for at, data in chunks if _has_content(data))
+        text = []
+        for event in b"".join(data for _, data in chunks).split(b"\n\n"):
+            payload = event.strip().removeprefix(b"data:").strip()
+            if not payload.startswith(b"{"):
+                continue
+            for choice in orjson.loads(payload).get("choices") or []:
+                text.append((choice.get("delta") or {}).get("content") or "")
+        return TextTiming(started, first, last, "".join(text))
+
     async def request_id_of(self, path: str, body: bytes, headers: dict[str, str]) -> str:
         """Stream one request to its end; returns its x-llooma-request-id."""
         _, found = await self._stream(path, body, headers, b"x-llooma-request-id:")
@@ -86,7 +115,12 @@ class SseClient:
         return found
 
     async def _stream(
-        self, path: str, body: bytes, headers: dict[str, str], wanted: bytes = b""
+        self,
+        path: str,
+        body: bytes,
+        headers: dict[str, str],
+        wanted: bytes = b"",
+        collect: list[tuple[float, bytes]] | None = None,
     ) -> tuple[float, str]:
         connection = await self._connect()
         extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
@@ -126,9 +160,15 @@ class SseClient:
                 await reader.readline()
                 break
             data = await reader.readexactly(size + 2)
-            if first is None and _FIRST_CONTENT.search(data):
+            if collect is not None:
+                collect.append((time.perf_counter(), data[:-2]))
+            if first is None and _has_content(data):
                 first = time.perf_counter()
         self._idle.append(connection)
         if first is None:
             raise NoToken("stream ended without a token")
         return first, found
+
+
+def _has_content(data: bytes) -> bool:
+    return _FIRST_CONTENT.search(data) is not None

@@ -11,6 +11,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable, Coroutine
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,12 +20,13 @@ import uvloop
 from rich.console import Console
 from rich.progress import Progress
 
-from llooma.bench import overhead, peers, race, scheduling, split, throughput
+from llooma.bench import engine, overhead, peers, race, scheduling, split, throughput
 from llooma.embedded import free_port
+from llooma.engine import LlamaServer
 from llooma.host.config import HostConfig
 from llooma.stack import Stack
 
-SUITES = ("overhead", "throughput", "race", "split", "scheduling", "peers")
+SUITES = ("overhead", "throughput", "race", "split", "scheduling", "engine", "peers")
 # Suites that bring their own processes (an HTTP upstream, a peer gateway) and stack.
 OWN_STACK = ("peers",)
 # The stack sets each host's NATS URL itself.
@@ -41,6 +43,7 @@ class Sizes:
     split_requests: int
     scheduling_scale: float
     scheduling_seeds: list[int]
+    engine_requests: int
 
 
 QUICK = Sizes(
@@ -50,6 +53,7 @@ QUICK = Sizes(
     split_requests=4,
     scheduling_scale=scheduling.QUICK_SCALE,
     scheduling_seeds=[1],
+    engine_requests=10,
 )
 FULL = Sizes(
     overhead_plan=[(1, 500), (32, 3200), (128, 6400)],
@@ -58,10 +62,13 @@ FULL = Sizes(
     split_requests=100,
     scheduling_scale=scheduling.FULL_SCALE,
     scheduling_seeds=[1, 2, 3],
+    engine_requests=60,
 )
 
 
-def stack_parts(suites: list[str], sizes: Sizes) -> tuple[list[HostConfig], dict[str, str]]:
+def stack_parts(
+    suites: list[str], sizes: Sizes, servers: list[LlamaServer]
+) -> tuple[list[HostConfig], dict[str, str]]:
     hosts: list[HostConfig] = []
     env: dict[str, str] = {}
     if "overhead" in suites or "throughput" in suites:
@@ -73,6 +80,8 @@ def stack_parts(suites: list[str], sizes: Sizes) -> tuple[list[HostConfig], dict
         hosts += split.bench_hosts(_UNUSED_URL)
     if "scheduling" in suites:
         hosts += scheduling.bench_hosts(_UNUSED_URL, sizes.scheduling_scale)
+    if "engine" in suites:
+        hosts += engine.bench_hosts(_UNUSED_URL, servers)
     return hosts, env
 
 
@@ -103,9 +112,15 @@ def run(suites: list[str], quick: bool, results_dir: Path, console: Console) -> 
 def _run_shared(
     suites: list[str], sizes: Sizes, results_dir: Path, note: str, console: Console
 ) -> None:
-    hosts, env = stack_parts(suites, sizes)
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="llooma-bench-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="llooma-bench-") as scratch, ExitStack() as later:
+        servers: list[LlamaServer] = []
+        if "engine" in suites:
+            # The real engines start before the stack, so their hosts find them at once.
+            servers = later.enter_context(
+                engine.engines(Path(scratch) / "logs", lambda line: console.print(line))
+            )
+        hosts, env = stack_parts(suites, sizes, servers)
         stack = Stack(
             root=Path(scratch),
             http_port=free_port(),
@@ -119,7 +134,7 @@ def _run_shared(
         console.print(f"stack ready after {time.monotonic() - started:.0f} s")
         try:
             with Progress(console=console) as progress:
-                _run_suites(stack, suites, sizes, results_dir, note, console, progress)
+                _run_suites(stack, servers, suites, sizes, results_dir, note, console, progress)
         finally:
             stack.stop()
 
@@ -130,6 +145,7 @@ def _measure(coroutine: Coroutine[Any, Any, Result]) -> Result:
 
 def _run_suites(
     stack: Stack,
+    servers: list[LlamaServer],
     suites: list[str],
     sizes: Sizes,
     results_dir: Path,
@@ -156,6 +172,11 @@ def _run_suites(
             _measure(
                 scheduling.measure(stack, sizes.scheduling_scale, sizes.scheduling_seeds, progress)
             ),
+            results_dir,
+            note,
+        ),
+        "engine": lambda: engine.write_results(
+            _measure(engine.measure(stack, servers, sizes.engine_requests, progress)),
             results_dir,
             note,
         ),
