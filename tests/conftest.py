@@ -24,7 +24,8 @@ from nats.aio.msg import Msg
 
 from llooma import bus, subjects
 from llooma.credentials import CredentialStore
-from llooma.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from llooma.embedded import EmbeddedNats, EmbeddedPostgres
+from llooma.processes import free_port
 from llooma.settings import DEV_API_KEY, KEY_HASH_SECRET_ENV
 from llooma.stack import Stack, demo_hosts
 from llooma.v1.race_pb2 import RaceEvent

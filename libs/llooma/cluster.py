@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llooma.credentials import CredentialStore
-from llooma.embedded import EmbeddedNats, free_port, port_is_free
+from llooma.embedded import EmbeddedNats
+from llooma.processes import free_port, port_is_free
 
 CLUSTER_NAME = "llooma"
 # Replicas on a cluster of N nodes: 3, or N when it has fewer.

@@ -7,14 +7,11 @@ clean machine with Python and pip can run the whole stack.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,48 +25,11 @@ from llooma.credentials import (
     reload_nats,
     render_nats_config,
 )
-
-_PR_SET_PDEATHSIG = 1
+from llooma.processes import die_with_parent, free_port, wait_for_port
 
 # pgserver asks platformdirs for a runtime dir, which warns on every machine without a login
 # session (CI, containers); the fallback it takes is fine.
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-
-
-def die_with_parent() -> None:
-    """preexec_fn: the kernel sends SIGTERM to the child if its parent dies (even by kill -9)."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def wait_for_port(port: int, timeout_s: float, process: subprocess.Popen[bytes] | None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"process exited with {process.returncode} before listening")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
 
 
 def nats_server_binary() -> str:

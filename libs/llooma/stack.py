@@ -20,16 +20,10 @@ from llooma import names
 from llooma.cluster import NatsCluster
 from llooma.credentials import CredentialStore
 from llooma.db.migrate import migrate
-from llooma.embedded import (
-    EmbeddedNats,
-    EmbeddedPostgres,
-    child_environment,
-    die_with_parent,
-    free_port,
-    port_is_free,
-)
+from llooma.embedded import EmbeddedNats, EmbeddedPostgres, child_environment
 from llooma.host.config import Generation, HostConfig, Latency, ModelConfig, Policy
 from llooma.ledger.blocks import Signer
+from llooma.processes import die_with_parent, free_port, port_is_free
 from llooma.settings import KEY_HASH_SECRET_ENV, KEY_HASH_SECRET_FILE_ENV
 
 log = logging.getLogger(__name__)

@@ -23,9 +23,9 @@ import pytest
 from nats.aio.client import Client
 
 from llooma import bus
-from llooma.embedded import free_port
 from llooma.engine import UPSTREAM_MODEL, EnginePaths, LlamaServer, engine_paths
 from llooma.host.config import Generation, HostConfig, ModelConfig
+from llooma.processes import free_port
 from llooma.settings import DEV_API_KEY
 from llooma.stack import Stack
 from tests.conftest import AUTH

@@ -17,7 +17,7 @@ import httpx
 import orjson
 
 from llooma import bus, subjects
-from llooma.embedded import free_port
+from llooma.processes import free_port
 from llooma.settings import DEV_API_KEY
 from llooma.stack import Stack
 from llooma.v1.settlement_pb2 import TaskSettlement

@@ -16,7 +16,7 @@ import pytest
 from nats.js import JetStreamContext
 
 from llooma import bus
-from llooma.embedded import free_port
+from llooma.processes import free_port
 from llooma.stack import Stack
 from tests.reliability.conftest import (
     FAULT_ENV,

@@ -17,9 +17,10 @@ import httpx
 import pytest
 from nats.aio.client import Client
 
-from llooma.embedded import child_environment, die_with_parent, free_port
+from llooma.embedded import child_environment
 from llooma.ledger.deliveries import CUT_GRACE_S, Delivered, WinnerLeg, adjustment
 from llooma.ledger.economics import PLATFORM, account_deltas
+from llooma.processes import die_with_parent, free_port
 from llooma.settings import DEV_API_KEY, api_key_id
 from llooma.stack import Stack
 from llooma.v1.common_pb2 import Usage

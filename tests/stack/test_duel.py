@@ -20,8 +20,8 @@ from nats.aio.msg import Msg
 
 from llooma import bus, subjects
 from llooma.duel import read_judge_prompt
-from llooma.embedded import free_port
 from llooma.host.config import Generation, HostConfig, Latency, ModelConfig
+from llooma.processes import free_port
 from llooma.settings import VERSION
 from llooma.stack import Stack
 from llooma.v1.common_pb2 import ERROR_CODE_HOST_BUSY, ErrorDetail, Usage

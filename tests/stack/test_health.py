@@ -10,7 +10,8 @@ from pathlib import Path
 
 import httpx
 
-from llooma.embedded import EmbeddedNats, die_with_parent, free_port
+from llooma.embedded import EmbeddedNats
+from llooma.processes import die_with_parent, free_port
 
 
 def test_healthz_is_503_while_services_are_missing(tmp_path: Path) -> None:

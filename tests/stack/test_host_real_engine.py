@@ -17,7 +17,6 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from llooma import subjects
-from llooma.embedded import free_port
 from llooma.host.config import HostConfig, ModelConfig
 from llooma.host.engines import EngineProbe
 from llooma.host.openai_backend import (
@@ -27,6 +26,7 @@ from llooma.host.openai_backend import (
     UpstreamRejected,
 )
 from llooma.host.worker import HostWorker
+from llooma.processes import free_port
 from llooma.v1.common_pb2 import ChatMessage, GenerationParams
 from llooma.v1.host_pb2 import HostHeartbeat, HostTask
 

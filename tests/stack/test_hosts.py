@@ -22,8 +22,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from llooma import subjects
-from llooma.embedded import EmbeddedNats, die_with_parent
+from llooma.embedded import EmbeddedNats
 from llooma.host.config import Generation, HostConfig, Latency, ModelConfig
+from llooma.processes import die_with_parent
 from llooma.stack import Stack
 from llooma.v1.host_pb2 import HostTask
 from tests.conftest import AUTH

@@ -22,8 +22,8 @@ import nats
 import pytest
 import yaml
 
-from llooma.embedded import die_with_parent, free_port
 from llooma.host.config import HostConfig
+from llooma.processes import die_with_parent, free_port
 from tests.conftest import AUTH
 from tests.support.ledger_db import new_database
 

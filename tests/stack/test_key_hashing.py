@@ -14,7 +14,7 @@ import httpx
 import orjson
 import pytest
 
-from llooma.embedded import free_port
+from llooma.processes import free_port
 from llooma.settings import api_key_id
 from llooma.stack import Stack
 from tests.support.ledger_db import new_database

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from llooma.embedded import free_port, port_is_free
+from llooma.processes import free_port, port_is_free
 from tests.conftest import AUTH
 
 READY_BANNER = "Ctrl-C stops everything"

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from llooma import bus
-from llooma.embedded import free_port, nats_server_binary, wait_for_port
+from llooma.embedded import nats_server_binary
+from llooma.processes import free_port, wait_for_port
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl here")
 

@@ -20,9 +20,10 @@ from nats.js.errors import BadRequestError, KeyNotFoundError
 
 from llooma import subjects
 from llooma.continuation import extract_prefix
-from llooma.embedded import EmbeddedNats, die_with_parent
+from llooma.embedded import EmbeddedNats
 from llooma.host.config import Generation, HostConfig, Latency, ModelConfig, Policy
 from llooma.host.worker import HostWorker
+from llooma.processes import die_with_parent
 from llooma.v1.common_pb2 import ERROR_CODE_HOST_BUSY, ErrorDetail, Usage
 from llooma.v1.host_pb2 import HostAccepted, HostChunk, HostFinished, HostTask, HostToken
 from llooma.v1.pipeline_pb2 import ChatRequest, HostCandidate, TaskAssignment

@@ -15,7 +15,8 @@ from nats.aio.client import Client
 from nats.js.errors import BadRequestError
 
 from llooma import bus, subjects
-from llooma.embedded import EmbeddedNats, free_port
+from llooma.embedded import EmbeddedNats
+from llooma.processes import free_port
 
 
 @pytest.fixture(scope="module")

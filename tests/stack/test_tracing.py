@@ -25,7 +25,7 @@ from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
 from llooma import tracing
-from llooma.embedded import free_port
+from llooma.processes import free_port
 from llooma.settings import DEV_API_KEY
 from llooma.stack import Stack
 from tests.support.ledger_db import new_database

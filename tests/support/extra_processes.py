@@ -16,8 +16,9 @@ from pathlib import Path
 import httpx
 import yaml
 
-from llooma.embedded import EmbeddedNats, child_environment, die_with_parent, free_port
+from llooma.embedded import EmbeddedNats, child_environment
 from llooma.host.config import HostConfig, ModelConfig
+from llooma.processes import die_with_parent, free_port
 from llooma.stack import Stack
 from tests.conftest import AUTH
 

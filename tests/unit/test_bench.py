@@ -176,7 +176,7 @@ async def test_the_bench_upstream_streams_what_an_openai_client_reads() -> None:
     import openai
 
     from llooma.bench.upstream import serve_forever
-    from llooma.embedded import free_port
+    from llooma.processes import free_port
 
     port = free_port()
     server = asyncio.create_task(serve_forever(port, 5))

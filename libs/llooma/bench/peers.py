@@ -35,8 +35,8 @@ from rich.progress import Progress
 
 from llooma.bench.sse_client import SseClient
 from llooma.bench.stats import percentile
-from llooma.embedded import free_port, wait_for_port
 from llooma.host.config import HostConfig, ModelConfig
+from llooma.processes import free_port, wait_for_port
 from llooma.settings import DEV_API_KEY
 from llooma.stack import Stack
 

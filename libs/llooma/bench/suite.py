@@ -21,9 +21,9 @@ from rich.console import Console
 from rich.progress import Progress
 
 from llooma.bench import engine, overhead, peers, race, scheduling, split, throughput
-from llooma.embedded import free_port
 from llooma.engine import LlamaServer
 from llooma.host.config import HostConfig
+from llooma.processes import free_port
 from llooma.stack import Stack
 
 SUITES = ("overhead", "throughput", "race", "split", "scheduling", "engine", "peers")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import httpx
 
-from llooma.embedded import die_with_parent, free_port
 from llooma.engine._build import EnginePaths
+from llooma.processes import die_with_parent, free_port
 
 # The model's own template is ChatML, which Gemma was not trained on; llama.cpp's built-in
 # `gemma` template is the right one (the legacy templates need --no-jinja to be chosen by name).
