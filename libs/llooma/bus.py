@@ -1,4 +1,9 @@
-"""NATS connections and the JetStream topology (streams and KV buckets) every service relies on."""
+"""NATS connections and the JetStream topology (streams and KV buckets) every service relies on.
+
+Its size (~560 lines): the topology is declared here once (every stream and bucket with its
+limits) beside the rules that keep it (created with the configured replicas, never put back to
+an older config) and the hand-off that publishes into it; they change together.
+"""
 
 from __future__ import annotations
 

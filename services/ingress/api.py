@@ -1,4 +1,9 @@
-"""HTTP routes: /v1/chat/completions (SSE and JSON), /v1/models, /healthz."""
+"""HTTP routes: /v1/chat/completions (SSE and JSON), /v1/models, /healthz.
+
+Its size (~520 lines): the chat route's ladder of checks, its hand-off to the pipeline and the
+reading of its events into the two answer shapes, which share the request's state; the wire
+format of the answer is in `answers.py`, the request's in `schema.py` and `headers.py`.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import contextlib
 import hmac
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 import orjson
@@ -15,8 +20,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.responses import JSONResponse, Response
 
 from llooma import bus, subjects, tracing
 from llooma.keys import KeyBook, KeyRecord
@@ -29,10 +33,6 @@ from llooma.privacy import Mapping, StreamRestorer
 from llooma.settings import ORCHESTRATED_MODEL, Settings, api_key_id
 from llooma.v1.common_pb2 import (
     ERROR_CODE_DEADLINE_EXCEEDED,
-    ERROR_CODE_HOST_BUSY,
-    ERROR_CODE_HOST_FAILED,
-    ERROR_CODE_NO_ELIGIBLE_HOST,
-    ERROR_CODE_REQUEST_REJECTED,
     ErrorDetail,
 )
 from llooma.v1.pipeline_pb2 import (
@@ -40,9 +40,16 @@ from llooma.v1.pipeline_pb2 import (
     PRIVACY_MODE_STRICT,
     PRIVACY_MODE_UNSPECIFIED,
     ChatRequest,
-    ClientDelta,
     ClientEvent,
     PrivacyMode,
+)
+from services.ingress.answers import (
+    EventStream,
+    error_shape,
+    header_value,
+    restore,
+    sse_event,
+    usage_json,
 )
 from services.ingress.delivery import DeliveryReporter
 from services.ingress.headers import InvalidHeader, RequestOptions, parse_options
@@ -60,13 +67,6 @@ PIPELINE_MARGIN_S = 10.0
 # Beyond the racer's own stall deadline, how long the ingress waits before giving up itself.
 STALL_MARGIN_S = 5.0
 
-STATUS_BY_ERROR = {
-    ERROR_CODE_NO_ELIGIBLE_HOST: (503, "no_eligible_host"),
-    ERROR_CODE_HOST_BUSY: (503, "hosts_busy"),
-    ERROR_CODE_DEADLINE_EXCEEDED: (504, "deadline_exceeded"),
-    ERROR_CODE_HOST_FAILED: (502, "host_failed"),
-}
-
 # How long a model stays known after its last host left: requests for it get 503 (retried by
 # clients) rather than 404 (never retried) while its hosts restart or reconnect.
 KNOWN_MODEL_MEMORY_S = 600.0
@@ -74,30 +74,6 @@ KNOWN_MODEL_MEMORY_S = 600.0
 
 class BodyTooLarge(Exception):
     pass
-
-
-class _EventStream(StreamingResponse):
-    """An SSE response that ends its request however it ends: Starlette cancels the stream of
-    a client that left, and a generator cancelled before its first step runs no `finally`."""
-
-    def __init__(
-        self,
-        content: AsyncGenerator[bytes],
-        *,
-        on_close: Callable[[], Awaitable[None]],
-        media_type: str,
-        headers: dict[str, str],
-    ) -> None:
-        super().__init__(content, media_type=media_type, headers=headers)
-        self._content = content
-        self._on_close = on_close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._content.aclose()
-            await self._on_close()
 
 
 @dataclass
@@ -353,11 +329,11 @@ class Ingress:
             )
         if first.started.plan_decision:
             # Header values must be latin-1: the decision is ASCII apart from model names.
-            headers["x-llooma-plan"] = _header_value(first.started.plan_decision)
+            headers["x-llooma-plan"] = header_value(first.started.plan_decision)
         if first.started.host_id:
-            headers["x-llooma-host"] = _header_value(first.started.host_id)
+            headers["x-llooma-host"] = header_value(first.started.host_id)
         if first.started.model:
-            headers["x-llooma-model"] = _header_value(first.started.model)
+            headers["x-llooma-model"] = header_value(first.started.model)
         stream = ticket.watch(self._events(request_id, queue, restorer))
         if self.deliveries is not None:
             stream = self.deliveries.watch(chat, stream)
@@ -368,7 +344,7 @@ class Ingress:
                 ticket.release()
                 await self._end(request_id, finished=False)
 
-            return _EventStream(
+            return EventStream(
                 # `model` echoes the request (x-llooma-model names the one that answered).
                 self._sse(request_id, parsed.model, stream, include_usage),
                 on_close=on_close,
@@ -412,7 +388,7 @@ class Ingress:
                         done = True
                         break
                 if restorer is not None:
-                    batch = _restore(batch, restorer)
+                    batch = restore(batch, restorer)
                 yield batch
             done = batch[-1].WhichOneof("event") == "finished"
         finally:
@@ -429,7 +405,7 @@ class Ingress:
             await self.nc.publish(subjects.request_cancel(request_id), b"")
 
     def _failure_response(self, failure: ErrorDetail, headers: dict[str, str]) -> Response:
-        status, error_type, code = _error_shape(failure)
+        status, error_type, code = error_shape(failure)
         if status == 503:
             headers = {**headers, "retry-after": str(self.settings.shed_retry_after_s)}
         return error_response(
@@ -459,7 +435,7 @@ class Ingress:
         )
         async with contextlib.aclosing(batches):
             async for batch in batches:
-                yield b"".join(_sse_event(head, event, include_usage) for event in batch)
+                yield b"".join(sse_event(head, event, include_usage) for event in batch)
 
     async def _collect(
         self,
@@ -493,7 +469,7 @@ class Ingress:
                                 "finish_reason": event.finished.finish_reason or "stop",
                             }
                         ],
-                        "usage": _usage(event),
+                        "usage": usage_json(event),
                     }
                     return Response(
                         orjson.dumps(body), media_type="application/json", headers=headers
@@ -551,69 +527,3 @@ def _model_card(name: str) -> dict[str, object]:
 def _is_ascii_number(value: str) -> bool:
     # Not str.isdigit: "²".isdigit() holds (a latin-1 header byte), and int("²") raises.
     return value.isascii() and value.isdecimal()
-
-
-def _restore(batch: list[ClientEvent], restorer: StreamRestorer) -> list[ClientEvent]:
-    """Put the originals back into the deltas, also when a placeholder spans two of them."""
-    restored = []
-    for event in batch:
-        kind = event.WhichOneof("event")
-        if kind == "delta":
-            event.delta.text = restorer.feed(event.delta.text)
-        elif kind == "finished":
-            tail = restorer.flush()
-            if tail:
-                restored.append(ClientEvent(delta=ClientDelta(text=tail)))
-        restored.append(event)
-    return restored
-
-
-def _sse_event(head: bytes, event: ClientEvent, include_usage: bool) -> bytes:
-    kind = event.WhichOneof("event")
-    if kind == "delta":
-        delta = event.delta
-        if delta.reasoning:
-            # As OpenAI-compatible servers relay a thinking model's reasoning.
-            body = b'{"reasoning_content":' + orjson.dumps(delta.reasoning)
-            if delta.text:
-                body += b',"content":' + orjson.dumps(delta.text)
-            body += b"}"
-        else:
-            body = b'{"content":' + orjson.dumps(delta.text) + b"}"
-        return head + b'"choices":[{"index":0,"delta":' + body + b',"finish_reason":null}]}\n\n'
-
-    if kind == "finished":
-        finish = orjson.dumps(event.finished.finish_reason or "stop")
-        parts = [head + b'"choices":[{"index":0,"delta":{},"finish_reason":' + finish + b"}]}\n\n"]
-        if include_usage:
-            parts.append(head + b'"choices":[],"usage":' + orjson.dumps(_usage(event)) + b"}\n\n")
-        parts.append(b"data: [DONE]\n\n")
-        return b"".join(parts)
-    _, error_type, code = _error_shape(event.failed)
-    message = event.failed.message or "the stream failed"
-    error = {"error": {"message": message, "type": error_type, "code": code}}
-    return b"data: " + orjson.dumps(error) + b"\n\n"
-
-
-def _error_shape(failure: ErrorDetail) -> tuple[int, str, str]:
-    """HTTP status, OpenAI error type and code for a failed request."""
-    if failure.code == ERROR_CODE_REQUEST_REJECTED:
-        # The engine refused the request itself: the client's error, with the engine's status.
-        status = failure.http_status if 400 <= failure.http_status < 500 else 400
-        return status, "invalid_request_error", failure.client_code or "invalid_request_error"
-    status, code = STATUS_BY_ERROR.get(failure.code, (500, "internal_error"))
-    return status, "server_error", code
-
-
-def _header_value(value: str) -> str:
-    """A latin-1-safe header value of bounded length."""
-    return value.encode("ascii", "replace").decode()[:200]
-
-
-def _usage(event: ClientEvent) -> dict[str, int]:
-    usage = event.finished.usage
-    return {
-        "prompt_tokens": usage.input_tokens,
-        "completion_tokens": usage.output_tokens,
-        "total_tokens": usage.input_tokens + usage.output_tokens,
-    }
