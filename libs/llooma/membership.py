@@ -133,8 +133,21 @@ class HostDirectory:
         return hosts
 
     def models(self) -> set[str]:
-        """Models some eligible host serves right now."""
-        return {cap.name for member in self.eligible() for cap in member.heartbeat.models}
+        """Models some eligible host serves right now, on an engine that answers."""
+        return {
+            cap.name
+            for member in self.eligible()
+            for cap in member.heartbeat.models
+            if not cap.engine_unreachable
+        }
+
+    def serving(self) -> list[Member[HostHeartbeat]]:
+        """Eligible hosts with at least one model whose engine answers (for /healthz)."""
+        return [
+            member
+            for member in self.eligible()
+            if any(not cap.engine_unreachable for cap in member.heartbeat.models)
+        ]
 
     def known_models(self) -> set[str]:
         """Models any host in the bucket announced, eligible or not (draining, stale, old)."""

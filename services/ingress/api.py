@@ -497,7 +497,7 @@ class Ingress:
     async def healthz(self, _: Request) -> Response:
         ready = self.services.ready_instances()
         services = {name: ready.get(name, 0) for name in SERVICES}
-        hosts = len(self.hosts.eligible())
+        hosts = len(self.hosts.serving())
         healthy = all(services.values()) and hosts > 0
         return JSONResponse(
             {"status": "ok" if healthy else "unavailable", "services": services, "hosts": hosts},

@@ -298,3 +298,30 @@ def test_metrics_show_each_hosts_state_and_terms_from_the_pipeline() -> None:
     assert view["ok"]["terms"]["load"] == 0.5
     assert stats.snapshot()["score_weights"] == selection.weights_from_settings(settings)
     assert isinstance(stats.host_stats, HostStats)
+
+
+def test_models_and_serving_hosts_leave_out_engines_that_do_not_answer() -> None:
+    """/v1/models and /healthz count only models whose engine answers its health probe."""
+    import time
+
+    from llooma.membership import HostDirectory
+    from llooma.settings import VERSION
+    from llooma.v1.host_pb2 import HostHeartbeat, ModelCapability
+
+    directory = HostDirectory(stale_after_s=2.0, min_version=VERSION)
+
+    def beat(host: str, *models: tuple[str, bool]) -> None:
+        heartbeat = HostHeartbeat(
+            version=VERSION,
+            models=[
+                ModelCapability(name=name, capacity=4, engine_unreachable=down)
+                for name, down in models
+            ],
+        )
+        directory.members._apply(host, heartbeat.SerializeToString(), "PUT", time.time())
+
+    beat("a", ("up-model", False), ("down-model", True))
+    beat("b", ("gone-model", True))
+    assert directory.models() == {"up-model"}
+    assert [m.key for m in directory.serving()] == ["a"]
+    assert {m.key for m in directory.eligible()} == {"a", "b"}
