@@ -169,9 +169,13 @@ async def published_settlements(stack: Stack) -> list[TaskSettlement]:
         js = nc.jetstream()
         found: dict[int, TaskSettlement] = {}
         sub = await js.subscribe(subjects.SETTLEMENT_TASK, ordered_consumer=True)
-        info = await js.stream_info(subjects.SETTLEMENT_STREAM)
+        # Only the task settlements: the stream also holds duel results and delivery reports.
+        info = await js.stream_info(
+            subjects.SETTLEMENT_STREAM, subjects_filter=subjects.SETTLEMENT_TASK
+        )
+        expected = (info.state.subjects or {}).get(subjects.SETTLEMENT_TASK, 0)
         # By stream sequence: an ordered consumer that resets may deliver one again.
-        while len(found) < info.state.messages:
+        while len(found) < expected:
             msg = await sub.next_msg(timeout=5)
             found[msg.metadata.sequence.stream] = TaskSettlement.FromString(msg.data)
         await sub.unsubscribe()
