@@ -1,4 +1,5 @@
-"""Composition root of the ingress: settings -> NATS -> directories -> HTTP app -> uvicorn."""
+"""Composition root of the ingress: settings -> the shared service runtime (NATS, topology,
+heartbeat, stop hooks) -> directories -> HTTP app -> uvicorn."""
 
 from __future__ import annotations
 
@@ -14,13 +15,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from llooma import bus, runtime, tracing
+from llooma import runtime, tracing
 from llooma.keys import KeyBook
 from llooma.ledger.balances import BalanceBook
 from llooma.limiter import SharedCounters
 from llooma.membership import HostDirectory, ServiceDirectory
 from llooma.metrics import StatsCollector
-from llooma.runtime import ServiceHeartbeater
+from llooma.service import Service
 from llooma.settings import Settings, load_settings
 from services.ingress.admin import ROUTES as ADMIN_ROUTES
 from services.ingress.admin import admin_key_ids
@@ -81,68 +82,57 @@ ROUTES = [
 
 
 def create_app(settings: Settings) -> Starlette:
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        instance_id = runtime.new_instance_id(SERVICE)
-
-        async def reconnected() -> None:
-            # A restarted server may have lost the memory stream and buckets the ingress
-            # publishes to and watches (bus.connect logs a failure).
-            await bus.restore_topology(nc.jetstream())
-
-        nc = await bus.connect(
-            settings.nats_url,
-            f"llooma-{SERVICE}",
-            access=settings.nats_access(),
-            on_reconnect=reconnected,
-        )
-        js = nc.jetstream()
-        await bus.keep_topology(js, SERVICE)
+    async def setup(service: Service) -> None:
+        """The ingress's parts on the shared service runtime; `app.state` is where the HTTP
+        routes find them."""
+        nc, js = service.nc, service.js
         hosts = HostDirectory(
             stale_after_s=settings.host_stale_after_s, min_version=settings.min_host_version
         )
         services = ServiceDirectory(stale_after_s=settings.service_stale_after_s)
         await hosts.start(js)
+        service.on_stop(hosts.stop)
         await services.start(js)
-        replies = ReplyRouter(instance_id)
+        service.on_stop(services.stop)
+        replies = ReplyRouter(service.instance_id)
         await replies.start(nc)
         stats = StatsCollector(settings, hosts)
         await stats.start(js)
-        app.state.stats = stats
-        app.state.ingress = Ingress(settings, nc, js, replies, hosts, services)
-        balances = BalanceBook()
-        await balances.start(js)
-        app.state.ingress.balances = balances
-        keys = KeyBook()
-        await keys.start(js)
-        app.state.ingress.keys = keys
-        app.state.ingress.deliveries = DeliveryReporter(js)
+        service.on_stop(stats.stop)
+        ingress = Ingress(settings, nc, js, replies, hosts, services)
+        ingress.balances = BalanceBook()
+        await ingress.balances.start(js)
+        service.on_stop(ingress.balances.stop)
+        ingress.keys = KeyBook()
+        await ingress.keys.start(js)
+        service.on_stop(ingress.keys.stop)
+        ingress.deliveries = DeliveryReporter(js)
         if settings.rate_limits_shared:
-            app.state.ingress.shared_limits = SharedRateLimits(settings, SharedCounters(js))
-            app.state.ingress.limits.rates_shared = True
+            ingress.shared_limits = SharedRateLimits(settings, SharedCounters(js))
+            ingress.limits.rates_shared = True
+        ingress.stats = stats
+        app.state.stats = stats
+        app.state.ingress = ingress
         app.state.admin_key_ids = admin_key_ids(settings.admin_keys())
-        app.state.ingress.stats = stats
-        heartbeat = ServiceHeartbeater(nc, SERVICE, instance_id, settings.heartbeat_interval_s)
-        await heartbeat.start()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        service = Service(SERVICE, settings)
+        await service.start(setup)
         try:
             yield
         finally:
-            await heartbeat.stop()
-            await stats.stop()
-            await balances.stop()
-            await keys.stop()
-            await hosts.stop()
-            await services.stop()
-            await nc.drain()
+            await service.stop()
 
     # Only when tracing: an untraced ingress keeps no middleware layer at all.
     middleware = [Middleware(tracing.ServerSpans)] if tracing.enabled() else []
-    return Starlette(
+    app = Starlette(
         routes=ROUTES,
         lifespan=lifespan,
         middleware=middleware,
         exception_handlers={HTTPException: http_error},
     )
+    return app
 
 
 def main() -> None:
