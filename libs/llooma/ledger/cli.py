@@ -300,7 +300,7 @@ def stake(
     if funding not in sources:
         raise typer.BadParameter("--from is `treasury` or `host`")
     signer = _signer(key_file)
-    txn_id = f"stake:{idempotency_key or uuid.uuid4().hex}"
+    txn_id = f"stake:{host}:{idempotency_key or uuid.uuid4().hex}"
 
     async def run() -> tuple[bool, int]:
         pool = await asyncpg.create_pool(
@@ -320,9 +320,14 @@ def stake(
         console.print(f"[red]not staked: {error}[/red]")
         raise typer.Exit(1) from error
     if done:
-        console.print(f"locked {credits(micros)} for {host}; its stake {credits(locked)}")
+        console.print(
+            f"locked {credits(micros)} for {host}; its stake {credits(locked)}", soft_wrap=True
+        )
     else:
-        console.print(f"{txn_id} was posted before: nothing locked; {host} stake {credits(locked)}")
+        console.print(
+            f"{txn_id} was posted before: nothing locked; {host} stake {credits(locked)}",
+            soft_wrap=True,
+        )
 
 
 @ledger_app.command("unstake")
@@ -345,7 +350,7 @@ def unstake(
     micros = _micros(amount)
     signer = _signer(key_file)
     delay_s = load_settings().stake_unlock_delay_s
-    txn_id = f"unstake:{idempotency_key or uuid.uuid4().hex}"
+    txn_id = f"unstake:{host}:{idempotency_key or uuid.uuid4().hex}"
 
     async def run() -> bool:
         pool = await asyncpg.create_pool(
@@ -366,7 +371,8 @@ def unstake(
     if done:
         console.print(
             f"{credits(micros)} of {host}'s stake unlocks in {delay_s:.0f} s ({txn_id}); it "
-            "stays locked and slashable until then"
+            "stays locked and slashable until then",
+            soft_wrap=True,
         )
     else:
-        console.print(f"{txn_id} was asked before: nothing more unlocks")
+        console.print(f"{txn_id} was asked before: nothing more unlocks", soft_wrap=True)
