@@ -107,6 +107,7 @@ async def test_stake_postings_are_idempotent_slashed_released_and_verify(
     tally = await store.pool.fetchrow(
         "SELECT no_shows, no_show_streak FROM host_tallies WHERE host_id = 'h'"
     )
+    assert tally is not None
     assert tuple(tally) == (3, 0)
 
     # A duel lost unanimously by two judges costs a quarter of what is left.

@@ -32,6 +32,7 @@ from llooma.v1.duel_pb2 import (
     DUEL_VERDICT_TIE,
     DUEL_VERDICT_UNSPECIFIED,
     DuelResult,
+    DuelVerdict,
     JudgeVote,
 )
 from llooma.v1.settlement_pb2 import ATTEMPT_OUTCOME_LOST, ATTEMPT_OUTCOME_WON, TaskSettlement
@@ -113,11 +114,11 @@ def test_no_stake_or_a_zero_rule_slashes_nothing() -> None:
     assert slash_no_shows(off, batch, {}, {"poor": 10**6}).postings == []
 
 
-def vote(judge: str, in_order: int, swapped: int) -> JudgeVote:
+def vote(judge: str, in_order: DuelVerdict.ValueType, swapped: DuelVerdict.ValueType) -> JudgeVote:
     return JudgeVote(judge_host_id=judge, verdict_in_order=in_order, verdict_swapped=swapped)
 
 
-def duel(outcome: int, *votes: JudgeVote) -> DuelResult:
+def duel(outcome: DuelVerdict.ValueType, *votes: JudgeVote) -> DuelResult:
     return DuelResult(duel_id="d1", host_a="a", host_b="b", outcome=outcome, votes=list(votes))
 
 
