@@ -105,6 +105,7 @@ BUCKETS = (
     # Accounting's published state outlives restarts; Postgres stays the source of truth.
     KeyValueConfig(bucket=subjects.BALANCES_BUCKET, storage=StorageType.FILE),
     KeyValueConfig(bucket=subjects.LEDGER_BUCKET, storage=StorageType.FILE),
+    KeyValueConfig(bucket=subjects.STAKES_BUCKET, storage=StorageType.FILE),
     KeyValueConfig(bucket=subjects.KEYS_BUCKET, storage=StorageType.FILE),
     KeyValueConfig(
         bucket=subjects.LIMIT_PHASES_BUCKET, ttl=LIMIT_PHASE_TTL_S, storage=StorageType.MEMORY

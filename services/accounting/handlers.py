@@ -22,6 +22,7 @@ from llooma.ledger import deliveries
 from llooma.ledger.anchors import Anchorer
 from llooma.ledger.balances import publish_balances, publish_balances_complete
 from llooma.ledger.intake import Rejected, read_delivery, read_duel, read_settlement
+from llooma.ledger.stakes import publish_stakes
 from llooma.ledger.store import LedgerStore, Posted
 from llooma.runtime import SETTLEMENTS
 from llooma.v1.duel_pb2 import DuelResult
@@ -63,6 +64,8 @@ class Accounting:
     def __init__(self) -> None:
         # api_key_id -> (block height it was read at, balance published).
         self._published: dict[str, tuple[int, int]] = {}
+        # host_id -> (block height it was read at, locked stake published); the same rule.
+        self._published_stakes: dict[str, tuple[int, int]] = {}
         # A batch's balances and a refresh's are each a snapshot at some height: publishing
         # one under this lock, only where it is newer, never puts an older balance last.
         self._publishing = asyncio.Lock()
@@ -104,8 +107,13 @@ class Accounting:
             return posted
         await self._anchor()
         await self._publish_balances(posted.block.height, posted.user_balances)
+        if posted.stakes:
+            await self._publish_stakes(posted.block.height, posted.stakes)
         self._summary_due.set()
         return posted
+
+    async def release_unlocks(self) -> Posted:
+        return await self.publish_posted(await self.store.release_unlocks())
 
     async def _anchor(self) -> None:
         """Anchor the new blocks outside the database; a failure is retried by the refresh."""
@@ -115,21 +123,33 @@ class Accounting:
             log.warning("anchoring blocks failed; will retry", exc_info=True)
 
     async def _publish_balances(self, height: int, balances: dict[str, int]) -> None:
+        await self._publish_newer(self._published, publish_balances, height, balances)
+
+    async def _publish_stakes(self, height: int, stakes: dict[str, int]) -> None:
+        await self._publish_newer(self._published_stakes, publish_stakes, height, stakes)
+
+    async def _publish_newer(
+        self,
+        published: dict[str, tuple[int, int]],
+        publish: Callable[[JetStreamContext, dict[str, int]], Awaitable[None]],
+        height: int,
+        values: dict[str, int],
+    ) -> None:
         async with self._publishing:
             newer = {
-                key: balance
-                for key, balance in balances.items()
-                if self._published.get(key, (-1, 0))[0] < height
+                key: value
+                for key, value in values.items()
+                if published.get(key, (-1, 0))[0] < height
             }
             changed = {
-                key: balance
-                for key, balance in newer.items()
-                if key not in self._published or self._published[key][1] != balance
+                key: value
+                for key, value in newer.items()
+                if key not in published or published[key][1] != value
             }
             if changed:
-                await publish_balances(self.js, changed)
-            for key, balance in newer.items():
-                self._published[key] = (height, balance)
+                await publish(self.js, changed)
+            for key, value in newer.items():
+                published[key] = (height, value)
 
     async def publish_summary(self) -> None:
         kv = await self.js.key_value(subjects.LEDGER_BUCKET)
@@ -140,6 +160,9 @@ class Accounting:
         """Publish every user balance that differs from what was last published."""
         height, balances = await self.store.user_balances()
         await self._publish_balances(height, balances)
+        # Stakes change outside a batch too (`llooma ledger stake`).
+        height, stakes = await self.store.stakes()
+        await self._publish_stakes(height, stakes)
 
     async def publish_all_balances(self) -> None:
         """Every balance, then the mark that tells the ingress a key absent now has none."""
@@ -216,6 +239,10 @@ class Accounting:
             rounds = 0
             while True:
                 await asyncio.sleep(RECONCILE_EVERY_S)
+                try:
+                    await self.release_unlocks()
+                except Exception:
+                    log.warning("releasing unlocked stakes failed", exc_info=True)
                 try:
                     await self.reconcile_deliveries()
                     rounds += 1

@@ -14,7 +14,7 @@ from llooma.db.migrate import migrate
 from llooma.ledger import signing_key_path
 from llooma.ledger.anchors import Anchorer
 from llooma.ledger.blocks import Signer
-from llooma.ledger.economics import Prices, opening_balances
+from llooma.ledger.economics import Prices, SlashRules, opening_balances
 from llooma.ledger.store import LedgerStore
 from llooma.settings import Settings
 from services.accounting.handlers import Accounting, build_router
@@ -96,7 +96,9 @@ def create_app(settings: Settings) -> FastStream:
         except SystemExit:
             await pool.close()
             raise
-        accounting.store = LedgerStore(pool, signer, Prices.from_settings(settings))
+        accounting.store = LedgerStore(
+            pool, signer, Prices.from_settings(settings), SlashRules.from_settings(settings)
+        )
         accounting.js = broker.config.connection_state.stream
         accounting.anchors = Anchorer(accounting.js, subjects.ledger_chain(signer.public_key))
         await accounting.anchors.start()
@@ -104,6 +106,7 @@ def create_app(settings: Settings) -> FastStream:
         keys.open(pool)
         # Before this instance says it is ready, so the ingress never 402s a funded key.
         await accounting.store.open_accounts(opening_balances(settings))
+        await accounting.store.open_stakes(settings.opening_stakes_micros)
         await accounting.publish_all_balances()
         await keys.publish_all()
         await accounting.publish_summary()

@@ -13,6 +13,7 @@ from nats.js import JetStreamContext
 
 from llooma import bus, counters, subjects
 from llooma.host_stats import HostStats
+from llooma.ledger.stakes import StakeBook
 from llooma.membership import HostDirectory
 from llooma.planning import decide, is_split
 from llooma.selection import Ask, Candidate, Selector
@@ -45,6 +46,7 @@ class Dispatcher:
         nc: Client,
         js: JetStreamContext,
         instance_id: str,
+        stakes: StakeBook | None = None,
     ) -> None:
         self._nc = nc
         self._js = js
@@ -52,7 +54,8 @@ class Dispatcher:
         self._hosts = hosts
         self._rng = random.Random()
         self.stats = HostStats()
-        self.selector = Selector.from_settings(settings, self.stats)
+        self.stakes = stakes or StakeBook()
+        self.selector = Selector.from_settings(settings, self.stats, self.stakes.locked_micros)
         self.dag = DagRunner(nc, js, instance_id, self.assign)
 
     async def on_race_event(self, msg: Msg) -> None:

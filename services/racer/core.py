@@ -218,6 +218,13 @@ class RaceCore:
             self._launch_hedged(now)
         if not race.deadline_hit and now >= race.started + self._deadline_s:
             race.deadline_hit = True
+            for attempt in race.attempts.values():
+                if (
+                    now - attempt.launched_at >= self._deadline_s
+                    and attempt.first_token_at is None
+                    and not (attempt.failed or attempt.cancelled)
+                ):
+                    attempt.no_show = True
             self._launch_fallback(now)
         if now >= race.started + self._deadline_s + race.fallback_timeout_s:
             raise RaceFailed(

@@ -55,6 +55,8 @@ class Attempt:
     # Protocol breaches (tokens past max_tokens, control tokens or characters, floods): each
     # counts as an error in S(h); a winner that broke one still won (its answer was delivered).
     violations: int = 0
+    # Live at its first-token deadline with no token yet (see TaskSettlement.no_show).
+    no_show: bool = False
 
 
 class RaceFailed(Exception):

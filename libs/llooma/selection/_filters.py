@@ -44,6 +44,8 @@ class Policy:
     # Models never used to answer the orchestrated model (the demo and debug backends).
     excluded: frozenset[str] = frozenset()
     orchestrated_model: str = ORCHESTRATED_MODEL
+    # Credits every host counts as having locked in the stake draw (settings).
+    unstaked_stake: float = 0.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Policy:
@@ -52,6 +54,7 @@ class Policy:
             min_version=version_tuple(settings.min_host_version),
             suspended=frozenset(settings.suspended_hosts),
             excluded=frozenset(settings.orchestration_excluded_models),
+            unstaked_stake=settings.unstaked_host_stake,
         )
 
 
