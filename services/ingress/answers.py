@@ -5,6 +5,7 @@ functions of the `ClientEvent`s (the route in `api.py` decides which to send).""
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any
 
 import orjson
 from starlette.responses import StreamingResponse
@@ -15,6 +16,7 @@ from llooma.v1.common_pb2 import (
     ERROR_CODE_DEADLINE_EXCEEDED,
     ERROR_CODE_HOST_BUSY,
     ERROR_CODE_HOST_FAILED,
+    ERROR_CODE_INVALID_OUTPUT,
     ERROR_CODE_NO_ELIGIBLE_HOST,
     ERROR_CODE_REQUEST_REJECTED,
     ErrorDetail,
@@ -26,6 +28,7 @@ STATUS_BY_ERROR = {
     ERROR_CODE_HOST_BUSY: (503, "hosts_busy"),
     ERROR_CODE_DEADLINE_EXCEEDED: (504, "deadline_exceeded"),
     ERROR_CODE_HOST_FAILED: (502, "host_failed"),
+    ERROR_CODE_INVALID_OUTPUT: (502, "invalid_structured_output"),
 }
 
 
@@ -78,9 +81,24 @@ def sse_event(head: bytes, event: ClientEvent, include_usage: bool) -> bytes:
             if delta.text:
                 body += b',"content":' + orjson.dumps(delta.text)
             body += b"}"
-        else:
+        elif delta.text or not delta.tool_calls_json:
             body = b'{"content":' + orjson.dumps(delta.text) + b"}"
-        return head + b'"choices":[{"index":0,"delta":' + body + b',"finish_reason":null}]}\n\n'
+        else:
+            body = b""
+        out = b""
+        if body:
+            if delta.logprobs_json:
+                body += b',"logprobs":{"content":[' + delta.logprobs_json.encode() + b"]}"
+            out = head + b'"choices":[{"index":0,"delta":' + body + b',"finish_reason":null}]}\n\n'
+        for calls in delta.tool_calls_json:
+            # Each engine chunk's tool_calls exactly as it sent them, one client chunk each.
+            out += (
+                head
+                + b'"choices":[{"index":0,"delta":{"tool_calls":'
+                + calls.encode()
+                + b'},"finish_reason":null}]}\n\n'
+            )
+        return out
 
     if kind == "finished":
         finish = orjson.dumps(event.finished.finish_reason or "stop")
@@ -95,6 +113,58 @@ def sse_event(head: bytes, event: ClientEvent, include_usage: bool) -> bytes:
     message = event.failed.message or "the stream failed"
     error = {"error": {"message": message, "type": error_type, "code": code}}
     return b"data: " + orjson.dumps(error) + b"\n\n"
+
+
+class Answer:
+    """A non-streaming answer's one choice, gathered from its deltas: the text, the reasoning,
+    the tool calls merged from their fragments by index, the logprobs entries."""
+
+    def __init__(self, logprobs: bool) -> None:
+        self._text: list[str] = []
+        self._thoughts: list[str] = []
+        self._calls: dict[int, dict[str, Any]] = {}
+        self._logprobs: list[str] | None = [] if logprobs else None
+
+    def add(self, delta: ClientDelta) -> None:
+        self._text.append(delta.text)
+        if delta.reasoning:
+            self._thoughts.append(delta.reasoning)
+        for calls in delta.tool_calls_json:
+            for fragment in orjson.loads(calls):
+                self._merge(fragment)
+        if self._logprobs is not None and delta.logprobs_json:
+            self._logprobs.append(delta.logprobs_json)
+
+    def _merge(self, fragment: dict[str, Any]) -> None:
+        call = self._calls.setdefault(
+            fragment.get("index", len(self._calls)),
+            {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
+        )
+        if fragment.get("id"):
+            call["id"] = fragment["id"]
+        function = fragment.get("function") or {}
+        for name in ("name", "arguments"):
+            if function.get(name):
+                call["function"][name] += function[name]
+
+    def choice(self, finish_reason: str) -> dict[str, Any]:
+        text = "".join(self._text)
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if self._thoughts:
+            message["reasoning_content"] = "".join(self._thoughts)
+        if self._calls:
+            message["tool_calls"] = [self._calls[index] for index in sorted(self._calls)]
+            # As OpenAI: an answer of tool calls alone has no content.
+            message["content"] = text or None
+        logprobs = None
+        if self._logprobs is not None:
+            logprobs = {"content": orjson.Fragment("[" + ",".join(self._logprobs) + "]")}
+        return {
+            "index": 0,
+            "message": message,
+            "logprobs": logprobs,
+            "finish_reason": finish_reason or "stop",
+        }
 
 
 def error_shape(failure: ErrorDetail) -> tuple[int, str, str]:

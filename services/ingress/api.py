@@ -30,10 +30,12 @@ from llooma.metrics import StatsCollector
 from llooma.names import SERVICES, path_name
 from llooma.planning import bypass_plan
 from llooma.privacy import Mapping, StreamRestorer
+from llooma.selection import asked_features
 from llooma.settings import ORCHESTRATED_MODEL, Settings, api_key_id
 from llooma.v1.common_pb2 import (
     ERROR_CODE_DEADLINE_EXCEEDED,
     ErrorDetail,
+    GenerationParams,
 )
 from llooma.v1.pipeline_pb2 import (
     PRIVACY_MODE_OFF,
@@ -43,7 +45,9 @@ from llooma.v1.pipeline_pb2 import (
     ClientEvent,
     PrivacyMode,
 )
+from llooma.v1.plan_pb2 import Plan
 from services.ingress.answers import (
+    Answer,
     EventStream,
     error_shape,
     header_value,
@@ -61,6 +65,7 @@ from services.ingress.schema import (
     error_response,
 )
 from services.ingress.shared_limits import SharedRateLimits
+from services.ingress.structured import checked
 
 # How much longer than the first-token deadline the pipeline may take to say anything at all.
 PIPELINE_MARGIN_S = 10.0
@@ -259,18 +264,19 @@ class Ingress:
         accepted_at = time.monotonic()
         request_id = uuid.uuid4().hex
         tracing.annotate_chat(request_id, parsed.model)
+        params = parsed.params_proto()
         chat = ChatRequest(
             request_id=request_id,
             model=parsed.model,
             messages=parsed.messages_proto(),
-            params=parsed.params_proto(),
+            params=params,
             stream=parsed.stream,
             reply_subject=self.replies.subject_for(request_id),
             api_key_id=key_id,
             accepted_unix_nanos=time.time_ns(),
             first_token_deadline_ms=options.deadline_ms,
             race_width=options.race_width,
-            plan=bypass_plan("the client asked for no split") if options.no_split else None,
+            plan=_plan(params, options),
             privacy=self._privacy_mode(key_id, options.privacy),
         )
         queue = self.replies.open(request_id)
@@ -335,6 +341,9 @@ class Ingress:
         if first.started.model:
             headers["x-llooma-model"] = header_value(first.started.model)
         stream = ticket.watch(self._events(request_id, queue, restorer))
+        schema = parsed.answer_schema()
+        if schema is not None:
+            stream = checked(stream, schema)
         if self.deliveries is not None:
             stream = self.deliveries.watch(chat, stream)
         if parsed.stream:
@@ -352,7 +361,7 @@ class Ingress:
                 headers={**headers, "cache-control": "no-cache"},
             )
         async with contextlib.aclosing(stream):
-            return await self._collect(request_id, parsed.model, stream, headers)
+            return await self._collect(request_id, parsed, stream, headers)
 
     async def _next_event(self, queue: asyncio.Queue[bytes], timeout_s: float) -> ClientEvent:
         try:
@@ -440,35 +449,23 @@ class Ingress:
     async def _collect(
         self,
         request_id: str,
-        model: str,
+        parsed: ChatCompletionRequest,
         batches: AsyncIterator[list[ClientEvent]],
         headers: dict[str, str],
     ) -> Response:
-        pieces = []
-        thoughts = []
+        answer = Answer(logprobs=bool(parsed.logprobs))
         async for batch in batches:
             for event in batch:
                 kind = event.WhichOneof("event")
                 if kind == "delta":
-                    pieces.append(event.delta.text)
-                    if event.delta.reasoning:
-                        thoughts.append(event.delta.reasoning)
+                    answer.add(event.delta)
                 elif kind == "finished":
-                    message = {"role": "assistant", "content": "".join(pieces)}
-                    if thoughts:
-                        message["reasoning_content"] = "".join(thoughts)
                     body = {
                         "id": f"chatcmpl-{request_id}",
                         "object": "chat.completion",
                         "created": int(time.time()),
-                        "model": model,
-                        "choices": [
-                            {
-                                "index": 0,
-                                "message": message,
-                                "finish_reason": event.finished.finish_reason or "stop",
-                            }
-                        ],
+                        "model": parsed.model,
+                        "choices": [answer.choice(event.finished.finish_reason)],
                         "usage": usage_json(event),
                     }
                     return Response(
@@ -503,6 +500,15 @@ class Ingress:
             {"status": "ok" if healthy else "unavailable", "services": services, "hosts": hosts},
             status_code=200 if healthy else 503,
         )
+
+
+def _plan(params: GenerationParams, options: RequestOptions) -> Plan | None:
+    if options.no_split:
+        return bypass_plan("the client asked for no split")
+    features = asked_features(params)
+    if features:
+        return bypass_plan(f"{', '.join(sorted(features))} need one host's whole answer")
+    return None
 
 
 def _invalid_api_key() -> Response:

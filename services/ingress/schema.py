@@ -17,6 +17,7 @@ from pydantic import (
 from starlette.responses import Response
 
 from llooma.v1.common_pb2 import ChatMessage, GenerationParams
+from services.ingress.structured import schema_problem
 
 
 def _integral(value: object) -> object:
@@ -39,6 +40,84 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCallIn(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    name: str = Field(min_length=1, max_length=256)
+    arguments: str
+
+
+class ToolCallIn(BaseModel):
+    """An assistant turn's tool call, as the client got it from us (or OpenAI)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
+class FunctionIn(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolIn(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    type: Literal["function"]
+    function: FunctionIn
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    name: str = Field(min_length=1, max_length=64)
+
+
+class ToolChoiceIn(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaIn(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    # `schema` shadows a BaseModel attribute, hence the alias.
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _a_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            problem = schema_problem(value)
+            if problem is not None:
+                raise ValueError(f"not a valid JSON Schema: {problem}")
+        return value
+
+
+class ResponseFormatIn(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaIn | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormatIn:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object")
+        return self
+
+
 def _content_rule(schema: dict[str, Any]) -> None:
     # The validator's rule below, for the OpenAPI description: content, not null, unless the
     # message is the assistant's.
@@ -53,13 +132,32 @@ class ChatMessageIn(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCallIn] | None = Field(default=None, min_length=1, max_length=128)
+    tool_call_id: str | None = Field(default=None, min_length=1, max_length=256)
+    name: str | None = Field(default=None, max_length=256)
 
     @model_validator(mode="after")
     def _content_given(self) -> ChatMessageIn:
         # As OpenAI: only an assistant message may leave its content out (or null).
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content (a string or text parts)")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only an assistant message carries tool_calls")
         return self
+
+    def proto(self) -> ChatMessage:
+        message = ChatMessage(role=self.role, content=self.text())
+        if self.tool_calls is not None:
+            message.tool_calls_json = _json(
+                [c.model_dump(exclude_unset=True) for c in self.tool_calls]
+            )
+        if self.tool_call_id is not None:
+            message.tool_call_id = self.tool_call_id
+        if self.name is not None:
+            message.name = self.name
+        return message
 
     def text(self) -> str:
         if self.content is None:
@@ -94,6 +192,20 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     n: OnlyOne = 1
+    tools: list[ToolIn] | None = Field(default=None, min_length=1, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | ToolChoiceIn | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormatIn | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20), BeforeValidator(_integral)] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if self.tool_choice is not None and self.tool_choice != "none" and self.tools is None:
+            raise ValueError("tool_choice needs tools")
+        return self
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -104,7 +216,14 @@ class ChatCompletionRequest(BaseModel):
         return value
 
     def messages_proto(self) -> list[ChatMessage]:
-        return [ChatMessage(role=m.role, content=m.text()) for m in self.messages]
+        return [m.proto() for m in self.messages]
+
+    def answer_schema(self) -> dict[str, Any] | None:
+        """The JSON Schema the finished answer must match, if the client gave one."""
+        response_format = self.response_format
+        if response_format is None or response_format.json_schema is None:
+            return None
+        return response_format.json_schema.json_schema
 
     def params_proto(self) -> GenerationParams:
         """The sampling parameters with presence kept: what the client left out stays unset
@@ -120,7 +239,28 @@ class ChatCompletionRequest(BaseModel):
                 setattr(params, name, value)
         if self.seed is not None:
             params.seed = self.seed
+        if self.tools is not None:
+            params.tools_json = _json([t.model_dump(exclude_unset=True) for t in self.tools])
+        if self.tool_choice is not None:
+            choice = self.tool_choice
+            params.tool_choice_json = _json(
+                choice if isinstance(choice, str) else choice.model_dump(exclude_unset=True)
+            )
+        if self.parallel_tool_calls is not None:
+            params.parallel_tool_calls = self.parallel_tool_calls
+        if self.response_format is not None:
+            params.response_format_json = _json(
+                self.response_format.model_dump(exclude_unset=True, by_alias=True)
+            )
+        if self.logprobs is not None:
+            params.logprobs = self.logprobs
+        if self.top_logprobs is not None:
+            params.top_logprobs = self.top_logprobs
         return params
+
+
+def _json(value: object) -> str:
+    return orjson.dumps(value).decode()
 
 
 def describe_validation_error(error: ValidationError) -> str:

@@ -322,18 +322,30 @@ class ClientDelta(_message.Message):
 
     TEXT_FIELD_NUMBER: _builtins.int
     REASONING_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_JSON_FIELD_NUMBER: _builtins.int
+    LOGPROBS_JSON_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     reasoning: _builtins.str
     """A thinking model's reasoning, relayed as OpenAI-compatible servers do (reasoning_content)."""
+    logprobs_json: _builtins.str
+    """`logprobs.content` entries for `text` (HostToken.logprobs_json, joined with commas)."""
+    @_builtins.property
+    def tool_calls_json(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The engine's `delta.tool_calls` arrays in arrival order, each exactly as it sent it: one
+        client chunk each.
+        """
+
     def __init__(
         self,
         *,
         text: _builtins.str = ...,
         reasoning: _builtins.str = ...,
+        tool_calls_json: _abc.Iterable[_builtins.str] | None = ...,
+        logprobs_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reasoning", b"reasoning", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["logprobs_json", b"logprobs_json", "reasoning", b"reasoning", "text", b"text", "tool_calls_json", b"tool_calls_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
