@@ -11,6 +11,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -86,13 +87,62 @@ class ToolChoiceIn(BaseModel):
     function: NamedFunction
 
 
+_SCHEMA_TYPES = ["object", "array", "string", "number", "integer", "boolean", "null"]
+# For the OpenAPI description: the keywords a JSON Schema's validity mostly turns on, so that
+# what the description allows is a schema the meta-schema check (`schema_problem`) accepts.
+_JSON_SCHEMA_SHAPE: dict[str, Any] = {
+    "anyOf": [
+        {"type": "null"},
+        {
+            "type": "object",
+            "description": "A JSON Schema (draft 2020-12 unless its `$schema` names another)",
+            "properties": {
+                "type": {
+                    "anyOf": [
+                        {"enum": _SCHEMA_TYPES},
+                        {"type": "array", "items": {"enum": _SCHEMA_TYPES}, "uniqueItems": True},
+                    ]
+                },
+                "properties": {"type": "object", "additionalProperties": {"type": "object"}},
+                "required": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
+                "additionalProperties": {"type": ["boolean", "object"]},
+                "items": {"type": ["boolean", "object"]},
+                "enum": {"type": "array"},
+                "title": {"type": "string"},
+                "description": {"type": "string"},
+            },
+        },
+    ]
+}
+
+
+def _request_rules(schema: dict[str, Any]) -> None:
+    # The validator's cross-field rules below, for the OpenAPI description.
+    schema["allOf"] = [
+        {
+            "anyOf": [
+                {"properties": {"top_logprobs": {"type": "null"}}},
+                {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
+            ]
+        },
+        {
+            "anyOf": [
+                {"properties": {"tool_choice": {"enum": [None, "none"]}}},
+                {"required": ["tools"], "properties": {"tools": {"type": "array"}}},
+            ]
+        },
+    ]
+
+
 class JsonSchemaIn(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     description: str | None = None
     # `schema` shadows a BaseModel attribute, hence the alias.
-    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    json_schema: Annotated[dict[str, Any] | None, WithJsonSchema(_JSON_SCHEMA_SHAPE)] = Field(
+        default=None, alias="schema"
+    )
     strict: bool | None = None
 
     @field_validator("json_schema")
@@ -118,17 +168,33 @@ class ResponseFormatIn(BaseModel):
         return self
 
 
-def _content_rule(schema: dict[str, Any]) -> None:
-    # The validator's rule below, for the OpenAPI description: content, not null, unless the
-    # message is the assistant's.
-    schema["anyOf"] = [
-        {"properties": {"role": {"const": "assistant"}}},
-        {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+def _message_rules(schema: dict[str, Any]) -> None:
+    # The validator's rules below, for the OpenAPI description: content, not null, unless the
+    # message is the assistant's; a tool message names its call; only the assistant's calls.
+    schema["allOf"] = [
+        {
+            "anyOf": [
+                {"properties": {"role": {"const": "assistant"}}},
+                {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+            ]
+        },
+        {
+            "anyOf": [
+                {"properties": {"role": {"not": {"const": "tool"}}}},
+                {"required": ["tool_call_id"], "properties": {"tool_call_id": {"type": "string"}}},
+            ]
+        },
+        {
+            "anyOf": [
+                {"properties": {"role": {"const": "assistant"}}},
+                {"properties": {"tool_calls": {"type": "null"}}},
+            ]
+        },
     ]
 
 
 class ChatMessageIn(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=_content_rule)
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=_message_rules)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
@@ -177,7 +243,9 @@ class ChatCompletionRequest(BaseModel):
     """Fields LLooMA honours; others a client may send are ignored, as OpenAI clients expect."""
 
     # NaN and Infinity are not JSON: refused as such, not as a number out of range.
-    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="ignore", strict=True, allow_inf_nan=False, json_schema_extra=_request_rules
+    )
 
     model: str = Field(min_length=1, max_length=256)
     messages: list[ChatMessageIn] = Field(min_length=1, max_length=4096)

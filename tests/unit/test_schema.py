@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 from pydantic import ValidationError
 
+from llooma.selection import asked_features
 from services.ingress.headers import (
     DEADLINE_HEADER,
     PRIVACY_HEADER,
@@ -15,6 +17,7 @@ from services.ingress.headers import (
     parse_options,
 )
 from services.ingress.schema import ChatCompletionRequest, describe_validation_error
+from services.ingress.structured import answer_problem
 
 
 def parse(body: str) -> ChatCompletionRequest:
@@ -98,3 +101,95 @@ def test_request_headers_parse_and_default() -> None:
         }
     )
     assert options == RequestOptions(deadline_ms=250, race_width=3, privacy="strict", no_split=True)
+
+
+TOOL = (
+    '{"type": "function", "function": {"name": "get_weather", "strict": true,'
+    ' "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}'
+)
+
+
+def test_tools_and_tool_choice_pass_through_as_sent() -> None:
+    request = parse(
+        '{"model": "m", "messages": [{"role": "user", "content": "x"}],'
+        f' "tools": [{TOOL}], "parallel_tool_calls": false,'
+        ' "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}'
+    )
+    params = request.params_proto()
+    assert orjson.loads(params.tools_json) == [orjson.loads(TOOL)]
+    assert orjson.loads(params.tool_choice_json) == {
+        "type": "function",
+        "function": {"name": "get_weather"},
+    }
+    assert params.HasField("parallel_tool_calls")
+    assert not params.parallel_tool_calls
+    assert asked_features(params) == {"tools"}
+
+
+def test_a_tool_round_trip_keeps_calls_and_ids() -> None:
+    call = '{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}'
+    request = parse(
+        '{"model": "m", "messages": [{"role": "user", "content": "x"},'
+        f' {{"role": "assistant", "content": null, "tool_calls": [{call}]}},'
+        ' {"role": "tool", "tool_call_id": "c1", "content": "42"}]}'
+    )
+    assistant, tool = request.messages_proto()[1:]
+    assert orjson.loads(assistant.tool_calls_json) == [orjson.loads(call)]
+    assert (tool.role, tool.tool_call_id, tool.content) == ("tool", "c1", "42")
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ('"messages": [{"role": "tool", "content": "42"}]', "tool_call_id"),
+        (
+            '"messages": [{"role": "user", "content": "x", "tool_calls": []}]',
+            "tool_calls",
+        ),
+        ('"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2', "logprobs"),
+        ('"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"', "tools"),
+        (
+            '"messages": [{"role": "user", "content": "x"}],'
+            ' "response_format": {"type": "json_schema"}',
+            "json_schema",
+        ),
+        (
+            '"messages": [{"role": "user", "content": "x"}], "response_format":'
+            ' {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": 5}}}',
+            "not a valid JSON Schema",
+        ),
+    ],
+)
+def test_inconsistent_tool_and_format_fields_are_refused(extra: str, named: str) -> None:
+    with pytest.raises(ValidationError) as raised:
+        parse(f'{{"model": "m", {extra}}}')
+    assert named in describe_validation_error(raised.value)
+
+
+def test_response_format_and_logprobs_say_what_the_host_must_do() -> None:
+    request = parse(
+        '{"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": true,'
+        ' "top_logprobs": 0, "response_format": {"type": "json_schema", "json_schema":'
+        ' {"name": "p", "strict": true, "schema": {"type": "object", "required": ["a"]}}}}'
+    )
+    params = request.params_proto()
+    assert orjson.loads(params.response_format_json) == {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "p",
+            "strict": True,
+            "schema": {"type": "object", "required": ["a"]},
+        },
+    }
+    assert params.logprobs
+    assert params.HasField("top_logprobs")
+    assert params.top_logprobs == 0
+    assert asked_features(params) == {"json_schema", "logprobs"}
+    assert request.answer_schema() == {"type": "object", "required": ["a"]}
+    assert answer_problem('{"a": 1}', {"type": "object", "required": ["a"]}, "stop") is None
+    problem = answer_problem('{"b": 1}', {"type": "object", "required": ["a"]}, "stop")
+    assert problem is not None
+    assert "required" in problem
+    cut = answer_problem('{"a": ', {"type": "object"}, "length")
+    assert cut is not None
+    assert "cut at max_tokens" in cut
