@@ -29,7 +29,7 @@ from llooma.membership import HostDirectory, ServiceDirectory
 from llooma.metrics import StatsCollector
 from llooma.names import SERVICES, path_name
 from llooma.planning import bypass_plan
-from llooma.privacy import Mapping, StreamRestorer
+from llooma.privacy import Mapping
 from llooma.selection import asked_features
 from llooma.settings import ORCHESTRATED_MODEL, Settings, api_key_id
 from llooma.v1.common_pb2 import (
@@ -49,12 +49,14 @@ from llooma.v1.plan_pb2 import Plan
 from services.ingress.answers import (
     Answer,
     EventStream,
+    Restorers,
     error_shape,
     header_value,
     restore,
     sse_event,
     usage_json,
 )
+from services.ingress.choices import merged
 from services.ingress.delivery import DeliveryReporter
 from services.ingress.headers import InvalidHeader, RequestOptions, parse_options
 from services.ingress.limits import Limits, Ticket
@@ -276,7 +278,8 @@ class Ingress:
             accepted_unix_nanos=time.time_ns(),
             first_token_deadline_ms=options.deadline_ms,
             race_width=options.race_width,
-            plan=_plan(params, options),
+            plan=_plan(params, options, parsed.n),
+            choices=parsed.n,
             privacy=self._privacy_mode(key_id, options.privacy),
         )
         queue = self.replies.open(request_id)
@@ -315,10 +318,10 @@ class Ingress:
             deadline_ms + self.settings.fallback_first_token_ms
         ) / 1000.0 + PIPELINE_MARGIN_S
         first = await self._next_event(queue, first_wait_s)
-        restorer = None
+        restorers = None
         if first.WhichOneof("event") == "mapping":
             # Lives only as long as this request, in this process.
-            restorer = StreamRestorer(
+            restorers = Restorers(
                 Mapping.from_dict({e.placeholder: e.original for e in first.mapping.entries})
             )
             first = await self._next_event(queue, first_wait_s)
@@ -340,7 +343,10 @@ class Ingress:
             headers["x-llooma-host"] = header_value(first.started.host_id)
         if first.started.model:
             headers["x-llooma-model"] = header_value(first.started.model)
-        stream = ticket.watch(self._events(request_id, queue, restorer))
+        stream = self._events(request_id, queue, restorers, parsed.n)
+        if parsed.n > 1:
+            stream = merged(stream, parsed.n)
+        stream = ticket.watch(stream)
         schema = parsed.answer_schema()
         if schema is not None:
             stream = checked(stream, schema)
@@ -355,7 +361,7 @@ class Ingress:
 
             return EventStream(
                 # `model` echoes the request (x-llooma-model names the one that answered).
-                self._sse(request_id, parsed.model, stream, include_usage),
+                self._sse(request_id, parsed.model, stream, include_usage, parsed.n > 1),
                 on_close=on_close,
                 media_type="text/event-stream",
                 headers={**headers, "cache-control": "no-cache"},
@@ -376,28 +382,37 @@ class Ingress:
             )
 
     async def _events(
-        self, request_id: str, queue: asyncio.Queue[bytes], restorer: StreamRestorer | None
+        self,
+        request_id: str,
+        queue: asyncio.Queue[bytes],
+        restorers: Restorers | None,
+        choices: int,
     ) -> AsyncGenerator[list[ClientEvent]]:
-        """Events after `started`, in batches of what had already arrived, ending with
-        `finished` or `failed`; cancels the request upstream if the consumer stops early."""
+        """Events after `started`, in batches of what had already arrived, ending with the
+        last choice's `finished` or a `failed`; cancels the request upstream if the consumer
+        stops early."""
         # The racer's own stall deadline plus a continuation's time to its first token.
         settings = self.settings
         stall_s = (
             settings.stall_deadline_ms + settings.fallback_first_token_ms
         ) / 1000.0 + STALL_MARGIN_S
         done = False
+        unfinished = choices
         try:
             while not done:
                 batch = [await self._next_event(queue, stall_s)]
                 while not queue.empty():
                     batch.append(ClientEvent.FromString(queue.get_nowait()))
                 for index, event in enumerate(batch):
-                    if event.WhichOneof("event") in ("finished", "failed"):
+                    kind = event.WhichOneof("event")
+                    if kind == "finished":
+                        unfinished -= 1
+                    if kind == "failed" or unfinished == 0:
                         del batch[index + 1 :]
                         done = True
                         break
-                if restorer is not None:
-                    batch = restore(batch, restorer)
+                if restorers is not None:
+                    batch = restore(batch, restorers)
                 yield batch
             done = batch[-1].WhichOneof("event") == "finished"
         finally:
@@ -431,6 +446,7 @@ class Ingress:
         model: str,
         batches: AsyncGenerator[list[ClientEvent]],
         include_usage: bool,
+        many: bool,
     ) -> AsyncGenerator[bytes]:
         created = int(time.time())
         head = (
@@ -444,7 +460,7 @@ class Ingress:
         )
         async with contextlib.aclosing(batches):
             async for batch in batches:
-                yield b"".join(sse_event(head, event, include_usage) for event in batch)
+                yield b"".join(sse_event(head, event, include_usage, many) for event in batch)
 
     async def _collect(
         self,
@@ -453,19 +469,19 @@ class Ingress:
         batches: AsyncIterator[list[ClientEvent]],
         headers: dict[str, str],
     ) -> Response:
-        answer = Answer(logprobs=bool(parsed.logprobs))
+        answers = [Answer(bool(parsed.logprobs), index) for index in range(parsed.n)]
         async for batch in batches:
             for event in batch:
                 kind = event.WhichOneof("event")
                 if kind == "delta":
-                    answer.add(event.delta)
+                    answers[event.choice_index].add(event.delta)
                 elif kind == "finished":
                     body = {
                         "id": f"chatcmpl-{request_id}",
                         "object": "chat.completion",
                         "created": int(time.time()),
                         "model": parsed.model,
-                        "choices": [answer.choice(event.finished.finish_reason)],
+                        "choices": [a.choice(event.finished.finish_reason) for a in answers],
                         "usage": usage_json(event),
                     }
                     return Response(
@@ -502,9 +518,11 @@ class Ingress:
         )
 
 
-def _plan(params: GenerationParams, options: RequestOptions) -> Plan | None:
+def _plan(params: GenerationParams, options: RequestOptions, choices: int) -> Plan | None:
     if options.no_split:
         return bypass_plan("the client asked for no split")
+    if choices > 1:
+        return bypass_plan("each of several choices is one race")
     features = asked_features(params)
     if features:
         return bypass_plan(f"{', '.join(sorted(features))} need one host's whole answer")

@@ -24,7 +24,7 @@ from services.ingress.headers import (
     SPLIT_HEADER,
     SPLIT_MODES,
 )
-from services.ingress.schema import ChatCompletionRequest
+from services.ingress.schema import MAX_CHOICES, ChatCompletionRequest
 
 Schema = dict[str, Any]
 
@@ -95,12 +95,12 @@ CHAT_COMPLETION: Schema = {
         "choices": {
             "type": "array",
             "minItems": 1,
-            "maxItems": 1,
+            "maxItems": MAX_CHOICES,
             "items": {
                 "type": "object",
                 "required": ["index", "message", "finish_reason"],
                 "properties": {
-                    "index": {"const": 0},
+                    "index": {"type": "integer", "minimum": 0, "maximum": MAX_CHOICES - 1},
                     "message": {
                         "type": "object",
                         "required": ["role", "content"],

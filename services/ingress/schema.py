@@ -31,7 +31,9 @@ def _integral(value: object) -> object:
 TokenCount = Annotated[int, Field(ge=1, le=1_000_000), BeforeValidator(_integral)]
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1), BeforeValidator(_integral)]
 MAX_STOP_SEQUENCES = 4
-OnlyOne = Annotated[int, Field(ge=1, le=1), BeforeValidator(_integral)]
+# Each choice is its own race of k hosts: a bound on what one request may set in motion.
+MAX_CHOICES = 8
+Choices = Annotated[int, Field(ge=1, le=MAX_CHOICES), BeforeValidator(_integral)]
 
 
 class TextPart(BaseModel):
@@ -259,7 +261,7 @@ class ChatCompletionRequest(BaseModel):
     seed: Seed | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    n: OnlyOne = 1
+    n: Choices = 1
     tools: list[ToolIn] | None = Field(default=None, min_length=1, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | ToolChoiceIn | None = None
     parallel_tool_calls: bool | None = None

@@ -43,20 +43,38 @@ def answer_problem(text: str, schema: dict[str, Any], finish_reason: str) -> str
 async def checked(
     batches: AsyncIterator[list[ClientEvent]], schema: dict[str, Any]
 ) -> AsyncGenerator[list[ClientEvent]]:
-    """The events, with a `finished` whose answer does not match `schema` turned into a
-    failure. An answer of tool calls (no text) is not an answer to check."""
-    pieces: list[str] = []
-    tool_calls = False
+    """The events, up to the first answer that does not match `schema`, which becomes a
+    failure (and ends them). Each choice is checked when it finishes: by its own finishing
+    delta when there are several, by the request's `finished` otherwise. An answer of tool
+    calls (no text) is not an answer to check."""
+    pieces: dict[int, list[str]] = {}
+    tool_calls: set[int] = set()
+    checked_choices: set[int] = set()
+
+    def problem(choice: int, finish_reason: str) -> str | None:
+        checked_choices.add(choice)
+        text = "".join(pieces.get(choice, ()))
+        if choice in tool_calls and not text:
+            return None
+        return answer_problem(text, schema, finish_reason)
+
     async with contextlib.aclosing(batches):  # type: ignore[type-var]
         async for batch in batches:
             for index, event in enumerate(batch):
                 kind = event.WhichOneof("event")
+                found = None
                 if kind == "delta":
-                    pieces.append(event.delta.text)
-                    tool_calls = tool_calls or bool(event.delta.tool_calls_json)
-                elif kind == "finished" and not (tool_calls and not any(pieces)):
-                    problem = answer_problem("".join(pieces), schema, event.finished.finish_reason)
-                    if problem is not None:
-                        failure = ErrorDetail(code=ERROR_CODE_INVALID_OUTPUT, message=problem)
-                        batch[index] = ClientEvent(failed=failure)
+                    delta = event.delta
+                    if delta.finish_reason:
+                        found = problem(event.choice_index, delta.finish_reason)
+                    else:
+                        pieces.setdefault(event.choice_index, []).append(delta.text)
+                        if delta.tool_calls_json:
+                            tool_calls.add(event.choice_index)
+                elif kind == "finished" and 0 not in checked_choices:
+                    found = problem(0, event.finished.finish_reason)
+                if found is not None:
+                    failure = ErrorDetail(code=ERROR_CODE_INVALID_OUTPUT, message=found)
+                    yield [*batch[:index], ClientEvent(failed=failure)]
+                    return
             yield batch

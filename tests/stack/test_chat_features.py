@@ -349,3 +349,69 @@ async def test_a_model_without_logprobs_is_refused(client: openai.AsyncOpenAI) -
         )
     assert raised.value.status_code == 503
     assert "with logprobs" in raised.value.message
+
+
+async def test_n_choices_are_raced_each_on_its_own(
+    client: openai.AsyncOpenAI, upstream: ScriptedUpstream
+) -> None:
+    tag = marker()
+    response = await client.chat.completions.create(
+        model=CAPABLE,
+        messages=[{"role": "user", "content": f"Say hello {tag}"}],
+        n=3,
+        logprobs=True,
+    )
+    asked = [r for r in list(upstream.engine.requests) if tag.encode() in r.body]
+    # One engine request per choice, none of them asking the engine for n.
+    assert len(asked) == 3
+    assert all("n" not in r.json() for r in asked)
+    assert [choice.index for choice in response.choices] == [0, 1, 2]
+    for choice in response.choices:
+        assert choice.message.content == "Hello world"
+        assert choice.finish_reason == "stop"
+        assert choice.logprobs is not None
+        assert [entry.token for entry in choice.logprobs.content or []] == ["Hello", " world"]
+    assert response.usage is not None
+    assert response.usage.prompt_tokens == 9
+    assert response.usage.completion_tokens == 3 * 2
+
+
+async def test_n_streamed_choices_carry_their_index(client: openai.AsyncOpenAI) -> None:
+    stream = await client.chat.completions.create(
+        model=CAPABLE,
+        messages=[{"role": "user", "content": f"Say hello, twice {marker()}"}],
+        n=2,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    texts: dict[int, str] = {}
+    finishes: dict[int, str] = {}
+    usage = None
+    async for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    assert texts == {0: "Hello world", 1: "Hello world"}
+    assert finishes == {0: "stop", 1: "stop"}
+    assert usage is not None
+    assert usage.completion_tokens == 4
+
+
+async def test_each_of_n_json_schema_answers_is_checked(client: openai.AsyncOpenAI) -> None:
+    completion = await client.chat.completions.parse(
+        model=CAPABLE,
+        messages=[{"role": "user", "content": f"Who? {marker()}"}],
+        response_format=Person,
+        n=2,
+    )
+    assert [c.message.parsed for c in completion.choices] == [Person(name="Ada", age=36)] * 2
+    with pytest.raises(openai.APIStatusError) as raised:
+        await client.chat.completions.parse(
+            model=CAPABLE,
+            messages=[{"role": "user", "content": f"Who? {BREAK_THE_SCHEMA} {marker()}"}],
+            response_format=Person,
+            n=2,
+        )
+    assert raised.value.status_code == 502

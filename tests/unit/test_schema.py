@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
+
 import orjson
 import pytest
 from pydantic import ValidationError
 
 from llooma.selection import asked_features
+from llooma.v1.common_pb2 import Usage
+from llooma.v1.pipeline_pb2 import ClientDelta, ClientEvent, ClientFinished, ClientStarted
+from services.ingress.answers import sse_event
+from services.ingress.choices import merged
 from services.ingress.headers import (
     DEADLINE_HEADER,
     PRIVACY_HEADER,
@@ -43,11 +49,13 @@ def test_params_prefer_max_completion_tokens_and_wrap_stop() -> None:
     assert params.temperature == pytest.approx(1.0)
 
 
-def test_unknown_fields_are_ignored_but_n_above_one_is_refused() -> None:
+def test_unknown_fields_are_ignored_and_n_is_bounded() -> None:
     parse('{"model": "m", "user": "u1", "messages": [{"role": "user", "content": "x"}]}')
-    with pytest.raises(ValidationError) as caught:
-        parse('{"model": "m", "n": 2, "messages": [{"role": "user", "content": "x"}]}')
-    assert "'n'" in describe_validation_error(caught.value)
+    assert parse('{"model": "m", "n": 8, "messages": [{"role": "user", "content": "x"}]}').n == 8
+    for n in (0, 9):
+        with pytest.raises(ValidationError) as caught:
+            parse(f'{{"model": "m", "n": {n}, "messages": [{{"role": "user", "content": "x"}}]}}')
+        assert "'n'" in describe_validation_error(caught.value)
 
 
 def test_bool_is_not_an_integer() -> None:
@@ -193,3 +201,31 @@ def test_response_format_and_logprobs_say_what_the_host_must_do() -> None:
     cut = answer_problem('{"a": ', {"type": "object"}, "length")
     assert cut is not None
     assert "cut at max_tokens" in cut
+
+
+async def test_several_choices_finish_one_by_one_and_the_request_once() -> None:
+    def usage(output: int) -> Usage:
+        return Usage(input_tokens=5, output_tokens=output)
+
+    async def races() -> AsyncGenerator[list[ClientEvent]]:
+        yield [
+            ClientEvent(started=ClientStarted(), choice_index=1),
+            ClientEvent(delta=ClientDelta(text="b"), choice_index=1),
+            ClientEvent(
+                finished=ClientFinished(finish_reason="length", usage=usage(3)), choice_index=1
+            ),
+        ]
+        yield [ClientEvent(finished=ClientFinished(finish_reason="stop", usage=usage(2)))]
+
+    out = [event async for batch in merged(races(), 2) for event in batch]
+    assert [e.WhichOneof("event") for e in out] == ["delta", "delta", "delta", "finished"]
+    assert [(e.choice_index, e.delta.finish_reason) for e in out[1:3]] == [
+        (1, "length"),
+        (0, "stop"),
+    ]
+    assert (out[-1].finished.usage.input_tokens, out[-1].finished.usage.output_tokens) == (5, 5)
+    head = b"data: {"
+    assert sse_event(head, out[1], include_usage=False, many=True) == (
+        b'data: {"choices":[{"index":1,"delta":{},"finish_reason":"length"}]}\n\n'
+    )
+    assert sse_event(head, out[-1], include_usage=False, many=True) == b"data: [DONE]\n\n"
