@@ -85,6 +85,8 @@ class Race:
     first_token_at: float | None = None
     deadline_hit: bool = False
     continuations: int = 0
+    # A tool-call fragment reached the client: its arguments are never continued elsewhere.
+    tool_calls_sent: bool = False
     error: ErrorCode.ValueType = ErrorCode.ERROR_CODE_UNSPECIFIED
     winner: Attempt | None = None
     # A loser left running for a duel (services/racer/duel.py): not cancelled, not ours; and

@@ -10,7 +10,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+import orjson
+
 from llooma.settings import ORCHESTRATED_MODEL, Settings
+from llooma.v1.common_pb2 import GenerationParams
 from llooma.v1.host_pb2 import HostHeartbeat, ModelCapability
 
 
@@ -66,6 +69,22 @@ class Ask:
     model: str
     features: frozenset[str] = frozenset()
     deadline_ms: int = 1000
+
+
+def asked_features(params: GenerationParams) -> frozenset[str]:
+    """The ModelFeatures a request's parameters need of the host that answers it."""
+    needed = []
+    if params.tools_json:
+        needed.append("tools")
+    if params.response_format_json:
+        kind = orjson.loads(params.response_format_json).get("type")
+        if kind == "json_schema":
+            needed.append("json_schema")
+        elif kind == "json_object":
+            needed.append("json_mode")
+    if params.logprobs:
+        needed.append("logprobs")
+    return frozenset(needed)
 
 
 @dataclass(frozen=True, slots=True)
