@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 import uvicorn
@@ -34,6 +35,8 @@ from services.ingress.shared_limits import SharedRateLimits
 from services.ingress.stats import ROUTES as STATS_ROUTES
 
 SERVICE = "ingress"
+
+log = logging.getLogger(__name__)
 
 
 def _ingress(request: Request) -> Ingress:
@@ -90,11 +93,19 @@ def create_app(settings: Settings) -> Starlette:
             # publishes to and watches (bus.connect logs a failure).
             await bus.restore_topology(nc.jetstream())
 
+        replies = ReplyRouter(instance_id)
+
+        def disconnected() -> None:
+            lost = replies.connection_lost()
+            if lost:
+                log.warning("NATS connection lost: %d open requests refused or ended", lost)
+
         nc = await bus.connect(
             settings.nats_url,
             f"llooma-{SERVICE}",
             access=settings.nats_access(),
             on_reconnect=reconnected,
+            on_disconnect=disconnected,
         )
         js = nc.jetstream()
         await bus.keep_topology(js, SERVICE)
@@ -104,7 +115,6 @@ def create_app(settings: Settings) -> Starlette:
         services = ServiceDirectory(stale_after_s=settings.service_stale_after_s)
         await hosts.start(js)
         await services.start(js)
-        replies = ReplyRouter(instance_id)
         await replies.start(nc)
         stats = StatsCollector(settings, hosts)
         await stats.start(js)

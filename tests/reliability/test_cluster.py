@@ -129,12 +129,6 @@ def refusal_problems(results: list[Result], killed_at: float) -> list[str]:
 
 
 @pytest.mark.timeout(420)
-# Open (issue 19): it passed in its own runs and in one of three full suites; in the other two
-# one request caught by a node kill ended in a 504 after 14 s or a 500 instead of an answer or
-# a fast refusal with Retry-After. Not strict: it is to pass.
-@pytest.mark.xfail(
-    reason="a node kill can still cost one request a 500 or a slow 504", strict=False
-)
 async def test_each_node_killed_in_turn_under_load(clustered: Stack) -> None:
     stack = clustered
     assert stack.cluster is not None

@@ -57,6 +57,10 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     context): the client's error, passed on, never retried on another host and never counted
     against the host.
     """
+    ERROR_CODE_CONTROL_PLANE_UNAVAILABLE: _ErrorCode.ValueType  # 8
+    """The ingress lost its connection to NATS while the request was open: its events may be
+    lost on the way, so it is refused (503 with Retry-After) or ended, never left to time out.
+    """
 
 class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper):
     """Failure classes; the ingress maps them to HTTP statuses."""
@@ -72,6 +76,10 @@ ERROR_CODE_REQUEST_REJECTED: ErrorCode.ValueType  # 7
 """The engine refused the request itself (an upstream 4xx such as a prompt longer than the
 context): the client's error, passed on, never retried on another host and never counted
 against the host.
+"""
+ERROR_CODE_CONTROL_PLANE_UNAVAILABLE: ErrorCode.ValueType  # 8
+"""The ingress lost its connection to NATS while the request was open: its events may be
+lost on the way, so it is refused (503 with Retry-After) or ended, never left to time out.
 """
 Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
 
