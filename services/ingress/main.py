@@ -116,7 +116,7 @@ def create_app(settings: Settings) -> Starlette:
         await hosts.start(js)
         await services.start(js)
         await replies.start(nc)
-        stats = StatsCollector(settings, hosts)
+        stats = StatsCollector(settings, hosts, instance_id)
         await stats.start(js)
         app.state.stats = stats
         app.state.ingress = Ingress(settings, nc, js, replies, hosts, services)

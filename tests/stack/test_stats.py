@@ -25,7 +25,10 @@ from llooma.v1.race_pb2 import (
     ATTEMPT_ROLE_FALLBACK,
     ATTEMPT_ROLE_RACER,
     AttemptReport,
+    IngressTally,
     RaceEvent,
+    RejectionCount,
+    RequestStart,
 )
 from llooma.v1.settlement_pb2 import (
     ATTEMPT_OUTCOME_FAILED,
@@ -151,6 +154,40 @@ def test_overhead_after_a_handover_is_measured_against_the_first_winner() -> Non
     # The client's first token came from "first" at 120 ms: 130 - 120 is the overhead.
     overhead = stats.snapshot()["overhead_ms"]["direct"]
     assert (overhead["count"], overhead["p50"]) == (1, pytest.approx(10.0))
+
+
+def test_other_ingresses_tallies_count_once_whatever_comes_first() -> None:
+    config = Settings()
+    hosts = HostDirectory(stale_after_s=config.host_stale_after_s, min_version="0.1.0")
+    stats = StatsCollector(config, hosts, "ingress-a")
+    stats.request_started("mine", "direct", 0.050)
+    stats.rejected(401, "invalid_api_key")
+    # Another ingress's request whose race event comes before that ingress's tally.
+    stats.record_race(_race("theirs", "b", launched_after_ms=0, host_ms=30))
+    theirs = IngressTally(
+        instance_id="ingress-b",
+        started=[RequestStart(request_id="theirs", path="direct", first_token_ms=40.0)],
+        failed_before_first_token=1,
+        rejections=[RejectionCount(status=401, code="invalid_api_key", count=2)],
+    )
+    stats.record_tally(theirs)
+    # This ingress's own tally, read back from the stream, was counted when it happened.
+    mine = IngressTally(
+        instance_id="ingress-a",
+        started=[RequestStart(request_id="mine", path="direct", first_token_ms=50.0)],
+    )
+    stats.record_tally(mine)
+    stats.record_race(_race("mine", "a", launched_after_ms=0, host_ms=45))
+    snap = stats.snapshot()
+    assert snap["requests"] == {
+        "total": 2,
+        "by_path": {"direct": 2, "split": 0, "fallback": 0},
+        "failed_before_first_token": 1,
+    }
+    assert snap["rejections"] == {"total": 3, "by_status": {"401": {"invalid_api_key": 3}}}
+    overhead = snap["overhead_ms"]["direct"]
+    # 40 - 30 for theirs, 50 - 45 for mine.
+    assert (overhead["count"], overhead["p50"]) == (2, 7.5)
 
 
 def test_the_prometheus_text_carries_the_same_numbers() -> None:
