@@ -8,6 +8,7 @@ replicas changes nothing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -106,7 +107,11 @@ async def all_ingresses_healthy(stack: Stack) -> None:
     for url in stack.ingress_urls:
         deadline = time.monotonic() + 60
         async with httpx.AsyncClient(base_url=url, timeout=5.0) as http:
-            while (await http.get("/healthz")).status_code != 200:
+            while True:
+                # The stack waited for the first ingress only: a later one may still be starting.
+                with contextlib.suppress(httpx.TransportError):
+                    if (await http.get("/healthz")).status_code == 200:
+                        break
                 assert time.monotonic() < deadline, f"{url} not healthy"
                 await asyncio.sleep(0.2)
 
