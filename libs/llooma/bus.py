@@ -217,11 +217,13 @@ async def connect(
     attempts: int = 60,
     error_cb: ErrorCallback | None = None,
     on_reconnect: ReconnectHook | None = None,
+    on_disconnect: Callable[[], object] | None = None,
 ) -> Client:
     """Connect to any of the servers in `url` (one URL or several, comma-separated), retrying
     while they start; afterwards nats-py reconnects by itself (to any of them, or to a server
     the cluster announced) and `on_reconnect` runs in the background after each reconnect
-    (see `restore_topology`)."""
+    (see `restore_topology`); `on_disconnect` is called as soon as a connection breaks (and on
+    close), before any reconnect: core messages sent to this client until then are lost."""
     servers = server_list(url)
     if access is None:
         access = NatsAccess(nkey_seed_file=nkey_seed_file or "")
@@ -241,6 +243,10 @@ async def connect(
             task = asyncio.create_task(on_reconnect(), name=f"{name}-reconnected")
             keep_task(restoring, task, f"{name}: restore after a reconnect", level=logging.ERROR)
 
+    async def disconnected() -> None:
+        if on_disconnect is not None:
+            on_disconnect()
+
     refused: list[Exception] = []
     report = error_cb or _log_error
 
@@ -258,6 +264,7 @@ async def connect(
                 **options,
                 error_cb=on_error,
                 reconnected_cb=reconnected,
+                disconnected_cb=disconnected,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
             )

@@ -51,6 +51,8 @@ class Service:
     _on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     _confirming: set[asyncio.Task[None]] = field(default_factory=set)
     _heartbeat: ServiceHeartbeater | None = field(default=None, init=False)
+    # Called as soon as the connection breaks (the ingress ends the requests it holds open).
+    on_disconnect: Callable[[], object] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.instance_id = self.instance_id or new_instance_id(self.name)
@@ -61,6 +63,7 @@ class Service:
             f"llooma-{self.name}",
             access=self.settings.nats_access(),
             on_reconnect=self._reconnected,
+            on_disconnect=self.on_disconnect,
         )
         self.js = self.nc.jetstream()
         await bus.keep_topology(self.js, self.name)

@@ -387,8 +387,8 @@ class Settings(BaseSettings):
     stats_replay_s: float = Field(
         default=900.0,
         ge=0,
-        description="race events this far back are replayed into `/v1/stats` when an ingress "
-        "starts (0: only new ones)",
+        description="race events and every ingress's request tallies this far back are "
+        "replayed into `/v1/stats` when an ingress starts (0: only new ones)",
     )
     stats_open_on_loopback: bool = Field(
         default=True,

@@ -34,6 +34,8 @@ SETTLEMENT_DELIVERY = f"{PREFIX}.settlement.delivery"
 EVENTS_STREAM = "LLOOMA_EVENTS"
 EVENTS_SUBJECTS = f"{PREFIX}.event.>"
 RACE_EVENT = f"{PREFIX}.event.race"
+# Each ingress's requests and refusals (IngressTally), for every ingress's cluster-wide stats.
+INGRESS_TALLY = f"{PREFIX}.event.ingress"
 
 # Durable consumer names, one per consuming service (replicas share it).
 CONSUMER_PRIVACY = "privacy"

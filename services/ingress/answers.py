@@ -13,6 +13,7 @@ from starlette.types import Receive, Scope, Send
 
 from llooma.privacy import Mapping, StreamRestorer
 from llooma.v1.common_pb2 import (
+    ERROR_CODE_CONTROL_PLANE_UNAVAILABLE,
     ERROR_CODE_DEADLINE_EXCEEDED,
     ERROR_CODE_HOST_BUSY,
     ERROR_CODE_HOST_FAILED,
@@ -30,6 +31,7 @@ STATUS_BY_ERROR = {
     ERROR_CODE_DEADLINE_EXCEEDED: (504, "deadline_exceeded"),
     ERROR_CODE_HOST_FAILED: (502, "host_failed"),
     ERROR_CODE_INVALID_OUTPUT: (502, "invalid_structured_output"),
+    ERROR_CODE_CONTROL_PLANE_UNAVAILABLE: (503, "control_plane_unavailable"),
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -68,6 +69,8 @@ from services.ingress.schema import (
 )
 from services.ingress.shared_limits import SharedRateLimits
 from services.ingress.structured import checked
+
+log = logging.getLogger(__name__)
 
 # How much longer than the first-token deadline the pipeline may take to say anything at all.
 PIPELINE_MARGIN_S = 10.0
@@ -319,17 +322,24 @@ class Ingress:
         ) / 1000.0 + PIPELINE_MARGIN_S
         first = await self._next_event(queue, first_wait_s)
         restorers = None
-        if first.WhichOneof("event") == "mapping":
-            # Lives only as long as this request, in this process.
-            restorers = Restorers(
-                Mapping.from_dict({e.placeholder: e.original for e in first.mapping.entries})
-            )
+        while first.WhichOneof("event") == "mapping":
+            # Privacy's hand-off redelivered (its ack lost in a node kill) sends it again.
+            if restorers is None:
+                # Lives only as long as this request, in this process.
+                restorers = Restorers(
+                    Mapping.from_dict({e.placeholder: e.original for e in first.mapping.entries})
+                )
             first = await self._next_event(queue, first_wait_s)
         kind = first.WhichOneof("event")
         if kind != "started":
             await self._end(request_id, finished=False)
             if self.stats is not None:
                 self.stats.request_failed()
+            if self.deliveries is not None:
+                # A race that runs on regardless (its events lost) is not the user's to pay.
+                self.deliveries.nothing_delivered(chat)
+            if kind != "failed":
+                log.error("request %s: %s before it started", request_id, kind)
             return self._failure_response(first.failed, headers)
         headers["x-llooma-path"] = path_name(first.started.path)
         if self.stats is not None:
@@ -374,6 +384,7 @@ class Ingress:
             async with asyncio.timeout(timeout_s):
                 return ClientEvent.FromString(await queue.get())
         except TimeoutError:
+            log.warning("no event for a request for %.1f s", timeout_s)
             return ClientEvent(
                 failed=ErrorDetail(
                     code=ERROR_CODE_DEADLINE_EXCEEDED,
@@ -400,17 +411,23 @@ class Ingress:
         unfinished = choices
         try:
             while not done:
-                batch = [await self._next_event(queue, stall_s)]
-                while not queue.empty():
-                    batch.append(ClientEvent.FromString(queue.get_nowait()))
-                for index, event in enumerate(batch):
+                batch = []
+                event = await self._next_event(queue, stall_s)
+                while True:
                     kind = event.WhichOneof("event")
-                    if kind == "finished":
-                        unfinished -= 1
-                    if kind == "failed" or unfinished == 0:
-                        del batch[index + 1 :]
-                        done = True
+                    # A mapping now repeats privacy's (its hand-off was redelivered).
+                    if kind != "mapping":
+                        batch.append(event)
+                        if kind == "finished":
+                            unfinished -= 1
+                        if kind == "failed" or unfinished == 0:
+                            done = True
+                            break
+                    if queue.empty():
                         break
+                    event = ClientEvent.FromString(queue.get_nowait())
+                if not batch:
+                    continue
                 if restorers is not None:
                     batch = restore(batch, restorers)
                 yield batch

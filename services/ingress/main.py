@@ -4,6 +4,8 @@ heartbeat, stop hooks) -> directories -> HTTP app -> uvicorn."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 from collections.abc import AsyncIterator
 
 import uvicorn
@@ -35,6 +37,8 @@ from services.ingress.shared_limits import SharedRateLimits
 from services.ingress.stats import ROUTES as STATS_ROUTES
 
 SERVICE = "ingress"
+
+log = logging.getLogger(__name__)
 
 
 def _ingress(request: Request) -> Ingress:
@@ -82,7 +86,7 @@ ROUTES = [
 
 
 def create_app(settings: Settings) -> Starlette:
-    async def setup(service: Service) -> None:
+    async def setup(service: Service, replies: ReplyRouter) -> None:
         """The ingress's parts on the shared service runtime; `app.state` is where the HTTP
         routes find them."""
         nc, js = service.nc, service.js
@@ -94,9 +98,8 @@ def create_app(settings: Settings) -> Starlette:
         service.on_stop(hosts.stop)
         await services.start(js)
         service.on_stop(services.stop)
-        replies = ReplyRouter(service.instance_id)
         await replies.start(nc)
-        stats = StatsCollector(settings, hosts)
+        stats = StatsCollector(settings, hosts, service.instance_id)
         await stats.start(js)
         service.on_stop(stats.stop)
         ingress = Ingress(settings, nc, js, replies, hosts, services)
@@ -118,7 +121,15 @@ def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         service = Service(SERVICE, settings)
-        await service.start(setup)
+        replies = ReplyRouter(service.instance_id)
+
+        def disconnected() -> None:
+            lost = replies.connection_lost()
+            if lost:
+                log.warning("NATS connection lost: %d open requests refused or ended", lost)
+
+        service.on_disconnect = disconnected
+        await service.start(functools.partial(setup, replies=replies))
         try:
             yield
         finally:

@@ -59,6 +59,10 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     """
     ERROR_CODE_INVALID_OUTPUT: _ErrorCode.ValueType  # 8
     """The finished answer does not match the request's response_format json_schema."""
+    ERROR_CODE_CONTROL_PLANE_UNAVAILABLE: _ErrorCode.ValueType  # 9
+    """The ingress lost its connection to NATS while the request was open: its events may be
+    lost on the way, so it is refused (503 with Retry-After) or ended, never left to time out.
+    """
 
 class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper):
     """Failure classes; the ingress maps them to HTTP statuses."""
@@ -77,6 +81,10 @@ against the host.
 """
 ERROR_CODE_INVALID_OUTPUT: ErrorCode.ValueType  # 8
 """The finished answer does not match the request's response_format json_schema."""
+ERROR_CODE_CONTROL_PLANE_UNAVAILABLE: ErrorCode.ValueType  # 9
+"""The ingress lost its connection to NATS while the request was open: its events may be
+lost on the way, so it is refused (503 with Retry-After) or ended, never left to time out.
+"""
 Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
 
 @_typing.final
