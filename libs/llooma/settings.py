@@ -373,7 +373,10 @@ class Settings(BaseSettings):
         "hand-off before redelivering it (to a replica, after a crash)",
     )
     heartbeat_interval_s: float = Field(
-        default=0.5, description="how often every service announces itself"
+        default=1.0,
+        gt=0,
+        description="how often every service announces itself (counted ready while its last "
+        "beat is at most `service_stale_after_s` old)",
     )
     host_stale_after_s: float = Field(
         default=2.0, description="a host silent this long is no longer eligible"

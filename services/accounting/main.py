@@ -17,7 +17,7 @@ from llooma.ledger.blocks import Signer
 from llooma.ledger.economics import Prices, SlashRules, opening_balances
 from llooma.ledger.store import LedgerStore
 from llooma.settings import Settings
-from services.accounting.handlers import Accounting, build_router
+from services.accounting.handlers import Accounting, settlement_consumers
 from services.accounting.keys import KeyService, build_key_router
 
 SERVICE = "accounting"
@@ -110,7 +110,7 @@ def create_app(settings: Settings) -> FastStream:
         await accounting.publish_all_balances()
         await keys.publish_all()
         await accounting.publish_summary()
-        accounting.start_background()
+        accounting.start_background(settlement_consumers(accounting))
 
     async def close_ledger(_: NatsBroker) -> None:
         await accounting.stop_background()
@@ -119,7 +119,7 @@ def create_app(settings: Settings) -> FastStream:
     return runtime.build_app(
         SERVICE,
         settings,
-        [build_router(accounting), build_key_router(keys)],
+        [build_key_router(keys)],
         on_connected=open_ledger,
         on_stopping=close_ledger,
     )

@@ -227,8 +227,10 @@ class HostWorker:
         await self._nc.publish(self._heartbeat_subject, self.heartbeat().SerializeToString())
 
     async def _heartbeat_loop(self) -> None:
+        busy_s = self._config.heartbeat_interval_s
+        idle_s = max(busy_s, self._config.idle_heartbeat_interval_s)
         while True:
-            await asyncio.sleep(self._config.heartbeat_interval_s)
+            await asyncio.sleep(busy_s if self._tasks or self._draining else idle_s)
             try:
                 await self._publish_heartbeat()
             except Exception:
