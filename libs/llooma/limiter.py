@@ -135,6 +135,19 @@ class SharedCounters:
         self._phases[scope] = phase
         return phase
 
+    def standing(self, scope: str, window: Window) -> tuple[float, float]:
+        """(units left in the sliding window, seconds until the current window ends), from
+        the totals this process last saw: no round trip."""
+        phase = self._phases.get(scope)
+        if phase is None:
+            return float(window.per_window), 0.0
+        position = (self._clock() - phase) / window.window_s
+        index = math.floor(position)
+        previous = self._seen.get(subjects.limit_counter(scope, index - 1), 0)
+        current = self._seen.get(subjects.limit_counter(scope, index), 0)
+        room = window.per_window - previous * (1.0 - (position - index))
+        return room - current, (index + 1 - position) * window.window_s
+
     def adjust(self, scope: str, amount: int, window: Window) -> None:
         """Add (or, negative, take back) `amount` in the current window, in the background."""
         if amount:

@@ -142,8 +142,13 @@ def sse_event(head: bytes, event: ClientEvent, include_usage: bool, many: bool =
             )
         parts.append(b"data: [DONE]\n\n")
         return b"".join(parts)
-    _, error_type, code = error_shape(event.failed)
-    message = event.failed.message or "the stream failed"
+    return sse_error(event.failed)
+
+
+def sse_error(failure: ErrorDetail) -> bytes:
+    """The event that ends a stream which failed after it began (no [DONE] follows)."""
+    _, error_type, code = error_shape(failure)
+    message = failure.message or "the stream failed"
     error = {"error": {"message": message, "type": error_type, "code": code}}
     return b"data: " + orjson.dumps(error) + b"\n\n"
 

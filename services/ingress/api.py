@@ -67,6 +67,7 @@ from services.ingress.schema import (
     describe_validation_error,
     error_response,
 )
+from services.ingress.shapes import AnswerShape
 from services.ingress.shared_limits import SharedRateLimits
 from services.ingress.structured import checked
 
@@ -151,14 +152,17 @@ class Ingress:
 
     # -- routes ----------------------------------------------------------------------------
 
-    async def chat_completions(self, request: Request) -> Response:
-        """A request, and every refusal counted by status and reason (counters only)."""
-        response = await self._chat_completions(request)
+    async def chat_completions(
+        self, request: Request, shape: AnswerShape | None = None
+    ) -> Response:
+        """A request, and every refusal counted by status and reason (counters only). `shape`:
+        another endpoint's request and answer format around the same race (None: chat)."""
+        response = await self._chat_completions(request, shape)
         if response.status_code >= 400 and self.stats is not None:
             self.stats.rejected(response.status_code, _error_code(response))
         return response
 
-    async def _chat_completions(self, request: Request) -> Response:
+    async def _chat_completions(self, request: Request, shape: AnswerShape | None) -> Response:
         """Every check a request passes before it reaches NATS, cheapest first; each step
         answers with OpenAI's error shape or hands on what it found."""
         key_id = self._authenticate(request)
@@ -174,7 +178,7 @@ class Ingress:
         shed = self.limits.shed_early()
         if shed is not None:
             return shed
-        parsed = await self._parse(request)
+        parsed = await self._parse(request, shape)
         if isinstance(parsed, Response):
             return parsed
         record = self._record(key_id)
@@ -204,9 +208,13 @@ class Ingress:
             if release is not None:
                 release(0)
             return ticket
-        return await ticket.serve(self._complete(parsed, key_id, options, ticket))
+        if self.shared_limits is not None:
+            ticket.rate_headers = self.shared_limits.headers(key_id, rates)
+        return await ticket.serve(self._complete(parsed, key_id, options, ticket, shape))
 
-    async def _parse(self, request: Request) -> ChatCompletionRequest | Response:
+    async def _parse(
+        self, request: Request, shape: AnswerShape | None
+    ) -> ChatCompletionRequest | Response:
         try:
             body = await self._read_body(request)
         except BodyTooLarge:
@@ -226,6 +234,8 @@ class Ingress:
                 code="invalid_utf8",
             )
         try:
+            if shape is not None:
+                return shape.parse(text)
             return ChatCompletionRequest.model_validate_json(text, strict=True)
         except ValidationError as error:
             return error_response(400, describe_validation_error(error), code="invalid_request")
@@ -265,6 +275,7 @@ class Ingress:
         key_id: str,
         options: RequestOptions,
         ticket: Ticket,
+        shape: AnswerShape | None,
     ) -> Response:
         accepted_at = time.monotonic()
         request_id = uuid.uuid4().hex
@@ -285,9 +296,11 @@ class Ingress:
             choices=parsed.n,
             privacy=self._privacy_mode(key_id, options.privacy),
         )
+        if shape is not None:
+            shape.prepare(chat)
         queue = self.replies.open(request_id)
         try:
-            return await self._answer(chat, parsed, ticket, queue, accepted_at)
+            return await self._answer(chat, parsed, ticket, queue, accepted_at, shape)
         except BaseException:
             # Whatever broke (or cancelled) before the stream took the request over.
             await self._end(request_id, finished=False)
@@ -300,9 +313,14 @@ class Ingress:
         ticket: Ticket,
         queue: asyncio.Queue[bytes],
         accepted_at: float,
+        shape: AnswerShape | None,
     ) -> Response:
         request_id = chat.request_id
-        headers = {"x-llooma-request-id": request_id, "x-request-id": request_id}
+        headers = {
+            "x-llooma-request-id": request_id,
+            "x-request-id": request_id,
+            **ticket.rate_headers,
+        }
         try:
             await bus.hand_off(
                 self.js, subjects.PIPELINE_PRIVACY, chat.SerializeToString(), request_id
@@ -371,12 +389,18 @@ class Ingress:
 
             return EventStream(
                 # `model` echoes the request (x-llooma-model names the one that answered).
-                self._sse(request_id, parsed.model, stream, include_usage, parsed.n > 1),
+                self._sse(request_id, parsed.model, stream, include_usage, parsed.n > 1)
+                if shape is None
+                else shape.stream(request_id, parsed, stream),
                 on_close=on_close,
                 media_type="text/event-stream",
                 headers={**headers, "cache-control": "no-cache"},
             )
         async with contextlib.aclosing(stream):
+            if shape is not None:
+                return await shape.collect(
+                    request_id, parsed, stream, headers, self._failure_response
+                )
             return await self._collect(request_id, parsed, stream, headers)
 
     async def _next_event(self, queue: asyncio.Queue[bytes], timeout_s: float) -> ClientEvent:

@@ -93,13 +93,53 @@ def _retry_after(wait_s: float) -> str:
     return str(max(1, math.ceil(wait_s)))
 
 
-def rate_limited(message: str, wait_s: float, code: str = "rate_limit_exceeded") -> Response:
+def duration(seconds: float) -> str:
+    """A duration as OpenAI's x-ratelimit-reset-* headers write it (Go's format): "20ms",
+    "1s", "1.5s", "6m0s", "1h0m0s"."""
+    millis = max(0, round(seconds * 1000))
+    if millis < 1000:
+        return f"{millis}ms"
+    hours, millis = divmod(millis, 3_600_000)
+    minutes, millis = divmod(millis, 60_000)
+    text = f"{millis / 1000:.3f}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{hours}h{minutes}m{text}"
+    return f"{minutes}m{text}" if minutes else text
+
+
+def rate_headers(kind: str, per_minute: int, remaining: float, reset_s: float) -> dict[str, str]:
+    """OpenAI's x-ratelimit-*-{requests,tokens} headers for one limit."""
+    return {
+        f"x-ratelimit-limit-{kind}": str(per_minute),
+        f"x-ratelimit-remaining-{kind}": str(max(0, math.floor(remaining))),
+        f"x-ratelimit-reset-{kind}": duration(reset_s),
+    }
+
+
+def bucket_headers(buckets: KeyBuckets, now: float) -> dict[str, str]:
+    """Where the key's buckets stand: remaining is what may be taken now, reset the time
+    until the bucket is full again."""
+    headers: dict[str, str] = {}
+    for kind, bucket in (("requests", buckets.requests), ("tokens", buckets.tokens)):
+        if bucket is not None:
+            bucket.wait_s(0, now)
+            reset_s = (bucket.depth - bucket.level) / bucket.rate_per_s
+            headers.update(rate_headers(kind, bucket.per_minute, bucket.level, reset_s))
+    return headers
+
+
+def rate_limited(
+    message: str,
+    wait_s: float,
+    code: str = "rate_limit_exceeded",
+    headers: dict[str, str] | None = None,
+) -> Response:
     return error_response(
         429,
         message,
         error_type="rate_limit_error",
         code=code,
-        headers={"retry-after": _retry_after(wait_s)},
+        headers={**(headers or {}), "retry-after": _retry_after(wait_s)},
     )
 
 
@@ -241,16 +281,21 @@ class Limits:
                 f"{tokens.per_minute} tokens per minute; lower max_tokens or the prompt",
                 error_type="invalid_request_error",
                 code="tokens_exceed_limit",
+                headers=bucket_headers(buckets, now),
             )
         if requests is not None and (wait_s := requests.wait_s(1, now)) > 0:
             self.rate_limited += 1
             return rate_limited(
-                f"rate limit reached: {requests.per_minute} requests per minute", wait_s
+                f"rate limit reached: {requests.per_minute} requests per minute",
+                wait_s,
+                headers=bucket_headers(buckets, now),
             )
         if tokens is not None and (wait_s := tokens.wait_s(estimate, now)) > 0:
             self.rate_limited += 1
             return rate_limited(
-                f"rate limit reached: {tokens.per_minute} tokens per minute", wait_s
+                f"rate limit reached: {tokens.per_minute} tokens per minute",
+                wait_s,
+                headers=bucket_headers(buckets, now),
             )
         return None
 
@@ -283,7 +328,9 @@ class Limits:
         self.in_flight += 1
         self.waiting_first_token += 1
         self.in_flight_by_model[request.model] += 1
-        return Ticket(self, buckets.tokens, request.model, estimate, on_release)
+        ticket = Ticket(self, buckets.tokens, request.model, estimate, on_release)
+        ticket.rate_headers = bucket_headers(buckets, self.clock())
+        return ticket
 
 
 class Ticket:
@@ -307,6 +354,8 @@ class Ticket:
         self._used = 0
         self._waiting = True
         self._released = False
+        # The key's x-ratelimit-* headers as they stood once the request was admitted.
+        self.rate_headers: dict[str, str] = {}
 
     def first_token(self) -> None:
         if self._waiting:

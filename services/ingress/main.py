@@ -29,6 +29,7 @@ from llooma.settings import Settings, load_settings
 from services.ingress.admin import ROUTES as ADMIN_ROUTES
 from services.ingress.admin import admin_key_ids
 from services.ingress.api import Ingress
+from services.ingress.completions import TEXT_COMPLETIONS
 from services.ingress.delivery import DeliveryReporter
 from services.ingress.http_protocol import bounded_protocol
 from services.ingress.openapi import serve_openapi
@@ -49,6 +50,10 @@ def _ingress(request: Request) -> Ingress:
 
 async def chat_completions(request: Request) -> Response:
     return await _ingress(request).chat_completions(request)
+
+
+async def completions(request: Request) -> Response:
+    return await _ingress(request).chat_completions(request, TEXT_COMPLETIONS)
 
 
 async def models(request: Request) -> Response:
@@ -77,6 +82,7 @@ async def http_error(request: Request, error: Exception) -> Response:
 
 ROUTES = [
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/completions", completions, methods=["POST"]),
     Route("/v1/models", models, methods=["GET"]),
     Route("/v1/models/{model:path}", model, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),

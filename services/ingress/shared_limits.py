@@ -12,7 +12,7 @@ from starlette.responses import Response
 
 from llooma.limiter import SharedCounters, window_for
 from llooma.settings import Settings, api_key_id
-from services.ingress.limits import estimate_tokens, rate_limited
+from services.ingress.limits import estimate_tokens, rate_headers, rate_limited
 from services.ingress.schema import ChatCompletionRequest, error_response
 
 Release = Callable[[int], None]
@@ -36,6 +36,19 @@ class SharedRateLimits:
             rpm, tpm = rates[0] or rpm, rates[1] or tpm
         return rpm, tpm
 
+    def headers(self, key_id: str, rates: tuple[int, int] | None) -> dict[str, str]:
+        """The key's x-ratelimit-* headers: what is left of the sliding window, and when the
+        current window ends, as this ingress last saw the shared counters."""
+        rpm, tpm = self.rates(key_id, rates)
+        burst_s = self.settings.rate_limit_burst_s
+        headers: dict[str, str] = {}
+        for kind, scope, per_minute in (("requests", "rpm", rpm), ("tokens", "tpm", tpm)):
+            if per_minute:
+                window = window_for(per_minute, burst_s)
+                remaining, reset_s = self.counters.standing(f"{scope}.{key_id}", window)
+                headers.update(rate_headers(kind, per_minute, remaining, reset_s))
+        return headers
+
     async def admit(
         self, key_id: str, request: ChatCompletionRequest, rates: tuple[int, int] | None
     ) -> Response | Release | None:
@@ -56,13 +69,18 @@ class SharedRateLimits:
                     f"{tpm} tokens per minute; lower max_tokens or the prompt",
                     error_type="invalid_request_error",
                     code="tokens_exceed_limit",
+                    headers=self.headers(key_id, rates),
                 )
         requests = window_for(rpm, burst_s) if rpm else None
         if requests is not None:
             wait_s = await self.counters.take(f"rpm.{key_id}", 1, requests)
             if wait_s:
                 self.rate_limited += 1
-                return rate_limited(f"rate limit reached: {rpm} requests per minute", wait_s)
+                return rate_limited(
+                    f"rate limit reached: {rpm} requests per minute",
+                    wait_s,
+                    headers=self.headers(key_id, rates),
+                )
         if not tpm:
             return None
         tokens = window_for(tpm, burst_s)
@@ -71,7 +89,11 @@ class SharedRateLimits:
             if requests is not None:
                 self.counters.adjust(f"rpm.{key_id}", -1, requests)
             self.rate_limited += 1
-            return rate_limited(f"rate limit reached: {tpm} tokens per minute", wait_s)
+            return rate_limited(
+                f"rate limit reached: {tpm} tokens per minute",
+                wait_s,
+                headers=self.headers(key_id, rates),
+            )
 
         def release(used: int) -> None:
             self.counters.adjust(f"tpm.{key_id}", used - estimate, tokens)

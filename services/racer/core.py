@@ -26,6 +26,7 @@ from llooma.v1.common_pb2 import (
     ERROR_CODE_HOST_FAILED,
     ERROR_CODE_REQUEST_REJECTED,
     REQUEST_PATH_FALLBACK,
+    TASK_KIND_TEXT_COMPLETION,
     ChatMessage,
     Usage,
 )
@@ -367,7 +368,13 @@ class RaceCore:
                 f"the stream broke ({self._why}) and no host can continue it",
             )
         race.continuations += 1
-        plan = plan_handover(race.assignment.request.messages, "".join(race.emitted), host)
+        request = race.assignment.request
+        plan = plan_handover(
+            request.messages,
+            "".join(race.emitted),
+            host,
+            raw_prompt=request.kind == TASK_KIND_TEXT_COMPLETION,
+        )
         self._heir = self._launch(host, ATTEMPT_ROLE_CONTINUATION, now, plan.messages)
         self._heir_deadline = now + race.fallback_timeout_s
         self._seam = plan.seam

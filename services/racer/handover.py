@@ -24,15 +24,18 @@ class Handover:
     seam: Seam
 
 
-def plan_handover(original: Sequence[ChatMessage], emitted: str, host: HostCandidate) -> Handover:
+def plan_handover(
+    original: Sequence[ChatMessage], emitted: str, host: HostCandidate, *, raw_prompt: bool = False
+) -> Handover:
     """The continuing host's prompt and the seam where its text joins the client's.
 
     Where the host's engine continues a trailing assistant message (host.assistant_prefill), by
     prefill: the whole answer so far as that message, no instructions, nothing to leak or
     repeat. Otherwise an instructed continuation: the answer so far up to a safe boundary and
-    the request to continue it, with a seam that removes every echo of that frame."""
+    the request to continue it, with a seam that removes every echo of that frame. A raw-prompt
+    text completion is always continued by prefill: its host appends the text to the prompt."""
     turns = [(m.role, m.content) for m in original]
-    if host.assistant_prefill and emitted:
+    if (host.assistant_prefill or raw_prompt) and emitted:
         merged = [(m.role, m.content) for m in merge_turns(turns)]
         messages = [ChatMessage(role=r, content=c) for r, c in prefill_messages(merged, emitted)]
         return Handover(messages, Seam())
@@ -65,6 +68,7 @@ def host_task(race: Race, attempt: Attempt, messages: list[ChatMessage] | None) 
         model=attempt.host.model,
         messages=messages if messages is not None else request.messages,
         params=params,
+        kind=request.kind,
     )
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from llooma.host.http import ConnectFailed, HttpError, HttpPool, Response
-from llooma.v1.common_pb2 import ChatMessage
+from llooma.v1.common_pb2 import TASK_KIND_TEXT_COMPLETION, ChatMessage
 from llooma.v1.host_pb2 import HostTask
 
 _MESSAGE_LIMIT = 300
@@ -197,6 +197,18 @@ def _malformed(data: bytes) -> UpstreamError:
     return UpstreamError(f"malformed stream event: {_truncate(text)}")
 
 
+def completion_prompt(task: HostTask) -> str:
+    """A text completion's raw prompt: the client's, plus the text so far when handed over
+    (a trailing assistant message)."""
+    messages = task.messages
+    if not messages:
+        return ""
+    prompt = messages[0].content
+    if len(messages) > 1 and messages[-1].role == "assistant":
+        prompt += messages[-1].content
+    return prompt
+
+
 def estimate_input_tokens(task: HostTask) -> int:
     """About four characters a token, plus a few for each message's template."""
     return sum(len(m.content) for m in task.messages) // 4 + 4 * len(task.messages)
@@ -248,9 +260,13 @@ class OpenAIBackend:
         params = task.params
         defaults = self._defaults
         messages = [_message(m) for m in task.messages]
-        body: dict[str, Any] = {
-            "model": self._model,
-            "messages": messages,
+        body: dict[str, Any] = {"model": self._model}
+        if task.kind == TASK_KIND_TEXT_COMPLETION:
+            body["prompt"] = completion_prompt(task)
+            messages = []
+        else:
+            body["messages"] = messages
+        body |= {
             "stream": True,
             "max_tokens": params.max_tokens
             if params.HasField("max_tokens")
@@ -303,18 +319,23 @@ class OpenAIBackend:
             outcome = Outcome()
         payload = orjson.dumps(self.request_body(task))
         pieces = 0
+        raw_prompt = task.kind == TASK_KIND_TEXT_COMPLETION
+        path = "/completions" if raw_prompt else "/chat/completions"
         # A trailing assistant message is continued (prefill). Some engines (llama.cpp with a
         # Jinja template) start their answer with that message's text again; only what comes
-        # after it is new. Text is held while it still matches the prefix.
+        # after it is new. Text is held while it still matches the prefix. (A raw prompt's
+        # continuation is part of the prompt itself: nothing is echoed.)
         messages = task.messages
-        prefill = messages[-1].content if messages and messages[-1].role == "assistant" else ""
+        prefill = (
+            messages[-1].content
+            if messages and messages[-1].role == "assistant" and not raw_prompt
+            else ""
+        )
         held = ""
         try:
             # Leaving this block, by aclose() or cancellation too, closes the connection unless
             # its response was read to the end, which is how engines notice to stop generating.
-            async with self.pool.request(
-                "POST", "/chat/completions", payload, self._headers
-            ) as response:
+            async with self.pool.request("POST", path, payload, self._headers) as response:
                 if response.status != 200:
                     error = await _status_error(response)
                     if (
@@ -354,9 +375,13 @@ class OpenAIBackend:
                                     choice = choices[0]
                                     delta = choice.get("delta")
                                     finish = choice.get("finish_reason")
+                                    text = choice.get("text") if raw_prompt else None
                                 except (AttributeError, IndexError, KeyError, TypeError):
                                     raise _malformed(value) from None
-                                if delta:
+                                if text and isinstance(text, str):
+                                    pieces += 1
+                                    yield text
+                                elif delta:
                                     content = delta.get("content")
                                     if content and prefill:
                                         content, held, prefill = _strip_echo(content, held, prefill)

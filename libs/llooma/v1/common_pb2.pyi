@@ -19,6 +19,27 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _TaskKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TaskKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TASK_KIND_CHAT: _TaskKind.ValueType  # 0
+    TASK_KIND_TEXT_COMPLETION: _TaskKind.ValueType  # 1
+    TASK_KIND_EMBEDDING: _TaskKind.ValueType  # 2
+
+class TaskKind(_TaskKind, metaclass=_TaskKindEnumTypeWrapper):
+    """What a request asks of an engine. A text completion carries its prompt as one user message
+    (and, when handed over, the text so far as a trailing assistant message, which the host
+    appends to the prompt); an embedding request carries one user message per input.
+    """
+
+TASK_KIND_CHAT: TaskKind.ValueType  # 0
+TASK_KIND_TEXT_COMPLETION: TaskKind.ValueType  # 1
+TASK_KIND_EMBEDDING: TaskKind.ValueType  # 2
+Global___TaskKind: _TypeAlias = TaskKind  # noqa: Y015
+
 class _RequestPath:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015

@@ -64,6 +64,7 @@ class ChatRequest(_message.Message):
     NODE_ID_FIELD_NUMBER: _builtins.int
     PRIVACY_FIELD_NUMBER: _builtins.int
     CHOICES_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     model: _builtins.str
     stream: _builtins.bool
@@ -83,6 +84,8 @@ class ChatRequest(_message.Message):
     privacy: Global___PrivacyMode.ValueType
     choices: _builtins.int
     """How many choices the client asked for (`n`); 0 and 1 are one. Each is its own race."""
+    kind: _common_pb2.TaskKind.ValueType
+    """What the client asked for: a chat completion, a raw-prompt text completion, embeddings."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]: ...
     @_builtins.property
@@ -110,10 +113,11 @@ class ChatRequest(_message.Message):
         node_id: _builtins.str = ...,
         privacy: Global___PrivacyMode.ValueType = ...,
         choices: _builtins.int = ...,
+        kind: _common_pb2.TaskKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "plan", b"plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_unix_nanos", b"accepted_unix_nanos", "api_key_id", b"api_key_id", "choices", b"choices", "first_token_deadline_ms", b"first_token_deadline_ms", "messages", b"messages", "model", b"model", "node_id", b"node_id", "params", b"params", "path", b"path", "plan", b"plan", "privacy", b"privacy", "privacy_redacted", b"privacy_redacted", "race_width", b"race_width", "reply_subject", b"reply_subject", "request_id", b"request_id", "stream", b"stream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_unix_nanos", b"accepted_unix_nanos", "api_key_id", b"api_key_id", "choices", b"choices", "first_token_deadline_ms", b"first_token_deadline_ms", "kind", b"kind", "messages", b"messages", "model", b"model", "node_id", b"node_id", "params", b"params", "path", b"path", "plan", b"plan", "privacy", b"privacy", "privacy_redacted", b"privacy_redacted", "race_width", b"race_width", "reply_subject", b"reply_subject", "request_id", b"request_id", "stream", b"stream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

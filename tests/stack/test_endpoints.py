@@ -1,0 +1,194 @@
+"""The OpenAI endpoints beside chat (issue 16), on the running stack with the official
+`openai` client: the x-ratelimit-* headers of the key's limits, `/v1/completions`,
+`/v1/responses`, each raced, billed and answered in OpenAI's shapes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import httpx
+import openai
+import pytest
+from nats.aio.client import Client
+from openai.types.chat import ChatCompletionMessageParam
+
+from llooma.host.config import HostConfig, ModelConfig
+from llooma.host.worker import HostWorker
+from llooma.ledger.economics import user_account
+from llooma.settings import DEV_API_KEY, api_key_id
+from llooma.stack import Stack
+from tests.stack.test_billing import USER_PRICE, eventually
+from tests.stack.test_race import wait_listed
+from tests.support.fake_engine import DONE, FakeEngine, Out, Request, event, stream_events, usage
+
+DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s|(\d+)ms)$")
+
+
+def seconds(duration: str) -> float:
+    """An x-ratelimit-reset-* value ("500ms", "1.5s", "6m0s") in seconds."""
+    match = DURATION.match(duration)
+    assert match, duration
+    hours, minutes, secs, millis = match.groups()
+    total = int(hours or 0) * 3600 + int(minutes or 0) * 60 + float(secs or 0)
+    return total + int(millis or 0) / 1000
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(database_url)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+def client(stack: Stack) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key=DEV_API_KEY, max_retries=0)
+
+
+async def charged(db: asyncpg.Connection, request_id: str) -> int:
+    """What the ledger charged the dev key for a request's winning attempt, once posted."""
+
+    async def charge() -> int | None:
+        amount = await db.fetchval(
+            "SELECT e.amount FROM ledger_entries e JOIN task_settlements s "
+            "ON e.txn_id = 'attempt:' || s.attempt_id "
+            "WHERE s.request_id = $1 AND s.outcome = 'won' AND e.account = $2 "
+            "AND e.kind = 'charge'",
+            request_id,
+            user_account(api_key_id(DEV_API_KEY)),
+        )
+        return None if amount is None else -int(amount)
+
+    return await eventually(charge)
+
+
+async def test_rate_limit_headers_on_answers_and_refusals(stack: Stack) -> None:
+    admin_key = stack.admin_key_file.read_text().strip()
+    async with httpx.AsyncClient(
+        base_url=stack.base_url, headers={"Authorization": f"Bearer {admin_key}"}, timeout=30
+    ) as admin:
+        # A one-second burst: the request bucket holds 2, the token bucket 1000.
+        made = await admin.post(
+            "/admin/v1/keys", json={"name": "limited", "budget": 5, "rpm": 120, "tpm": 60000}
+        )
+    key = made.json()["key"]
+    client = openai.AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0)
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "count to three"}]
+    for _ in range(100):
+        try:
+            raw = await client.chat.completions.with_raw_response.create(
+                model="echo", messages=messages, max_tokens=8
+            )
+            break
+        except openai.AuthenticationError:  # the key is not in this ingress's book yet
+            await asyncio.sleep(0.05)
+    headers = raw.headers
+    assert headers["x-ratelimit-limit-requests"] == "120"
+    assert headers["x-ratelimit-limit-tokens"] == "60000"
+    assert headers["x-ratelimit-remaining-requests"] == "1"
+    # Charged its estimate when admitted: 14 characters / 4 + 4 for the message + max_tokens.
+    assert headers["x-ratelimit-remaining-tokens"] == str(1000 - (4 + 4 + 8))
+    # Refilled at 2 requests a second: full again half a second after the one taken.
+    assert 0.4 <= seconds(headers["x-ratelimit-reset-requests"]) <= 0.5
+    assert 0 < seconds(headers["x-ratelimit-reset-tokens"]) <= 16 / 1000 * 60
+    # The bucket held 2: one more is admitted at most, then a 429.
+    with contextlib.suppress(openai.RateLimitError):
+        await client.chat.completions.create(model="echo", messages=messages, max_tokens=8)
+    with pytest.raises(openai.RateLimitError) as refused:
+        await client.chat.completions.create(model="echo", messages=messages, max_tokens=8)
+    limited = refused.value.response.headers
+    assert limited["x-ratelimit-remaining-requests"] == "0"
+    assert limited["x-ratelimit-limit-requests"] == "120"
+    assert 0 < seconds(limited["x-ratelimit-reset-requests"]) <= 1.0
+    assert int(limited["retry-after"]) >= 1
+
+
+async def test_completions_with_the_openai_client(
+    client: openai.AsyncOpenAI, db: asyncpg.Connection
+) -> None:
+    raw = await client.completions.with_raw_response.create(
+        model="echo", prompt="Once upon a time", max_tokens=16
+    )
+    answer = raw.parse()
+    assert answer.object == "text_completion"
+    assert answer.model == "echo"
+    assert answer.id.startswith("cmpl-")
+    (choice,) = answer.choices
+    # The echo host answers the prompt itself.
+    assert choice.text == "Once upon a time"
+    assert choice.finish_reason == "stop"
+    assert answer.usage is not None
+    assert answer.usage.completion_tokens == 4
+    request_id = raw.headers["x-request-id"]
+    assert await charged(db, request_id) == USER_PRICE * answer.usage.total_tokens
+
+    stream = await client.completions.create(
+        model="echo",
+        prompt=["a list of one prompt"],
+        max_tokens=3,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    assert {chunk.object for chunk in chunks} == {"text_completion"}
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "a list of"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 3
+
+    with pytest.raises(openai.BadRequestError):
+        await client.completions.create(model="echo", prompt=["one", "two"], max_tokens=3)
+
+
+async def test_completions_reach_the_engine_as_a_raw_prompt(
+    http: httpx.AsyncClient, nc: Client, nats_url: str, client: openai.AsyncOpenAI
+) -> None:
+    async def engine_answer(request: Request, out: Out) -> None:
+        if request.path != "/v1/completions":
+            # The engine probe's.
+            await out.whole(200, b"llamacpp:requests_processing 0\n", "text/plain")
+            return
+        await stream_events(
+            out,
+            event({"object": "text_completion", "choices": [{"index": 0, "text": " there"}]}),
+            event({"choices": [{"index": 0, "text": " was", "finish_reason": None}]}),
+            event({"choices": [{"index": 0, "text": "", "finish_reason": "length"}]}),
+            usage(5, 2),
+            DONE,
+        )
+
+    model = f"raw-{uuid.uuid4().hex[:6]}"
+    async with FakeEngine(handler=engine_answer) as engine:
+        config = HostConfig(
+            name=f"host-{model}",
+            nats_url=nats_url,
+            heartbeat_interval_s=0.2,
+            models=[
+                ModelConfig(
+                    name=model, backend="openai", base_url=engine.base_url, engine="llama.cpp"
+                )
+            ],
+        )
+        worker = HostWorker(config, nc)
+        await worker.start()
+        try:
+            await wait_listed(http, model)
+            answer = await client.completions.create(
+                model=model, prompt="Once upon a time", max_tokens=2, temperature=0, stop=["\n"]
+            )
+        finally:
+            await worker.drain()
+    assert answer.choices[0].text == " there was"
+    assert answer.choices[0].finish_reason == "length"
+    assert answer.usage is not None
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (5, 2)
+    sent = next(r for r in engine.requests if r.path == "/v1/completions").json()
+    # The raw prompt, no chat template, every parameter as sent.
+    assert sent["prompt"] == "Once upon a time"
+    assert "messages" not in sent
+    assert (sent["max_tokens"], sent["temperature"], sent["stop"]) == (2, 0, ["\n"])
