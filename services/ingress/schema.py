@@ -34,6 +34,8 @@ MAX_STOP_SEQUENCES = 4
 # Each choice is its own race of k hosts: a bound on what one request may set in motion.
 MAX_CHOICES = 8
 Choices = Annotated[int, Field(ge=1, le=MAX_CHOICES), BeforeValidator(_integral)]
+# Where only one choice is served (text completions).
+OnlyOne = Annotated[int, Field(ge=1, le=1), BeforeValidator(_integral)]
 
 
 class TextPart(BaseModel):
