@@ -149,6 +149,10 @@ def stack(
             # Duels (tested on their own stack, tests/stack/test_duel.py) would let a sampled race's
             # loser run on and send judge prompts to other tests' hosts.
             "LLOOMA_DUEL_FRACTION": "0",
+            # Scripted hosts announce the stakes their tests draw by and lock none: here every
+            # host counts as staked to the maximum (tests/stack/test_stake.py has a stack with
+            # ledger stake alone).
+            "LLOOMA_UNSTAKED_HOST_STAKE": "1000",
         },
     )
     running.start()

@@ -35,7 +35,7 @@ HeartbeatT = TypeVar("HeartbeatT", bound=Message)
 
 # The bucket drops an entry MEMBERSHIP_TTL_S after its last heartbeat; the view does the same.
 FORGET_AFTER_S = MEMBERSHIP_TTL_S
-# Members beat every 0.5 s, so a watch this quiet has lost its consumer (a restarted server
+# Members beat every 0.5-1 s, so a watch this quiet has lost its consumer (a restarted server
 # forgets memory buckets and their consumers without telling the client): watch anew.
 WATCH_IDLE_S = 3.0
 

@@ -13,9 +13,10 @@ from nats.js import JetStreamContext
 
 from llooma import bus, counters, subjects
 from llooma.host_stats import HostStats
+from llooma.ledger.stakes import StakeBook
 from llooma.membership import HostDirectory
 from llooma.planning import decide, is_split
-from llooma.selection import Ask, Candidate, Selector
+from llooma.selection import Ask, Candidate, Selector, asked_features
 from llooma.settings import Settings
 from llooma.v1.common_pb2 import ERROR_CODE_NO_ELIGIBLE_HOST, REQUEST_PATH_DIRECT, ErrorDetail
 from llooma.v1.pipeline_pb2 import ChatRequest, ClientEvent, HostCandidate, TaskAssignment
@@ -45,6 +46,7 @@ class Dispatcher:
         nc: Client,
         js: JetStreamContext,
         instance_id: str,
+        stakes: StakeBook | None = None,
     ) -> None:
         self._nc = nc
         self._js = js
@@ -52,7 +54,8 @@ class Dispatcher:
         self._hosts = hosts
         self._rng = random.Random()
         self.stats = HostStats()
-        self.selector = Selector.from_settings(settings, self.stats)
+        self.stakes = stakes or StakeBook()
+        self.selector = Selector.from_settings(settings, self.stats, self.stakes.locked_micros)
         self.dag = DagRunner(nc, js, instance_id, self.assign)
 
     async def on_race_event(self, msg: Msg) -> None:
@@ -63,8 +66,10 @@ class Dispatcher:
             return
         self.stats.record(event)
 
-    def candidates(self, model: str, deadline_ms: int) -> list[Candidate]:
-        ask = Ask(model, deadline_ms=deadline_ms)
+    def candidates(
+        self, model: str, deadline_ms: int, features: frozenset[str] = frozenset()
+    ) -> list[Candidate]:
+        ask = Ask(model, features, deadline_ms=deadline_ms)
         return self.selector.candidates(self._hosts.members.all(), ask)
 
     def _fallback(self, candidates: list[Candidate], chosen: list[Candidate]) -> list[Candidate]:
@@ -94,7 +99,7 @@ class Dispatcher:
     def assign(self, request: ChatRequest, avoid: set[str] | None = None) -> TaskAssignment | None:
         """Hosts for one task; `avoid` (hosts busy with sibling nodes) is skipped if possible."""
         deadline_ms = self._settings.deadline_ms(request.model, request.first_token_deadline_ms)
-        candidates = self.candidates(request.model, deadline_ms)
+        candidates = self.candidates(request.model, deadline_ms, asked_features(request.params))
         k = request.race_width or self._settings.race_width
         bucket = self._settings.best_bucket_size
         free = [c for c in candidates if c.host_id not in (avoid or ())]
@@ -127,10 +132,13 @@ class Dispatcher:
                 request.path = REQUEST_PATH_DIRECT
         assignment = self.assign(request)
         if assignment is None:
+            # Never a silent downgrade: a request for tools waits for a host that has them.
+            features = asked_features(request.params)
+            needs = f" with {', '.join(sorted(features))}" if features else ""
             failure = ClientEvent(
                 failed=ErrorDetail(
                     code=ERROR_CODE_NO_ELIGIBLE_HOST,
-                    message=f"no eligible host serves model {request.model!r} right now",
+                    message=f"no eligible host serves model {request.model!r}{needs} right now",
                 )
             )
             await self._nc.publish(request.reply_subject, failure.SerializeToString())

@@ -30,11 +30,13 @@ from llooma.membership import HostDirectory, ServiceDirectory
 from llooma.metrics import StatsCollector
 from llooma.names import SERVICES, path_name
 from llooma.planning import bypass_plan
-from llooma.privacy import Mapping, StreamRestorer
+from llooma.privacy import Mapping
+from llooma.selection import asked_features
 from llooma.settings import ORCHESTRATED_MODEL, Settings, api_key_id
 from llooma.v1.common_pb2 import (
     ERROR_CODE_DEADLINE_EXCEEDED,
     ErrorDetail,
+    GenerationParams,
 )
 from llooma.v1.pipeline_pb2 import (
     PRIVACY_MODE_OFF,
@@ -44,14 +46,18 @@ from llooma.v1.pipeline_pb2 import (
     ClientEvent,
     PrivacyMode,
 )
+from llooma.v1.plan_pb2 import Plan
 from services.ingress.answers import (
+    Answer,
     EventStream,
+    Restorers,
     error_shape,
     header_value,
     restore,
     sse_event,
     usage_json,
 )
+from services.ingress.choices import merged
 from services.ingress.delivery import DeliveryReporter
 from services.ingress.headers import InvalidHeader, RequestOptions, parse_options
 from services.ingress.limits import Limits, Ticket
@@ -62,6 +68,7 @@ from services.ingress.schema import (
     error_response,
 )
 from services.ingress.shared_limits import SharedRateLimits
+from services.ingress.structured import checked
 
 log = logging.getLogger(__name__)
 
@@ -262,18 +269,20 @@ class Ingress:
         accepted_at = time.monotonic()
         request_id = uuid.uuid4().hex
         tracing.annotate_chat(request_id, parsed.model)
+        params = parsed.params_proto()
         chat = ChatRequest(
             request_id=request_id,
             model=parsed.model,
             messages=parsed.messages_proto(),
-            params=parsed.params_proto(),
+            params=params,
             stream=parsed.stream,
             reply_subject=self.replies.subject_for(request_id),
             api_key_id=key_id,
             accepted_unix_nanos=time.time_ns(),
             first_token_deadline_ms=options.deadline_ms,
             race_width=options.race_width,
-            plan=bypass_plan("the client asked for no split") if options.no_split else None,
+            plan=_plan(params, options, parsed.n),
+            choices=parsed.n,
             privacy=self._privacy_mode(key_id, options.privacy),
         )
         queue = self.replies.open(request_id)
@@ -312,12 +321,12 @@ class Ingress:
             deadline_ms + self.settings.fallback_first_token_ms
         ) / 1000.0 + PIPELINE_MARGIN_S
         first = await self._next_event(queue, first_wait_s)
-        restorer = None
+        restorers = None
         while first.WhichOneof("event") == "mapping":
             # Privacy's hand-off redelivered (its ack lost in a node kill) sends it again.
-            if restorer is None:
+            if restorers is None:
                 # Lives only as long as this request, in this process.
-                restorer = StreamRestorer(
+                restorers = Restorers(
                     Mapping.from_dict({e.placeholder: e.original for e in first.mapping.entries})
                 )
             first = await self._next_event(queue, first_wait_s)
@@ -344,7 +353,13 @@ class Ingress:
             headers["x-llooma-host"] = header_value(first.started.host_id)
         if first.started.model:
             headers["x-llooma-model"] = header_value(first.started.model)
-        stream = ticket.watch(self._events(request_id, queue, restorer))
+        stream = self._events(request_id, queue, restorers, parsed.n)
+        if parsed.n > 1:
+            stream = merged(stream, parsed.n)
+        stream = ticket.watch(stream)
+        schema = parsed.answer_schema()
+        if schema is not None:
+            stream = checked(stream, schema)
         if self.deliveries is not None:
             stream = self.deliveries.watch(chat, stream)
         if parsed.stream:
@@ -356,13 +371,13 @@ class Ingress:
 
             return EventStream(
                 # `model` echoes the request (x-llooma-model names the one that answered).
-                self._sse(request_id, parsed.model, stream, include_usage),
+                self._sse(request_id, parsed.model, stream, include_usage, parsed.n > 1),
                 on_close=on_close,
                 media_type="text/event-stream",
                 headers={**headers, "cache-control": "no-cache"},
             )
         async with contextlib.aclosing(stream):
-            return await self._collect(request_id, parsed.model, stream, headers)
+            return await self._collect(request_id, parsed, stream, headers)
 
     async def _next_event(self, queue: asyncio.Queue[bytes], timeout_s: float) -> ClientEvent:
         try:
@@ -378,16 +393,22 @@ class Ingress:
             )
 
     async def _events(
-        self, request_id: str, queue: asyncio.Queue[bytes], restorer: StreamRestorer | None
+        self,
+        request_id: str,
+        queue: asyncio.Queue[bytes],
+        restorers: Restorers | None,
+        choices: int,
     ) -> AsyncGenerator[list[ClientEvent]]:
-        """Events after `started`, in batches of what had already arrived, ending with
-        `finished` or `failed`; cancels the request upstream if the consumer stops early."""
+        """Events after `started`, in batches of what had already arrived, ending with the
+        last choice's `finished` or a `failed`; cancels the request upstream if the consumer
+        stops early."""
         # The racer's own stall deadline plus a continuation's time to its first token.
         settings = self.settings
         stall_s = (
             settings.stall_deadline_ms + settings.fallback_first_token_ms
         ) / 1000.0 + STALL_MARGIN_S
         done = False
+        unfinished = choices
         try:
             while not done:
                 batch = []
@@ -397,7 +418,9 @@ class Ingress:
                     # A mapping now repeats privacy's (its hand-off was redelivered).
                     if kind != "mapping":
                         batch.append(event)
-                        if kind in ("finished", "failed"):
+                        if kind == "finished":
+                            unfinished -= 1
+                        if kind == "failed" or unfinished == 0:
                             done = True
                             break
                     if queue.empty():
@@ -405,8 +428,8 @@ class Ingress:
                     event = ClientEvent.FromString(queue.get_nowait())
                 if not batch:
                     continue
-                if restorer is not None:
-                    batch = restore(batch, restorer)
+                if restorers is not None:
+                    batch = restore(batch, restorers)
                 yield batch
             done = batch[-1].WhichOneof("event") == "finished"
         finally:
@@ -440,6 +463,7 @@ class Ingress:
         model: str,
         batches: AsyncGenerator[list[ClientEvent]],
         include_usage: bool,
+        many: bool,
     ) -> AsyncGenerator[bytes]:
         created = int(time.time())
         head = (
@@ -453,40 +477,28 @@ class Ingress:
         )
         async with contextlib.aclosing(batches):
             async for batch in batches:
-                yield b"".join(sse_event(head, event, include_usage) for event in batch)
+                yield b"".join(sse_event(head, event, include_usage, many) for event in batch)
 
     async def _collect(
         self,
         request_id: str,
-        model: str,
+        parsed: ChatCompletionRequest,
         batches: AsyncIterator[list[ClientEvent]],
         headers: dict[str, str],
     ) -> Response:
-        pieces = []
-        thoughts = []
+        answers = [Answer(bool(parsed.logprobs), index) for index in range(parsed.n)]
         async for batch in batches:
             for event in batch:
                 kind = event.WhichOneof("event")
                 if kind == "delta":
-                    pieces.append(event.delta.text)
-                    if event.delta.reasoning:
-                        thoughts.append(event.delta.reasoning)
+                    answers[event.choice_index].add(event.delta)
                 elif kind == "finished":
-                    message = {"role": "assistant", "content": "".join(pieces)}
-                    if thoughts:
-                        message["reasoning_content"] = "".join(thoughts)
                     body = {
                         "id": f"chatcmpl-{request_id}",
                         "object": "chat.completion",
                         "created": int(time.time()),
-                        "model": model,
-                        "choices": [
-                            {
-                                "index": 0,
-                                "message": message,
-                                "finish_reason": event.finished.finish_reason or "stop",
-                            }
-                        ],
+                        "model": parsed.model,
+                        "choices": [a.choice(event.finished.finish_reason) for a in answers],
                         "usage": usage_json(event),
                     }
                     return Response(
@@ -521,6 +533,17 @@ class Ingress:
             {"status": "ok" if healthy else "unavailable", "services": services, "hosts": hosts},
             status_code=200 if healthy else 503,
         )
+
+
+def _plan(params: GenerationParams, options: RequestOptions, choices: int) -> Plan | None:
+    if options.no_split:
+        return bypass_plan("the client asked for no split")
+    if choices > 1:
+        return bypass_plan("each of several choices is one race")
+    features = asked_features(params)
+    if features:
+        return bypass_plan(f"{', '.join(sorted(features))} need one host's whole answer")
+    return None
 
 
 def _invalid_api_key() -> Response:

@@ -218,6 +218,13 @@ class RaceCore:
             self._launch_hedged(now)
         if not race.deadline_hit and now >= race.started + self._deadline_s:
             race.deadline_hit = True
+            for attempt in race.attempts.values():
+                if (
+                    now - attempt.launched_at >= self._deadline_s
+                    and attempt.first_token_at is None
+                    and not (attempt.failed or attempt.cancelled)
+                ):
+                    attempt.no_show = True
             self._launch_fallback(now)
         if now >= race.started + self._deadline_s + race.fallback_timeout_s:
             raise RaceFailed(
@@ -339,6 +346,13 @@ class RaceCore:
     def _hand_over(self, broken: Attempt, why: str, now: float) -> None:
         """Start a spare host on the emitted prefix."""
         self._cancel(broken)
+        if self.race.tool_calls_sent:
+            # Another host cannot finish this one's tool-call JSON: fail clearly, never splice.
+            raise RaceFailed(
+                ERROR_CODE_HOST_FAILED,
+                f"the stream broke inside a tool call ({why}); "
+                "tool calls are never continued on another host",
+            )
         if self.race.continuations >= self._max_continuations:
             raise RaceFailed(ERROR_CODE_HOST_FAILED, f"the stream broke ({why}); no retries left")
         self._why = why

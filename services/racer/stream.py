@@ -82,13 +82,25 @@ class Seam:
 class AnswerStream:
     """One race's client-bound text across its hosts."""
 
-    __slots__ = ("_max_chars", "_race", "_reasoning", "_seam", "_text", "_thoughts", "_words")
+    __slots__ = (
+        "_logprobs",
+        "_max_chars",
+        "_race",
+        "_reasoning",
+        "_seam",
+        "_text",
+        "_thoughts",
+        "_tool_calls",
+        "_words",
+    )
 
     def __init__(self, race: Race) -> None:
         self._race = race
         self._max_chars = race.assignment.request.params.max_tokens * MAX_CHARS_PER_TOKEN
         self._text: list[str] = []
         self._reasoning: list[str] = []
+        self._tool_calls: list[str] = []
+        self._logprobs: list[str] = []
         self.restart(Seam())
 
     def restart(self, seam: Seam) -> None:
@@ -99,6 +111,13 @@ class AnswerStream:
 
     def token(self, winner: Attempt, token: HostToken) -> bool:
         """Relay one token; False when it hit the answer's character cap (cut the host)."""
+        if token.tool_calls_json:
+            # Relayed exactly: the client's tool-call parser needs the engine's own fragments.
+            self._tool_calls.append(token.tool_calls_json)
+            self._race.tool_calls_sent = True
+            winner.delivered_bytes += len(token.tool_calls_json)
+        if token.logprobs_json:
+            self._logprobs.append(token.logprobs_json)
         piece = thought = ""
         if token.text:
             piece = self._seam.feed(self._words.feed(self._bounded(winner, token.text)))
@@ -116,9 +135,15 @@ class AnswerStream:
 
     def take(self) -> ClientDelta | None:
         """The pending text as one delta, or None."""
-        if not (self._text or self._reasoning):
+        if not (self._text or self._reasoning or self._tool_calls):
             return None
         delta = ClientDelta()
+        if self._tool_calls:
+            delta.tool_calls_json.extend(self._tool_calls)
+            self._tool_calls.clear()
+        if self._logprobs:
+            delta.logprobs_json = ",".join(self._logprobs)
+            self._logprobs.clear()
         if self._text:
             delta.text = "".join(self._text)
             # Only the answer is continued on a handover, not the reasoning before it.

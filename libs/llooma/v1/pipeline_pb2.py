@@ -26,31 +26,31 @@ from llooma.v1 import common_pb2 as llooma_dot_v1_dot_common__pb2
 from llooma.v1 import plan_pb2 as llooma_dot_v1_dot_plan__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18llooma/v1/pipeline.proto\x12\tllooma.v1\x1a\x16llooma/v1/common.proto\x1a\x14llooma/v1/plan.proto\"\xad\x03\n\x0b\x43hatRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12(\n\x08messages\x18\x03 \x03(\x0b\x32\x16.llooma.v1.ChatMessage\x12+\n\x06params\x18\x04 \x01(\x0b\x32\x1b.llooma.v1.GenerationParams\x12\x0e\n\x06stream\x18\x05 \x01(\x08\x12\x15\n\rreply_subject\x18\x06 \x01(\t\x12\x12\n\napi_key_id\x18\x07 \x01(\t\x12\x1b\n\x13\x61\x63\x63\x65pted_unix_nanos\x18\x08 \x01(\x03\x12\x1f\n\x17\x66irst_token_deadline_ms\x18\t \x01(\r\x12$\n\x04path\x18\n \x01(\x0e\x32\x16.llooma.v1.RequestPath\x12\x18\n\x10privacy_redacted\x18\x0b \x01(\x08\x12\x12\n\nrace_width\x18\x0c \x01(\r\x12\x1d\n\x04plan\x18\r \x01(\x0b\x32\x0f.llooma.v1.Plan\x12\x0f\n\x07node_id\x18\x0e \x01(\t\x12\'\n\x07privacy\x18\x0f \x01(\x0e\x32\x16.llooma.v1.PrivacyMode\"h\n\rHostCandidate\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\r\n\x05stake\x18\x03 \x01(\x01\x12\r\n\x05model\x18\x04 \x01(\t\x12\x19\n\x11\x61ssistant_prefill\x18\x05 \x01(\x08\"\xf3\x01\n\x0eTaskAssignment\x12\'\n\x07request\x18\x01 \x01(\x0b\x32\x16.llooma.v1.ChatRequest\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\'\n\x05hosts\x18\x03 \x03(\x0b\x32\x18.llooma.v1.HostCandidate\x12\x1f\n\x17\x66irst_token_deadline_ms\x18\x04 \x01(\r\x12\x19\n\x11stall_deadline_ms\x18\x05 \x01(\r\x12*\n\x08\x66\x61llback\x18\x06 \x03(\x0b\x32\x18.llooma.v1.HostCandidate\x12\x16\n\x0ehedge_delay_ms\x18\x07 \x01(\r\"\x80\x02\n\x0b\x43lientEvent\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12+\n\x07started\x18\x02 \x01(\x0b\x32\x18.llooma.v1.ClientStartedH\x00\x12\'\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x16.llooma.v1.ClientDeltaH\x00\x12-\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x19.llooma.v1.ClientFinishedH\x00\x12(\n\x06\x66\x61iled\x18\x05 \x01(\x0b\x32\x16.llooma.v1.ErrorDetailH\x00\x12,\n\x07mapping\x18\x06 \x01(\x0b\x32\x19.llooma.v1.PrivacyMappingH\x00\x42\x07\n\x05\x65vent\">\n\x0ePrivacyMapping\x12,\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1b.llooma.v1.PlaceholderEntry\"9\n\x10PlaceholderEntry\x12\x13\n\x0bplaceholder\x18\x01 \x01(\t\x12\x10\n\x08original\x18\x02 \x01(\t\"l\n\rClientStarted\x12$\n\x04path\x18\x01 \x01(\x0e\x32\x16.llooma.v1.RequestPath\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rplan_decision\x18\x03 \x01(\t\x12\x0f\n\x07host_id\x18\x04 \x01(\t\".\n\x0b\x43lientDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\treasoning\x18\x02 \x01(\t\"H\n\x0e\x43lientFinished\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.llooma.v1.Usage*Z\n\x0bPrivacyMode\x12\x1c\n\x18PRIVACY_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10PRIVACY_MODE_OFF\x10\x01\x12\x17\n\x13PRIVACY_MODE_STRICT\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18llooma/v1/pipeline.proto\x12\tllooma.v1\x1a\x16llooma/v1/common.proto\x1a\x14llooma/v1/plan.proto\"\xbe\x03\n\x0b\x43hatRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12(\n\x08messages\x18\x03 \x03(\x0b\x32\x16.llooma.v1.ChatMessage\x12+\n\x06params\x18\x04 \x01(\x0b\x32\x1b.llooma.v1.GenerationParams\x12\x0e\n\x06stream\x18\x05 \x01(\x08\x12\x15\n\rreply_subject\x18\x06 \x01(\t\x12\x12\n\napi_key_id\x18\x07 \x01(\t\x12\x1b\n\x13\x61\x63\x63\x65pted_unix_nanos\x18\x08 \x01(\x03\x12\x1f\n\x17\x66irst_token_deadline_ms\x18\t \x01(\r\x12$\n\x04path\x18\n \x01(\x0e\x32\x16.llooma.v1.RequestPath\x12\x18\n\x10privacy_redacted\x18\x0b \x01(\x08\x12\x12\n\nrace_width\x18\x0c \x01(\r\x12\x1d\n\x04plan\x18\r \x01(\x0b\x32\x0f.llooma.v1.Plan\x12\x0f\n\x07node_id\x18\x0e \x01(\t\x12\'\n\x07privacy\x18\x0f \x01(\x0e\x32\x16.llooma.v1.PrivacyMode\x12\x0f\n\x07\x63hoices\x18\x10 \x01(\r\"h\n\rHostCandidate\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\r\n\x05stake\x18\x03 \x01(\x01\x12\r\n\x05model\x18\x04 \x01(\t\x12\x19\n\x11\x61ssistant_prefill\x18\x05 \x01(\x08\"\x89\x02\n\x0eTaskAssignment\x12\'\n\x07request\x18\x01 \x01(\x0b\x32\x16.llooma.v1.ChatRequest\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\'\n\x05hosts\x18\x03 \x03(\x0b\x32\x18.llooma.v1.HostCandidate\x12\x1f\n\x17\x66irst_token_deadline_ms\x18\x04 \x01(\r\x12\x19\n\x11stall_deadline_ms\x18\x05 \x01(\r\x12*\n\x08\x66\x61llback\x18\x06 \x03(\x0b\x32\x18.llooma.v1.HostCandidate\x12\x16\n\x0ehedge_delay_ms\x18\x07 \x01(\r\x12\x14\n\x0c\x63hoice_index\x18\x08 \x01(\r\"\x96\x02\n\x0b\x43lientEvent\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12+\n\x07started\x18\x02 \x01(\x0b\x32\x18.llooma.v1.ClientStartedH\x00\x12\'\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x16.llooma.v1.ClientDeltaH\x00\x12-\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x19.llooma.v1.ClientFinishedH\x00\x12(\n\x06\x66\x61iled\x18\x05 \x01(\x0b\x32\x16.llooma.v1.ErrorDetailH\x00\x12,\n\x07mapping\x18\x06 \x01(\x0b\x32\x19.llooma.v1.PrivacyMappingH\x00\x12\x14\n\x0c\x63hoice_index\x18\x07 \x01(\rB\x07\n\x05\x65vent\">\n\x0ePrivacyMapping\x12,\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1b.llooma.v1.PlaceholderEntry\"9\n\x10PlaceholderEntry\x12\x13\n\x0bplaceholder\x18\x01 \x01(\t\x12\x10\n\x08original\x18\x02 \x01(\t\"l\n\rClientStarted\x12$\n\x04path\x18\x01 \x01(\x0e\x32\x16.llooma.v1.RequestPath\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rplan_decision\x18\x03 \x01(\t\x12\x0f\n\x07host_id\x18\x04 \x01(\t\"u\n\x0b\x43lientDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\treasoning\x18\x02 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x03 \x03(\t\x12\x15\n\rlogprobs_json\x18\x04 \x01(\t\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\"H\n\x0e\x43lientFinished\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.llooma.v1.Usage*Z\n\x0bPrivacyMode\x12\x1c\n\x18PRIVACY_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10PRIVACY_MODE_OFF\x10\x01\x12\x17\n\x13PRIVACY_MODE_STRICT\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llooma.v1.pipeline_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRIVACYMODE']._serialized_start=1483
-  _globals['_PRIVACYMODE']._serialized_end=1573
+  _globals['_PRIVACYMODE']._serialized_start=1615
+  _globals['_PRIVACYMODE']._serialized_end=1705
   _globals['_CHATREQUEST']._serialized_start=86
-  _globals['_CHATREQUEST']._serialized_end=515
-  _globals['_HOSTCANDIDATE']._serialized_start=517
-  _globals['_HOSTCANDIDATE']._serialized_end=621
-  _globals['_TASKASSIGNMENT']._serialized_start=624
-  _globals['_TASKASSIGNMENT']._serialized_end=867
-  _globals['_CLIENTEVENT']._serialized_start=870
-  _globals['_CLIENTEVENT']._serialized_end=1126
-  _globals['_PRIVACYMAPPING']._serialized_start=1128
-  _globals['_PRIVACYMAPPING']._serialized_end=1190
-  _globals['_PLACEHOLDERENTRY']._serialized_start=1192
-  _globals['_PLACEHOLDERENTRY']._serialized_end=1249
-  _globals['_CLIENTSTARTED']._serialized_start=1251
-  _globals['_CLIENTSTARTED']._serialized_end=1359
-  _globals['_CLIENTDELTA']._serialized_start=1361
-  _globals['_CLIENTDELTA']._serialized_end=1407
-  _globals['_CLIENTFINISHED']._serialized_start=1409
-  _globals['_CLIENTFINISHED']._serialized_end=1481
+  _globals['_CHATREQUEST']._serialized_end=532
+  _globals['_HOSTCANDIDATE']._serialized_start=534
+  _globals['_HOSTCANDIDATE']._serialized_end=638
+  _globals['_TASKASSIGNMENT']._serialized_start=641
+  _globals['_TASKASSIGNMENT']._serialized_end=906
+  _globals['_CLIENTEVENT']._serialized_start=909
+  _globals['_CLIENTEVENT']._serialized_end=1187
+  _globals['_PRIVACYMAPPING']._serialized_start=1189
+  _globals['_PRIVACYMAPPING']._serialized_end=1251
+  _globals['_PLACEHOLDERENTRY']._serialized_start=1253
+  _globals['_PLACEHOLDERENTRY']._serialized_end=1310
+  _globals['_CLIENTSTARTED']._serialized_start=1312
+  _globals['_CLIENTSTARTED']._serialized_end=1420
+  _globals['_CLIENTDELTA']._serialized_start=1422
+  _globals['_CLIENTDELTA']._serialized_end=1539
+  _globals['_CLIENTFINISHED']._serialized_start=1541
+  _globals['_CLIENTFINISHED']._serialized_end=1613
 # @@protoc_insertion_point(module_scope)

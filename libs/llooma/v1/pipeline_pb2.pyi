@@ -63,6 +63,7 @@ class ChatRequest(_message.Message):
     PLAN_FIELD_NUMBER: _builtins.int
     NODE_ID_FIELD_NUMBER: _builtins.int
     PRIVACY_FIELD_NUMBER: _builtins.int
+    CHOICES_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     model: _builtins.str
     stream: _builtins.bool
@@ -80,6 +81,8 @@ class ChatRequest(_message.Message):
     node_id: _builtins.str
     """Set on a node's race: which node of the request's plan it answers."""
     privacy: Global___PrivacyMode.ValueType
+    choices: _builtins.int
+    """How many choices the client asked for (`n`); 0 and 1 are one. Each is its own race."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]: ...
     @_builtins.property
@@ -106,10 +109,11 @@ class ChatRequest(_message.Message):
         plan: _plan_pb2.Plan | None = ...,
         node_id: _builtins.str = ...,
         privacy: Global___PrivacyMode.ValueType = ...,
+        choices: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "plan", b"plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_unix_nanos", b"accepted_unix_nanos", "api_key_id", b"api_key_id", "first_token_deadline_ms", b"first_token_deadline_ms", "messages", b"messages", "model", b"model", "node_id", b"node_id", "params", b"params", "path", b"path", "plan", b"plan", "privacy", b"privacy", "privacy_redacted", b"privacy_redacted", "race_width", b"race_width", "reply_subject", b"reply_subject", "request_id", b"request_id", "stream", b"stream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_unix_nanos", b"accepted_unix_nanos", "api_key_id", b"api_key_id", "choices", b"choices", "first_token_deadline_ms", b"first_token_deadline_ms", "messages", b"messages", "model", b"model", "node_id", b"node_id", "params", b"params", "path", b"path", "plan", b"plan", "privacy", b"privacy", "privacy_redacted", b"privacy_redacted", "race_width", b"race_width", "reply_subject", b"reply_subject", "request_id", b"request_id", "stream", b"stream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -165,11 +169,14 @@ class TaskAssignment(_message.Message):
     STALL_DEADLINE_MS_FIELD_NUMBER: _builtins.int
     FALLBACK_FIELD_NUMBER: _builtins.int
     HEDGE_DELAY_MS_FIELD_NUMBER: _builtins.int
+    CHOICE_INDEX_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     first_token_deadline_ms: _builtins.int
     stall_deadline_ms: _builtins.int
     hedge_delay_ms: _builtins.int
     """Hedged mode: hosts after the first are launched only after this delay (0 = full race)."""
+    choice_index: _builtins.int
+    """Which of the request's choices this race answers (ChatRequest.choices > 1)."""
     @_builtins.property
     def request(self) -> Global___ChatRequest: ...
     @_builtins.property
@@ -188,10 +195,11 @@ class TaskAssignment(_message.Message):
         stall_deadline_ms: _builtins.int = ...,
         fallback: _abc.Iterable[Global___HostCandidate] | None = ...,
         hedge_delay_ms: _builtins.int = ...,
+        choice_index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallback", b"fallback", "first_token_deadline_ms", b"first_token_deadline_ms", "hedge_delay_ms", b"hedge_delay_ms", "hosts", b"hosts", "request", b"request", "stall_deadline_ms", b"stall_deadline_ms", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choice_index", b"choice_index", "fallback", b"fallback", "first_token_deadline_ms", b"first_token_deadline_ms", "hedge_delay_ms", b"hedge_delay_ms", "hosts", b"hosts", "request", b"request", "stall_deadline_ms", b"stall_deadline_ms", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -209,7 +217,10 @@ class ClientEvent(_message.Message):
     FINISHED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
     MAPPING_FIELD_NUMBER: _builtins.int
+    CHOICE_INDEX_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
+    choice_index: _builtins.int
+    """The choice the event belongs to (ChatRequest.choices > 1; 0 otherwise)."""
     @_builtins.property
     def started(self) -> Global___ClientStarted: ...
     @_builtins.property
@@ -231,10 +242,11 @@ class ClientEvent(_message.Message):
         finished: Global___ClientFinished | None = ...,
         failed: _common_pb2.ErrorDetail | None = ...,
         mapping: Global___PrivacyMapping | None = ...,
+        choice_index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "event", b"event", "failed", b"failed", "finished", b"finished", "mapping", b"mapping", "started", b"started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "event", b"event", "failed", b"failed", "finished", b"finished", "mapping", b"mapping", "seq", b"seq", "started", b"started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choice_index", b"choice_index", "delta", b"delta", "event", b"event", "failed", b"failed", "finished", b"finished", "mapping", b"mapping", "seq", b"seq", "started", b"started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["started", "delta", "finished", "failed", "mapping"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
@@ -322,18 +334,34 @@ class ClientDelta(_message.Message):
 
     TEXT_FIELD_NUMBER: _builtins.int
     REASONING_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_JSON_FIELD_NUMBER: _builtins.int
+    LOGPROBS_JSON_FIELD_NUMBER: _builtins.int
+    FINISH_REASON_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     reasoning: _builtins.str
     """A thinking model's reasoning, relayed as OpenAI-compatible servers do (reasoning_content)."""
+    logprobs_json: _builtins.str
+    """`logprobs.content` entries for `text` (HostToken.logprobs_json, joined with commas)."""
+    finish_reason: _builtins.str
+    """Set by the ingress only, with choices > 1: this choice is finished, for this reason."""
+    @_builtins.property
+    def tool_calls_json(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The engine's `delta.tool_calls` arrays in arrival order, each exactly as it sent it: one
+        client chunk each.
+        """
+
     def __init__(
         self,
         *,
         text: _builtins.str = ...,
         reasoning: _builtins.str = ...,
+        tool_calls_json: _abc.Iterable[_builtins.str] | None = ...,
+        logprobs_json: _builtins.str = ...,
+        finish_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reasoning", b"reasoning", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "logprobs_json", b"logprobs_json", "reasoning", b"reasoning", "text", b"text", "tool_calls_json", b"tool_calls_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
