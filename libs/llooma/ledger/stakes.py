@@ -11,7 +11,7 @@ from nats.js.kv import KeyValue
 
 from llooma import subjects
 from llooma.kv_view import BucketView
-from llooma.ledger.balances import WATCH_IDLE_S, encode_balance
+from llooma.ledger.balances import encode_balance
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class StakeBook(BucketView):
     """A live view of every host's locked stake."""
 
     def __init__(self) -> None:
-        super().__init__(subjects.STAKES_BUCKET, idle_renew_s=WATCH_IDLE_S)
+        super().__init__(subjects.STAKES_BUCKET, idle_renew_s=QUIET_FILE_BUCKET_RENEW_S)
         self._locked: dict[str, int] = {}
 
     def locked_micros(self, host_id: str) -> int:
