@@ -10,7 +10,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from llooma import subjects
-from llooma.kv_view import BucketView
+from llooma.kv_view import QUIET_FILE_BUCKET_RENEW_S, BucketView
 from llooma.ledger.balances import encode_balance
 
 log = logging.getLogger(__name__)
