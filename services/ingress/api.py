@@ -34,6 +34,7 @@ from llooma.privacy import Mapping
 from llooma.selection import asked_features
 from llooma.settings import ORCHESTRATED_MODEL, Settings, api_key_id
 from llooma.v1.common_pb2 import (
+    ERROR_CODE_CONTROL_PLANE_UNAVAILABLE,
     ERROR_CODE_DEADLINE_EXCEEDED,
     ErrorDetail,
     GenerationParams,
@@ -77,6 +78,8 @@ log = logging.getLogger(__name__)
 PIPELINE_MARGIN_S = 10.0
 # Beyond the racer's own stall deadline, how long the ingress waits before giving up itself.
 STALL_MARGIN_S = 5.0
+# A stream quiet this long asks whether its racer still beats (no cost while tokens flow).
+RACER_CHECK_S = 1.0
 
 # How long a model stays known after its last host left: requests for it get 503 (retried by
 # clients) rather than 404 (never retried) while its hosts restart or reconnect.
@@ -371,7 +374,9 @@ class Ingress:
             headers["x-llooma-host"] = header_value(first.started.host_id)
         if first.started.model:
             headers["x-llooma-model"] = header_value(first.started.model)
-        stream = self._events(request_id, queue, restorers, parsed.n)
+        # One race relays a single answer: its racer's death ends the stream at once.
+        racer = first.started.racer_instance_id if parsed.n == 1 else ""
+        stream = self._events(request_id, queue, restorers, parsed.n, racer)
         if parsed.n > 1:
             stream = merged(stream, parsed.n)
         stream = ticket.watch(stream)
@@ -408,13 +413,35 @@ class Ingress:
             async with asyncio.timeout(timeout_s):
                 return ClientEvent.FromString(await queue.get())
         except TimeoutError:
-            log.warning("no event for a request for %.1f s", timeout_s)
-            return ClientEvent(
-                failed=ErrorDetail(
-                    code=ERROR_CODE_DEADLINE_EXCEEDED,
-                    message=f"no progress from the control plane for {timeout_s:.1f} s",
-                )
-            )
+            return _no_progress(timeout_s)
+
+    async def _next_live_event(
+        self, queue: asyncio.Queue[bytes], timeout_s: float, racer: str
+    ) -> ClientEvent:
+        """As `_next_event`, but a wait longer than `RACER_CHECK_S` asks whether the racer
+        relaying the answer still beats, and ends the stream as soon as it has stopped (its
+        race died with it; waiting on would only reach the stall limit)."""
+        if not racer:
+            return await self._next_event(queue, timeout_s)
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + timeout_s
+        while True:
+            wait_s = min(RACER_CHECK_S, give_up_at - loop.time())
+            if wait_s <= 0:
+                return _no_progress(timeout_s)
+            try:
+                async with asyncio.timeout(wait_s):
+                    return ClientEvent.FromString(await queue.get())
+            except TimeoutError:
+                if self.services.gone(racer):
+                    log.warning("racer %s stopped while relaying an answer", racer)
+                    return ClientEvent(
+                        failed=ErrorDetail(
+                            code=ERROR_CODE_CONTROL_PLANE_UNAVAILABLE,
+                            message="the racer relaying this answer stopped; "
+                            "the answer is incomplete",
+                        )
+                    )
 
     async def _events(
         self,
@@ -422,6 +449,7 @@ class Ingress:
         queue: asyncio.Queue[bytes],
         restorers: Restorers | None,
         choices: int,
+        racer: str = "",
     ) -> AsyncGenerator[list[ClientEvent]]:
         """Events after `started`, in batches of what had already arrived, ending with the
         last choice's `finished` or a `failed`; cancels the request upstream if the consumer
@@ -436,7 +464,7 @@ class Ingress:
         try:
             while not done:
                 batch = []
-                event = await self._next_event(queue, stall_s)
+                event = await self._next_live_event(queue, stall_s, racer)
                 while True:
                     kind = event.WhichOneof("event")
                     # A mapping now repeats privacy's (its hand-off was redelivered).
@@ -568,6 +596,16 @@ def _plan(params: GenerationParams, options: RequestOptions, choices: int) -> Pl
     if features:
         return bypass_plan(f"{', '.join(sorted(features))} need one host's whole answer")
     return None
+
+
+def _no_progress(timeout_s: float) -> ClientEvent:
+    log.warning("no event for a request for %.1f s", timeout_s)
+    return ClientEvent(
+        failed=ErrorDetail(
+            code=ERROR_CODE_DEADLINE_EXCEEDED,
+            message=f"no progress from the control plane for {timeout_s:.1f} s",
+        )
+    )
 
 
 def _invalid_api_key() -> Response:

@@ -76,8 +76,10 @@ class RaceCore:
         duels: DuelSampler | None = None,
         deadlines: Deadlines | None = None,
         new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+        racer_id: str = "",
     ) -> None:
         race = Race(assignment, now, fallback_timeout_s)
+        self._racer_id = racer_id
         race.prompt_tokens = prompt_tokens(assignment.request.messages)
         # The fallback pool first; raced hosts that said no may still continue a stream.
         race.spare = [*assignment.fallback, *assignment.hosts]
@@ -248,6 +250,7 @@ class RaceCore:
             model=winner.host.model,
             plan_decision=request.plan.decision,
             host_id=winner.host.host_id,
+            racer_instance_id=self._racer_id,
         )
         self._out.append(Emit(ClientEvent(started=started)))
         self.phase = "streaming"

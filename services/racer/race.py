@@ -211,6 +211,7 @@ class _Run:
             max_continuations=racer._max_continuations,
             duels=racer._duels,
             deadlines=racer.pace,
+            racer_id=racer._instance_id,
         )
 
     async def drive(self) -> None:

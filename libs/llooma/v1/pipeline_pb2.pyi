@@ -308,6 +308,7 @@ class ClientStarted(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     PLAN_DECISION_FIELD_NUMBER: _builtins.int
     HOST_ID_FIELD_NUMBER: _builtins.int
+    RACER_INSTANCE_ID_FIELD_NUMBER: _builtins.int
     path: _common_pb2.RequestPath.ValueType
     model: _builtins.str
     plan_decision: _builtins.str
@@ -316,6 +317,10 @@ class ClientStarted(_message.Message):
     """The host whose answer the client gets (empty on the split path, where several do), for
     the x-llooma-host header; `model` is the model that host serves (x-llooma-model).
     """
+    racer_instance_id: _builtins.str
+    """The racer instance relaying the answer (empty on the split path): the ingress ends the
+    stream at once when that instance stops beating, rather than at its stall limit.
+    """
     def __init__(
         self,
         *,
@@ -323,10 +328,11 @@ class ClientStarted(_message.Message):
         model: _builtins.str = ...,
         plan_decision: _builtins.str = ...,
         host_id: _builtins.str = ...,
+        racer_instance_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "model", b"model", "path", b"path", "plan_decision", b"plan_decision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "model", b"model", "path", b"path", "plan_decision", b"plan_decision", "racer_instance_id", b"racer_instance_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
