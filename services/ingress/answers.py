@@ -59,11 +59,15 @@ class EventStream(StreamingResponse):
 
 class Restorers:
     """One StreamRestorer per choice: a placeholder may span two deltas of one choice, never
-    two choices'."""
+    two choices'. Tool-call arguments get their own, one per call, with the originals
+    JSON-escaped (the arguments are JSON text); with nothing redacted they are relayed as
+    the engine sent them."""
 
     def __init__(self, mapping: Mapping) -> None:
         self._mapping = mapping
         self._by_choice: dict[int, StreamRestorer] = {}
+        self._escaped = {p: orjson.dumps(o).decode()[1:-1] for p, o in mapping.items()}
+        self._arguments: dict[tuple[int, int], StreamRestorer] = {}
 
     def of(self, choice: int) -> StreamRestorer:
         restorer = self._by_choice.get(choice)
@@ -71,19 +75,50 @@ class Restorers:
             restorer = self._by_choice[choice] = StreamRestorer(self._mapping)
         return restorer
 
+    def tool_calls(self, choice: int, fragment: str) -> str:
+        """One `delta.tool_calls` array with the originals back in its arguments."""
+        if not self._escaped or "[" not in fragment:
+            return fragment
+        calls = orjson.loads(fragment)
+        for call in calls:
+            function = call.get("function")
+            arguments = function.get("arguments") if isinstance(function, dict) else None
+            if isinstance(arguments, str) and arguments:
+                key = (choice, call.get("index", 0))
+                restorer = self._arguments.get(key)
+                if restorer is None:
+                    restorer = self._arguments[key] = StreamRestorer(self._escaped)
+                function["arguments"] = restorer.feed(arguments)
+        return orjson.dumps(calls).decode()
+
+    def tool_call_tails(self, choice: int) -> list[str]:
+        """What the choice's argument restorers still hold, as fragments, at its end."""
+        tails = []
+        for (owner, index), restorer in self._arguments.items():
+            tail = restorer.flush() if owner == choice else ""
+            if tail:
+                fragment = [{"index": index, "function": {"arguments": tail}}]
+                tails.append(orjson.dumps(fragment).decode())
+        return tails
+
 
 def restore(batch: list[ClientEvent], restorers: Restorers) -> list[ClientEvent]:
     """Put the originals back into the deltas, also when a placeholder spans two of them."""
     restored = []
     for event in batch:
         kind = event.WhichOneof("event")
+        choice = event.choice_index
         if kind == "delta":
-            event.delta.text = restorers.of(event.choice_index).feed(event.delta.text)
+            delta = event.delta
+            delta.text = restorers.of(choice).feed(delta.text)
+            for i, fragment in enumerate(delta.tool_calls_json):
+                delta.tool_calls_json[i] = restorers.tool_calls(choice, fragment)
         elif kind == "finished":
-            tail = restorers.of(event.choice_index).flush()
-            if tail:
-                delta = ClientDelta(text=tail)
-                restored.append(ClientEvent(delta=delta, choice_index=event.choice_index))
+            tail = ClientDelta(
+                text=restorers.of(choice).flush(), tool_calls_json=restorers.tool_call_tails(choice)
+            )
+            if tail.text or tail.tool_calls_json:
+                restored.append(ClientEvent(delta=tail, choice_index=choice))
         restored.append(event)
     return restored
 
