@@ -110,15 +110,19 @@ def restore(batch: list[ClientEvent], restorers: Restorers) -> list[ClientEvent]
         choice = event.choice_index
         if kind == "delta":
             delta = event.delta
-            delta.text = restorers.of(choice).feed(delta.text)
-            for i, fragment in enumerate(delta.tool_calls_json):
-                delta.tool_calls_json[i] = restorers.tool_calls(choice, fragment)
+            if delta.text:
+                delta.text = restorers.of(choice).feed(delta.text)
+            elif not delta.reasoning:
+                for i, fragment in enumerate(delta.tool_calls_json):
+                    delta.tool_calls_json[i] = restorers.tool_calls(choice, fragment)
         elif kind == "finished":
-            tail = ClientDelta(
-                text=restorers.of(choice).flush(), tool_calls_json=restorers.tool_call_tails(choice)
-            )
-            if tail.text or tail.tool_calls_json:
-                restored.append(ClientEvent(delta=tail, choice_index=choice))
+            tail = restorers.of(choice).flush()
+            if tail:
+                restored.append(ClientEvent(delta=ClientDelta(text=tail), choice_index=choice))
+            calls = restorers.tool_call_tails(choice)
+            if calls:
+                tool_tail = ClientDelta(tool_calls_json=calls)
+                restored.append(ClientEvent(delta=tool_tail, choice_index=choice))
         restored.append(event)
     return restored
 
@@ -133,34 +137,38 @@ def sse_event(head: bytes, event: ClientEvent, include_usage: bool, many: bool =
     kind = event.WhichOneof("event")
     if kind == "delta":
         delta = event.delta
+        text = delta.text
+        reasoning = delta.reasoning
+        # A delta carries text and reasoning, or tool calls, or a choice's finish: never two of
+        # these (the racer and `restore` keep them apart), so text pays for no other check.
+        if text or reasoning:
+            if not reasoning:
+                body = b'{"content":' + orjson.dumps(text) + b"}"
+            else:
+                # As OpenAI-compatible servers relay a thinking model's reasoning.
+                body = b'{"reasoning_content":' + orjson.dumps(reasoning)
+                if text:
+                    body += b',"content":' + orjson.dumps(text)
+                body += b"}"
+            logprobs = delta.logprobs_json
+            if logprobs:
+                body += b',"logprobs":{"content":[' + logprobs.encode() + b"]}"
+            return (
+                head
+                + _CHOICE_HEADS[event.choice_index]
+                + b'"delta":'
+                + body
+                + b',"finish_reason":null}]}\n\n'
+            )
         choice = head + _CHOICE_HEADS[event.choice_index]
         if delta.finish_reason:
             finish = orjson.dumps(delta.finish_reason)
             return choice + b'"delta":{},"finish_reason":' + finish + b"}]}\n\n"
-        if delta.reasoning:
-            # As OpenAI-compatible servers relay a thinking model's reasoning.
-            body = b'{"reasoning_content":' + orjson.dumps(delta.reasoning)
-            if delta.text:
-                body += b',"content":' + orjson.dumps(delta.text)
-            body += b"}"
-        elif delta.text or not delta.tool_calls_json:
-            body = b'{"content":' + orjson.dumps(delta.text) + b"}"
-        else:
-            body = b""
-        out = b""
-        if body:
-            if delta.logprobs_json:
-                body += b',"logprobs":{"content":[' + delta.logprobs_json.encode() + b"]}"
-            out = choice + b'"delta":' + body + b',"finish_reason":null}]}\n\n'
-        for calls in delta.tool_calls_json:
-            # Each engine chunk's tool_calls exactly as it sent them, one client chunk each.
-            out += (
-                choice
-                + b'"delta":{"tool_calls":'
-                + calls.encode()
-                + b'},"finish_reason":null}]}\n\n'
-            )
-        return out
+        # Each engine chunk's tool_calls exactly as it sent them, one client chunk each.
+        return b"".join(
+            choice + b'"delta":{"tool_calls":' + calls.encode() + b'},"finish_reason":null}]}\n\n'
+            for calls in delta.tool_calls_json
+        ) or (choice + b'"delta":{"content":""},"finish_reason":null}]}\n\n')
 
     if kind == "finished":
         parts = []

@@ -133,26 +133,28 @@ class AnswerStream:
         self._count_removed(winner)
         self._add(winner, tail, thought)
 
-    def take(self) -> ClientDelta | None:
-        """The pending text as one delta, or None."""
-        if not (self._text or self._reasoning or self._tool_calls):
-            return None
-        delta = ClientDelta()
+    def take(self) -> list[ClientDelta]:
+        """The pending answer as deltas: its text and reasoning as one, its tool calls as
+        another (the ingress writes a delta of text without looking for tool calls)."""
+        deltas = []
+        if self._text or self._reasoning:
+            delta = ClientDelta()
+            if self._text:
+                delta.text = "".join(self._text)
+                # Only the answer is continued on a handover, not the reasoning before it.
+                self._race.emitted.append(delta.text)
+                self._text.clear()
+            if self._reasoning:
+                delta.reasoning = "".join(self._reasoning)
+                self._reasoning.clear()
+            if self._logprobs:
+                delta.logprobs_json = ",".join(self._logprobs)
+                self._logprobs.clear()
+            deltas.append(delta)
         if self._tool_calls:
-            delta.tool_calls_json.extend(self._tool_calls)
+            deltas.append(ClientDelta(tool_calls_json=self._tool_calls))
             self._tool_calls.clear()
-        if self._logprobs:
-            delta.logprobs_json = ",".join(self._logprobs)
-            self._logprobs.clear()
-        if self._text:
-            delta.text = "".join(self._text)
-            # Only the answer is continued on a handover, not the reasoning before it.
-            self._race.emitted.append(delta.text)
-            self._text.clear()
-        if self._reasoning:
-            delta.reasoning = "".join(self._reasoning)
-            self._reasoning.clear()
-        return delta
+        return deltas
 
     @staticmethod
     def _bounded(winner: Attempt, raw: str) -> str:
