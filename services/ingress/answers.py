@@ -61,11 +61,15 @@ class EventStream(StreamingResponse):
 
 class Restorers:
     """One StreamRestorer per choice: a placeholder may span two deltas of one choice, never
-    two choices'."""
+    two choices'. Tool-call arguments get their own, one per call, with the originals
+    JSON-escaped (the arguments are JSON text); with nothing redacted they are relayed as
+    the engine sent them."""
 
     def __init__(self, mapping: Mapping) -> None:
         self._mapping = mapping
         self._by_choice: dict[int, StreamRestorer] = {}
+        self._escaped = {p: orjson.dumps(o).decode()[1:-1] for p, o in mapping.items()}
+        self._arguments: dict[tuple[int, int], StreamRestorer] = {}
 
     def of(self, choice: int) -> StreamRestorer:
         restorer = self._by_choice.get(choice)
@@ -73,19 +77,54 @@ class Restorers:
             restorer = self._by_choice[choice] = StreamRestorer(self._mapping)
         return restorer
 
+    def tool_calls(self, choice: int, fragment: str) -> str:
+        """One `delta.tool_calls` array with the originals back in its arguments."""
+        if not self._escaped or "[" not in fragment:
+            return fragment
+        calls = orjson.loads(fragment)
+        for call in calls:
+            function = call.get("function")
+            arguments = function.get("arguments") if isinstance(function, dict) else None
+            if isinstance(arguments, str) and arguments:
+                key = (choice, call.get("index", 0))
+                restorer = self._arguments.get(key)
+                if restorer is None:
+                    restorer = self._arguments[key] = StreamRestorer(self._escaped)
+                function["arguments"] = restorer.feed(arguments)
+        return orjson.dumps(calls).decode()
+
+    def tool_call_tails(self, choice: int) -> list[str]:
+        """What the choice's argument restorers still hold, as fragments, at its end."""
+        tails = []
+        for (owner, index), restorer in self._arguments.items():
+            tail = restorer.flush() if owner == choice else ""
+            if tail:
+                fragment = [{"index": index, "function": {"arguments": tail}}]
+                tails.append(orjson.dumps(fragment).decode())
+        return tails
+
 
 def restore(batch: list[ClientEvent], restorers: Restorers) -> list[ClientEvent]:
     """Put the originals back into the deltas, also when a placeholder spans two of them."""
     restored = []
     for event in batch:
         kind = event.WhichOneof("event")
+        choice = event.choice_index
         if kind == "delta":
-            event.delta.text = restorers.of(event.choice_index).feed(event.delta.text)
+            delta = event.delta
+            if delta.text:
+                delta.text = restorers.of(choice).feed(delta.text)
+            elif not delta.reasoning:
+                for i, fragment in enumerate(delta.tool_calls_json):
+                    delta.tool_calls_json[i] = restorers.tool_calls(choice, fragment)
         elif kind == "finished":
-            tail = restorers.of(event.choice_index).flush()
+            tail = restorers.of(choice).flush()
             if tail:
-                delta = ClientDelta(text=tail)
-                restored.append(ClientEvent(delta=delta, choice_index=event.choice_index))
+                restored.append(ClientEvent(delta=ClientDelta(text=tail), choice_index=choice))
+            calls = restorers.tool_call_tails(choice)
+            if calls:
+                tool_tail = ClientDelta(tool_calls_json=calls)
+                restored.append(ClientEvent(delta=tool_tail, choice_index=choice))
         restored.append(event)
     return restored
 
@@ -100,34 +139,38 @@ def sse_event(head: bytes, event: ClientEvent, include_usage: bool, many: bool =
     kind = event.WhichOneof("event")
     if kind == "delta":
         delta = event.delta
+        text = delta.text
+        reasoning = delta.reasoning
+        # A delta carries text and reasoning, or tool calls, or a choice's finish: never two of
+        # these (the racer and `restore` keep them apart), so text pays for no other check.
+        if text or reasoning:
+            if not reasoning:
+                body = b'{"content":' + orjson.dumps(text) + b"}"
+            else:
+                # As OpenAI-compatible servers relay a thinking model's reasoning.
+                body = b'{"reasoning_content":' + orjson.dumps(reasoning)
+                if text:
+                    body += b',"content":' + orjson.dumps(text)
+                body += b"}"
+            logprobs = delta.logprobs_json
+            if logprobs:
+                body += b',"logprobs":{"content":[' + logprobs.encode() + b"]}"
+            return (
+                head
+                + _CHOICE_HEADS[event.choice_index]
+                + b'"delta":'
+                + body
+                + b',"finish_reason":null}]}\n\n'
+            )
         choice = head + _CHOICE_HEADS[event.choice_index]
         if delta.finish_reason:
             finish = orjson.dumps(delta.finish_reason)
             return choice + b'"delta":{},"finish_reason":' + finish + b"}]}\n\n"
-        if delta.reasoning:
-            # As OpenAI-compatible servers relay a thinking model's reasoning.
-            body = b'{"reasoning_content":' + orjson.dumps(delta.reasoning)
-            if delta.text:
-                body += b',"content":' + orjson.dumps(delta.text)
-            body += b"}"
-        elif delta.text or not delta.tool_calls_json:
-            body = b'{"content":' + orjson.dumps(delta.text) + b"}"
-        else:
-            body = b""
-        out = b""
-        if body:
-            if delta.logprobs_json:
-                body += b',"logprobs":{"content":[' + delta.logprobs_json.encode() + b"]}"
-            out = choice + b'"delta":' + body + b',"finish_reason":null}]}\n\n'
-        for calls in delta.tool_calls_json:
-            # Each engine chunk's tool_calls exactly as it sent them, one client chunk each.
-            out += (
-                choice
-                + b'"delta":{"tool_calls":'
-                + calls.encode()
-                + b'},"finish_reason":null}]}\n\n'
-            )
-        return out
+        # Each engine chunk's tool_calls exactly as it sent them, one client chunk each.
+        return b"".join(
+            choice + b'"delta":{"tool_calls":' + calls.encode() + b'},"finish_reason":null}]}\n\n'
+            for calls in delta.tool_calls_json
+        ) or (choice + b'"delta":{"content":""},"finish_reason":null}]}\n\n')
 
     if kind == "finished":
         parts = []

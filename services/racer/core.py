@@ -441,8 +441,7 @@ class RaceCore:
                 self._cancel(attempt)
 
     def _flush(self) -> None:
-        delta = self._answer.take()
-        if delta is not None:
+        for delta in self._answer.take():
             self._out.append(Emit(ClientEvent(delta=delta)))
 
     def _fail(self, failure: RaceFailed) -> None:

@@ -415,3 +415,34 @@ async def test_each_of_n_json_schema_answers_is_checked(client: openai.AsyncOpen
             n=2,
         )
     assert raised.value.status_code == 502
+
+
+async def test_tool_call_arguments_get_the_users_originals_back(
+    client: openai.AsyncOpenAI, upstream: ScriptedUpstream
+) -> None:
+    address = "ada.lovelace@example.com"
+    tag = marker()
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": f"Mail the report to {address} {tag}"}
+    ]
+    response = await client.chat.completions.create(
+        model=CAPABLE, messages=messages, tools=[WEATHER_TOOL]
+    )
+    # The engine saw a placeholder, cut across two fragments of its call; the client the address.
+    assert address not in upstream.body_with(tag)["messages"][-1]["content"]
+    calls = response.choices[0].message.tool_calls
+    assert calls is not None
+    call = calls[0]
+    assert call.type == "function"
+    assert orjson.loads(call.function.arguments) == {"to": address}
+
+    arguments = ""
+    stream = await client.chat.completions.create(
+        model=CAPABLE, messages=messages, tools=[WEATHER_TOOL], stream=True
+    )
+    async for chunk in stream:
+        for choice in chunk.choices:
+            for fragment in choice.delta.tool_calls or []:
+                if fragment.function is not None:
+                    arguments += fragment.function.arguments or ""
+    assert orjson.loads(arguments) == {"to": address}

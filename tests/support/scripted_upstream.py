@@ -11,6 +11,7 @@ with what the engine said.
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,13 @@ TOOL_RESULT_ANSWER = ("It is ", "sunny ", "in Paris.")
 PLAIN = ("Hello", " world")
 
 
+PLACEHOLDER = re.compile(r"\[[A-Z_]+_[0-9]+\]")
+
+
+def mail_arguments(placeholder: str) -> tuple[str, ...]:
+    return ('{"to": "', placeholder[:4], placeholder[4:] + '"}')
+
+
 def _chunk(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> bytes:
     choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
     if logprobs is not None:
@@ -35,7 +43,9 @@ def _chunk(delta: dict[str, Any], finish: str | None = None, logprobs: Any = Non
     return event({"id": "up", "object": "chat.completion.chunk", "choices": [choice]})
 
 
-def tool_fragments(name: str) -> list[list[dict[str, Any]]]:
+def tool_fragments(
+    name: str, arguments: tuple[str, ...] = TOOL_ARGUMENTS
+) -> list[list[dict[str, Any]]]:
     """The `delta.tool_calls` arrays of one call to `name`, as the engine streams them."""
     first = {
         "index": 0,
@@ -43,9 +53,7 @@ def tool_fragments(name: str) -> list[list[dict[str, Any]]]:
         "type": "function",
         "function": {"name": name, "arguments": ""},
     }
-    return [[first]] + [
-        [{"index": 0, "function": {"arguments": piece}}] for piece in TOOL_ARGUMENTS
-    ]
+    return [[first]] + [[{"index": 0, "function": {"arguments": piece}}] for piece in arguments]
 
 
 def logprob_entry(token: str, top: int) -> dict[str, Any]:
@@ -118,8 +126,13 @@ class ScriptedUpstream:
         top = body.get("top_logprobs", 0) if body.get("logprobs") else None
         if body.get("tools") and last["role"] != "tool":
             name = body["tools"][0]["function"]["name"]
+            arguments: tuple[str, ...] = TOOL_ARGUMENTS
+            placeholder = PLACEHOLDER.search(last["content"] or "")
+            if placeholder is not None:
+                # What was redacted goes back into the call, cut inside the placeholder.
+                arguments = mail_arguments(placeholder.group())
             events = [_chunk({"role": "assistant", "content": None})]
-            events += [_chunk({"tool_calls": calls}) for calls in tool_fragments(name)]
+            events += [_chunk({"tool_calls": calls}) for calls in tool_fragments(name, arguments)]
             return [*events, _chunk({}, "tool_calls")]
         response_format = body.get("response_format") or {}
         if last["role"] == "tool":

@@ -28,6 +28,7 @@ from llooma.v1.settlement_pb2 import (
     ATTEMPT_OUTCOME_REJECTED,
     ATTEMPT_OUTCOME_WON,
 )
+from services.racer.stream import MAX_TOOL_CALLS_CHARS
 from tests.unit.race_sim import Script, Sim, Step, assignment, fails, silent, then, tokens
 
 STORY = ("Once ", "upon ", "a ", "time.")
@@ -399,3 +400,12 @@ def test_logprobs_entries_travel_with_their_text() -> None:
     assert sim.text == "Hi!"
     entries = ",".join(e.delta.logprobs_json for e in sim.events if e.HasField("delta"))
     assert entries == '{"token":"Hi"},{"token":"!"}'
+
+
+def test_a_tool_call_flood_is_not_relayed_and_counts_against_the_host() -> None:
+    flood = '[{"index":0,"function":{"arguments":"' + "x" * MAX_TOOL_CALLS_CHARS + '"}}]'
+    sim = Sim(assignment(["a"]), {"a": _tool_calls(CALL[0], flood, CALL[2])}).run()
+    relayed = [f for e in sim.events if e.HasField("delta") for f in e.delta.tool_calls_json]
+    assert relayed == [CALL[0]]
+    assert sim.last.finished.finish_reason == "length"
+    assert sim.settled["a"].violations == 1

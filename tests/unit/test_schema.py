@@ -8,10 +8,11 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
+from llooma.privacy import Mapping
 from llooma.selection import asked_features
 from llooma.v1.common_pb2 import Usage
 from llooma.v1.pipeline_pb2 import ClientDelta, ClientEvent, ClientFinished, ClientStarted
-from services.ingress.answers import sse_event
+from services.ingress.answers import Restorers, restore, sse_event
 from services.ingress.choices import merged
 from services.ingress.headers import (
     DEADLINE_HEADER,
@@ -229,3 +230,29 @@ async def test_several_choices_finish_one_by_one_and_the_request_once() -> None:
         b'data: {"choices":[{"index":1,"delta":{},"finish_reason":"length"}]}\n\n'
     )
     assert sse_event(head, out[-1], include_usage=False, many=True) == b"data: [DONE]\n\n"
+
+
+def test_originals_go_back_into_tool_call_arguments_as_json() -> None:
+    restorers = Restorers(Mapping.from_dict({"[NAME_1]": 'Ann "Nan" O\\Brien'}))
+    pieces = ['{"who": "[NA', 'ME_1]", "n": 1}']
+    batch = [
+        ClientEvent(delta=ClientDelta(tool_calls_json=[_arguments(piece)]), choice_index=0)
+        for piece in pieces
+    ]
+    batch.append(ClientEvent(finished=ClientFinished(finish_reason="tool_calls")))
+    restored = restore(batch, restorers)
+    arguments = "".join(
+        call["function"]["arguments"]
+        for event in restored
+        if event.HasField("delta")
+        for fragment in event.delta.tool_calls_json
+        for call in orjson.loads(fragment)
+    )
+    assert orjson.loads(arguments) == {"who": 'Ann "Nan" O\\Brien', "n": 1}
+    # Nothing redacted: the engine's fragments as they came.
+    untouched = _arguments('{"who": "[NAME_1]"}')
+    assert Restorers(Mapping()).tool_calls(0, untouched) == untouched
+
+
+def _arguments(piece: str) -> str:
+    return orjson.dumps([{"index": 0, "function": {"arguments": piece}}]).decode()
