@@ -15,7 +15,7 @@ from llooma.v1.common_pb2 import (
     ErrorDetail,
     Usage,
 )
-from llooma.v1.host_pb2 import HostChunk
+from llooma.v1.host_pb2 import HostChunk, HostFinished, HostTask, HostToken
 from llooma.v1.race_pb2 import (
     ATTEMPT_ROLE_CONTINUATION,
     ATTEMPT_ROLE_FALLBACK,
@@ -28,7 +28,7 @@ from llooma.v1.settlement_pb2 import (
     ATTEMPT_OUTCOME_REJECTED,
     ATTEMPT_OUTCOME_WON,
 )
-from tests.unit.race_sim import Sim, assignment, fails, silent, then, tokens
+from tests.unit.race_sim import Script, Sim, Step, assignment, fails, silent, then, tokens
 
 STORY = ("Once ", "upon ", "a ", "time.")
 
@@ -335,3 +335,37 @@ def test_a_fallback_that_lost_the_first_token_race_can_still_continue_the_stream
     assert sim.race is not None
     roles = [a.role for a in sim.race.attempts.values()]
     assert roles == [ATTEMPT_ROLE_RACER, ATTEMPT_ROLE_FALLBACK, ATTEMPT_ROLE_CONTINUATION]
+
+
+def batched(*groups: list[str], gap: float = 0.01) -> Script:
+    """A host that sends the tokens it had ready together as one chunk (`more_tokens`)."""
+
+    def script(task: HostTask) -> list[Step]:
+        steps: list[Step] = []
+        for group in groups:
+            head, *rest = (HostToken(text=piece) for piece in group)
+            steps.append((gap, HostChunk(token=head, more_tokens=rest)))
+        steps.append((gap, HostChunk(finished=HostFinished(finish_reason="stop"))))
+        return steps
+
+    return script
+
+
+def test_tokens_batched_in_one_chunk_count_as_the_tokens_they_are() -> None:
+    sim = Sim(assignment(["a"]), {"a": batched(["w0 ", "w1 ", "w2 "], ["w3 "])}).run()
+    assert sim.text == "w0 w1 w2 w3 "
+    assert sim.event is not None
+    (attempt,) = sim.event.attempts
+    assert attempt.output_tokens == 4
+
+
+def test_the_budget_cut_falls_inside_a_batched_chunk() -> None:
+    words = [f"w{n} " for n in range(6)]
+    sim = Sim(assignment(["a"], max_tokens=3), {"a": batched(words[:2], words[2:])}).run()
+    assert sim.text == "w0 w1 w2 "
+    assert sim.last.finished.finish_reason == "length"
+    assert sim.was_cancelled("a")
+    assert sim.event is not None
+    (attempt,) = sim.event.attempts
+    assert attempt.output_tokens == 3
+    assert sim.settled["a"].usage.output_tokens == 3

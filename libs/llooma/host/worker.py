@@ -39,6 +39,7 @@ from llooma.host.openai_backend import (
     UpstreamUnreachable,
     estimate_input_tokens,
 )
+from llooma.host.ready import ready_batches
 from llooma.settings import VERSION
 from llooma.v1.common_pb2 import (
     ERROR_CODE_HOST_BUSY,
@@ -353,13 +354,20 @@ class HostWorker:
         seq = 0
         outcome = Outcome()
         try:
-            async with contextlib.aclosing(backend.stream(task, outcome)) as pieces:
-                async for piece in pieces:
-                    seq += 1
-                    if piece.__class__ is str:
-                        chunk = HostChunk(seq=seq, token=HostToken(text=piece))
-                    else:  # Reasoning
-                        chunk = HostChunk(seq=seq, token=HostToken(reasoning=piece))
+            async with (
+                contextlib.aclosing(backend.stream(task, outcome)) as pieces,
+                contextlib.aclosing(ready_batches(pieces)) as batches,
+            ):
+                # The pieces that were ready together (one upstream read) go as one chunk.
+                async for batch in batches:
+                    tokens = [
+                        HostToken(text=piece)
+                        if piece.__class__ is str
+                        else HostToken(reasoning=piece)
+                        for piece in batch
+                    ]
+                    chunk = HostChunk(seq=seq + 1, token=tokens[0], more_tokens=tokens[1:])
+                    seq += len(tokens)
                     await publish(reply, chunk.SerializeToString())
         except asyncio.CancelledError:
             return None
