@@ -45,6 +45,7 @@ from llooma.v1.race_pb2 import (
     ATTEMPT_ROLE_RACER,
     AttemptRole,
 )
+from services.racer.chunks import one_by_one
 from services.racer.commands import (
     Cancel,
     CloseDuel,
@@ -139,19 +140,22 @@ class RaceCore:
 
     def on_chunk(self, attempt_id: str, chunk: HostChunk, now: float) -> list[Command]:
         attempt = self.race.attempts.get(attempt_id)
-        if attempt is None or attempt is self.race.dueling or self.done:
+        if attempt is None:
             return []
-        try:
-            if self.phase == "first_token":
-                self._first_token_chunk(attempt, chunk, now)
-            elif not self._count(attempt, chunk):
-                pass
-            elif attempt is self._heir:
-                self._heir_chunk(attempt, chunk, now)
-            elif attempt is self.race.winner and self.phase == "streaming":
-                self._winner_chunk(attempt, chunk, now)
-        except RaceFailed as failure:
-            self._fail(failure)
+        for one in one_by_one(chunk):
+            if attempt is self.race.dueling or self.done:
+                break
+            try:
+                if self.phase == "first_token":
+                    self._first_token_chunk(attempt, one, now)
+                elif not self._count(attempt, one):
+                    pass
+                elif attempt is self._heir:
+                    self._heir_chunk(attempt, one, now)
+                elif attempt is self.race.winner and self.phase == "streaming":
+                    self._winner_chunk(attempt, one, now)
+            except RaceFailed as failure:
+                self._fail(failure)
         return self._take()
 
     def on_timer(self, now: float) -> list[Command]:

@@ -39,6 +39,7 @@ from llooma.v1.common_pb2 import ChatMessage, GenerationParams
 from llooma.v1.duel_pb2 import DUEL_VERDICT_A, DUEL_VERDICT_UNSPECIFIED, DuelResult, JudgeVote
 from llooma.v1.host_pb2 import CancelTask, HostChunk, HostTask
 from llooma.v1.pipeline_pb2 import ChatRequest
+from services.racer.chunks import one_by_one
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,10 @@ class Answer:
     sanitizer: Sanitizer = field(default_factory=Sanitizer)
 
     def feed(self, chunk: HostChunk) -> None:
+        for one in one_by_one(chunk):
+            self._feed_one(one)
+
+    def _feed_one(self, chunk: HostChunk) -> None:
         if self.done.is_set():
             return
         kind = chunk.WhichOneof("event")

@@ -35,6 +35,7 @@ from llooma.v1.common_pb2 import (
     Usage,
 )
 from llooma.v1.host_pb2 import CancelTask, HostChunk, HostHeartbeat, HostTask, ModelFeatures
+from services.racer.chunks import one_by_one
 from tests.support.fake_engine import DONE, FakeEngine, Out, Request, delta, stream_events, usage
 
 
@@ -131,7 +132,7 @@ async def ask(
 
     async def on_chunk(msg: Msg) -> None:
         chunk = HostChunk.FromString(msg.data)
-        chunks.append(chunk)
+        chunks.extend(one_by_one(chunk))  # as the racer reads a chunk of batched tokens
         if chunk.WhichOneof("event") in ("finished", "failed"):
             done.set()
 

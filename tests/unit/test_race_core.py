@@ -355,6 +355,20 @@ def _tool_calls(*fragments: str, first: float = 0.05, finish: str | None = "tool
     return script
 
 
+def batched(*groups: list[str], gap: float = 0.01) -> Script:
+    """A host that sends the tokens it had ready together as one chunk (`more_tokens`)."""
+
+    def script(task: HostTask) -> list[Step]:
+        steps: list[Step] = []
+        for group in groups:
+            head, *rest = (HostToken(text=piece) for piece in group)
+            steps.append((gap, HostChunk(token=head, more_tokens=rest)))
+        steps.append((gap, HostChunk(finished=HostFinished(finish_reason="stop"))))
+        return steps
+
+    return script
+
+
 CALL = (
     '[{"index":0,"id":"c1","type":"function","function":{"name":"f","arguments":""}}]',
     '[{"index":0,"function":{"arguments":"{\\"a\\":"}}]',
@@ -409,3 +423,23 @@ def test_a_tool_call_flood_is_not_relayed_and_counts_against_the_host() -> None:
     assert relayed == [CALL[0]]
     assert sim.last.finished.finish_reason == "length"
     assert sim.settled["a"].violations == 1
+
+
+def test_tokens_batched_in_one_chunk_count_as_the_tokens_they_are() -> None:
+    sim = Sim(assignment(["a"]), {"a": batched(["w0 ", "w1 ", "w2 "], ["w3 "])}).run()
+    assert sim.text == "w0 w1 w2 w3 "
+    assert sim.event is not None
+    (attempt,) = sim.event.attempts
+    assert attempt.output_tokens == 4
+
+
+def test_the_budget_cut_falls_inside_a_batched_chunk() -> None:
+    words = [f"w{n} " for n in range(6)]
+    sim = Sim(assignment(["a"], max_tokens=3), {"a": batched(words[:2], words[2:])}).run()
+    assert sim.text == "w0 w1 w2 "
+    assert sim.last.finished.finish_reason == "length"
+    assert sim.was_cancelled("a")
+    assert sim.event is not None
+    (attempt,) = sim.event.attempts
+    assert attempt.output_tokens == 3
+    assert sim.settled["a"].usage.output_tokens == 3

@@ -34,6 +34,7 @@ from llooma.host.openai_backend import (
     OpenAIBackend,
     Outcome,
     Reasoning,
+    Scored,
     ToolCalls,
     UpstreamBusy,
     UpstreamError,
@@ -41,6 +42,7 @@ from llooma.host.openai_backend import (
     UpstreamUnreachable,
     estimate_input_tokens,
 )
+from llooma.host.ready import ready_batches
 from llooma.settings import VERSION
 from llooma.v1.common_pb2 import (
     ERROR_CODE_HOST_BUSY,
@@ -355,19 +357,15 @@ class HostWorker:
         seq = 0
         outcome = Outcome()
         try:
-            async with contextlib.aclosing(backend.stream(task, outcome)) as pieces:
-                async for piece in pieces:
-                    seq += 1
-                    kind = piece.__class__
-                    if kind is str:
-                        chunk = HostChunk(seq=seq, token=HostToken(text=piece))
-                    elif kind is Reasoning:
-                        chunk = HostChunk(seq=seq, token=HostToken(reasoning=piece))
-                    elif kind is ToolCalls:
-                        chunk = HostChunk(seq=seq, token=HostToken(tool_calls_json=piece))
-                    else:  # Scored
-                        token = HostToken(text=piece, logprobs_json=piece.logprobs)  # type: ignore[attr-defined]
-                        chunk = HostChunk(seq=seq, token=token)
+            async with (
+                contextlib.aclosing(backend.stream(task, outcome)) as pieces,
+                contextlib.aclosing(ready_batches(pieces)) as batches,
+            ):
+                # The pieces that were ready together (one upstream read) go as one chunk.
+                async for batch in batches:
+                    tokens = [host_token(piece) for piece in batch]
+                    chunk = HostChunk(seq=seq + 1, token=tokens[0], more_tokens=tokens[1:])
+                    seq += len(tokens)
                     await publish(reply, chunk.SerializeToString())
         except asyncio.CancelledError:
             return None
@@ -442,3 +440,17 @@ async def run_worker(config: HostConfig, nc: Client, stop: asyncio.Event) -> Non
         await nc.drain()
     else:
         await nc.close()
+
+
+def host_token(piece: str) -> HostToken:
+    """A backend's piece as the token it is: answer text, reasoning, a tool-call delta, or
+    answer text with its logprobs."""
+    kind = piece.__class__
+    if kind is str:
+        return HostToken(text=piece)
+    if kind is Reasoning:
+        return HostToken(reasoning=piece)
+    if kind is ToolCalls:
+        return HostToken(tool_calls_json=piece)
+    assert isinstance(piece, Scored)
+    return HostToken(text=piece, logprobs_json=piece.logprobs)

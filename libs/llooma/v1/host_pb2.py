@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from llooma.v1 import common_pb2 as llooma_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14llooma/v1/host.proto\x12\tllooma.v1\x1a\x16llooma/v1/common.proto\"\xa7\x01\n\x08HostTask\x12\x12\n\nattempt_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12(\n\x08messages\x18\x03 \x03(\x0b\x32\x16.llooma.v1.ChatMessage\x12+\n\x06params\x18\x04 \x01(\x0b\x32\x1b.llooma.v1.GenerationParams\x12!\n\x04kind\x18\x05 \x01(\x0e\x32\x13.llooma.v1.TaskKind\"\xcc\x01\n\tHostChunk\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12+\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x0b\x32\x17.llooma.v1.HostAcceptedH\x00\x12%\n\x05token\x18\x03 \x01(\x0b\x32\x14.llooma.v1.HostTokenH\x00\x12+\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x17.llooma.v1.HostFinishedH\x00\x12(\n\x06\x66\x61iled\x18\x05 \x01(\x0b\x32\x16.llooma.v1.ErrorDetailH\x00\x42\x07\n\x05\x65vent\"\x0e\n\x0cHostAccepted\"\\\n\tHostToken\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\treasoning\x18\x02 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x03 \x01(\t\x12\x15\n\rlogprobs_json\x18\x04 \x01(\t\"F\n\x0cHostFinished\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.llooma.v1.Usage\" \n\nCancelTask\x12\x12\n\nattempt_id\x18\x01 \x01(\t\"\xee\x01\n\x0fModelCapability\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\r\x12\x11\n\tin_flight\x18\x03 \x01(\r\x12\r\n\x05stake\x18\x04 \x01(\x01\x12*\n\x08\x66\x65\x61tures\x18\x05 \x01(\x0b\x32\x18.llooma.v1.ModelFeatures\x12\x0e\n\x06\x65ngine\x18\x06 \x01(\t\x12\x11\n\tengine_id\x18\x07 \x01(\t\x12\x1a\n\x12\x65ngine_unreachable\x18\x08 \x01(\x08\x12\x16\n\x0e\x65ngine_running\x18\t \x01(\r\x12\x16\n\x0e\x65ngine_waiting\x18\n \x01(\r\"\xb4\x01\n\rModelFeatures\x12\r\n\x05tools\x18\x01 \x01(\x08\x12\x11\n\tjson_mode\x18\x02 \x01(\x08\x12\x13\n\x0bjson_schema\x18\x03 \x01(\x08\x12\x10\n\x08logprobs\x18\x04 \x01(\x08\x12\x19\n\x11\x61ssistant_prefill\x18\x05 \x01(\x08\x12\x11\n\treasoning\x18\x06 \x01(\x08\x12\x12\n\nembeddings\x18\x07 \x01(\x08\x12\x18\n\x10multiple_choices\x18\x08 \x01(\x08\"\xbc\x01\n\rHostHeartbeat\x12\x0f\n\x07version\x18\x01 \x01(\t\x12*\n\x06models\x18\x02 \x03(\x0b\x32\x1a.llooma.v1.ModelCapability\x12\x11\n\tin_flight\x18\x03 \x01(\r\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\r\x12\x0c\n\x04load\x18\x05 \x01(\x01\x12\r\n\x05stake\x18\x06 \x01(\x01\x12\x17\n\x0fsent_unix_nanos\x18\x07 \x01(\x03\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14llooma/v1/host.proto\x12\tllooma.v1\x1a\x16llooma/v1/common.proto\"\xa7\x01\n\x08HostTask\x12\x12\n\nattempt_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12(\n\x08messages\x18\x03 \x03(\x0b\x32\x16.llooma.v1.ChatMessage\x12+\n\x06params\x18\x04 \x01(\x0b\x32\x1b.llooma.v1.GenerationParams\x12!\n\x04kind\x18\x05 \x01(\x0e\x32\x13.llooma.v1.TaskKind\"\xf7\x01\n\tHostChunk\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12+\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x0b\x32\x17.llooma.v1.HostAcceptedH\x00\x12%\n\x05token\x18\x03 \x01(\x0b\x32\x14.llooma.v1.HostTokenH\x00\x12+\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x17.llooma.v1.HostFinishedH\x00\x12(\n\x06\x66\x61iled\x18\x05 \x01(\x0b\x32\x16.llooma.v1.ErrorDetailH\x00\x12)\n\x0bmore_tokens\x18\x06 \x03(\x0b\x32\x14.llooma.v1.HostTokenB\x07\n\x05\x65vent\"\x0e\n\x0cHostAccepted\"\\\n\tHostToken\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\treasoning\x18\x02 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x03 \x01(\t\x12\x15\n\rlogprobs_json\x18\x04 \x01(\t\"F\n\x0cHostFinished\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.llooma.v1.Usage\" \n\nCancelTask\x12\x12\n\nattempt_id\x18\x01 \x01(\t\"\xee\x01\n\x0fModelCapability\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\r\x12\x11\n\tin_flight\x18\x03 \x01(\r\x12\r\n\x05stake\x18\x04 \x01(\x01\x12*\n\x08\x66\x65\x61tures\x18\x05 \x01(\x0b\x32\x18.llooma.v1.ModelFeatures\x12\x0e\n\x06\x65ngine\x18\x06 \x01(\t\x12\x11\n\tengine_id\x18\x07 \x01(\t\x12\x1a\n\x12\x65ngine_unreachable\x18\x08 \x01(\x08\x12\x16\n\x0e\x65ngine_running\x18\t \x01(\r\x12\x16\n\x0e\x65ngine_waiting\x18\n \x01(\r\"\xb4\x01\n\rModelFeatures\x12\r\n\x05tools\x18\x01 \x01(\x08\x12\x11\n\tjson_mode\x18\x02 \x01(\x08\x12\x13\n\x0bjson_schema\x18\x03 \x01(\x08\x12\x10\n\x08logprobs\x18\x04 \x01(\x08\x12\x19\n\x11\x61ssistant_prefill\x18\x05 \x01(\x08\x12\x11\n\treasoning\x18\x06 \x01(\x08\x12\x12\n\nembeddings\x18\x07 \x01(\x08\x12\x18\n\x10multiple_choices\x18\x08 \x01(\x08\"\xbc\x01\n\rHostHeartbeat\x12\x0f\n\x07version\x18\x01 \x01(\t\x12*\n\x06models\x18\x02 \x03(\x0b\x32\x1a.llooma.v1.ModelCapability\x12\x11\n\tin_flight\x18\x03 \x01(\r\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\r\x12\x0c\n\x04load\x18\x05 \x01(\x01\x12\r\n\x05stake\x18\x06 \x01(\x01\x12\x17\n\x0fsent_unix_nanos\x18\x07 \x01(\x03\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,19 +35,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HOSTTASK']._serialized_start=60
   _globals['_HOSTTASK']._serialized_end=227
   _globals['_HOSTCHUNK']._serialized_start=230
-  _globals['_HOSTCHUNK']._serialized_end=434
-  _globals['_HOSTACCEPTED']._serialized_start=436
-  _globals['_HOSTACCEPTED']._serialized_end=450
-  _globals['_HOSTTOKEN']._serialized_start=452
-  _globals['_HOSTTOKEN']._serialized_end=544
-  _globals['_HOSTFINISHED']._serialized_start=546
-  _globals['_HOSTFINISHED']._serialized_end=616
-  _globals['_CANCELTASK']._serialized_start=618
-  _globals['_CANCELTASK']._serialized_end=650
-  _globals['_MODELCAPABILITY']._serialized_start=653
-  _globals['_MODELCAPABILITY']._serialized_end=891
-  _globals['_MODELFEATURES']._serialized_start=894
-  _globals['_MODELFEATURES']._serialized_end=1074
-  _globals['_HOSTHEARTBEAT']._serialized_start=1077
-  _globals['_HOSTHEARTBEAT']._serialized_end=1265
+  _globals['_HOSTCHUNK']._serialized_end=477
+  _globals['_HOSTACCEPTED']._serialized_start=479
+  _globals['_HOSTACCEPTED']._serialized_end=493
+  _globals['_HOSTTOKEN']._serialized_start=495
+  _globals['_HOSTTOKEN']._serialized_end=587
+  _globals['_HOSTFINISHED']._serialized_start=589
+  _globals['_HOSTFINISHED']._serialized_end=659
+  _globals['_CANCELTASK']._serialized_start=661
+  _globals['_CANCELTASK']._serialized_end=693
+  _globals['_MODELCAPABILITY']._serialized_start=696
+  _globals['_MODELCAPABILITY']._serialized_end=934
+  _globals['_MODELFEATURES']._serialized_start=937
+  _globals['_MODELFEATURES']._serialized_end=1117
+  _globals['_HOSTHEARTBEAT']._serialized_start=1120
+  _globals['_HOSTHEARTBEAT']._serialized_end=1308
 # @@protoc_insertion_point(module_scope)

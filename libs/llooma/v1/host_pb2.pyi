@@ -65,6 +65,7 @@ class HostChunk(_message.Message):
     TOKEN_FIELD_NUMBER: _builtins.int
     FINISHED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
+    MORE_TOKENS_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     @_builtins.property
     def accepted(self) -> Global___HostAccepted: ...
@@ -74,6 +75,13 @@ class HostChunk(_message.Message):
     def finished(self) -> Global___HostFinished: ...
     @_builtins.property
     def failed(self) -> _common_pb2.ErrorDetail: ...
+    @_builtins.property
+    def more_tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___HostToken]:
+        """With `token`: the engine's next tokens that were ready at the same time, in order, each
+        one token as `token` is (seq counts them all: this chunk's last is seq + their number).
+        One message per host loop turn rather than one per token.
+        """
+
     def __init__(
         self,
         *,
@@ -82,10 +90,11 @@ class HostChunk(_message.Message):
         token: Global___HostToken | None = ...,
         finished: Global___HostFinished | None = ...,
         failed: _common_pb2.ErrorDetail | None = ...,
+        more_tokens: _abc.Iterable[Global___HostToken] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "event", b"event", "failed", b"failed", "finished", b"finished", "token", b"token"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "event", b"event", "failed", b"failed", "finished", b"finished", "seq", b"seq", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "event", b"event", "failed", b"failed", "finished", b"finished", "more_tokens", b"more_tokens", "seq", b"seq", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["accepted", "token", "finished", "failed"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
