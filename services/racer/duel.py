@@ -31,6 +31,7 @@ from llooma.duel import (
     should_duel,
     unswap,
 )
+from llooma.ledger.stakes import StakeBook
 from llooma.membership import HostDirectory
 from llooma.scoring import Candidate
 from llooma.selection import Ask, Selector
@@ -127,6 +128,7 @@ class Duels:
         hosts: HostDirectory,
         settings: Settings,
         rng: random.Random | None = None,
+        stakes: StakeBook | None = None,
     ) -> None:
         self._nc = nc
         self._js = js
@@ -134,7 +136,10 @@ class Duels:
         self._hosts = hosts
         self._settings = settings
         self._rng = rng or random.Random()
-        self._selector = Selector.from_settings(settings)
+        # Judges are drawn by the stake locked in the ledger, as races are.
+        self._selector = Selector.from_settings(
+            settings, locked_stake=stakes.locked_micros if stakes is not None else None
+        )
         self._routes: dict[str, Answer] = {}
         self._open: dict[str, Duel] = {}
         self._running: set[asyncio.Task[None]] = set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from nats.aio.msg import Msg
 
 from llooma import subjects
+from llooma.ledger.stakes import StakeBook
 from llooma.membership import HostDirectory
 from llooma.service import Service, serve
 from llooma.v1.pipeline_pb2 import TaskAssignment
@@ -26,7 +27,10 @@ async def setup(service: Service) -> None:
         )
         await hosts.start(service.js)
         service.on_stop(hosts.stop)
-        duels = Duels(service.nc, service.js, service.instance_id, hosts, settings)
+        stakes = StakeBook()
+        await stakes.start(service.js)
+        service.on_stop(stakes.stop)
+        duels = Duels(service.nc, service.js, service.instance_id, hosts, settings, stakes=stakes)
         service.on_stop(duels.stop)
     racer = Racer(
         service.instance_id,

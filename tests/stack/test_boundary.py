@@ -136,6 +136,7 @@ def every_stream_and_bucket_subject(victim: str, canary: str) -> list[str]:
         subjects.kv_put_subject(subjects.BALANCES_BUCKET, dev_key),
         subjects.kv_put_subject(subjects.BALANCES_BUCKET, subjects.BALANCES_COMPLETE_KEY),
         subjects.kv_put_subject(subjects.LEDGER_BUCKET, subjects.LEDGER_SUMMARY_KEY),
+        subjects.kv_put_subject(subjects.STAKES_BUCKET, "host-fast"),
         subjects.kv_put_subject(subjects.HOSTS_BUCKET, "host-fast"),
         subjects.kv_put_subject(subjects.SERVICES_BUCKET, "dispatcher"),
         subjects.host_cancel("host-fast"),

@@ -80,7 +80,12 @@ def duel_stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> I
         http_port=free_port(),
         database_url=new_database(database_url, "duel"),
         hosts=hosts,
-        extra_env={"LLOOMA_DUEL_FRACTION": "1.0", "LLOOMA_BEST_BUCKET_SIZE": "2"},
+        extra_env={
+            "LLOOMA_DUEL_FRACTION": "1.0",
+            "LLOOMA_BEST_BUCKET_SIZE": "2",
+            # Scripted judges announce the stakes they are drawn by and lock none.
+            "LLOOMA_UNSTAKED_HOST_STAKE": "1000",
+        },
     )
     stack.start()
     yield stack

@@ -312,8 +312,10 @@ async def test_a_staked_host_that_accepts_and_never_answers_is_slashed_and_drawn
         ScriptedHost(stake_nc, hosts[2], model, answer, stake=1000.0),
     ):
         await wait_listed(stake_http, model, hosts=3)
+        # Two streaks of two no-shows: the first at a third of the draws, the second at 1/21
+        # (its stake is 1 credit then): ~50 requests expected, 200 allowed.
         before = 0
-        while before < 80 and await slashes(stake_stack, lazy_id) < 2:
+        while before < 200 and await slashes(stake_stack, lazy_id) < 2:
             await ask()
             before += 1
         assert await slashes(stake_stack, lazy_id) >= 2, f"not slashed twice in {before} requests"
@@ -325,8 +327,8 @@ async def test_a_staked_host_that_accepts_and_never_answers_is_slashed_and_drawn
             await ask()
         drawn_after = len(lazy.received) - drawn_before
     assert drawn_before >= 4  # two streaks of two
-    assert drawn_after <= 3, f"drawn {drawn_after} of {after} after its stake fell to 0.1"
-    assert drawn_after / after < drawn_before / before
+    # At 0.1 credits against 10 and 10: 0.15 draws expected in 30 (10 at an equal stake).
+    assert drawn_after <= 2, f"drawn {drawn_after} of {after} after its stake fell to 0.1"
     verified = await asyncio.to_thread(
         ledger_cli,
         stake_stack,
