@@ -24,8 +24,15 @@ _MARKER_START: Final = re.compile(r"<{1,3}[^<>\n]{0,48}>*")
 _CLOSING: Final = re.compile(r"[A-Z][A-Z ]{0,30}>{2,}|>{3,}")
 _CLOSING_START: Final = re.compile(r"[A-Z][A-Z ]{0,30}>*|>+")
 # How many words of a frame sentence identify it as an echo even when the rest differs (a
-# shorter sentence must be echoed whole): "This is the answer" alone is ordinary text.
+# shorter sentence must be echoed whole): "This is the answer" alone is ordinary text; the
+# openings in _DISTINCTIVE are not, and identify their sentence after 4 words.
 _OPENING_WORDS: Final = 7
+_DISTINCTIVE: Final = frozenset(
+    {("output", "only", "the", "continuation"), ("continue", "the", "answer", "exactly")}
+)
+_DISTINCTIVE_WORDS: Final = 4
+# Compared as words: a base model echoes "continuation." for "continuation,".
+_PUNCTUATION: Final = ".,:;()\"'"
 # How many words of a frame sentence the stream may end in (cut off by max_tokens) for that
 # opening to go as an echo at the stream's end.
 _CUT_OFF_WORDS: Final = 5
@@ -37,7 +44,7 @@ def _frame_sentences() -> tuple[tuple[str, ...], ...]:
     found: dict[tuple[str, ...], None] = {}
     for text in texts:
         for sentence in re.split(r"(?<=[.:])\s+", text.strip()):
-            words = tuple(sentence.lower().split())
+            words = tuple(w for w in (w.strip(_PUNCTUATION) for w in sentence.lower().split()) if w)
             if len(words) >= 4:
                 found[words] = None
     return tuple(found)
@@ -52,9 +59,13 @@ def _match_words(text: str, start: int, words: tuple[str, ...]) -> tuple[int, in
     at = start
     for matched, word in enumerate(words):
         if matched:
+            while at < len(text) and text[at] in _PUNCTUATION:
+                at += 1
             if at < len(text) and not text[at].isspace():
                 return matched, at
             while at < len(text) and text[at].isspace():
+                at += 1
+            while at < len(text) and text[at] in _PUNCTUATION:
                 at += 1
         piece = text[at : at + len(word)]
         if piece.lower() != word[: len(piece)]:
@@ -62,7 +73,13 @@ def _match_words(text: str, start: int, words: tuple[str, ...]) -> tuple[int, in
         if len(piece) < len(word):
             return -1 - matched, len(text)
         at += len(word)
+    while at < len(text) and text[at] in _PUNCTUATION:
+        at += 1
     return len(words), at
+
+
+def _opening_words(words: tuple[str, ...]) -> int:
+    return _DISTINCTIVE_WORDS if words[:_DISTINCTIVE_WORDS] in _DISTINCTIVE else _OPENING_WORDS
 
 
 class FrameGuard:
@@ -111,7 +128,8 @@ class FrameGuard:
 def _next_hit(text: str, at: int, final: bool) -> tuple[int, int, str] | None:
     """The first frame echo from `at`: (start, end, "drop" | "line" | "hold"); at the stream's
     end (final) nothing is held: an unfinished marker goes, and so does a frame sentence the
-    stream ends in once _CUT_OFF_WORDS of it are there; a shorter opening stays."""
+    stream ends in once _CUT_OFF_WORDS of it (or a distinctive opening) are there; a shorter
+    opening stays."""
     for start in range(at, len(text)):
         char = text[start]
         if char == ">" or (char.isupper() and (start == at or not text[start - 1].isalnum())):
@@ -133,10 +151,12 @@ def _next_hit(text: str, at: int, final: bool) -> tuple[int, int, str] | None:
             if _MARKER_START.fullmatch(text, start) and len(text) - start < 56:
                 return start, len(text), "drop" if final else "hold"
             continue
-        if start > at and not text[start - 1].isspace() and text[start - 1] not in "\"'(":
-            continue  # frame sentences start at a word
+        before = text[start - 1] if start > at else " "
+        if not (before.isspace() or before in "\"'(" or (char.isupper() and before.isalpha())):
+            continue  # frame sentences start at a word ("ENDOutput only": at its capital)
         # Words of a frame sentence the text ends inside of (-1: none).
         unfinished = -1
+        cut_off = False
         line_end = -1
         for words in _SENTENCES:
             matched, end = _match_words(text, start, words)
@@ -145,16 +165,21 @@ def _next_hit(text: str, at: int, final: bool) -> tuple[int, int, str] | None:
                 if end == len(text) and not final:
                     return start, end, "hold"  # its line's end may follow
                 return start, end, "drop"
+            opening = _opening_words(words)
             if matched < 0:
                 unfinished = max(unfinished, -1 - matched)
-            elif matched >= _OPENING_WORDS:
+                cut_off = max(cut_off, -1 - matched >= min(opening, _CUT_OFF_WORDS))
+            elif matched >= opening:
                 line_end = max(line_end, end)
         if unfinished >= 0 and not final:
             return start, len(text), "hold"
-        if unfinished >= _CUT_OFF_WORDS:
+        if cut_off:
             return start, len(text), "drop"
         if line_end >= 0:
             # A frame sentence's opening, then something else: the rest of its line goes too.
+            newline = text.find("\n", start, line_end)
+            if newline != -1:
+                return start, newline + 1, "drop"
             return start, line_end, "line"
     return None
 

@@ -79,6 +79,12 @@ def test_a_frame_echoed_one_character_at_a_time_is_still_removed() -> None:
     assert sim.text == "The village slept. The end."
 
 
+def test_a_frame_sentence_glued_to_a_word_and_repunctuated_is_removed() -> None:
+    # As seen on a real engine: "ENDOutput only the continuation." ("continuation," in the frame).
+    sim = handed_over(["END", "Output only the continuation.\n", "The night was calm."])
+    assert sim.text == "The village slept. ENDThe night was calm."
+
+
 def test_a_frame_sentence_the_stream_ends_in_is_removed() -> None:
     # Cut off by max_tokens inside an echoed sentence: nothing more will come to finish it.
     sim = handed_over(["The night was calm.\n", "Output only the continuation, with"])
