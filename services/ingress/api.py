@@ -328,7 +328,8 @@ class Ingress:
         ) / 1000.0 + PIPELINE_MARGIN_S
         first = await self._next_event(queue, first_wait_s)
         restorer = None
-        if first.WhichOneof("event") == "mapping":
+        # A loop: privacy redelivered under load (after its ack wait) sends the mapping again.
+        while first.WhichOneof("event") == "mapping":
             # Lives only as long as this request, in this process.
             restorer = StreamRestorer(
                 Mapping.from_dict({e.placeholder: e.original for e in first.mapping.entries})
@@ -406,6 +407,11 @@ class Ingress:
                 batch = [await self._next_event(queue, stall_s)]
                 while not queue.empty():
                     batch.append(ClientEvent.FromString(queue.get_nowait()))
+                # A late copy of the mapping (privacy redelivered): the same request's, known.
+                if any(event.WhichOneof("event") == "mapping" for event in batch):
+                    batch = [event for event in batch if event.WhichOneof("event") != "mapping"]
+                    if not batch:
+                        continue
                 for index, event in enumerate(batch):
                     if event.WhichOneof("event") in ("finished", "failed"):
                         del batch[index + 1 :]

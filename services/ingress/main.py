@@ -30,6 +30,7 @@ from services.ingress.delivery import DeliveryReporter
 from services.ingress.http_protocol import bounded_protocol
 from services.ingress.openapi import serve_openapi
 from services.ingress.replies import ReplyRouter
+from services.ingress.responses import RESPONSES
 from services.ingress.schema import error_response
 from services.ingress.shared_limits import SharedRateLimits
 from services.ingress.stats import ROUTES as STATS_ROUTES
@@ -48,6 +49,10 @@ async def chat_completions(request: Request) -> Response:
 
 async def completions(request: Request) -> Response:
     return await _ingress(request).chat_completions(request, TEXT_COMPLETIONS)
+
+
+async def responses(request: Request) -> Response:
+    return await _ingress(request).chat_completions(request, RESPONSES)
 
 
 async def models(request: Request) -> Response:
@@ -77,6 +82,7 @@ async def http_error(request: Request, error: Exception) -> Response:
 ROUTES = [
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/responses", responses, methods=["POST"]),
     Route("/v1/models", models, methods=["GET"]),
     Route("/v1/models/{model:path}", model, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
