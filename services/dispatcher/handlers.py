@@ -17,7 +17,12 @@ from llooma.membership import HostDirectory
 from llooma.planning import decide, is_split
 from llooma.selection import Ask, Candidate, Selector
 from llooma.settings import Settings
-from llooma.v1.common_pb2 import ERROR_CODE_NO_ELIGIBLE_HOST, REQUEST_PATH_DIRECT, ErrorDetail
+from llooma.v1.common_pb2 import (
+    ERROR_CODE_NO_ELIGIBLE_HOST,
+    REQUEST_PATH_DIRECT,
+    TASK_KIND_EMBEDDING,
+    ErrorDetail,
+)
 from llooma.v1.pipeline_pb2 import ChatRequest, ClientEvent, HostCandidate, TaskAssignment
 from llooma.v1.race_pb2 import RaceEvent
 from services.dispatcher.dag import DagRunner
@@ -25,6 +30,7 @@ from services.dispatcher.dag import DagRunner
 log = logging.getLogger(__name__)
 
 MAX_FALLBACK_CANDIDATES = 3
+EMBEDDINGS = frozenset({"embeddings"})
 
 
 def as_candidate(c: Candidate) -> HostCandidate:
@@ -35,6 +41,11 @@ def as_candidate(c: Candidate) -> HostCandidate:
         model=c.model,
         assistant_prefill=c.assistant_prefill,
     )
+
+
+def requested_features(request: ChatRequest) -> frozenset[str]:
+    """The ModelFeatures a request needs of its hosts."""
+    return EMBEDDINGS if request.kind == TASK_KIND_EMBEDDING else frozenset()
 
 
 class Dispatcher:
@@ -63,8 +74,10 @@ class Dispatcher:
             return
         self.stats.record(event)
 
-    def candidates(self, model: str, deadline_ms: int) -> list[Candidate]:
-        ask = Ask(model, deadline_ms=deadline_ms)
+    def candidates(
+        self, model: str, deadline_ms: int, features: frozenset[str] = frozenset()
+    ) -> list[Candidate]:
+        ask = Ask(model, features=features, deadline_ms=deadline_ms)
         return self.selector.candidates(self._hosts.members.all(), ask)
 
     def _fallback(self, candidates: list[Candidate], chosen: list[Candidate]) -> list[Candidate]:
@@ -94,7 +107,7 @@ class Dispatcher:
     def assign(self, request: ChatRequest, avoid: set[str] | None = None) -> TaskAssignment | None:
         """Hosts for one task; `avoid` (hosts busy with sibling nodes) is skipped if possible."""
         deadline_ms = self._settings.deadline_ms(request.model, request.first_token_deadline_ms)
-        candidates = self.candidates(request.model, deadline_ms)
+        candidates = self.candidates(request.model, deadline_ms, requested_features(request))
         k = request.race_width or self._settings.race_width
         bucket = self._settings.best_bucket_size
         free = [c for c in candidates if c.host_id not in (avoid or ())]
@@ -127,10 +140,11 @@ class Dispatcher:
                 request.path = REQUEST_PATH_DIRECT
         assignment = self.assign(request)
         if assignment is None:
+            what = "embeddings of " if request.kind == TASK_KIND_EMBEDDING else ""
             failure = ClientEvent(
                 failed=ErrorDetail(
                     code=ERROR_CODE_NO_ELIGIBLE_HOST,
-                    message=f"no eligible host serves model {request.model!r} right now",
+                    message=f"no eligible host serves {what}model {request.model!r} right now",
                 )
             )
             await self._nc.publish(request.reply_subject, failure.SerializeToString())

@@ -27,6 +27,7 @@ from services.ingress.admin import admin_key_ids
 from services.ingress.api import Ingress
 from services.ingress.completions import TEXT_COMPLETIONS
 from services.ingress.delivery import DeliveryReporter
+from services.ingress.embeddings import EMBEDDINGS
 from services.ingress.http_protocol import bounded_protocol
 from services.ingress.openapi import serve_openapi
 from services.ingress.replies import ReplyRouter
@@ -53,6 +54,10 @@ async def completions(request: Request) -> Response:
 
 async def responses(request: Request) -> Response:
     return await _ingress(request).chat_completions(request, RESPONSES)
+
+
+async def embeddings(request: Request) -> Response:
+    return await _ingress(request).chat_completions(request, EMBEDDINGS)
 
 
 async def models(request: Request) -> Response:
@@ -83,6 +88,7 @@ ROUTES = [
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/completions", completions, methods=["POST"]),
     Route("/v1/responses", responses, methods=["POST"]),
+    Route("/v1/embeddings", embeddings, methods=["POST"]),
     Route("/v1/models", models, methods=["GET"]),
     Route("/v1/models/{model:path}", model, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),

@@ -82,13 +82,23 @@ class Seam:
 class AnswerStream:
     """One race's client-bound text across its hosts."""
 
-    __slots__ = ("_max_chars", "_race", "_reasoning", "_seam", "_text", "_thoughts", "_words")
+    __slots__ = (
+        "_embeddings",
+        "_max_chars",
+        "_race",
+        "_reasoning",
+        "_seam",
+        "_text",
+        "_thoughts",
+        "_words",
+    )
 
     def __init__(self, race: Race) -> None:
         self._race = race
         self._max_chars = race.assignment.request.params.max_tokens * MAX_CHARS_PER_TOKEN
         self._text: list[str] = []
         self._reasoning: list[str] = []
+        self._embeddings: list[bytes] = []
         self.restart(Seam())
 
     def restart(self, seam: Seam) -> None:
@@ -100,6 +110,8 @@ class AnswerStream:
     def token(self, winner: Attempt, token: HostToken) -> bool:
         """Relay one token; False when it hit the answer's character cap (cut the host)."""
         piece = thought = ""
+        if token.embeddings:
+            self._embeddings.extend(token.embeddings)
         if token.text:
             piece = self._seam.feed(self._words.feed(self._bounded(winner, token.text)))
         if token.reasoning:
@@ -116,9 +128,12 @@ class AnswerStream:
 
     def take(self) -> ClientDelta | None:
         """The pending text as one delta, or None."""
-        if not (self._text or self._reasoning):
+        if not (self._text or self._reasoning or self._embeddings):
             return None
         delta = ClientDelta()
+        if self._embeddings:
+            delta.embeddings.extend(self._embeddings)
+            self._embeddings.clear()
         if self._text:
             delta.text = "".join(self._text)
             # Only the answer is continued on a handover, not the reasoning before it.

@@ -8,15 +8,17 @@ import asyncio
 import re
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import httpx
 import openai
+import orjson
 import pytest
 from nats.aio.client import Client
 from openai.types.chat import ChatCompletionMessageParam
 
-from llooma.host.config import HostConfig, ModelConfig
+from llooma.host.config import Features, HostConfig, ModelConfig
 from llooma.host.worker import HostWorker
 from llooma.ledger.economics import user_account
 from llooma.settings import DEV_API_KEY, api_key_id
@@ -25,6 +27,7 @@ from tests.stack.test_billing import USER_PRICE, eventually
 from tests.stack.test_race import wait_listed
 from tests.support.fake_engine import DONE, FakeEngine, Out, Request, event, stream_events, usage
 
+PROBE_ANSWER = b"llamacpp:requests_processing 0\n"
 DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s|(\d+)ms)$")
 
 
@@ -42,6 +45,24 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(database_url)
     yield conn
     await conn.close()
+
+
+def engine_host(model: str, nats_url: str, engine: FakeEngine, **model_fields: Any) -> HostConfig:
+    """A host whose one model is served by the scripted engine through the openai backend."""
+    return HostConfig(
+        name=f"host-{model}",
+        nats_url=nats_url,
+        heartbeat_interval_s=0.2,
+        models=[
+            ModelConfig(
+                name=model,
+                backend="openai",
+                base_url=engine.base_url,
+                engine="llama.cpp",
+                **model_fields,
+            )
+        ],
+    )
 
 
 @pytest.fixture
@@ -147,7 +168,7 @@ async def test_completions_reach_the_engine_as_a_raw_prompt(
     async def engine_answer(request: Request, out: Out) -> None:
         if request.path != "/v1/completions":
             # The engine probe's.
-            await out.whole(200, b"llamacpp:requests_processing 0\n", "text/plain")
+            await out.whole(200, PROBE_ANSWER, "text/plain")
             return
         await stream_events(
             out,
@@ -160,17 +181,7 @@ async def test_completions_reach_the_engine_as_a_raw_prompt(
 
     model = f"raw-{uuid.uuid4().hex[:6]}"
     async with FakeEngine(handler=engine_answer) as engine:
-        config = HostConfig(
-            name=f"host-{model}",
-            nats_url=nats_url,
-            heartbeat_interval_s=0.2,
-            models=[
-                ModelConfig(
-                    name=model, backend="openai", base_url=engine.base_url, engine="llama.cpp"
-                )
-            ],
-        )
-        worker = HostWorker(config, nc)
+        worker = HostWorker(engine_host(model, nats_url, engine), nc)
         await worker.start()
         try:
             await wait_listed(http, model)
@@ -246,3 +257,60 @@ async def test_responses_with_the_openai_client(
 
     with pytest.raises(openai.BadRequestError, match="not stored"):
         await client.responses.create(model="echo", input="hi", previous_response_id="resp_1")
+
+
+async def test_embeddings_from_hosts_that_serve_them(
+    http: httpx.AsyncClient,
+    nc: Client,
+    nats_url: str,
+    client: openai.AsyncOpenAI,
+    db: asyncpg.Connection,
+) -> None:
+    async def engine_answer(request: Request, out: Out) -> None:
+        if request.path != "/v1/embeddings":
+            await out.whole(200, PROBE_ANSWER, "text/plain")
+            return
+        inputs = request.json()["input"]
+        # Out of order, as the index says where each belongs.
+        data = [
+            {"object": "embedding", "index": i, "embedding": [float(len(text)), 0.5, -i / 4]}
+            for i, text in reversed(list(enumerate(inputs)))
+        ]
+        body = {"data": data, "usage": {"prompt_tokens": 7 * len(inputs), "total_tokens": 0}}
+        await out.whole(200, orjson.dumps(body))
+
+    model = f"embeds-{uuid.uuid4().hex[:6]}"
+    async with FakeEngine(handler=engine_answer) as engine:
+        worker = HostWorker(
+            engine_host(model, nats_url, engine, features=Features(embeddings=True)), nc
+        )
+        await worker.start()
+        try:
+            await wait_listed(http, model)
+            # The openai client asks for base64 and decodes it.
+            raw = await client.embeddings.with_raw_response.create(
+                model=model, input=["one", "three"]
+            )
+            floats = await client.embeddings.create(
+                model=model, input="four", encoding_format="float"
+            )
+        finally:
+            await worker.drain()
+    answer = raw.parse()
+    assert [item.index for item in answer.data] == [0, 1]
+    assert [item.embedding for item in answer.data] == [[3.0, 0.5, 0.0], [5.0, 0.5, -0.25]]
+    assert answer.model == model
+    assert answer.usage.prompt_tokens == 14
+    assert answer.usage.total_tokens == 14
+    assert floats.data[0].embedding == [4.0, 0.5, 0.0]
+    sent = [r.json() for r in engine.requests if r.path == "/v1/embeddings"]
+    assert sent[0]["input"] == ["one", "three"]
+    assert sent[0]["model"] == model
+    # Billed as chat: the prompt tokens, at the user's price.
+    assert await charged(db, raw.headers["x-request-id"]) == USER_PRICE * 14
+
+    # A model whose hosts serve no embeddings: 503, never a chat answer in their place.
+    with pytest.raises(openai.InternalServerError) as refused:
+        await client.embeddings.create(model="echo", input="hi")
+    assert refused.value.status_code == 503
+    assert "embeddings" in refused.value.message

@@ -45,6 +45,7 @@ from llooma.v1.common_pb2 import (
     ERROR_CODE_HOST_FAILED,
     ERROR_CODE_INVALID_REQUEST,
     ERROR_CODE_REQUEST_REJECTED,
+    TASK_KIND_EMBEDDING,
     ErrorDetail,
     Usage,
 )
@@ -351,14 +352,23 @@ class HostWorker:
         seq = 0
         outcome = Outcome()
         try:
-            async with contextlib.aclosing(backend.stream(task, outcome)) as pieces:
-                async for piece in pieces:
-                    seq += 1
-                    if piece.__class__ is str:
-                        chunk = HostChunk(seq=seq, token=HostToken(text=piece))
-                    else:  # Reasoning
-                        chunk = HostChunk(seq=seq, token=HostToken(reasoning=piece))
-                    await publish(reply, chunk.SerializeToString())
+            if task.kind == TASK_KIND_EMBEDDING:
+                if not isinstance(backend, OpenAIBackend):
+                    raise BackendFailure(f"model {task.model!r} serves no embeddings")
+                # The whole answer in one token: the first complete answer wins the race.
+                vectors = await backend.embed(task, outcome)
+                seq += 1
+                chunk = HostChunk(seq=seq, token=HostToken(embeddings=vectors))
+                await publish(reply, chunk.SerializeToString())
+            else:
+                async with contextlib.aclosing(backend.stream(task, outcome)) as pieces:
+                    async for piece in pieces:
+                        seq += 1
+                        if piece.__class__ is str:
+                            chunk = HostChunk(seq=seq, token=HostToken(text=piece))
+                        else:  # Reasoning
+                            chunk = HostChunk(seq=seq, token=HostToken(reasoning=piece))
+                        await publish(reply, chunk.SerializeToString())
         except asyncio.CancelledError:
             return None
         except UpstreamRejected as error:
@@ -384,7 +394,7 @@ class HostWorker:
             log.exception("backend crashed on %s", task.attempt_id)
             await self._fail(reply, ERROR_CODE_HOST_FAILED, "backend error")
             return None
-        if not outcome.reported:
+        if not outcome.reported and task.kind != TASK_KIND_EMBEDDING:
             # The engine gave no usage: an estimate, marked as one (reported_by_engine false).
             outcome.input_tokens = estimate_input_tokens(task)
             outcome.output_tokens = seq

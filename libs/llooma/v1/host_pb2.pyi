@@ -118,17 +118,25 @@ class HostToken(_message.Message):
 
     TEXT_FIELD_NUMBER: _builtins.int
     REASONING_FIELD_NUMBER: _builtins.int
+    EMBEDDINGS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     reasoning: _builtins.str
+    @_builtins.property
+    def embeddings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """An embedding task's whole answer in one token: each input's vector, in input order, as
+        little-endian float32 (what OpenAI's base64 encoding_format encodes).
+        """
+
     def __init__(
         self,
         *,
         text: _builtins.str = ...,
         reasoning: _builtins.str = ...,
+        embeddings: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reasoning", b"reasoning", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings", "reasoning", b"reasoning", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -326,18 +326,24 @@ class ClientDelta(_message.Message):
 
     TEXT_FIELD_NUMBER: _builtins.int
     REASONING_FIELD_NUMBER: _builtins.int
+    EMBEDDINGS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     reasoning: _builtins.str
     """A thinking model's reasoning, relayed as OpenAI-compatible servers do (reasoning_content)."""
+    @_builtins.property
+    def embeddings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """An embedding request's vectors (HostToken.embeddings), relayed as they came."""
+
     def __init__(
         self,
         *,
         text: _builtins.str = ...,
         reasoning: _builtins.str = ...,
+        embeddings: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reasoning", b"reasoning", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings", "reasoning", b"reasoning", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
