@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.responses import Response
 
 from llooma.planning import bypass_plan
@@ -46,6 +46,13 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     # The engine's vectors are what they are: a shortened one is refused, not faked.
     dimensions: None = None
+
+    @field_validator("dimensions", mode="before")
+    @classmethod
+    def _as_the_engine_made_them(cls, value: object) -> object:
+        if value is not None:
+            raise ValueError("vectors come in the model's own dimensions; leave dimensions out")
+        return value
 
     def as_chat(self) -> EmbeddingChat:
         inputs = [self.input] if isinstance(self.input, str) else self.input

@@ -58,19 +58,19 @@ class ResponsesRequest(BaseModel):
     max_output_tokens: TokenCount | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
-    tools: list[Any] | None = None
-    previous_response_id: str | None = None
+    tools: Annotated[list[Any], Field(max_length=0)] | None = None
+    previous_response_id: None = None
 
-    @field_validator("tools")
+    @field_validator("tools", mode="before")
     @classmethod
-    def _no_tools(cls, value: list[Any] | None) -> list[Any] | None:
-        if value:
+    def _no_tools(cls, value: object) -> object:
+        if isinstance(value, list) and value:
             raise ValueError("tools are not served on /v1/responses; use /v1/chat/completions")
         return value
 
-    @field_validator("previous_response_id")
+    @field_validator("previous_response_id", mode="before")
     @classmethod
-    def _nothing_stored(cls, value: str | None) -> str | None:
+    def _nothing_stored(cls, value: object) -> object:
         if value is not None:
             raise ValueError("responses are not stored; send the whole conversation as input")
         return value
