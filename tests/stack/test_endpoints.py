@@ -309,8 +309,15 @@ async def test_embeddings_from_hosts_that_serve_them(
     # Billed as chat: the prompt tokens, at the user's price.
     assert await charged(db, raw.headers["x-request-id"]) == USER_PRICE * 14
 
+    # The echo hosts' bag-of-words vectors: the same text, the same vector.
+    echoed = await client.embeddings.create(model="echo", input=["a b c", "c d", "a b c"])
+    first, second, third = (item.embedding for item in echoed.data)
+    assert first == third != second
+    assert len(first) == 16
+    assert echoed.usage.prompt_tokens == 8
+
     # A model whose hosts serve no embeddings: 503, never a chat answer in their place.
     with pytest.raises(openai.InternalServerError) as refused:
-        await client.embeddings.create(model="echo", input="hi")
+        await client.embeddings.create(model="synthetic-small", input="hi")
     assert refused.value.status_code == 503
     assert "embeddings" in refused.value.message

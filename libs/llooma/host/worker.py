@@ -19,7 +19,7 @@ from nats.aio.subscription import Subscription
 from opentelemetry.trace import SpanKind
 
 from llooma import subjects, tracing
-from llooma.host.backends import Backend, BackendFailure, build_backend, token_limit
+from llooma.host.backends import Backend, BackendFailure, Embedder, build_backend, token_limit
 from llooma.host.config import HostConfig, ModelConfig
 from llooma.host.engines import (
     DEFAULT_FEATURES,
@@ -353,7 +353,7 @@ class HostWorker:
         outcome = Outcome()
         try:
             if task.kind == TASK_KIND_EMBEDDING:
-                if not isinstance(backend, OpenAIBackend):
+                if not isinstance(backend, Embedder):
                     raise BackendFailure(f"model {task.model!r} serves no embeddings")
                 # The whole answer in one token: the first complete answer wins the race.
                 vectors = await backend.embed(task, outcome)
