@@ -102,9 +102,13 @@ async def test_completions_and_embeddings_from_a_real_engine(
     assert len(vectors) == 4
     assert len({len(vector) for vector in vectors}) == 1
     assert len(vectors[0]) >= 64
-    # The same text, the same vector: each input kept its own place.
-    assert vectors[3] == vectors[0]
-    assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2])
+    # What the engine itself answers for the same inputs, each in its place (llama-server's
+    # vectors depend a little on the batch: a repeated input is not the same vector).
+    async with httpx.AsyncClient(base_url=embedding_server, timeout=30) as direct:
+        engine = await direct.post("/v1/embeddings", json={"input": [*texts, texts[0]]})
+    by_index = sorted(engine.json()["data"], key=lambda item: item["index"])
+    for relayed, original in zip(vectors, by_index, strict=True):
+        assert cosine(relayed, original["embedding"]) > 0.9999
     # The engine's own count, for four inputs of several tokens each.
     assert answer.usage.prompt_tokens >= 16
     text = completion.choices[0].text
