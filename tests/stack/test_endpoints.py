@@ -25,6 +25,7 @@ from llooma.settings import DEV_API_KEY, api_key_id
 from llooma.stack import Stack
 from tests.stack.test_billing import USER_PRICE, eventually
 from tests.stack.test_race import wait_listed
+from tests.support.extra_processes import extra_ingress
 from tests.support.fake_engine import DONE, FakeEngine, Out, Request, event, stream_events, usage
 
 PROBE_ANSWER = b"llamacpp:requests_processing 0\n"
@@ -321,3 +322,25 @@ async def test_embeddings_from_hosts_that_serve_them(
         await client.embeddings.create(model="synthetic-small", input="hi")
     assert refused.value.status_code == 503
     assert "embeddings" in refused.value.message
+
+
+async def test_rate_limit_headers_from_the_shared_counters(
+    stack: Stack, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    env = {"LLOOMA_RATE_LIMITS_SHARED": "true", "LLOOMA_RATE_LIMIT_RPM": "6"}
+    with extra_ingress(stack, tmp_path_factory.mktemp("shared-headers"), env) as base_url:
+        client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=DEV_API_KEY, max_retries=0)
+        raw = await client.completions.with_raw_response.create(
+            model="echo", prompt="one", max_tokens=1
+        )
+        # 6 a minute with a one-second burst: windows of 10 s that hold one request each.
+        assert raw.headers["x-ratelimit-limit-requests"] == "6"
+        assert raw.headers["x-ratelimit-remaining-requests"] == "0"
+        assert 0 < seconds(raw.headers["x-ratelimit-reset-requests"]) <= 10
+        assert "x-ratelimit-limit-tokens" not in raw.headers
+        with pytest.raises(openai.RateLimitError) as refused:
+            await client.completions.create(model="echo", prompt="two", max_tokens=1)
+    limited = refused.value.response.headers
+    assert limited["x-ratelimit-limit-requests"] == "6"
+    assert limited["x-ratelimit-remaining-requests"] == "0"
+    assert 0 < seconds(limited["x-ratelimit-reset-requests"]) <= 10
