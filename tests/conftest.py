@@ -18,6 +18,7 @@ import secrets
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
+import hypothesis
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -30,6 +31,11 @@ from llooma.settings import DEV_API_KEY, KEY_HASH_SECRET_ENV
 from llooma.stack import Stack, demo_hosts
 from llooma.v1.race_pb2 import RaceEvent
 from tests.support.otlp_receiver import OtlpReceiver
+
+# Hypothesis's 200 ms deadline per example is a timing check, and speed belongs to the benches:
+# on a loaded 2-core machine it failed correct properties.
+hypothesis.settings.register_profile("llooma", deadline=None)
+hypothesis.settings.load_profile("llooma")
 
 # One key-hash secret for the session, in the environment before anything hashes a key: every
 # stack a test starts inherits it, so `api_key_id` here names the same accounts as there.
@@ -149,6 +155,10 @@ def stack(
             # Duels (tested on their own stack, tests/stack/test_duel.py) would let a sampled race's
             # loser run on and send judge prompts to other tests' hosts.
             "LLOOMA_DUEL_FRACTION": "0",
+            # Scripted hosts announce the stakes their tests draw by and lock none: here every
+            # host counts as staked to the maximum (tests/stack/test_stake.py has a stack with
+            # ledger stake alone).
+            "LLOOMA_UNSTAKED_HOST_STAKE": "1000",
         },
     )
     running.start()

@@ -19,6 +19,7 @@ from typing import Any
 
 import nats
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
     DiscardPolicy,
@@ -105,6 +106,7 @@ BUCKETS = (
     # Accounting's published state outlives restarts; Postgres stays the source of truth.
     KeyValueConfig(bucket=subjects.BALANCES_BUCKET, storage=StorageType.FILE),
     KeyValueConfig(bucket=subjects.LEDGER_BUCKET, storage=StorageType.FILE),
+    KeyValueConfig(bucket=subjects.STAKES_BUCKET, storage=StorageType.FILE),
     KeyValueConfig(bucket=subjects.KEYS_BUCKET, storage=StorageType.FILE),
     KeyValueConfig(
         bucket=subjects.LIMIT_PHASES_BUCKET, ttl=LIMIT_PHASE_TTL_S, storage=StorageType.MEMORY
@@ -216,11 +218,13 @@ async def connect(
     attempts: int = 60,
     error_cb: ErrorCallback | None = None,
     on_reconnect: ReconnectHook | None = None,
+    on_disconnect: Callable[[], object] | None = None,
 ) -> Client:
     """Connect to any of the servers in `url` (one URL or several, comma-separated), retrying
     while they start; afterwards nats-py reconnects by itself (to any of them, or to a server
     the cluster announced) and `on_reconnect` runs in the background after each reconnect
-    (see `restore_topology`)."""
+    (see `restore_topology`); `on_disconnect` is called as soon as a connection breaks (and on
+    close), before any reconnect: core messages sent to this client until then are lost."""
     servers = server_list(url)
     if access is None:
         access = NatsAccess(nkey_seed_file=nkey_seed_file or "")
@@ -240,6 +244,10 @@ async def connect(
             task = asyncio.create_task(on_reconnect(), name=f"{name}-reconnected")
             keep_task(restoring, task, f"{name}: restore after a reconnect", level=logging.ERROR)
 
+    async def disconnected() -> None:
+        if on_disconnect is not None:
+            on_disconnect()
+
     refused: list[Exception] = []
     report = error_cb or _log_error
 
@@ -257,6 +265,7 @@ async def connect(
                 **options,
                 error_cb=on_error,
                 reconnected_cb=reconnected,
+                disconnected_cb=disconnected,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
             )
@@ -567,3 +576,45 @@ async def hand_off(
             if loop.time() + HAND_OFF_RETRY_PAUSE_S >= deadline:
                 raise
             await asyncio.sleep(HAND_OFF_RETRY_PAUSE_S)
+
+
+# A pull consumer's wait for its first message is one long-lived pull request the server
+# answers the moment something arrives: at rest that is one request per this long instead of
+# one per batch window. It also bounds how long a pull lost in a server restart goes unnoticed.
+PULL_IDLE_WAIT_S = 5.0
+PULL_RETRY_PAUSE_S = 1.0
+
+
+async def pull_batches(
+    js: JetStreamContext,
+    subject: str,
+    durable: str,
+    stream: str,
+    handle: Callable[[list[Msg]], Awaitable[None]],
+    *,
+    batch_size: int,
+    gather_s: float,
+    idle_wait_s: float = PULL_IDLE_WAIT_S,
+) -> None:
+    """Feed `handle` batches from a durable pull consumer until cancelled: wait (long-polled)
+    for the first message, then gather up to `batch_size` within `gather_s`. `handle` acks."""
+    sub: JetStreamContext.PullSubscription | None = None
+    while True:
+        try:
+            if sub is None:
+                sub = await js.pull_subscribe(subject, durable=durable, stream=stream)
+            batch = await sub.fetch(1, timeout=idle_wait_s)
+        except nats.errors.TimeoutError:
+            continue
+        except Exception:  # a reconnect, no JetStream for a moment
+            log.warning("pulling from %s failed; retrying", durable, exc_info=True)
+            await asyncio.sleep(PULL_RETRY_PAUSE_S)
+            continue
+        if batch_size > 1:
+            # Nothing more within the window, or a reconnect: post what came.
+            with contextlib.suppress(Exception):
+                batch += await sub.fetch(batch_size - 1, timeout=gather_s)
+        try:
+            await handle(batch)
+        except Exception:
+            log.exception("handling a batch from %s failed", durable)

@@ -10,16 +10,25 @@ from typing import Final
 
 from llooma.continuation import frame_texts
 
-# A marker of the frame, also mangled ("<<<END >>>>>>"), and what may still grow into one.
-# A marker of the frame, also mangled ("<<<END >>>>>>", "<<<END TAIL" at a line's end), and
-# what may still grow into one.
+# A marker of the frame, whole or as a base model mangles it ("<<<END >>>>>>", "<<END>>",
+# "<<ANSWER SO FAR>>>", "<END>>", "<<<END TAIL" at a line's end, a bare "<<<"); its closing
+# half alone ("SO FAR>>>", ">>>"); and what may still grow into either.
 _MARKER: Final = re.compile(
-    r"<<<[^<>\n]{0,48}>>>+|<<<\s*/?\s*(?:ANSWER|END|TAIL)\b[^\n<>]{0,48}(?=\n)", re.I
+    r"<{2,}[^<>\n]{0,48}>{2,}"
+    r"|<{2,}\s*/?\s*(?:ANSWER|END|TAIL)\b[^\n<>]{0,48}(?:>+|(?=\n))"
+    r"|<\s*/?\s*(?-i:ANSWER|END|TAIL)\b[^\n<>]{0,48}>+"
+    r"|<{3,}",
+    re.I,
 )
 _MARKER_START: Final = re.compile(r"<{1,3}[^<>\n]{0,48}>*")
+_CLOSING: Final = re.compile(r"[A-Z][A-Z ]{0,30}>{2,}|>{3,}")
+_CLOSING_START: Final = re.compile(r"[A-Z][A-Z ]{0,30}>*|>+")
 # How many words of a frame sentence identify it as an echo even when the rest differs (a
 # shorter sentence must be echoed whole): "This is the answer" alone is ordinary text.
 _OPENING_WORDS: Final = 7
+# How many words of a frame sentence the stream may end in (cut off by max_tokens) for that
+# opening to go as an echo at the stream's end.
+_CUT_OFF_WORDS: Final = 5
 
 
 def _frame_sentences() -> tuple[tuple[str, ...], ...]:
@@ -101,9 +110,20 @@ class FrameGuard:
 
 def _next_hit(text: str, at: int, final: bool) -> tuple[int, int, str] | None:
     """The first frame echo from `at`: (start, end, "drop" | "line" | "hold"); at the stream's
-    end (final) nothing is held: an unfinished marker goes, an unfinished sentence stays."""
+    end (final) nothing is held: an unfinished marker goes, and so does a frame sentence the
+    stream ends in once _CUT_OFF_WORDS of it are there; a shorter opening stays."""
     for start in range(at, len(text)):
-        if text[start] == "<":
+        char = text[start]
+        if char == ">" or (char.isupper() and (start == at or not text[start - 1].isalnum())):
+            closing = _CLOSING.match(text, start)
+            if closing is not None:
+                end = _after(text, closing.end(), " \t>")
+                return start, end, "hold" if end == len(text) and not final else "drop"
+            if not final and _CLOSING_START.fullmatch(text, start) and len(text) - start < 34:
+                return start, len(text), "hold"  # may still become a marker's closing half
+            if char == ">":
+                continue
+        if char == "<":
             marker = _MARKER.match(text, start)
             if marker is not None:
                 end = _after(text, marker.end(), " \t>")
@@ -115,7 +135,8 @@ def _next_hit(text: str, at: int, final: bool) -> tuple[int, int, str] | None:
             continue
         if start > at and not text[start - 1].isspace() and text[start - 1] not in "\"'(":
             continue  # frame sentences start at a word
-        unfinished = False
+        # Words of a frame sentence the text ends inside of (-1: none).
+        unfinished = -1
         line_end = -1
         for words in _SENTENCES:
             matched, end = _match_words(text, start, words)
@@ -125,11 +146,13 @@ def _next_hit(text: str, at: int, final: bool) -> tuple[int, int, str] | None:
                     return start, end, "hold"  # its line's end may follow
                 return start, end, "drop"
             if matched < 0:
-                unfinished = True
+                unfinished = max(unfinished, -1 - matched)
             elif matched >= _OPENING_WORDS:
                 line_end = max(line_end, end)
-        if unfinished and not final:
+        if unfinished >= 0 and not final:
             return start, len(text), "hold"
+        if unfinished >= _CUT_OFF_WORDS:
+            return start, len(text), "drop"
         if line_end >= 0:
             # A frame sentence's opening, then something else: the rest of its line goes too.
             return start, line_end, "line"

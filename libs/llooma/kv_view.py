@@ -13,6 +13,15 @@ from nats.js.kv import KeyValue
 
 log = logging.getLogger(__name__)
 
+# The server forgets a watch's consumer this long after its subscriber left (nats-py's default
+# is 5 minutes): every renewal leaves one behind, and each costs the server timers until then.
+ABANDONED_WATCH_S = 15.0
+# For a file bucket that is quiet at rest (balances, keys). A server restart that drops the
+# watch's consumer is healed by nats-py's ordered consumer itself (it resumes from its last
+# sequence after two missed idle heartbeats, 10 s; right for a file bucket, whose sequences
+# survive); renewing, which re-reads every key, is only the net for a bucket made anew.
+QUIET_FILE_BUCKET_RENEW_S = 60.0
+
 
 class BucketView(ABC):
     """Applies every entry of one bucket as it changes; `start` returns once the bucket's
@@ -43,7 +52,7 @@ class BucketView(ABC):
     async def _watch(self, kv: KeyValue) -> None:
         while True:
             try:
-                watcher = await kv.watchall()
+                watcher = await kv.watchall(inactive_threshold=ABANDONED_WATCH_S)
                 while True:
                     try:
                         entry = await watcher.updates(timeout=self._idle_renew_s)  # type: ignore[no-untyped-call]

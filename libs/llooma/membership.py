@@ -35,7 +35,7 @@ HeartbeatT = TypeVar("HeartbeatT", bound=Message)
 
 # The bucket drops an entry MEMBERSHIP_TTL_S after its last heartbeat; the view does the same.
 FORGET_AFTER_S = MEMBERSHIP_TTL_S
-# Members beat every 0.5 s, so a watch this quiet has lost its consumer (a restarted server
+# Members beat every 0.5-1 s, so a watch this quiet has lost its consumer (a restarted server
 # forgets memory buckets and their consumers without telling the client): watch anew.
 WATCH_IDLE_S = 3.0
 
@@ -168,6 +168,12 @@ class ServiceDirectory:
 
     async def stop(self) -> None:
         await self.members.stop()
+
+    def gone(self, instance_id: str) -> bool:
+        """The instance has stopped beating, as far as a live view can tell: never while no
+        instance at all is fresh (the watch itself is down, e.g. in a NATS node's election)."""
+        fresh = self.members.fresh(self._stale_after_s)
+        return bool(fresh) and all(member.key != instance_id for member in fresh)
 
     def ready_instances(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -1,12 +1,17 @@
 """The paper's Table II, live: first-token latency by path, fallback and split rates,
 orchestration overhead, race wins and cost per successful response.
 
-One `StatsCollector` lives in each ingress. It learns from two sources:
+One `StatsCollector` lives in each ingress. It learns from three sources:
 
 - the ingress itself, per request: the path and the time from accepting the request to its
-  first token (`request_started`), or a failure before any token (`request_failed`);
+  first token (`request_started`), a failure before any token (`request_failed`), or a
+  refusal (`rejected`);
+- every other ingress: each sends what it recorded as an `IngressTally` about once a second
+  (`subjects.INGRESS_TALLY`), so every ingress's `/v1/stats` counts the whole cluster's
+  requests, not its own process's; `/metrics` stays per process (Prometheus sums instances);
 - race events from the racer (`subjects.RACE_EVENT`), replayed `stats_replay_s` back when the
   ingress starts, then live: tasks, fallbacks, wins, and the host statistics behind S(h).
+  Tallies are replayed over the same window, so the figures cover the same requests.
 
 Orchestration overhead of a request = the ingress's time to first token minus the winning
 attempt's launch offset within its race and that host's own time to first token, i.e. what the
@@ -39,7 +44,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.resources import Resource
 from prometheus_client import CollectorRegistry, generate_latest
 
-from llooma import subjects
+from llooma import bus, subjects
 from llooma.host_stats import HostStats
 from llooma.membership import HostDirectory
 from llooma.names import PATHS, path_name
@@ -49,7 +54,14 @@ from llooma.selection import Selector, weighted
 from llooma.settings import Settings
 from llooma.v1.duel_pb2 import DuelResult
 from llooma.v1.ledger_pb2 import LedgerSummary
-from llooma.v1.race_pb2 import ATTEMPT_ROLE_CONTINUATION, ATTEMPT_ROLE_FALLBACK, RaceEvent
+from llooma.v1.race_pb2 import (
+    ATTEMPT_ROLE_CONTINUATION,
+    ATTEMPT_ROLE_FALLBACK,
+    IngressTally,
+    RaceEvent,
+    RejectionCount,
+    RequestStart,
+)
 from llooma.v1.settlement_pb2 import ATTEMPT_OUTCOME_WON
 
 log = logging.getLogger(__name__)
@@ -59,6 +71,9 @@ LATENCY_SAMPLES = 2048
 # Requests waiting for their race event, to measure the overhead (oldest dropped first).
 PENDING_REQUESTS = 4096
 LEDGER_POLL_S = 2.0
+# How often an ingress sends its tally, and how many unsent ones it keeps while NATS is away.
+TALLY_INTERVAL_S = 1.0
+UNSENT_TALLIES = 600
 # GenAI semantic conventions' advice for time-to-first-token histograms, in seconds.
 FIRST_TOKEN_BUCKETS_S = (
     0.001,
@@ -112,6 +127,8 @@ class Recent:
 class _Pending:
     path: str
     first_token_ms: float
+    # Served by this ingress: its overhead also goes to this process's /metrics.
+    own: bool
 
 
 def _monotonic_at(unix_nanos: int) -> float | None:
@@ -137,8 +154,18 @@ def _first_winner_ms(event: RaceEvent) -> int | None:
 
 
 class StatsCollector:
-    def __init__(self, settings: Settings, hosts: HostDirectory) -> None:
+    def __init__(self, settings: Settings, hosts: HostDirectory, instance_id: str = "") -> None:
         self._settings = settings
+        # Tallies are sent (and this instance's own skipped when read back) only with one.
+        self.instance_id = instance_id
+        self._outgoing = IngressTally(instance_id=instance_id)
+        self._outgoing_rejections: dict[tuple[int, str], int] = {}
+        self._js: JetStreamContext | None = None
+        self._unsent: deque[tuple[bytes, str]] = deque(maxlen=UNSENT_TALLIES)
+        self._tally_sequence = 0
+        self._sender: asyncio.Task[None] | None = None
+        # Race events that came before their request's tally (first winner's ms).
+        self._raced: OrderedDict[str, int] = OrderedDict()
         self._hosts = hosts
         self.host_stats = HostStats()
         self.selector = Selector.from_settings(settings, self.host_stats)
@@ -241,23 +268,59 @@ class StatsCollector:
     # -- what the ingress reports, once per request ----------------------------------------
 
     def request_started(self, request_id: str, path: str, first_token_s: float) -> None:
-        self._requests[path] += 1
-        self._first_token[path].add(first_token_s * 1000.0)
         attributes = {"llooma.path": path}
         self._request_counter.add(1, attributes)
         self._ttft_histogram.record(first_token_s, attributes)
-        self._pending[request_id] = _Pending(path, first_token_s * 1000.0)
+        first_token_ms = first_token_s * 1000.0
+        self._outgoing.started.append(
+            RequestStart(request_id=request_id, path=path, first_token_ms=first_token_ms)
+        )
+        self._count_start(request_id, path, first_token_ms, own=True)
+
+    def request_failed(self) -> None:
+        self._request_counter.add(1, {"llooma.path": "none"})
+        self._outgoing.failed_before_first_token += 1
+        self._failed_requests += 1
+
+    def rejected(self, status: int, reason: str) -> None:
+        self._rejection_counter.add(1, {"http.response.status_code": status, "error.type": reason})
+        key = (status, reason)
+        self._outgoing_rejections[key] = self._outgoing_rejections.get(key, 0) + 1
+        self._count_rejections(status, reason, 1)
+
+    def record_tally(self, tally: IngressTally) -> None:
+        """Another ingress's requests and refusals (this one's were counted as they came)."""
+        if tally.instance_id == self.instance_id:
+            return
+        for start in tally.started:
+            self._count_start(start.request_id, start.path, start.first_token_ms, own=False)
+        self._failed_requests += tally.failed_before_first_token
+        for rejection in tally.rejections:
+            self._count_rejections(rejection.status, rejection.code, rejection.count)
+
+    def _count_start(self, request_id: str, path: str, first_token_ms: float, own: bool) -> None:
+        if path not in self._requests:
+            return  # from a newer ingress that knows a path this one does not
+        self._requests[path] += 1
+        self._first_token[path].add(first_token_ms)
+        pending = _Pending(path, first_token_ms, own)
+        host_ms = self._raced.pop(request_id, None)
+        if host_ms is not None:
+            self._count_overhead(pending, host_ms)
+            return
+        self._pending[request_id] = pending
         if len(self._pending) > PENDING_REQUESTS:
             self._pending.popitem(last=False)
 
-    def request_failed(self) -> None:
-        self._failed_requests += 1
-        self._request_counter.add(1, {"llooma.path": "none"})
-
-    def rejected(self, status: int, reason: str) -> None:
+    def _count_rejections(self, status: int, reason: str, count: int) -> None:
         by_reason = self._rejections.setdefault(status, {})
-        by_reason[reason] = by_reason.get(reason, 0) + 1
-        self._rejection_counter.add(1, {"http.response.status_code": status, "error.type": reason})
+        by_reason[reason] = by_reason.get(reason, 0) + count
+
+    def _count_overhead(self, pending: _Pending, host_ms: int) -> None:
+        overhead_ms = max(0.0, pending.first_token_ms - host_ms)
+        self._overhead[pending.path].add(overhead_ms)
+        if pending.own:
+            self._overhead_histogram.record(overhead_ms / 1000.0, {"llooma.path": pending.path})
 
     # -- race events -----------------------------------------------------------------------
 
@@ -293,12 +356,18 @@ class StatsCollector:
             self._win_counter.add(
                 1, {"llooma.host": winner.host_id, "gen_ai.response.model": key[1]}
             )
+        host_ms = _first_winner_ms(event)
+        if host_ms is None:
+            return
         pending = self._pending.pop(event.request_id, None)
-        host_ms = _first_winner_ms(event) if pending is not None else None
-        if pending is not None and host_ms is not None:
-            overhead_ms = max(0.0, pending.first_token_ms - host_ms)
-            self._overhead[pending.path].add(overhead_ms)
-            self._overhead_histogram.record(overhead_ms / 1000.0, {"llooma.path": pending.path})
+        if pending is not None:
+            self._count_overhead(pending, host_ms)
+        elif event.request_id not in self._raced:
+            # Its request's tally may come later (another ingress's, sent once a second); a
+            # split request is measured against the first of its node races.
+            self._raced[event.request_id] = host_ms
+            if len(self._raced) > PENDING_REQUESTS:
+                self._raced.popitem(last=False)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -320,12 +389,59 @@ class StatsCollector:
                 self.host_stats.record_duel,
                 replay_s,
             ),
+            Replay(
+                subjects.INGRESS_TALLY,
+                subjects.EVENTS_STREAM,
+                IngressTally.FromString,
+                self.record_tally,
+                replay_s,
+            ),
         ]
         for replay in self._replays:
             await replay.start(js)
         self._poller = asyncio.create_task(self._poll_ledger(js), name="ledger-summary")
+        if self.instance_id:
+            self._js = js
+            self._sender = asyncio.create_task(self._send_tallies(js), name="ingress-tally")
+
+    async def _send_tallies(self, js: JetStreamContext) -> None:
+        """Once a second, what this ingress recorded since; kept and resent in order while
+        NATS is away (each id sent once: a resend after a lost ack is dropped)."""
+        while True:
+            await asyncio.sleep(TALLY_INTERVAL_S)
+            await self.send_tally(js)
+
+    async def send_tally(self, js: JetStreamContext) -> None:
+        outgoing = self._outgoing
+        outgoing.rejections.extend(
+            RejectionCount(status=status, code=code, count=count)
+            for (status, code), count in self._outgoing_rejections.items()
+        )
+        self._outgoing_rejections = {}
+        if outgoing.started or outgoing.failed_before_first_token or outgoing.rejections:
+            self._tally_sequence += 1
+            msg_id = f"{self.instance_id}.tally.{self._tally_sequence}"
+            self._unsent.append((outgoing.SerializeToString(), msg_id))
+            self._outgoing = IngressTally(instance_id=self.instance_id)
+        while self._unsent:
+            payload, msg_id = self._unsent[0]
+            try:
+                await bus.hand_off(js, subjects.INGRESS_TALLY, payload, msg_id)
+            except Exception as error:
+                log.debug("tally not sent yet: %s", error)
+                return
+            self._unsent.popleft()
 
     async def stop(self) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
+        if self._js is not None:
+            # The last second's requests: the other ingresses count them too.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2.0):
+                    await self.send_tally(self._js)
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):

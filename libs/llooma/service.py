@@ -50,6 +50,9 @@ class Service:
     _consumers: list[tuple[str, ConsumerConfig]] = field(default_factory=list)
     _on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     _confirming: set[asyncio.Task[None]] = field(default_factory=set)
+    _heartbeat: ServiceHeartbeater | None = field(default=None, init=False)
+    # Called as soon as the connection breaks (the ingress ends the requests it holds open).
+    on_disconnect: Callable[[], object] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.instance_id = self.instance_id or new_instance_id(self.name)
@@ -60,6 +63,7 @@ class Service:
             f"llooma-{self.name}",
             access=self.settings.nats_access(),
             on_reconnect=self._reconnected,
+            on_disconnect=self.on_disconnect,
         )
         self.js = self.nc.jetstream()
         await bus.keep_topology(self.js, self.name)
@@ -177,28 +181,39 @@ class Service:
     def on_stop(self, hook: Callable[[], Awaitable[None]]) -> None:
         self._on_stop.append(hook)
 
-    async def serve(self, setup: Callable[[Service], Awaitable[None]]) -> None:
+    async def start(self, setup: Callable[[Service], Awaitable[None]]) -> None:
+        """Connect, let `setup` subscribe and build its parts, then announce this instance."""
         await self.connect()
         await setup(self)
-        heartbeat = ServiceHeartbeater(
+        self._heartbeat = ServiceHeartbeater(
             self.nc, self.name, self.instance_id, self.settings.heartbeat_interval_s
         )
-        await heartbeat.start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        await heartbeat.stop()
-        # Stop taking messages, let the ones in hand finish, then leave.
+        await self._heartbeat.start()
+
+    async def stop(self) -> None:
+        """Withdraw, stop taking messages, let the ones in hand finish, run the stop hooks
+        (last registered first), then leave."""
+        if self._heartbeat is not None:
+            await self._heartbeat.stop()
         for subscription in self._subscriptions:
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
         if self._running:
             await asyncio.wait(self._running, timeout=10)
-        for hook in self._on_stop:
+        for hook in reversed(self._on_stop):
             await hook()
         await self.nc.drain()
+
+    async def serve(self, setup: Callable[[Service], Awaitable[None]]) -> None:
+        """Run until SIGINT or SIGTERM. The ingress calls start and stop from its HTTP
+        server's lifespan instead, because uvicorn owns the signals there."""
+        await self.start(setup)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await self.stop()
 
 
 def _deliveries(msg: Msg) -> int:

@@ -321,6 +321,40 @@ class Settings(BaseSettings):
     judge_fee_micros: int = Field(
         default=100, ge=0, description="paid to each judge that gave a verdict"
     )
+    unstaked_host_stake: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1000.0,
+        description="the credits every host counts as having locked in the stake-weighted draw "
+        "(its locked stake if more); a host's weight is min(announced stake, this floor or its "
+        "locked stake). 0: only ledger stake counts; 1000: announced stake as is (tests)",
+    )
+    opening_stakes_micros: dict[str, int] = Field(
+        default={},
+        description='stake locked once from the treasury per host, JSON `{"host-a": 1000000}` '
+        "(the demo hosts of `llooma up`)",
+    )
+    stake_unlock_delay_s: float = Field(
+        default=3600.0,
+        ge=0.0,
+        description="how long an unlocked stake stays locked (weighted, slashable) before "
+        "accounting pays it out to the host",
+    )
+    slash_no_show_streak: int = Field(
+        default=3,
+        ge=0,
+        description="consecutive no-shows (live at the first-token deadline, no token) that "
+        "cost a host a slash; 0: never",
+    )
+    slash_no_show_fraction: float = Field(
+        default=0.1, ge=0.0, le=1.0, description="the share of its stake such a streak costs"
+    )
+    slash_duel_fraction: float = Field(
+        default=0.05,
+        ge=0.0,
+        le=1.0,
+        description="the share of its stake a duel lost unanimously (2+ judges) costs",
+    )
     ledger_signing_key_file: str = Field(
         default="",
         description="the Ed25519 seed that signs ledger blocks (created on first use; empty: "
@@ -339,7 +373,10 @@ class Settings(BaseSettings):
         "hand-off before redelivering it (to a replica, after a crash)",
     )
     heartbeat_interval_s: float = Field(
-        default=0.5, description="how often every service announces itself"
+        default=1.0,
+        gt=0,
+        description="how often every service announces itself (counted ready while its last "
+        "beat is at most `service_stale_after_s` old)",
     )
     host_stale_after_s: float = Field(
         default=2.0, description="a host silent this long is no longer eligible"
@@ -353,8 +390,8 @@ class Settings(BaseSettings):
     stats_replay_s: float = Field(
         default=900.0,
         ge=0,
-        description="race events this far back are replayed into `/v1/stats` when an ingress "
-        "starts (0: only new ones)",
+        description="race events and every ingress's request tallies this far back are "
+        "replayed into `/v1/stats` when an ingress starts (0: only new ones)",
     )
     stats_open_on_loopback: bool = Field(
         default=True,

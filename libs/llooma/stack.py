@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import secrets
@@ -58,6 +59,15 @@ def demo_hosts(nats_url: str) -> list[HostConfig]:
         )
         hosts.append(HostConfig(name=name, nats_url=nats_url, seed=seed, models=[synthetic, echo]))
     return hosts
+
+
+def opening_stakes(hosts: list[HostConfig]) -> dict[str, int]:
+    """The stake the stack locks in the ledger for each host it starts (micro-credits): what
+    its configuration announces, so its draw weight is what the YAML says."""
+    return {
+        host.name: round(max((m.policy.stake for m in host.models), default=0.0) * 1_000_000)
+        for host in hosts
+    }
 
 
 # A host is someone else's machine, even when the stack starts it: it gets its own YAML and
@@ -222,10 +232,12 @@ class Stack:
             cluster_env = (
                 {"LLOOMA_NATS_REPLICAS": str(self.cluster.replicas)} if self.cluster else {}
             )
+            hosts = self.hosts if self.hosts is not None else demo_hosts(self.nats_url)
             env = child_environment(
                 {
                     **cluster_env,
                     **self._secrets_env(),
+                    "LLOOMA_OPENING_STAKES_MICROS": json.dumps(opening_stakes(hosts)),
                     **self.extra_env,
                     "NATS_URL": self.nats_url,
                     "DATABASE_URL": self.database_url,
@@ -248,7 +260,7 @@ class Stack:
             host_dir = self.root / "hosts"
             host_dir.mkdir(exist_ok=True)
             host_store = self.credentials
-            for host in self.hosts if self.hosts is not None else demo_hosts(self.nats_url):
+            for host in hosts:
                 # Hosts join through the same path as anyone's: their own credential.
                 credential = host_store.issue(host.name) if host_store else None
                 host = host.model_copy(

@@ -34,6 +34,8 @@ SETTLEMENT_DELIVERY = f"{PREFIX}.settlement.delivery"
 EVENTS_STREAM = "LLOOMA_EVENTS"
 EVENTS_SUBJECTS = f"{PREFIX}.event.>"
 RACE_EVENT = f"{PREFIX}.event.race"
+# Each ingress's requests and refusals (IngressTally), for every ingress's cluster-wide stats.
+INGRESS_TALLY = f"{PREFIX}.event.ingress"
 
 # Durable consumer names, one per consuming service (replicas share it).
 CONSUMER_PRIVACY = "privacy"
@@ -66,6 +68,9 @@ BALANCES_BUCKET = "llooma_balances"
 # bucket has none (until then the ingress cannot tell "no balance" from "not yet published").
 BALANCES_COMPLETE_KEY = "all-published"
 LEDGER_BUCKET = "llooma_ledger"
+# Each host's stake locked in the ledger (key = host id, value = micro-credits, ASCII), published
+# by accounting; the dispatcher weights its draw by it.
+STAKES_BUCKET = "llooma_stakes"
 LEDGER_SUMMARY_KEY = "summary"
 # API keys managed in Postgres, published by accounting: key = api_key_id (the keyed hash),
 # value = the key's record (JSON); a revoked key's entry is deleted. Every ingress watches it.

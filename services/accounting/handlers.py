@@ -6,31 +6,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Annotated, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 import asyncpg
-from faststream import AckPolicy, Context
-from faststream.nats import NatsRouter, PullSub
-from faststream.nats.message import NatsBatchMessage
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from opentelemetry import metrics
 
-from llooma import counters, subjects, tracing
+from llooma import bus, counters, subjects, tracing
 from llooma.ledger import deliveries
 from llooma.ledger.anchors import Anchorer
 from llooma.ledger.balances import publish_balances, publish_balances_complete
 from llooma.ledger.intake import Rejected, read_delivery, read_duel, read_settlement
+from llooma.ledger.stakes import publish_stakes
 from llooma.ledger.store import LedgerStore, Posted
-from llooma.runtime import SETTLEMENTS
 from llooma.v1.duel_pb2 import DuelResult
 from llooma.v1.settlement_pb2 import DeliveryReport, TaskSettlement
 
 log = logging.getLogger(__name__)
 
-# Settlements are not on the user's path: batching amortises FastStream's per-message cost
-# and the ledger's per-transaction cost (one block per batch) at the price of <= 50 ms.
+# Settlements are not on the user's path: batching amortises the per-message cost and the
+# ledger's per-transaction cost (one block per batch) at the price of <= 50 ms.
 BATCH_SIZE = 256
 BATCH_WAIT_S = 0.05
 # Balances can also change outside a batch (`llooma ledger credit`): re-read them this often.
@@ -63,6 +60,8 @@ class Accounting:
     def __init__(self) -> None:
         # api_key_id -> (block height it was read at, balance published).
         self._published: dict[str, tuple[int, int]] = {}
+        # host_id -> (block height it was read at, locked stake published); the same rule.
+        self._published_stakes: dict[str, tuple[int, int]] = {}
         # A batch's balances and a refresh's are each a snapshot at some height: publishing
         # one under this lock, only where it is newer, never puts an older balance last.
         self._publishing = asyncio.Lock()
@@ -104,8 +103,13 @@ class Accounting:
             return posted
         await self._anchor()
         await self._publish_balances(posted.block.height, posted.user_balances)
+        if posted.stakes:
+            await self._publish_stakes(posted.block.height, posted.stakes)
         self._summary_due.set()
         return posted
+
+    async def release_unlocks(self) -> Posted:
+        return await self.publish_posted(await self.store.release_unlocks())
 
     async def _anchor(self) -> None:
         """Anchor the new blocks outside the database; a failure is retried by the refresh."""
@@ -115,21 +119,33 @@ class Accounting:
             log.warning("anchoring blocks failed; will retry", exc_info=True)
 
     async def _publish_balances(self, height: int, balances: dict[str, int]) -> None:
+        await self._publish_newer(self._published, publish_balances, height, balances)
+
+    async def _publish_stakes(self, height: int, stakes: dict[str, int]) -> None:
+        await self._publish_newer(self._published_stakes, publish_stakes, height, stakes)
+
+    async def _publish_newer(
+        self,
+        published: dict[str, tuple[int, int]],
+        publish: Callable[[JetStreamContext, dict[str, int]], Awaitable[None]],
+        height: int,
+        values: dict[str, int],
+    ) -> None:
         async with self._publishing:
             newer = {
-                key: balance
-                for key, balance in balances.items()
-                if self._published.get(key, (-1, 0))[0] < height
+                key: value
+                for key, value in values.items()
+                if published.get(key, (-1, 0))[0] < height
             }
             changed = {
-                key: balance
-                for key, balance in newer.items()
-                if key not in self._published or self._published[key][1] != balance
+                key: value
+                for key, value in newer.items()
+                if key not in published or published[key][1] != value
             }
             if changed:
-                await publish_balances(self.js, changed)
-            for key, balance in newer.items():
-                self._published[key] = (height, balance)
+                await publish(self.js, changed)
+            for key, value in newer.items():
+                published[key] = (height, value)
 
     async def publish_summary(self) -> None:
         kv = await self.js.key_value(subjects.LEDGER_BUCKET)
@@ -140,6 +156,9 @@ class Accounting:
         """Publish every user balance that differs from what was last published."""
         height, balances = await self.store.user_balances()
         await self._publish_balances(height, balances)
+        # Stakes change outside a batch too (`llooma ledger stake`).
+        height, stakes = await self.store.stakes()
+        await self._publish_stakes(height, stakes)
 
     async def publish_all_balances(self) -> None:
         """Every balance, then the mark that tells the ingress a key absent now has none."""
@@ -191,7 +210,7 @@ class Accounting:
         log.warning("set aside %s message (stream seq %s): %s", message.subject, sequence, reason)
         await message.term()
 
-    def start_background(self) -> None:
+    def start_background(self, consumers: Sequence[Coroutine[Any, Any, None]] = ()) -> None:
         async def refresh() -> None:
             while True:
                 await asyncio.sleep(BALANCE_REFRESH_S)
@@ -217,6 +236,10 @@ class Accounting:
             while True:
                 await asyncio.sleep(RECONCILE_EVERY_S)
                 try:
+                    await self.release_unlocks()
+                except Exception:
+                    log.warning("releasing unlocked stakes failed", exc_info=True)
+                try:
                     await self.reconcile_deliveries()
                     rounds += 1
                     if rounds % 600 == 0:
@@ -228,6 +251,7 @@ class Accounting:
             asyncio.create_task(refresh(), name="balance-refresh"),
             asyncio.create_task(summarize(), name="summary-publish"),
             asyncio.create_task(reconcile(), name="delivery-reconcile"),
+            *(asyncio.create_task(consumer) for consumer in consumers),
         ]
 
     async def stop_background(self) -> None:
@@ -244,42 +268,40 @@ _CONSUMERS = {
 }
 
 
-def build_router(accounting: Accounting) -> NatsRouter:
-    router = NatsRouter()
+def settlement_consumers(accounting: Accounting) -> list[Coroutine[Any, Any, None]]:
+    """The three batched pull consumers on the settlements stream, acked one by one once the
+    batch is committed; Postgres down or a crash means a redelivery, which each event's key
+    turns into a no-op for what did land."""
 
-    # Acked one by one once the batch is committed; Postgres down or a crash means a
-    # redelivery, which the settlement's key turns into a no-op for attempts that did land.
-    @router.subscriber(
-        subjects.SETTLEMENT_TASK,
-        durable=subjects.CONSUMER_ACCOUNTING,
-        stream=SETTLEMENTS,
-        pull_sub=PullSub(batch_size=BATCH_SIZE, timeout=BATCH_WAIT_S, batch=True),
-        ack_policy=AckPolicy.MANUAL,
-    )
-    async def settle(batch: Annotated[NatsBatchMessage, Context("message")]) -> None:
+    async def settle(batch: list[Msg]) -> None:
         # One span per settlement, each in its task's trace, covering the batch's posting.
-        with tracing.batch_spans(subjects.SETTLEMENT_TASK, batch.raw_message):
-            await accounting.take(batch.raw_message, read_settlement, accounting.settle)
+        with tracing.batch_spans(subjects.SETTLEMENT_TASK, batch):
+            await accounting.take(batch, read_settlement, accounting.settle)
 
-    @router.subscriber(
-        subjects.SETTLEMENT_DUEL,
-        durable=subjects.CONSUMER_ACCOUNTING_DUELS,
-        stream=SETTLEMENTS,
-        pull_sub=PullSub(batch_size=BATCH_SIZE, timeout=BATCH_WAIT_S, batch=True),
-        ack_policy=AckPolicy.MANUAL,
-    )
-    async def settle_duels(batch: Annotated[NatsBatchMessage, Context("message")]) -> None:
-        with tracing.batch_spans(subjects.SETTLEMENT_DUEL, batch.raw_message):
-            await accounting.take(batch.raw_message, read_duel, accounting.settle_duels)
+    async def settle_duels(batch: list[Msg]) -> None:
+        with tracing.batch_spans(subjects.SETTLEMENT_DUEL, batch):
+            await accounting.take(batch, read_duel, accounting.settle_duels)
 
-    @router.subscriber(
-        subjects.SETTLEMENT_DELIVERY,
-        durable=subjects.CONSUMER_ACCOUNTING_DELIVERIES,
-        stream=SETTLEMENTS,
-        pull_sub=PullSub(batch_size=BATCH_SIZE, timeout=BATCH_WAIT_S, batch=True),
-        ack_policy=AckPolicy.MANUAL,
-    )
-    async def record_deliveries(batch: Annotated[NatsBatchMessage, Context("message")]) -> None:
-        await accounting.take(batch.raw_message, read_delivery, accounting.record_deliveries)
+    async def record_deliveries(batch: list[Msg]) -> None:
+        await accounting.take(batch, read_delivery, accounting.record_deliveries)
 
-    return router
+    return [
+        bus.pull_batches(
+            accounting.js,
+            subject,
+            durable,
+            subjects.SETTLEMENT_STREAM,
+            handle,
+            batch_size=BATCH_SIZE,
+            gather_s=BATCH_WAIT_S,
+        )
+        for subject, durable, handle in (
+            (subjects.SETTLEMENT_TASK, subjects.CONSUMER_ACCOUNTING, settle),
+            (subjects.SETTLEMENT_DUEL, subjects.CONSUMER_ACCOUNTING_DUELS, settle_duels),
+            (
+                subjects.SETTLEMENT_DELIVERY,
+                subjects.CONSUMER_ACCOUNTING_DELIVERIES,
+                record_deliveries,
+            ),
+        )
+    ]

@@ -14,10 +14,10 @@ from llooma.db.migrate import migrate
 from llooma.ledger import signing_key_path
 from llooma.ledger.anchors import Anchorer
 from llooma.ledger.blocks import Signer
-from llooma.ledger.economics import Prices, opening_balances
+from llooma.ledger.economics import Prices, SlashRules, opening_balances
 from llooma.ledger.store import LedgerStore
 from llooma.settings import Settings
-from services.accounting.handlers import Accounting, build_router
+from services.accounting.handlers import Accounting, settlement_consumers
 from services.accounting.keys import KeyService, build_key_router
 
 SERVICE = "accounting"
@@ -96,7 +96,9 @@ def create_app(settings: Settings) -> FastStream:
         except SystemExit:
             await pool.close()
             raise
-        accounting.store = LedgerStore(pool, signer, Prices.from_settings(settings))
+        accounting.store = LedgerStore(
+            pool, signer, Prices.from_settings(settings), SlashRules.from_settings(settings)
+        )
         accounting.js = broker.config.connection_state.stream
         accounting.anchors = Anchorer(accounting.js, subjects.ledger_chain(signer.public_key))
         await accounting.anchors.start()
@@ -104,10 +106,11 @@ def create_app(settings: Settings) -> FastStream:
         keys.open(pool)
         # Before this instance says it is ready, so the ingress never 402s a funded key.
         await accounting.store.open_accounts(opening_balances(settings))
+        await accounting.store.open_stakes(settings.opening_stakes_micros)
         await accounting.publish_all_balances()
         await keys.publish_all()
         await accounting.publish_summary()
-        accounting.start_background()
+        accounting.start_background(settlement_consumers(accounting))
 
     async def close_ledger(_: NatsBroker) -> None:
         await accounting.stop_background()
@@ -116,7 +119,7 @@ def create_app(settings: Settings) -> FastStream:
     return runtime.build_app(
         SERVICE,
         settings,
-        [build_router(accounting), build_key_router(keys)],
+        [build_key_router(keys)],
         on_connected=open_ledger,
         on_stopping=close_ledger,
     )

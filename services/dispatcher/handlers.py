@@ -13,9 +13,10 @@ from nats.js import JetStreamContext
 
 from llooma import bus, counters, subjects
 from llooma.host_stats import HostStats
+from llooma.ledger.stakes import StakeBook
 from llooma.membership import HostDirectory
 from llooma.planning import decide, is_split
-from llooma.selection import Ask, Candidate, Selector
+from llooma.selection import Ask, Candidate, Selector, asked_features
 from llooma.settings import Settings
 from llooma.v1.common_pb2 import (
     ERROR_CODE_NO_ELIGIBLE_HOST,
@@ -44,8 +45,9 @@ def as_candidate(c: Candidate) -> HostCandidate:
 
 
 def requested_features(request: ChatRequest) -> frozenset[str]:
-    """The ModelFeatures a request needs of its hosts."""
-    return EMBEDDINGS if request.kind == TASK_KIND_EMBEDDING else frozenset()
+    """The ModelFeatures a request needs of its hosts: its parameters', and embeddings."""
+    features = asked_features(request.params)
+    return features | EMBEDDINGS if request.kind == TASK_KIND_EMBEDDING else features
 
 
 class Dispatcher:
@@ -56,6 +58,7 @@ class Dispatcher:
         nc: Client,
         js: JetStreamContext,
         instance_id: str,
+        stakes: StakeBook | None = None,
     ) -> None:
         self._nc = nc
         self._js = js
@@ -63,7 +66,8 @@ class Dispatcher:
         self._hosts = hosts
         self._rng = random.Random()
         self.stats = HostStats()
-        self.selector = Selector.from_settings(settings, self.stats)
+        self.stakes = stakes or StakeBook()
+        self.selector = Selector.from_settings(settings, self.stats, self.stakes.locked_micros)
         self.dag = DagRunner(nc, js, instance_id, self.assign)
 
     async def on_race_event(self, msg: Msg) -> None:
@@ -77,7 +81,7 @@ class Dispatcher:
     def candidates(
         self, model: str, deadline_ms: int, features: frozenset[str] = frozenset()
     ) -> list[Candidate]:
-        ask = Ask(model, features=features, deadline_ms=deadline_ms)
+        ask = Ask(model, features, deadline_ms=deadline_ms)
         return self.selector.candidates(self._hosts.members.all(), ask)
 
     def _fallback(self, candidates: list[Candidate], chosen: list[Candidate]) -> list[Candidate]:
@@ -140,11 +144,13 @@ class Dispatcher:
                 request.path = REQUEST_PATH_DIRECT
         assignment = self.assign(request)
         if assignment is None:
-            what = "embeddings of " if request.kind == TASK_KIND_EMBEDDING else ""
+            # Never a silent downgrade: a request for tools waits for a host that has them.
+            features = requested_features(request)
+            needs = f" with {', '.join(sorted(features))}" if features else ""
             failure = ClientEvent(
                 failed=ErrorDetail(
                     code=ERROR_CODE_NO_ELIGIBLE_HOST,
-                    message=f"no eligible host serves {what}model {request.model!r} right now",
+                    message=f"no eligible host serves model {request.model!r}{needs} right now",
                 )
             )
             await self._nc.publish(request.reply_subject, failure.SerializeToString())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from llooma import subjects
+from llooma.ledger.stakes import StakeBook
 from llooma.membership import HostDirectory
 from llooma.service import Service, serve
 from services.dispatcher.handlers import Dispatcher
@@ -29,7 +30,11 @@ async def setup(service: Service) -> None:
     # Hosts' heartbeats, checked, into the hosts bucket (one replica takes each).
     intake = HostHeartbeatIntake(service.nc)
     await service.subscribe_queue(subjects.HOST_HEARTBEAT_ANY, "host-heartbeats", intake.handle)
-    dispatcher = Dispatcher(settings, hosts, service.nc, service.js, service.instance_id)
+    # Hosts are drawn by the stake they locked in the ledger, as accounting publishes it.
+    stakes = StakeBook()
+    await stakes.start(service.js)
+    service.on_stop(stakes.stop)
+    dispatcher = Dispatcher(settings, hosts, service.nc, service.js, service.instance_id, stakes)
     await service.subscribe(dispatcher.dag.done_subject, dispatcher.dag.on_node_done)
     # Every dispatcher replica learns from every race, so no queue group.
     await service.subscribe(subjects.RACE_EVENT, dispatcher.on_race_event)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -29,11 +30,14 @@ from llooma.membership import HostDirectory, ServiceDirectory
 from llooma.metrics import StatsCollector
 from llooma.names import SERVICES, path_name
 from llooma.planning import bypass_plan
-from llooma.privacy import Mapping, StreamRestorer
+from llooma.privacy import Mapping
+from llooma.selection import asked_features
 from llooma.settings import ORCHESTRATED_MODEL, Settings, api_key_id
 from llooma.v1.common_pb2 import (
+    ERROR_CODE_CONTROL_PLANE_UNAVAILABLE,
     ERROR_CODE_DEADLINE_EXCEEDED,
     ErrorDetail,
+    GenerationParams,
 )
 from llooma.v1.pipeline_pb2 import (
     PRIVACY_MODE_OFF,
@@ -43,14 +47,18 @@ from llooma.v1.pipeline_pb2 import (
     ClientEvent,
     PrivacyMode,
 )
+from llooma.v1.plan_pb2 import Plan
 from services.ingress.answers import (
+    Answer,
     EventStream,
+    Restorers,
     error_shape,
     header_value,
     restore,
     sse_event,
     usage_json,
 )
+from services.ingress.choices import merged
 from services.ingress.delivery import DeliveryReporter
 from services.ingress.headers import InvalidHeader, RequestOptions, parse_options
 from services.ingress.limits import Limits, Ticket
@@ -62,11 +70,16 @@ from services.ingress.schema import (
 )
 from services.ingress.shapes import AnswerShape
 from services.ingress.shared_limits import SharedRateLimits
+from services.ingress.structured import checked
+
+log = logging.getLogger(__name__)
 
 # How much longer than the first-token deadline the pipeline may take to say anything at all.
 PIPELINE_MARGIN_S = 10.0
 # Beyond the racer's own stall deadline, how long the ingress waits before giving up itself.
 STALL_MARGIN_S = 5.0
+# A stream quiet this long asks whether its racer still beats (no cost while tokens flow).
+RACER_CHECK_S = 1.0
 
 # How long a model stays known after its last host left: requests for it get 503 (retried by
 # clients) rather than 404 (never retried) while its hosts restart or reconnect.
@@ -270,18 +283,20 @@ class Ingress:
         accepted_at = time.monotonic()
         request_id = uuid.uuid4().hex
         tracing.annotate_chat(request_id, parsed.model)
+        params = parsed.params_proto()
         chat = ChatRequest(
             request_id=request_id,
             model=parsed.model,
             messages=parsed.messages_proto(),
-            params=parsed.params_proto(),
+            params=params,
             stream=parsed.stream,
             reply_subject=self.replies.subject_for(request_id),
             api_key_id=key_id,
             accepted_unix_nanos=time.time_ns(),
             first_token_deadline_ms=options.deadline_ms,
             race_width=options.race_width,
-            plan=bypass_plan("the client asked for no split") if options.no_split else None,
+            plan=_plan(params, options, parsed.n),
+            choices=parsed.n,
             privacy=self._privacy_mode(key_id, options.privacy),
         )
         if shape is not None:
@@ -327,19 +342,25 @@ class Ingress:
             deadline_ms + self.settings.fallback_first_token_ms
         ) / 1000.0 + PIPELINE_MARGIN_S
         first = await self._next_event(queue, first_wait_s)
-        restorer = None
-        # A loop: privacy redelivered under load (after its ack wait) sends the mapping again.
+        restorers = None
         while first.WhichOneof("event") == "mapping":
-            # Lives only as long as this request, in this process.
-            restorer = StreamRestorer(
-                Mapping.from_dict({e.placeholder: e.original for e in first.mapping.entries})
-            )
+            # Privacy's hand-off redelivered (its ack lost in a node kill) sends it again.
+            if restorers is None:
+                # Lives only as long as this request, in this process.
+                restorers = Restorers(
+                    Mapping.from_dict({e.placeholder: e.original for e in first.mapping.entries})
+                )
             first = await self._next_event(queue, first_wait_s)
         kind = first.WhichOneof("event")
         if kind != "started":
             await self._end(request_id, finished=False)
             if self.stats is not None:
                 self.stats.request_failed()
+            if self.deliveries is not None:
+                # A race that runs on regardless (its events lost) is not the user's to pay.
+                self.deliveries.nothing_delivered(chat)
+            if kind != "failed":
+                log.error("request %s: %s before it started", request_id, kind)
             return self._failure_response(first.failed, headers)
         headers["x-llooma-path"] = path_name(first.started.path)
         if self.stats is not None:
@@ -353,7 +374,15 @@ class Ingress:
             headers["x-llooma-host"] = header_value(first.started.host_id)
         if first.started.model:
             headers["x-llooma-model"] = header_value(first.started.model)
-        stream = ticket.watch(self._events(request_id, queue, restorer))
+        # One race relays a single answer: its racer's death ends the stream at once.
+        racer = first.started.racer_instance_id if parsed.n == 1 else ""
+        stream = self._events(request_id, queue, restorers, parsed.n, racer)
+        if parsed.n > 1:
+            stream = merged(stream, parsed.n)
+        stream = ticket.watch(stream)
+        schema = parsed.answer_schema()
+        if schema is not None:
+            stream = checked(stream, schema)
         if self.deliveries is not None:
             stream = self.deliveries.watch(chat, stream)
         if parsed.stream:
@@ -365,7 +394,7 @@ class Ingress:
 
             return EventStream(
                 # `model` echoes the request (x-llooma-model names the one that answered).
-                self._sse(request_id, parsed.model, stream, include_usage)
+                self._sse(request_id, parsed.model, stream, include_usage, parsed.n > 1)
                 if shape is None
                 else shape.stream(request_id, parsed, stream),
                 on_close=on_close,
@@ -377,48 +406,82 @@ class Ingress:
                 return await shape.collect(
                     request_id, parsed, stream, headers, self._failure_response
                 )
-            return await self._collect(request_id, parsed.model, stream, headers)
+            return await self._collect(request_id, parsed, stream, headers)
 
     async def _next_event(self, queue: asyncio.Queue[bytes], timeout_s: float) -> ClientEvent:
         try:
             async with asyncio.timeout(timeout_s):
                 return ClientEvent.FromString(await queue.get())
         except TimeoutError:
-            return ClientEvent(
-                failed=ErrorDetail(
-                    code=ERROR_CODE_DEADLINE_EXCEEDED,
-                    message=f"no progress from the control plane for {timeout_s:.1f} s",
-                )
-            )
+            return _no_progress(timeout_s)
+
+    async def _next_live_event(
+        self, queue: asyncio.Queue[bytes], timeout_s: float, racer: str
+    ) -> ClientEvent:
+        """As `_next_event`, but a wait longer than `RACER_CHECK_S` asks whether the racer
+        relaying the answer still beats, and ends the stream as soon as it has stopped (its
+        race died with it; waiting on would only reach the stall limit)."""
+        if not racer:
+            return await self._next_event(queue, timeout_s)
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + timeout_s
+        while True:
+            wait_s = min(RACER_CHECK_S, give_up_at - loop.time())
+            if wait_s <= 0:
+                return _no_progress(timeout_s)
+            try:
+                async with asyncio.timeout(wait_s):
+                    return ClientEvent.FromString(await queue.get())
+            except TimeoutError:
+                if self.services.gone(racer):
+                    log.warning("racer %s stopped while relaying an answer", racer)
+                    return ClientEvent(
+                        failed=ErrorDetail(
+                            code=ERROR_CODE_CONTROL_PLANE_UNAVAILABLE,
+                            message="the racer relaying this answer stopped; "
+                            "the answer is incomplete",
+                        )
+                    )
 
     async def _events(
-        self, request_id: str, queue: asyncio.Queue[bytes], restorer: StreamRestorer | None
+        self,
+        request_id: str,
+        queue: asyncio.Queue[bytes],
+        restorers: Restorers | None,
+        choices: int,
+        racer: str = "",
     ) -> AsyncGenerator[list[ClientEvent]]:
-        """Events after `started`, in batches of what had already arrived, ending with
-        `finished` or `failed`; cancels the request upstream if the consumer stops early."""
+        """Events after `started`, in batches of what had already arrived, ending with the
+        last choice's `finished` or a `failed`; cancels the request upstream if the consumer
+        stops early."""
         # The racer's own stall deadline plus a continuation's time to its first token.
         settings = self.settings
         stall_s = (
             settings.stall_deadline_ms + settings.fallback_first_token_ms
         ) / 1000.0 + STALL_MARGIN_S
         done = False
+        unfinished = choices
         try:
             while not done:
-                batch = [await self._next_event(queue, stall_s)]
-                while not queue.empty():
-                    batch.append(ClientEvent.FromString(queue.get_nowait()))
-                # A late copy of the mapping (privacy redelivered): the same request's, known.
-                if any(event.WhichOneof("event") == "mapping" for event in batch):
-                    batch = [event for event in batch if event.WhichOneof("event") != "mapping"]
-                    if not batch:
-                        continue
-                for index, event in enumerate(batch):
-                    if event.WhichOneof("event") in ("finished", "failed"):
-                        del batch[index + 1 :]
-                        done = True
+                batch = []
+                event = await self._next_live_event(queue, stall_s, racer)
+                while True:
+                    kind = event.WhichOneof("event")
+                    # A mapping now repeats privacy's (its hand-off was redelivered).
+                    if kind != "mapping":
+                        batch.append(event)
+                        if kind == "finished":
+                            unfinished -= 1
+                        if kind == "failed" or unfinished == 0:
+                            done = True
+                            break
+                    if queue.empty():
                         break
-                if restorer is not None:
-                    batch = restore(batch, restorer)
+                    event = ClientEvent.FromString(queue.get_nowait())
+                if not batch:
+                    continue
+                if restorers is not None:
+                    batch = restore(batch, restorers)
                 yield batch
             done = batch[-1].WhichOneof("event") == "finished"
         finally:
@@ -452,6 +515,7 @@ class Ingress:
         model: str,
         batches: AsyncGenerator[list[ClientEvent]],
         include_usage: bool,
+        many: bool,
     ) -> AsyncGenerator[bytes]:
         created = int(time.time())
         head = (
@@ -465,40 +529,28 @@ class Ingress:
         )
         async with contextlib.aclosing(batches):
             async for batch in batches:
-                yield b"".join(sse_event(head, event, include_usage) for event in batch)
+                yield b"".join(sse_event(head, event, include_usage, many) for event in batch)
 
     async def _collect(
         self,
         request_id: str,
-        model: str,
+        parsed: ChatCompletionRequest,
         batches: AsyncIterator[list[ClientEvent]],
         headers: dict[str, str],
     ) -> Response:
-        pieces = []
-        thoughts = []
+        answers = [Answer(bool(parsed.logprobs), index) for index in range(parsed.n)]
         async for batch in batches:
             for event in batch:
                 kind = event.WhichOneof("event")
                 if kind == "delta":
-                    pieces.append(event.delta.text)
-                    if event.delta.reasoning:
-                        thoughts.append(event.delta.reasoning)
+                    answers[event.choice_index].add(event.delta)
                 elif kind == "finished":
-                    message = {"role": "assistant", "content": "".join(pieces)}
-                    if thoughts:
-                        message["reasoning_content"] = "".join(thoughts)
                     body = {
                         "id": f"chatcmpl-{request_id}",
                         "object": "chat.completion",
                         "created": int(time.time()),
-                        "model": model,
-                        "choices": [
-                            {
-                                "index": 0,
-                                "message": message,
-                                "finish_reason": event.finished.finish_reason or "stop",
-                            }
-                        ],
+                        "model": parsed.model,
+                        "choices": [a.choice(event.finished.finish_reason) for a in answers],
                         "usage": usage_json(event),
                     }
                     return Response(
@@ -533,6 +585,27 @@ class Ingress:
             {"status": "ok" if healthy else "unavailable", "services": services, "hosts": hosts},
             status_code=200 if healthy else 503,
         )
+
+
+def _plan(params: GenerationParams, options: RequestOptions, choices: int) -> Plan | None:
+    if options.no_split:
+        return bypass_plan("the client asked for no split")
+    if choices > 1:
+        return bypass_plan("each of several choices is one race")
+    features = asked_features(params)
+    if features:
+        return bypass_plan(f"{', '.join(sorted(features))} need one host's whole answer")
+    return None
+
+
+def _no_progress(timeout_s: float) -> ClientEvent:
+    log.warning("no event for a request for %.1f s", timeout_s)
+    return ClientEvent(
+        failed=ErrorDetail(
+            code=ERROR_CODE_DEADLINE_EXCEEDED,
+            message=f"no progress from the control plane for {timeout_s:.1f} s",
+        )
+    )
 
 
 def _invalid_api_key() -> Response:

@@ -37,6 +37,17 @@ class DeliveryReporter:
         )
         bus.keep_task(self._sending, task, "delivery report")
 
+    def nothing_delivered(self, chat: ChatRequest) -> None:
+        """The request failed before its first token: the client got nothing."""
+        report = DeliveryReport(
+            request_id=chat.request_id,
+            api_key_id=chat.api_key_id,
+            stream=chat.stream,
+            final=True,
+            failed=True,
+        )
+        self._send(report, 0)
+
     def watch(
         self, chat: ChatRequest, batches: AsyncGenerator[list[ClientEvent]]
     ) -> AsyncGenerator[list[ClientEvent]]:

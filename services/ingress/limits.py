@@ -41,7 +41,8 @@ def estimate_tokens(request: ChatCompletionRequest, default_max_tokens: int) -> 
     """Prompt + completion tokens a request may use, known before it runs."""
     prompt_chars = sum(len(message.text()) for message in request.messages)
     prompt = math.ceil(prompt_chars / CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE * len(request.messages)
-    return prompt + (request.max_completion_tokens or request.max_tokens or default_max_tokens)
+    completion = request.max_completion_tokens or request.max_tokens or default_max_tokens
+    return prompt + request.n * completion
 
 
 @dataclass

@@ -1,8 +1,12 @@
-"""Composition root of the ingress: settings -> NATS -> directories -> HTTP app -> uvicorn."""
+"""Composition root of the ingress: settings -> the shared service runtime (NATS, topology,
+heartbeat, stop hooks) -> directories -> HTTP app -> uvicorn."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
+import logging
 from collections.abc import AsyncIterator
 
 import uvicorn
@@ -14,13 +18,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from llooma import bus, runtime, tracing
+from llooma import runtime, tracing
 from llooma.keys import KeyBook
 from llooma.ledger.balances import BalanceBook
 from llooma.limiter import SharedCounters
 from llooma.membership import HostDirectory, ServiceDirectory
 from llooma.metrics import StatsCollector
-from llooma.runtime import ServiceHeartbeater
+from llooma.service import Service
 from llooma.settings import Settings, load_settings
 from services.ingress.admin import ROUTES as ADMIN_ROUTES
 from services.ingress.admin import admin_key_ids
@@ -37,6 +41,8 @@ from services.ingress.shared_limits import SharedRateLimits
 from services.ingress.stats import ROUTES as STATS_ROUTES
 
 SERVICE = "ingress"
+
+log = logging.getLogger(__name__)
 
 
 def _ingress(request: Request) -> Ingress:
@@ -99,68 +105,76 @@ ROUTES = [
 
 
 def create_app(settings: Settings) -> Starlette:
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        instance_id = runtime.new_instance_id(SERVICE)
-
-        async def reconnected() -> None:
-            # A restarted server may have lost the memory stream and buckets the ingress
-            # publishes to and watches (bus.connect logs a failure).
-            await bus.restore_topology(nc.jetstream())
-
-        nc = await bus.connect(
-            settings.nats_url,
-            f"llooma-{SERVICE}",
-            access=settings.nats_access(),
-            on_reconnect=reconnected,
-        )
-        js = nc.jetstream()
-        await bus.keep_topology(js, SERVICE)
+    async def setup(service: Service, replies: ReplyRouter) -> None:
+        """The ingress's parts on the shared service runtime; `app.state` is where the HTTP
+        routes find them."""
+        nc, js = service.nc, service.js
         hosts = HostDirectory(
             stale_after_s=settings.host_stale_after_s, min_version=settings.min_host_version
         )
         services = ServiceDirectory(stale_after_s=settings.service_stale_after_s)
         await hosts.start(js)
+        service.on_stop(hosts.stop)
         await services.start(js)
-        replies = ReplyRouter(instance_id)
+        service.on_stop(services.stop)
         await replies.start(nc)
-        stats = StatsCollector(settings, hosts)
+        stats = StatsCollector(settings, hosts, service.instance_id)
         await stats.start(js)
-        app.state.stats = stats
-        app.state.ingress = Ingress(settings, nc, js, replies, hosts, services)
-        balances = BalanceBook()
-        await balances.start(js)
-        app.state.ingress.balances = balances
-        keys = KeyBook()
-        await keys.start(js)
-        app.state.ingress.keys = keys
-        app.state.ingress.deliveries = DeliveryReporter(js)
+        service.on_stop(stats.stop)
+        ingress = Ingress(settings, nc, js, replies, hosts, services)
+        ingress.balances = BalanceBook()
+        await ingress.balances.start(js)
+        service.on_stop(ingress.balances.stop)
+        ingress.keys = KeyBook()
+        await ingress.keys.start(js)
+        service.on_stop(ingress.keys.stop)
+        ingress.deliveries = DeliveryReporter(js)
         if settings.rate_limits_shared:
-            app.state.ingress.shared_limits = SharedRateLimits(settings, SharedCounters(js))
-            app.state.ingress.limits.rates_shared = True
+            ingress.shared_limits = SharedRateLimits(settings, SharedCounters(js))
+            ingress.limits.rates_shared = True
+        ingress.stats = stats
+        app.state.stats = stats
+        app.state.ingress = ingress
         app.state.admin_key_ids = admin_key_ids(settings.admin_keys())
-        app.state.ingress.stats = stats
-        heartbeat = ServiceHeartbeater(nc, SERVICE, instance_id, settings.heartbeat_interval_s)
-        await heartbeat.start()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        service = Service(SERVICE, settings)
+        replies = ReplyRouter(service.instance_id)
+
+        def disconnected() -> None:
+            lost = replies.connection_lost()
+            if lost:
+                log.warning("NATS connection lost: %d open requests refused or ended", lost)
+
+        service.on_disconnect = disconnected
+        await service.start(functools.partial(setup, replies=replies))
         try:
             yield
         finally:
-            await heartbeat.stop()
-            await stats.stop()
-            await balances.stop()
-            await keys.stop()
-            await hosts.stop()
-            await services.stop()
-            await nc.drain()
+            await service.stop()
 
     # Only when tracing: an untraced ingress keeps no middleware layer at all.
     middleware = [Middleware(tracing.ServerSpans)] if tracing.enabled() else []
-    return Starlette(
+    app = Starlette(
         routes=ROUTES,
         lifespan=lifespan,
         middleware=middleware,
         exception_handlers={HTTPException: http_error},
     )
+    return app
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server with its housekeeping tick (the Date header, the stop flag) once a
+    second rather than ten times: the ingress at rest wakes for nothing else."""
+
+    async def main_loop(self) -> None:
+        ticks_per_poll = round(10 * runtime.STOP_POLL_S)  # on_tick counts tenths of a second
+        counter = 0
+        while not await self.on_tick(counter):
+            await asyncio.sleep(runtime.STOP_POLL_S)
+            counter = (counter + ticks_per_poll) % 864000
 
 
 def main() -> None:
@@ -178,4 +192,4 @@ def main() -> None:
         access_log=False,
         timeout_graceful_shutdown=5,
     )
-    uvloop.run(uvicorn.Server(config).serve())
+    uvloop.run(Server(config).serve())

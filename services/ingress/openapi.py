@@ -27,7 +27,7 @@ from services.ingress.headers import (
     SPLIT_MODES,
 )
 from services.ingress.responses import ResponsesRequest
-from services.ingress.schema import ChatCompletionRequest
+from services.ingress.schema import MAX_CHOICES, ChatCompletionRequest
 
 Schema = dict[str, Any]
 
@@ -73,6 +73,20 @@ USAGE: Schema = {
     },
 }
 
+TOOL_CALL: Schema = {
+    "type": "object",
+    "required": ["id", "type", "function"],
+    "properties": {
+        "id": {"type": "string"},
+        "type": {"const": "function"},
+        "function": {
+            "type": "object",
+            "required": ["name", "arguments"],
+            "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}},
+        },
+    },
+}
+
 CHAT_COMPLETION: Schema = {
     "type": "object",
     "required": ["id", "object", "created", "model", "choices", "usage"],
@@ -84,18 +98,27 @@ CHAT_COMPLETION: Schema = {
         "choices": {
             "type": "array",
             "minItems": 1,
-            "maxItems": 1,
+            "maxItems": MAX_CHOICES,
             "items": {
                 "type": "object",
                 "required": ["index", "message", "finish_reason"],
                 "properties": {
-                    "index": {"const": 0},
+                    "index": {"type": "integer", "minimum": 0, "maximum": MAX_CHOICES - 1},
                     "message": {
                         "type": "object",
                         "required": ["role", "content"],
                         "properties": {
                             "role": {"const": "assistant"},
-                            "content": {"type": "string"},
+                            # null only for an answer of tool calls alone, as OpenAI's.
+                            "content": {"type": ["string", "null"]},
+                            "reasoning_content": {"type": "string"},
+                            "tool_calls": {"type": "array", "items": TOOL_CALL},
+                        },
+                    },
+                    "logprobs": {
+                        "type": ["object", "null"],
+                        "properties": {
+                            "content": {"type": "array", "items": {"type": "object"}},
                         },
                     },
                     "finish_reason": {"type": "string"},
@@ -371,7 +394,8 @@ def _chat_completions() -> Schema:
                 },
             },
             "400": _error(
-                "Malformed JSON, a missing or wrongly typed field, invalid UTF-8, a bad header."
+                "Malformed JSON, a missing or wrongly typed field (a `json_schema` that is not "
+                "a JSON Schema), invalid UTF-8, a bad header."
             ),
             "401": _error("Missing or unknown API key."),
             "402": _error(
@@ -393,11 +417,16 @@ def _chat_completions() -> Schema:
                 "The key's requests or tokens per minute are used up (`rate_limit_exceeded`).",
                 {"retry-after": RETRY_AFTER, **RATE_LIMIT_HEADERS},
             ),
-            "502": _error("The raced hosts failed.", pipeline_headers),
+            "502": _error(
+                "The raced hosts failed, or the answer does not match the request's "
+                "`response_format` json_schema (`invalid_structured_output`).",
+                pipeline_headers,
+            ),
             "503": _error(
                 "Shed (`overloaded`), no eligible host (also for a model whose hosts have all "
-                "left in the last 10 minutes), every raced host busy, or the control plane is "
-                "unreachable.",
+                "left in the last 10 minutes, and when no live host of the model announces a "
+                "feature the request uses: tools, JSON mode or schema, logprobs), every raced "
+                "host busy, or the control plane is unreachable.",
                 {"retry-after": RETRY_AFTER},
             ),
             "504": _error("The raced hosts missed the first-token deadline.", pipeline_headers),

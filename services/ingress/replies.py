@@ -8,6 +8,18 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from llooma import subjects
+from llooma.v1.common_pb2 import ERROR_CODE_CONTROL_PLANE_UNAVAILABLE, ErrorDetail
+from llooma.v1.pipeline_pb2 import ClientEvent
+
+# What every open request is told when the connection that brings its events breaks: events
+# published to it until the reconnect are gone, so waiting on would end in a slow timeout, and
+# going on after a gap would hand the client an answer with a hole in it.
+CONNECTION_LOST = ClientEvent(
+    failed=ErrorDetail(
+        code=ERROR_CODE_CONTROL_PLANE_UNAVAILABLE,
+        message="the ingress lost its connection to the control plane; retry the request",
+    )
+).SerializeToString()
 
 
 class ReplyRouter:
@@ -33,6 +45,12 @@ class ReplyRouter:
     def close(self, request_id: str) -> bool:
         """Stop routing to the request; True if it was still open."""
         return self._waiting.pop(request_id, None) is not None
+
+    def connection_lost(self) -> int:
+        """End every open request (nats-py's disconnect callback); how many were open."""
+        for queue in self._waiting.values():
+            queue.put_nowait(CONNECTION_LOST)
+        return len(self._waiting)
 
     async def _route(self, msg: Msg) -> None:
         queue = self._waiting.get(subjects.client_reply_request_id(msg.subject))

@@ -77,8 +77,10 @@ class RaceCore:
         duels: DuelSampler | None = None,
         deadlines: Deadlines | None = None,
         new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+        racer_id: str = "",
     ) -> None:
         race = Race(assignment, now, fallback_timeout_s)
+        self._racer_id = racer_id
         race.prompt_tokens = prompt_tokens(assignment.request.messages)
         # The fallback pool first; raced hosts that said no may still continue a stream.
         race.spare = [*assignment.fallback, *assignment.hosts]
@@ -220,6 +222,13 @@ class RaceCore:
             self._launch_hedged(now)
         if not race.deadline_hit and now >= race.started + self._deadline_s:
             race.deadline_hit = True
+            for attempt in race.attempts.values():
+                if (
+                    now - attempt.launched_at >= self._deadline_s
+                    and attempt.first_token_at is None
+                    and not (attempt.failed or attempt.cancelled)
+                ):
+                    attempt.no_show = True
             self._launch_fallback(now)
         if now >= race.started + self._deadline_s + race.fallback_timeout_s:
             raise RaceFailed(
@@ -243,6 +252,7 @@ class RaceCore:
             model=winner.host.model,
             plan_decision=request.plan.decision,
             host_id=winner.host.host_id,
+            racer_instance_id=self._racer_id,
         )
         self._out.append(Emit(ClientEvent(started=started)))
         self.phase = "streaming"
@@ -342,6 +352,13 @@ class RaceCore:
     def _hand_over(self, broken: Attempt, why: str, now: float) -> None:
         """Start a spare host on the emitted prefix."""
         self._cancel(broken)
+        if self.race.tool_calls_sent:
+            # Another host cannot finish this one's tool-call JSON: fail clearly, never splice.
+            raise RaceFailed(
+                ERROR_CODE_HOST_FAILED,
+                f"the stream broke inside a tool call ({why}); "
+                "tool calls are never continued on another host",
+            )
         if self.race.continuations >= self._max_continuations:
             raise RaceFailed(ERROR_CODE_HOST_FAILED, f"the stream broke ({why}); no retries left")
         self._why = why
@@ -426,8 +443,7 @@ class RaceCore:
                 self._cancel(attempt)
 
     def _flush(self) -> None:
-        delta = self._answer.take()
-        if delta is not None:
+        for delta in self._answer.take():
             self._out.append(Emit(ClientEvent(delta=delta)))
 
     def _fail(self, failure: RaceFailed) -> None:

@@ -145,6 +145,9 @@ class Duels:
             return None
         if not offer.losers:
             return None
+        if offer.request.params.tools_json:
+            # Its answer may be tool calls, which a judge comparing two texts cannot read.
+            return None
         loser = self._rng.choice(offer.losers)
         judges = self._judges(offer.winner.model, {offer.winner.host_id, loser.host_id})
         if not judges:

@@ -37,7 +37,7 @@ async def setup(service: Service) -> None:
     await racer.start(service)
 
     async def race(msg: Msg) -> None:
-        await racer.run(TaskAssignment.FromString(msg.data))
+        await racer.run_choices(TaskAssignment.FromString(msg.data))
 
     # Acked on receipt: a race is not replayed (its client already has a stream in flight);
     # if this process dies mid-race, the ingress ends that client's stream with an error event.

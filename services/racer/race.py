@@ -158,6 +158,14 @@ class Racer:
         for task in self._by_request.get(subjects.request_cancel_request_id(msg.subject), set()):
             task.cancel()
 
+    async def run_choices(self, assignment: TaskAssignment) -> None:
+        """Every choice the request asks for (`n`), each its own race."""
+        count = assignment.request.choices
+        if count <= 1:
+            await self.run(assignment)
+            return
+        await asyncio.gather(*(self.run(choice_assignment(assignment, i)) for i in range(count)))
+
     async def run(self, assignment: TaskAssignment) -> None:
         request_id = assignment.request.request_id
         task = asyncio.current_task()
@@ -186,6 +194,7 @@ class _Run:
         self._inbox: Inbox = asyncio.Queue()
         self._spans: dict[str, Span] = {}
         self._span: Span | None = None
+        self._choice = assignment.choice_index
         if tracing.enabled():
             self._span = tracing.start_span(
                 f"race {assignment.request.model}",
@@ -202,6 +211,7 @@ class _Run:
             max_continuations=racer._max_continuations,
             duels=racer._duels,
             deadlines=racer.pace,
+            racer_id=racer._instance_id,
         )
 
     async def drive(self) -> None:
@@ -251,6 +261,8 @@ class _Run:
                         finished.usage.output_tokens,
                         finished.finish_reason,
                     )
+                if self._choice:
+                    command.event.choice_index = self._choice
                 await io.emit(race.reply, command.event)
             elif isinstance(command, Launch):
                 attempt = command.attempt
@@ -350,6 +362,16 @@ class _Run:
         else:
             span.set_attribute("gen_ai.usage.output_tokens", attempt.output_tokens)
         tracing.end_span(span, error="attempt_failed" if attempt.failed else "")
+
+
+def choice_assignment(assignment: TaskAssignment, index: int) -> TaskAssignment:
+    """The race for one of a request's choices: its own task id (so its own settlements and
+    race event), the same hosts."""
+    choice = TaskAssignment()
+    choice.CopyFrom(assignment)
+    choice.task_id = f"{assignment.task_id}-{index}"
+    choice.choice_index = index
+    return choice
 
 
 def _loop_time(monotonic_deadline: float) -> float:

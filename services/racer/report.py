@@ -125,6 +125,8 @@ def settlements(race: Race, now: float, unix_nanos: int) -> list[TaskSettlement]
             accepted=attempt.accepted,
             delivered_tokens=delivered_tokens(attempt, usage),
             violations=attempt.violations,
+            # A late first token still delivered: slow, not absent.
+            no_show=attempt.no_show and attempt.first_token_at is None,
         )
         if paid is not None and paid_usage is not None:
             settlement.winner_model = paid.host.model

@@ -55,6 +55,8 @@ class Attempt:
     # Protocol breaches (tokens past max_tokens, control tokens or characters, floods): each
     # counts as an error in S(h); a winner that broke one still won (its answer was delivered).
     violations: int = 0
+    # Live at its first-token deadline with no token yet (see TaskSettlement.no_show).
+    no_show: bool = False
 
 
 class RaceFailed(Exception):
@@ -83,6 +85,8 @@ class Race:
     first_token_at: float | None = None
     deadline_hit: bool = False
     continuations: int = 0
+    # A tool-call fragment reached the client: its arguments are never continued elsewhere.
+    tool_calls_sent: bool = False
     error: ErrorCode.ValueType = ErrorCode.ERROR_CODE_UNSPECIFIED
     winner: Attempt | None = None
     # A loser left running for a duel (services/racer/duel.py): not cancelled, not ours; and

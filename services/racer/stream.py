@@ -12,6 +12,9 @@ from llooma.v1.host_pb2 import HostToken
 from llooma.v1.pipeline_pb2 import ClientDelta
 from services.racer.state import Attempt, Race
 
+# One chunk's tool-call JSON: a token's text (MAX_CHUNK_CHARS) and the call's own fields.
+MAX_TOOL_CALLS_CHARS = MAX_CHUNK_CHARS + 1024
+
 
 class Seam:
     """Passes a stream's text to the client. After an instructed continuation: drops every echo
@@ -84,12 +87,14 @@ class AnswerStream:
 
     __slots__ = (
         "_embeddings",
+        "_logprobs",
         "_max_chars",
         "_race",
         "_reasoning",
         "_seam",
         "_text",
         "_thoughts",
+        "_tool_calls",
         "_words",
     )
 
@@ -99,6 +104,8 @@ class AnswerStream:
         self._text: list[str] = []
         self._reasoning: list[str] = []
         self._embeddings: list[bytes] = []
+        self._tool_calls: list[str] = []
+        self._logprobs: list[str] = []
         self.restart(Seam())
 
     def restart(self, seam: Seam) -> None:
@@ -109,6 +116,18 @@ class AnswerStream:
 
     def token(self, winner: Attempt, token: HostToken) -> bool:
         """Relay one token; False when it hit the answer's character cap (cut the host)."""
+        calls = token.tool_calls_json
+        if calls:
+            if len(calls) > MAX_TOOL_CALLS_CHARS:
+                # Never cut (that would break its JSON): a flood ends the answer before it,
+                # and the race core counts it against the host.
+                return False
+            # Relayed exactly: the client's tool-call parser needs the engine's own fragments.
+            self._tool_calls.append(calls)
+            self._race.tool_calls_sent = True
+            winner.delivered_bytes += len(calls)
+        if token.logprobs_json:
+            self._logprobs.append(token.logprobs_json)
         piece = thought = ""
         if token.embeddings:
             self._embeddings.extend(token.embeddings)
@@ -126,23 +145,32 @@ class AnswerStream:
         self._count_removed(winner)
         self._add(winner, tail, thought)
 
-    def take(self) -> ClientDelta | None:
-        """The pending text as one delta, or None."""
-        if not (self._text or self._reasoning or self._embeddings):
-            return None
-        delta = ClientDelta()
+    def take(self) -> list[ClientDelta]:
+        """The pending answer as deltas: its text and reasoning as one, its tool calls as
+        another (the ingress writes a delta of text without looking for tool calls), an
+        embedding's vectors as a third."""
+        deltas = []
+        if self._text or self._reasoning:
+            delta = ClientDelta()
+            if self._text:
+                delta.text = "".join(self._text)
+                # Only the answer is continued on a handover, not the reasoning before it.
+                self._race.emitted.append(delta.text)
+                self._text.clear()
+            if self._reasoning:
+                delta.reasoning = "".join(self._reasoning)
+                self._reasoning.clear()
+            if self._logprobs:
+                delta.logprobs_json = ",".join(self._logprobs)
+                self._logprobs.clear()
+            deltas.append(delta)
+        if self._tool_calls:
+            deltas.append(ClientDelta(tool_calls_json=self._tool_calls))
+            self._tool_calls.clear()
         if self._embeddings:
-            delta.embeddings.extend(self._embeddings)
+            deltas.append(ClientDelta(embeddings=self._embeddings))
             self._embeddings.clear()
-        if self._text:
-            delta.text = "".join(self._text)
-            # Only the answer is continued on a handover, not the reasoning before it.
-            self._race.emitted.append(delta.text)
-            self._text.clear()
-        if self._reasoning:
-            delta.reasoning = "".join(self._reasoning)
-            self._reasoning.clear()
-        return delta
+        return deltas
 
     @staticmethod
     def _bounded(winner: Attempt, raw: str) -> str:

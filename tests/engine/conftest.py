@@ -24,7 +24,7 @@ from nats.aio.client import Client
 
 from llooma import bus
 from llooma.engine import UPSTREAM_MODEL, EnginePaths, LlamaServer, engine_paths
-from llooma.host.config import Generation, HostConfig, ModelConfig
+from llooma.host.config import Features, Generation, HostConfig, ModelConfig
 from llooma.processes import free_port
 from llooma.settings import DEV_API_KEY
 from llooma.stack import Stack
@@ -59,6 +59,8 @@ def engine_model(name: str, server: LlamaServer) -> ModelConfig:
         metrics_url=server.metrics_url,
         capacity=CAPACITY,
         generation=Generation(max_tokens=1024),
+        # What this llama-server serves (started --no-jinja: no tools).
+        features=Features(json_mode=True, json_schema=True, logprobs=True),
     )
 
 

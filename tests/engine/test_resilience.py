@@ -193,10 +193,6 @@ class TaskWatch:
 
 
 @pytest.mark.timeout(1800)
-# Open (issue 14): on the real engine the continuation host fails too, so the answer ends with
-# "no host can continue it"; in memory and on synthetic hosts the same handover passes
-# (tests/unit/test_race_core.py, tests/stack/test_race.py). Not strict: it is to pass.
-@pytest.mark.xfail(reason="real-engine handover after a kill -9 not yet completing", strict=False)
 @pytest.mark.parametrize("victim", ["host worker", "llama-server"])
 async def test_a_kill_9_mid_stream_still_completes_the_answer_without_the_frame(
     restored: EngineRig, client: openai.AsyncOpenAI, rig_nc: Client, victim: str

@@ -5,18 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Iterator
 
+import httpx
+import orjson
 import pytest
 
+from llooma import bus
 from llooma.stack import SERVICES, Stack
+from llooma.v1.host_pb2 import HostChunk, HostFinished, HostTask, HostToken
 from tests.reliability.conftest import (
+    AUTH,
     Load,
     audit_settlements,
     stack_fixture,
     tally,
     wait_healthy,
 )
+from tests.stack.test_race import wait_listed
+from tests.support.scripted_host import Reply, ScriptedHost
 
 ROUNDS = 2
 # The services whose requests in hand JetStream redelivers to a live replica (ack after the
@@ -98,3 +106,57 @@ async def test_a_replica_kill_costs_no_request(replicated: Stack) -> None:
     assert counts == {"completed": len(results)}
     assert audit["lost"] == 0
     assert audit["paid_twice"] == 0
+
+
+@pytest.mark.timeout(120)
+async def test_a_killed_racers_stream_ends_at_once_with_a_clear_error(single: Stack) -> None:
+    """kill -9 of the racer relaying a stream: the ingress sees that racer stop beating and
+    ends the stream with an error event naming it, rather than at its stall limit (here
+    1.5 + 3 + 5 s; 17 s by default). Resuming the answer elsewhere is not built (RELIABILITY)."""
+    await wait_healthy(single)
+    assert single.nats_url is not None
+    model = "long-answer"
+    stall_limit_s = 1.5 + 3.0 + 5.0
+
+    async def long_answer(task: HostTask, reply: Reply) -> None:
+        for index in range(60):
+            await reply(HostChunk(token=HostToken(text=f" w{index}")))
+            await asyncio.sleep(0.2)
+        await reply(HostChunk(finished=HostFinished(finish_reason="stop")))
+
+    nc = await bus.connect(single.nats_url, "llooma-tests-long", nkey_seed_file=single.control_seed)
+    lines: list[str] = []
+    try:
+        async with (
+            ScriptedHost(nc, "long-host", model, long_answer),
+            httpx.AsyncClient(base_url=single.base_url, timeout=30.0) as http,
+        ):
+            await wait_listed(http, model)
+            body = {
+                "model": model,
+                "stream": True,
+                "messages": [{"role": "user", "content": "tell me a long story"}],
+            }
+            async with http.stream(
+                "POST", "/v1/chat/completions", json=body, headers=AUTH
+            ) as reply:
+                assert reply.status_code == 200
+                killed_at = 0.0
+                async for line in reply.aiter_lines():
+                    if not line:
+                        continue
+                    lines.append(line)
+                    if not killed_at and len(lines) >= 4:
+                        killed_at = time.monotonic()
+                        single.kill("racer")
+                ended_s = time.monotonic() - killed_at
+    finally:
+        await nc.close()
+        assert "racer" in single.restart_crashed()
+    print(f"\nstream ended {ended_s:.2f} s after its racer was killed: {lines[-1]}")
+    assert killed_at
+    error = orjson.loads(lines[-1][6:])["error"]
+    assert error["code"] == "control_plane_unavailable", lines[-1]
+    assert "racer" in error["message"]
+    assert ended_s < stall_limit_s - 3.0
+    assert await wait_healthy(single) >= 0

@@ -4,12 +4,14 @@ itself, and every settlement acknowledged before the crash ends up in the ledger
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any, cast
 
+import httpx
 import pytest
 from nats.aio.msg import Msg
 
@@ -18,7 +20,9 @@ from llooma.embedded import EmbeddedNats
 from llooma.service import Service, _InProgress
 from llooma.settings import Settings
 from llooma.stack import Stack
+from llooma.v1.host_pb2 import HostTask
 from tests.reliability.conftest import (
+    AUTH,
     Load,
     audit_settlements,
     ledger_rows,
@@ -27,6 +31,8 @@ from tests.reliability.conftest import (
     tally,
     wait_healthy,
 )
+from tests.stack.test_race import wait_listed
+from tests.support.scripted_host import Reply, ScriptedHost
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +94,46 @@ async def test_postgres_crash_and_restart_mid_load(own: Stack) -> None:
     assert counts == {"completed": len(results)}
     assert audit["lost"] == 0
     assert audit["paid_twice"] == 0
+
+
+@pytest.mark.timeout(120)
+async def test_a_request_waiting_on_a_broken_connection_is_refused_at_once(own: Stack) -> None:
+    """The ingress's NATS connection breaks while a request waits for its first token: the
+    events sent to it until it reconnects are lost, so it refuses the request at once (503,
+    Retry-After) rather than after the race's failure or its own 14 s first-event limit."""
+    await wait_healthy(own)
+    assert own.nats_url is not None
+    model = "slow-first-token"
+
+    async def never_in_time(task: HostTask, reply: Reply) -> None:
+        await asyncio.sleep(30.0)
+
+    nc = await bus.connect(own.nats_url, "llooma-tests-slow", nkey_seed_file=own.control_seed)
+    try:
+        async with (
+            ScriptedHost(nc, "slow-host", model, never_in_time),
+            httpx.AsyncClient(base_url=own.base_url, timeout=30.0) as http,
+        ):
+            await wait_listed(http, model)
+            body = {"model": model, "messages": [{"role": "user", "content": "hello"}]}
+            asked = asyncio.create_task(http.post("/v1/chat/completions", json=body, headers=AUTH))
+            await asyncio.sleep(1.0)  # handed to the racer, waiting for a first token (1 s + 3 s)
+            assert not asked.done()
+            crashed_at = time.monotonic()
+            restarting = asyncio.create_task(asyncio.to_thread(own.restart_nats))
+            reply = await asked
+            answered_s = time.monotonic() - crashed_at
+            await restarting
+    finally:
+        # The client lived through the restart too: its close may meet the old socket's reset.
+        with contextlib.suppress(OSError):
+            await nc.close()
+    print(f"\nrefused {answered_s:.2f} s after the crash: {reply.status_code} {reply.text}")
+    assert reply.status_code == 503, reply.text
+    assert reply.json()["error"]["code"] == "control_plane_unavailable"
+    assert reply.headers["retry-after"]
+    assert answered_s < 1.5
+    assert await wait_healthy(own) >= 0
 
 
 # -- the service runner on a nats-server of its own ------------------------------------------

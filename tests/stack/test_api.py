@@ -259,7 +259,7 @@ async def test_a_model_whose_hosts_left_is_503_with_retry_after_not_404(
 async def test_unknown_routes_and_methods_answer_in_openai_error_shape(
     http: httpx.AsyncClient,
 ) -> None:
-    for path in ("/v1/images/generations", "/v1/audio/speech", "/nope"):
+    for path in ("/v1/nope", "/v1/chat/completion", "/nope"):
         response = await http.post(path, json={}, headers=AUTH)
         assert_openai_error(response, 404, "not_found")
         assert path in response.json()["error"]["message"]

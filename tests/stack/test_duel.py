@@ -115,6 +115,7 @@ class Watch:
     cancelled: set[str] = field(default_factory=set)
     tokens: Counter[str] = field(default_factory=Counter)
     input_tokens: dict[str, int] = field(default_factory=dict)
+    finished_at: dict[str, float] = field(default_factory=dict)
 
     async def on_duel(self, msg: Msg) -> None:
         result = DuelResult.FromString(msg.data)
@@ -134,6 +135,7 @@ class Watch:
             self.tokens[attempt_id] += 1
         elif chunk.HasField("finished"):
             self.input_tokens[attempt_id] = chunk.finished.usage.input_tokens
+            self.finished_at[attempt_id] = time.monotonic()
 
     async def duel_for(self, request_id: str, timeout_s: float = 15.0) -> DuelResult:
         deadline = time.monotonic() + timeout_s
@@ -283,16 +285,14 @@ def side_of(result: DuelResult, host_id: str) -> int:
     return DUEL_VERDICT_A if result.host_a == host_id else DUEL_VERDICT_B
 
 
-# Open: its 0.6 s bound on the client's answer misses when the machine is loaded (seen before
-# this session's changes too, at load average 11 to 16); passes on a quiet machine.
-@pytest.mark.xfail(reason="a timing bound that misses under load", strict=False)
 async def test_a_sampled_race_lets_the_loser_finish_and_k_judges_read_both_orders(
     duel_http: httpx.AsyncClient, duel_nc: Client, watch: Watch
 ) -> None:
     judges = [Judge() for _ in range(4)]
     async with Arena(duel_nc, judges) as arena:
         await wait_listed(duel_http, arena.model, hosts=6)
-        request_id, text, client_s = await answer(duel_http, arena.model)
+        request_id, text, _ = await answer(duel_http, arena.model)
+        client_done = time.monotonic()
         result = await watch.duel_for(request_id)
         await asyncio.sleep(0.5)  # a second publication would arrive by now
     race = await watch.race_for(request_id)
@@ -300,11 +300,13 @@ async def test_a_sampled_race_lets_the_loser_finish_and_k_judges_read_both_order
     # (the loser needs 0.15 s + 15 x 0.04 s).
     assert race.winner_host_id == arena.quick
     assert text == GOOD
-    assert client_s < 0.6
     assert len(watch.duels[request_id]) == 1
     assert {result.host_a, result.host_b} == {arena.quick, arena.slow}
     assert result.task_id == race.task_id
     loser_attempt = result.attempt_b if result.host_b == arena.slow else result.attempt_a
+    # Ordered events, not a wall-clock bound: the client's stream closed before the loser sent
+    # its last chunk, so the duel never held the client back.
+    assert client_done < watch.finished_at[loser_attempt]
     assert loser_attempt not in watch.cancelled
     # Exactly k = 3 of the 4 judges were asked, each twice, the second time swapped, and
     # what they read was both full answers.

@@ -113,7 +113,8 @@ async def test_rate_limit_headers_on_answers_and_refusals(stack: Stack) -> None:
     assert headers["x-ratelimit-limit-tokens"] == "60000"
     assert headers["x-ratelimit-remaining-requests"] == "0"
     # Charged its estimate when admitted: 14 characters / 4 + 4 for the message + max_tokens.
-    assert headers["x-ratelimit-remaining-tokens"] == str(1000 - (4 + 4 + 8))
+    # (The bucket refills 1000 a second: a few ms between the charge and the header add some.)
+    assert 1000 - (4 + 4 + 8) <= int(headers["x-ratelimit-remaining-tokens"]) <= 1000 - 8
     # Refilled at one request in 10 s.
     assert 9.5 <= seconds(headers["x-ratelimit-reset-requests"]) <= 10
     assert 0 < seconds(headers["x-ratelimit-reset-tokens"]) <= 16 / 1000 * 60

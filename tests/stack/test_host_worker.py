@@ -201,7 +201,9 @@ def openai_host(host_id: str, nats_url: str, engine: FakeEngine, **model: Any) -
 
 
 async def heartbeats(nc: Client, host_id: str) -> AsyncIterator[HostHeartbeat]:
-    subject = subjects.kv_put_subject(subjects.HOSTS_BUCKET, host_id)
+    # What the worker sends, not the membership entry a dispatcher writes from it: this file
+    # runs no dispatcher of its own.
+    subject = subjects.host_heartbeat(host_id)
     queue: asyncio.Queue[HostHeartbeat] = asyncio.Queue()
 
     async def on_beat(msg: Msg) -> None:

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import httpx
+import orjson
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from llooma import subjects
 from llooma.stack import Stack
+from llooma.v1.host_pb2 import HostChunk, HostFinished, HostTask, HostToken
+from llooma.v1.pipeline_pb2 import ClientEvent
 from tests.conftest import AUTH, PRIVACY_OFF_KEY
+from tests.stack.test_race import wait_listed
+from tests.support.scripted_host import Reply, ScriptedHost
 
 PII = {
     "name": "John Smith",
@@ -162,3 +168,61 @@ async def streamed_body(http: httpx.AsyncClient, body: dict[str, object]) -> str
                 if event.get("choices"):
                     pieces.append(event["choices"][0]["delta"].get("content", ""))
     return "".join(pieces)
+
+
+async def test_a_repeated_mapping_neither_fails_nor_breaks_the_answer(
+    http: httpx.AsyncClient, nc: Client
+) -> None:
+    """Privacy's hand-off redelivered (its ack lost in a node kill) sends the mapping again:
+    before `started` that was a 500, after it an error event in the stream."""
+    model = f"repeat-{uuid.uuid4().hex[:6]}"
+    words = ["Dear", " John", " Smith,", " thanks", " for", " writing."]
+
+    async def slow_answer(task: HostTask, reply: Reply) -> None:
+        await asyncio.sleep(0.6)  # the first repeat lands before `started`
+        for word in words:
+            await reply(HostChunk(token=HostToken(text=word)))
+            await asyncio.sleep(0.15)  # the second lands mid-stream
+        await reply(HostChunk(finished=HostFinished(finish_reason="stop")))
+
+    mappings: asyncio.Queue[Msg] = asyncio.Queue()
+
+    async def watch(msg: Msg) -> None:
+        if ClientEvent.FromString(msg.data).WhichOneof("event") == "mapping":
+            mappings.put_nowait(msg)
+
+    subscription = await nc.subscribe(f"{subjects.PREFIX}.reply.>", cb=watch)
+    try:
+        async with ScriptedHost(nc, f"host-{model}", model, slow_answer, accept=True):
+            await wait_listed(http, model)
+            body = {
+                "model": model,
+                "stream": True,
+                "messages": [{"role": "user", "content": "I am John Smith, hello."}],
+            }
+            lines: list[str] = []
+
+            async def read() -> int:
+                async with http.stream(
+                    "POST", "/v1/chat/completions", json=body, headers=AUTH
+                ) as reply:
+                    lines.extend([line async for line in reply.aiter_lines() if line])
+                    return reply.status_code
+
+            reading = asyncio.create_task(read())
+            first = await asyncio.wait_for(mappings.get(), timeout=10)
+            await nc.publish(first.subject, first.data)
+            await asyncio.sleep(0.9)
+            await nc.publish(first.subject, first.data)
+            status = await asyncio.wait_for(reading, timeout=20)
+    finally:
+        await subscription.unsubscribe()
+    assert status == 200, lines
+    assert lines[-1] == "data: [DONE]", lines
+    assert not [line for line in lines if '"error"' in line], lines
+    text = "".join(
+        orjson.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+        for line in lines[:-1]
+        if orjson.loads(line[6:])["choices"]
+    )
+    assert text == "".join(words)

@@ -25,7 +25,10 @@ from llooma.v1.race_pb2 import (
     ATTEMPT_ROLE_FALLBACK,
     ATTEMPT_ROLE_RACER,
     AttemptReport,
+    IngressTally,
     RaceEvent,
+    RejectionCount,
+    RequestStart,
 )
 from llooma.v1.settlement_pb2 import (
     ATTEMPT_OUTCOME_FAILED,
@@ -153,6 +156,40 @@ def test_overhead_after_a_handover_is_measured_against_the_first_winner() -> Non
     assert (overhead["count"], overhead["p50"]) == (1, pytest.approx(10.0))
 
 
+def test_other_ingresses_tallies_count_once_whatever_comes_first() -> None:
+    config = Settings()
+    hosts = HostDirectory(stale_after_s=config.host_stale_after_s, min_version="0.1.0")
+    stats = StatsCollector(config, hosts, "ingress-a")
+    stats.request_started("mine", "direct", 0.050)
+    stats.rejected(401, "invalid_api_key")
+    # Another ingress's request whose race event comes before that ingress's tally.
+    stats.record_race(_race("theirs", "b", launched_after_ms=0, host_ms=30))
+    theirs = IngressTally(
+        instance_id="ingress-b",
+        started=[RequestStart(request_id="theirs", path="direct", first_token_ms=40.0)],
+        failed_before_first_token=1,
+        rejections=[RejectionCount(status=401, code="invalid_api_key", count=2)],
+    )
+    stats.record_tally(theirs)
+    # This ingress's own tally, read back from the stream, was counted when it happened.
+    mine = IngressTally(
+        instance_id="ingress-a",
+        started=[RequestStart(request_id="mine", path="direct", first_token_ms=50.0)],
+    )
+    stats.record_tally(mine)
+    stats.record_race(_race("mine", "a", launched_after_ms=0, host_ms=45))
+    snap = stats.snapshot()
+    assert snap["requests"] == {
+        "total": 2,
+        "by_path": {"direct": 2, "split": 0, "fallback": 0},
+        "failed_before_first_token": 1,
+    }
+    assert snap["rejections"] == {"total": 3, "by_status": {"401": {"invalid_api_key": 3}}}
+    overhead = snap["overhead_ms"]["direct"]
+    # 40 - 30 for theirs, 50 - 45 for mine.
+    assert (overhead["count"], overhead["p50"]) == (2, 7.5)
+
+
 def test_the_prometheus_text_carries_the_same_numbers() -> None:
     stats = _collector()
     stats.request_started("x", "split", 0.12)
@@ -275,6 +312,7 @@ async def test_v1_stats_and_metrics_match_the_requests_sent(
     http: httpx.AsyncClient, nc: Client, race_events: RaceEvents
 ) -> None:
     before = (await http.get("/v1/stats")).json()
+    ttft_before = await ttft_counts(http)
     tag = uuid.uuid4().hex[:6]
     paths, request_ids, host_ids = await send_traffic(http, nc, tag)
     assert paths["fallback"] >= 1, paths
@@ -320,14 +358,18 @@ async def test_v1_stats_and_metrics_match_the_requests_sent(
     }
     for host, count in wins.items():
         assert prometheus_wins[host] == count
-    ttft_counts = {
-        s.labels["llooma_path"]: s.value
-        for s in families["gen_ai_server_time_to_first_token_seconds"].samples
-        if s.name.endswith("_count")
-    }
-    latest = (await http.get("/v1/stats")).json()
-    for path in paths:
-        assert ttft_counts[path] == latest["first_token_ms"][path]["count"]
+    # /metrics is this ingress's own, /v1/stats every ingress's: this test's requests in both.
+    ttft_after = await ttft_counts(http)
+    for path, sent in paths.items():
+        assert ttft_after.get(path, 0) - ttft_before.get(path, 0) == sent
+
+
+async def ttft_counts(http: httpx.AsyncClient) -> dict[str, float]:
+    text = (await http.get("/metrics")).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    family = families.get("gen_ai_server_time_to_first_token_seconds")
+    samples = family.samples if family is not None else []
+    return {s.labels["llooma_path"]: s.value for s in samples if s.name.endswith("_count")}
 
 
 async def test_live_hosts_carry_their_score_terms_and_stake(

@@ -61,6 +61,10 @@ def test_an_instructed_seam_after_a_full_stop_keeps_its_space() -> None:
         [f"{TAIL_START}\nThe village slept.\n{TAIL_END}\nThe night was calm."],
         ["The night was calm.", f"\n{ANSWER_END}"],
         ["The night was calm. ", "<<<", "END", ">>>"],
+        # As Gemma 3 270M (a base model) mangled the markers on a real engine.
+        ["<<ANSWER SO FAR>>>\n<<END>>>\n", "The night was calm."],
+        ["<<ANSWER>>\n<<END>>\n<END>>\n", "The night was calm."],
+        ["SO FAR>>>\n", "The night was calm.", "\n<<<\n"],
     ],
 )
 def test_no_echo_of_the_frame_reaches_the_client(echo: list[str]) -> None:
@@ -73,6 +77,12 @@ def test_a_frame_echoed_one_character_at_a_time_is_still_removed() -> None:
     echoed = "<<<END>>>\nOutput only the continuation, with no preamble and no markers.\nThe end."
     sim = handed_over(list(echoed))
     assert sim.text == "The village slept. The end."
+
+
+def test_a_frame_sentence_the_stream_ends_in_is_removed() -> None:
+    # Cut off by max_tokens inside an echoed sentence: nothing more will come to finish it.
+    sim = handed_over(["The night was calm.\n", "Output only the continuation, with"])
+    assert sim.text == "The village slept. The night was calm.\n"
 
 
 def test_a_full_re_emission_of_the_answer_so_far_is_dropped() -> None:
@@ -89,7 +99,10 @@ def test_a_full_re_emission_of_the_answer_so_far_is_dropped() -> None:
 
 def test_the_guard_keeps_ordinary_text_and_releases_what_only_looked_like_a_frame() -> None:
     guard = FrameGuard()
-    text = "This is the answer to your question: use a < b and x >> 2. Output only once."
+    text = (
+        "This is the answer to your question: use a < b and x >> 2. Output only once. I SAID "
+        "SO. This is the answer"
+    )
     out = "".join(guard.feed(c) for c in text) + guard.flush()
     assert out == text
     for sentence in frame_texts():

@@ -19,6 +19,8 @@ from llooma.host.openai_backend import (
     OpenAIBackend,
     Outcome,
     Reasoning,
+    Scored,
+    ToolCalls,
     UpstreamBusy,
     UpstreamError,
     UpstreamRejected,
@@ -790,3 +792,64 @@ async def test_embeddings_come_back_as_little_endian_float32(engine: FakeEngine)
     engine.handler = too_few
     with pytest.raises(UpstreamError, match="1 vectors for 2 inputs"):
         await backend(engine).embed(inputs, Outcome())
+
+
+async def test_tools_response_format_and_logprobs_reach_the_engine_as_sent(
+    engine: FakeEngine,
+) -> None:
+    tools = '[{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}]'
+    params = GenerationParams(
+        tools_json=tools,
+        tool_choice_json='"required"',
+        parallel_tool_calls=False,
+        response_format_json='{"type":"json_object"}',
+        logprobs=True,
+        top_logprobs=0,
+    )
+    request = task(params)
+    call = '[{"id":"c1","type":"function","function":{"name":"f","arguments":"{}"}}]'
+    request.messages.extend(
+        [
+            ChatMessage(role="assistant", tool_calls_json=call),
+            ChatMessage(role="tool", content="done", tool_call_id="c1"),
+        ]
+    )
+    await collect(backend(engine), request)
+    body = engine.requests[0].json()
+    assert body["tools"] == orjson.loads(tools)
+    assert body["tool_choice"] == "required"
+    assert body["parallel_tool_calls"] is False
+    assert body["response_format"] == {"type": "json_object"}
+    assert (body["logprobs"], body["top_logprobs"]) == (True, 0)
+    assert body["messages"][-2:] == [
+        {"role": "assistant", "content": None, "tool_calls": orjson.loads(call)},
+        {"role": "tool", "content": "done", "tool_call_id": "c1"},
+    ]
+
+
+async def test_tool_call_deltas_and_logprobs_come_out_as_their_own_pieces(
+    engine: FakeEngine,
+) -> None:
+    fragment = [{"index": 0, "id": "c1", "type": "function", "function": {"name": "f"}}]
+    entry = {"token": "Hi", "logprob": -0.5, "bytes": [72, 105], "top_logprobs": []}
+    engine.handler = scripted(
+        event(
+            {
+                "choices": [
+                    {"index": 0, "delta": {"content": "Hi"}, "logprobs": {"content": [entry]}}
+                ]
+            }
+        ),
+        event({"choices": [{"index": 0, "delta": {"tool_calls": fragment}}]}),
+        delta(None, finish="tool_calls"),
+        DONE,
+    )
+    outcome = Outcome()
+    pieces = await collect(backend(engine), task(), outcome)
+    assert [piece.__class__ for piece in pieces] == [Scored, ToolCalls]
+    assert pieces[0] == "Hi"
+    scored = pieces[0]
+    assert isinstance(scored, Scored)
+    assert orjson.loads("[" + scored.logprobs + "]") == [entry]
+    assert orjson.loads(str(pieces[1])) == fragment
+    assert outcome.finish_reason == "tool_calls"

@@ -15,7 +15,7 @@ from llooma.v1.common_pb2 import (
     ErrorDetail,
     Usage,
 )
-from llooma.v1.host_pb2 import HostChunk
+from llooma.v1.host_pb2 import HostChunk, HostFinished, HostTask, HostToken
 from llooma.v1.race_pb2 import (
     ATTEMPT_ROLE_CONTINUATION,
     ATTEMPT_ROLE_FALLBACK,
@@ -28,7 +28,8 @@ from llooma.v1.settlement_pb2 import (
     ATTEMPT_OUTCOME_REJECTED,
     ATTEMPT_OUTCOME_WON,
 )
-from tests.unit.race_sim import Sim, assignment, fails, silent, then, tokens
+from services.racer.stream import MAX_TOOL_CALLS_CHARS
+from tests.unit.race_sim import Script, Sim, Step, assignment, fails, silent, then, tokens
 
 STORY = ("Once ", "upon ", "a ", "time.")
 
@@ -335,3 +336,76 @@ def test_a_fallback_that_lost_the_first_token_race_can_still_continue_the_stream
     assert sim.race is not None
     roles = [a.role for a in sim.race.attempts.values()]
     assert roles == [ATTEMPT_ROLE_RACER, ATTEMPT_ROLE_FALLBACK, ATTEMPT_ROLE_CONTINUATION]
+
+
+def _tool_calls(*fragments: str, first: float = 0.05, finish: str | None = "tool_calls") -> Script:
+    """A host that answers with tool-call fragments (each a `delta.tool_calls` JSON array)."""
+
+    def script(task: HostTask) -> list[Step]:
+        steps: list[Step] = []
+        delay = first
+        for fragment in fragments:
+            steps.append((delay, HostChunk(token=HostToken(tool_calls_json=fragment))))
+            delay = 0.01
+        if finish is not None:
+            done = HostFinished(finish_reason=finish, usage=Usage())
+            steps.append((delay, HostChunk(finished=done)))
+        return steps
+
+    return script
+
+
+CALL = (
+    '[{"index":0,"id":"c1","type":"function","function":{"name":"f","arguments":""}}]',
+    '[{"index":0,"function":{"arguments":"{\\"a\\":"}}]',
+    '[{"index":0,"function":{"arguments":"1}"}}]',
+)
+
+
+def test_a_tool_call_wins_the_race_and_its_fragments_are_relayed_exactly() -> None:
+    sim = Sim(
+        assignment(["tools", "slow"]),
+        {"tools": _tool_calls(*CALL, first=0.05), "slow": tokens(*STORY, first=0.3)},
+    ).run()
+    assert sim.events[0].started.host_id == "tools"
+    assert sim.was_cancelled("slow")
+    relayed = [f for e in sim.events if e.HasField("delta") for f in e.delta.tool_calls_json]
+    assert relayed == list(CALL)
+    assert sim.last.finished.finish_reason == "tool_calls"
+    assert sim.event is not None
+    assert sim.event.first_token_ms == 50
+
+
+def test_a_stream_that_stalls_inside_a_tool_call_fails_and_is_never_continued() -> None:
+    sim = Sim(
+        assignment(["a"], ["pool"], stall_ms=300),
+        {"a": _tool_calls(*CALL[:2], finish=None), "pool": tokens("never")},
+    ).run()
+    assert sim.last.failed.code == ERROR_CODE_HOST_FAILED
+    assert "inside a tool call" in sim.last.failed.message
+    assert sim.launches("pool") == []
+    relayed = [f for e in sim.events if e.HasField("delta") for f in e.delta.tool_calls_json]
+    assert relayed == list(CALL[:2])
+
+
+def test_logprobs_entries_travel_with_their_text() -> None:
+    def scored(task: HostTask) -> list[Step]:
+        return [
+            (0.05, HostChunk(token=HostToken(text="Hi", logprobs_json='{"token":"Hi"}'))),
+            (0.0, HostChunk(token=HostToken(text="!", logprobs_json='{"token":"!"}'))),
+            (0.01, HostChunk(finished=HostFinished(finish_reason="stop", usage=Usage()))),
+        ]
+
+    sim = Sim(assignment(["a"]), {"a": scored}).run()
+    assert sim.text == "Hi!"
+    entries = ",".join(e.delta.logprobs_json for e in sim.events if e.HasField("delta"))
+    assert entries == '{"token":"Hi"},{"token":"!"}'
+
+
+def test_a_tool_call_flood_is_not_relayed_and_counts_against_the_host() -> None:
+    flood = '[{"index":0,"function":{"arguments":"' + "x" * MAX_TOOL_CALLS_CHARS + '"}}]'
+    sim = Sim(assignment(["a"]), {"a": _tool_calls(CALL[0], flood, CALL[2])}).run()
+    relayed = [f for e in sim.events if e.HasField("delta") for f in e.delta.tool_calls_json]
+    assert relayed == [CALL[0]]
+    assert sim.last.finished.finish_reason == "length"
+    assert sim.settled["a"].violations == 1

@@ -114,7 +114,10 @@ class HostConfig(BaseModel):
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     seed: int = 0
+    # A beat this often while tasks are in flight (their load steers the scheduler), and every
+    # idle_heartbeat_interval_s otherwise: enough for membership (stale after 2 s) at rest.
     heartbeat_interval_s: float = Field(default=0.5, gt=0)
+    idle_heartbeat_interval_s: float = Field(default=1.0, gt=0)
     # How often each openai upstream engine is probed for health and load, and how long a probe
     # may take before the engine counts as unreachable (the two bound the time to notice).
     engine_probe_interval_s: float = Field(default=0.5, gt=0)

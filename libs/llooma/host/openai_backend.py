@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 
 from llooma.host.http import ConnectFailed, HttpError, HttpPool, Response
-from llooma.v1.common_pb2 import TASK_KIND_TEXT_COMPLETION
+from llooma.v1.common_pb2 import TASK_KIND_TEXT_COMPLETION, ChatMessage
 from llooma.v1.host_pb2 import HostTask
 
 _MESSAGE_LIMIT = 300
@@ -83,6 +83,19 @@ class Reasoning(str):
     """A piece of a thinking model's reasoning (reasoning_content), not of its answer."""
 
     __slots__ = ()
+
+
+class ToolCalls(str):
+    """One chunk's `delta.tool_calls`: the JSON array as the engine sent it."""
+
+    __slots__ = ()
+
+
+class Scored(str):
+    """A piece of the answer with its `logprobs.content` entries (`logprobs`: JSON, without
+    the enclosing brackets)."""
+
+    logprobs: str
 
 
 @dataclass(slots=True)
@@ -250,7 +263,7 @@ class OpenAIBackend:
         """The JSON body sent upstream for a task."""
         params = task.params
         defaults = self._defaults
-        messages = [{"role": m.role, "content": m.content} for m in task.messages]
+        messages = [_message(m) for m in task.messages]
         body: dict[str, Any] = {"model": self._model}
         if task.kind == TASK_KIND_TEXT_COMPLETION:
             body["prompt"] = completion_prompt(task)
@@ -279,6 +292,19 @@ class OpenAIBackend:
             body["presence_penalty"] = _float_param(params.presence_penalty)
         if params.HasField("frequency_penalty"):
             body["frequency_penalty"] = _float_param(params.frequency_penalty)
+        # Raw JSON as the client sent it: spliced into the body, not parsed again here.
+        if params.tools_json:
+            body["tools"] = orjson.Fragment(params.tools_json)
+        if params.tool_choice_json:
+            body["tool_choice"] = orjson.Fragment(params.tool_choice_json)
+        if params.HasField("parallel_tool_calls"):
+            body["parallel_tool_calls"] = params.parallel_tool_calls
+        if params.response_format_json:
+            body["response_format"] = orjson.Fragment(params.response_format_json)
+        if params.HasField("logprobs"):
+            body["logprobs"] = params.logprobs
+        if params.HasField("top_logprobs"):
+            body["top_logprobs"] = params.top_logprobs
         if self._include_usage:
             body["stream_options"] = {"include_usage": True}
         if messages and messages[-1]["role"] == "assistant" and self._engine == "vllm":
@@ -402,7 +428,15 @@ class OpenAIBackend:
                                         content, held, prefill = _strip_echo(content, held, prefill)
                                     if content:
                                         pieces += 1
-                                        yield content
+                                        scores = choice.get("logprobs")
+                                        if scores:
+                                            yield _scored(content, scores)
+                                        else:
+                                            yield content
+                                    calls = delta.get("tool_calls")
+                                    if calls:
+                                        pieces += 1
+                                        yield ToolCalls(orjson.dumps(calls).decode())
                                     thought = delta.get("reasoning_content") or delta.get(
                                         "reasoning"
                                     )
@@ -467,6 +501,28 @@ def _vectors(payload: object) -> list[bytes]:
         for vector in vectors:
             vector.byteswap()
     return [vector.tobytes() for vector in vectors]
+
+
+def _message(message: ChatMessage) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls_json:
+        out["tool_calls"] = orjson.Fragment(message.tool_calls_json)
+        # As OpenAI sends it: a turn of tool calls alone has no content.
+        out["content"] = message.content or None
+    if message.tool_call_id:
+        out["tool_call_id"] = message.tool_call_id
+    if message.name:
+        out["name"] = message.name
+    return out
+
+
+def _scored(content: str, scores: object) -> str:
+    entries = scores.get("content") if isinstance(scores, dict) else None
+    if not entries or not isinstance(entries, list):
+        return content
+    piece = Scored(content)
+    piece.logprobs = orjson.dumps(entries)[1:-1].decode()
+    return piece
 
 
 def _strip_echo(content: str, held: str, prefill: str) -> tuple[str, str, str]:

@@ -33,6 +33,8 @@ from llooma.host.engines import (
 from llooma.host.openai_backend import (
     OpenAIBackend,
     Outcome,
+    Reasoning,
+    ToolCalls,
     UpstreamBusy,
     UpstreamError,
     UpstreamRejected,
@@ -226,8 +228,10 @@ class HostWorker:
         await self._nc.publish(self._heartbeat_subject, self.heartbeat().SerializeToString())
 
     async def _heartbeat_loop(self) -> None:
+        busy_s = self._config.heartbeat_interval_s
+        idle_s = max(busy_s, self._config.idle_heartbeat_interval_s)
         while True:
-            await asyncio.sleep(self._config.heartbeat_interval_s)
+            await asyncio.sleep(busy_s if self._tasks or self._draining else idle_s)
             try:
                 await self._publish_heartbeat()
             except Exception:
@@ -364,10 +368,16 @@ class HostWorker:
                 async with contextlib.aclosing(backend.stream(task, outcome)) as pieces:
                     async for piece in pieces:
                         seq += 1
-                        if piece.__class__ is str:
+                        kind = piece.__class__
+                        if kind is str:
                             chunk = HostChunk(seq=seq, token=HostToken(text=piece))
-                        else:  # Reasoning
+                        elif kind is Reasoning:
                             chunk = HostChunk(seq=seq, token=HostToken(reasoning=piece))
+                        elif kind is ToolCalls:
+                            chunk = HostChunk(seq=seq, token=HostToken(tool_calls_json=piece))
+                        else:  # Scored
+                            token = HostToken(text=piece, logprobs_json=piece.logprobs)  # type: ignore[attr-defined]
+                            chunk = HostChunk(seq=seq, token=token)
                         await publish(reply, chunk.SerializeToString())
         except asyncio.CancelledError:
             return None

@@ -11,15 +11,13 @@ import orjson
 from nats.js.kv import KeyValue
 
 from llooma import subjects
-from llooma.kv_view import BucketView
+from llooma.kv_view import QUIET_FILE_BUCKET_RENEW_S, BucketView
 
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "sk-llooma-"
 # Shown in listings so a person can tell keys apart; never enough to guess the rest.
 SHOWN_CHARS = len(KEY_PREFIX) + 4
-# A quiet watch is renewed (a restarted server drops its consumer silently).
-WATCH_IDLE_S = 5.0
 
 
 def new_api_key() -> str:
@@ -75,7 +73,7 @@ class KeyBook(BucketView):
     """Every managed key that is not revoked, by key id."""
 
     def __init__(self) -> None:
-        super().__init__(subjects.KEYS_BUCKET, idle_renew_s=WATCH_IDLE_S)
+        super().__init__(subjects.KEYS_BUCKET, idle_renew_s=QUIET_FILE_BUCKET_RENEW_S)
         self.records: dict[str, KeyRecord] = {}
 
     def get(self, key_id: str) -> KeyRecord | None:

@@ -10,13 +10,9 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from llooma import subjects
-from llooma.kv_view import BucketView
+from llooma.kv_view import QUIET_FILE_BUCKET_RENEW_S, BucketView
 
 log = logging.getLogger(__name__)
-
-# Balances change only with traffic: a watch this quiet is renewed, in case a restarted
-# server dropped its consumer without telling the client (renewing re-reads every key).
-WATCH_IDLE_S = 5.0
 
 
 def encode_balance(micros: int) -> bytes:
@@ -39,7 +35,7 @@ class BalanceBook(BucketView):
     """A live view of every user's balance."""
 
     def __init__(self) -> None:
-        super().__init__(subjects.BALANCES_BUCKET, idle_renew_s=WATCH_IDLE_S)
+        super().__init__(subjects.BALANCES_BUCKET, idle_renew_s=QUIET_FILE_BUCKET_RENEW_S)
         self._balances: dict[str, int] = {}
         self._complete = False
 

@@ -7,7 +7,7 @@ import re
 import uuid
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -15,7 +15,12 @@ from rich.table import Table
 
 from llooma.settings import api_key_id, load_settings
 
-ledger_app = typer.Typer(help="The payout ledger: verify the chain, report, credit a key.")
+if TYPE_CHECKING:
+    from llooma.ledger.blocks import Signer
+
+ledger_app = typer.Typer(
+    help="The payout ledger: verify the chain, report, credit a key, lock a host's stake."
+)
 console = Console()
 MICROS = 1_000_000
 _KEY_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -224,3 +229,150 @@ def credit(
             f"{txn_id} was credited before: nothing added; {key_id} balance {credits(balance)}",
             soft_wrap=True,
         )
+
+
+def _micros(amount: str) -> int:
+    try:
+        micros = int(Decimal(amount) * MICROS)
+    except InvalidOperation as error:
+        raise typer.BadParameter(f"not a number: {amount}") from error
+    if micros <= 0:
+        raise typer.BadParameter("the amount must be positive")
+    return micros
+
+
+def _host(host: str) -> str:
+    from llooma.subjects import checked_token
+
+    try:
+        return checked_token(host)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
+
+
+def _signer(key_file: Path | None) -> Signer:
+    from llooma.ledger.blocks import Signer
+
+    signing_key = _key_file(key_file)
+    if not signing_key.exists():
+        # Blocks signed by a key of its own would not verify against accounting's.
+        console.print(f"[red]no signing key at {signing_key}: start accounting first[/red]")
+        raise typer.Exit(2)
+    return Signer.load(signing_key)
+
+
+IdempotencyKey = Annotated[
+    str,
+    typer.Option(
+        help="Names this operation: re-running with the same one does nothing again "
+        "(default: a new one each run)"
+    ),
+]
+
+
+@ledger_app.command("stake")
+def stake(
+    host: Annotated[str, typer.Argument(help="The host's name (as in `llooma hosts add`)")],
+    amount: Annotated[str, typer.Argument(help="Credits to lock (decimal)")],
+    funding: Annotated[
+        str,
+        typer.Option(
+            "--from",
+            help="`treasury` (the operator issues the stake, e.g. paid for outside) or `host` "
+            "(locked from the host's own earnings, which must cover it)",
+        ),
+    ] = "treasury",
+    database_url: DatabaseUrl = "",
+    data_dir: DataDir = Path(".llooma"),
+    key_file: KeyFile = None,
+    idempotency_key: IdempotencyKey = "",
+) -> None:
+    """Lock credits as a host's stake (a signed transfer into `stake:<host>`): its weight in
+    the dispatcher's draw (within ~2 s), and what a slash takes from."""
+    import asyncpg
+
+    from llooma.ledger.economics import TREASURY, Prices, host_account
+    from llooma.ledger.store import LedgerStore, NotEnoughCredits
+
+    host = _host(host)
+    micros = _micros(amount)
+    sources = {"treasury": TREASURY, "host": host_account(host)}
+    if funding not in sources:
+        raise typer.BadParameter("--from is `treasury` or `host`")
+    signer = _signer(key_file)
+    txn_id = f"stake:{host}:{idempotency_key or uuid.uuid4().hex}"
+
+    async def run() -> tuple[bool, int]:
+        pool = await asyncpg.create_pool(
+            _database_url(database_url, data_dir), min_size=1, max_size=1
+        )
+        try:
+            store = LedgerStore(pool, signer, Prices())
+            posted = await store.lock_stake(txn_id, host, micros, sources[funding])
+            _, stakes = await store.stakes()
+            return posted.new > 0, stakes.get(host, 0)
+        finally:
+            await pool.close()
+
+    try:
+        done, locked = asyncio.run(run())
+    except NotEnoughCredits as error:
+        console.print(f"[red]not staked: {error}[/red]")
+        raise typer.Exit(1) from error
+    if done:
+        console.print(
+            f"locked {credits(micros)} for {host}; its stake {credits(locked)}", soft_wrap=True
+        )
+    else:
+        console.print(
+            f"{txn_id} was posted before: nothing locked; {host} stake {credits(locked)}",
+            soft_wrap=True,
+        )
+
+
+@ledger_app.command("unstake")
+def unstake(
+    host: Annotated[str, typer.Argument(help="The host's name")],
+    amount: Annotated[str, typer.Argument(help="Credits to unlock (decimal)")],
+    database_url: DatabaseUrl = "",
+    data_dir: DataDir = Path(".llooma"),
+    key_file: KeyFile = None,
+    idempotency_key: IdempotencyKey = "",
+) -> None:
+    """Ask for stake back: it stays locked (weighted and slashable) for
+    LLOOMA_STAKE_UNLOCK_DELAY_S, then accounting pays what is left of it to `host:<host>`."""
+    import asyncpg
+
+    from llooma.ledger.economics import Prices
+    from llooma.ledger.store import LedgerStore, NotEnoughCredits
+
+    host = _host(host)
+    micros = _micros(amount)
+    signer = _signer(key_file)
+    delay_s = load_settings().stake_unlock_delay_s
+    txn_id = f"unstake:{host}:{idempotency_key or uuid.uuid4().hex}"
+
+    async def run() -> bool:
+        pool = await asyncpg.create_pool(
+            _database_url(database_url, data_dir), min_size=1, max_size=1
+        )
+        try:
+            return await LedgerStore(pool, signer, Prices()).request_unlock(
+                txn_id, host, micros, delay_s
+            )
+        finally:
+            await pool.close()
+
+    try:
+        done = asyncio.run(run())
+    except NotEnoughCredits as error:
+        console.print(f"[red]not unlocked: {error}[/red]")
+        raise typer.Exit(1) from error
+    if done:
+        console.print(
+            f"{credits(micros)} of {host}'s stake unlocks in {delay_s:.0f} s ({txn_id}); it "
+            "stays locked and slashable until then",
+            soft_wrap=True,
+        )
+    else:
+        console.print(f"{txn_id} was asked before: nothing more unlocks", soft_wrap=True)

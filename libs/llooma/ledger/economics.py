@@ -14,6 +14,9 @@ from llooma.settings import DEV_API_KEY, Settings, api_key_id
 from llooma.v1.duel_pb2 import DUEL_VERDICT_A, DUEL_VERDICT_B, DUEL_VERDICT_UNSPECIFIED, DuelResult
 from llooma.v1.settlement_pb2 import ATTEMPT_OUTCOME_LOST, ATTEMPT_OUTCOME_WON, TaskSettlement
 
+# A duel lost "unanimously" needs at least this many judges who voted, all against the loser.
+UNANIMOUS_MIN_JUDGES = 2
+
 PLATFORM = "platform:revenue"
 FALLBACK = "fallback:pool"
 TREASURY = "treasury:deposits"
@@ -25,6 +28,15 @@ def user_account(api_key_id: str) -> str:
 
 def host_account(host_id: str) -> str:
     return f"host:{host_id}"
+
+
+def stake_account(host_id: str) -> str:
+    """The credits a host has locked: its weight in the dispatcher's draw, and what a slash
+    takes from."""
+    return f"stake:{host_id}"
+
+
+STAKE_PREFIX = stake_account("")
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,3 +226,144 @@ def opening_balances(settings: Settings) -> dict[str, int]:
         )
         for key in settings.api_keys
     }
+
+
+# -- stake and slashing ----------------------------------------------------------------------
+
+
+def lock_stake(txn_id: str, host_id: str, amount: int, funding: str) -> Posting:
+    """Lock `amount` of `funding` (the treasury, or the host's own earnings) as the host's
+    stake."""
+    if amount <= 0:
+        raise ValueError("a stake must be positive")
+    legs = _transfer(funding, stake_account(host_id), amount, "stake")
+    return Posting(txn_id, host_id, tuple(legs))
+
+
+def release_txn_id(unlock_txn_id: str) -> str:
+    return f"release:{unlock_txn_id}"
+
+
+def release_stake(unlock_txn_id: str, host_id: str, asked: int, locked: int) -> Posting:
+    """Pay an unlock out of the stake to the host's account: what was asked, or what is left
+    of the stake if slashes took the rest meanwhile."""
+    amount = max(0, min(asked, locked))
+    legs = _transfer(stake_account(host_id), host_account(host_id), amount, "unstake")
+    return Posting(release_txn_id(unlock_txn_id), host_id, tuple(legs))
+
+
+@dataclass(frozen=True, slots=True)
+class SlashRules:
+    """When and how much of a host's locked stake is slashed (all from settings)."""
+
+    # Consecutive no-shows (TaskSettlement.no_show) that cost a slash; 0: never.
+    no_show_streak: int = 3
+    no_show_fraction: Fraction = Fraction(1, 10)
+    duel_fraction: Fraction = Fraction(1, 20)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SlashRules:
+        return cls(
+            no_show_streak=settings.slash_no_show_streak,
+            no_show_fraction=Fraction(str(settings.slash_no_show_fraction)),
+            duel_fraction=Fraction(str(settings.slash_duel_fraction)),
+        )
+
+
+def slash(
+    txn_id: str, ref: str, host_id: str, locked: int, fraction: Fraction, reason: str
+) -> Posting:
+    """Move `fraction` of the host's locked stake to the platform, the reason as the legs'
+    kind (`slash:<reason>`); nothing when it has no stake."""
+    amount = int(fraction * max(locked, 0))
+    legs = _transfer(stake_account(host_id), PLATFORM, amount, f"slash:{reason}")
+    return Posting(txn_id, ref, tuple(legs))
+
+
+@dataclass
+class NoShowSlashes:
+    """The outcome of folding a batch's attempts into each host's no-show streak."""
+
+    postings: list[Posting]
+    streaks: dict[str, int]
+    no_shows: dict[str, int]
+
+
+def slash_no_shows(
+    rules: SlashRules,
+    settlements: Iterable[TaskSettlement],
+    streaks: dict[str, int],
+    locked: dict[str, int],
+) -> NoShowSlashes:
+    """Each no-show lengthens its host's streak and a first token ends it; a streak reaching
+    `rules.no_show_streak` costs the host `no_show_fraction` of its stake and starts again.
+    The slash is named after the attempt that completed the streak, so it posts once.
+    `locked` is updated with what the slashes leave."""
+    streaks = dict(streaks)
+    no_shows: dict[str, int] = {}
+    postings: list[Posting] = []
+    for s in settlements:
+        host = s.host_id
+        if s.no_show:
+            no_shows[host] = no_shows.get(host, 0) + 1
+            streaks[host] = streaks.get(host, 0) + 1
+            if rules.no_show_streak and streaks[host] >= rules.no_show_streak:
+                streaks[host] = 0
+                posting = slash(
+                    f"slash:no_show:{s.attempt_id}",
+                    s.attempt_id,
+                    host,
+                    locked.get(host, 0),
+                    rules.no_show_fraction,
+                    "no_show",
+                )
+                if posting.legs:
+                    locked[host] = locked.get(host, 0) + posting.legs[0].amount
+                    postings.append(posting)
+        elif s.usage.output_tokens > 0 or s.delivered_tokens > 0:
+            streaks[host] = 0
+    return NoShowSlashes(postings, streaks, no_shows)
+
+
+def unanimous_loser(duel: DuelResult) -> str | None:
+    """The duel's loser if at least UNANIMOUS_MIN_JUDGES judges voted and every verdict they
+    gave (in both orders, as aggregated) named the winner; else None."""
+    loser = {DUEL_VERDICT_A: duel.host_b, DUEL_VERDICT_B: duel.host_a}.get(duel.outcome)
+    if loser is None:
+        return None
+    duelists = (duel.host_a, duel.host_b)
+    voted = 0
+    for vote in duel.votes:
+        if vote.judge_host_id in duelists:
+            continue
+        verdicts = [
+            v
+            for v in (vote.verdict_in_order, vote.verdict_swapped)
+            if v != DUEL_VERDICT_UNSPECIFIED
+        ]
+        if not verdicts:
+            continue
+        if any(v != duel.outcome for v in verdicts):
+            return None
+        voted += 1
+    return loser if voted >= UNANIMOUS_MIN_JUDGES else None
+
+
+def slash_duel(rules: SlashRules, duel: DuelResult, locked: dict[str, int]) -> Posting | None:
+    """A duel lost unanimously costs the loser `duel_fraction` of its stake (beside the duel
+    penalty from its earnings); `locked` is updated."""
+    loser = unanimous_loser(duel)
+    if loser is None:
+        return None
+    posting = slash(
+        f"slash:duel:{duel.duel_id}",
+        duel.duel_id,
+        loser,
+        locked.get(loser, 0),
+        rules.duel_fraction,
+        "duel",
+    )
+    if not posting.legs:
+        return None
+    locked[loser] = locked.get(loser, 0) + posting.legs[0].amount
+    return posting

@@ -22,13 +22,22 @@ import asyncpg
 from llooma.ledger.blocks import Block, Entry, Signer
 from llooma.ledger.economics import (
     FALLBACK,
+    STAKE_PREFIX,
+    TREASURY,
     Posting,
     Prices,
+    SlashRules,
     account_deltas,
     deposit,
+    lock_stake,
     opening_txn_id,
+    release_stake,
     settle_attempt,
     settle_duel,
+    slash_duel,
+    slash_no_shows,
+    stake_account,
+    unanimous_loser,
     user_charges,
     voted_judges,
 )
@@ -103,6 +112,39 @@ FROM ledger_head h LEFT JOIN account_balances b ON b.account LIKE 'user:%'
 """
 
 
+# Each host's no-show streak and locked stake, read under the head lock before slashing.
+SLASH_STATE = """
+SELECT h.host_id, coalesce(t.no_show_streak, 0) AS streak, coalesce(b.balance, 0) AS locked
+FROM unnest($1::text[]) AS h (host_id)
+LEFT JOIN host_tallies t USING (host_id)
+LEFT JOIN account_balances b ON b.account = 'stake:' || h.host_id
+"""
+
+LOCKED = "SELECT account, balance FROM account_balances WHERE account = ANY($1::text[])"
+
+STAKES = """
+SELECT h.height, b.account, b.balance
+FROM ledger_head h LEFT JOIN account_balances b ON b.account LIKE 'stake:%'
+"""
+
+# What is locked and not already asked back: the most a new unlock may ask.
+UNLOCKABLE = """
+SELECT coalesce((SELECT balance FROM account_balances WHERE account = $2), 0)
+     - coalesce((SELECT sum(amount) FROM stake_unlocks WHERE host_id = $1 AND released_at IS NULL),
+                0)
+"""
+
+DUE_UNLOCKS = """
+SELECT txn_id, host_id, amount FROM stake_unlocks
+WHERE released_at IS NULL AND release_after <= now()
+ORDER BY release_after, txn_id
+"""
+
+
+class NotEnoughCredits(ValueError):
+    """A stake or an unlock asked for more than its account holds."""
+
+
 Connection: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 
 
@@ -135,6 +177,8 @@ class Posted:
     new: int = 0
     block: Block | None = None
     user_balances: dict[str, int] = field(default_factory=dict)
+    # The new locked stake of each host whose stake the batch changed (host_id -> micros).
+    stakes: dict[str, int] = field(default_factory=dict)
 
 
 def quality(duels: int, wins: int, ties: int) -> float:
@@ -143,10 +187,13 @@ def quality(duels: int, wins: int, ties: int) -> float:
 
 
 class LedgerStore:
-    def __init__(self, pool: asyncpg.Pool, signer: Signer, prices: Prices) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, signer: Signer, prices: Prices, slashing: SlashRules | None = None
+    ) -> None:
         self.pool = pool
         self.signer = signer
         self.prices = prices
+        self.slashing = slashing or SlashRules()
 
     async def settle(self, settlements: Sequence[TaskSettlement]) -> Posted:
         """Post each attempt once; a redelivered or replayed settlement posts nothing."""
@@ -180,15 +227,36 @@ class LedgerStore:
                 return Posted()
             statement = _Statement()
             postings = [settle_attempt(self.prices, s) for s in fresh.values()]
-            self._tally_races(statement, list(fresh.values()), user_charges(postings))
-            posted = await self._seal(conn, head, statement, postings)
+            hosts = sorted({s.host_id for s in fresh.values()})
+            state = await conn.fetch(SLASH_STATE, hosts)
+            slashes = slash_no_shows(
+                self.slashing,
+                fresh.values(),
+                {r["host_id"]: r["streak"] for r in state},
+                {r["host_id"]: r["locked"] for r in state},
+            )
+            self._tally_races(
+                statement,
+                list(fresh.values()),
+                user_charges(postings),
+                slashes.streaks,
+                slashes.no_shows,
+            )
+            posted = await self._seal(conn, head, statement, postings + slashes.postings)
             posted.new = len(fresh)
             return posted
 
     @staticmethod
-    def _tally_races(statement: _Statement, fresh: list[TaskSettlement], charges: int) -> None:
-        """Race wins and losses per host, completed responses, and the user charges the
-        batch's postings carry (summed off their legs, not priced again)."""
+    def _tally_races(
+        statement: _Statement,
+        fresh: list[TaskSettlement],
+        charges: int,
+        streaks: dict[str, int],
+        no_shows: dict[str, int],
+    ) -> None:
+        """Race wins, losses and no-shows per host (and the no-show streak each batch leaves),
+        completed responses, and the user charges the batch's postings carry (summed off their
+        legs, not priced again)."""
         wins: dict[str, int] = {}
         losses: dict[str, int] = {}
         completed: set[str] = set()
@@ -201,12 +269,17 @@ class LedgerStore:
         hosts = sorted(wins.keys() | losses.keys())
         if hosts:
             statement.ctes.append(
-                "tallies AS (INSERT INTO host_tallies AS h (host_id, race_wins, race_losses) "
+                "tallies AS (INSERT INTO host_tallies AS h "
+                "(host_id, race_wins, race_losses, no_shows, no_show_streak) "
                 f"SELECT * FROM unnest({statement.arg(hosts, 'text[]')}, "
                 f"{statement.arg([wins.get(h, 0) for h in hosts], 'int8[]')}, "
-                f"{statement.arg([losses.get(h, 0) for h in hosts], 'int8[]')}) "
+                f"{statement.arg([losses.get(h, 0) for h in hosts], 'int8[]')}, "
+                f"{statement.arg([no_shows.get(h, 0) for h in hosts], 'int8[]')}, "
+                f"{statement.arg([streaks.get(h, 0) for h in hosts], 'int8[]')}) "
                 "ON CONFLICT (host_id) DO UPDATE SET race_wins = h.race_wins + excluded.race_wins,"
-                " race_losses = h.race_losses + excluded.race_losses)"
+                " race_losses = h.race_losses + excluded.race_losses,"
+                " no_shows = h.no_shows + excluded.no_shows,"
+                " no_show_streak = excluded.no_show_streak)"
             )
         if completed:
             statement.ctes.append(
@@ -264,6 +337,14 @@ class LedgerStore:
                 "duel_ties = h.duel_ties + excluded.duel_ties)"
             )
             postings = [settle_duel(self.prices, d) for d in fresh.values()]
+            losers = {loser for d in fresh.values() if (loser := unanimous_loser(d))}
+            if losers:
+                held = await conn.fetch(LOCKED, [stake_account(h) for h in losers])
+                locked = {r["account"].removeprefix(STAKE_PREFIX): r["balance"] for r in held}
+                for d in fresh.values():
+                    slashed = slash_duel(self.slashing, d, locked)
+                    if slashed is not None:
+                        postings.append(slashed)
             posted = await self._seal(conn, head, statement, postings)
             posted.new = len(fresh)
             return posted
@@ -282,6 +363,88 @@ class LedgerStore:
             posted.new = len(fresh)
             return posted
 
+    async def lock_stake(self, txn_id: str, host_id: str, amount: int, funding: str) -> Posted:
+        """Lock `amount` from `funding` as the host's stake, once per txn_id. A host's own
+        earnings (`host:<id>`) must cover it; the treasury issues it."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            head = await _lock_head(conn)
+            if await conn.fetchval(POSTED_TXNS, [txn_id]):
+                return Posted()
+            if funding != TREASURY:
+                held = await conn.fetchval(
+                    "SELECT balance FROM account_balances WHERE account = $1", funding
+                )
+                if (held or 0) < amount:
+                    raise NotEnoughCredits(f"{funding} holds {held or 0}, not {amount}")
+            posted = await self._seal(
+                conn, head, _Statement(), [lock_stake(txn_id, host_id, amount, funding)]
+            )
+            posted.new = 1
+            return posted
+
+    async def request_unlock(self, txn_id: str, host_id: str, amount: int, delay_s: float) -> bool:
+        """Ask for `amount` of the host's stake back after `delay_s`; False if this txn_id
+        was asked before. Refuses more than is locked and not already asked back."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await _lock_head(conn)
+            if await conn.fetchval("SELECT 1 FROM stake_unlocks WHERE txn_id = $1", txn_id):
+                return False
+            free = await conn.fetchval(UNLOCKABLE, host_id, stake_account(host_id))
+            if free < amount:
+                raise NotEnoughCredits(f"{host_id} has {free} unlockable, not {amount}")
+            await conn.execute(
+                "INSERT INTO stake_unlocks (txn_id, host_id, amount, release_after) "
+                "VALUES ($1, $2, $3, now() + make_interval(secs => $4))",
+                txn_id,
+                host_id,
+                amount,
+                delay_s,
+            )
+            return True
+
+    async def release_unlocks(self) -> Posted:
+        """Pay out every unlock whose delay is over, from what is left of the stake."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            head = await _lock_head(conn)
+            due = await conn.fetch(DUE_UNLOCKS)
+            if not due:
+                return Posted()
+            hosts = sorted({r["host_id"] for r in due})
+            rows = await conn.fetch(LOCKED, [stake_account(h) for h in hosts])
+            locked = {r["account"].removeprefix(STAKE_PREFIX): r["balance"] for r in rows}
+            postings = []
+            for r in due:
+                posting = release_stake(
+                    r["txn_id"], r["host_id"], r["amount"], locked.get(r["host_id"], 0)
+                )
+                if posting.legs:
+                    locked[r["host_id"]] -= posting.legs[1].amount
+                    postings.append(posting)
+            await conn.execute(
+                "UPDATE stake_unlocks SET released_at = now() WHERE txn_id = ANY($1::text[])",
+                [r["txn_id"] for r in due],
+            )
+            posted = await self._seal(conn, head, _Statement(), postings)
+            posted.new = len(due)
+            return posted
+
+    async def open_stakes(self, opening: dict[str, int]) -> Posted:
+        """Lock each host's opening stake from the treasury, once ever (the demo hosts)."""
+        return await self.deposit(
+            [
+                lock_stake(f"openstake:{host_id}", host_id, amount, TREASURY)
+                for host_id, amount in opening.items()
+                if amount > 0
+            ]
+        )
+
+    async def stakes(self) -> tuple[int, dict[str, int]]:
+        """Every host's locked stake and the chain height it is as of (one snapshot)."""
+        rows = await self.pool.fetch(STAKES)
+        return rows[0]["height"], {
+            r["account"].removeprefix(STAKE_PREFIX): r["balance"] for r in rows if r["account"]
+        }
+
     async def open_accounts(self, opening: dict[str, int]) -> Posted:
         """Give each api_key_id its opening balance, once ever."""
         return await self.deposit(
@@ -299,6 +462,7 @@ class LedgerStore:
         one statement; returns the touched users' balances after it."""
         deltas = account_deltas(postings)
         users = sorted(account for account in deltas if account.startswith("user:"))
+        stakes = sorted(account for account in deltas if account.startswith(STAKE_PREFIX))
         block = None
         rows = [
             (posting.txn_id, leg_index, leg.account, leg.amount, leg.kind, posting.ref)
@@ -340,7 +504,7 @@ class LedgerStore:
         before = await conn.fetch(
             statement.sql(
                 "SELECT account, balance FROM account_balances "
-                f"WHERE account = ANY({statement.arg(users, 'text[]')})"
+                f"WHERE account = ANY({statement.arg(users + stakes, 'text[]')})"
             ),
             *statement.args,
         )
@@ -350,6 +514,10 @@ class LedgerStore:
             user_balances={
                 account.removeprefix("user:"): balances.get(account, 0) + deltas[account]
                 for account in users
+            },
+            stakes={
+                account.removeprefix(STAKE_PREFIX): balances.get(account, 0) + deltas[account]
+                for account in stakes
             },
         )
 

@@ -13,7 +13,9 @@ engines for L_split) and the racer (duel judges).
    `latency_p95`, `staleness`, `error_rate`, `quality_deficit`; S(h) is their sum weighted by
    settings.score_weights and duel_quality_weight. A new term is one scorer in `SCORERS`, a
    weight, and its test; the metrics' host table shows every term by name.
-3. The picker draws k distinct hosts by stake from the `best_bucket_size` best scores.
+3. The picker draws k distinct hosts by stake from the `best_bucket_size` best scores; with a
+   view of the ledger's stakes (the dispatcher's), a host's stake is `ledger_stake`: what it
+   announced, capped at what it has locked (or settings.unstaked_host_stake if more).
 
 Capacity counts each engine once: models and hosts announcing one `engine_id` share one
 engine (admission's capacity, the planner's parallelism).
@@ -31,6 +33,7 @@ from llooma.selection._filters import (
     ModelFilter,
     Policy,
     as_host,
+    asked_features,
     capable,
     endpoints,
     engine_reachable,
@@ -43,7 +46,7 @@ from llooma.selection._filters import (
     serves_model,
     version_tuple,
 )
-from llooma.selection._picker import Candidate, pick_hosts
+from llooma.selection._picker import Candidate, ledger_stake, pick_hosts
 from llooma.selection._pipeline import Selector
 from llooma.selection._scorers import (
     DEFAULT_WEIGHTS,
@@ -84,6 +87,7 @@ __all__ = [
     "Scorer",
     "Selector",
     "as_host",
+    "asked_features",
     "capable",
     "capacity",
     "clamp01",
@@ -95,6 +99,7 @@ __all__ = [
     "host_rejection",
     "independent_engines",
     "latency_p95",
+    "ledger_stake",
     "load",
     "min_version",
     "not_draining",

@@ -10,7 +10,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+import orjson
+
 from llooma.settings import ORCHESTRATED_MODEL, Settings
+from llooma.v1.common_pb2 import GenerationParams
 from llooma.v1.host_pb2 import HostHeartbeat, ModelCapability
 
 
@@ -44,6 +47,8 @@ class Policy:
     # Models never used to answer the orchestrated model (the demo and debug backends).
     excluded: frozenset[str] = frozenset()
     orchestrated_model: str = ORCHESTRATED_MODEL
+    # Credits every host counts as having locked in the stake draw (settings).
+    unstaked_stake: float = 0.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Policy:
@@ -52,6 +57,7 @@ class Policy:
             min_version=version_tuple(settings.min_host_version),
             suspended=frozenset(settings.suspended_hosts),
             excluded=frozenset(settings.orchestration_excluded_models),
+            unstaked_stake=settings.unstaked_host_stake,
         )
 
 
@@ -63,6 +69,22 @@ class Ask:
     model: str
     features: frozenset[str] = frozenset()
     deadline_ms: int = 1000
+
+
+def asked_features(params: GenerationParams) -> frozenset[str]:
+    """The ModelFeatures a request's parameters need of the host that answers it."""
+    needed = []
+    if params.tools_json:
+        needed.append("tools")
+    if params.response_format_json:
+        kind = orjson.loads(params.response_format_json).get("type")
+        if kind == "json_schema":
+            needed.append("json_schema")
+        elif kind == "json_object":
+            needed.append("json_mode")
+    if params.logprobs:
+        needed.append("logprobs")
+    return frozenset(needed)
 
 
 @dataclass(frozen=True, slots=True)

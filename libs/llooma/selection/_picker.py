@@ -30,6 +30,17 @@ def stake_weight(stake: float) -> float:
     return min(max(stake, MIN_STAKE_WEIGHT), MAX_STAKE_WEIGHT)
 
 
+MICROS_PER_CREDIT = 1_000_000
+
+
+def ledger_stake(announced: float, locked_micros: int, unstaked: float) -> float:
+    """The stake a host is drawn by: what it announced, but no more than the credits it has
+    locked in the ledger, or the operator's floor for every host (`unstaked_host_stake`) if
+    that is more. Announcing is free, so it only ever lowers the weight (or spreads it over
+    models)."""
+    return min(announced, max(locked_micros / MICROS_PER_CREDIT, unstaked))
+
+
 def pick_hosts(
     candidates: list[Candidate], *, k: int, bucket_size: int, rng: random.Random
 ) -> list[Candidate]:

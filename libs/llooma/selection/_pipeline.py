@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from llooma.selection._capacity import capacity, independent_engines
 from llooma.selection._filters import (
@@ -21,7 +21,7 @@ from llooma.selection._filters import (
     endpoints,
     host_rejection,
 )
-from llooma.selection._picker import Candidate, pick_hosts
+from llooma.selection._picker import Candidate, ledger_stake, pick_hosts
 from llooma.selection._scorers import (
     SCORERS,
     Context,
@@ -46,8 +46,12 @@ class Selector:
         host_filters: tuple[HostFilter, ...] = HOST_FILTERS,
         model_filters: tuple[ModelFilter, ...] = MODEL_FILTERS,
         scorers: Mapping[str, Scorer] = SCORERS,
+        locked_stake: Callable[[str], int] | None = None,
     ) -> None:
         self.policy = policy
+        # A host's stake locked in the ledger, micro-credits (the stakes bucket's view). Without
+        # it the announced stake is taken as is: only the dispatcher's draw is by stake.
+        self._locked_stake = locked_stake
         self.weights = dict(weights)
         self.context = Context(stats or NothingObserved(), policy)
         self._host_filters = host_filters
@@ -55,8 +59,18 @@ class Selector:
         self._scorers = scorers
 
     @classmethod
-    def from_settings(cls, settings: Settings, stats: Observed | None = None) -> Selector:
-        return cls(Policy.from_settings(settings), weights_from_settings(settings), stats)
+    def from_settings(
+        cls,
+        settings: Settings,
+        stats: Observed | None = None,
+        locked_stake: Callable[[str], int] | None = None,
+    ) -> Selector:
+        return cls(
+            Policy.from_settings(settings),
+            weights_from_settings(settings),
+            stats,
+            locked_stake=locked_stake,
+        )
 
     # -- filters -------------------------------------------------------------------------------
 
@@ -104,11 +118,16 @@ class Selector:
                 e.host_id,
                 e.model.name,
                 self.score(e, ask),
-                e.model.stake,
+                self.stake(e.host_id, e.model.stake),
                 e.model.features.assistant_prefill,
             )
             for e in self.endpoints(entries, ask, now)
         ]
+
+    def stake(self, host_id: str, announced: float) -> float:
+        if self._locked_stake is None:
+            return announced
+        return ledger_stake(announced, self._locked_stake(host_id), self.policy.unstaked_stake)
 
     # -- picker and capacity -------------------------------------------------------------------
 

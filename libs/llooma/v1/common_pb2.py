@@ -24,25 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llooma/v1/common.proto\x12\tllooma.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x96\x02\n\x10GenerationParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x05\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"P\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x15\n\routput_tokens\x18\x02 \x01(\r\x12\x1a\n\x12reported_by_engine\x18\x03 \x01(\x08\"l\n\x0b\x45rrorDetail\x12\"\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x14.llooma.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x13\n\x0bhttp_status\x18\x03 \x01(\r\x12\x13\n\x0b\x63lient_code\x18\x04 \x01(\t*V\n\x08TaskKind\x12\x12\n\x0eTASK_KIND_CHAT\x10\x00\x12\x1d\n\x19TASK_KIND_TEXT_COMPLETION\x10\x01\x12\x17\n\x13TASK_KIND_EMBEDDING\x10\x02*w\n\x0bRequestPath\x12\x1c\n\x18REQUEST_PATH_UNSPECIFIED\x10\x00\x12\x17\n\x13REQUEST_PATH_DIRECT\x10\x01\x12\x16\n\x12REQUEST_PATH_SPLIT\x10\x02\x12\x19\n\x15REQUEST_PATH_FALLBACK\x10\x03*\xfa\x01\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45RROR_CODE_NO_ELIGIBLE_HOST\x10\x01\x12\x1a\n\x16\x45RROR_CODE_HOST_FAILED\x10\x02\x12 \n\x1c\x45RROR_CODE_DEADLINE_EXCEEDED\x10\x03\x12\x17\n\x13\x45RROR_CODE_INTERNAL\x10\x04\x12\x18\n\x14\x45RROR_CODE_HOST_BUSY\x10\x05\x12\x1e\n\x1a\x45RROR_CODE_INVALID_REQUEST\x10\x06\x12\x1f\n\x1b\x45RROR_CODE_REQUEST_REJECTED\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llooma/v1/common.proto\x12\tllooma.v1\"i\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x03 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"\xec\x03\n\x10GenerationParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x05\x88\x01\x01\x12\x12\n\ntools_json\x18\x08 \x01(\t\x12\x18\n\x10tool_choice_json\x18\t \x01(\t\x12 \n\x13parallel_tool_calls\x18\n \x01(\x08H\x06\x88\x01\x01\x12\x1c\n\x14response_format_json\x18\x0b \x01(\t\x12\x15\n\x08logprobs\x18\x0c \x01(\x08H\x07\x88\x01\x01\x12\x19\n\x0ctop_logprobs\x18\r \x01(\rH\x08\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x16\n\x14_parallel_tool_callsB\x0b\n\t_logprobsB\x0f\n\r_top_logprobs\"P\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x15\n\routput_tokens\x18\x02 \x01(\r\x12\x1a\n\x12reported_by_engine\x18\x03 \x01(\x08\"l\n\x0b\x45rrorDetail\x12\"\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x14.llooma.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x13\n\x0bhttp_status\x18\x03 \x01(\r\x12\x13\n\x0b\x63lient_code\x18\x04 \x01(\t*V\n\x08TaskKind\x12\x12\n\x0eTASK_KIND_CHAT\x10\x00\x12\x1d\n\x19TASK_KIND_TEXT_COMPLETION\x10\x01\x12\x17\n\x13TASK_KIND_EMBEDDING\x10\x02*w\n\x0bRequestPath\x12\x1c\n\x18REQUEST_PATH_UNSPECIFIED\x10\x00\x12\x17\n\x13REQUEST_PATH_DIRECT\x10\x01\x12\x16\n\x12REQUEST_PATH_SPLIT\x10\x02\x12\x19\n\x15REQUEST_PATH_FALLBACK\x10\x03*\xc3\x02\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45RROR_CODE_NO_ELIGIBLE_HOST\x10\x01\x12\x1a\n\x16\x45RROR_CODE_HOST_FAILED\x10\x02\x12 \n\x1c\x45RROR_CODE_DEADLINE_EXCEEDED\x10\x03\x12\x17\n\x13\x45RROR_CODE_INTERNAL\x10\x04\x12\x18\n\x14\x45RROR_CODE_HOST_BUSY\x10\x05\x12\x1e\n\x1a\x45RROR_CODE_INVALID_REQUEST\x10\x06\x12\x1f\n\x1b\x45RROR_CODE_REQUEST_REJECTED\x10\x07\x12\x1d\n\x19\x45RROR_CODE_INVALID_OUTPUT\x10\x08\x12(\n$ERROR_CODE_CONTROL_PLANE_UNAVAILABLE\x10\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llooma.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASKKIND']._serialized_start=556
-  _globals['_TASKKIND']._serialized_end=642
-  _globals['_REQUESTPATH']._serialized_start=644
-  _globals['_REQUESTPATH']._serialized_end=763
-  _globals['_ERRORCODE']._serialized_start=766
-  _globals['_ERRORCODE']._serialized_end=1016
+  _globals['_TASKKIND']._serialized_start=831
+  _globals['_TASKKIND']._serialized_end=917
+  _globals['_REQUESTPATH']._serialized_start=919
+  _globals['_REQUESTPATH']._serialized_end=1038
+  _globals['_ERRORCODE']._serialized_start=1041
+  _globals['_ERRORCODE']._serialized_end=1364
   _globals['_CHATMESSAGE']._serialized_start=37
-  _globals['_CHATMESSAGE']._serialized_end=81
-  _globals['_GENERATIONPARAMS']._serialized_start=84
-  _globals['_GENERATIONPARAMS']._serialized_end=362
-  _globals['_USAGE']._serialized_start=364
-  _globals['_USAGE']._serialized_end=444
-  _globals['_ERRORDETAIL']._serialized_start=446
-  _globals['_ERRORDETAIL']._serialized_end=554
+  _globals['_CHATMESSAGE']._serialized_end=142
+  _globals['_GENERATIONPARAMS']._serialized_start=145
+  _globals['_GENERATIONPARAMS']._serialized_end=637
+  _globals['_USAGE']._serialized_start=639
+  _globals['_USAGE']._serialized_end=719
+  _globals['_ERRORDETAIL']._serialized_start=721
+  _globals['_ERRORDETAIL']._serialized_end=829
 # @@protoc_insertion_point(module_scope)

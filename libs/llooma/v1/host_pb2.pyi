@@ -118,9 +118,17 @@ class HostToken(_message.Message):
 
     TEXT_FIELD_NUMBER: _builtins.int
     REASONING_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_JSON_FIELD_NUMBER: _builtins.int
+    LOGPROBS_JSON_FIELD_NUMBER: _builtins.int
     EMBEDDINGS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     reasoning: _builtins.str
+    tool_calls_json: _builtins.str
+    """The engine's `delta.tool_calls` of one chunk, the JSON array exactly as it sent it."""
+    logprobs_json: _builtins.str
+    """The chunk's `logprobs.content` entries as JSON, without the enclosing brackets (so the
+    entries of several chunks join with commas).
+    """
     @_builtins.property
     def embeddings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """An embedding task's whole answer in one token: each input's vector, in input order, as
@@ -132,11 +140,13 @@ class HostToken(_message.Message):
         *,
         text: _builtins.str = ...,
         reasoning: _builtins.str = ...,
+        tool_calls_json: _builtins.str = ...,
+        logprobs_json: _builtins.str = ...,
         embeddings: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings", "reasoning", b"reasoning", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings", "logprobs_json", b"logprobs_json", "reasoning", b"reasoning", "text", b"text", "tool_calls_json", b"tool_calls_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,31 +26,31 @@ from llooma.v1 import common_pb2 as llooma_dot_v1_dot_common__pb2
 from llooma.v1 import plan_pb2 as llooma_dot_v1_dot_plan__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18llooma/v1/pipeline.proto\x12\tllooma.v1\x1a\x16llooma/v1/common.proto\x1a\x14llooma/v1/plan.proto\"\xd0\x03\n\x0b\x43hatRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12(\n\x08messages\x18\x03 \x03(\x0b\x32\x16.llooma.v1.ChatMessage\x12+\n\x06params\x18\x04 \x01(\x0b\x32\x1b.llooma.v1.GenerationParams\x12\x0e\n\x06stream\x18\x05 \x01(\x08\x12\x15\n\rreply_subject\x18\x06 \x01(\t\x12\x12\n\napi_key_id\x18\x07 \x01(\t\x12\x1b\n\x13\x61\x63\x63\x65pted_unix_nanos\x18\x08 \x01(\x03\x12\x1f\n\x17\x66irst_token_deadline_ms\x18\t \x01(\r\x12$\n\x04path\x18\n \x01(\x0e\x32\x16.llooma.v1.RequestPath\x12\x18\n\x10privacy_redacted\x18\x0b \x01(\x08\x12\x12\n\nrace_width\x18\x0c \x01(\r\x12\x1d\n\x04plan\x18\r \x01(\x0b\x32\x0f.llooma.v1.Plan\x12\x0f\n\x07node_id\x18\x0e \x01(\t\x12\'\n\x07privacy\x18\x0f \x01(\x0e\x32\x16.llooma.v1.PrivacyMode\x12!\n\x04kind\x18\x10 \x01(\x0e\x32\x13.llooma.v1.TaskKind\"h\n\rHostCandidate\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\r\n\x05stake\x18\x03 \x01(\x01\x12\r\n\x05model\x18\x04 \x01(\t\x12\x19\n\x11\x61ssistant_prefill\x18\x05 \x01(\x08\"\xf3\x01\n\x0eTaskAssignment\x12\'\n\x07request\x18\x01 \x01(\x0b\x32\x16.llooma.v1.ChatRequest\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\'\n\x05hosts\x18\x03 \x03(\x0b\x32\x18.llooma.v1.HostCandidate\x12\x1f\n\x17\x66irst_token_deadline_ms\x18\x04 \x01(\r\x12\x19\n\x11stall_deadline_ms\x18\x05 \x01(\r\x12*\n\x08\x66\x61llback\x18\x06 \x03(\x0b\x32\x18.llooma.v1.HostCandidate\x12\x16\n\x0ehedge_delay_ms\x18\x07 \x01(\r\"\x80\x02\n\x0b\x43lientEvent\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12+\n\x07started\x18\x02 \x01(\x0b\x32\x18.llooma.v1.ClientStartedH\x00\x12\'\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x16.llooma.v1.ClientDeltaH\x00\x12-\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x19.llooma.v1.ClientFinishedH\x00\x12(\n\x06\x66\x61iled\x18\x05 \x01(\x0b\x32\x16.llooma.v1.ErrorDetailH\x00\x12,\n\x07mapping\x18\x06 \x01(\x0b\x32\x19.llooma.v1.PrivacyMappingH\x00\x42\x07\n\x05\x65vent\">\n\x0ePrivacyMapping\x12,\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1b.llooma.v1.PlaceholderEntry\"9\n\x10PlaceholderEntry\x12\x13\n\x0bplaceholder\x18\x01 \x01(\t\x12\x10\n\x08original\x18\x02 \x01(\t\"l\n\rClientStarted\x12$\n\x04path\x18\x01 \x01(\x0e\x32\x16.llooma.v1.RequestPath\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rplan_decision\x18\x03 \x01(\t\x12\x0f\n\x07host_id\x18\x04 \x01(\t\"B\n\x0b\x43lientDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\treasoning\x18\x02 \x01(\t\x12\x12\n\nembeddings\x18\x03 \x03(\x0c\"H\n\x0e\x43lientFinished\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.llooma.v1.Usage*Z\n\x0bPrivacyMode\x12\x1c\n\x18PRIVACY_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10PRIVACY_MODE_OFF\x10\x01\x12\x17\n\x13PRIVACY_MODE_STRICT\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18llooma/v1/pipeline.proto\x12\tllooma.v1\x1a\x16llooma/v1/common.proto\x1a\x14llooma/v1/plan.proto\"\xe1\x03\n\x0b\x43hatRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12(\n\x08messages\x18\x03 \x03(\x0b\x32\x16.llooma.v1.ChatMessage\x12+\n\x06params\x18\x04 \x01(\x0b\x32\x1b.llooma.v1.GenerationParams\x12\x0e\n\x06stream\x18\x05 \x01(\x08\x12\x15\n\rreply_subject\x18\x06 \x01(\t\x12\x12\n\napi_key_id\x18\x07 \x01(\t\x12\x1b\n\x13\x61\x63\x63\x65pted_unix_nanos\x18\x08 \x01(\x03\x12\x1f\n\x17\x66irst_token_deadline_ms\x18\t \x01(\r\x12$\n\x04path\x18\n \x01(\x0e\x32\x16.llooma.v1.RequestPath\x12\x18\n\x10privacy_redacted\x18\x0b \x01(\x08\x12\x12\n\nrace_width\x18\x0c \x01(\r\x12\x1d\n\x04plan\x18\r \x01(\x0b\x32\x0f.llooma.v1.Plan\x12\x0f\n\x07node_id\x18\x0e \x01(\t\x12\'\n\x07privacy\x18\x0f \x01(\x0e\x32\x16.llooma.v1.PrivacyMode\x12\x0f\n\x07\x63hoices\x18\x10 \x01(\r\x12!\n\x04kind\x18\x11 \x01(\x0e\x32\x13.llooma.v1.TaskKind\"h\n\rHostCandidate\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\r\n\x05stake\x18\x03 \x01(\x01\x12\r\n\x05model\x18\x04 \x01(\t\x12\x19\n\x11\x61ssistant_prefill\x18\x05 \x01(\x08\"\x89\x02\n\x0eTaskAssignment\x12\'\n\x07request\x18\x01 \x01(\x0b\x32\x16.llooma.v1.ChatRequest\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\'\n\x05hosts\x18\x03 \x03(\x0b\x32\x18.llooma.v1.HostCandidate\x12\x1f\n\x17\x66irst_token_deadline_ms\x18\x04 \x01(\r\x12\x19\n\x11stall_deadline_ms\x18\x05 \x01(\r\x12*\n\x08\x66\x61llback\x18\x06 \x03(\x0b\x32\x18.llooma.v1.HostCandidate\x12\x16\n\x0ehedge_delay_ms\x18\x07 \x01(\r\x12\x14\n\x0c\x63hoice_index\x18\x08 \x01(\r\"\x96\x02\n\x0b\x43lientEvent\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12+\n\x07started\x18\x02 \x01(\x0b\x32\x18.llooma.v1.ClientStartedH\x00\x12\'\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x16.llooma.v1.ClientDeltaH\x00\x12-\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x19.llooma.v1.ClientFinishedH\x00\x12(\n\x06\x66\x61iled\x18\x05 \x01(\x0b\x32\x16.llooma.v1.ErrorDetailH\x00\x12,\n\x07mapping\x18\x06 \x01(\x0b\x32\x19.llooma.v1.PrivacyMappingH\x00\x12\x14\n\x0c\x63hoice_index\x18\x07 \x01(\rB\x07\n\x05\x65vent\">\n\x0ePrivacyMapping\x12,\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1b.llooma.v1.PlaceholderEntry\"9\n\x10PlaceholderEntry\x12\x13\n\x0bplaceholder\x18\x01 \x01(\t\x12\x10\n\x08original\x18\x02 \x01(\t\"\x87\x01\n\rClientStarted\x12$\n\x04path\x18\x01 \x01(\x0e\x32\x16.llooma.v1.RequestPath\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rplan_decision\x18\x03 \x01(\t\x12\x0f\n\x07host_id\x18\x04 \x01(\t\x12\x19\n\x11racer_instance_id\x18\x05 \x01(\t\"\x89\x01\n\x0b\x43lientDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\treasoning\x18\x02 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x03 \x03(\t\x12\x15\n\rlogprobs_json\x18\x04 \x01(\t\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x12\n\nembeddings\x18\x06 \x03(\x0c\"H\n\x0e\x43lientFinished\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.llooma.v1.Usage*Z\n\x0bPrivacyMode\x12\x1c\n\x18PRIVACY_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10PRIVACY_MODE_OFF\x10\x01\x12\x17\n\x13PRIVACY_MODE_STRICT\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llooma.v1.pipeline_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRIVACYMODE']._serialized_start=1538
-  _globals['_PRIVACYMODE']._serialized_end=1628
+  _globals['_PRIVACYMODE']._serialized_start=1699
+  _globals['_PRIVACYMODE']._serialized_end=1789
   _globals['_CHATREQUEST']._serialized_start=86
-  _globals['_CHATREQUEST']._serialized_end=550
-  _globals['_HOSTCANDIDATE']._serialized_start=552
-  _globals['_HOSTCANDIDATE']._serialized_end=656
-  _globals['_TASKASSIGNMENT']._serialized_start=659
-  _globals['_TASKASSIGNMENT']._serialized_end=902
-  _globals['_CLIENTEVENT']._serialized_start=905
-  _globals['_CLIENTEVENT']._serialized_end=1161
-  _globals['_PRIVACYMAPPING']._serialized_start=1163
-  _globals['_PRIVACYMAPPING']._serialized_end=1225
-  _globals['_PLACEHOLDERENTRY']._serialized_start=1227
-  _globals['_PLACEHOLDERENTRY']._serialized_end=1284
-  _globals['_CLIENTSTARTED']._serialized_start=1286
-  _globals['_CLIENTSTARTED']._serialized_end=1394
-  _globals['_CLIENTDELTA']._serialized_start=1396
-  _globals['_CLIENTDELTA']._serialized_end=1462
-  _globals['_CLIENTFINISHED']._serialized_start=1464
-  _globals['_CLIENTFINISHED']._serialized_end=1536
+  _globals['_CHATREQUEST']._serialized_end=567
+  _globals['_HOSTCANDIDATE']._serialized_start=569
+  _globals['_HOSTCANDIDATE']._serialized_end=673
+  _globals['_TASKASSIGNMENT']._serialized_start=676
+  _globals['_TASKASSIGNMENT']._serialized_end=941
+  _globals['_CLIENTEVENT']._serialized_start=944
+  _globals['_CLIENTEVENT']._serialized_end=1222
+  _globals['_PRIVACYMAPPING']._serialized_start=1224
+  _globals['_PRIVACYMAPPING']._serialized_end=1286
+  _globals['_PLACEHOLDERENTRY']._serialized_start=1288
+  _globals['_PLACEHOLDERENTRY']._serialized_end=1345
+  _globals['_CLIENTSTARTED']._serialized_start=1348
+  _globals['_CLIENTSTARTED']._serialized_end=1483
+  _globals['_CLIENTDELTA']._serialized_start=1486
+  _globals['_CLIENTDELTA']._serialized_end=1623
+  _globals['_CLIENTFINISHED']._serialized_start=1625
+  _globals['_CLIENTFINISHED']._serialized_end=1697
 # @@protoc_insertion_point(module_scope)

@@ -63,6 +63,7 @@ class ChatRequest(_message.Message):
     PLAN_FIELD_NUMBER: _builtins.int
     NODE_ID_FIELD_NUMBER: _builtins.int
     PRIVACY_FIELD_NUMBER: _builtins.int
+    CHOICES_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     model: _builtins.str
@@ -81,6 +82,8 @@ class ChatRequest(_message.Message):
     node_id: _builtins.str
     """Set on a node's race: which node of the request's plan it answers."""
     privacy: Global___PrivacyMode.ValueType
+    choices: _builtins.int
+    """How many choices the client asked for (`n`); 0 and 1 are one. Each is its own race."""
     kind: _common_pb2.TaskKind.ValueType
     """What the client asked for: a chat completion, a raw-prompt text completion, embeddings."""
     @_builtins.property
@@ -109,11 +112,12 @@ class ChatRequest(_message.Message):
         plan: _plan_pb2.Plan | None = ...,
         node_id: _builtins.str = ...,
         privacy: Global___PrivacyMode.ValueType = ...,
+        choices: _builtins.int = ...,
         kind: _common_pb2.TaskKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "plan", b"plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_unix_nanos", b"accepted_unix_nanos", "api_key_id", b"api_key_id", "first_token_deadline_ms", b"first_token_deadline_ms", "kind", b"kind", "messages", b"messages", "model", b"model", "node_id", b"node_id", "params", b"params", "path", b"path", "plan", b"plan", "privacy", b"privacy", "privacy_redacted", b"privacy_redacted", "race_width", b"race_width", "reply_subject", b"reply_subject", "request_id", b"request_id", "stream", b"stream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_unix_nanos", b"accepted_unix_nanos", "api_key_id", b"api_key_id", "choices", b"choices", "first_token_deadline_ms", b"first_token_deadline_ms", "kind", b"kind", "messages", b"messages", "model", b"model", "node_id", b"node_id", "params", b"params", "path", b"path", "plan", b"plan", "privacy", b"privacy", "privacy_redacted", b"privacy_redacted", "race_width", b"race_width", "reply_subject", b"reply_subject", "request_id", b"request_id", "stream", b"stream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -169,11 +173,14 @@ class TaskAssignment(_message.Message):
     STALL_DEADLINE_MS_FIELD_NUMBER: _builtins.int
     FALLBACK_FIELD_NUMBER: _builtins.int
     HEDGE_DELAY_MS_FIELD_NUMBER: _builtins.int
+    CHOICE_INDEX_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     first_token_deadline_ms: _builtins.int
     stall_deadline_ms: _builtins.int
     hedge_delay_ms: _builtins.int
     """Hedged mode: hosts after the first are launched only after this delay (0 = full race)."""
+    choice_index: _builtins.int
+    """Which of the request's choices this race answers (ChatRequest.choices > 1)."""
     @_builtins.property
     def request(self) -> Global___ChatRequest: ...
     @_builtins.property
@@ -192,10 +199,11 @@ class TaskAssignment(_message.Message):
         stall_deadline_ms: _builtins.int = ...,
         fallback: _abc.Iterable[Global___HostCandidate] | None = ...,
         hedge_delay_ms: _builtins.int = ...,
+        choice_index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallback", b"fallback", "first_token_deadline_ms", b"first_token_deadline_ms", "hedge_delay_ms", b"hedge_delay_ms", "hosts", b"hosts", "request", b"request", "stall_deadline_ms", b"stall_deadline_ms", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choice_index", b"choice_index", "fallback", b"fallback", "first_token_deadline_ms", b"first_token_deadline_ms", "hedge_delay_ms", b"hedge_delay_ms", "hosts", b"hosts", "request", b"request", "stall_deadline_ms", b"stall_deadline_ms", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -213,7 +221,10 @@ class ClientEvent(_message.Message):
     FINISHED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
     MAPPING_FIELD_NUMBER: _builtins.int
+    CHOICE_INDEX_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
+    choice_index: _builtins.int
+    """The choice the event belongs to (ChatRequest.choices > 1; 0 otherwise)."""
     @_builtins.property
     def started(self) -> Global___ClientStarted: ...
     @_builtins.property
@@ -235,10 +246,11 @@ class ClientEvent(_message.Message):
         finished: Global___ClientFinished | None = ...,
         failed: _common_pb2.ErrorDetail | None = ...,
         mapping: Global___PrivacyMapping | None = ...,
+        choice_index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "event", b"event", "failed", b"failed", "finished", b"finished", "mapping", b"mapping", "started", b"started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "event", b"event", "failed", b"failed", "finished", b"finished", "mapping", b"mapping", "seq", b"seq", "started", b"started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choice_index", b"choice_index", "delta", b"delta", "event", b"event", "failed", b"failed", "finished", b"finished", "mapping", b"mapping", "seq", b"seq", "started", b"started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["started", "delta", "finished", "failed", "mapping"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
@@ -296,6 +308,7 @@ class ClientStarted(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     PLAN_DECISION_FIELD_NUMBER: _builtins.int
     HOST_ID_FIELD_NUMBER: _builtins.int
+    RACER_INSTANCE_ID_FIELD_NUMBER: _builtins.int
     path: _common_pb2.RequestPath.ValueType
     model: _builtins.str
     plan_decision: _builtins.str
@@ -304,6 +317,10 @@ class ClientStarted(_message.Message):
     """The host whose answer the client gets (empty on the split path, where several do), for
     the x-llooma-host header; `model` is the model that host serves (x-llooma-model).
     """
+    racer_instance_id: _builtins.str
+    """The racer instance relaying the answer (empty on the split path): the ingress ends the
+    stream at once when that instance stops beating, rather than at its stall limit.
+    """
     def __init__(
         self,
         *,
@@ -311,10 +328,11 @@ class ClientStarted(_message.Message):
         model: _builtins.str = ...,
         plan_decision: _builtins.str = ...,
         host_id: _builtins.str = ...,
+        racer_instance_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "model", b"model", "path", b"path", "plan_decision", b"plan_decision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "model", b"model", "path", b"path", "plan_decision", b"plan_decision", "racer_instance_id", b"racer_instance_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -326,10 +344,23 @@ class ClientDelta(_message.Message):
 
     TEXT_FIELD_NUMBER: _builtins.int
     REASONING_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_JSON_FIELD_NUMBER: _builtins.int
+    LOGPROBS_JSON_FIELD_NUMBER: _builtins.int
+    FINISH_REASON_FIELD_NUMBER: _builtins.int
     EMBEDDINGS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     reasoning: _builtins.str
     """A thinking model's reasoning, relayed as OpenAI-compatible servers do (reasoning_content)."""
+    logprobs_json: _builtins.str
+    """`logprobs.content` entries for `text` (HostToken.logprobs_json, joined with commas)."""
+    finish_reason: _builtins.str
+    """Set by the ingress only, with choices > 1: this choice is finished, for this reason."""
+    @_builtins.property
+    def tool_calls_json(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The engine's `delta.tool_calls` arrays in arrival order, each exactly as it sent it: one
+        client chunk each.
+        """
+
     @_builtins.property
     def embeddings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """An embedding request's vectors (HostToken.embeddings), relayed as they came."""
@@ -339,11 +370,14 @@ class ClientDelta(_message.Message):
         *,
         text: _builtins.str = ...,
         reasoning: _builtins.str = ...,
+        tool_calls_json: _abc.Iterable[_builtins.str] | None = ...,
+        logprobs_json: _builtins.str = ...,
+        finish_reason: _builtins.str = ...,
         embeddings: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings", "reasoning", b"reasoning", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings", "finish_reason", b"finish_reason", "logprobs_json", b"logprobs_json", "reasoning", b"reasoning", "text", b"text", "tool_calls_json", b"tool_calls_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

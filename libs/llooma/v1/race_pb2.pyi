@@ -164,3 +164,94 @@ class RaceEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RaceEvent: _TypeAlias = RaceEvent  # noqa: Y015
+
+@_typing.final
+class IngressTally(_message.Message):
+    """One ingress's requests since its last tally (about once a second), on
+    `llooma.v1.event.ingress`: every ingress folds every other ingress's tallies into its
+    `/v1/stats`, so each answers the same cluster-wide figures.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
+    FAILED_BEFORE_FIRST_TOKEN_FIELD_NUMBER: _builtins.int
+    REJECTIONS_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    failed_before_first_token: _builtins.int
+    @_builtins.property
+    def started(self) -> _containers.RepeatedCompositeFieldContainer[Global___RequestStart]: ...
+    @_builtins.property
+    def rejections(self) -> _containers.RepeatedCompositeFieldContainer[Global___RejectionCount]: ...
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+        started: _abc.Iterable[Global___RequestStart] | None = ...,
+        failed_before_first_token: _builtins.int = ...,
+        rejections: _abc.Iterable[Global___RejectionCount] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_before_first_token", b"failed_before_first_token", "instance_id", b"instance_id", "rejections", b"rejections", "started", b"started"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IngressTally: _TypeAlias = IngressTally  # noqa: Y015
+
+@_typing.final
+class RequestStart(_message.Message):
+    """A request whose first event was `started`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    FIRST_TOKEN_MS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    path: _builtins.str
+    """direct, split or fallback (`llooma.names.PATHS`)."""
+    first_token_ms: _builtins.float
+    """From accepting the request to its first token."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        path: _builtins.str = ...,
+        first_token_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_token_ms", b"first_token_ms", "path", b"path", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestStart: _TypeAlias = RequestStart  # noqa: Y015
+
+@_typing.final
+class RejectionCount(_message.Message):
+    """Refusals of one HTTP status and error code."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    status: _builtins.int
+    code: _builtins.str
+    count: _builtins.int
+    def __init__(
+        self,
+        *,
+        status: _builtins.int = ...,
+        code: _builtins.str = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "count", b"count", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectionCount: _TypeAlias = RejectionCount  # noqa: Y015

@@ -70,6 +70,7 @@ class TaskSettlement(_message.Message):
     DELIVERED_TOKENS_FIELD_NUMBER: _builtins.int
     VIOLATIONS_FIELD_NUMBER: _builtins.int
     REQUESTED_MODEL_FIELD_NUMBER: _builtins.int
+    NO_SHOW_FIELD_NUMBER: _builtins.int
     attempt_id: _builtins.str
     request_id: _builtins.str
     task_id: _builtins.str
@@ -106,6 +107,10 @@ class TaskSettlement(_message.Message):
     """The model the user asked for (may be the orchestrated "llooma"): the user is charged at
     its price, while the host is paid at the price of the model that served (`model`).
     """
+    no_show: _builtins.bool
+    """Still live at its first-token deadline with no token sent (a seat in the race it did not
+    fill, whether or not it had accepted): accounting slashes a host's stake for a streak.
+    """
     @_builtins.property
     def usage(self) -> _common_pb2.Usage: ...
     def __init__(
@@ -130,10 +135,11 @@ class TaskSettlement(_message.Message):
         delivered_tokens: _builtins.int = ...,
         violations: _builtins.int = ...,
         requested_model: _builtins.str = ...,
+        no_show: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "api_key_id", b"api_key_id", "attempt_id", b"attempt_id", "delivered_tokens", b"delivered_tokens", "duration_ms", b"duration_ms", "fallback", b"fallback", "finished_unix_nanos", b"finished_unix_nanos", "first_token_ms", b"first_token_ms", "host_id", b"host_id", "model", b"model", "outcome", b"outcome", "request_id", b"request_id", "requested_model", b"requested_model", "task_id", b"task_id", "usage", b"usage", "violations", b"violations", "winner_fallback", b"winner_fallback", "winner_model", b"winner_model", "winner_output_tokens", b"winner_output_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "api_key_id", b"api_key_id", "attempt_id", b"attempt_id", "delivered_tokens", b"delivered_tokens", "duration_ms", b"duration_ms", "fallback", b"fallback", "finished_unix_nanos", b"finished_unix_nanos", "first_token_ms", b"first_token_ms", "host_id", b"host_id", "model", b"model", "no_show", b"no_show", "outcome", b"outcome", "request_id", b"request_id", "requested_model", b"requested_model", "task_id", b"task_id", "usage", b"usage", "violations", b"violations", "winner_fallback", b"winner_fallback", "winner_model", b"winner_model", "winner_output_tokens", b"winner_output_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
