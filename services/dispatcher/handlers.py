@@ -18,7 +18,12 @@ from llooma.membership import HostDirectory
 from llooma.planning import decide, is_split
 from llooma.selection import Ask, Candidate, Selector, asked_features
 from llooma.settings import Settings
-from llooma.v1.common_pb2 import ERROR_CODE_NO_ELIGIBLE_HOST, REQUEST_PATH_DIRECT, ErrorDetail
+from llooma.v1.common_pb2 import (
+    ERROR_CODE_NO_ELIGIBLE_HOST,
+    REQUEST_PATH_DIRECT,
+    TASK_KIND_EMBEDDING,
+    ErrorDetail,
+)
 from llooma.v1.pipeline_pb2 import ChatRequest, ClientEvent, HostCandidate, TaskAssignment
 from llooma.v1.race_pb2 import RaceEvent
 from services.dispatcher.dag import DagRunner
@@ -26,6 +31,7 @@ from services.dispatcher.dag import DagRunner
 log = logging.getLogger(__name__)
 
 MAX_FALLBACK_CANDIDATES = 3
+EMBEDDINGS = frozenset({"embeddings"})
 
 
 def as_candidate(c: Candidate) -> HostCandidate:
@@ -36,6 +42,12 @@ def as_candidate(c: Candidate) -> HostCandidate:
         model=c.model,
         assistant_prefill=c.assistant_prefill,
     )
+
+
+def requested_features(request: ChatRequest) -> frozenset[str]:
+    """The ModelFeatures a request needs of its hosts: its parameters', and embeddings."""
+    features = asked_features(request.params)
+    return features | EMBEDDINGS if request.kind == TASK_KIND_EMBEDDING else features
 
 
 class Dispatcher:
@@ -99,7 +111,7 @@ class Dispatcher:
     def assign(self, request: ChatRequest, avoid: set[str] | None = None) -> TaskAssignment | None:
         """Hosts for one task; `avoid` (hosts busy with sibling nodes) is skipped if possible."""
         deadline_ms = self._settings.deadline_ms(request.model, request.first_token_deadline_ms)
-        candidates = self.candidates(request.model, deadline_ms, asked_features(request.params))
+        candidates = self.candidates(request.model, deadline_ms, requested_features(request))
         k = request.race_width or self._settings.race_width
         bucket = self._settings.best_bucket_size
         free = [c for c in candidates if c.host_id not in (avoid or ())]
@@ -133,7 +145,7 @@ class Dispatcher:
         assignment = self.assign(request)
         if assignment is None:
             # Never a silent downgrade: a request for tools waits for a host that has them.
-            features = asked_features(request.params)
+            features = requested_features(request)
             needs = f" with {', '.join(sorted(features))}" if features else ""
             failure = ClientEvent(
                 failed=ErrorDetail(

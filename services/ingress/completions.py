@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Annotated, Literal
+from typing import Annotated
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -50,7 +50,14 @@ class CompletionRequest(BaseModel):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     n: OnlyOne = 1
     # The prompt is not repeated in the answer.
-    echo: Literal[False] = False
+    echo: bool = Field(default=False, json_schema_extra={"const": False})
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("echo is not served: the answer never repeats the prompt")
+        return value
 
     @field_validator("stop", mode="before")
     @classmethod

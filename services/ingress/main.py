@@ -31,9 +31,11 @@ from services.ingress.admin import admin_key_ids
 from services.ingress.api import Ingress
 from services.ingress.completions import TEXT_COMPLETIONS
 from services.ingress.delivery import DeliveryReporter
+from services.ingress.embeddings import EMBEDDINGS
 from services.ingress.http_protocol import bounded_protocol
 from services.ingress.openapi import serve_openapi
 from services.ingress.replies import ReplyRouter
+from services.ingress.responses import RESPONSES
 from services.ingress.schema import error_response
 from services.ingress.shared_limits import SharedRateLimits
 from services.ingress.stats import ROUTES as STATS_ROUTES
@@ -54,6 +56,14 @@ async def chat_completions(request: Request) -> Response:
 
 async def completions(request: Request) -> Response:
     return await _ingress(request).chat_completions(request, TEXT_COMPLETIONS)
+
+
+async def responses(request: Request) -> Response:
+    return await _ingress(request).chat_completions(request, RESPONSES)
+
+
+async def embeddings(request: Request) -> Response:
+    return await _ingress(request).chat_completions(request, EMBEDDINGS)
 
 
 async def models(request: Request) -> Response:
@@ -83,6 +93,8 @@ async def http_error(request: Request, error: Exception) -> Response:
 ROUTES = [
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/responses", responses, methods=["POST"]),
+    Route("/v1/embeddings", embeddings, methods=["POST"]),
     Route("/v1/models", models, methods=["GET"]),
     Route("/v1/models/{model:path}", model, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),

@@ -14,6 +14,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from llooma.settings import VERSION
+from services.ingress.completions import CompletionRequest
+from services.ingress.embeddings import EmbeddingRequest
 from services.ingress.headers import (
     DEADLINE_HEADER,
     DEADLINE_PATTERN,
@@ -24,6 +26,7 @@ from services.ingress.headers import (
     SPLIT_HEADER,
     SPLIT_MODES,
 )
+from services.ingress.responses import ResponsesRequest
 from services.ingress.schema import MAX_CHOICES, ChatCompletionRequest
 
 Schema = dict[str, Any]
@@ -139,6 +142,118 @@ CHUNK_EVENT: Schema = {
     },
 }
 
+TEXT_COMPLETION: Schema = {
+    "type": "object",
+    "required": ["id", "object", "created", "model", "choices", "usage"],
+    "properties": {
+        "id": {"type": "string", "pattern": "^cmpl-"},
+        "object": {"const": "text_completion"},
+        "created": {"type": "integer"},
+        "model": {"type": "string"},
+        "choices": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["text", "index", "finish_reason"],
+                "properties": {
+                    "text": {"type": "string"},
+                    "index": {"const": 0},
+                    "logprobs": {"type": "null"},
+                    "finish_reason": {"type": "string"},
+                },
+            },
+        },
+        "usage": _ref("Usage"),
+    },
+}
+
+RESPONSE: Schema = {
+    "type": "object",
+    "required": ["id", "object", "created_at", "status", "model", "output", "usage"],
+    "properties": {
+        "id": {"type": "string", "pattern": "^resp_"},
+        "object": {"const": "response"},
+        "created_at": {"type": "integer"},
+        "status": {"enum": ["completed", "incomplete"]},
+        "model": {"type": "string"},
+        "output": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["id", "type", "status", "role", "content"],
+                "properties": {
+                    "type": {"const": "message"},
+                    "role": {"const": "assistant"},
+                    "content": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["type", "text"],
+                            "properties": {
+                                "type": {"const": "output_text"},
+                                "text": {"type": "string"},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+        "usage": {
+            "type": "object",
+            "required": ["input_tokens", "output_tokens", "total_tokens"],
+            "properties": {
+                "input_tokens": {"type": "integer", "minimum": 0},
+                "output_tokens": {"type": "integer", "minimum": 0},
+                "total_tokens": {"type": "integer", "minimum": 0},
+            },
+        },
+    },
+}
+
+RESPONSE_EVENT: Schema = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"type": "string", "pattern": "^response\\."},
+        "data": {"description": "The event as JSON, its `type` the event's name."},
+    },
+}
+
+EMBEDDING_LIST: Schema = {
+    "type": "object",
+    "required": ["object", "data", "model", "usage"],
+    "properties": {
+        "object": {"const": "list"},
+        "data": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["object", "index", "embedding"],
+                "properties": {
+                    "object": {"const": "embedding"},
+                    "index": {"type": "integer", "minimum": 0},
+                    "embedding": {
+                        "description": "Floats, or base64 of little-endian float32.",
+                        "type": ["array", "string"],
+                        "items": {"type": "number"},
+                    },
+                },
+            },
+        },
+        "model": {"type": "string"},
+        "usage": {
+            "type": "object",
+            "required": ["prompt_tokens", "total_tokens"],
+            "properties": {
+                "prompt_tokens": {"type": "integer", "minimum": 0},
+                "total_tokens": {"type": "integer", "minimum": 0},
+            },
+        },
+    },
+}
+
 MODEL_LIST: Schema = {
     "type": "object",
     "required": ["object", "data"],
@@ -180,6 +295,24 @@ PATH = _header(
 PLAN = _header("The planner's decision (ASCII, at most 200 characters).", required=False)
 HOST = _header("The host that answered (absent on the split path).", required=False)
 MODEL = _header("The model that answered (the body's `model` is the one asked).", required=False)
+# Sent when the key has the limit: OpenAI's names and formats (durations like "1s", "6m0s").
+RATE_LIMIT_HEADERS = {
+    f"x-ratelimit-{what}-{kind}": _header(description, schema, required=False)
+    for kind in ("requests", "tokens")
+    for what, description, schema in (
+        ("limit", f"The key's {kind} per minute.", {"type": "string", "pattern": "^[0-9]+$"}),
+        (
+            "remaining",
+            f"The {kind} the key may use now.",
+            {"type": "string", "pattern": "^[0-9]+$"},
+        ),
+        (
+            "reset",
+            f"Until the key's {kind} are back to full.",
+            {"type": "string", "pattern": "^([0-9]+h)?([0-9]+m)?([0-9.]+s|[0-9]+ms)$"},
+        ),
+    )
+}
 
 
 def _error(description: str, headers: dict[str, Schema] | None = None) -> Schema:
@@ -253,6 +386,7 @@ def _chat_completions() -> Schema:
                     "x-llooma-plan": PLAN,
                     "x-llooma-host": HOST,
                     "x-llooma-model": MODEL,
+                    **RATE_LIMIT_HEADERS,
                 },
                 "content": {
                     "application/json": {"schema": _ref("ChatCompletion")},
@@ -281,7 +415,7 @@ def _chat_completions() -> Schema:
             ),
             "429": _error(
                 "The key's requests or tokens per minute are used up (`rate_limit_exceeded`).",
-                {"retry-after": RETRY_AFTER},
+                {"retry-after": RETRY_AFTER, **RATE_LIMIT_HEADERS},
             ),
             "502": _error(
                 "The raced hosts failed, or the answer does not match the request's "
@@ -300,11 +434,88 @@ def _chat_completions() -> Schema:
     }
 
 
+def _raced(
+    operation_id: str,
+    summary: str,
+    request: str,
+    example: Schema,
+    answer: str,
+    content: dict[str, Schema],
+) -> Schema:
+    """Another endpoint on the chat race: the chat operation's headers and errors, its own
+    request and answer."""
+    operation = _chat_completions()
+    operation["operationId"] = operation_id
+    operation["summary"] = summary
+    operation["requestBody"]["content"]["application/json"] = {
+        "schema": _ref(request),
+        "example": example,
+    }
+    operation["responses"]["200"]["description"] = answer
+    operation["responses"]["200"]["content"] = content
+    return operation
+
+
+def _request_schemas() -> dict[str, Schema]:
+    """Every request body's schema, generated from the validators, and what they refer to."""
+    components: dict[str, Schema] = {}
+    for model in (ChatCompletionRequest, CompletionRequest, ResponsesRequest, EmbeddingRequest):
+        schema = model.model_json_schema(ref_template=SCHEMAS + "{model}")
+        components.update(schema.pop("$defs", {}))
+        components[model.__name__] = schema
+    return components
+
+
+def _other_endpoints() -> dict[str, Schema]:
+    return {
+        "/v1/completions": {
+            "post": _raced(
+                "createCompletion",
+                "Legacy text completion of a raw prompt, streamed (SSE) or whole.",
+                "CompletionRequest",
+                {"model": "echo", "prompt": "Once upon a time", "max_tokens": 8},
+                "One text_completion, or with `stream: true` text_completion chunks ending in "
+                "`data: [DONE]`.",
+                {
+                    "application/json": {"schema": _ref("TextCompletion")},
+                    "text/event-stream": {"schema": _ref("ChatCompletionChunkEvent")},
+                },
+            )
+        },
+        "/v1/responses": {
+            "post": _raced(
+                "createResponse",
+                "A response to plain text input (Responses API), streamed (SSE) or whole.",
+                "ResponsesRequest",
+                {"model": "echo", "input": "Hello!", "max_output_tokens": 8},
+                "One response, or with `stream: true` its events from `response.created` to "
+                "`response.completed` (or `response.incomplete` / `response.failed`).",
+                {
+                    "application/json": {"schema": _ref("Response")},
+                    "text/event-stream": {"schema": _ref("ResponseEvent")},
+                },
+            )
+        },
+        "/v1/embeddings": {
+            "post": _raced(
+                "createEmbedding",
+                "Each input's vector, from hosts whose model serves embeddings.",
+                "EmbeddingRequest",
+                {"model": "echo", "input": ["Hello!"]},
+                "The vectors in input order, with the prompt tokens billed.",
+                {"application/json": {"schema": _ref("EmbeddingList")}},
+            )
+        },
+    }
+
+
 def openapi_document() -> Schema:
-    request = ChatCompletionRequest.model_json_schema(ref_template=SCHEMAS + "{model}")
-    components: dict[str, Schema] = request.pop("$defs")
+    components = _request_schemas()
     components.update(
-        ChatCompletionRequest=request,
+        TextCompletion=TEXT_COMPLETION,
+        Response=RESPONSE,
+        ResponseEvent=RESPONSE_EVENT,
+        EmbeddingList=EMBEDDING_LIST,
         ChatCompletion=CHAT_COMPLETION,
         ChatCompletionChunkEvent=CHUNK_EVENT,
         Usage=USAGE,
@@ -318,6 +529,7 @@ def openapi_document() -> Schema:
         "servers": [{"url": "/"}],
         "paths": {
             "/v1/chat/completions": {"post": _chat_completions()},
+            **_other_endpoints(),
             "/v1/models": {
                 "get": {
                     "operationId": "listModels",

@@ -26,6 +26,7 @@ from llooma.v1.common_pb2 import (
     ERROR_CODE_HOST_FAILED,
     ERROR_CODE_REQUEST_REJECTED,
     REQUEST_PATH_FALLBACK,
+    TASK_KIND_EMBEDDING,
     TASK_KIND_TEXT_COMPLETION,
     ChatMessage,
     Usage,
@@ -244,7 +245,8 @@ class RaceCore:
         race = self.race
         race.winner = winner
         race.first_token_at = winner.first_token_at
-        if self._duels is not None:
+        # A judge compares texts: an embedding has none to judge.
+        if self._duels is not None and race.assignment.request.kind != TASK_KIND_EMBEDDING:
             self._open_duel(winner)
         self._cancel_all(keep=winner)
         request = race.assignment.request

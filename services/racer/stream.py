@@ -86,6 +86,7 @@ class AnswerStream:
     """One race's client-bound text across its hosts."""
 
     __slots__ = (
+        "_embeddings",
         "_logprobs",
         "_max_chars",
         "_race",
@@ -102,6 +103,7 @@ class AnswerStream:
         self._max_chars = race.assignment.request.params.max_tokens * MAX_CHARS_PER_TOKEN
         self._text: list[str] = []
         self._reasoning: list[str] = []
+        self._embeddings: list[bytes] = []
         self._tool_calls: list[str] = []
         self._logprobs: list[str] = []
         self.restart(Seam())
@@ -127,6 +129,8 @@ class AnswerStream:
         if token.logprobs_json:
             self._logprobs.append(token.logprobs_json)
         piece = thought = ""
+        if token.embeddings:
+            self._embeddings.extend(token.embeddings)
         if token.text:
             piece = self._seam.feed(self._words.feed(self._bounded(winner, token.text)))
         if token.reasoning:
@@ -143,7 +147,8 @@ class AnswerStream:
 
     def take(self) -> list[ClientDelta]:
         """The pending answer as deltas: its text and reasoning as one, its tool calls as
-        another (the ingress writes a delta of text without looking for tool calls)."""
+        another (the ingress writes a delta of text without looking for tool calls), an
+        embedding's vectors as a third."""
         deltas = []
         if self._text or self._reasoning:
             delta = ClientDelta()
@@ -162,6 +167,9 @@ class AnswerStream:
         if self._tool_calls:
             deltas.append(ClientDelta(tool_calls_json=self._tool_calls))
             self._tool_calls.clear()
+        if self._embeddings:
+            deltas.append(ClientDelta(embeddings=self._embeddings))
+            self._embeddings.clear()
         return deltas
 
     @staticmethod

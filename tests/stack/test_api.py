@@ -263,6 +263,10 @@ async def test_unknown_routes_and_methods_answer_in_openai_error_shape(
         response = await http.post(path, json={}, headers=AUTH)
         assert_openai_error(response, 404, "not_found")
         assert path in response.json()["error"]["message"]
+    # The other endpoints exist: an empty body is a bad request there.
+    for path in ("/v1/completions", "/v1/embeddings", "/v1/responses"):
+        response = await http.post(path, json={}, headers=AUTH)
+        assert_openai_error(response, 400, "invalid_request")
     response = await http.get("/v1/chat/completions", headers=AUTH)
     assert_openai_error(response, 405, "method_not_allowed")
     assert "POST" in response.headers["allow"]

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import random
 import socket
+import struct
 from collections.abc import AsyncIterator, Iterator
 
 import orjson
@@ -25,7 +26,12 @@ from llooma.host.openai_backend import (
     UpstreamRejected,
     UpstreamUnreachable,
 )
-from llooma.v1.common_pb2 import ChatMessage, GenerationParams
+from llooma.v1.common_pb2 import (
+    TASK_KIND_EMBEDDING,
+    TASK_KIND_TEXT_COMPLETION,
+    ChatMessage,
+    GenerationParams,
+)
 from llooma.v1.host_pb2 import HostTask
 from tests.support.fake_engine import (
     DONE,
@@ -721,6 +727,71 @@ async def test_a_slow_load_endpoint_falls_back_to_health(engine: FakeEngine) -> 
     # Reachable, with the last load seen.
     assert (state.reachable, state.running, state.waiting) == (True, 4, 2)
     await probe.aclose()
+
+
+async def test_a_text_completion_continues_its_raw_prompt(engine: FakeEngine) -> None:
+    async def complete(request: Request, out: Out) -> None:
+        await stream_events(
+            out,
+            event({"choices": [{"index": 0, "text": " upon", "finish_reason": None}]}),
+            event({"choices": [{"index": 0, "text": " a time", "finish_reason": "stop"}]}),
+            usage(3, 3),
+            DONE,
+        )
+
+    engine.handler = complete
+    handed_over = HostTask(
+        attempt_id="a2",
+        model="m",
+        messages=[
+            ChatMessage(role="user", content="Once"),
+            ChatMessage(role="assistant", content=" upon"),
+        ],
+        params=GenerationParams(max_tokens=4),
+        kind=TASK_KIND_TEXT_COMPLETION,
+    )
+    outcome = Outcome()
+    pieces = await collect(backend(engine), handed_over, outcome)
+    assert pieces == [" upon", " a time"]
+    assert (outcome.input_tokens, outcome.output_tokens, outcome.finish_reason) == (3, 3, "stop")
+    (sent,) = engine.requests
+    assert sent.path == "/v1/completions"
+    body = sent.json()
+    # The text so far joins the prompt; no chat messages, no chat template.
+    assert body["prompt"] == "Once upon"
+    assert "messages" not in body
+    assert "continue_final_message" not in body
+
+
+async def test_embeddings_come_back_as_little_endian_float32(engine: FakeEngine) -> None:
+    async def embed(request: Request, out: Out) -> None:
+        data = [
+            {"index": 1, "embedding": [0.25, -1.0]},
+            {"index": 0, "embedding": [1.5, 2.0]},
+        ]
+        await out.whole(200, orjson.dumps({"data": data, "usage": {"prompt_tokens": 9}}))
+
+    engine.handler = embed
+    inputs = HostTask(
+        attempt_id="a3",
+        model="m",
+        messages=[ChatMessage(role="user", content="a"), ChatMessage(role="user", content="b")],
+        kind=TASK_KIND_EMBEDDING,
+    )
+    outcome = Outcome()
+    vectors = await backend(engine).embed(inputs, outcome)
+    assert vectors == [struct.pack("<2f", 1.5, 2.0), struct.pack("<2f", 0.25, -1.0)]
+    assert (outcome.input_tokens, outcome.output_tokens, outcome.reported) == (9, 0, True)
+    (sent,) = engine.requests
+    assert sent.path == "/v1/embeddings"
+    assert sent.json()["input"] == ["a", "b"]
+
+    async def too_few(request: Request, out: Out) -> None:
+        await out.whole(200, orjson.dumps({"data": [{"index": 0, "embedding": [1.0]}]}))
+
+    engine.handler = too_few
+    with pytest.raises(UpstreamError, match="1 vectors for 2 inputs"):
+        await backend(engine).embed(inputs, Outcome())
 
 
 async def test_tools_response_format_and_logprobs_reach_the_engine_as_sent(

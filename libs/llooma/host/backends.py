@@ -8,8 +8,10 @@ import json
 import math
 import random
 import re
+import struct
+import zlib
 from collections.abc import AsyncGenerator
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from llooma.duel import read_judge_prompt
 from llooma.host.config import Latency, ModelConfig
@@ -92,6 +94,17 @@ class Backend(Protocol):
     def stream(
         self, task: HostTask, outcome: Outcome | None = None
     ) -> AsyncGenerator[str, None]: ...
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    async def embed(self, task: HostTask, outcome: Outcome) -> list[bytes]:
+        """Each message's vector, as little-endian float32."""
+        ...
+
+
+# The echo backend's vectors: words hashed into this many dimensions.
+ECHO_DIMENSIONS = 16
 
 
 def _local_outcome(outcome: Outcome | None, task: HostTask, pieces: int, limit: int) -> None:
@@ -179,6 +192,23 @@ class EchoBackend:
                 await _pause(sample_ms(self._model.inter_token, self._rng))
             yield piece
         _local_outcome(outcome, task, len(pieces), limit or 0)
+
+    async def embed(self, task: HostTask, outcome: Outcome) -> list[bytes]:
+        """A bag of words per input, hashed into ECHO_DIMENSIONS and normalised: the same
+        text, the same vector; shared words, a closer one."""
+        await _pause(sample_ms(self._model.first_token, self._rng))
+        vectors = []
+        for message in task.messages:
+            counts = [0.0] * ECHO_DIMENSIONS
+            for word in message.content.lower().split():
+                counts[zlib.crc32(word.encode()) % ECHO_DIMENSIONS] += 1.0
+            norm = math.sqrt(sum(c * c for c in counts)) or 1.0
+            vectors.append(struct.pack(f"<{ECHO_DIMENSIONS}f", *(c / norm for c in counts)))
+        outcome.input_tokens = sum(len(m.content.split()) for m in task.messages)
+        outcome.output_tokens = 0
+        outcome.finish_reason = "stop"
+        outcome.reported = True
+        return vectors
 
 
 def build_backend(model: ModelConfig, seed: int) -> Backend:

@@ -56,7 +56,8 @@ DEFAULT_FEATURES: dict[str, frozenset[str]] = {
     "ollama": frozenset({"tools", "json_mode", "json_schema"}),
     "openai": frozenset(),
     "synthetic": frozenset({"assistant_prefill"}),
-    "echo": frozenset(),
+    # Its bag-of-words vectors (backends.EchoBackend.embed).
+    "echo": frozenset({"embeddings"}),
 }
 
 log = logging.getLogger(__name__)

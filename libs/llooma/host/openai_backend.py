@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sys
+from array import array
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +44,8 @@ _CONTEXT_EXCEEDED = re.compile(
 _LINE_LIMIT = 1 << 20
 # How long to wait for the end of the HTTP body after `[DONE]` before dropping the connection.
 _DRAIN_S = 1.0
+# The largest embeddings answer read (a few thousand vectors of 1024 floats as JSON text).
+_EMBEDDINGS_BODY_LIMIT = 64 << 20
 
 
 class UpstreamError(Exception):
@@ -310,6 +314,43 @@ class OpenAIBackend:
             body["add_generation_prompt"] = False
         return body
 
+    async def embed(self, task: HostTask, outcome: Outcome) -> list[bytes]:
+        """Each input's (each message's) vector from the engine's `/embeddings`, as
+        little-endian float32; `outcome` gets the engine's prompt tokens."""
+        body = {
+            "model": self._model,
+            "input": [m.content for m in task.messages],
+            "encoding_format": "float",
+        }
+        try:
+            async with self.pool.request(
+                "POST", "/embeddings", orjson.dumps(body), self._headers
+            ) as response:
+                if response.status != 200:
+                    raise await _status_error(response)
+                text = await response.read(_EMBEDDINGS_BODY_LIMIT)
+        except ConnectFailed as error:
+            raise UpstreamUnreachable(f"upstream unreachable: {error}") from error
+        except HttpError as error:
+            raise UpstreamError(f"upstream transport error: {_truncate(str(error))}") from error
+        try:
+            payload = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            raise UpstreamError("embeddings answer is not JSON") from None
+        vectors = _vectors(payload)
+        if len(vectors) != len(task.messages):
+            raise UpstreamError(f"{len(vectors)} vectors for {len(task.messages)} inputs")
+        usage = payload.get("usage")
+        prompt = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+        if isinstance(prompt, int) and prompt >= 0:
+            outcome.input_tokens = prompt
+            outcome.reported = True
+        else:
+            outcome.input_tokens = estimate_input_tokens(task)
+        outcome.output_tokens = 0
+        outcome.finish_reason = "stop"
+        return vectors
+
     async def stream(
         self, task: HostTask, outcome: Outcome | None = None
     ) -> AsyncGenerator[str, None]:
@@ -444,6 +485,22 @@ class OpenAIBackend:
             yield held
         if not outcome.reported:
             outcome.output_tokens = pieces
+
+
+def _vectors(payload: object) -> list[bytes]:
+    """An embeddings answer's vectors in input order, as little-endian float32."""
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(data, list):
+        raise UpstreamError("embeddings answer without data")
+    try:
+        ordered = sorted(data, key=lambda item: item["index"])
+        vectors = [array("f", item["embedding"]) for item in ordered]
+    except (KeyError, TypeError, ValueError, OverflowError):
+        raise UpstreamError("malformed embeddings answer") from None
+    if sys.byteorder == "big":
+        for vector in vectors:
+            vector.byteswap()
+    return [vector.tobytes() for vector in vectors]
 
 
 def _message(message: ChatMessage) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from nats.aio.subscription import Subscription
 from opentelemetry.trace import SpanKind
 
 from llooma import subjects, tracing
-from llooma.host.backends import Backend, BackendFailure, build_backend, token_limit
+from llooma.host.backends import Backend, BackendFailure, Embedder, build_backend, token_limit
 from llooma.host.config import HostConfig, ModelConfig
 from llooma.host.engines import (
     DEFAULT_FEATURES,
@@ -49,6 +49,7 @@ from llooma.v1.common_pb2 import (
     ERROR_CODE_HOST_FAILED,
     ERROR_CODE_INVALID_REQUEST,
     ERROR_CODE_REQUEST_REJECTED,
+    TASK_KIND_EMBEDDING,
     ErrorDetail,
     Usage,
 )
@@ -357,16 +358,25 @@ class HostWorker:
         seq = 0
         outcome = Outcome()
         try:
-            async with (
-                contextlib.aclosing(backend.stream(task, outcome)) as pieces,
-                contextlib.aclosing(ready_batches(pieces)) as batches,
-            ):
-                # The pieces that were ready together (one upstream read) go as one chunk.
-                async for batch in batches:
-                    tokens = [host_token(piece) for piece in batch]
-                    chunk = HostChunk(seq=seq + 1, token=tokens[0], more_tokens=tokens[1:])
-                    seq += len(tokens)
-                    await publish(reply, chunk.SerializeToString())
+            if task.kind == TASK_KIND_EMBEDDING:
+                if not isinstance(backend, Embedder):
+                    raise BackendFailure(f"model {task.model!r} serves no embeddings")
+                # The whole answer in one token: the first complete answer wins the race.
+                vectors = await backend.embed(task, outcome)
+                seq += 1
+                chunk = HostChunk(seq=seq, token=HostToken(embeddings=vectors))
+                await publish(reply, chunk.SerializeToString())
+            else:
+                async with (
+                    contextlib.aclosing(backend.stream(task, outcome)) as pieces,
+                    contextlib.aclosing(ready_batches(pieces)) as batches,
+                ):
+                    # The pieces that were ready together (one upstream read) go as one chunk.
+                    async for batch in batches:
+                        tokens = [host_token(piece) for piece in batch]
+                        chunk = HostChunk(seq=seq + 1, token=tokens[0], more_tokens=tokens[1:])
+                        seq += len(tokens)
+                        await publish(reply, chunk.SerializeToString())
         except asyncio.CancelledError:
             return None
         except UpstreamRejected as error:
@@ -392,7 +402,7 @@ class HostWorker:
             log.exception("backend crashed on %s", task.attempt_id)
             await self._fail(reply, ERROR_CODE_HOST_FAILED, "backend error")
             return None
-        if not outcome.reported:
+        if not outcome.reported and task.kind != TASK_KIND_EMBEDDING:
             # The engine gave no usage: an estimate, marked as one (reported_by_engine false).
             outcome.input_tokens = estimate_input_tokens(task)
             outcome.output_tokens = seq

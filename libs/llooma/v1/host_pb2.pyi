@@ -129,6 +129,7 @@ class HostToken(_message.Message):
     REASONING_FIELD_NUMBER: _builtins.int
     TOOL_CALLS_JSON_FIELD_NUMBER: _builtins.int
     LOGPROBS_JSON_FIELD_NUMBER: _builtins.int
+    EMBEDDINGS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     reasoning: _builtins.str
     tool_calls_json: _builtins.str
@@ -137,6 +138,12 @@ class HostToken(_message.Message):
     """The chunk's `logprobs.content` entries as JSON, without the enclosing brackets (so the
     entries of several chunks join with commas).
     """
+    @_builtins.property
+    def embeddings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """An embedding task's whole answer in one token: each input's vector, in input order, as
+        little-endian float32 (what OpenAI's base64 encoding_format encodes).
+        """
+
     def __init__(
         self,
         *,
@@ -144,10 +151,11 @@ class HostToken(_message.Message):
         reasoning: _builtins.str = ...,
         tool_calls_json: _builtins.str = ...,
         logprobs_json: _builtins.str = ...,
+        embeddings: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["logprobs_json", b"logprobs_json", "reasoning", b"reasoning", "text", b"text", "tool_calls_json", b"tool_calls_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings", "logprobs_json", b"logprobs_json", "reasoning", b"reasoning", "text", b"text", "tool_calls_json", b"tool_calls_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -347,6 +347,7 @@ class ClientDelta(_message.Message):
     TOOL_CALLS_JSON_FIELD_NUMBER: _builtins.int
     LOGPROBS_JSON_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
+    EMBEDDINGS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     reasoning: _builtins.str
     """A thinking model's reasoning, relayed as OpenAI-compatible servers do (reasoning_content)."""
@@ -360,6 +361,10 @@ class ClientDelta(_message.Message):
         client chunk each.
         """
 
+    @_builtins.property
+    def embeddings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """An embedding request's vectors (HostToken.embeddings), relayed as they came."""
+
     def __init__(
         self,
         *,
@@ -368,10 +373,11 @@ class ClientDelta(_message.Message):
         tool_calls_json: _abc.Iterable[_builtins.str] | None = ...,
         logprobs_json: _builtins.str = ...,
         finish_reason: _builtins.str = ...,
+        embeddings: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "logprobs_json", b"logprobs_json", "reasoning", b"reasoning", "text", b"text", "tool_calls_json", b"tool_calls_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings", "finish_reason", b"finish_reason", "logprobs_json", b"logprobs_json", "reasoning", b"reasoning", "text", b"text", "tool_calls_json", b"tool_calls_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
