@@ -310,11 +310,14 @@ class Ingress:
         ) / 1000.0 + PIPELINE_MARGIN_S
         first = await self._next_event(queue, first_wait_s)
         restorer = None
-        if first.WhichOneof("event") == "mapping":
-            # Lives only as long as this request, in this process.
-            restorer = StreamRestorer(
-                Mapping.from_dict({e.placeholder: e.original for e in first.mapping.entries})
-            )
+        # More than one mapping: privacy's hand-off was redelivered; the first is the one the
+        # request went on with (the planner's hand-off is deduplicated).
+        while first.WhichOneof("event") == "mapping":
+            if restorer is None:
+                # Lives only as long as this request, in this process.
+                restorer = StreamRestorer(
+                    Mapping.from_dict({e.placeholder: e.original for e in first.mapping.entries})
+                )
             first = await self._next_event(queue, first_wait_s)
         kind = first.WhichOneof("event")
         if kind != "started":
@@ -379,14 +382,22 @@ class Ingress:
         done = False
         try:
             while not done:
-                batch = [await self._next_event(queue, stall_s)]
+                arrived = [await self._next_event(queue, stall_s)]
                 while not queue.empty():
-                    batch.append(ClientEvent.FromString(queue.get_nowait()))
-                for index, event in enumerate(batch):
-                    if event.WhichOneof("event") in ("finished", "failed"):
-                        del batch[index + 1 :]
+                    arrived.append(ClientEvent.FromString(queue.get_nowait()))
+                batch = []
+                for event in arrived:
+                    kind = event.WhichOneof("event")
+                    # Another `mapping` or `started` comes from a hand-off redelivered under
+                    # load (privacy or the racer ran it twice): already taken, not the client's.
+                    if kind in ("mapping", "started"):
+                        continue
+                    batch.append(event)
+                    if kind in ("finished", "failed"):
                         done = True
                         break
+                if not batch:
+                    continue
                 if restorer is not None:
                     batch = restore(batch, restorer)
                 yield batch

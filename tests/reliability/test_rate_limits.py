@@ -8,6 +8,7 @@ rate is counted from the first 429 on (when the burst allowance is spent) to the
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -82,14 +83,20 @@ async def hammer(
     return sent
 
 
-def achieved_after_first_refusal(sent: list[Sent], amount: str) -> tuple[float, float]:
+def achieved_after_first_refusal(
+    sent: list[Sent], amount: str, period_s: float = 0.0
+) -> tuple[float, float]:
     """(admitted units per second, seconds measured) in the steady state: from the first
     429 (the burst allowance is spent) or, if later, from when the requests admitted before
-    it have ended (their usage corrections, credited then, belong to the burst) to the end."""
+    it have ended (their usage corrections, credited then, belong to the burst) to the end,
+    or to the end of the last whole `period_s` (a limit that admits a window's allowance
+    each window is measured over whole windows, not a window's first half)."""
     first_refusal = min(s.at for s in sent if s.status == 429)
     burst_done = max(s.done for s in sent if s.status == 200 and s.at < first_refusal)
     start = max(first_refusal, burst_done)
     end = max(s.at for s in sent)
+    if period_s:
+        end = start + period_s * math.floor((end - start) / period_s)
     admitted = [s for s in sent if s.status == 200 and start <= s.at <= end]
     units = len(admitted) if amount == "requests" else sum(s.tokens for s in admitted)
     return units / (end - start), end - start
