@@ -5,7 +5,7 @@ A limit of R units a minute becomes `per_window` units per window of `per_window
 seconds (`per_window` = R x burst seconds / 60, at least 1), so the long-run rate is R
 whatever the number of processes taking from it. Admission is a sliding window: the previous
 window's total, weighted by how much of it still overlaps the last window's length (less
-`LATE_ALLOWANCE`), plus the current window's must leave room for the request (a large
+`LATE_S`), plus the current window's must leave room for the request (a large
 request's debt so weighs on the next window), and what the previous window left unused (up
 to `CARRY` of the allowance) adds to this one's. A take adds its cost to the current
 window's counter and gets the new total in the publish ack (one round trip); refused, it
@@ -39,17 +39,19 @@ INCR = "Nats-Incr"
 MAX_SEEN = 100_000
 # A scope's first use falls this far before the end of its first window.
 PHASE_MARGIN = 0.02
-# The previous window's weight reaches 0 this fraction of a window before the window ends.
-# Without it a window's last unit opens only in its last 0.5 / per_window, and a request
-# arriving a round trip or a client's retry later finds a new window and the unit lost: two
-# ingresses under load held 600 rpm 0.4% to 7.2% short. A window still holds no more than its
-# allowance; its units open this much earlier, a burst of this share at most.
-LATE_ALLOWANCE = 0.25
+# The previous window's weight reaches 0 this long (at most a quarter window) before the
+# window ends. Without it a window's last unit opens only in its last 0.5 / per_window, and a
+# request arriving a round trip or a client's retry later finds a new window and the unit
+# lost: two ingresses under load held 600 rpm 0.4% to 7.2% short. Its units open this much
+# earlier; a window still holds no more than its allowance (and what the last one left).
+LATE_S = 0.25
+LATE_SHARE_MAX = 0.25
 # What the previous window left unused, up to this share of the allowance, is added to this
 # window's: a window holds whole requests, and requests of 108 tokens fill a window of 800
 # to 756 (an 8th would overshoot further), 5.5% short every window; now the next takes an
-# 8th. Only what was left: an overspent window's debt already weighs through its total, and
-# carrying it too made windows alternate between 8 and 12 of 10.
+# 8th. Only what a window in use left (an idle one's would add to the burst after idle), and
+# no debt: an overspent window already weighs through its total, and carrying its debt too
+# made windows alternate between 8 and 12 of 10.
 CARRY = 0.25
 
 
@@ -127,8 +129,11 @@ class SharedCounters:
         index = math.floor(position)
         current = subjects.limit_counter(scope, index)
         previous = await self._previous(scope, index)
-        overlap = max(0.0, 1.0 - (position - index) - LATE_ALLOWANCE)
-        unused = min(CARRY * window.per_window, max(0, window.per_window - previous))
+        late = min(LATE_SHARE_MAX, LATE_S / window.window_s)
+        overlap = max(0.0, 1.0 - (position - index) - late)
+        unused = 0.0
+        if previous > 0:
+            unused = min(CARRY * window.per_window, max(0, window.per_window - previous))
         room = window.per_window + unused - previous * overlap
         wait_s = max(0.001, (index + 1 - position) * window.window_s)
 
