@@ -140,10 +140,10 @@ class Settings(BaseSettings):
         description='per-key overrides, JSON `{"sk-...": {"rpm": 60, "tpm": 100000}}` (0: none)',
     )
     rate_limits_shared: bool = Field(
-        default=False,
+        default=True,
         description="per-key rates held across every ingress (JetStream counters, "
-        "`llooma.limiter`); off: each ingress holds them alone (N ingresses allow N times each "
-        "rate); off by default until its accuracy matches the local buckets'",
+        "`llooma.limiter`, one round trip per admitted request); off: each ingress holds them "
+        "alone in memory (N ingresses allow N times each rate)",
     )
     rate_limit_default_max_tokens: int = Field(
         default=256,

@@ -66,6 +66,8 @@ class Accounting:
         # one under this lock, only where it is newer, never puts an older balance last.
         self._publishing = asyncio.Lock()
         self._summary_due = asyncio.Event()
+        # The chain height the last published summary was read at.
+        self._summarized_blocks = -1
         self._tasks: list[asyncio.Task[None]] = []
         self.rejected = 0
         self._rejected_counter = metrics.get_meter("llooma.accounting").create_counter(
@@ -87,8 +89,12 @@ class Accounting:
         """Re-bill every incomplete request that is due; returns how many were settled."""
         pool = self.store.pool
         done = 0
-        for delivered, _final, age_s in await deliveries.due(pool):
-            legs = await deliveries.winner_legs(pool, delivered.request_id)
+        due = await deliveries.due(pool)
+        if not due:
+            return 0
+        winners = await deliveries.winner_legs(pool, [d.request_id for d, _, _ in due])
+        for delivered, _final, age_s in due:
+            legs = winners.get(delivered.request_id, [])
             if not legs and age_s < deliveries.GIVE_UP_S:
                 continue  # its settlements have not landed yet
             posting = deliveries.adjustment(delivered, legs)
@@ -151,11 +157,16 @@ class Accounting:
         kv = await self.js.key_value(subjects.LEDGER_BUCKET)
         summary = await self.store.summary()
         await kv.put(subjects.LEDGER_SUMMARY_KEY, summary.SerializeToString())
+        self._summarized_blocks = summary.blocks
 
     async def refresh_balances(self) -> None:
-        """Publish every user balance that differs from what was last published."""
+        """Publish every user balance that differs from what was last published, and the
+        summary if blocks were posted since it was read (by another process, e.g. `llooma
+        ledger credit`, or while it was being read)."""
         height, balances = await self.store.user_balances()
         await self._publish_balances(height, balances)
+        if height != self._summarized_blocks:
+            self._summary_due.set()
         # Stakes change outside a batch too (`llooma ledger stake`).
         height, stakes = await self.store.stakes()
         await self._publish_stakes(height, stakes)

@@ -343,8 +343,9 @@ class Ingress:
         ) / 1000.0 + PIPELINE_MARGIN_S
         first = await self._next_event(queue, first_wait_s)
         restorers = None
+        # More than one mapping: privacy's hand-off was redelivered; the first is the one the
+        # request went on with (the planner's hand-off is deduplicated).
         while first.WhichOneof("event") == "mapping":
-            # Privacy's hand-off redelivered (its ack lost in a node kill) sends it again.
             if restorers is None:
                 # Lives only as long as this request, in this process.
                 restorers = Restorers(
@@ -467,8 +468,10 @@ class Ingress:
                 event = await self._next_live_event(queue, stall_s, racer)
                 while True:
                     kind = event.WhichOneof("event")
-                    # A mapping now repeats privacy's (its hand-off was redelivered).
-                    if kind != "mapping":
+                    # Another `mapping` or `started` comes from a hand-off redelivered under
+                    # load (privacy or the racer ran it twice): already taken, not the client's.
+                    # (The later choices' `started` of n > 1 are dropped here too.)
+                    if kind not in ("mapping", "started"):
                         batch.append(event)
                         if kind == "finished":
                             unfinished -= 1

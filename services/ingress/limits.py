@@ -8,8 +8,9 @@ already has too many in flight, too many still waiting for a first token, or mor
 for a model than the hosts the selection pipeline would race it on announced capacity for
 (each host believed up to `admission_max_host_capacity`, an engine shared by several models or
 hosts counted once; orchestrated requests and direct ones on the models they can use also share
-the pool's capacity). Limits are per ingress process: with N replicas, divide them
-by N.
+the pool's capacity). Shedding is per ingress process; the rate limits here too only with
+`LLOOMA_RATE_LIMITS_SHARED` off (on, the default, services/ingress/shared_limits.py holds
+them across ingresses).
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ from services.ingress.limits import estimate_tokens, rate_headers, rate_limited
 from services.ingress.schema import ChatCompletionRequest, error_response
 
 Release = Callable[[int], None]
+# How much each request's usage moves its key's average share of the estimate used.
+USED_SHARE_WEIGHT = 0.2
+MAX_USED_SHARE = 2.0
 
 
 class SharedRateLimits:
@@ -26,6 +29,8 @@ class SharedRateLimits:
         self._overrides = {
             api_key_id(key): limits for key, limits in settings.rate_limits_by_key.items()
         }
+        # Per key: what its requests used of their token estimates lately (a moving average).
+        self._used_share: dict[str, float] = {}
 
     def rates(self, key_id: str, rates: tuple[int, int] | None) -> tuple[int, int]:
         """A managed key's own (rpm, tpm), else the per-key override, else the default."""
@@ -84,7 +89,8 @@ class SharedRateLimits:
         if not tpm:
             return None
         tokens = window_for(tpm, burst_s)
-        wait_s = await self.counters.take(f"tpm.{key_id}", estimate, tokens)
+        share = self._used_share.get(key_id, 1.0)
+        wait_s = await self.counters.take(f"tpm.{key_id}", estimate, tokens, estimate * share)
         if wait_s:
             if requests is not None:
                 self.counters.adjust(f"rpm.{key_id}", -1, requests)
@@ -97,5 +103,10 @@ class SharedRateLimits:
 
         def release(used: int) -> None:
             self.counters.adjust(f"tpm.{key_id}", used - estimate, tokens)
+            if used:
+                # Not a refused or failed request's 0: it says nothing of the key's usage.
+                seen = min(used / estimate, MAX_USED_SHARE)
+                share = self._used_share.get(key_id, 1.0)
+                self._used_share[key_id] = share + USED_SHARE_WEIGHT * (seen - share)
 
         return release

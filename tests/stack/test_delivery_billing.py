@@ -104,10 +104,11 @@ async def rebilled(database_url: str, request_id: str, account: str, timeout_s: 
         await asyncio.sleep(0.3)
 
 
-# Open (issue 17): in the full suite on a loaded machine, accounting once left this request's
-# delivery report unreconciled past the 30 s the test waits (reconciled_at NULL, no error
-# logged); it passes on its own. Not strict: it is to pass.
-@pytest.mark.xfail(reason="delivery reconciliation of a 502 not always within 30 s", strict=False)
+# Open (issue 17), rarer now: a repeated privacy mapping (a redelivered hand-off) answered
+# 500, and a final report batched behind its request's first one was dropped; both fixed.
+# Still seen once in ~10 runs on a loaded machine: after 30 s only the request's first report
+# had landed (final false) and none of its task settlements, nothing logged. Not strict.
+@pytest.mark.xfail(reason="final report and settlements not landed within 30 s", strict=False)
 async def test_a_failed_non_streaming_request_charges_nothing_and_pays_nothing(
     http: httpx.AsyncClient, nc: Client, database_url: str
 ) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import asyncpg
 
@@ -65,13 +66,13 @@ ORDER BY updated_at
 LIMIT 1000
 """
 
-# The winners' tokens and their postings' legs (charges and pay) for one request.
+# The winners' tokens and their postings' legs (charges and pay) for some requests.
 WINNERS = """
-SELECT s.attempt_id, s.input_tokens, s.output_tokens, e.account, e.amount, e.kind
+SELECT s.request_id, s.attempt_id, s.input_tokens, s.output_tokens, e.account, e.amount, e.kind
 FROM task_settlements s
 LEFT JOIN ledger_entries e ON e.txn_id = 'attempt:' || s.attempt_id
-WHERE s.request_id = $1 AND s.outcome = 'won'
-ORDER BY s.attempt_id, e.leg
+WHERE s.request_id = ANY($1::text[]) AND s.outcome = 'won'
+ORDER BY s.request_id, s.attempt_id, e.leg
 """
 
 MARK = "UPDATE request_deliveries SET reconciled_at = now() WHERE request_id = $1"
@@ -134,22 +135,42 @@ def adjustment(delivered: Delivered, legs: Sequence[WinnerLeg]) -> Posting:
     return Posting(delivery_txn_id(delivered.request_id), ref, tuple(out))
 
 
-async def record_reports(pool: asyncpg.Pool, reports: Sequence[DeliveryReport]) -> None:
-    rows = [
-        (
-            r.request_id,
-            r.api_key_id,
-            r.delivered_tokens,
-            r.final,
-            r.complete,
-            r.failed,
-            r.stream,
+class ReportRow(NamedTuple):
+    request_id: str
+    api_key_id: str
+    delivered_tokens: int
+    final: bool
+    complete: bool
+    failed: bool
+    stream: bool
+
+
+def merged(reports: Sequence[DeliveryReport]) -> list[ReportRow]:
+    """One row per request (a statement's ON CONFLICT cannot touch a row twice), merged as
+    `UPSERT` merges a report into its row: the reports of one request may arrive in any
+    order (each is sent on its own), and a final one is never undone by an earlier one."""
+    rows: dict[str, ReportRow] = {}
+    for r in reports:
+        row = ReportRow(
+            r.request_id, r.api_key_id, r.delivered_tokens, r.final, r.complete, r.failed, r.stream
         )
-        for r in reports
-    ]
-    # One row per request in a statement (ON CONFLICT cannot touch a row twice): the last.
-    latest = {row[0]: row for row in rows}
-    columns = [list(c) for c in zip(*latest.values(), strict=True)] if latest else [[]] * 7
+        last = rows.get(r.request_id)
+        if last is not None:
+            failed = last.failed or row.failed
+            if last.final:
+                row = last._replace(failed=failed)
+            elif row.final:
+                row = row._replace(failed=failed)
+            else:
+                tokens = max(last.delivered_tokens, row.delivered_tokens)
+                row = row._replace(delivered_tokens=tokens, failed=failed)
+        rows[r.request_id] = row
+    return list(rows.values())
+
+
+async def record_reports(pool: asyncpg.Pool, reports: Sequence[DeliveryReport]) -> None:
+    rows = merged(reports)
+    columns = [list(c) for c in zip(*rows, strict=True)] if rows else [[]] * 7
     await pool.execute(UPSERT, *columns)
 
 
@@ -166,13 +187,16 @@ async def due(pool: asyncpg.Pool) -> list[tuple[Delivered, bool, float]]:
     ]
 
 
-async def winner_legs(pool: asyncpg.Pool, request_id: str) -> list[WinnerLeg]:
-    """The legs of the request's winning attempts; an attempt that moved no money (nothing
-    to charge) has one leg of amount 0."""
-    return [
-        WinnerLeg(r[0], r[1], r[2], r[3] or "", r[4] or 0, r[5] or "")
-        for r in await pool.fetch(WINNERS, request_id)
-    ]
+async def winner_legs(pool: asyncpg.Pool, request_ids: list[str]) -> dict[str, list[WinnerLeg]]:
+    """The legs of each request's winning attempts (one query for a whole round, however
+    many requests still wait for their settlements); an attempt that moved no money (nothing
+    to charge) has one leg of amount 0; a request with no winner (yet) is absent."""
+    legs: dict[str, list[WinnerLeg]] = {}
+    for r in await pool.fetch(WINNERS, request_ids):
+        legs.setdefault(r[0], []).append(
+            WinnerLeg(r[1], r[2], r[3], r[4] or "", r[5] or 0, r[6] or "")
+        )
+    return legs
 
 
 async def mark_reconciled(pool: asyncpg.Pool, request_id: str) -> None:
