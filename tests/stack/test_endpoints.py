@@ -115,8 +115,9 @@ async def test_rate_limit_headers_on_answers_and_refusals(stack: Stack) -> None:
     # Charged its estimate when admitted: 14 characters / 4 + 4 for the message + max_tokens.
     # (The bucket refills 1000 a second: a few ms between the charge and the header add some.)
     assert 1000 - (4 + 4 + 8) <= int(headers["x-ratelimit-remaining-tokens"]) <= 1000 - 8
-    # Refilled at one request in 10 s.
-    assert 9.5 <= seconds(headers["x-ratelimit-reset-requests"]) <= 10
+    # Refilled at one request in 10 s: the shared counters' windows (the default) are 10 s long
+    # here, and the request fell somewhere in one.
+    assert 0 < seconds(headers["x-ratelimit-reset-requests"]) <= 10
     assert 0 < seconds(headers["x-ratelimit-reset-tokens"]) <= 16 / 1000 * 60
     with pytest.raises(openai.RateLimitError) as refused:
         await client.chat.completions.create(model="echo", messages=messages, max_tokens=8)
