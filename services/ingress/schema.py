@@ -159,8 +159,16 @@ class JsonSchemaIn(BaseModel):
         return value
 
 
+def _response_format_rule(schema: dict[str, Any]) -> None:
+    # The validator's rule below, for the OpenAPI description (the fuzz test sends what it allows).
+    schema["anyOf"] = [
+        {"properties": {"type": {"enum": ["text", "json_object"]}}},
+        {"required": ["json_schema"], "properties": {"json_schema": {"not": {"type": "null"}}}},
+    ]
+
+
 class ResponseFormatIn(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra=_response_format_rule)
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaIn | None = None
