@@ -17,6 +17,8 @@ import httpx
 import openai
 import orjson
 import pytest
+from langchain_core.messages import AIMessage
+from langchain_openai import ChatOpenAI
 from openai import AsyncStream
 from openai.types.chat import (
     ChatCompletionChunk,
@@ -245,6 +247,36 @@ async def test_parse_with_a_pydantic_model_gets_a_validated_answer(
     assert sent["json_schema"]["schema"]["required"] == ["name", "age"]
     assert completion.choices[0].message.parsed == Person(name="Ada", age=36)
     assert completion.choices[0].message.content == "".join(PERSON)
+
+
+async def test_langchain_bind_tools_and_with_structured_output(
+    features_stack: Stack, client: openai.AsyncOpenAI, upstream: ScriptedUpstream
+) -> None:
+    """LangChain's ChatOpenAI as applications use it: tool calls parsed into `tool_calls`, and
+    a pydantic model filled from a json_schema answer."""
+    chat = ChatOpenAI(
+        model=CAPABLE,
+        base_url=f"{features_stack.base_url}/v1",
+        api_key=DEV_API_KEY,  # type: ignore[arg-type]
+        max_retries=0,
+        timeout=30.0,
+    )
+    tag = marker()
+    message = await chat.bind_tools([dict(WEATHER_TOOL)], tool_choice="required").ainvoke(
+        f"What is the weather in Paris? {tag}"
+    )
+    assert isinstance(message, AIMessage)
+    assert upstream.body_with(tag)["tools"] == [WEATHER_TOOL]
+    assert [(call["name"], call["args"], call["id"]) for call in message.tool_calls] == [
+        ("get_weather", {"city": "Paris"}, "call_up_1")
+    ]
+
+    tag = marker()
+    person = await chat.with_structured_output(Person).ainvoke(
+        f"Who wrote the first program? {tag}"
+    )
+    assert person == Person(name="Ada", age=36)
+    assert upstream.body_with(tag)["response_format"]["json_schema"]["name"] == "Person"
 
 
 async def test_an_answer_that_breaks_the_schema_is_an_error_not_a_clean_finish(
