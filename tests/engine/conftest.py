@@ -80,6 +80,16 @@ def listed_models(base_url: str) -> set[str]:
     return {entry["id"] for entry in response.json()["data"]}
 
 
+def engine_busy(server: LlamaServer) -> int:
+    """Requests llama-server is decoding or holding back, from its Prometheus metrics."""
+    text = httpx.get(server.metrics_url, timeout=2.0).text
+    busy = 0.0
+    for line in text.splitlines():
+        if line.startswith(("llamacpp:requests_processing", "llamacpp:requests_deferred")):
+            busy += float(line.rsplit(" ", 1)[1])
+    return int(busy)
+
+
 @dataclass
 class EngineRig:
     stack: Stack
@@ -106,6 +116,18 @@ class EngineRig:
             # what is listed next is the new process's.
             time.sleep(HOST_STALE_S + 0.5)
         self.wait_listed({MODEL, *ONLY.values()})
+        self.wait_idle()
+
+    def wait_idle(self, timeout_s: float = 60.0) -> None:
+        """Until no engine decodes or queues anything: a test that left requests running there
+        (llama-server finishes a non-streamed request whose client went away) would otherwise
+        hold the slots a later test's hosts need."""
+        deadline = time.monotonic() + timeout_s
+        for key, server in self.engines.items():
+            while (busy := engine_busy(server)) > 0:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"engine {key} still busy ({busy}) after {timeout_s} s")
+                time.sleep(0.1)
 
     def host_pid(self, key: str) -> int:
         process = self.stack.child(HOSTS[key]).process

@@ -30,6 +30,8 @@ from llooma.bench.sse_client import SseClient
 from llooma.settings import DEV_API_KEY
 from llooma.v1.common_pb2 import ChatMessage, GenerationParams
 from llooma.v1.host_pb2 import CancelTask, HostChunk, HostHeartbeat, HostTask
+from llooma.v1.race_pb2 import AttemptRole, RaceEvent
+from llooma.v1.settlement_pb2 import AttemptOutcome
 from tests.engine.conftest import (
     CAPACITY,
     HOSTS,
@@ -144,7 +146,13 @@ async def test_load_rises_in_the_heartbeat_when_the_engine_is_busy(
 
     # Four requests straight to engine a, past the stack: two decoding, two deferred.
     async with httpx.AsyncClient(base_url=rig.engines["a"].openai_url, timeout=60.0) as engine:
-        body: dict[str, Any] = {"model": "any", "messages": STORY, "max_tokens": 400}
+        # Streamed, so that a cancelled one ends on the engine too (at its next write).
+        body: dict[str, Any] = {
+            "model": "any",
+            "messages": STORY,
+            "max_tokens": 400,
+            "stream": True,
+        }
         busy = [asyncio.create_task(engine.post("/chat/completions", json=body)) for _ in range(4)]
         peak = 0.0
         try:
@@ -179,12 +187,36 @@ class TaskWatch:
     def __init__(self) -> None:
         self.attempts: dict[str, str] = {}
         self.cancelled: set[str] = set()
+        self.races: list[RaceEvent] = []
+        self.failures: dict[str, str] = {}
 
     async def on_task(self, msg: Msg) -> None:
         self.attempts[HostTask.FromString(msg.data).attempt_id] = msg.subject.rsplit(".", 1)[1]
 
     async def on_cancel(self, msg: Msg) -> None:
         self.cancelled.add(CancelTask.FromString(msg.data).attempt_id)
+
+    async def on_chunk(self, msg: Msg) -> None:
+        chunk = HostChunk.FromString(msg.data)
+        if chunk.HasField("failed"):
+            attempt = msg.subject.rpartition(".")[2]
+            self.failures[attempt] = f"{chunk.failed.code} {chunk.failed.message}"
+
+    async def on_race(self, msg: Msg) -> None:
+        self.races.append(RaceEvent.FromString(msg.data))
+
+    def __str__(self) -> str:
+        """The attempts of the races seen, as the racer reported them."""
+        return "; ".join(
+            f"race {race.request_id}: "
+            + ", ".join(
+                f"{a.host_id} {AttemptRole.Name(a.role)} {AttemptOutcome.Name(a.outcome)}"
+                f" first {a.first_token_ms} ms, {a.output_tokens} tokens, accepted {a.accepted}"
+                f" launched after {a.launched_after_ms} ms {self.failures.get(a.attempt_id, '')}"
+                for a in race.attempts
+            )
+            for race in self.races
+        )
 
     def streaming_host(self) -> str:
         live = {host for attempt, host in self.attempts.items() if attempt not in self.cancelled}
@@ -208,6 +240,8 @@ async def test_a_kill_9_mid_stream_still_completes_the_answer_without_the_frame(
         subscriptions = [
             await rig_nc.subscribe(subjects.host_task(MODEL, "*"), cb=watch.on_task),
             await rig_nc.subscribe(subjects.host_cancel("*"), cb=watch.on_cancel),
+            await rig_nc.subscribe(subjects.RACE_EVENT, cb=watch.on_race),
+            await rig_nc.subscribe(f"{subjects.PREFIX}.tokens.>", cb=watch.on_chunk),
         ]
         text, finish_reason, killed = "", None, ""
         try:
@@ -229,6 +263,9 @@ async def test_a_kill_9_mid_stream_still_completes_the_answer_without_the_frame(
                         restored.stack.kill(HOSTS[killed])
                     else:
                         restored.engines[killed].kill()
+        except openai.APIError as error:
+            await asyncio.sleep(1.0)  # the race event follows the client's last event
+            raise AssertionError(f"kill {completed + 1} of {victim}: {error}; {watch}") from error
         finally:
             for subscription in subscriptions:
                 with contextlib.suppress(Exception):

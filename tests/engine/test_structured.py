@@ -13,9 +13,19 @@ from openai.types.chat import ChatCompletionMessageParam
 from pydantic import BaseModel
 
 from llooma.engine import UPSTREAM_MODEL
-from tests.engine.conftest import ONLY
+from tests.engine.conftest import ONLY, EngineRig
 
 pytestmark = pytest.mark.engine
+# Each request is raced on one host (the model only engine a serves), so there is no fallback:
+# the first token of a grammar-constrained answer (llama.cpp compiles the schema first) gets
+# the time a loaded machine needs, through the client's own deadline header.
+PATIENT = {"x-llooma-first-token-deadline-ms": "10000"}
+
+
+@pytest.fixture(autouse=True)
+def idle_engines(rig: EngineRig) -> None:
+    rig.wait_idle()
+
 
 MESSAGES: list[ChatCompletionMessageParam] = [
     {"role": "user", "content": "Is the sea salty? Answer in JSON."}
@@ -31,7 +41,12 @@ async def test_a_json_schema_answer_is_the_engines_and_matches_the_schema(
     client: openai.AsyncOpenAI, direct: openai.AsyncOpenAI
 ) -> None:
     through = await client.chat.completions.parse(
-        model=ONLY["a"], messages=MESSAGES, response_format=Verdict, temperature=0, max_tokens=48
+        model=ONLY["a"],
+        messages=MESSAGES,
+        response_format=Verdict,
+        temperature=0,
+        max_tokens=48,
+        extra_headers=PATIENT,
     )
     reference = await direct.chat.completions.parse(
         model=UPSTREAM_MODEL,
@@ -56,6 +71,7 @@ async def test_logprobs_are_the_engines(
             max_tokens=8,
             logprobs=True,
             top_logprobs=2,
+            extra_headers=PATIENT,
         )
         for source, model in ((client, ONLY["a"]), (direct, UPSTREAM_MODEL))
     ]
