@@ -21,7 +21,7 @@ measured against the first of its node races to report.
 
 Every update is O(1) per event; percentiles are computed only when someone asks.
 
-Its size (~450 lines): the Table II metrics, their JSON and their Prometheus instruments side
+Its size (~570 lines): the Table II metrics, their JSON and their Prometheus instruments side
 by side, so a metric's two faces cannot drift apart.
 """
 

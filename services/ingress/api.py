@@ -1,8 +1,9 @@
 """HTTP routes: /v1/chat/completions (SSE and JSON), /v1/models, /healthz.
 
-Its size (~520 lines): the chat route's ladder of checks, its hand-off to the pipeline and the
-reading of its events into the two answer shapes, which share the request's state; the wire
-format of the answer is in `answers.py`, the request's in `schema.py` and `headers.py`.
+Its size (~630 lines): the chat route's ladder of checks, its hand-off to the pipeline and the
+reading of its events (n choices, a schema check, repeated hand-offs) into the two answer
+shapes, which share the request's state; the wire format of the answer is in `answers.py`,
+the request's in `schema.py` and `headers.py`, the other endpoints' shapes in `shapes.py`.
 """
 
 from __future__ import annotations

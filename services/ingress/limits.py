@@ -11,6 +11,9 @@ hosts counted once; orchestrated requests and direct ones on the models they can
 the pool's capacity). Shedding is per ingress process; the rate limits here too only with
 `LLOOMA_RATE_LIMITS_SHARED` off (on, the default, services/ingress/shared_limits.py holds
 them across ingresses).
+
+Its size (~430 lines): the buckets, the shedding counts and the ticket that releases both when
+a request ends are one admission decision and share its state.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 The request body's schema is generated from the model the ingress validates with, so the two
 cannot drift; responses, headers and errors are written out by hand from what api.py answers.
+
+Its size (~590 lines): one document, the description of every endpoint, header and error;
+split, its parts would only refer to each other.
 """
 
 from __future__ import annotations
