@@ -9,6 +9,7 @@ rate is counted from the first 429 on (when the burst allowance is spent) to the
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -85,10 +86,14 @@ async def hammer(
     return sent
 
 
-def achieved_after_first_refusal(sent: list[Sent], amount: str) -> tuple[float, float]:
+def achieved_after_first_refusal(
+    sent: list[Sent], amount: str, period_s: float = 0.0
+) -> tuple[float, float]:
     """(admitted units per second, seconds measured) in the steady state: from the first
     429 (the burst allowance is spent) or, if later, from when the requests admitted before
-    it have ended (their usage corrections, credited then, belong to the burst) to the end."""
+    it have ended (their usage corrections, credited then, belong to the burst) to the end,
+    or to the end of the last whole `period_s` (shared counters admit a window's allowance
+    each window, so they are measured over whole windows; a bucket needs no period)."""
     first_refusal = min(s.at for s in sent if s.status == 429)
     # Admission is not in the order of sending (a shared limit's round trips): a request
     # sent first may be the first refused.
@@ -98,6 +103,8 @@ def achieved_after_first_refusal(sent: list[Sent], amount: str) -> tuple[float, 
     )
     start = max(first_refusal, burst_done)
     end = max(s.at for s in sent)
+    if period_s:
+        end = start + period_s * math.floor((end - start) / period_s)
     admitted = [s for s in sent if s.status == 200 and start <= s.at <= end]
     units = len(admitted) if amount == "requests" else sum(s.tokens for s in admitted)
     return units / (end - start), end - start
