@@ -13,7 +13,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 from starlette.responses import Response
 
 from llooma.planning import bypass_plan
@@ -21,33 +21,18 @@ from llooma.v1.common_pb2 import TASK_KIND_TEXT_COMPLETION, ErrorDetail
 from llooma.v1.pipeline_pb2 import ChatRequest, ClientEvent
 from services.ingress.answers import sse_error, usage_json
 from services.ingress.schema import (
-    MAX_STOP_SEQUENCES,
     ChatCompletionRequest,
     ChatMessageIn,
     OnlyOne,
-    Seed,
-    StreamOptions,
-    TokenCount,
+    SamplingRequest,
 )
 from services.ingress.shapes import Failure
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(SamplingRequest):
     """The fields of OpenAI's completions request LLooMA honours; others are ignored."""
 
-    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
-
-    model: str = Field(min_length=1, max_length=256)
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    max_tokens: TokenCount | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, ge=0, le=1)
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
-    seed: Seed | None = None
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     n: OnlyOne = 1
     # The prompt is not repeated in the answer.
     echo: bool = Field(default=False, json_schema_extra={"const": False})
@@ -57,13 +42,6 @@ class CompletionRequest(BaseModel):
     def _no_echo(cls, value: bool) -> bool:
         if value:
             raise ValueError("echo is not served: the answer never repeats the prompt")
-        return value
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _at_most_four_stops(cls, value: object) -> object:
-        if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
         return value
 
     def as_chat(self) -> ChatCompletionRequest:

@@ -251,26 +251,38 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    """Fields LLooMA honours; others a client may send are ignored, as OpenAI clients expect."""
+class SamplingRequest(BaseModel):
+    """What every raced request takes alike: the model, streaming and how to sample. Fields
+    LLooMA honours; others a client may send are ignored, as OpenAI clients expect."""
 
     # NaN and Infinity are not JSON: refused as such, not as a number out of range.
-    model_config = ConfigDict(
-        extra="ignore", strict=True, allow_inf_nan=False, json_schema_extra=_request_rules
-    )
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
     model: str = Field(min_length=1, max_length=256)
-    messages: list[ChatMessageIn] = Field(min_length=1, max_length=4096)
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: TokenCount | None = None
-    max_completion_tokens: TokenCount | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     seed: Seed | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _at_most_four_stops(cls, value: object) -> object:
+        # Before the union is tried, so the message names the rule, not a type.
+        if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        return value
+
+
+class ChatCompletionRequest(SamplingRequest):
+    model_config = ConfigDict(json_schema_extra=_request_rules)
+
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=4096)
+    max_completion_tokens: TokenCount | None = None
     n: Choices = 1
     tools: list[ToolIn] | None = Field(default=None, min_length=1, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | ToolChoiceIn | None = None
@@ -286,14 +298,6 @@ class ChatCompletionRequest(BaseModel):
         if self.tool_choice is not None and self.tool_choice != "none" and self.tools is None:
             raise ValueError("tool_choice needs tools")
         return self
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _at_most_four_stops(cls, value: object) -> object:
-        # Before the union is tried, so the message names the rule, not a type.
-        if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
-        return value
 
     def messages_proto(self) -> list[ChatMessage]:
         return [m.proto() for m in self.messages]
