@@ -226,3 +226,13 @@ def request_cancel_request_id(subject: str) -> str:
 
 
 REQUEST_CANCEL_ANY = f"{PREFIX}.request.*.cancel"
+
+# NATS's own: the auth callout the server asks about each host connection (answered in the
+# control plane's account), and the system account's requests that find and close a
+# connection on every server of a cluster (`llooma hosts revoke`).
+AUTH_CALLOUT = "$SYS.REQ.USER.AUTH"
+SERVERS_CONNZ = "$SYS.REQ.SERVER.PING.CONNZ"
+
+
+def server_kick(server_id: str) -> str:
+    return f"$SYS.REQ.SERVER.{server_id}.KICK"

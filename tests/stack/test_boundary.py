@@ -100,8 +100,6 @@ class Mallory:
     async def __aenter__(self) -> Mallory:
         assert self.server.credentials is not None
         seed = self.server.credentials.issue(self.name)
-        self.server.reload()
-        await asyncio.sleep(0.3)
         self.nc = await connect_as(self.server, seed, self.errors)
         return self
 
@@ -112,7 +110,6 @@ class Mallory:
         await self.nc.close()
         assert self.server.credentials is not None
         self.server.credentials.revoke(self.name)
-        self.server.reload()
 
 
 @pytest.fixture

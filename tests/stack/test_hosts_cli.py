@@ -204,10 +204,10 @@ def test_hosts_add_and_revoke_as_the_readme_writes_them(running: Running) -> Non
 
 
 def test_a_host_never_admitted_exits_with_a_clear_message(running: Running) -> None:
-    from llooma.credentials import new_user_seed
+    from llooma.credentials import new_seed
 
     stranger = running.folder / "stranger.nk"
-    stranger.write_bytes(new_user_seed())
+    stranger.write_bytes(new_seed())
     config = {
         "name": "stranger",
         "nats_url": f"nats://127.0.0.1:{running.nats_port}",
