@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -20,6 +21,7 @@ from nats.aio.msg import Msg
 
 from llooma import bus, callout, subjects
 from llooma.credentials import CredentialStore
+from llooma.settings import load_settings
 
 log = logging.getLogger(__name__)
 QUEUE = "llooma-callout"
@@ -50,9 +52,13 @@ async def respond(
 ) -> None:
     issuer = nkeys.from_seed(store.callout_issuer_seed().read_bytes().strip())
     registry = Registry(store)
-    nc = await bus.connect(
-        nats_url, "llooma-callout", nkey_seed_file=str(store.control_plane_seed())
+    # The control plane's key from the store; TLS files, if any, from the usual settings.
+    access = dataclasses.replace(
+        load_settings().nats_access(),
+        nkey_seed_file=str(store.control_plane_seed()),
+        creds_file="",
     )
+    nc = await bus.connect(nats_url, "llooma-callout", access=access)
 
     async def on_request(msg: Msg) -> None:
         try:

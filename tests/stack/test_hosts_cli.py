@@ -222,13 +222,14 @@ def test_a_host_never_admitted_exits_with_a_clear_message(running: Running) -> N
     assert "refused the credential" in said, said
 
 
-def test_the_control_planes_credential_cannot_be_handed_out(running: Running) -> None:
-    attempt = llooma(running.folder, "hosts", "add", "control-plane")
+@pytest.mark.parametrize("name", ["control-plane", "system", "callout-issuer"])
+def test_the_control_planes_credentials_cannot_be_handed_out(running: Running, name: str) -> None:
+    attempt = llooma(running.folder, "hosts", "add", name)
     assert attempt.returncode == 2
-    assert "control-plane.nk" not in attempt.stdout
-    revoke = llooma(running.folder, "hosts", "revoke", "control-plane")
+    assert f"{name}.nk" not in attempt.stdout
+    revoke = llooma(running.folder, "hosts", "revoke", name)
     assert revoke.returncode == 1
-    assert (running.folder / ".llooma" / "credentials" / "control-plane.nk").exists()
+    assert (running.folder / ".llooma" / "credentials" / f"{name}.nk").exists()
 
 
 def test_two_hundred_hosts_are_admitted_without_touching_the_server(running: Running) -> None:
