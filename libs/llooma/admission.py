@@ -17,12 +17,14 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import nats
 import yaml
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from llooma import subjects
 from llooma.cluster import node_dirs
@@ -105,7 +107,7 @@ def _running(folder: Path) -> bool:
 
 
 async def _ask_every_server(
-    nc: Client, subject: str, body: dict[str, object], servers: int
+    nc: Client, subject: str, body: Mapping[str, object], servers: int
 ) -> list[dict[str, object]]:
     """A system request answered by each server (PING) or one: every answer until `servers`
     have come or SYSTEM_REPLY_S passed."""
@@ -113,7 +115,7 @@ async def _ask_every_server(
     answers: list[dict[str, object]] = []
     complete = asyncio.Event()
 
-    async def on_answer(msg: nats.aio.msg.Msg) -> None:
+    async def on_answer(msg: Msg) -> None:
         answers.append(json.loads(msg.data))
         if len(answers) >= servers:
             complete.set()
