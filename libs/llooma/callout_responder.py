@@ -83,7 +83,7 @@ async def respond(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--credentials", required=True, type=Path)
-    parser.add_argument("--nats-url", required=True)
+    parser.add_argument("--nats-url", help="default: NATS_URL (every node of a cluster)")
     parser.add_argument("--ready-file", type=Path, help="written once requests are answered")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -93,7 +93,8 @@ def main() -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        await respond(CredentialStore(args.credentials), args.nats_url, stop, args.ready_file)
+        nats_url = args.nats_url or load_settings().nats_url
+        await respond(CredentialStore(args.credentials), nats_url, stop, args.ready_file)
 
     asyncio.run(run())
 

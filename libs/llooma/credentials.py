@@ -18,8 +18,11 @@ and publish only its own heartbeat and replies to tasks it was sent (callout.hos
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,27 +93,40 @@ class CredentialStore:
             raise ValueError(f"{name!r} is the control plane's own credential")
         return self._issue(name)
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One writer of the registry at a time (several `llooma hosts add` at once)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / "registry.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
     def _issue(self, name: str, prefix: int = nkeys.PREFIX_BYTE_USER) -> Path:
         path = self.seed_path(name)
-        registry = self._registry()
-        if path.exists() and name in registry:
+        # Checked before locking too: a read-only store (a container's) holds every key it uses.
+        if path.exists() and name in self._registry():
             return path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        seed = new_seed(prefix)
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(seed)
-        registry[name] = public_key(seed)
-        self._save(registry)
+        with self._locked():
+            registry = self._registry()
+            if path.exists() and name in registry:
+                return path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            seed = new_seed(prefix)
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(seed)
+            registry[name] = public_key(seed)
+            self._save(registry)
         return path
 
     def revoke(self, name: str) -> bool:
-        registry = self._registry()
-        if name not in registry or name in RESERVED_NAMES:
-            return False
-        del registry[name]
-        self._save(registry)
-        self.seed_path(name).unlink(missing_ok=True)
+        with self._locked():
+            registry = self._registry()
+            if name not in registry or name in RESERVED_NAMES:
+                return False
+            del registry[name]
+            self._save(registry)
+            self.seed_path(name).unlink(missing_ok=True)
         return True
 
     def control_plane_seed(self) -> Path:
