@@ -40,6 +40,7 @@ RESERVED_NAMES = (CONTROL_PLANE, SYSTEM_USER, CALLOUT_ISSUER)
 CONTROL_ACCOUNT = "LLOOMA"
 HOSTS_ACCOUNT = "HOSTS"
 SYSTEM_ACCOUNT = "SYS"
+CALLOUT_TIMEOUT_S = 5
 # The server forgets a task's reply mapping (hosts account -> control plane) this long after
 # the host's last reply to it: far past any stall deadline, short enough that the mappings of
 # cancelled and finished tasks do not pile up in the server.
@@ -201,6 +202,9 @@ def callout_block(issuer: str, auth_users: list[str]) -> str:
     is decided by the control plane's answer on `$SYS.REQ.USER.AUTH` in its own account."""
     return (
         "authorization {\n"
+        # How long the server waits for the answer: a refusal for want of one is final to a
+        # host (it exits), so a loaded responder gets seconds, not the default 2.
+        f"  timeout: {CALLOUT_TIMEOUT_S}\n"
         "  auth_callout {\n"
         f"    issuer: {_quote(issuer)}\n"
         f"    account: {CONTROL_ACCOUNT}\n"
