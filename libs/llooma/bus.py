@@ -121,6 +121,13 @@ class CredentialRefused(ConnectionError):
     """The server refused this key (revoked, or never admitted): retrying cannot help."""
 
 
+# A connected host refused on a reconnect keeps trying this long before it takes the refusal
+# as final: after a NATS restart the server refuses for want of an answer until the auth
+# callout's responder is back and its auth timeout (credentials.CALLOUT_TIMEOUT_S) has passed.
+# A revoked host is disconnected at once either way; only its exit waits.
+REFUSAL_GRACE_S = 10.0
+
+
 ReconnectHook = Callable[[], Coroutine[Any, Any, None]]
 # How long a reconnected client keeps trying to restore the topology while JetStream recovers
 # (None: until it stands; each failure is logged).
