@@ -142,8 +142,9 @@ async def refused(url: str, seed: str) -> bool:
     return False
 
 
-async def live_connections(running: Running, seed: str) -> int:
-    """The key's connections on the stack's server, asked as its system user."""
+async def closed_at(running: Running, seed: str, polls: int = 1) -> float | None:
+    """When the stack's server first answered that it holds no connection of the key, asked
+    as its system user up to `polls` times 20 ms apart; None if it held one every time."""
     from llooma import admission
     from llooma.credentials import CredentialStore, public_key
 
@@ -153,9 +154,24 @@ async def live_connections(running: Running, seed: str) -> int:
         nkeys_seed_str=store.system_seed().read_text().strip(),
     )
     try:
-        return len(await admission.connections_of(system, public_key(seed.encode()), 1))
+        for _ in range(polls):
+            if not await admission.connections_of(system, public_key(seed.encode()), 1):
+                return time.time()
+            await asyncio.sleep(0.02)
+        return None
     finally:
         await system.close()
+
+
+async def has_connection(running: Running, seed: str) -> bool:
+    return await closed_at(running, seed) is None
+
+
+async def connection_gone(running: Running, seed: str) -> float:
+    """When the key's last connection to the stack's server closed (polled for 10 s)."""
+    gone = await closed_at(running, seed, polls=500)
+    assert gone is not None, "the key's connection never closed"
+    return gone
 
 
 def test_hosts_add_and_revoke_as_the_readme_writes_them(running: Running) -> None:
@@ -193,17 +209,22 @@ def test_hosts_add_and_revoke_as_the_readme_writes_them(running: Running) -> Non
 
         watcher = threading.Thread(target=watch_exit, daemon=True)
         watcher.start()
+        assert asyncio.run(has_connection(running, seed))
+        gone: list[float] = []
+        poller = threading.Thread(
+            target=lambda: gone.append(asyncio.run(connection_gone(running, seed))), daemon=True
+        )
+        poller.start()
         revoke_started = time.monotonic()
         revoked = llooma(running.folder, "hosts", "revoke", "my-host")
-        returned = time.time()
         assert revoked.returncode == 0, revoked.stdout + revoked.stderr
         assert "refused, and its connections closed" in revoked.stdout
-        # The command returns only once no server holds a connection of the key: the host was
-        # cut off by then, counted from the registry change (the command's own start, Python
-        # importing its modules, is not the revocation's doing).
+        poller.join(10)
+        # From the registry change to the server holding no connection of the key (the
+        # command's own start, Python importing its modules, is not the revocation's doing).
         registry = running.folder / ".llooma" / "credentials" / "registry.json"
-        cut_off_after = returned - registry.stat().st_mtime
-        assert asyncio.run(live_connections(running, seed)) == 0
+        cut_off_after = gone[0] - registry.stat().st_mtime
+        assert not asyncio.run(has_connection(running, seed))
         took = time.monotonic() - revoke_started
         print(f"revoke took {took:.2f} s; the host was cut off {cut_off_after:.2f} s after it")
         # Refused on every reconnect, it leaves once the grace for a restarting server is over.
