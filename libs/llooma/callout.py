@@ -31,8 +31,8 @@ import nacl.signing
 import nkeys
 
 from llooma import subjects
+from llooma.credentials import HOSTS_ACCOUNT
 
-HOSTS_ACCOUNT = "HOSTS"
 # A reply subject stays open for a host as long as a long generation may take.
 REPLY_WINDOW_S = 30 * 60
 MAX_REPLIES_PER_TASK = 1_000_000

@@ -124,8 +124,7 @@ class NatsCluster:
         # Its callout responder goes with it (a restart starts another).
         node.stop_responder()
         self.nodes[index] = None
-        process = node.process
-        return process.pid
+        return node.process.pid
 
     def restart(self, index: int) -> None:
         """Start a killed (or stopped) node again on the same ports and store."""

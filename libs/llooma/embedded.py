@@ -147,15 +147,9 @@ def start_responder(
 
 
 def write_nats_config(
-    data_dir: Path, credentials: CredentialStore, port: int, extra_config: str | None = None
+    data_dir: Path, credentials: CredentialStore, port: int, extra_config: str = ""
 ) -> None:
-    """Render the config; `extra_config` is kept beside it (None: the one kept last time), so
-    `llooma hosts add` re-renders a cluster node with its cluster block."""
-    extra_file = data_dir / "extra.conf"
-    if extra_config is None:
-        extra_config = extra_file.read_text() if extra_file.exists() else ""
-    else:
-        extra_file.write_text(extra_config)
+    """Render the config (once, at start: admitting a host never changes it)."""
     config = render_nats_config(credentials, port, data_dir / "jetstream") + extra_config
     scratch = data_dir / "nats.conf.tmp"
     scratch.write_text(config)

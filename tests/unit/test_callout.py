@@ -11,7 +11,7 @@ import nkeys
 import pytest
 
 from llooma import callout, subjects
-from llooma.credentials import new_seed, public_key
+from llooma.credentials import HOSTS_ACCOUNT, new_seed, public_key
 
 NONCE = "q2Jd0aNfUQk9zA"
 
@@ -59,7 +59,7 @@ def test_a_registered_host_is_placed_in_the_hosts_account_with_its_own_subjects(
     user = callout.decode(response["nats"]["jwt"], nkeys.PREFIX_BYTE_ACCOUNT)
     assert user["iss"] == ISSUER.public_key.decode()
     assert user["sub"] == USER_NKEY
-    assert user["aud"] == callout.HOSTS_ACCOUNT
+    assert user["aud"] == HOSTS_ACCOUNT
     assert "name" not in user, "a name would hide the host's key from CONNZ (revocation)"
     rights = user["nats"]
     assert rights["pub"] == {"allow": [subjects.host_heartbeat("host-a")]}
