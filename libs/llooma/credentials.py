@@ -202,8 +202,8 @@ def callout_block(issuer: str, auth_users: list[str]) -> str:
     is decided by the control plane's answer on `$SYS.REQ.USER.AUTH` in its own account."""
     return (
         "authorization {\n"
-        # How long the server waits for the answer: a refusal for want of one is final to a
-        # host (it exits), so a loaded responder gets seconds, not the default 2.
+        # How long the server waits for the answer (then refuses): a loaded responder gets
+        # more than the default 2 s.
         f"  timeout: {CALLOUT_TIMEOUT_S}\n"
         "  auth_callout {\n"
         f"    issuer: {_quote(issuer)}\n"
