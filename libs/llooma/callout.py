@@ -4,7 +4,7 @@ nats-server sends every connection that is not one of the control plane's own ke
 `$SYS.REQ.USER.AUTH` as an authorization request (a JWT it signs with its server key). The
 answer (a JWT signed with the callout issuer's account key) either refuses the connection or
 carries a user JWT that places it in the `HOSTS` account with that host's permissions. This
-module is the decision and the JWT encoding, with no transport; `llooma.admission_responder`
+module is the decision and the JWT encoding, with no transport; `llooma.callout_responder`
 subscribes it to the server.
 
 A host proves who it is as with a plain nkey user: it signs the server's nonce with its seed.
