@@ -13,15 +13,16 @@ from typing import Protocol
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, KeyNotFoundError
+from nats.js.kv import KeyValue
 from opentelemetry.trace import Span, SpanKind
 
 from llooma import bus, subjects, tracing
 from llooma.service import Service
 from llooma.v1.common_pb2 import ERROR_CODE_HOST_FAILED, ErrorCode, ErrorDetail
 from llooma.v1.host_pb2 import CancelTask, HostChunk, HostTask
-from llooma.v1.pipeline_pb2 import ClientEvent, TaskAssignment
-from llooma.v1.race_pb2 import AttemptRole
+from llooma.v1.pipeline_pb2 import ClientEvent, RaceResume, TaskAssignment
+from llooma.v1.race_pb2 import AttemptRole, RaceRecord
 from services.racer.commands import (
     Cancel,
     CloseDuel,
@@ -34,6 +35,7 @@ from services.racer.commands import (
 from services.racer.core import RaceCore
 from services.racer.duel import Duels
 from services.racer.pace import Pace
+from services.racer.records import RecordWriter, moved_on, races_bucket
 from services.racer.report import (
     ATTEMPT_OUTCOME_NAMES,
     attempt_usage,
@@ -44,6 +46,13 @@ from services.racer.report import (
     succeeded,
 )
 from services.racer.state import Attempt, Race
+from services.racer.takeover import (
+    race_record,
+    record_state,
+    recorded,
+    resumed_assignment,
+    taken_over,
+)
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +141,14 @@ class Racer:
         self.pace = Pace()
         # A split request runs one race per node, all under the request's id.
         self._by_request: dict[str, set[asyncio.Task[None]]] = {}
+        # Where single-choice races are recorded for a takeover (None: not recorded).
+        self._races: KeyValue | None = None
+        self._settling: set[asyncio.Task[None]] = set()
 
     async def start(self, service: Service) -> None:
         if self._io is None:
             self._io = NatsIO(service.nc, service.js, self._instance_id)
+        self._races = await races_bucket(service.js)
         prefix = subjects.host_reply_prefix(self._instance_id)
         await service.subscribe(f"{prefix}.*", self._on_host_chunk)
         await service.subscribe(subjects.REQUEST_CANCEL_ANY, self._on_request_cancel)
@@ -166,12 +179,63 @@ class Racer:
             return
         await asyncio.gather(*(self.run(choice_assignment(assignment, i)) for i in range(count)))
 
-    async def run(self, assignment: TaskAssignment) -> None:
+    async def resume(self, resume: RaceResume) -> None:
+        """Finish the answer of a racer that stopped (the ingress asks), if its record can be
+        claimed: settle the dead race's attempts, then race on from what the client received."""
+        assert self._io is not None
+        failure = await self._take_over(resume)
+        if isinstance(failure, str):
+            log.warning("request %s not resumed: %s", resume.request_id, failure)
+            detail = ErrorDetail(code=ERROR_CODE_HOST_FAILED, message=failure)
+            await self._io.emit(resume.reply_subject, ClientEvent(failed=detail))
+            return
+        assignment, writer = failure
+        await self.run(assignment, writer, resume)
+
+    async def _take_over(self, resume: RaceResume) -> str | tuple[TaskAssignment, RecordWriter]:
+        """Claim the dead race's record (compare-and-set on its revision): exactly one racer,
+        the old one if it was only slow, settles that race."""
+        assert self._io is not None
+        assert self._races is not None
+        key = resume.request_id
+        try:
+            entry = await self._races.get(key)
+        except KeyNotFoundError:
+            return "its race left no record (finished, or never recorded)"
+        assert entry.value is not None
+        assert entry.revision is not None
+        record = RaceRecord.FromString(entry.value)
+        if record.racer_instance_id == self._instance_id:
+            return "its racer is this one, which is alive"
+        assignment = resumed_assignment(record.assignment)
+        assignment.request.reply_subject = resume.reply_subject
+        claim = RaceRecord(assignment=assignment, racer_instance_id=self._instance_id)
+        try:
+            revision = await self._races.update(key, claim.SerializeToString(), last=entry.revision)
+        except Exception as error:
+            if moved_on(error):
+                return "its race was taken over or finished meanwhile"
+            raise
+        dead = taken_over(record, resume.delivered_tokens, time.monotonic())
+        for attempt in dead.attempts.values():
+            await self._io.cancel(attempt.host.host_id, attempt.attempt_id)
+        settle = asyncio.create_task(_settle_taken_over(self._io, dead))
+        bus.keep_task(self._settling, settle, "settling a race taken over")
+        return assignment, RecordWriter(self._races, key, revision)
+
+    async def run(
+        self,
+        assignment: TaskAssignment,
+        writer: RecordWriter | None = None,
+        resume: RaceResume | None = None,
+    ) -> None:
         request_id = assignment.request.request_id
         task = asyncio.current_task()
         assert task is not None
         self._by_request.setdefault(request_id, set()).add(task)
-        run = _Run(self, assignment)
+        if writer is None and self._races is not None and recorded(assignment):
+            writer = RecordWriter(self._races, request_id)
+        run = _Run(self, assignment, writer, resume)
         try:
             await run.drive()
         except asyncio.CancelledError:
@@ -187,10 +251,19 @@ class Racer:
 class _Run:
     """One race on the wire: its inbox, spans and the core's commands carried out."""
 
-    def __init__(self, racer: Racer, assignment: TaskAssignment) -> None:
+    def __init__(
+        self,
+        racer: Racer,
+        assignment: TaskAssignment,
+        writer: RecordWriter | None,
+        resume: RaceResume | None,
+    ) -> None:
         assert racer._io is not None
         self._racer = racer
         self._io = racer._io
+        self._writer = writer
+        self._resume = resume
+        self._recorded: tuple[int, str] = (0, "")
         self._inbox: Inbox = asyncio.Queue()
         self._spans: dict[str, Span] = {}
         self._span: Span | None = None
@@ -216,7 +289,13 @@ class _Run:
 
     async def drive(self) -> None:
         core = self.core
-        await self._execute(core.start(time.monotonic()))
+        resume = self._resume
+        if resume is None:
+            await self._execute(core.start(time.monotonic()))
+        else:
+            await self._execute(
+                core.resume(time.monotonic(), resume.emitted, resume.delivered_tokens)
+            )
         while not core.done:
             wakeup = core.wakeup_at
             try:
@@ -248,9 +327,18 @@ class _Run:
         for attempt_id in self.core.race.attempts:
             self._racer._inboxes.pop(attempt_id, None)
 
+    def _record(self) -> None:
+        """Rewrite the race's record when its attempts or its winner changed (not per token)."""
+        race = self.core.race
+        if self._writer is None or self.core.done or record_state(race) == self._recorded:
+            return
+        self._recorded = record_state(race)
+        self._writer.write(race_record(race, self._racer._instance_id))
+
     async def _execute(self, commands: list[Command]) -> None:
         io = self._io
         race = self.core.race
+        self._record()
         for command in commands:
             if isinstance(command, Emit):
                 if self._span is not None and command.event.HasField("finished"):
@@ -306,7 +394,11 @@ class _Run:
         return span
 
     async def _settle(self, race: Race) -> None:
-        """Settle every attempt and publish the race event (both idempotent by id)."""
+        """Settle every attempt and publish the race event (both idempotent by id), unless
+        another racer took the race over (this one was thought dead): then that one does."""
+        if self._writer is not None and not await self._writer.release():
+            log.warning("race %s was taken over by another racer", race.assignment.task_id)
+            return
         now, unix_nanos = time.monotonic(), time.time_ns()
         paid, _ = paid_winner(race)
         # Concurrently: one attempt's retries while NATS is away do not hold up the others.
@@ -378,3 +470,16 @@ def _loop_time(monotonic_deadline: float) -> float:
     """A time.monotonic() deadline on the event loop's clock."""
     loop = asyncio.get_running_loop()
     return loop.time() + (monotonic_deadline - time.monotonic())
+
+
+async def _settle_taken_over(io: RaceIO, race: Race) -> None:
+    """A dead racer's race, settled by the racer that took it over (takeover.taken_over)."""
+    now, unix_nanos = time.monotonic(), time.time_ns()
+    await asyncio.gather(
+        *(
+            io.publish(subjects.SETTLEMENT_TASK, s.SerializeToString(), s.attempt_id)
+            for s in settlements(race, now, unix_nanos)
+        )
+    )
+    event = race_event(race, now, unix_nanos)
+    await io.publish(subjects.RACE_EVENT, event.SerializeToString(), race.assignment.task_id)
