@@ -245,6 +245,10 @@ async def test_a_killed_racers_answers_are_finished_on_the_other_racer(two_racer
         )
         for told in streams
     ]
+    # From the kill to each stream's next piece (a stream on the live racer: a moment).
+    next_piece_s = [
+        next((at - killed_at for at, _ in told.pieces if at > killed_at), 0.0) for told in streams
+    ]
     for told in [*streams, *whole]:
         assert not told.error, told
         assert told.text == STORY, told
@@ -255,8 +259,9 @@ async def test_a_killed_racers_answers_are_finished_on_the_other_racer(two_racer
     audit = await audit_settlements(stack)
     resumed = {r["request_id"] for r in rows if r["task_id"].endswith(RESUMED_TASK_SUFFIX)}
     print(
-        f"\nresumed {len(resumed)} of {len(streams) + len(whole)} requests; longest pause per "
-        f"stream {[round(g, 2) for g in gaps]} s; settlements={audit}"
+        f"\nresumed {len(resumed)} of {len(streams) + len(whole)} requests; next piece after "
+        f"the kill {sorted(round(s, 2) for s in next_piece_s)} s; longest pause per stream "
+        f"{sorted(round(g, 2) for g in gaps)} s; settlements={audit}"
     )
     assert resumed, "no request was on the killed racer"
     assert audit["lost"] == 0
