@@ -82,7 +82,10 @@ PIPELINE_MARGIN_S = 10.0
 # Beyond the racer's own stall deadline, how long the ingress waits before giving up itself.
 STALL_MARGIN_S = 5.0
 # A stream quiet this long asks whether its racer still beats (no cost while tokens flow).
-RACER_CHECK_S = 1.0
+RACER_CHECK_S = 0.5
+# A racer that missed this many beats is taken for dead and its answer resumed elsewhere: a
+# mistake costs a takeover (the claim makes it safe), a late verdict a pause in the answer.
+RACER_MISSED_BEATS = 2
 
 # How long a model stays known after its last host left: requests for it get 503 (retried by
 # clients) rather than 404 (never retried) while its hosts restart or reconnect.
@@ -452,7 +455,8 @@ class Ingress:
                 async with asyncio.timeout(wait_s):
                     return ClientEvent.FromString(await queue.get())
             except TimeoutError:
-                if self.services.gone(racer):
+                silent_s = RACER_MISSED_BEATS * self.settings.heartbeat_interval_s
+                if self.services.gone(racer, silent_s):
                     return None
 
     async def _resume(

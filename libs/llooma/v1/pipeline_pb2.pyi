@@ -318,8 +318,8 @@ class ClientStarted(_message.Message):
     the x-llooma-host header; `model` is the model that host serves (x-llooma-model).
     """
     racer_instance_id: _builtins.str
-    """The racer instance relaying the answer (empty on the split path): the ingress ends the
-    stream at once when that instance stops beating, rather than at its stall limit.
+    """The racer instance relaying the answer (empty on the split path): when that instance
+    stops beating, the ingress has another racer resume the answer (RaceResume).
     """
     def __init__(
         self,
