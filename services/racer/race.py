@@ -13,7 +13,7 @@ from typing import Protocol
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.errors import BadRequestError, KeyNotFoundError
+from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 from opentelemetry.trace import Span, SpanKind
 
@@ -183,7 +183,10 @@ class Racer:
         """Finish the answer of a racer that stopped (the ingress asks), if its record can be
         claimed: settle the dead race's attempts, then race on from what the client received."""
         assert self._io is not None
-        failure = await self._take_over(resume)
+        try:
+            failure = await self._take_over(resume)
+        except Exception as error:
+            failure = f"its race could not be claimed ({error!r})"
         if isinstance(failure, str):
             log.warning("request %s not resumed: %s", resume.request_id, failure)
             detail = ErrorDetail(code=ERROR_CODE_HOST_FAILED, message=failure)
@@ -200,7 +203,8 @@ class Racer:
         key = resume.request_id
         try:
             entry = await self._races.get(key)
-        except KeyNotFoundError:
+        except NotFoundError:
+            # Deleted: its racer settled it (it was alive after all); absent: never recorded.
             return "its race left no record (finished, or never recorded)"
         assert entry.value is not None
         assert entry.revision is not None

@@ -67,12 +67,16 @@ class RecordWriter:
                 self._unrecorded = True
                 log.warning("race record %s not written: %r", self._key, error)
 
+    async def written(self) -> None:
+        """Wait for the writes queued so far."""
+        if self._writing is not None:
+            await self._writing
+
     async def release(self) -> bool:
         """Delete the record if it is still ours: True if this racer is to settle the race
         (also when the record could not be read or written: settling by attempt id is
         idempotent downstream, a lost settlement is not recoverable)."""
-        if self._writing is not None:
-            await self._writing
+        await self.written()
         if self.taken_over:
             return False
         if self._revision is None or self._unrecorded:
