@@ -259,7 +259,9 @@ async def test_a_killed_racers_answers_are_finished_on_the_other_racer(two_racer
     audit = await audit_settlements(stack)
     resumed = {r["request_id"] for r in rows if r["task_id"].endswith(RESUMED_TASK_SUFFIX)}
     print(
-        f"\nresumed {len(resumed)} of {len(streams) + len(whole)} requests; next piece after "
+        f"\nresumed {len(resumed)} of {len(streams) + len(whole)} requests "
+        f"({sum(t.request_id in resumed for t in whole)} of {len(whole)} non-streaming); "
+        "next piece after "
         f"the kill {sorted(round(s, 2) for s in next_piece_s)} s; longest pause per stream "
         f"{sorted(round(g, 2) for g in gaps)} s; settlements={audit}"
     )
