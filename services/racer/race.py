@@ -1,6 +1,11 @@
 """The racer's NATS side: routes host chunks, timers and client cancels into each race's core
 (core.py) and carries out its commands over a small I/O protocol (`RaceIO`); settles a
-finished race with report.py's settlements and race event, retried while NATS is away."""
+finished race with report.py's settlements and race event, retried while NATS is away; keeps
+each single-choice race's record (records.py) and resumes a dead racer's races.
+
+Over 400 lines for a reason: one race's wire side (`_Run`: inbox, spans, commands, record,
+settlement) shares the racer's routing tables; the takeover's claim and the record's writes
+live in records.py, its pure parts in takeover.py."""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from typing import Protocol
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError
 from nats.js.kv import KeyValue
 from opentelemetry.trace import Span, SpanKind
 
@@ -22,7 +27,7 @@ from llooma.service import Service
 from llooma.v1.common_pb2 import ERROR_CODE_HOST_FAILED, ErrorCode, ErrorDetail
 from llooma.v1.host_pb2 import CancelTask, HostChunk, HostTask
 from llooma.v1.pipeline_pb2 import ClientEvent, RaceResume, TaskAssignment
-from llooma.v1.race_pb2 import AttemptRole, RaceRecord
+from llooma.v1.race_pb2 import AttemptRole
 from services.racer.commands import (
     Cancel,
     CloseDuel,
@@ -35,7 +40,7 @@ from services.racer.commands import (
 from services.racer.core import RaceCore
 from services.racer.duel import Duels
 from services.racer.pace import Pace
-from services.racer.records import RecordWriter, moved_on, races_bucket
+from services.racer.records import RecordWriter, races_bucket, take_over
 from services.racer.report import (
     ATTEMPT_OUTCOME_NAMES,
     attempt_usage,
@@ -46,13 +51,7 @@ from services.racer.report import (
     succeeded,
 )
 from services.racer.state import Attempt, Race
-from services.racer.takeover import (
-    race_record,
-    record_state,
-    recorded,
-    resumed_assignment,
-    taken_over,
-)
+from services.racer.takeover import race_record, record_state, recorded
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +142,6 @@ class Racer:
         self._by_request: dict[str, set[asyncio.Task[None]]] = {}
         # Where single-choice races are recorded for a takeover (None: not recorded).
         self._races: KeyValue | None = None
-        self._settling: set[asyncio.Task[None]] = set()
 
     async def start(self, service: Service) -> None:
         if self._io is None:
@@ -183,49 +181,18 @@ class Racer:
         """Finish the answer of a racer that stopped (the ingress asks), if its record can be
         claimed: settle the dead race's attempts, then race on from what the client received."""
         assert self._io is not None
+        assert self._races is not None
         try:
-            failure = await self._take_over(resume)
+            taken = await take_over(self._races, self._io, self._instance_id, resume)
         except Exception as error:
-            failure = f"its race could not be claimed ({error!r})"
-        if isinstance(failure, str):
-            log.warning("request %s not resumed: %s", resume.request_id, failure)
-            detail = ErrorDetail(code=ERROR_CODE_HOST_FAILED, message=failure)
+            taken = f"its race could not be claimed ({error!r})"
+        if isinstance(taken, str):
+            log.warning("request %s not resumed: %s", resume.request_id, taken)
+            detail = ErrorDetail(code=ERROR_CODE_HOST_FAILED, message=taken)
             await self._io.emit(resume.reply_subject, ClientEvent(failed=detail))
             return
-        assignment, writer = failure
+        assignment, writer = taken
         await self.run(assignment, writer, resume)
-
-    async def _take_over(self, resume: RaceResume) -> str | tuple[TaskAssignment, RecordWriter]:
-        """Claim the dead race's record (compare-and-set on its revision): exactly one racer,
-        the old one if it was only slow, settles that race."""
-        assert self._io is not None
-        assert self._races is not None
-        key = resume.request_id
-        try:
-            entry = await self._races.get(key)
-        except NotFoundError:
-            # Deleted: its racer settled it (it was alive after all); absent: never recorded.
-            return "its race left no record (finished, or never recorded)"
-        assert entry.value is not None
-        assert entry.revision is not None
-        record = RaceRecord.FromString(entry.value)
-        if record.racer_instance_id == self._instance_id:
-            return "its racer is this one, which is alive"
-        assignment = resumed_assignment(record.assignment)
-        assignment.request.reply_subject = resume.reply_subject
-        claim = RaceRecord(assignment=assignment, racer_instance_id=self._instance_id)
-        try:
-            revision = await self._races.update(key, claim.SerializeToString(), last=entry.revision)
-        except Exception as error:
-            if moved_on(error):
-                return "its race was taken over or finished meanwhile"
-            raise
-        dead = taken_over(record, resume.delivered_tokens, time.monotonic())
-        for attempt in dead.attempts.values():
-            await self._io.cancel(attempt.host.host_id, attempt.attempt_id)
-        settle = asyncio.create_task(_settle_taken_over(self._io, dead))
-        bus.keep_task(self._settling, settle, "settling a race taken over")
-        return assignment, RecordWriter(self._races, key, revision)
 
     async def run(
         self,
@@ -474,16 +441,3 @@ def _loop_time(monotonic_deadline: float) -> float:
     """A time.monotonic() deadline on the event loop's clock."""
     loop = asyncio.get_running_loop()
     return loop.time() + (monotonic_deadline - time.monotonic())
-
-
-async def _settle_taken_over(io: RaceIO, race: Race) -> None:
-    """A dead racer's race, settled by the racer that took it over (takeover.taken_over)."""
-    now, unix_nanos = time.monotonic(), time.time_ns()
-    await asyncio.gather(
-        *(
-            io.publish(subjects.SETTLEMENT_TASK, s.SerializeToString(), s.attempt_id)
-            for s in settlements(race, now, unix_nanos)
-        )
-    )
-    event = race_event(race, now, unix_nanos)
-    await io.publish(subjects.RACE_EVENT, event.SerializeToString(), race.assignment.task_id)

@@ -43,7 +43,7 @@ async def test_a_slow_racer_taken_over_settles_nothing(nc: Client) -> None:
     entry = await kv.get(key)
     assert entry.value is not None
     assert RaceRecord.FromString(entry.value).winner_attempt_id == "a1"
-    # Another racer claims the race at the revision it read (what Racer._take_over does).
+    # Another racer claims the race at the revision it read (what records.take_over does).
     claim = RaceRecord(racer_instance_id="heir").SerializeToString()
     read_revision = entry.revision
     revision = await kv.update(key, claim, last=read_revision)
