@@ -113,9 +113,9 @@ def create_app(settings: Settings) -> Starlette:
             stale_after_s=settings.host_stale_after_s, min_version=settings.min_host_version
         )
         services = ServiceDirectory(stale_after_s=settings.service_stale_after_s)
-        await hosts.start(js)
+        await hosts.start(nc, js)
         service.on_stop(hosts.stop)
-        await services.start(js)
+        await services.start(nc, js)
         service.on_stop(services.stop)
         await replies.start(nc)
         stats = StatsCollector(settings, hosts, service.instance_id)
