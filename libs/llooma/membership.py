@@ -45,6 +45,8 @@ HeartbeatT = TypeVar("HeartbeatT", bound=Message)
 
 # The bucket drops an entry MEMBERSHIP_TTL_S after its last heartbeat; the view does the same.
 FORGET_AFTER_S = MEMBERSHIP_TTL_S
+# A member that promised its next beat within t is counted gone after this many t of silence.
+MISSED_BEATS = 3
 # How long the start-up read of a bucket may take.
 SNAPSHOT_TIMEOUT_S = 10.0
 
@@ -62,9 +64,16 @@ class Member(Generic[HeartbeatT]):
 class Membership(Generic[HeartbeatT]):
     """A live view of one heartbeat bucket; the key (from the subject) is the identity."""
 
-    def __init__(self, bucket: str, parse: Callable[[bytes], HeartbeatT]) -> None:
+    def __init__(
+        self,
+        bucket: str,
+        parse: Callable[[bytes], HeartbeatT],
+        promised_s: Callable[[HeartbeatT], float] = lambda _: 0.0,
+    ) -> None:
         self._bucket = bucket
         self._parse = parse
+        # When a member said its next beat is due (0: it said nothing).
+        self._promised_s = promised_s
         self._members: dict[str, Member[HeartbeatT]] = {}
         self._subscription: Subscription | None = None
         self._prefix = subjects.kv_put_subject(bucket, "")
@@ -96,8 +105,15 @@ class Membership(Generic[HeartbeatT]):
         self._apply(msg.subject[len(self._prefix) :], msg.data, operation, time.time())
 
     def fresh(self, stale_after_s: float) -> list[Member[HeartbeatT]]:
+        """Members heard from within `stale_after_s`, or within MISSED_BEATS of the interval
+        their last beat promised, whichever is longer."""
         now = time.monotonic()
-        return [m for m in self._members.values() if m.staleness_s(now) <= stale_after_s]
+        return [
+            m
+            for m in self._members.values()
+            if m.staleness_s(now)
+            <= max(stale_after_s, MISSED_BEATS * self._promised_s(m.heartbeat))
+        ]
 
     def all(self) -> list[Member[HeartbeatT]]:
         """Every member heard from within the bucket's TTL (expiry sends no delete event)."""
@@ -140,6 +156,10 @@ def _parse_host(data: bytes) -> HostHeartbeat:
 
 def _parse_service(data: bytes) -> ServiceHeartbeat:
     return ServiceHeartbeat.FromString(data)
+
+
+def _service_promised_s(beat: ServiceHeartbeat) -> float:
+    return beat.next_beat_ms / 1000
 
 
 class HostDirectory:
@@ -198,7 +218,7 @@ class ServiceDirectory:
 
     def __init__(self, *, stale_after_s: float) -> None:
         self.members: Membership[ServiceHeartbeat] = Membership(
-            subjects.SERVICES_BUCKET, _parse_service
+            subjects.SERVICES_BUCKET, _parse_service, _service_promised_s
         )
         self._stale_after_s = stale_after_s
 
