@@ -119,7 +119,7 @@ def create_app(settings: Settings) -> Starlette:
         service.on_stop(services.stop)
         await replies.start(nc)
         stats = StatsCollector(settings, hosts, service.instance_id)
-        await stats.start(js)
+        await stats.start(js, nc)
         service.on_stop(stats.stop)
         ingress = Ingress(settings, nc, js, replies, hosts, services)
         ingress.balances = BalanceBook()
