@@ -31,7 +31,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KV_OP, KeyValue
 
 from llooma import counters, heartbeats, selection, subjects
-from llooma.bus import MEMBERSHIP_TTL_S
+from llooma.bus import MEMBERSHIP_TTL_S, SERVICE_MEMBERSHIP_TTL_S
 from llooma.selection import Ask, Policy, as_host, host_rejection, version_tuple
 from llooma.v1.host_pb2 import HostHeartbeat
 from llooma.v1.service_pb2 import ServiceHeartbeat
@@ -43,8 +43,6 @@ MEMBERSHIP_FILTERS = (selection.not_draining, selection.min_version, selection.f
 
 HeartbeatT = TypeVar("HeartbeatT", bound=Message)
 
-# The bucket drops an entry MEMBERSHIP_TTL_S after its last heartbeat; the view does the same.
-FORGET_AFTER_S = MEMBERSHIP_TTL_S
 # A member that promised its next beat within t is counted gone after this many t of silence.
 MISSED_BEATS = 3
 # How long the start-up read of a bucket may take.
@@ -69,8 +67,12 @@ class Membership(Generic[HeartbeatT]):
         bucket: str,
         parse: Callable[[bytes], HeartbeatT],
         promised_s: Callable[[HeartbeatT], float] = lambda _: 0.0,
+        *,
+        forget_after_s: float = MEMBERSHIP_TTL_S,
     ) -> None:
         self._bucket = bucket
+        # The bucket drops an entry this long after its last beat; the view does the same.
+        self._forget_after_s = forget_after_s
         self._parse = parse
         # When a member said its next beat is due (0: it said nothing).
         self._promised_s = promised_s
@@ -117,10 +119,13 @@ class Membership(Generic[HeartbeatT]):
 
     def all(self) -> list[Member[HeartbeatT]]:
         """Every member heard from within the bucket's TTL (expiry sends no delete event)."""
-        cutoff = time.monotonic() - FORGET_AFTER_S
+        self._forget_expired()
+        return list(self._members.values())
+
+    def _forget_expired(self) -> None:
+        cutoff = time.monotonic() - self._forget_after_s
         for key in [k for k, m in self._members.items() if m.seen_monotonic < cutoff]:
             del self._members[key]
-        return list(self._members.values())
 
     def apply(self, entry: KeyValue.Entry) -> None:
         # nats-py annotates `created` as int but hands over a datetime.
@@ -146,6 +151,10 @@ class Membership(Generic[HeartbeatT]):
         # The server's timestamp ages entries read from the bucket at start.
         seen = time.monotonic() - max(0.0, time.time() - created_unix)
         known = self._members.get(key)
+        if known is None:
+            # A new key (a restarted instance has a new id): the dead ones go, so the view
+            # stays the size of the live membership however long it runs.
+            self._forget_expired()
         if known is None or known.seen_monotonic <= seen:
             self._members[key] = Member(key, heartbeat, seen)
 
@@ -218,7 +227,10 @@ class ServiceDirectory:
 
     def __init__(self, *, stale_after_s: float) -> None:
         self.members: Membership[ServiceHeartbeat] = Membership(
-            subjects.SERVICES_BUCKET, _parse_service, _service_promised_s
+            subjects.SERVICES_BUCKET,
+            _parse_service,
+            _service_promised_s,
+            forget_after_s=SERVICE_MEMBERSHIP_TTL_S,
         )
         self._stale_after_s = stale_after_s
 

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 from llooma import subjects
+from llooma.bus import SERVICE_MEMBERSHIP_TTL_S
 from llooma.membership import MISSED_BEATS, ServiceDirectory
 from llooma.runtime import ServiceHeartbeater
 from llooma.v1.service_pb2 import ServiceHeartbeat
@@ -99,3 +100,11 @@ def test_the_cutoff_follows_each_instances_promise() -> None:
     assert directory.gone("busy-dead")
     assert directory.gone("resting-dead")
     assert directory.gone("old")
+
+
+def test_instances_dead_longer_than_the_buckets_ttl_are_forgotten_when_a_new_one_joins() -> None:
+    directory = ServiceDirectory(stale_after_s=3.0)
+    for restart in range(50):
+        _heard(directory, f"racer-{restart}", 5000, age_s=SERVICE_MEMBERSHIP_TTL_S + 1.0)
+    _heard(directory, "racer-live", 5000, age_s=0.0)
+    assert [m.key for m in directory.members._members.values()] == ["racer-live"]
