@@ -127,7 +127,8 @@ def main() -> None:
             load_after = os.getloadavg()[0]
         finally:
             stack.stop()
-    print(f"load average {load_before:.1f} before, {load_after:.1f} after; {os.cpu_count()} cores")
+    cores = os.cpu_count()
+    print(f"load average {load_before:.1f} before, {load_after:.1f} after; {cores} cores\n")
     print(report(checkpoints))
 
 

@@ -72,7 +72,7 @@ def main() -> None:
         finally:
             stack.stop()
     print(f"% of one core, {args.runs} windows of {args.seconds:.0f} s, {os.cpu_count()} cores;")
-    print(f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
+    print(f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after\n")
     print(table(runs))
 
 
