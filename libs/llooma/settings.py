@@ -389,7 +389,9 @@ class Settings(BaseSettings):
         default=2.0, description="a host silent this long is no longer eligible"
     )
     service_stale_after_s: float = Field(
-        default=3.0, description="a service instance silent this long is not counted ready"
+        default=3.0,
+        description="a service instance silent this long is not counted ready (or for three "
+        "of the intervals its last beat promised, if that is longer)",
     )
     min_host_version: str = Field(
         default="0.1.0", description="hosts announcing an older version are not eligible"
