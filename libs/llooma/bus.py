@@ -42,6 +42,9 @@ EVENTS_MAX_AGE_S = 24 * 3600.0
 # JetStream's window for discarding a repeated Nats-Msg-Id.
 DUPLICATE_WINDOW_S = 600.0
 MEMBERSHIP_TTL_S = 5.0
+# Services at rest beat every `idle_heartbeat_interval_s` (at most 20 s): their entries must
+# outlive three of those, so a view that starts reads every live instance.
+SERVICE_MEMBERSHIP_TTL_S = 60.0
 LIMITS_MAX_AGE_S = 180.0
 LIMIT_PHASE_TTL_S = 24 * 3600.0
 # A race's record, and the delete marker each finished race leaves (memory, ~100 bytes a
@@ -105,7 +108,7 @@ STREAMS = (
 BUCKETS = (
     KeyValueConfig(bucket=subjects.HOSTS_BUCKET, ttl=MEMBERSHIP_TTL_S, storage=StorageType.MEMORY),
     KeyValueConfig(
-        bucket=subjects.SERVICES_BUCKET, ttl=MEMBERSHIP_TTL_S, storage=StorageType.MEMORY
+        bucket=subjects.SERVICES_BUCKET, ttl=SERVICE_MEMBERSHIP_TTL_S, storage=StorageType.MEMORY
     ),
     # Accounting's published state outlives restarts; Postgres stays the source of truth.
     KeyValueConfig(bucket=subjects.BALANCES_BUCKET, storage=StorageType.FILE),
