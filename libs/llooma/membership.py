@@ -241,16 +241,20 @@ class ServiceDirectory:
         await self.members.stop()
 
     def gone(self, instance_id: str, stale_after_s: float | None = None) -> bool:
-        """The instance has stopped beating (for `stale_after_s`, by default the directory's
-        limit), as far as a live view can tell: never while no instance at all is fresh (the
-        watch itself is down, e.g. in a NATS node's election)."""
-        if not self.members.fresh(self._stale_after_s):
+        """The instance has stopped beating, as far as a live view can tell: never while no
+        instance at all is fresh (the watch itself is down, e.g. in a NATS node's election).
+        By default its beats are awaited as long as it promised; with `stale_after_s`, for
+        exactly that long (a caller that knows the instance has work in flight knows it beats
+        every second whatever it promised at rest)."""
+        fresh = self.members.fresh(self._stale_after_s)
+        if not fresh:
             return False
-        # Strict for the instance asked about: one with work in flight beats every second
-        # whatever interval it promised at rest (see ServiceHeartbeater).
-        limit = stale_after_s or self._stale_after_s
+        if stale_after_s is None:
+            return all(member.key != instance_id for member in fresh)
         now = time.monotonic()
-        return all(m.key != instance_id or m.staleness_s(now) > limit for m in self.members.all())
+        return all(
+            m.key != instance_id or m.staleness_s(now) > stale_after_s for m in self.members.all()
+        )
 
     def ready_instances(self) -> dict[str, int]:
         counts: dict[str, int] = {}

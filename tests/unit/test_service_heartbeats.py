@@ -108,3 +108,14 @@ def test_instances_dead_longer_than_the_buckets_ttl_are_forgotten_when_a_new_one
         _heard(directory, f"racer-{restart}", 5000, age_s=SERVICE_MEMBERSHIP_TTL_S + 1.0)
     _heard(directory, "racer-live", 5000, age_s=0.0)
     assert [m.key for m in directory.members._members.values()] == ["racer-live"]
+
+
+def test_an_instance_known_to_be_busy_is_judged_by_the_busy_beat() -> None:
+    directory = ServiceDirectory(stale_after_s=3.0)
+    # Its last beat promised 5 s (at rest), but the caller knows it holds work since then.
+    _heard(directory, "relaying", 5000, age_s=2.5)
+    _heard(directory, "other", 5000, age_s=0.5)
+    assert not directory.gone("relaying")
+    assert directory.gone("relaying", stale_after_s=2.0)
+    assert not directory.gone("relaying", stale_after_s=3.0)
+    assert not directory.gone("other", stale_after_s=2.0)
