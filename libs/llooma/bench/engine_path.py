@@ -36,6 +36,7 @@ from llooma.host.config import Generation, HostConfig, ModelConfig
 from llooma.processes import free_port
 from llooma.settings import DEV_API_KEY
 from llooma.stack import Stack
+from llooma.v1.pipeline_pb2 import ClientEvent
 
 _FIRST_CONTENT = re.compile(rb'"content": ?"[^"]')
 _CHAT = b"POST /v1/chat/completions"
@@ -124,8 +125,17 @@ async def measure(stack: Stack, relays: list[EngineRelay], requests: int) -> dic
     async def note(msg: Msg) -> None:
         passed.append((msg.subject, time.perf_counter()))
 
+    async def note_host_chunk(msg: Msg) -> None:
+        passed.append(("host chunk", time.perf_counter()))
+
+    async def note_client_event(msg: Msg) -> None:
+        kind = ClientEvent.FromString(msg.data).WhichOneof("event")
+        passed.append((f"client {kind}", time.perf_counter()))
+
     await nc.subscribe(subjects.PIPELINE_SUBJECTS, cb=note)
     await nc.subscribe(subjects.HOST_TASKS_ANY, cb=note)
+    await nc.subscribe(subjects.HOST_REPLIES_ANY, cb=note_host_chunk)
+    await nc.subscribe(subjects.CLIENT_REPLIES_ANY, cb=note_client_event)
     await nc.flush()
     url = httpx.URL(stack.base_url)
     through = SseClient(url.host, url.port or 80, DEV_API_KEY)
@@ -161,14 +171,35 @@ async def measure(stack: Stack, relays: list[EngineRelay], requests: int) -> dic
             result.to_engine_ms.append(1000 * (asked - timing.started))
             result.from_engine_ms.append(1000 * (timing.first_token - answered))
             if path != "direct":
-                for subject, at in passed:
-                    hop = subject.rsplit(".", 1)[1] if subject.startswith(pipeline) else "host task"
+                result.hops_ms.setdefault("client first content", []).append(1000 * ttft)
+                result.hops_ms.setdefault("engine asked", []).append(
+                    1000 * (asked - timing.started)
+                )
+                result.hops_ms.setdefault("engine answered", []).append(
+                    1000 * (answered - timing.started)
+                )
+                for hop, at in first_passed(passed, pipeline):
                     result.hops_ms.setdefault(hop, []).append(1000 * (at - timing.started))
     await through.close()
     for client in direct:
         await client.close()
     await nc.drain()
     return times
+
+
+def first_passed(passed: list[tuple[str, float]], pipeline: str) -> list[tuple[str, float]]:
+    """Each hop's first message of one request (later host chunks and deltas are the
+    answer's rest, not its first token)."""
+    seen: dict[str, float] = {}
+    for subject, at in passed:
+        if subject.startswith(pipeline):
+            hop = subject.rsplit(".", 1)[1]
+        elif subject.startswith(subjects.HOST_TASKS_ANY.removesuffix(">")):
+            hop = "host task"
+        else:
+            hop = subject
+        seen.setdefault(hop, at)
+    return list(seen.items())
 
 
 def report(times: dict[str, PathTimes]) -> str:
@@ -191,7 +222,8 @@ def report(times: dict[str, PathTimes]) -> str:
     lines.append(f"\nadded by the stack at width 1, p50: {added:.2f} ms\n")
     lines.append("| stack hop | passed p50 ms after the client sent |")
     lines.append("|---|---:|")
-    for hop, values in times["stack width 1"].hops_ms.items():
+    hops = times["stack width 1"].hops_ms
+    for hop, values in sorted(hops.items(), key=lambda item: statistics.median(item[1])):
         lines.append(f"| {hop} | {statistics.median(values):.2f} |")
     return "\n".join(lines)
 
