@@ -36,6 +36,7 @@ from llooma.host.config import Generation, HostConfig, ModelConfig
 from llooma.processes import free_port
 from llooma.settings import DEV_API_KEY
 from llooma.stack import Stack
+from llooma.v1.host_pb2 import HostChunk
 from llooma.v1.pipeline_pb2 import ClientEvent
 
 _FIRST_CONTENT = re.compile(rb'"content": ?"[^"]')
@@ -92,8 +93,10 @@ class PathTimes:
     outside_ms: list[float] = field(default_factory=list)
     to_engine_ms: list[float] = field(default_factory=list)
     from_engine_ms: list[float] = field(default_factory=list)
-    # The stack only: when each hop's message passed, after the client sent the request.
+    # The stack only: when each hop's message passed, on the way in after the client sent the
+    # request, on the way back after the engine sent its first content.
     hops_ms: dict[str, list[float]] = field(default_factory=dict)
+    back_ms: dict[str, list[float]] = field(default_factory=dict)
 
 
 def relayed_hosts(relays: list[EngineRelay], servers: list[LlamaServer]) -> list[HostConfig]:
@@ -126,11 +129,13 @@ async def measure(stack: Stack, relays: list[EngineRelay], requests: int) -> dic
         passed.append((msg.subject, time.perf_counter()))
 
     async def note_host_chunk(msg: Msg) -> None:
-        passed.append(("host chunk", time.perf_counter()))
+        if HostChunk.FromString(msg.data).HasField("token"):
+            passed.append(("host's first token", time.perf_counter()))
 
     async def note_client_event(msg: Msg) -> None:
         kind = ClientEvent.FromString(msg.data).WhichOneof("event")
-        passed.append((f"client {kind}", time.perf_counter()))
+        if kind in ("started", "delta"):
+            passed.append((f"racer's {kind} event", time.perf_counter()))
 
     await nc.subscribe(subjects.PIPELINE_SUBJECTS, cb=note)
     await nc.subscribe(subjects.HOST_TASKS_ANY, cb=note)
@@ -171,15 +176,14 @@ async def measure(stack: Stack, relays: list[EngineRelay], requests: int) -> dic
             result.to_engine_ms.append(1000 * (asked - timing.started))
             result.from_engine_ms.append(1000 * (timing.first_token - answered))
             if path != "direct":
-                result.hops_ms.setdefault("client first content", []).append(1000 * ttft)
-                result.hops_ms.setdefault("engine asked", []).append(
-                    1000 * (asked - timing.started)
-                )
-                result.hops_ms.setdefault("engine answered", []).append(
-                    1000 * (answered - timing.started)
-                )
-                for hop, at in first_passed(passed, pipeline):
-                    result.hops_ms.setdefault(hop, []).append(1000 * (at - timing.started))
+                way_in = [*first_passed(passed, pipeline), ("request at the engine", asked)]
+                for hop, at in way_in:
+                    if at <= asked:
+                        result.hops_ms.setdefault(hop, []).append(1000 * (at - timing.started))
+                way_back = [*first_passed(passed, pipeline), ("client", timing.first_token)]
+                for hop, at in way_back:
+                    if at >= answered:
+                        result.back_ms.setdefault(hop, []).append(1000 * (at - answered))
     await through.close()
     for client in direct:
         await client.close()
@@ -222,10 +226,17 @@ def report(times: dict[str, PathTimes]) -> str:
     lines.append(f"\nadded by the stack at width 1, p50: {added:.2f} ms\n")
     lines.append("| stack hop | passed p50 ms after the client sent |")
     lines.append("|---|---:|")
-    hops = times["stack width 1"].hops_ms
-    for hop, values in sorted(hops.items(), key=lambda item: statistics.median(item[1])):
+    for hop, values in _in_order(times["stack width 1"].hops_ms):
+        lines.append(f"| {hop} | {statistics.median(values):.2f} |")
+    lines.append("\n| first content, on the way back | passed p50 ms after the engine sent it |")
+    lines.append("|---|---:|")
+    for hop, values in _in_order(times["stack width 1"].back_ms):
         lines.append(f"| {hop} | {statistics.median(values):.2f} |")
     return "\n".join(lines)
+
+
+def _in_order(hops: dict[str, list[float]]) -> list[tuple[str, list[float]]]:
+    return sorted(hops.items(), key=lambda item: statistics.median(item[1]))
 
 
 def main() -> None:
