@@ -1,6 +1,6 @@
 """Where the stack's added time to first token goes on a real engine, request by request.
 
-    .venv/bin/python -m llooma.bench.engine_path [--requests 30]
+    .venv/bin/python -m llooma.bench.engine_path [--requests 30] [--way-back]
 
 `llooma bench --suite engine` reports `added` as a difference of two medians, stack minus
 direct, each dominated by the engine's own TTFT (tens to hundreds of ms under load), so its
@@ -8,8 +8,9 @@ noise hides a control plane that costs a few ms. Here a TCP relay in this proces
 of each llama-server and notes when each chat request reaches the engine and when the engine
 sends its first content; subtracting that engine time from each request's client TTFT leaves
 the time spent outside the engine, per request. A core-NATS subscriber notes when each pipeline
-hop's message and the host task pass, on the same clock. Direct requests go through the same
-relay, so both paths pay it.
+hop's message and the host task pass, on the same clock; with --way-back also the host's first
+token and the racer's first events, timed from the engine's first content. Direct requests go
+through the same relay, so both paths pay it.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ from llooma.v1.pipeline_pb2 import ClientEvent
 _FIRST_CONTENT = re.compile(rb'"content": ?"[^"]')
 _CHAT = b"POST /v1/chat/completions"
 _WARM_UP = 6
+# The labels of what passes after the engine answered (--way-back).
+_WAY_BACK = ("host's", "racer's")
 
 
 class EngineRelay:
@@ -120,7 +123,9 @@ def relayed_hosts(relays: list[EngineRelay], servers: list[LlamaServer]) -> list
     ]
 
 
-async def measure(stack: Stack, relays: list[EngineRelay], requests: int) -> dict[str, PathTimes]:
+async def measure(
+    stack: Stack, relays: list[EngineRelay], requests: int, *, way_back: bool = False
+) -> dict[str, PathTimes]:
     assert stack.nats_url is not None
     nc = await bus.connect(stack.nats_url, "llooma-bench-path", nkey_seed_file=stack.control_seed)
     passed: list[tuple[str, float]] = []
@@ -139,8 +144,11 @@ async def measure(stack: Stack, relays: list[EngineRelay], requests: int) -> dic
 
     await nc.subscribe(subjects.PIPELINE_SUBJECTS, cb=note)
     await nc.subscribe(subjects.HOST_TASKS_ANY, cb=note)
-    await nc.subscribe(subjects.HOST_REPLIES_ANY, cb=note_host_chunk)
-    await nc.subscribe(subjects.CLIENT_REPLIES_ANY, cb=note_client_event)
+    if way_back:
+        # Off by default: this process is also the client, and decoding every host chunk and
+        # client event here lands in the very window the client's first content is timed in.
+        await nc.subscribe(subjects.HOST_REPLIES_ANY, cb=note_host_chunk)
+        await nc.subscribe(subjects.CLIENT_REPLIES_ANY, cb=note_client_event)
     await nc.flush()
     url = httpx.URL(stack.base_url)
     through = SseClient(url.host, url.port or 80, DEV_API_KEY)
@@ -176,12 +184,13 @@ async def measure(stack: Stack, relays: list[EngineRelay], requests: int) -> dic
             result.to_engine_ms.append(1000 * (asked - timing.started))
             result.from_engine_ms.append(1000 * (timing.first_token - answered))
             if path != "direct":
-                way_in = [*first_passed(passed, pipeline), ("request at the engine", asked)]
-                for hop, at in way_in:
+                hops = first_passed(passed, pipeline)
+                way_in = [h for h in hops if not h[0].startswith(_WAY_BACK)]
+                for hop, at in [*way_in, ("request at the engine", asked)]:
                     if at <= asked:
                         result.hops_ms.setdefault(hop, []).append(1000 * (at - timing.started))
-                way_back = [*first_passed(passed, pipeline), ("client", timing.first_token)]
-                for hop, at in way_back:
+                way_back = [h for h in hops if h[0].startswith(_WAY_BACK)]
+                for hop, at in [*way_back, ("client", timing.first_token)]:
                     if at >= answered:
                         result.back_ms.setdefault(hop, []).append(1000 * (at - answered))
     await through.close()
@@ -242,6 +251,11 @@ def _in_order(hops: dict[str, list[float]]) -> list[tuple[str, list[float]]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=30)
+    parser.add_argument(
+        "--way-back",
+        action="store_true",
+        help="also time the first host chunk and the racer's events after the engine answered",
+    )
     args = parser.parse_args()
     with (
         tempfile.TemporaryDirectory(prefix="llooma-engine-path-") as scratch,
@@ -259,7 +273,7 @@ def main() -> None:
             )
             await asyncio.to_thread(stack.start)
             try:
-                print(report(await measure(stack, relays, args.requests)))
+                print(report(await measure(stack, relays, args.requests, way_back=args.way_back)))
             finally:
                 await asyncio.to_thread(stack.stop)
                 for relay in relays:
