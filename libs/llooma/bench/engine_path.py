@@ -189,8 +189,8 @@ async def measure(
                 for hop, at in [*way_in, ("request at the engine", asked)]:
                     if at <= asked:
                         result.hops_ms.setdefault(hop, []).append(1000 * (at - timing.started))
-                way_back = [h for h in hops if h[0].startswith(_WAY_BACK)]
-                for hop, at in [*way_back, ("client", timing.first_token)]:
+                back_hops = [h for h in hops if h[0].startswith(_WAY_BACK)]
+                for hop, at in [*back_hops, ("client", timing.first_token)]:
                     if at >= answered:
                         result.back_ms.setdefault(hop, []).append(1000 * (at - answered))
     await through.close()
