@@ -158,6 +158,11 @@ def host_reply(racer_instance: str, attempt_id: str) -> str:
     return f"{PREFIX}.tokens.{racer_instance}.{attempt_id}"
 
 
+# Every host chunk and every client event (the path-timing bench observes both).
+HOST_REPLIES_ANY = f"{PREFIX}.tokens.>"
+CLIENT_REPLIES_ANY = f"{PREFIX}.reply.>"
+
+
 def host_reply_attempt_id(subject: str) -> str:
     """The attempt id of a `host_reply` subject."""
     return subject.rpartition(".")[2]

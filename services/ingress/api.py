@@ -373,6 +373,10 @@ class Ingress:
                     Mapping.from_dict({e.placeholder: e.original for e in first.mapping.entries})
                 )
             first = await self._next_event(queue, first_wait_s)
+        if restorers is None and chat.privacy != PRIVACY_MODE_OFF:
+            # Privacy redacted nothing (it sends no empty mapping): placeholders a model makes
+            # up are still turned into neutral words.
+            restorers = Restorers(Mapping())
         kind = first.WhichOneof("event")
         if kind != "started":
             await self._end(request_id, finished=False)

@@ -34,11 +34,13 @@ class Mediator:
             for message in request.messages:
                 message.content = redact(message.content, strict=strict, mapping=mapping).text
             request.privacy_redacted = True
-            # Sent even when empty: the ingress then also turns placeholders the model makes up
-            # into neutral words. Before the hand-off, so it arrives before any token can.
-            entries = [PlaceholderEntry(placeholder=p, original=o) for p, o in mapping.items()]
-            event = ClientEvent(mapping=PrivacyMapping(entries=entries))
-            await self._nc.publish(request.reply_subject, event.SerializeToString())
+            if mapping:
+                # Before the hand-off, so it arrives before any token can. Nothing redacted,
+                # nothing sent: the ingress restores with an empty mapping by itself (it knows
+                # the mode it asked for), which spares it a wake-up on the request's path.
+                entries = [PlaceholderEntry(placeholder=p, original=o) for p, o in mapping.items()]
+                event = ClientEvent(mapping=PrivacyMapping(entries=entries))
+                await self._nc.publish(request.reply_subject, event.SerializeToString())
         await bus.hand_off(
             self._js,
             subjects.PIPELINE_PLANNER,

@@ -226,3 +226,61 @@ async def test_a_repeated_mapping_neither_fails_nor_breaks_the_answer(
         if orjson.loads(line[6:])["choices"]
     )
     assert text == "".join(words)
+
+
+async def test_nothing_redacted_sends_no_mapping_and_invented_placeholders_still_go(
+    http: httpx.AsyncClient, nc: Client
+) -> None:
+    """A prompt with nothing to redact costs the ingress no mapping message on the request's
+    path; a placeholder the model makes up still becomes a neutral word (with privacy on)."""
+    model = f"invent-{uuid.uuid4().hex[:6]}"
+
+    async def invent(task: HostTask, reply: Reply) -> None:
+        await reply(HostChunk(token=HostToken(text="[NAME_1] said hi")))
+        await reply(HostChunk(finished=HostFinished(finish_reason="stop")))
+
+    mappings: list[bytes] = []
+
+    async def watch(msg: Msg) -> None:
+        if ClientEvent.FromString(msg.data).WhichOneof("event") == "mapping":
+            mappings.append(msg.data)
+
+    subscription = await nc.subscribe(f"{subjects.PREFIX}.reply.>", cb=watch)
+    try:
+        async with ScriptedHost(nc, f"host-{model}", model, invent, accept=True):
+            await wait_listed(http, model)
+            body = {"model": model, "messages": [{"role": "user", "content": "Say hello."}]}
+            texts = {}
+            for name, headers in (
+                ("on", AUTH),
+                ("off", {"Authorization": f"Bearer {PRIVACY_OFF_KEY}"}),
+            ):
+                for stream in (False, True):
+                    response = await http.post(
+                        "/v1/chat/completions", json={**body, "stream": stream}, headers=headers
+                    )
+                    assert response.status_code == 200, response.text
+                    if stream:
+                        events = [
+                            orjson.loads(line[6:])
+                            for line in response.text.splitlines()
+                            if line.startswith("data: {")
+                        ]
+                        text = "".join(
+                            e["choices"][0]["delta"].get("content") or ""
+                            for e in events
+                            if e["choices"]
+                        )
+                    else:
+                        text = response.json()["choices"][0]["message"]["content"]
+                    texts[name, stream] = text
+            await nc.flush()
+    finally:
+        await subscription.unsubscribe()
+    assert texts == {
+        ("on", False): "Someone said hi",
+        ("on", True): "Someone said hi",
+        ("off", False): "[NAME_1] said hi",
+        ("off", True): "[NAME_1] said hi",
+    }
+    assert mappings == []

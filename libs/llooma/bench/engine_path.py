@@ -1,6 +1,6 @@
 """Where the stack's added time to first token goes on a real engine, request by request.
 
-    .venv/bin/python -m llooma.bench.engine_path [--requests 30]
+    .venv/bin/python -m llooma.bench.engine_path [--requests 30] [--way-back]
 
 `llooma bench --suite engine` reports `added` as a difference of two medians, stack minus
 direct, each dominated by the engine's own TTFT (tens to hundreds of ms under load), so its
@@ -8,8 +8,9 @@ noise hides a control plane that costs a few ms. Here a TCP relay in this proces
 of each llama-server and notes when each chat request reaches the engine and when the engine
 sends its first content; subtracting that engine time from each request's client TTFT leaves
 the time spent outside the engine, per request. A core-NATS subscriber notes when each pipeline
-hop's message and the host task pass, on the same clock. Direct requests go through the same
-relay, so both paths pay it.
+hop's message and the host task pass, on the same clock; with --way-back also the host's first
+token and the racer's first events, timed from the engine's first content. Direct requests go
+through the same relay, so both paths pay it.
 """
 
 from __future__ import annotations
@@ -36,10 +37,14 @@ from llooma.host.config import Generation, HostConfig, ModelConfig
 from llooma.processes import free_port
 from llooma.settings import DEV_API_KEY
 from llooma.stack import Stack
+from llooma.v1.host_pb2 import HostChunk
+from llooma.v1.pipeline_pb2 import ClientEvent
 
 _FIRST_CONTENT = re.compile(rb'"content": ?"[^"]')
 _CHAT = b"POST /v1/chat/completions"
 _WARM_UP = 6
+# The labels of what passes after the engine answered (--way-back).
+_WAY_BACK = ("host's", "racer's")
 
 
 class EngineRelay:
@@ -91,8 +96,10 @@ class PathTimes:
     outside_ms: list[float] = field(default_factory=list)
     to_engine_ms: list[float] = field(default_factory=list)
     from_engine_ms: list[float] = field(default_factory=list)
-    # The stack only: when each hop's message passed, after the client sent the request.
+    # The stack only: when each hop's message passed, on the way in after the client sent the
+    # request, on the way back after the engine sent its first content.
     hops_ms: dict[str, list[float]] = field(default_factory=dict)
+    back_ms: dict[str, list[float]] = field(default_factory=dict)
 
 
 def relayed_hosts(relays: list[EngineRelay], servers: list[LlamaServer]) -> list[HostConfig]:
@@ -116,7 +123,9 @@ def relayed_hosts(relays: list[EngineRelay], servers: list[LlamaServer]) -> list
     ]
 
 
-async def measure(stack: Stack, relays: list[EngineRelay], requests: int) -> dict[str, PathTimes]:
+async def measure(
+    stack: Stack, relays: list[EngineRelay], requests: int, *, way_back: bool = False
+) -> dict[str, PathTimes]:
     assert stack.nats_url is not None
     nc = await bus.connect(stack.nats_url, "llooma-bench-path", nkey_seed_file=stack.control_seed)
     passed: list[tuple[str, float]] = []
@@ -124,8 +133,22 @@ async def measure(stack: Stack, relays: list[EngineRelay], requests: int) -> dic
     async def note(msg: Msg) -> None:
         passed.append((msg.subject, time.perf_counter()))
 
+    async def note_host_chunk(msg: Msg) -> None:
+        if HostChunk.FromString(msg.data).HasField("token"):
+            passed.append(("host's first token", time.perf_counter()))
+
+    async def note_client_event(msg: Msg) -> None:
+        kind = ClientEvent.FromString(msg.data).WhichOneof("event")
+        if kind in ("started", "delta"):
+            passed.append((f"racer's {kind} event", time.perf_counter()))
+
     await nc.subscribe(subjects.PIPELINE_SUBJECTS, cb=note)
     await nc.subscribe(subjects.HOST_TASKS_ANY, cb=note)
+    if way_back:
+        # Off by default: this process is also the client, and decoding every host chunk and
+        # client event here lands in the very window the client's first content is timed in.
+        await nc.subscribe(subjects.HOST_REPLIES_ANY, cb=note_host_chunk)
+        await nc.subscribe(subjects.CLIENT_REPLIES_ANY, cb=note_client_event)
     await nc.flush()
     url = httpx.URL(stack.base_url)
     through = SseClient(url.host, url.port or 80, DEV_API_KEY)
@@ -161,14 +184,35 @@ async def measure(stack: Stack, relays: list[EngineRelay], requests: int) -> dic
             result.to_engine_ms.append(1000 * (asked - timing.started))
             result.from_engine_ms.append(1000 * (timing.first_token - answered))
             if path != "direct":
-                for subject, at in passed:
-                    hop = subject.rsplit(".", 1)[1] if subject.startswith(pipeline) else "host task"
-                    result.hops_ms.setdefault(hop, []).append(1000 * (at - timing.started))
+                hops = first_passed(passed, pipeline)
+                way_in = [h for h in hops if not h[0].startswith(_WAY_BACK)]
+                for hop, at in [*way_in, ("request at the engine", asked)]:
+                    if at <= asked:
+                        result.hops_ms.setdefault(hop, []).append(1000 * (at - timing.started))
+                back_hops = [h for h in hops if h[0].startswith(_WAY_BACK)]
+                for hop, at in [*back_hops, ("client", timing.first_token)]:
+                    if at >= answered:
+                        result.back_ms.setdefault(hop, []).append(1000 * (at - answered))
     await through.close()
     for client in direct:
         await client.close()
     await nc.drain()
     return times
+
+
+def first_passed(passed: list[tuple[str, float]], pipeline: str) -> list[tuple[str, float]]:
+    """Each hop's first message of one request (later host chunks and deltas are the
+    answer's rest, not its first token)."""
+    seen: dict[str, float] = {}
+    for subject, at in passed:
+        if subject.startswith(pipeline):
+            hop = subject.rsplit(".", 1)[1]
+        elif subject.startswith(subjects.HOST_TASKS_ANY.removesuffix(">")):
+            hop = "host task"
+        else:
+            hop = subject
+        seen.setdefault(hop, at)
+    return list(seen.items())
 
 
 def report(times: dict[str, PathTimes]) -> str:
@@ -191,14 +235,27 @@ def report(times: dict[str, PathTimes]) -> str:
     lines.append(f"\nadded by the stack at width 1, p50: {added:.2f} ms\n")
     lines.append("| stack hop | passed p50 ms after the client sent |")
     lines.append("|---|---:|")
-    for hop, values in times["stack width 1"].hops_ms.items():
+    for hop, values in _in_order(times["stack width 1"].hops_ms):
+        lines.append(f"| {hop} | {statistics.median(values):.2f} |")
+    lines.append("\n| first content, on the way back | passed p50 ms after the engine sent it |")
+    lines.append("|---|---:|")
+    for hop, values in _in_order(times["stack width 1"].back_ms):
         lines.append(f"| {hop} | {statistics.median(values):.2f} |")
     return "\n".join(lines)
+
+
+def _in_order(hops: dict[str, list[float]]) -> list[tuple[str, list[float]]]:
+    return sorted(hops.items(), key=lambda item: statistics.median(item[1]))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=30)
+    parser.add_argument(
+        "--way-back",
+        action="store_true",
+        help="also time the first host chunk and the racer's events after the engine answered",
+    )
     args = parser.parse_args()
     with (
         tempfile.TemporaryDirectory(prefix="llooma-engine-path-") as scratch,
@@ -216,7 +273,7 @@ def main() -> None:
             )
             await asyncio.to_thread(stack.start)
             try:
-                print(report(await measure(stack, relays, args.requests)))
+                print(report(await measure(stack, relays, args.requests, way_back=args.way_back)))
             finally:
                 await asyncio.to_thread(stack.stop)
                 for relay in relays:
