@@ -9,14 +9,20 @@ import re
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from llooma.v1.pipeline_pb2 import ChatRequest
 from llooma.v1.plan_pb2 import (
     PLAN_KIND_BYPASS,
     PLAN_KIND_DIRECT,
     PLAN_KIND_SPLIT,
+    PLAN_KIND_UNSPECIFIED,
     Plan,
     PlanNode,
 )
+
+if TYPE_CHECKING:
+    from llooma.settings import Settings
 
 _ITEM = re.compile(r"^\s*((?:\d{1,2}[.)])|(?:[a-z][.)])|[-*•])\s+(\S.*)$")
 _SENTENCE_END = re.compile(r"[.!?](?:\s|$)")
@@ -60,6 +66,8 @@ class PlannerConfig:
     bypass_max_tokens: int = 48
     max_nodes: int = 8
     epsilon_ms: float = 50.0
+    # Models the orchestration never splits.
+    excluded_models: frozenset[str] = frozenset()
     # Tokens a whole answer and one part of it are expected to take when max_tokens is unset.
     expected_tokens_per_part: int = 200
     aggregation_ms: float = 10.0
@@ -77,6 +85,30 @@ class ModelRates:
 
     def tps(self) -> float:
         return statistics.median(self.tokens_per_s) if self.tokens_per_s else 30.0
+
+
+def planner_config(settings: Settings) -> PlannerConfig:
+    return PlannerConfig(
+        bypass_chars=settings.planner_bypass_chars,
+        bypass_max_tokens=settings.planner_bypass_max_tokens,
+        max_nodes=settings.planner_max_nodes,
+        epsilon_ms=settings.planner_epsilon_ms,
+        excluded_models=frozenset(settings.orchestration_excluded_models),
+    )
+
+
+def fast_path(request: ChatRequest, config: PlannerConfig) -> Plan | None:
+    """Stage 1 for a whole request: the plan it already has (the ingress decided: the client
+    asked for no split, several choices, tools...), a bypass, or None (stage 2 must look).
+    Pure and cheap, so privacy runs it as it hands the redacted request on, and a bypassed
+    request skips the planner's process altogether."""
+    if request.plan.kind != PLAN_KIND_UNSPECIFIED:
+        return request.plan
+    if request.model in config.excluded_models:
+        return bypass_plan("model is never split")
+    prompt = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
+    reason = bypass_reason(prompt, request.params.max_tokens, config)
+    return None if reason is None else bypass_plan(reason)
 
 
 def bypass_reason(prompt: str, max_tokens: int, config: PlannerConfig) -> str | None:

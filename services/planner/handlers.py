@@ -18,15 +18,15 @@ from llooma.membership import HostDirectory
 from llooma.planning import (
     SPLIT_INSTRUCTION,
     ModelRates,
-    PlannerConfig,
     bypass_plan,
-    bypass_reason,
     decide,
     decompose,
     direct_plan,
     estimate_ms,
+    fast_path,
     is_split,
     parse_split_reply,
+    planner_config,
     validate,
 )
 from llooma.selection import Ask, Selector
@@ -54,12 +54,7 @@ class Planner:
         self._nc = nc
         self._js = js
         self._instance_id = instance_id
-        self._config = PlannerConfig(
-            bypass_chars=settings.planner_bypass_chars,
-            bypass_max_tokens=settings.planner_bypass_max_tokens,
-            max_nodes=settings.planner_max_nodes,
-            epsilon_ms=settings.planner_epsilon_ms,
-        )
+        self._config = planner_config(settings)
         self._rates: dict[str, ModelRates] = {}
         self._split_rates = ModelRates()
 
@@ -93,12 +88,10 @@ class Planner:
         )
 
     async def plan(self, request: ChatRequest) -> Plan:
+        fast = fast_path(request, self._config)
+        if fast is not None:
+            return fast
         prompt = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
-        if request.model in self._settings.orchestration_excluded_models:
-            return bypass_plan("model is never split")
-        reason = bypass_reason(prompt, request.params.max_tokens, self._config)
-        if reason is not None:
-            return bypass_plan(reason)
         plan = decompose(prompt)
         split_call_ms = 0.0
         if plan is None and self._settings.planner_split_model:

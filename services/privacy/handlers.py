@@ -10,7 +10,9 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from llooma import bus, subjects
+from llooma.planning import PlannerConfig, fast_path
 from llooma.privacy import Mapping, redact
+from llooma.v1.common_pb2 import REQUEST_PATH_DIRECT
 from llooma.v1.pipeline_pb2 import (
     PRIVACY_MODE_OFF,
     PRIVACY_MODE_STRICT,
@@ -22,9 +24,10 @@ from llooma.v1.pipeline_pb2 import (
 
 
 class Mediator:
-    def __init__(self, nc: Client, js: JetStreamContext) -> None:
+    def __init__(self, nc: Client, js: JetStreamContext, planning: PlannerConfig) -> None:
         self._nc = nc
         self._js = js
+        self._planning = planning
 
     async def handle(self, msg: Msg) -> None:
         request = ChatRequest.FromString(msg.data)
@@ -41,9 +44,15 @@ class Mediator:
                 entries = [PlaceholderEntry(placeholder=p, original=o) for p, o in mapping.items()]
                 event = ClientEvent(mapping=PrivacyMapping(entries=entries))
                 await self._nc.publish(request.reply_subject, event.SerializeToString())
+        # The planner's stage 1 runs here, on the redacted request: a bypassed request (most
+        # short ones) goes straight to the dispatcher, sparing a process and a hand-off.
+        plan = fast_path(request, self._planning)
+        if plan is None:
+            stage, subject = "planner", subjects.PIPELINE_PLANNER
+        else:
+            request.plan.CopyFrom(plan)
+            request.path = REQUEST_PATH_DIRECT
+            stage, subject = "dispatcher", subjects.PIPELINE_DISPATCHER
         await bus.hand_off(
-            self._js,
-            subjects.PIPELINE_PLANNER,
-            request.SerializeToString(),
-            f"{request.request_id}.planner",
+            self._js, subject, request.SerializeToString(), f"{request.request_id}.{stage}"
         )

@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from llooma import tracing
+from llooma import subjects, tracing
 from llooma.processes import free_port
 from llooma.settings import DEV_API_KEY
 from llooma.stack import Stack
@@ -32,7 +32,9 @@ from tests.support.ledger_db import new_database
 from tests.support.otlp_receiver import OtlpReceiver, ReceivedSpan, exporting_to
 
 TRACEPARENT_FORMAT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
-PIPELINE_SERVICES = {"ingress", "privacy", "planner", "dispatcher", "racer", "host", "accounting"}
+# A short prompt takes the fast path: privacy runs the planner's stage 1 and hands the request
+# straight to the dispatcher (the planner still follows its race event, as every race's).
+PIPELINE_SERVICES = {"ingress", "privacy", "dispatcher", "racer", "host", "accounting"}
 
 
 @pytest.fixture
@@ -281,6 +283,8 @@ def test_one_request_is_one_connected_trace_across_every_service(
     assert [(r.service, r.name) for r in roots] == [("ingress", "POST /v1/chat/completions")]
     services = {s.service for s in trace}
     assert services >= PIPELINE_SERVICES, f"missing: {PIPELINE_SERVICES - services}"
+    handed_to_planner = [s.name for s in trace if subjects.PIPELINE_PLANNER in s.name]
+    assert not handed_to_planner, "a bypassed request went through the planner's process"
 
     # The host's span sits under the racer's attempt, and a settlement under each attempt.
     attempts = {s.span_id: s for s in trace if s.service == "racer" and s.name == "chat echo"}

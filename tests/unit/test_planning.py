@@ -15,10 +15,13 @@ from llooma.planning import (
     decompose,
     direct_plan,
     estimate_ms,
+    fast_path,
     is_split,
     parse_split_reply,
     validate,
 )
+from llooma.v1.common_pb2 import ChatMessage, GenerationParams
+from llooma.v1.pipeline_pb2 import ChatRequest
 from llooma.v1.plan_pb2 import (
     PLAN_KIND_BYPASS,
     PLAN_KIND_DIRECT,
@@ -147,3 +150,34 @@ def test_plan_kinds_are_typed_and_the_decision_stays_for_people() -> None:
     decide(plan, split=False, reason="split not faster")
     assert not is_split(plan)
     assert (plan.decision, len(plan.nodes)) == ("direct: split not faster", 0)
+
+
+def _request(prompt: str, *, model: str = "m", max_tokens: int = 0) -> ChatRequest:
+    return ChatRequest(
+        model=model,
+        messages=[ChatMessage(role="user", content=prompt)],
+        params=GenerationParams(max_tokens=max_tokens),
+    )
+
+
+def test_fast_path_bypasses_what_stage_1_bypasses_and_leaves_the_rest_to_the_planner() -> None:
+    config = PlannerConfig(excluded_models=frozenset({"echo"}))
+    short = fast_path(_request("Hi there."), config)
+    assert short is not None
+    assert short.kind == PLAN_KIND_BYPASS
+    assert short.decision == "bypass: short prompt"
+    small = fast_path(_request(LIST_PROMPT, max_tokens=8), config)
+    assert small is not None
+    assert small.decision == "bypass: small max_tokens"
+    excluded = fast_path(_request(LIST_PROMPT, model="echo"), config)
+    assert excluded is not None
+    assert excluded.decision == "bypass: model is never split"
+    assert fast_path(_request(LIST_PROMPT), config) is None
+
+
+def test_fast_path_keeps_a_plan_the_ingress_already_made() -> None:
+    request = _request(LIST_PROMPT)
+    request.plan.CopyFrom(bypass_plan("the client asked for no split"))
+    plan = fast_path(request, PlannerConfig())
+    assert plan is not None
+    assert plan.decision == "bypass: the client asked for no split"
