@@ -159,6 +159,9 @@ class RaceCore:
         if attempt is None:
             return []
         for one in one_by_one(chunk):
+            if attempt.watched_until is not None and attempt is not self.race.dueling:
+                self._watched_chunk(attempt, one, now)
+                continue
             if attempt.watched_until is not None:
                 self._watched_chunk(attempt, one, now)
             if attempt is self.race.dueling or self.phase in ("probing", "done"):
@@ -355,6 +358,8 @@ class RaceCore:
         elif attempt.first_token_at is None:
             attempt.accepted = True
             attempt.first_token_at = now
+            # A duel's loser is counted by its duel; a probe's token is its own.
+            attempt.output_tokens += kind == "token" and attempt is not self.race.dueling
         if attempt is not self.race.dueling and not attempt.failed:
             self._cancel(attempt)
         self._unwatch(attempt)
