@@ -254,6 +254,13 @@ class _Run:
         """However the race ended (finished, failed, cancelled by its client): settle it."""
         if not self.core.done:
             await self._execute(self.core.on_cancel(time.monotonic()))
+        # A duel's loser outlives its race: what of its stream is still queued here is the
+        # duel's (no await from here on, so no chunk lands in between).
+        dueling, duels = self.core.race.dueling, self._racer._duels
+        while not self._inbox.empty():
+            attempt_id, chunk = self._inbox.get_nowait()
+            if dueling is not None and duels is not None and attempt_id == dueling.attempt_id:
+                duels.feed(attempt_id, chunk)
         for attempt_id in self.core.race.attempts:
             self._racer._inboxes.pop(attempt_id, None)
 
