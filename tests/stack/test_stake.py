@@ -222,7 +222,8 @@ async def locked_stake(nc: Client, host: str) -> int | None:
 
 
 async def until_published(nc: Client, host: str, micros: int) -> None:
-    for _ in range(100):
+    # Accounting republishes stakes every 2 s; 30 s leaves room for a loaded machine.
+    for _ in range(300):
         if await locked_stake(nc, host) == micros:
             await asyncio.sleep(0.3)  # the dispatcher's watch follows the bucket
             return
