@@ -410,15 +410,20 @@ class RaceCore:
         self._answer.finish(winner)
         # The host never reported this stream's usage: what was counted, and the prompt ceiling.
         usage = Usage(input_tokens=winner.prompt_tokens, output_tokens=winner.output_tokens)
-        self._finish(winner, "length", usage)
+        self._finish(winner, "length", usage, claimed=False)
 
-    def _finish(self, winner: Attempt, finish_reason: str, reported: Usage) -> None:
+    def _finish(
+        self, winner: Attempt, finish_reason: str, reported: Usage, *, claimed: bool = True
+    ) -> None:
+        """The answer is done; `reported` is the host's usage claim, or (claimed=False) the
+        racer's own count when it cut the host off."""
         race = self.race
         self._flush()
         params = race.assignment.request.params
         winner.usage = billed_usage(winner, reported, params.stop)
-        winner.claimed_usage = reported
-        if overclaimed(winner, reported, params):
+        if claimed:
+            winner.claimed_usage = reported
+        if claimed and overclaimed(winner, reported, params):
             # Billed on the racer's count all the same; the lie itself is an error in S(h)
             # and costs stake (docs/SECURITY.md).
             winner.usage_overclaimed = True

@@ -367,6 +367,9 @@ def test_a_winner_inflating_its_usage_is_billed_on_the_count_and_marked() -> Non
     assert liar.violations == 1
     assert liar.claimed_usage.output_tokens == 5000
     assert liar.usage.output_tokens == 2  # billed on what the racer relayed
+    assert sim.event is not None
+    # A violation in the race event too: the dispatcher counts it in the host's error rate.
+    assert [a.violations for a in sim.event.attempts if a.host_id == "liar"] == [1]
     assert sim.last.finished.usage.output_tokens == 2
     assert not sim.settled["other"].usage_overclaimed
     honest = Sim(
