@@ -425,6 +425,10 @@ async def test_a_silent_staker_that_only_ever_loses_is_slashed_through_probes_an
         for _ in range(after):
             await ask()
         drawn_after = len(quiet.received) - drawn_before
+    print(
+        f"\nsilent staker: slashed twice after {before} races (drawn in {drawn_before}), "
+        f"then drawn in {drawn_after} of {after}"
+    )
     assert drawn_before >= 4
     # 0.1 credits against 10 and 10, two of three drawn: ~0.45 draws expected in 30 (20 at an
     # equal stake).
@@ -470,6 +474,8 @@ async def test_an_honest_slow_host_that_always_loses_is_never_slashed(
     assert {row["outcome"] for row in settled} == {"lost"}
     # Probed in about half its races: kept running to its first token, which came in time.
     probed = [row for row in settled if row["first_token_ms"] >= 100]
+    ms = sorted(row["first_token_ms"] for row in probed)
+    print(f"\nslow honest host: {len(probed)} of {requests} losses probed, first token {ms} ms")
     assert len(probed) >= 3, f"only {len(probed)} of {requests} losses probed"
     assert await slashes(stake_stack, slow_id, "slash:%") == 0
     rows = await fetch(stake_stack, "SELECT * FROM host_tallies WHERE host_id = $1", slow_id)
