@@ -221,14 +221,17 @@ async def locked_stake(nc: Client, host: str) -> int | None:
     return int(entry.value) if entry.value else None
 
 
-async def until_published(nc: Client, host: str, micros: int) -> None:
+async def until_published(nc: Client, host: str, micros: int, *, at_most: bool = False) -> None:
+    """Until the host's published stake is `micros` (or, at_most, no more than that)."""
     # Accounting republishes stakes every 2 s; 30 s leaves room for a loaded machine.
+    published = None
     for _ in range(300):
-        if await locked_stake(nc, host) == micros:
+        published = await locked_stake(nc, host)
+        if published == micros or (at_most and published is not None and published <= micros):
             await asyncio.sleep(0.3)  # the dispatcher's watch follows the bucket
             return
         await asyncio.sleep(0.1)
-    raise AssertionError(f"{host}'s stake of {micros} never published")
+    raise AssertionError(f"{host}'s stake of {micros} never published (last: {published})")
 
 
 async def answer(_: HostTask, reply: Reply) -> None:
@@ -420,7 +423,8 @@ async def test_a_silent_staker_that_only_ever_loses_is_slashed_through_probes_an
             before += 1
         assert await slashes(stake_stack, quiet_id) >= 2, f"not slashed twice in {before} races"
         drawn_before = len(quiet.received)
-        await until_published(stake_nc, quiet_id, CREDIT // 10)
+        # A tenth at most: a no-show still being settled may complete a third streak.
+        await until_published(stake_nc, quiet_id, CREDIT // 10, at_most=True)
         after = 30
         for _ in range(after):
             await ask()
