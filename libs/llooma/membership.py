@@ -1,13 +1,21 @@
-"""Who is alive: heartbeats in JetStream KV buckets, watched into an in-memory view.
+"""Who is alive: heartbeats put into JetStream KV buckets, heard into an in-memory view.
 
 Service instances put a heartbeat under their own key every interval; hosts send theirs to
 the dispatcher (`HostHeartbeatIntake`), which checks it and puts it under the host's key.
-The bucket's TTL drops entries nobody refreshes, so a restarted watcher never sees long-dead
-members; the view's own staleness cutoff marks a vanished member ineligible well before that.
+A view hears every put as it is published, through a plain core subscription to the bucket's
+subjects, and reads the bucket once when it starts, so it knows the members at once rather
+than after their next beat. A KV watch (an ordered push consumer) would do the same at a
+standing cost on the server and in every watcher at rest (idle heartbeats, flow control,
+renewal after a server restart), and membership needs none of what it adds: beats repeat, so
+one missed while NATS was away is replaced by the next, and the bucket's TTL keeps the start-up
+read free of long-dead members. The view's own staleness cutoff marks a vanished member
+ineligible well before that TTL.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -16,12 +24,14 @@ from datetime import datetime
 from typing import Generic, TypeVar
 
 from google.protobuf.message import DecodeError, Message
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.kv import KeyValue
+from nats.js.kv import KV_OP, KeyValue
 
 from llooma import counters, heartbeats, selection, subjects
-from llooma.bus import MEMBERSHIP_TTL_S
-from llooma.kv_view import BucketView
+from llooma.bus import MEMBERSHIP_TTL_S, SERVICE_MEMBERSHIP_TTL_S
 from llooma.selection import Ask, Policy, as_host, host_rejection, version_tuple
 from llooma.v1.host_pb2 import HostHeartbeat
 from llooma.v1.service_pb2 import ServiceHeartbeat
@@ -33,11 +43,10 @@ MEMBERSHIP_FILTERS = (selection.not_draining, selection.min_version, selection.f
 
 HeartbeatT = TypeVar("HeartbeatT", bound=Message)
 
-# The bucket drops an entry MEMBERSHIP_TTL_S after its last heartbeat; the view does the same.
-FORGET_AFTER_S = MEMBERSHIP_TTL_S
-# Members beat every 0.5-1 s, so a watch this quiet has lost its consumer (a restarted server
-# forgets memory buckets and their consumers without telling the client): watch anew.
-WATCH_IDLE_S = 3.0
+# A member that promised its next beat within t is counted gone after this many t of silence.
+MISSED_BEATS = 3
+# How long the start-up read of a bucket may take.
+SNAPSHOT_TIMEOUT_S = 10.0
 
 
 @dataclass(slots=True)
@@ -50,24 +59,73 @@ class Member(Generic[HeartbeatT]):
         return now - self.seen_monotonic
 
 
-class Membership(BucketView, Generic[HeartbeatT]):
+class Membership(Generic[HeartbeatT]):
     """A live view of one heartbeat bucket; the key (from the subject) is the identity."""
 
-    def __init__(self, bucket: str, parse: Callable[[bytes], HeartbeatT]) -> None:
-        super().__init__(bucket, idle_renew_s=WATCH_IDLE_S)
+    def __init__(
+        self,
+        bucket: str,
+        parse: Callable[[bytes], HeartbeatT],
+        promised_s: Callable[[HeartbeatT], float] = lambda _: 0.0,
+        *,
+        forget_after_s: float = MEMBERSHIP_TTL_S,
+    ) -> None:
+        self._bucket = bucket
+        # The bucket drops an entry this long after its last beat; the view does the same.
+        self._forget_after_s = forget_after_s
         self._parse = parse
+        # When a member said its next beat is due (0: it said nothing).
+        self._promised_s = promised_s
         self._members: dict[str, Member[HeartbeatT]] = {}
+        self._subscription: Subscription | None = None
+        self._prefix = subjects.kv_put_subject(bucket, "")
+
+    async def start(self, nc: Client, js: JetStreamContext) -> None:
+        """Hear every put from now on, then read what the bucket holds (a put heard while
+        reading is newer than what was read, and is kept)."""
+        self._subscription = await nc.subscribe(f"{self._prefix}>", cb=self._on_put)
+        await asyncio.wait_for(self._read_bucket(js), timeout=SNAPSHOT_TIMEOUT_S)
+
+    async def stop(self) -> None:
+        if self._subscription is not None:
+            with contextlib.suppress(Exception):
+                await self._subscription.unsubscribe()
+            self._subscription = None
+
+    async def _read_bucket(self, js: JetStreamContext) -> None:
+        kv = await js.key_value(self._bucket)
+        watcher = await kv.watchall()
+        try:
+            while (entry := await watcher.updates(timeout=SNAPSHOT_TIMEOUT_S)) is not None:  # type: ignore[no-untyped-call]
+                self.apply(entry)
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()  # type: ignore[no-untyped-call]
+
+    async def _on_put(self, msg: Msg) -> None:
+        operation = msg.headers.get(KV_OP) if msg.headers else None
+        self._apply(msg.subject[len(self._prefix) :], msg.data, operation, time.time())
 
     def fresh(self, stale_after_s: float) -> list[Member[HeartbeatT]]:
+        """Members heard from within `stale_after_s`, or within MISSED_BEATS of the interval
+        their last beat promised, whichever is longer."""
         now = time.monotonic()
-        return [m for m in self._members.values() if m.staleness_s(now) <= stale_after_s]
+        return [
+            m
+            for m in self._members.values()
+            if m.staleness_s(now)
+            <= max(stale_after_s, MISSED_BEATS * self._promised_s(m.heartbeat))
+        ]
 
     def all(self) -> list[Member[HeartbeatT]]:
         """Every member heard from within the bucket's TTL (expiry sends no delete event)."""
-        cutoff = time.monotonic() - FORGET_AFTER_S
+        self._forget_expired()
+        return list(self._members.values())
+
+    def _forget_expired(self) -> None:
+        cutoff = time.monotonic() - self._forget_after_s
         for key in [k for k, m in self._members.items() if m.seen_monotonic < cutoff]:
             del self._members[key]
-        return list(self._members.values())
 
     def apply(self, entry: KeyValue.Entry) -> None:
         # nats-py annotates `created` as int but hands over a datetime.
@@ -90,9 +148,15 @@ class Membership(BucketView, Generic[HeartbeatT]):
             log.warning("refused a heartbeat under %s.%s: %s", self._bucket, key, error)
             self._members.pop(key, None)
             return
-        # The server's timestamp ages entries read from history when a watch (re)starts.
-        age_s = max(0.0, time.time() - created_unix)
-        self._members[key] = Member(key, heartbeat, time.monotonic() - age_s)
+        # The server's timestamp ages entries read from the bucket at start.
+        seen = time.monotonic() - max(0.0, time.time() - created_unix)
+        known = self._members.get(key)
+        if known is None:
+            # A new key (a restarted instance has a new id): the dead ones go, so the view
+            # stays the size of the live membership however long it runs.
+            self._forget_expired()
+        if known is None or known.seen_monotonic <= seen:
+            self._members[key] = Member(key, heartbeat, seen)
 
 
 def _parse_host(data: bytes) -> HostHeartbeat:
@@ -103,6 +167,10 @@ def _parse_service(data: bytes) -> ServiceHeartbeat:
     return ServiceHeartbeat.FromString(data)
 
 
+def _service_promised_s(beat: ServiceHeartbeat) -> float:
+    return beat.next_beat_ms / 1000
+
+
 class HostDirectory:
     """Eligible hosts by model, as the dispatcher and ingress see them."""
 
@@ -111,8 +179,8 @@ class HostDirectory:
         self._stale_after_s = stale_after_s
         self._policy = Policy(stale_after_s=stale_after_s, min_version=version_tuple(min_version))
 
-    async def start(self, js: JetStreamContext) -> None:
-        await self.members.start(js)
+    async def start(self, nc: Client, js: JetStreamContext) -> None:
+        await self.members.start(nc, js)
 
     async def stop(self) -> None:
         await self.members.stop()
@@ -159,21 +227,34 @@ class ServiceDirectory:
 
     def __init__(self, *, stale_after_s: float) -> None:
         self.members: Membership[ServiceHeartbeat] = Membership(
-            subjects.SERVICES_BUCKET, _parse_service
+            subjects.SERVICES_BUCKET,
+            _parse_service,
+            _service_promised_s,
+            forget_after_s=SERVICE_MEMBERSHIP_TTL_S,
         )
         self._stale_after_s = stale_after_s
 
-    async def start(self, js: JetStreamContext) -> None:
-        await self.members.start(js)
+    async def start(self, nc: Client, js: JetStreamContext) -> None:
+        await self.members.start(nc, js)
 
     async def stop(self) -> None:
         await self.members.stop()
 
-    def gone(self, instance_id: str) -> bool:
+    def gone(self, instance_id: str, stale_after_s: float | None = None) -> bool:
         """The instance has stopped beating, as far as a live view can tell: never while no
-        instance at all is fresh (the watch itself is down, e.g. in a NATS node's election)."""
+        instance at all is fresh (the watch itself is down, e.g. in a NATS node's election).
+        By default its beats are awaited as long as it promised; with `stale_after_s`, for
+        exactly that long (a caller that knows the instance has work in flight knows it beats
+        every second whatever it promised at rest)."""
         fresh = self.members.fresh(self._stale_after_s)
-        return bool(fresh) and all(member.key != instance_id for member in fresh)
+        if not fresh:
+            return False
+        if stale_after_s is None:
+            return all(member.key != instance_id for member in fresh)
+        now = time.monotonic()
+        return all(
+            m.key != instance_id or m.staleness_s(now) > stale_after_s for m in self.members.all()
+        )
 
     def ready_instances(self) -> dict[str, int]:
         counts: dict[str, int] = {}

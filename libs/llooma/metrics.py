@@ -36,6 +36,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
@@ -70,6 +73,10 @@ log = logging.getLogger(__name__)
 LATENCY_SAMPLES = 2048
 # Requests waiting for their race event, to measure the overhead (oldest dropped first).
 PENDING_REQUESTS = 4096
+# The ledger summary is heard as accounting puts it; read again this often in case a put was
+# missed while NATS was away.
+LEDGER_REREAD_S = 30.0
+# Without that subscription (a collector given no connection), reading is all there is.
 LEDGER_POLL_S = 2.0
 # How often an ingress sends its tally, and how many unsent ones it keeps while NATS is away.
 TALLY_INTERVAL_S = 1.0
@@ -186,6 +193,8 @@ class StatsCollector:
         self.ledger: LedgerSummary | None = None
         self._replays: list[Replay[Any]] = []
         self._poller: asyncio.Task[None] | None = None
+        self._summary_subscription: Subscription | None = None
+        self._ledger_puts_heard = 0
         self.registry = CollectorRegistry()
         self._reader = PrometheusMetricReader(registry=self.registry)
         self._provider = MeterProvider(
@@ -371,7 +380,7 @@ class StatsCollector:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    async def start(self, js: JetStreamContext) -> None:
+    async def start(self, js: JetStreamContext, nc: Client | None = None) -> None:
         replay_s = self._settings.stats_replay_s
         # Duel results feed the quality term of S(h), as in the dispatcher.
         self._replays = [
@@ -399,7 +408,12 @@ class StatsCollector:
         ]
         for replay in self._replays:
             await replay.start(js)
-        self._poller = asyncio.create_task(self._poll_ledger(js), name="ledger-summary")
+        if nc is not None:
+            summary_subject = subjects.kv_put_subject(
+                subjects.LEDGER_BUCKET, subjects.LEDGER_SUMMARY_KEY
+            )
+            self._summary_subscription = await nc.subscribe(summary_subject, cb=self._heard_ledger)
+        self._poller = asyncio.create_task(self._read_ledger(js), name="ledger-summary")
         if self.instance_id:
             self._js = js
             self._sender = asyncio.create_task(self._send_tallies(js), name="ingress-tally")
@@ -442,6 +456,9 @@ class StatsCollector:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2.0):
                     await self.send_tally(self._js)
+        if self._summary_subscription is not None:
+            with contextlib.suppress(Exception):
+                await self._summary_subscription.unsubscribe()
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -450,21 +467,28 @@ class StatsCollector:
             await replay.stop()
         self._provider.shutdown()
 
-    async def _poll_ledger(self, js: JetStreamContext) -> None:
-        """Accounting publishes the summary after each settled batch; until it exists: None."""
+    async def _heard_ledger(self, msg: Msg) -> None:
+        self._ledger_puts_heard += 1
+        if msg.data:
+            self.ledger = LedgerSummary.FromString(msg.data)
+
+    async def _read_ledger(self, js: JetStreamContext) -> None:
+        """Accounting puts the summary after each settled batch; until it exists: None."""
         bucket: KeyValue | None = None
         while True:
+            heard = self._ledger_puts_heard
             try:
                 if bucket is None:
                     bucket = await js.key_value(subjects.LEDGER_BUCKET)
                 entry = await bucket.get(subjects.LEDGER_SUMMARY_KEY)
-                if entry.value:
+                # A put heard while reading is newer than what was read.
+                if entry.value and heard == self._ledger_puts_heard:
                     self.ledger = LedgerSummary.FromString(entry.value)
             except asyncio.CancelledError:
                 raise
             except Exception as error:
                 log.debug("no ledger summary yet: %s", error)
-            await asyncio.sleep(LEDGER_POLL_S)
+            await asyncio.sleep(LEDGER_REREAD_S if self._summary_subscription else LEDGER_POLL_S)
 
     # -- the JSON snapshot (/v1/stats, the status page) ------------------------------------
 

@@ -38,13 +38,29 @@ def new_instance_id(service: str) -> str:
 
 
 class ServiceHeartbeater:
-    """Puts this instance's ServiceHeartbeat into the services bucket every interval."""
+    """Puts this instance's ServiceHeartbeat into the services bucket: every `busy_s` while
+    `busy()` says it has work in flight, every `idle_s` at rest. Each beat says when the next
+    is due, so a reader's cutoff follows it: an instance that dies holding work is missed
+    within `service_stale_after_s`, and a quiet one costs a message every `idle_s`."""
 
-    def __init__(self, nc: Client, service: str, instance_id: str, interval_s: float) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        service: str,
+        instance_id: str,
+        *,
+        busy_s: float,
+        idle_s: float,
+        busy: Callable[[], bool] = lambda: False,
+    ) -> None:
         self._nc = nc
         self._subject = subjects.kv_put_subject(subjects.SERVICES_BUCKET, instance_id)
         self._beat = ServiceHeartbeat(service=service, instance_id=instance_id, version=VERSION)
-        self._interval_s = interval_s
+        self._busy_s = busy_s
+        self._idle_s = max(busy_s, idle_s)
+        self._busy = busy
+        self._announced_s = self._idle_s
+        self._due_now = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -60,16 +76,26 @@ class ServiceHeartbeater:
             await self._publish(ready=False)
             await self._nc.flush(timeout=1)
 
+    def work_started(self) -> None:
+        """Work arrived: if the last beat promised the long wait, beat now with the short one
+        (readers would otherwise miss a death for three idle intervals)."""
+        if self._announced_s > self._busy_s:
+            self._due_now.set()
+
     async def _publish(self, *, ready: bool) -> None:
+        self._announced_s = self._busy_s if self._busy() else self._idle_s
         self._beat.ready = ready
         self._beat.sent_unix_nanos = time.time_ns()
+        self._beat.next_beat_ms = round(self._announced_s * 1000)
         self._beat.counters.clear()
         self._beat.counters.update(counters.snapshot())
         await self._nc.publish(self._subject, self._beat.SerializeToString())
 
     async def _loop(self) -> None:
         while True:
-            await asyncio.sleep(self._interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._due_now.wait(), self._announced_s)
+            self._due_now.clear()
             try:
                 await self._publish(ready=True)
             except Exception:
@@ -133,8 +159,13 @@ def build_app(
 
     @app.after_startup
     async def _announce() -> None:
+        # No notion of work in flight here: these services beat at the idle pace.
         beat = ServiceHeartbeater(
-            broker.connection, service, instance_id, settings.heartbeat_interval_s
+            broker.connection,
+            service,
+            instance_id,
+            busy_s=settings.heartbeat_interval_s,
+            idle_s=settings.idle_heartbeat_interval_s,
         )
         await beat.start()
         heartbeater.append(beat)

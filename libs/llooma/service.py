@@ -133,6 +133,8 @@ class Service:
             task = asyncio.create_task(run(msg))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+            if self._heartbeat is not None:
+                self._heartbeat.work_started()
 
         config = ConsumerConfig(
             durable_name=queue,
@@ -186,7 +188,12 @@ class Service:
         await self.connect()
         await setup(self)
         self._heartbeat = ServiceHeartbeater(
-            self.nc, self.name, self.instance_id, self.settings.heartbeat_interval_s
+            self.nc,
+            self.name,
+            self.instance_id,
+            busy_s=self.settings.heartbeat_interval_s,
+            idle_s=self.settings.idle_heartbeat_interval_s,
+            busy=lambda: bool(self._running),
         )
         await self._heartbeat.start()
 

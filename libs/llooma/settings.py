@@ -390,14 +390,23 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(
         default=1.0,
         gt=0,
-        description="how often every service announces itself (counted ready while its last "
-        "beat is at most `service_stale_after_s` old)",
+        description="how often a service announces itself while it has work in flight "
+        "(counted ready while its last beat is at most `service_stale_after_s` old)",
+    )
+    idle_heartbeat_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=20.0,
+        description="how often a service with nothing in flight announces itself; each beat "
+        "says when the next is due, and readers count it ready for three of these",
     )
     host_stale_after_s: float = Field(
         default=2.0, description="a host silent this long is no longer eligible"
     )
     service_stale_after_s: float = Field(
-        default=3.0, description="a service instance silent this long is not counted ready"
+        default=3.0,
+        description="a service instance silent this long is not counted ready (or for three "
+        "of the intervals its last beat promised, if that is longer)",
     )
     min_host_version: str = Field(
         default="0.1.0", description="hosts announcing an older version are not eligible"

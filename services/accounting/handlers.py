@@ -223,11 +223,17 @@ class Accounting:
 
     def start_background(self, consumers: Sequence[Coroutine[Any, Any, None]] = ()) -> None:
         async def refresh() -> None:
+            refreshed_at_height = -1
             while True:
                 await asyncio.sleep(BALANCE_REFRESH_S)
-                await self._anchor()
                 try:
+                    # Balances and stakes change only with a block: at rest, one read.
+                    height = await self.store.height()
+                    if height == refreshed_at_height and self.anchors.anchored >= height:
+                        continue
+                    await self._anchor()
                     await self.refresh_balances()
+                    refreshed_at_height = height
                 except Exception:
                     log.warning("balance refresh failed", exc_info=True)
 

@@ -25,7 +25,7 @@ async def setup(service: Service) -> None:
     hosts = HostDirectory(
         stale_after_s=settings.host_stale_after_s, min_version=settings.min_host_version
     )
-    await hosts.start(service.js)
+    await hosts.start(service.nc, service.js)
     service.on_stop(hosts.stop)
     # Hosts' heartbeats, checked, into the hosts bucket (one replica takes each).
     intake = HostHeartbeatIntake(service.nc)

@@ -16,7 +16,7 @@ async def setup(service: Service) -> None:
     hosts = HostDirectory(
         stale_after_s=settings.host_stale_after_s, min_version=settings.min_host_version
     )
-    await hosts.start(service.js)
+    await hosts.start(service.nc, service.js)
     service.on_stop(hosts.stop)
     planner = Planner(settings, service.nc, service.js, service.instance_id, hosts)
     # Every planner replica learns the per-model rates from every race.

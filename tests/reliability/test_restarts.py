@@ -56,7 +56,7 @@ async def test_nats_server_crash_and_restart_mid_load(own: Stack) -> None:
     audit = await audit_settlements(own)
     stored = {r["attempt_id"] for r in await ledger_rows(own)}
     # Recovered once every request started later completed: measured from the last one that
-    # did not, which the hosts bucket's re-watch (idle for WATCH_IDLE_S) mostly bounds.
+    # did not, which the hosts' next heartbeats (heard again once reconnected) mostly bound.
     failed_starts = [r.started_at for r in results if r.end != "completed"]
     recovery_s = max(failed_starts, default=crashed_at) - crashed_at
     print(

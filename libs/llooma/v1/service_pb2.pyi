@@ -50,11 +50,16 @@ class ServiceHeartbeat(_message.Message):
     SENT_UNIX_NANOS_FIELD_NUMBER: _builtins.int
     READY_FIELD_NUMBER: _builtins.int
     COUNTERS_FIELD_NUMBER: _builtins.int
+    NEXT_BEAT_MS_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     instance_id: _builtins.str
     version: _builtins.str
     sent_unix_nanos: _builtins.int
     ready: _builtins.bool
+    next_beat_ms: _builtins.int
+    """The longest this instance means to wait before its next beat (short while it has work in
+    flight, long at rest); a reader counts it gone after a few missed. 0: the reader's cutoff.
+    """
     @_builtins.property
     def counters(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """What this instance refused or threw away since it started, by name (refused host
@@ -70,10 +75,11 @@ class ServiceHeartbeat(_message.Message):
         sent_unix_nanos: _builtins.int = ...,
         ready: _builtins.bool = ...,
         counters: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        next_beat_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "instance_id", b"instance_id", "ready", b"ready", "sent_unix_nanos", b"sent_unix_nanos", "service", b"service", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "instance_id", b"instance_id", "next_beat_ms", b"next_beat_ms", "ready", b"ready", "sent_unix_nanos", b"sent_unix_nanos", "service", b"service", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
