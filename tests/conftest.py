@@ -155,6 +155,9 @@ def stack(
             # Duels (tested on their own stack, tests/stack/test_duel.py) would let a sampled race's
             # loser run on and send judge prompts to other tests' hosts.
             "LLOOMA_DUEL_FRACTION": "0",
+            # Silence probes (tested on tests/stack/test_stake.py's stack) would keep a sampled
+            # loser running past its race's answer, where tests count cancels and settlements.
+            "LLOOMA_SILENCE_PROBE_FRACTION": "0",
             # Scripted hosts announce the stakes their tests draw by and lock none: here every
             # host counts as staked to the maximum (tests/stack/test_stake.py has a stack with
             # ledger stake alone).

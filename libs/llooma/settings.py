@@ -230,6 +230,14 @@ class Settings(BaseSettings):
         le=1,
         description="p_d: the share of races whose loser finishes and is judged (0: none)",
     )
+    silence_probe_fraction: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="the share of a race's losers kept running off the client's path until "
+        "their first token or their first-token deadline, so a host that accepts and stays "
+        "silent is seen as a no-show even when another host answers first (0: none)",
+    )
     duel_judges: int = Field(
         default=3,
         ge=1,
@@ -354,6 +362,13 @@ class Settings(BaseSettings):
         ge=0.0,
         le=1.0,
         description="the share of its stake a duel lost unanimously (2+ judges) costs",
+    )
+    slash_usage_fraction: float = Field(
+        default=0.02,
+        ge=0.0,
+        le=1.0,
+        description="the share of its stake each usage over-claim costs (usage reported beyond "
+        "what the racer relayed plus the slack, or an absurd prompt count)",
     )
     ledger_signing_key_file: str = Field(
         default="",

@@ -60,11 +60,13 @@ from services.racer.commands import (
 )
 from services.racer.handover import host_task, plan_handover
 from services.racer.pace import Deadlines, FixedDeadlines
-from services.racer.report import billed_usage
+from services.racer.report import billed_usage, overclaimed
 from services.racer.state import Attempt, Race, RaceFailed, prompt_tokens, rejected
 from services.racer.stream import AnswerStream, Seam
 
-Phase: TypeAlias = Literal["first_token", "streaming", "continuing", "done"]
+# "probing": the client's answer is over, but a loser kept to see whether it was silent
+# (`_watch`) has neither sent its first token nor reached its deadline: settled after that.
+Phase: TypeAlias = Literal["first_token", "streaming", "continuing", "probing", "done"]
 
 
 class RaceCore:
@@ -79,6 +81,7 @@ class RaceCore:
         deadlines: Deadlines | None = None,
         new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
         racer_id: str = "",
+        probe: Callable[[], bool] | None = None,
     ) -> None:
         race = Race(assignment, now, fallback_timeout_s)
         self._racer_id = racer_id
@@ -88,6 +91,9 @@ class RaceCore:
         self.race = race
         self.phase: Phase = "first_token"
         self._duels = duels
+        # Whether to keep one more loser running until its first token (a silence probe).
+        self._probe = probe
+        self._watched: list[Attempt] = []
         self._new_id = new_id
         self._max_continuations = max_continuations
         self._hedge_s = assignment.hedge_delay_ms / 1000.0
@@ -112,6 +118,15 @@ class RaceCore:
 
     @property
     def wakeup_at(self) -> float | None:
+        phase_wakeup = self._phase_wakeup_at
+        watched = [a.watched_until for a in self._watched if a.watched_until is not None]
+        if not watched:
+            return phase_wakeup
+        first_watched = min(watched)
+        return first_watched if phase_wakeup is None else min(phase_wakeup, first_watched)
+
+    @property
+    def _phase_wakeup_at(self) -> float | None:
         race = self.race
         if self.phase == "first_token":
             wakeups = [race.started + self._deadline_s + race.fallback_timeout_s]
@@ -171,7 +186,12 @@ class RaceCore:
         if attempt is None:
             return []
         for one in one_by_one(chunk):
-            if attempt is self.race.dueling or self.done:
+            if attempt.watched_until is not None and attempt is not self.race.dueling:
+                self._watched_chunk(attempt, one, now)
+                continue
+            if attempt.watched_until is not None:
+                self._watched_chunk(attempt, one, now)
+            if attempt is self.race.dueling or self.phase in ("probing", "done"):
                 break
             try:
                 if self.phase == "first_token":
@@ -190,6 +210,10 @@ class RaceCore:
         wakeup = self.wakeup_at
         if wakeup is None or now < wakeup:
             return []
+        self._expire_watched(now)
+        wakeup = self._phase_wakeup_at
+        if wakeup is None or now < wakeup:
+            return self._take()
         try:
             if self.phase == "first_token":
                 self._first_token_timer(now)
@@ -209,8 +233,17 @@ class RaceCore:
         return self._take()
 
     def on_cancel(self, now: float) -> list[Command]:
-        """The client left (or the race must stop): stop every host and settle."""
-        if not self.done:
+        """The client left (or the race must stop): stop every host and settle, the probes
+        too (a probe not yet at its deadline is not a no-show)."""
+        self._mark_silent(now)
+        for attempt in list(self._watched):
+            if attempt is not self.race.dueling:
+                self._cancel(attempt)
+            attempt.watched_until = None
+        self._watched = []
+        if self.phase == "probing":
+            self._settle()
+        elif not self.done:
             self._end()
         return self._take()
 
@@ -251,15 +284,9 @@ class RaceCore:
         race = self.race
         if self._hedged and now >= race.started + self._hedge_s:
             self._launch_hedged(now)
+        self._mark_silent(now)
         if not race.deadline_hit and now >= race.started + self._deadline_s:
             race.deadline_hit = True
-            for attempt in race.attempts.values():
-                if (
-                    now - attempt.launched_at >= self._deadline_s
-                    and attempt.first_token_at is None
-                    and not (attempt.failed or attempt.cancelled)
-                ):
-                    attempt.no_show = True
             self._launch_fallback(now)
         if now >= race.started + self._deadline_s + race.fallback_timeout_s:
             raise RaceFailed(
@@ -275,6 +302,13 @@ class RaceCore:
         # A judge compares texts: an embedding has none to judge.
         if self._duels is not None and race.assignment.request.kind != TASK_KIND_EMBEDDING:
             self._open_duel(winner)
+        self._mark_silent(now)
+        for loser in self._live_losers(winner):
+            # A loser the duel took, or one sampled, runs on off the client's path until its
+            # first token or its own deadline: a host that accepts and stays silent is seen
+            # even when another host answers first, and a slow honest one shows its token.
+            if loser is race.dueling or (self._probe is not None and self._probe()):
+                self._watch(loser)
         self._cancel_all(keep=winner)
         request = race.assignment.request
         path = REQUEST_PATH_FALLBACK if winner.role == ATTEMPT_ROLE_FALLBACK else request.path
@@ -297,6 +331,74 @@ class RaceCore:
         if loser is not None:
             race.dueling, race.duel_winner = loser, winner
             self._out.append(HandToDuel(loser))
+
+    # -- silence: no-shows, and losers watched until their first token ------------------------
+
+    def _grace_s(self, attempt: Attempt) -> float:
+        """How long an attempt may take to its first token before it is a no-show."""
+        if attempt.role == ATTEMPT_ROLE_FALLBACK:
+            return self.race.fallback_timeout_s
+        return self._deadline_s
+
+    def _mark_silent(self, now: float) -> None:
+        """Every attempt still live past its own first-token deadline with no token is a
+        no-show (a late first token clears it: report.py)."""
+        for attempt in self.race.attempts.values():
+            if (
+                attempt.role != ATTEMPT_ROLE_CONTINUATION
+                and attempt.first_token_at is None
+                and not (attempt.failed or attempt.cancelled or attempt.stalled)
+                and now - attempt.launched_at >= self._grace_s(attempt)
+            ):
+                attempt.no_show = True
+
+    def _live_losers(self, winner: Attempt) -> list[Attempt]:
+        return [
+            a
+            for a in self.race.attempts.values()
+            if a is not winner
+            and a.first_token_at is None
+            and not (a.failed or a.cancelled or a.stalled or a.no_show)
+        ]
+
+    def _watch(self, attempt: Attempt) -> None:
+        attempt.watched_until = attempt.launched_at + self._grace_s(attempt)
+        self._watched.append(attempt)
+
+    def _unwatch(self, attempt: Attempt) -> None:
+        attempt.watched_until = None
+        if attempt in self._watched:
+            self._watched.remove(attempt)
+        if self.phase == "probing" and not self._watched:
+            self._settle()
+
+    def _watched_chunk(self, attempt: Attempt, chunk: HostChunk, now: float) -> None:
+        """A watched loser spoke: a token (or the end) in time clears it; a failure ends the
+        watch as a failure. A probe is cancelled then; a duel's loser runs on for its duel."""
+        kind = chunk.WhichOneof("event")
+        if kind == "accepted":
+            attempt.accepted = True
+            return
+        if kind == "failed":
+            if attempt is not self.race.dueling:
+                attempt.failed = True
+        elif attempt.first_token_at is None:
+            attempt.accepted = True
+            attempt.first_token_at = now
+            # A duel's loser is counted by its duel; a probe's token is its own.
+            attempt.output_tokens += kind == "token" and attempt is not self.race.dueling
+        if attempt is not self.race.dueling and not attempt.failed:
+            self._cancel(attempt)
+        self._unwatch(attempt)
+
+    def _expire_watched(self, now: float) -> None:
+        for attempt in list(self._watched):
+            if attempt.watched_until is not None and now >= attempt.watched_until:
+                # One the racer cancelled meanwhile (its duel dropped) missed nothing.
+                attempt.no_show = attempt.first_token_at is None and not attempt.cancelled
+                if attempt is not self.race.dueling:
+                    self._cancel(attempt)
+                self._unwatch(attempt)
 
     # -- streaming -------------------------------------------------------------------------
 
@@ -335,12 +437,24 @@ class RaceCore:
         self._answer.finish(winner)
         # The host never reported this stream's usage: what was counted, and the prompt ceiling.
         usage = Usage(input_tokens=winner.prompt_tokens, output_tokens=winner.output_tokens)
-        self._finish(winner, "length", usage)
+        self._finish(winner, "length", usage, claimed=False)
 
-    def _finish(self, winner: Attempt, finish_reason: str, reported: Usage) -> None:
+    def _finish(
+        self, winner: Attempt, finish_reason: str, reported: Usage, *, claimed: bool = True
+    ) -> None:
+        """The answer is done; `reported` is the host's usage claim, or (claimed=False) the
+        racer's own count when it cut the host off."""
         race = self.race
         self._flush()
-        winner.usage = billed_usage(winner, reported, race.assignment.request.params.stop)
+        params = race.assignment.request.params
+        winner.usage = billed_usage(winner, reported, params.stop)
+        if claimed:
+            winner.claimed_usage = reported
+        if claimed and overclaimed(winner, reported, params):
+            # Billed on the racer's count all the same; the lie itself is an error in S(h)
+            # and costs stake (docs/SECURITY.md).
+            winner.usage_overclaimed = True
+            winner.violations += 1
         if winner.role == ATTEMPT_ROLE_CONTINUATION and winner.prompt_tokens:
             # The user asked the original prompt; the continuation's carries our prefix.
             winner.usage.input_tokens = min(
@@ -468,8 +582,10 @@ class RaceCore:
             if (
                 attempt is not keep
                 and attempt is not race.dueling
+                and attempt.watched_until is None
                 and attempt.usage is None
                 and not attempt.failed
+                and not attempt.cancelled
             ):
                 self._cancel(attempt)
 
@@ -488,15 +604,25 @@ class RaceCore:
         self._end()
 
     def _end(self) -> None:
+        """The client's answer is over: settle, once no watched loser is left to wait for."""
         race = self.race
-        self.phase = "done"
         if race.dueling is not None:
             clean = race.duel_clean
             self._out.append(CloseDuel(race.dueling, "".join(race.emitted) if clean else None))
             if not clean:
-                race.dueling = None
+                dropped, race.dueling = race.dueling, None
+                if dropped.watched_until is not None:
+                    self._watched.remove(dropped)
+                    dropped.watched_until = None
         self._cancel_all(keep=None)
-        self._out.append(Settle(race))
+        if self._watched:
+            self.phase = "probing"
+            return
+        self._settle()
+
+    def _settle(self) -> None:
+        self.phase = "done"
+        self._out.append(Settle(self.race))
 
     def _take(self) -> list[Command]:
         out, self._out = self._out, []

@@ -37,6 +37,7 @@ async def setup(service: Service) -> None:
         max_continuations=settings.max_continuations,
         fallback_first_token_ms=settings.fallback_first_token_ms,
         duels=duels,
+        silence_probe_fraction=settings.silence_probe_fraction,
     )
     await racer.start(service)
 

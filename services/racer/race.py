@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from typing import Protocol
 
@@ -129,8 +130,15 @@ class Racer:
         fallback_first_token_ms: int = 10_000,
         duels: Duels | None = None,
         io: RaceIO | None = None,
+        silence_probe_fraction: float = 0.0,
+        rng: random.Random | None = None,
     ) -> None:
         self._instance_id = instance_id
+        rng = rng or random.Random()
+        # Each loser a race's first token leaves is kept as a silence probe with this chance.
+        self.probe = (
+            (lambda: rng.random() < silence_probe_fraction) if silence_probe_fraction > 0 else None
+        )
         self._duels = duels
         self._max_continuations = max_continuations
         self._fallback_timeout_s = fallback_first_token_ms / 1000.0
@@ -256,6 +264,7 @@ class _Run:
             duels=racer._duels,
             deadlines=racer.pace,
             racer_id=racer._instance_id,
+            probe=racer.probe,
         )
 
     async def drive(self) -> None:
@@ -285,16 +294,23 @@ class _Run:
     def _feed(self, attempt_id: str, chunk: HostChunk) -> list[Command]:
         dueling = self.core.race.dueling
         if dueling is not None and dueling.attempt_id == attempt_id:
-            # Taken for a duel, perhaps earlier in this very batch: its chunks are the duel's.
+            # Taken for a duel, perhaps earlier in this very batch: its chunks are the duel's,
+            # and the core still watches for its first token (a silent loser is a no-show).
             assert self._racer._duels is not None
             self._racer._duels.feed(attempt_id, chunk)
-            return []
         return self.core.on_chunk(attempt_id, chunk, time.monotonic())
 
     async def stop(self) -> None:
         """However the race ended (finished, failed, cancelled by its client): settle it."""
         if not self.core.done:
             await self._execute(self.core.on_cancel(time.monotonic()))
+        # A duel's loser outlives its race: what of its stream is still queued here is the
+        # duel's (no await from here on, so no chunk lands in between).
+        dueling, duels = self.core.race.dueling, self._racer._duels
+        while not self._inbox.empty():
+            attempt_id, chunk = self._inbox.get_nowait()
+            if dueling is not None and duels is not None and attempt_id == dueling.attempt_id:
+                duels.feed(attempt_id, chunk)
         for attempt_id in self.core.race.attempts:
             self._racer._inboxes.pop(attempt_id, None)
 
@@ -332,13 +348,15 @@ class _Run:
             elif isinstance(command, Cancel):
                 await io.cancel(command.attempt.host.host_id, command.attempt.attempt_id)
             elif isinstance(command, HandToDuel):
-                # Its later chunks reach the duel through the racer's wildcard subscription.
-                self._racer._inboxes.pop(command.attempt.attempt_id, None)
+                # Its chunks still come to this race (passed on to the duel) while the race
+                # lives, then reach the duel through the racer's wildcard subscription.
+                pass
             elif isinstance(command, CloseDuel):
                 assert self._racer._duels is not None
                 kept = self._racer._duels.close(command.loser.attempt_id, command.winner_text)
                 if not kept and race.dueling is not None:
                     race.dueling = None
+                    command.loser.cancelled = True
                     await io.cancel(command.loser.host.host_id, command.loser.attempt_id)
             elif isinstance(command, Settle):
                 self._racer.pace.settled(command.race)

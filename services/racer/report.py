@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from llooma.v1.common_pb2 import REQUEST_PATH_FALLBACK, Usage
+from llooma.v1.common_pb2 import REQUEST_PATH_FALLBACK, GenerationParams, Usage
 from llooma.v1.race_pb2 import ATTEMPT_ROLE_FALLBACK, AttemptReport, RaceEvent
 from llooma.v1.settlement_pb2 import (
     ATTEMPT_OUTCOME_FAILED,
@@ -14,7 +14,7 @@ from llooma.v1.settlement_pb2 import (
     ATTEMPT_OUTCOME_WON,
     TaskSettlement,
 )
-from services.racer.state import Attempt, Race
+from services.racer.state import PROMPT_CHARS_PER_TOKEN, Attempt, Race
 
 ATTEMPT_OUTCOME_NAMES: dict[int, str] = {
     ATTEMPT_OUTCOME_WON: "won",
@@ -27,22 +27,49 @@ ATTEMPT_OUTCOME_NAMES: dict[int, str] = {
 # stop string (never relayed) and its end-of-sequence token or two.
 ENGINE_TOKENS_ALLOWANCE = 2
 
+# The usage rule (docs/SECURITY.md): a host's completion claim may exceed the ceiling it is
+# billed on (chunks counted, or relayed bytes plus held-back stop strings for an engine's own
+# count) by this many tokens before it is a violation; beyond, no honest engine's count goes.
+USAGE_CLAIM_SLACK_TOKENS = 8
+# A prompt claim beyond this multiple of the racer's ceiling is absurd for the prompt sent (the
+# ceiling already allows one token per two characters plus template markers).
+PROMPT_CLAIM_ABSURD_FACTOR = 4
+
+
+def output_ceiling(attempt: Attempt, reported_by_engine: bool, stop: Iterable[str]) -> int:
+    """The most completion tokens a finished attempt can be billed: the chunks counted, or,
+    when the engine reported its own usage, the UTF-8 bytes relayed (every token is at least
+    one byte) plus a matched stop string and an end-of-sequence token or two it held back."""
+    if not reported_by_engine:
+        return attempt.output_tokens
+    held_back = max((len(s.encode()) for s in stop), default=0) + ENGINE_TOKENS_ALLOWANCE
+    return max(attempt.output_tokens, attempt.delivered_bytes + held_back)
+
 
 def billed_usage(attempt: Attempt, reported: Usage, stop: Iterable[str]) -> Usage:
     """What a finished attempt is paid and charged: the host's claim, clamped. The prompt to the
-    racer's ceiling; the output to the chunks counted, or, when the engine reported its own
-    usage, to the UTF-8 bytes relayed (every token is at least one byte), so an honest engine's
-    count is never clipped while a lying host cannot bill for more than it delivered."""
-    if reported.reported_by_engine:
-        held_back = max((len(s.encode()) for s in stop), default=0) + ENGINE_TOKENS_ALLOWANCE
-        ceiling = max(attempt.output_tokens, attempt.delivered_bytes + held_back)
-    else:
-        ceiling = attempt.output_tokens
+    racer's ceiling; the output to `output_ceiling`, so an honest engine's count is never
+    clipped while a lying host cannot bill for more than it delivered."""
+    ceiling = output_ceiling(attempt, reported.reported_by_engine, stop)
     return Usage(
         input_tokens=min(reported.input_tokens, attempt.prompt_tokens),
         output_tokens=min(reported.output_tokens, ceiling),
         reported_by_engine=reported.reported_by_engine,
     )
+
+
+def overclaimed(attempt: Attempt, reported: Usage, params: GenerationParams) -> bool:
+    """The usage rule (docs/SECURITY.md): a host's own usage report is a violation when it
+    claims more completion tokens than `output_ceiling` plus USAGE_CLAIM_SLACK_TOKENS, or more
+    prompt tokens than PROMPT_CLAIM_ABSURD_FACTOR times what the prompt it was sent (its
+    messages, tools and response format) can cost."""
+    ceiling = output_ceiling(attempt, reported.reported_by_engine, params.stop)
+    if reported.output_tokens > ceiling + USAGE_CLAIM_SLACK_TOKENS:
+        return True
+    # Tool definitions and a schema reach the engine beside the messages: the same allowance.
+    spliced = len(params.tools_json) + len(params.response_format_json)
+    prompt = attempt.prompt_tokens + spliced // PROMPT_CHARS_PER_TOKEN
+    return reported.input_tokens > PROMPT_CLAIM_ABSURD_FACTOR * prompt
 
 
 def delivered_tokens(attempt: Attempt, usage: Usage | None) -> int:
@@ -131,7 +158,10 @@ def settlements(race: Race, now: float, unix_nanos: int) -> list[TaskSettlement]
             violations=attempt.violations,
             # A late first token still delivered: slow, not absent.
             no_show=attempt.no_show and attempt.first_token_at is None,
+            usage_overclaimed=attempt.usage_overclaimed,
         )
+        if attempt.claimed_usage is not None:
+            settlement.claimed_usage.CopyFrom(attempt.claimed_usage)
         if paid is not None and paid_usage is not None:
             settlement.winner_model = paid.host.model
             settlement.winner_output_tokens = paid_usage.output_tokens

@@ -57,6 +57,13 @@ class Attempt:
     violations: int = 0
     # Live at its first-token deadline with no token yet (see TaskSettlement.no_show).
     no_show: bool = False
+    # Kept running after another host won, off the client's path, until its first token or
+    # its first-token deadline (a silence probe, or a duel's loser): when that deadline is.
+    watched_until: float | None = None
+    # The usage the host reported when it finished, as claimed, and whether the claim broke
+    # the usage rule (report.overclaimed; also counted in violations).
+    claimed_usage: Usage | None = None
+    usage_overclaimed: bool = False
 
 
 class RaceFailed(Exception):

@@ -45,6 +45,8 @@ HOST_STALE_S = 2.0
 ENGINE_ENV = {
     # Duels would send judge prompts to a base model; they are tested on synthetic hosts.
     "LLOOMA_DUEL_FRACTION": "0",
+    # A probed loser would hold an engine slot to its first token; the kill tests want idle ones.
+    "LLOOMA_SILENCE_PROBE_FRACTION": "0",
     # `llooma` uses the shared model, not the per-host names.
     "LLOOMA_ORCHESTRATION_EXCLUDED_MODELS": ",".join(["echo", *ONLY.values()]),
 }

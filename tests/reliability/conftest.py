@@ -29,6 +29,7 @@ FAULT_ENV = {
     "LLOOMA_FALLBACK_FIRST_TOKEN_MS": "3000",
     "LLOOMA_STALL_DEADLINE_MS": "1500",
     "LLOOMA_DUEL_FRACTION": "0",
+    "LLOOMA_SILENCE_PROBE_FRACTION": "0",
 }
 # No request may take longer than this, whatever was killed (the ingress's own limit is 14 s).
 CLIENT_DEADLINE_S = 25.0

@@ -35,6 +35,7 @@ from llooma.ledger.economics import (
 from llooma.ledger.store import LedgerStore, NotEnoughCredits
 from llooma.ledger.verify import verify_ledger
 from llooma.processes import free_port
+from llooma.settings import Settings
 from llooma.stack import Stack
 from llooma.v1.common_pb2 import Usage
 from llooma.v1.duel_pb2 import DUEL_VERDICT_B, DuelResult, JudgeVote
@@ -162,6 +163,7 @@ def stake_stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> 
             "LLOOMA_DUEL_FRACTION": "0",
             "LLOOMA_SLASH_NO_SHOW_STREAK": "2",
             "LLOOMA_SLASH_NO_SHOW_FRACTION": "0.9",
+            "LLOOMA_SILENCE_PROBE_FRACTION": "0.5",
         },
     )
     stack.start()
@@ -219,13 +221,17 @@ async def locked_stake(nc: Client, host: str) -> int | None:
     return int(entry.value) if entry.value else None
 
 
-async def until_published(nc: Client, host: str, micros: int) -> None:
-    for _ in range(100):
-        if await locked_stake(nc, host) == micros:
+async def until_published(nc: Client, host: str, micros: int, *, at_most: bool = False) -> None:
+    """Until the host's published stake is `micros` (or, at_most, no more than that)."""
+    # Accounting republishes stakes every 2 s; 30 s leaves room for a loaded machine.
+    published = None
+    for _ in range(300):
+        published = await locked_stake(nc, host)
+        if published == micros or (at_most and published is not None and published <= micros):
             await asyncio.sleep(0.3)  # the dispatcher's watch follows the bucket
             return
         await asyncio.sleep(0.1)
-    raise AssertionError(f"{host}'s stake of {micros} never published")
+    raise AssertionError(f"{host}'s stake of {micros} never published (last: {published})")
 
 
 async def answer(_: HostTask, reply: Reply) -> None:
@@ -273,17 +279,52 @@ async def test_a_host_announcing_the_maximum_stake_with_none_locked_is_not_drawn
     assert len(one.received) + len(two.received) >= 2 * requests - 1
 
 
-async def slashes(stack: Stack, host: str) -> int:
+async def slashes(stack: Stack, host: str, kind: str = "slash:no_show") -> int:
+    """Slashes of `kind` posted against the host's stake (`slash:%`: of any kind)."""
     assert stack.database_url is not None
     conn = await asyncpg.connect(stack.database_url)
     try:
         count: int = await conn.fetchval(
-            "SELECT count(*) FROM ledger_entries WHERE account = $1 AND kind = 'slash:no_show'",
+            "SELECT count(*) FROM ledger_entries WHERE account = $1 AND kind LIKE $2",
             stake_account(host),
+            kind,
         )
         return count
     finally:
         await conn.close()
+
+
+async def fetch(stack: Stack, query: str, *args: object) -> list[asyncpg.Record]:
+    assert stack.database_url is not None
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        return await conn.fetch(query, *args)
+    finally:
+        await conn.close()
+
+
+async def until_settled(stack: Stack, host: str, attempts: int) -> list[asyncpg.Record]:
+    """The host's settled attempts, once there are `attempts` of them."""
+    query = "SELECT * FROM task_settlements WHERE host_id = $1"
+    for _ in range(150):
+        rows = await fetch(stack, query, host)
+        if len(rows) >= attempts:
+            return rows
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{host}: {len(rows)} of {attempts} attempts settled")
+
+
+def verify(stack: Stack) -> subprocess.CompletedProcess[str]:
+    return ledger_cli(
+        stack,
+        "verify",
+        "--nats-url",
+        stack.nats_url or "",
+        "--seed",
+        stack.control_seed or "",
+        "--key-file",
+        str(stack.ledger_key_file.with_suffix(".pub")),
+    )
 
 
 async def test_a_staked_host_that_accepts_and_never_answers_is_slashed_and_drawn_less(
@@ -329,17 +370,7 @@ async def test_a_staked_host_that_accepts_and_never_answers_is_slashed_and_drawn
     assert drawn_before >= 4  # two streaks of two
     # At 0.1 credits against 10 and 10: 0.15 draws expected in 30 (10 at an equal stake).
     assert drawn_after <= 2, f"drawn {drawn_after} of {after} after its stake fell to 0.1"
-    verified = await asyncio.to_thread(
-        ledger_cli,
-        stake_stack,
-        "verify",
-        "--nats-url",
-        stake_stack.nats_url or "",
-        "--seed",
-        stake_stack.control_seed or "",
-        "--key-file",
-        str(stake_stack.ledger_key_file.with_suffix(".pub")),
-    )
+    verified = await asyncio.to_thread(verify, stake_stack)
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "ledger ok" in verified.stdout
     # Paid nothing for accepting: no host account, or nothing in it but what it had.
@@ -352,3 +383,148 @@ async def test_a_staked_host_that_accepts_and_never_answers_is_slashed_and_drawn
     finally:
         await conn.close()
     assert not paid
+
+
+async def stake_all(stack: Stack, nc: Client, hosts: list[str]) -> None:
+    for host in hosts:
+        staked = await asyncio.to_thread(stake, stack, host, "10")
+        assert staked.returncode == 0, staked.stdout + staked.stderr
+    for host in hosts:
+        await until_published(nc, host, 10 * CREDIT)
+
+
+async def test_a_silent_staker_that_only_ever_loses_is_slashed_through_probes_and_drawn_less(
+    stake_stack: Stack, stake_http: httpx.AsyncClient, stake_nc: Client
+) -> None:
+    model = f"quiet-{uuid.uuid4().hex[:6]}"
+    quiet_id = f"quiet-{model}"
+    hosts = [quiet_id, f"fast-a-{model}", f"fast-b-{model}"]
+    await stake_all(stake_stack, stake_nc, hosts)
+    # Width 2: whenever the silent host is drawn, a fast host answers long before the deadline,
+    # so no race ever reaches it; only a probe (half its losses here) sees the silence.
+    headers = {**AUTH, "x-llooma-race-width": "2", "x-llooma-first-token-deadline-ms": "300"}
+
+    async def ask() -> None:
+        response = await stake_http.post("/v1/chat/completions", json=chat(model), headers=headers)
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"] == "ok"
+
+    async with (
+        ScriptedHost(stake_nc, quiet_id, model, mute, stake=1000.0, accept=True) as quiet,
+        ScriptedHost(stake_nc, hosts[1], model, answer, stake=1000.0),
+        ScriptedHost(stake_nc, hosts[2], model, answer, stake=1000.0),
+    ):
+        await wait_listed(stake_http, model, hosts=3)
+        # Drawn in 2/3 of races, probed in half: a no-show every 3 races, a slash every 6 at
+        # first, then every ~27 (a tenth of the stake left): ~40 races expected, 150 allowed.
+        before = 0
+        while before < 150 and await slashes(stake_stack, quiet_id) < 2:
+            await ask()
+            before += 1
+        assert await slashes(stake_stack, quiet_id) >= 2, f"not slashed twice in {before} races"
+        drawn_before = len(quiet.received)
+        # A tenth at most: a no-show still being settled may complete a third streak.
+        await until_published(stake_nc, quiet_id, CREDIT // 10, at_most=True)
+        after = 30
+        for _ in range(after):
+            await ask()
+        drawn_after = len(quiet.received) - drawn_before
+    print(
+        f"\nsilent staker: slashed twice after {before} races (drawn in {drawn_before}), "
+        f"then drawn in {drawn_after} of {after}"
+    )
+    assert drawn_before >= 4
+    # 0.1 credits against 10 and 10, two of three drawn: ~0.45 draws expected in 30 (20 at an
+    # equal stake).
+    assert drawn_after <= 3, f"drawn {drawn_after} of {after} after its stake fell to 0.1"
+    rows = await fetch(stake_stack, "SELECT * FROM host_tallies WHERE host_id = $1", quiet_id)
+    assert rows[0]["no_shows"] >= 4
+    paid = await fetch(
+        stake_stack,
+        "SELECT balance FROM account_balances WHERE account = $1",
+        host_account(quiet_id),
+    )
+    assert not paid or not paid[0]["balance"]  # no reservation fee without a token
+    verified = await asyncio.to_thread(verify, stake_stack)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "ledger ok" in verified.stdout
+
+
+async def test_an_honest_slow_host_that_always_loses_is_never_slashed(
+    stake_stack: Stack, stake_http: httpx.AsyncClient, stake_nc: Client
+) -> None:
+    model = f"slow-{uuid.uuid4().hex[:6]}"
+    slow_id, fast_id = f"slow-{model}", f"fast-{model}"
+    await stake_all(stake_stack, stake_nc, [slow_id, fast_id])
+    headers = {**AUTH, "x-llooma-race-width": "2", "x-llooma-first-token-deadline-ms": "1000"}
+
+    async def slowly(task: HostTask, reply: Reply) -> None:
+        await asyncio.sleep(0.15)  # the host's pace: its first token well inside the deadline
+        await answer(task, reply)
+
+    requests = 30
+    async with (
+        ScriptedHost(stake_nc, slow_id, model, slowly, stake=1000.0, accept=True) as slow,
+        ScriptedHost(stake_nc, fast_id, model, answer, stake=1000.0, accept=True),
+    ):
+        await wait_listed(stake_http, model, hosts=2)
+        for _ in range(requests):
+            response = await stake_http.post(
+                "/v1/chat/completions", json=chat(model), headers=headers
+            )
+            assert response.status_code == 200, response.text
+        assert len(slow.received) == requests
+        settled = await until_settled(stake_stack, slow_id, requests)
+    assert {row["outcome"] for row in settled} == {"lost"}
+    # Probed in about half its races: kept running to its first token, which came in time.
+    probed = [row for row in settled if row["first_token_ms"] >= 100]
+    ms = sorted(row["first_token_ms"] for row in probed)
+    print(f"\nslow honest host: {len(probed)} of {requests} losses probed, first token {ms} ms")
+    assert len(probed) >= 3, f"only {len(probed)} of {requests} losses probed"
+    assert await slashes(stake_stack, slow_id, "slash:%") == 0
+    rows = await fetch(stake_stack, "SELECT * FROM host_tallies WHERE host_id = $1", slow_id)
+    assert rows[0]["no_shows"] == 0
+    assert rows[0]["no_show_streak"] == 0
+
+
+async def test_a_host_inflating_its_usage_is_slashed_and_billed_on_the_counted_tokens(
+    stake_stack: Stack, stake_http: httpx.AsyncClient, stake_nc: Client
+) -> None:
+    model = f"inflate-{uuid.uuid4().hex[:6]}"
+    liar_id = f"liar-{model}"
+    await stake_all(stake_stack, stake_nc, [liar_id])
+    claimed = Usage(input_tokens=5, output_tokens=5000)
+
+    async def inflate(_: HostTask, reply: Reply) -> None:
+        await reply(HostChunk(seq=1, token=HostToken(text="ok")))
+        await reply(HostChunk(seq=2, finished=HostFinished(finish_reason="stop", usage=claimed)))
+
+    requests = 3
+    async with ScriptedHost(stake_nc, liar_id, model, inflate, stake=1000.0, accept=True):
+        await wait_listed(stake_http, model, hosts=1)
+        for _ in range(requests):
+            response = await stake_http.post("/v1/chat/completions", json=chat(model), headers=AUTH)
+            assert response.status_code == 200, response.text
+            assert response.json()["usage"]["completion_tokens"] == 1
+        settled = await until_settled(stake_stack, liar_id, requests)
+    assert [(r["input_tokens"], r["output_tokens"]) for r in settled] == [(5, 1)] * requests
+    # A slash per lie, each a fiftieth of what the last left.
+    left = 10 * CREDIT
+    for _ in range(requests):
+        left -= left // 50
+    await until_published(stake_nc, liar_id, left)
+    assert await slashes(stake_stack, liar_id, "slash:usage") == requests
+    settings = Settings()
+    attempts = [row["attempt_id"] for row in settled]
+    legs = await fetch(
+        stake_stack,
+        "SELECT account, amount, kind FROM ledger_entries WHERE ref = ANY($1::text[])",
+        attempts,
+    )
+    charged = sum(-leg["amount"] for leg in legs if leg["kind"] == "charge" and leg["amount"] < 0)
+    paid = sum(leg["amount"] for leg in legs if leg["kind"] == "payout" and leg["amount"] > 0)
+    assert charged == requests * settings.user_price_micros * (5 + 1)
+    assert paid == requests * settings.host_price_micros * 1
+    verified = await asyncio.to_thread(verify, stake_stack)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "ledger ok" in verified.stdout

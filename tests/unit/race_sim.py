@@ -132,6 +132,8 @@ class Sim:
     max_continuations: int = 2
     duels: Callable[[DuelOffer], str | None] | None = None
     pace: Pace | None = None
+    # Whether each loser left at the first token is kept as a silence probe.
+    probe: Callable[[], bool] | None = None
     now: float = 0.0
     events: list[ClientEvent] = field(default_factory=list)
     launched: list[tuple[float, str, HostTask]] = field(default_factory=list)
@@ -155,6 +157,7 @@ class Sim:
             duels=sampler,
             deadlines=self.pace,
             new_id=lambda: next(ids),
+            probe=self.probe,
         )
         self._pending: list[tuple[float, int, str, HostChunk]] = []
         self._seq = itertools.count()
@@ -188,8 +191,8 @@ class Sim:
                     _, _, attempt_id, chunk = heapq.heappop(self._pending)
                     dueling = core.race.dueling
                     if dueling is not None and dueling.attempt_id == attempt_id:
-                        self.duel_chunks.append(chunk)  # the duel's, as the racer routes it
-                        continue
+                        # The duel's, as the racer routes it; the core still watches it.
+                        self.duel_chunks.append(chunk)
                     commands += core.on_chunk(attempt_id, chunk, self.now)
                 commands += core.flush()
                 self._do(commands)

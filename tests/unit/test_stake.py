@@ -1,6 +1,7 @@
 """Stake locked in the ledger and slashing (issue 15): the pure rules in
 llooma.ledger.economics, the draw's stake (llooma.selection.ledger_stake) and the racer's
-no-show mark, with no servers."""
+no-show mark, the silence probes that see a silent loser, and the usage rule, with no
+servers."""
 
 from __future__ import annotations
 
@@ -13,19 +14,22 @@ import pytest
 from llooma.ledger.economics import (
     PLATFORM,
     TREASURY,
+    Prices,
     SlashRules,
     account_deltas,
     host_account,
     lock_stake,
     release_stake,
+    settle_attempt,
     slash,
     slash_duel,
     slash_no_shows,
+    slash_usage_claims,
     stake_account,
     unanimous_loser,
 )
 from llooma.selection import Candidate, ledger_stake, pick_hosts
-from llooma.v1.common_pb2 import Usage
+from llooma.v1.common_pb2 import ERROR_CODE_DEADLINE_EXCEEDED, GenerationParams, Usage
 from llooma.v1.duel_pb2 import (
     DUEL_VERDICT_A,
     DUEL_VERDICT_B,
@@ -35,7 +39,16 @@ from llooma.v1.duel_pb2 import (
     DuelVerdict,
     JudgeVote,
 )
+from llooma.v1.pipeline_pb2 import HostCandidate
+from llooma.v1.race_pb2 import ATTEMPT_ROLE_RACER
 from llooma.v1.settlement_pb2 import ATTEMPT_OUTCOME_LOST, ATTEMPT_OUTCOME_WON, TaskSettlement
+from services.racer.report import (
+    ENGINE_TOKENS_ALLOWANCE,
+    PROMPT_CLAIM_ABSURD_FACTOR,
+    USAGE_CLAIM_SLACK_TOKENS,
+    overclaimed,
+)
+from services.racer.state import Attempt
 from tests.unit.race_sim import Sim, assignment, silent, tokens
 
 RULES = SlashRules(no_show_streak=3, no_show_fraction=Fraction(1, 10), duel_fraction=Fraction(1, 4))
@@ -206,3 +219,176 @@ def test_a_raced_host_silent_at_the_deadline_is_a_no_show_a_cancelled_loser_is_n
     ).run()
     # Cancelled as a loser before the deadline: it missed nothing.
     assert not quick.settled["mute"].no_show
+
+
+# -- silence probes: a silent loser is seen even when another host answers first --------------
+
+
+def always() -> bool:
+    return True
+
+
+def test_a_silent_loser_kept_as_a_probe_is_a_no_show_at_its_deadline_and_costs_no_fee() -> None:
+    sim = Sim(
+        assignment(["fast", "mute"], deadline_ms=500),
+        {"fast": tokens("hi", first=0.05), "mute": tokens("x", first=5.0, accept=True)},
+        probe=always,
+    ).run()
+    assert sim.text == "hi"
+    mute = sim.settled["mute"]
+    assert mute.no_show
+    assert mute.accepted
+    # Kept past the answer's end to its own deadline, then cancelled; settled only then.
+    assert sim.cancelled == [(0.5, "mute")]
+    assert sim.now == 0.5
+    # Accepted and never sent a token: neither a reservation nor a progress fee.
+    assert settle_attempt(Prices(), mute).legs == ()
+    assert not sim.settled["fast"].no_show
+
+
+def test_a_slow_honest_loser_kept_as_a_probe_is_cancelled_at_its_first_token_no_no_show() -> None:
+    sim = Sim(
+        assignment(["fast", "slow"], deadline_ms=500),
+        {
+            "fast": tokens("hi", first=0.05, usage=Usage(output_tokens=1)),
+            "slow": tokens("late", "r", first=0.3, accept=True),
+        },
+        probe=always,
+    ).run()
+    slow = sim.settled["slow"]
+    assert not slow.no_show
+    assert slow.first_token_ms == 300
+    assert slow.usage.output_tokens == 1
+    assert sim.cancelled == [(0.3, "slow")]
+    # It kept its commitment: its reservation fee (capped by the winner's payout) is due.
+    assert account_deltas([settle_attempt(Prices(), slow)]).get(host_account("slow"), 0) > 0
+    assert sim.text == "hi"
+
+
+def test_an_unsampled_silent_loser_is_cancelled_at_the_first_token_as_before() -> None:
+    sim = Sim(
+        assignment(["fast", "mute"], deadline_ms=500),
+        {"fast": tokens("hi", first=0.05), "mute": silent},
+        probe=lambda: False,
+    ).run()
+    assert not sim.settled["mute"].no_show
+    assert sim.cancelled == [(0.05, "mute")]
+
+
+def test_a_probe_cut_short_by_the_clients_cancel_is_not_a_no_show() -> None:
+    sim = Sim(
+        assignment(["fast", "mute"], deadline_ms=500),
+        {"fast": tokens("hi", first=0.05), "mute": silent},
+        probe=always,
+    ).run(cancel_at=0.2)
+    assert not sim.settled["mute"].no_show
+    assert (0.2, "mute") in sim.cancelled
+
+
+def test_a_duels_silent_loser_is_a_no_show_and_a_speaking_one_is_not() -> None:
+    mute = Sim(
+        assignment(["fast", "mute"], deadline_ms=500),
+        {"fast": tokens("hi", first=0.05), "mute": silent},
+        duels=lambda offer: offer.losers[0].attempt_id,
+    ).run()
+    assert mute.settled["mute"].no_show
+    # The duel's: never cancelled by the race (the duel drops it at its own timeout).
+    assert not mute.was_cancelled("mute")
+    speaking = Sim(
+        assignment(["fast", "slow"], deadline_ms=500),
+        {"fast": tokens("hi", first=0.05), "slow": tokens("other", first=0.2)},
+        duels=lambda offer: offer.losers[0].attempt_id,
+    ).run()
+    assert not speaking.settled["slow"].no_show
+    # Its first token reached the duel and ended the watch: the race settled then (the rest
+    # of its answer reaches the duel through the racer's wildcard subscription).
+    assert [c.WhichOneof("event") for c in speaking.duel_chunks] == ["token"]
+    assert speaking.now == 0.2
+    assert speaking.closed_duels == [("slow", "hi")]
+
+
+def test_a_fallback_still_silent_at_its_own_deadline_is_a_no_show() -> None:
+    sim = Sim(
+        assignment(["mute"], ["pool"], deadline_ms=500),
+        {"mute": silent, "pool": silent},
+        fallback_timeout_s=1.0,
+    ).run()
+    # The pool host started at 0.5 s and had no token when the race gave up at 1.5 s.
+    assert sim.last.failed.code == ERROR_CODE_DEADLINE_EXCEEDED
+    assert sim.settled["pool"].no_show
+    assert sim.settled["mute"].no_show
+
+
+# -- the usage rule ----------------------------------------------------------------------------
+
+
+def finished_attempt(tokens_out: int, relayed_bytes: int, prompt: int = 40) -> Attempt:
+    attempt = Attempt("a1", HostCandidate(host_id="h", model="m"), ATTEMPT_ROLE_RACER, 0.0)
+    attempt.output_tokens = tokens_out
+    attempt.delivered = tokens_out
+    attempt.delivered_bytes = relayed_bytes
+    attempt.prompt_tokens = prompt
+    return attempt
+
+
+def test_a_usage_claim_within_the_slack_is_honest_and_beyond_it_is_a_lie() -> None:
+    counted = finished_attempt(10, 10)
+    plain = GenerationParams()
+    assert not overclaimed(counted, Usage(input_tokens=30, output_tokens=10), plain)
+    slack = USAGE_CLAIM_SLACK_TOKENS
+    assert not overclaimed(counted, Usage(output_tokens=10 + slack), plain)
+    assert overclaimed(counted, Usage(output_tokens=10 + slack + 1), plain)
+    # An engine's own count may include a held-back stop string (bytes) and an end token.
+    stopped = GenerationParams(stop=["<|end-of-answer|>"])
+    held_back = len("<|end-of-answer|>") + ENGINE_TOKENS_ALLOWANCE
+    engine_claim = Usage(output_tokens=10 + held_back + slack, reported_by_engine=True)
+    assert not overclaimed(counted, engine_claim, stopped)
+    engine_claim.output_tokens += 1
+    assert overclaimed(counted, engine_claim, stopped)
+
+
+def test_an_absurd_prompt_claim_is_a_lie_and_tools_count_toward_the_prompt() -> None:
+    attempt = finished_attempt(3, 3, prompt=40)
+    limit = PROMPT_CLAIM_ABSURD_FACTOR * 40
+    assert not overclaimed(attempt, Usage(input_tokens=limit, output_tokens=3), GenerationParams())
+    assert overclaimed(attempt, Usage(input_tokens=limit + 1, output_tokens=3), GenerationParams())
+    tools = GenerationParams(tools_json="x" * 2000)
+    assert not overclaimed(attempt, Usage(input_tokens=limit + 1, output_tokens=3), tools)
+
+
+def test_a_winner_inflating_its_usage_is_billed_on_the_count_and_marked() -> None:
+    inflated = Usage(input_tokens=12, output_tokens=5000)
+    sim = Sim(
+        assignment(["liar", "other"]),
+        {"liar": tokens("a", "b", first=0.05, usage=inflated), "other": tokens("x", first=0.3)},
+    ).run()
+    liar = sim.settled["liar"]
+    assert liar.usage_overclaimed
+    assert liar.violations == 1
+    assert liar.claimed_usage.output_tokens == 5000
+    assert liar.usage.output_tokens == 2  # billed on what the racer relayed
+    assert sim.event is not None
+    # A violation in the race event too: the dispatcher counts it in the host's error rate.
+    assert [a.violations for a in sim.event.attempts if a.host_id == "liar"] == [1]
+    assert sim.last.finished.usage.output_tokens == 2
+    assert not sim.settled["other"].usage_overclaimed
+    honest = Sim(
+        assignment(["h"]), {"h": tokens("a", "b", usage=Usage(input_tokens=12, output_tokens=3))}
+    ).run()
+    assert not honest.settled["h"].usage_overclaimed
+    assert honest.settled["h"].violations == 0
+
+
+def test_each_usage_over_claim_costs_its_fraction_of_the_stake_once() -> None:
+    rules = SlashRules(usage_fraction=Fraction(1, 50))
+    lies = [
+        TaskSettlement(attempt_id=f"l{n}", host_id="liar", usage_overclaimed=True) for n in (1, 2)
+    ]
+    honest = TaskSettlement(attempt_id="h1", host_id="honest")
+    locked = {"liar": 1_000_000, "honest": 1_000_000}
+    postings = slash_usage_claims(rules, [*lies, honest], locked)
+    assert [p.txn_id for p in postings] == ["slash:usage:l1", "slash:usage:l2"]
+    assert [p.legs[1].amount for p in postings] == [20_000, 19_600]
+    assert {leg.kind for p in postings for leg in p.legs} == {"slash:usage"}
+    assert locked == {"liar": 960_400, "honest": 1_000_000}
+    assert slash_usage_claims(rules, lies, {}) == []

@@ -260,6 +260,9 @@ class SlashRules:
     no_show_streak: int = 3
     no_show_fraction: Fraction = Fraction(1, 10)
     duel_fraction: Fraction = Fraction(1, 20)
+    # Per usage over-claim (TaskSettlement.usage_overclaimed): no honest engine's count goes
+    # past the slack, so there is no streak to wait for.
+    usage_fraction: Fraction = Fraction(1, 50)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SlashRules:
@@ -267,6 +270,7 @@ class SlashRules:
             no_show_streak=settings.slash_no_show_streak,
             no_show_fraction=Fraction(str(settings.slash_no_show_fraction)),
             duel_fraction=Fraction(str(settings.slash_duel_fraction)),
+            usage_fraction=Fraction(str(settings.slash_usage_fraction)),
         )
 
 
@@ -323,6 +327,29 @@ def slash_no_shows(
         elif s.usage.output_tokens > 0 or s.delivered_tokens > 0:
             streaks[host] = 0
     return NoShowSlashes(postings, streaks, no_shows)
+
+
+def slash_usage_claims(
+    rules: SlashRules, settlements: Iterable[TaskSettlement], locked: dict[str, int]
+) -> list[Posting]:
+    """Each attempt whose usage claim broke the usage rule costs its host `usage_fraction` of
+    its stake (`slash:usage:<attempt>`, so a redelivery posts nothing); `locked` is updated."""
+    postings: list[Posting] = []
+    for s in settlements:
+        if not s.usage_overclaimed:
+            continue
+        posting = slash(
+            f"slash:usage:{s.attempt_id}",
+            s.attempt_id,
+            s.host_id,
+            locked.get(s.host_id, 0),
+            rules.usage_fraction,
+            "usage",
+        )
+        if posting.legs:
+            locked[s.host_id] = locked.get(s.host_id, 0) + posting.legs[0].amount
+            postings.append(posting)
+    return postings
 
 
 def unanimous_loser(duel: DuelResult) -> str | None:

@@ -36,6 +36,7 @@ from llooma.ledger.economics import (
     settle_duel,
     slash_duel,
     slash_no_shows,
+    slash_usage_claims,
     stake_account,
     unanimous_loser,
     user_charges,
@@ -232,12 +233,15 @@ class LedgerStore:
             postings = [settle_attempt(self.prices, s) for s in fresh.values()]
             hosts = sorted({s.host_id for s in fresh.values()})
             state = await conn.fetch(SLASH_STATE, hosts)
+            locked = {r["host_id"]: r["locked"] for r in state}
             slashes = slash_no_shows(
                 self.slashing,
                 fresh.values(),
                 {r["host_id"]: r["streak"] for r in state},
-                {r["host_id"]: r["locked"] for r in state},
+                locked,
             )
+            # After the no-show slashes, on what they left (`locked` follows each slash).
+            usage_slashes = slash_usage_claims(self.slashing, fresh.values(), locked)
             self._tally_races(
                 statement,
                 list(fresh.values()),
@@ -245,7 +249,9 @@ class LedgerStore:
                 slashes.streaks,
                 slashes.no_shows,
             )
-            posted = await self._seal(conn, head, statement, postings + slashes.postings)
+            posted = await self._seal(
+                conn, head, statement, postings + slashes.postings + usage_slashes
+            )
             posted.new = len(fresh)
             return posted
 

@@ -71,6 +71,8 @@ class TaskSettlement(_message.Message):
     VIOLATIONS_FIELD_NUMBER: _builtins.int
     REQUESTED_MODEL_FIELD_NUMBER: _builtins.int
     NO_SHOW_FIELD_NUMBER: _builtins.int
+    CLAIMED_USAGE_FIELD_NUMBER: _builtins.int
+    USAGE_OVERCLAIMED_FIELD_NUMBER: _builtins.int
     attempt_id: _builtins.str
     request_id: _builtins.str
     task_id: _builtins.str
@@ -111,8 +113,19 @@ class TaskSettlement(_message.Message):
     """Still live at its first-token deadline with no token sent (a seat in the race it did not
     fill, whether or not it had accepted): accounting slashes a host's stake for a streak.
     """
+    usage_overclaimed: _builtins.bool
+    """The claim broke the usage rule (services/racer/report.py `overclaimed`): completion tokens
+    beyond what the racer relayed plus the documented slack, or a prompt count far beyond the
+    racer's ceiling for the prompt sent. Also counted in violations; accounting slashes it.
+    """
     @_builtins.property
     def usage(self) -> _common_pb2.Usage: ...
+    @_builtins.property
+    def claimed_usage(self) -> _common_pb2.Usage:
+        """The usage the host itself reported, unclamped (usage above is what is billed), kept so a
+        usage slash can be checked against the claim that caused it.
+        """
+
     def __init__(
         self,
         *,
@@ -136,10 +149,12 @@ class TaskSettlement(_message.Message):
         violations: _builtins.int = ...,
         requested_model: _builtins.str = ...,
         no_show: _builtins.bool = ...,
+        claimed_usage: _common_pb2.Usage | None = ...,
+        usage_overclaimed: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["claimed_usage", b"claimed_usage", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "api_key_id", b"api_key_id", "attempt_id", b"attempt_id", "delivered_tokens", b"delivered_tokens", "duration_ms", b"duration_ms", "fallback", b"fallback", "finished_unix_nanos", b"finished_unix_nanos", "first_token_ms", b"first_token_ms", "host_id", b"host_id", "model", b"model", "no_show", b"no_show", "outcome", b"outcome", "request_id", b"request_id", "requested_model", b"requested_model", "task_id", b"task_id", "usage", b"usage", "violations", b"violations", "winner_fallback", b"winner_fallback", "winner_model", b"winner_model", "winner_output_tokens", b"winner_output_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "api_key_id", b"api_key_id", "attempt_id", b"attempt_id", "claimed_usage", b"claimed_usage", "delivered_tokens", b"delivered_tokens", "duration_ms", b"duration_ms", "fallback", b"fallback", "finished_unix_nanos", b"finished_unix_nanos", "first_token_ms", b"first_token_ms", "host_id", b"host_id", "model", b"model", "no_show", b"no_show", "outcome", b"outcome", "request_id", b"request_id", "requested_model", b"requested_model", "task_id", b"task_id", "usage", b"usage", "usage_overclaimed", b"usage_overclaimed", "violations", b"violations", "winner_fallback", b"winner_fallback", "winner_model", b"winner_model", "winner_output_tokens", b"winner_output_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
