@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from typing import Protocol
 
 from nats.aio.client import Client
@@ -192,6 +193,8 @@ class _Run:
         self._racer = racer
         self._io = racer._io
         self._inbox: Inbox = asyncio.Queue()
+        # Commands the core gave that have not been carried out yet (see `stop`).
+        self._pending: deque[Command] = deque()
         self._spans: dict[str, Span] = {}
         self._span: Span | None = None
         self._choice = assignment.choice_index
@@ -242,16 +245,24 @@ class _Run:
         return self.core.on_chunk(attempt_id, chunk, time.monotonic())
 
     async def stop(self) -> None:
-        """However the race ended (finished, failed, cancelled by its client): settle it."""
+        """However the race ended (finished, failed, cancelled by its client): settle it. The
+        client's cancel can land while the race's last commands go out (the ingress cancels a
+        failed request as soon as it reads the failure): what it interrupted is carried out
+        here, its `Settle` included; the core, already done, would not give it again."""
         if not self.core.done:
-            await self._execute(self.core.on_cancel(time.monotonic()))
+            self._pending.extend(self.core.on_cancel(time.monotonic()))
+        await self._execute([])
         for attempt_id in self.core.race.attempts:
             self._racer._inboxes.pop(attempt_id, None)
 
     async def _execute(self, commands: list[Command]) -> None:
         io = self._io
         race = self.core.race
-        for command in commands:
+        pending = self._pending
+        pending.extend(commands)
+        while pending:
+            # Taken off before it runs: a command a cancel interrupts is not run twice.
+            command = pending.popleft()
             if isinstance(command, Emit):
                 if self._span is not None and command.event.HasField("finished"):
                     finished = command.event.finished
