@@ -146,8 +146,10 @@ async def rebilled(
 
 # Open (issue 17), rarer now: a repeated privacy mapping (a redelivered hand-off) answered
 # 500, and a final report batched behind its request's first one was dropped; both fixed.
-# Still seen once in ~10 runs on a loaded machine: after 30 s only the request's first report
-# had landed (final false) and none of its task settlements, nothing logged. Not strict.
+# Seen once in ~10 full-suite runs on a loaded machine: after 30 s only the request's first
+# report had landed (final false) and none of its task settlements, nothing logged. Not
+# reproduced in 107 runs of this test alone, under CPU and fsync load, or after the stack
+# files before it; a failure now says where the messages stopped (`on_the_stream`).
 @pytest.mark.xfail(reason="final report and settlements not landed within 30 s", strict=False)
 async def test_a_failed_non_streaming_request_charges_nothing_and_pays_nothing(
     http: httpx.AsyncClient, nc: Client, database_url: str
