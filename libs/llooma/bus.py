@@ -44,6 +44,10 @@ DUPLICATE_WINDOW_S = 600.0
 MEMBERSHIP_TTL_S = 5.0
 LIMITS_MAX_AGE_S = 180.0
 LIMIT_PHASE_TTL_S = 24 * 3600.0
+# A race's record, and the delete marker each finished race leaves (memory, ~100 bytes a
+# request), live this long after their last write (the winner's first token): a stream still
+# running 10 minutes later can no longer be resumed.
+RACE_RECORD_TTL_S = 600.0
 
 STREAMS = (
     # Memory: a hand-off lives milliseconds and its client waits on a live connection that a
@@ -111,6 +115,9 @@ BUCKETS = (
     KeyValueConfig(
         bucket=subjects.LIMIT_PHASES_BUCKET, ttl=LIMIT_PHASE_TTL_S, storage=StorageType.MEMORY
     ),
+    # Memory, as the pipeline: it must outlive a racer, not a nats-server (which cuts every
+    # client's stream anyway); replicated on a cluster like every bucket.
+    KeyValueConfig(bucket=subjects.RACES_BUCKET, ttl=RACE_RECORD_TTL_S, storage=StorageType.MEMORY),
 )
 
 
@@ -119,6 +126,13 @@ ErrorCallback = Callable[[Exception], Awaitable[None]]
 
 class CredentialRefused(ConnectionError):
     """The server refused this key (revoked, or never admitted): retrying cannot help."""
+
+
+# A connected host refused on a reconnect keeps trying this long before it takes the refusal
+# as final: after a NATS restart the server refuses for want of an answer until the auth
+# callout's responder is back and its auth timeout (credentials.CALLOUT_TIMEOUT_S) has passed.
+# A revoked host is disconnected at once either way; only its exit waits.
+REFUSAL_GRACE_S = 10.0
 
 
 ReconnectHook = Callable[[], Coroutine[Any, Any, None]]

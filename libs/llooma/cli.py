@@ -153,12 +153,13 @@ def host(config: Annotated[Path, typer.Option(help="Host YAML config")]) -> None
 
     async def serve() -> None:
         stop = asyncio.Event()
+        refused_since: list[float] = []
 
         async def on_error(error: Exception) -> None:
-            # A revoked or unknown credential: retrying cannot help, so leave.
             if "authorization" in str(error).lower():
                 refused.append(str(error))
-                stop.set()
+                if not refused_since:
+                    refused_since.append(time.monotonic())
 
         nc = await bus.connect(
             host_config.nats_url,
@@ -168,7 +169,22 @@ def host(config: Annotated[Path, typer.Option(help="Host YAML config")]) -> None
             error_cb=on_error,
             attempts=20,
         )
-        await run_worker(host_config, nc, stop)
+
+        async def leave_when_refused() -> None:
+            # Refused since the grace began and not back in: revoked, so leave.
+            while not stop.is_set():
+                await asyncio.sleep(0.25)
+                if nc.is_connected:
+                    refused_since.clear()
+                    refused.clear()
+                elif refused_since and time.monotonic() - refused_since[0] > bus.REFUSAL_GRACE_S:
+                    stop.set()
+
+        watcher = asyncio.create_task(leave_when_refused())
+        try:
+            await run_worker(host_config, nc, stop)
+        finally:
+            watcher.cancel()
 
     tracing.setup("host", instance_id=host_config.name)
     admit_hint = (

@@ -1,9 +1,11 @@
 """A NATS cluster on one machine: N nats-server nodes with JetStream, routed to each other on
 loopback, each with its own ports and store (`llooma up --cluster 3`, the cluster tests).
 
-Every node renders the same credentials and accounts as the lone embedded server, plus its
-name and a `cluster` block; streams and buckets on it get 3 replicas (see bus.replicas_for),
-so any one node may die without losing a stream, a hand-off or a settlement.
+Every node renders the same credentials, accounts and auth callout as the lone embedded
+server, plus its name and a `cluster` block, and runs a callout responder of its own (one
+queue group: a node's connections are answered by any responder the cluster can reach);
+streams and buckets on it get 3 replicas (see bus.replicas_for), so any one node may die
+without losing a stream, a hand-off or a settlement.
 """
 
 from __future__ import annotations
@@ -116,23 +118,19 @@ class NatsCluster:
 
     def kill(self, index: int) -> int:
         """kill -9 one node (a fault: its memory is gone, its files stay); returns its pid."""
-        process = self.node(index).process
-        process.kill()
-        process.wait()
+        node = self.node(index)
+        node.process.kill()
+        node.process.wait()
+        # Its callout responder goes with it (a restart starts another).
+        node.stop_responder()
         self.nodes[index] = None
-        return process.pid
+        return node.process.pid
 
     def restart(self, index: int) -> None:
         """Start a killed (or stopped) node again on the same ports and store."""
         if self.nodes[index] is not None:
             self.node(index).stop()
         self.nodes[index] = self._start_node(index)
-
-    def reload(self) -> None:
-        """Re-render every running node's config from the credentials and reload it."""
-        for node in self.nodes:
-            if node is not None:
-                node.reload()
 
     def pids(self) -> list[int]:
         return [node.process.pid for node in self.nodes if node is not None]
@@ -155,5 +153,5 @@ def _kept_port(path: Path) -> int:
 
 def node_dirs(data_dir: Path) -> list[Path]:
     """The NATS data folders `llooma up` left under `data_dir`: the lone server's, or each
-    cluster node's (each re-rendered by `llooma hosts add/revoke`)."""
+    cluster node's (each checked by `llooma hosts add/revoke`)."""
     return [d for d in [data_dir / "nats", *sorted(data_dir.glob("nats-*"))] if d.is_dir()]

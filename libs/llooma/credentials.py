@@ -6,17 +6,23 @@ Hosts live in a NATS account of their own (`HOSTS`), apart from the control plan
 the server maps back into the control plane), cancel subjects (a stream the control plane
 exports) and heartbeats (a service the control plane exports). Nothing a host publishes, nor
 any reply subject it names, can therefore reach a stream or KV bucket: JetStream's API and
-its `$KV.` subjects do not exist in the hosts account. Within it, a host's key may subscribe
-only to its own task and cancel subjects and publish only its own heartbeat and replies to
-tasks it was sent (`allow_responses`), so identity comes from the credential and the subject.
-Revoking rewrites the config and reloads the server, which cuts the host off at once.
+its `$KV.` subjects do not exist in the hosts account.
+
+No host is written into the server's config: the config names the control plane's keys and an
+auth callout, and the server asks the control plane about every other connection
+(`llooma.callout`, answered from this store's registry). Admitting a host is one registry
+entry; revoking it is removing the entry and closing its live connections (admission.py).
+Within the hosts account, a host's key may subscribe only to its own task and cancel subjects
+and publish only its own heartbeat and replies to tasks it was sent (callout.host_permissions).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
-import signal
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,36 +31,30 @@ import nkeys
 from llooma import subjects
 
 CONTROL_PLANE = "control-plane"
+# The system account's user (finds and closes a revoked host's connections) and the account
+# key that signs the auth callout's answers: both the control plane's, never a host's.
+SYSTEM_USER = "system"
+CALLOUT_ISSUER = "callout-issuer"
+RESERVED_NAMES = (CONTROL_PLANE, SYSTEM_USER, CALLOUT_ISSUER)
 # NATS account names: the control plane's (with JetStream) and every host's.
 CONTROL_ACCOUNT = "LLOOMA"
 HOSTS_ACCOUNT = "HOSTS"
-# A reply subject stays open for a host as long as a long generation may take.
-REPLY_WINDOW = "30m"
+SYSTEM_ACCOUNT = "SYS"
+CALLOUT_TIMEOUT_S = 5
 # The server forgets a task's reply mapping (hosts account -> control plane) this long after
 # the host's last reply to it: far past any stall deadline, short enough that the mappings of
 # cancelled and finished tasks do not pile up in the server.
 TASK_REPLY_IDLE = "2m"
-MAX_REPLIES_PER_TASK = 1_000_000
 
 
-def new_user_seed() -> bytes:
-    seed: bytes = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+def new_seed(prefix: int = nkeys.PREFIX_BYTE_USER) -> bytes:
+    seed: bytes = nkeys.encode_seed(os.urandom(32), prefix)
     return seed
 
 
 def public_key(seed: bytes) -> str:
     key: bytes = nkeys.from_seed(seed).public_key
     return key.decode()
-
-
-def host_permissions(host_id: str) -> dict[str, object]:
-    return {
-        "publish": {"allow": [subjects.host_heartbeat(host_id)]},
-        "subscribe": {
-            "allow": [subjects.host_tasks_any_model(host_id), subjects.host_cancel(host_id)]
-        },
-        "allow_responses": {"max": MAX_REPLIES_PER_TASK, "expires": REPLY_WINDOW},
-    }
 
 
 @dataclass
@@ -68,7 +68,7 @@ class CredentialStore:
         return self.root / "registry.json"
 
     def seed_path(self, name: str) -> Path:
-        folder = self.root if name == CONTROL_PLANE else self.root / "hosts"
+        folder = self.root if name in RESERVED_NAMES else self.root / "hosts"
         return folder / f"{name}.nk"
 
     def _registry(self) -> dict[str, str]:
@@ -84,41 +84,63 @@ class CredentialStore:
         scratch.replace(self.registry_path)
 
     def hosts(self) -> dict[str, str]:
-        return {n: k for n, k in self._registry().items() if n != CONTROL_PLANE}
+        return {n: k for n, k in self._registry().items() if n not in RESERVED_NAMES}
 
     def issue(self, name: str) -> Path:
         """Create (or return the existing) credential for host `name`; returns the seed file.
         The control plane's own name is refused: its key is never handed to a host."""
         subjects.checked_token(name)
-        if name == CONTROL_PLANE:
-            raise ValueError(f"{CONTROL_PLANE!r} is the control plane's own credential")
+        if name in RESERVED_NAMES:
+            raise ValueError(f"{name!r} is the control plane's own credential")
         return self._issue(name)
 
-    def _issue(self, name: str) -> Path:
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One writer of the registry at a time (several `llooma hosts add` at once)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / "registry.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def _issue(self, name: str, prefix: int = nkeys.PREFIX_BYTE_USER) -> Path:
         path = self.seed_path(name)
-        registry = self._registry()
-        if path.exists() and name in registry:
+        # Checked before locking too: a read-only store (a container's) holds every key it uses.
+        if path.exists() and name in self._registry():
             return path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        seed = new_user_seed()
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(seed)
-        registry[name] = public_key(seed)
-        self._save(registry)
+        with self._locked():
+            registry = self._registry()
+            if path.exists() and name in registry:
+                return path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            seed = new_seed(prefix)
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(seed)
+            registry[name] = public_key(seed)
+            self._save(registry)
         return path
 
     def revoke(self, name: str) -> bool:
-        registry = self._registry()
-        if name not in registry or name == CONTROL_PLANE:
-            return False
-        del registry[name]
-        self._save(registry)
-        self.seed_path(name).unlink(missing_ok=True)
+        with self._locked():
+            registry = self._registry()
+            if name not in registry or name in RESERVED_NAMES:
+                return False
+            del registry[name]
+            self._save(registry)
+            self.seed_path(name).unlink(missing_ok=True)
         return True
 
     def control_plane_seed(self) -> Path:
         return self._issue(CONTROL_PLANE)
+
+    def system_seed(self) -> Path:
+        return self._issue(SYSTEM_USER)
+
+    def callout_issuer_seed(self) -> Path:
+        return self._issue(CALLOUT_ISSUER, nkeys.PREFIX_BYTE_ACCOUNT)
+
+    def public(self, name: str) -> str:
+        return self._registry()[name]
 
 
 def _quote(value: object) -> str:
@@ -132,8 +154,9 @@ def jetstream_config(store_dir: Path, *, sync_always: bool = True) -> str:
     return f"jetstream {{ store_dir: {_quote(str(store_dir))}{sync} }}\n"
 
 
-def accounts_block(control_users: list[str], host_users: list[str]) -> str:
-    """The `accounts` block: each user an entry such as `{ nkey: "U..." }`."""
+def accounts_block(control_users: list[str], system_users: list[str]) -> str:
+    """The `accounts` block: each user an entry such as `{ nkey: "U..." }`. The hosts
+    account has no users of its own: the auth callout places each host in it."""
 
     def users(entries: list[str]) -> str:
         return "".join(f"      {entry}\n" for entry in entries)
@@ -156,7 +179,6 @@ def accounts_block(control_users: list[str], host_users: list[str]) -> str:
         "    ]\n"
         "  }\n"
         f"  {hosts} {{\n"
-        f"    users: [\n{users(host_users)}    ]\n"
         "    exports: [\n"
         # Many replies per task (the token stream), for as long as they keep coming.
         f'      {{ service: "{subjects.HOST_TASKS_ANY}", accounts: [{cp}], response: stream, '
@@ -167,31 +189,46 @@ def accounts_block(control_users: list[str], host_users: list[str]) -> str:
         f'      {{ stream: {{ account: {cp}, subject: "{subjects.HOST_CANCEL_ANY}" }} }}\n'
         "    ]\n"
         "  }\n"
+        f"  {SYSTEM_ACCOUNT} {{\n"
+        f"    users: [\n{users(system_users)}    ]\n"
+        "  }\n"
+        "}\n"
+        f"system_account: {SYSTEM_ACCOUNT}\n"
+    )
+
+
+def callout_block(issuer: str, auth_users: list[str]) -> str:
+    """Every connection but `auth_users` (the control plane's and the system account's keys)
+    is decided by the control plane's answer on `$SYS.REQ.USER.AUTH` in its own account."""
+    return (
+        "authorization {\n"
+        # How long the server waits for the answer (then refuses): a loaded responder gets
+        # more than the default 2 s.
+        f"  timeout: {CALLOUT_TIMEOUT_S}\n"
+        "  auth_callout {\n"
+        f"    issuer: {_quote(issuer)}\n"
+        f"    account: {CONTROL_ACCOUNT}\n"
+        f"    auth_users: {_quote(auth_users)}\n"
+        "  }\n"
         "}\n"
     )
 
 
-def host_user(key: str, host_id: str) -> str:
-    return f"{{ nkey: {_quote(key)}, permissions: {_quote(host_permissions(host_id))} }}"
+def nkey_user(key: str) -> str:
+    return f"{{ nkey: {_quote(key)} }}"
 
 
 def render_nats_config(store: CredentialStore, port: int, store_dir: Path) -> str:
-    """nats-server config: JetStream, loopback, the two accounts, one nkey user per key."""
-    registry = store._registry()
-    hosts = [host_user(key, name) for name, key in sorted(store.hosts().items())]
+    """nats-server config: JetStream, loopback, the accounts, the auth callout. It names no
+    host: admitting or revoking one never changes it."""
+    store.control_plane_seed()
+    store.system_seed()
+    store.callout_issuer_seed()
+    control, system = store.public(CONTROL_PLANE), store.public(SYSTEM_USER)
     return (
         f"listen: 127.0.0.1:{port}\n"
         # An absolute store: a relative one would make every reload fail.
         + jetstream_config(store_dir.resolve())
-        + accounts_block([f"{{ nkey: {_quote(registry[CONTROL_PLANE])} }}"], hosts)
+        + accounts_block([nkey_user(control)], [nkey_user(system)])
+        + callout_block(store.public(CALLOUT_ISSUER), [control, system])
     )
-
-
-def reload_nats(pid_file: Path) -> bool:
-    """Ask a running nats-server to re-read its config; False if none runs."""
-    try:
-        pid = int(pid_file.read_text().strip())
-        os.kill(pid, signal.SIGHUP)
-    except (OSError, ValueError):
-        return False
-    return True

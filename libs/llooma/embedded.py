@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +20,11 @@ from pathlib import Path
 import psutil
 from pgserver import postgres_server
 
-from llooma.credentials import (
-    CredentialStore,
-    jetstream_config,
-    reload_nats,
-    render_nats_config,
-)
+from llooma.credentials import CredentialStore, jetstream_config, render_nats_config
 from llooma.processes import die_with_parent, free_port, wait_for_port
+
+# The auth callout's responder starts in about a second; far more means it cannot.
+RESPONDER_READY_S = 30.0
 
 # pgserver asks platformdirs for a runtime dir, which warns on every machine without a login
 # session (CI, containers); the fallback it takes is fine.
@@ -44,7 +43,8 @@ def nats_server_binary() -> str:
 
 @dataclass
 class EmbeddedNats:
-    """A nats-server with JetStream in `data_dir`; with credentials, every client needs a key."""
+    """A nats-server with JetStream in `data_dir`; with credentials, every client needs a key,
+    and a responder to the server's auth callout (llooma.callout_responder) admits hosts."""
 
     process: subprocess.Popen[bytes]
     port: int
@@ -52,6 +52,7 @@ class EmbeddedNats:
     credentials: CredentialStore | None = None
     # Appended to the rendered config (a cluster node's name and routes; see cluster.py).
     extra_config: str = ""
+    responder: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -91,39 +92,64 @@ class EmbeddedNats:
             args, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
         )
         log_file.close()
+        server = cls(process, port, data_dir, credentials, extra_config)
         try:
             wait_for_port(port, 15.0, process)
-        except Exception:
-            process.kill()
+            if credentials is not None:
+                server.responder = start_responder(data_dir, credentials, server.url)
+        except BaseException:
+            server.stop()
             raise
-        return cls(process, port, data_dir, credentials, extra_config)
+        return server
 
-    def reload(self) -> None:
-        """Re-render the config from the credential store and have the server apply it."""
-        if self.credentials is not None:
-            write_nats_config(self.data_dir, self.credentials, self.port, self.extra_config)
-            reload_nats(self.pid_file)
+    def stop_responder(self) -> None:
+        if self.responder is not None:
+            _stop(self.responder, 10.0)
+            self.responder = None
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        self.stop_responder()
+        _stop(self.process, timeout_s)
+
+
+def _stop(process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def start_responder(
+    data_dir: Path, credentials: CredentialStore, nats_url: str
+) -> subprocess.Popen[bytes]:
+    """The callout responder beside a server; returns once it answers (its `ready` file), so
+    a host started next is never refused for want of an answer."""
+    ready = data_dir / "callout.ready"
+    ready.unlink(missing_ok=True)
+    log_file = (data_dir / "callout.log").open("ab")
+    args = [sys.executable, "-m", "llooma.callout_responder"]
+    args += ["--credentials", str(credentials.root), "--nats-url", nats_url]
+    args += ["--ready-file", str(ready)]
+    responder = subprocess.Popen(
+        args, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+    )
+    log_file.close()
+    deadline = time.monotonic() + RESPONDER_READY_S
+    while not ready.exists():
+        if responder.poll() is not None or time.monotonic() > deadline:
+            _stop(responder, 1.0)
+            raise RuntimeError(f"the auth callout responder did not start; see {log_file.name}")
+        time.sleep(0.05)
+    return responder
 
 
 def write_nats_config(
-    data_dir: Path, credentials: CredentialStore, port: int, extra_config: str | None = None
+    data_dir: Path, credentials: CredentialStore, port: int, extra_config: str = ""
 ) -> None:
-    """Render the config; `extra_config` is kept beside it (None: the one kept last time), so
-    `llooma hosts add` re-renders a cluster node with its cluster block."""
-    extra_file = data_dir / "extra.conf"
-    if extra_config is None:
-        extra_config = extra_file.read_text() if extra_file.exists() else ""
-    else:
-        extra_file.write_text(extra_config)
+    """Render the config (once, at start: admitting a host never changes it)."""
     config = render_nats_config(credentials, port, data_dir / "jetstream") + extra_config
     scratch = data_dir / "nats.conf.tmp"
     scratch.write_text(config)

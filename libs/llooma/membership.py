@@ -169,10 +169,11 @@ class ServiceDirectory:
     async def stop(self) -> None:
         await self.members.stop()
 
-    def gone(self, instance_id: str) -> bool:
-        """The instance has stopped beating, as far as a live view can tell: never while no
-        instance at all is fresh (the watch itself is down, e.g. in a NATS node's election)."""
-        fresh = self.members.fresh(self._stale_after_s)
+    def gone(self, instance_id: str, stale_after_s: float | None = None) -> bool:
+        """The instance has stopped beating (for `stale_after_s`, by default the directory's
+        limit), as far as a live view can tell: never while no instance at all is fresh (the
+        watch itself is down, e.g. in a NATS node's election)."""
+        fresh = self.members.fresh(stale_after_s or self._stale_after_s)
         return bool(fresh) and all(member.key != instance_id for member in fresh)
 
     def ready_instances(self) -> dict[str, int]:

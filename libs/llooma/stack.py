@@ -278,11 +278,6 @@ class Stack:
                 self.children.append(
                     Child(host.name, args, host_environment(env), logs / f"{host.name}.log")
                 )
-            server = self.nats or self.shared_nats
-            if server is not None:
-                server.reload()
-            if self.cluster is not None:
-                self.cluster.reload()
             for child in self.children:
                 child.spawn()
             self.wait_ready(ready_timeout_s)
@@ -341,6 +336,7 @@ class Stack:
         if kill:
             old.process.kill()
             old.process.wait()
+            old.stop_responder()
         else:
             old.stop()
         self.nats = EmbeddedNats.start(old.data_dir, old.port, credentials=old.credentials)

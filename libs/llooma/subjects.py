@@ -20,6 +20,8 @@ PIPELINE_PRIVACY = f"{PREFIX}.pipeline.privacy"
 PIPELINE_PLANNER = f"{PREFIX}.pipeline.planner"
 PIPELINE_DISPATCHER = f"{PREFIX}.pipeline.dispatcher"
 PIPELINE_RACER = f"{PREFIX}.pipeline.racer"
+# Ingress -> any live racer: finish an answer whose racer stopped (RaceResume).
+PIPELINE_RESUME = f"{PREFIX}.pipeline.resume"
 
 # Settlement events from the racer to accounting.
 SETTLEMENT_STREAM = "LLOOMA_SETTLEMENTS"
@@ -42,6 +44,7 @@ CONSUMER_PRIVACY = "privacy"
 CONSUMER_PLANNER = "planner"
 CONSUMER_DISPATCHER = "dispatcher"
 CONSUMER_RACER = "racer"
+CONSUMER_RACER_RESUME = "racer-resume"
 CONSUMER_ACCOUNTING = "accounting"
 CONSUMER_ACCOUNTING_DUELS = "accounting-duels"
 CONSUMER_ACCOUNTING_DELIVERIES = "accounting-deliveries"
@@ -68,6 +71,9 @@ BALANCES_BUCKET = "llooma_balances"
 # bucket has none (until then the ingress cannot tell "no balance" from "not yet published").
 BALANCES_COMPLETE_KEY = "all-published"
 LEDGER_BUCKET = "llooma_ledger"
+# A racer's record of each single-choice race it holds (RaceRecord, key = request id), for
+# another racer to take over and settle if it dies.
+RACES_BUCKET = "llooma_races"
 # Each host's stake locked in the ledger (key = host id, value = micro-credits, ASCII), published
 # by accounting; the dispatcher weights its draw by it.
 STAKES_BUCKET = "llooma_stakes"
@@ -122,13 +128,26 @@ def client_reply_prefix(ingress_instance: str) -> str:
     return f"{PREFIX}.reply.{ingress_instance}"
 
 
-def client_reply(ingress_instance: str, request_id: str) -> str:
-    return f"{PREFIX}.reply.{ingress_instance}.{request_id}"
+def client_reply(ingress_instance: str, request_id: str, generation: int = 0) -> str:
+    """`generation` > 0: the subject of a resumed race (a new one at each resume, so events
+    from a racer that was taken over are no longer routed)."""
+    suffix = f"-{generation}" if generation else ""
+    return f"{PREFIX}.reply.{ingress_instance}.{request_id}{suffix}"
+
+
+def is_client_reply(subject: str) -> bool:
+    return subject.startswith(f"{PREFIX}.reply.")
 
 
 def client_reply_request_id(subject: str) -> str:
     """The request id of a `client_reply` subject."""
-    return subject.rpartition(".")[2]
+    return client_reply_route(subject)[0]
+
+
+def client_reply_route(subject: str) -> tuple[str, int]:
+    """The request id and generation of a `client_reply` subject."""
+    request_id, _, generation = subject.rpartition(".")[2].partition("-")
+    return request_id, int(generation) if generation.isdigit() else 0
 
 
 def host_reply_prefix(racer_instance: str) -> str:
@@ -226,3 +245,13 @@ def request_cancel_request_id(subject: str) -> str:
 
 
 REQUEST_CANCEL_ANY = f"{PREFIX}.request.*.cancel"
+
+# NATS's own: the auth callout the server asks about each host connection (answered in the
+# control plane's account), and the system account's requests that find and close a
+# connection on every server of a cluster (`llooma hosts revoke`).
+AUTH_CALLOUT = "$SYS.REQ.USER.AUTH"
+SERVERS_CONNZ = "$SYS.REQ.SERVER.PING.CONNZ"
+
+
+def server_kick(server_id: str) -> str:
+    return f"$SYS.REQ.SERVER.{server_id}.KICK"

@@ -45,8 +45,10 @@ from llooma.v1.pipeline_pb2 import (
     PRIVACY_MODE_STRICT,
     PRIVACY_MODE_UNSPECIFIED,
     ChatRequest,
+    ClientDelta,
     ClientEvent,
     PrivacyMode,
+    RaceResume,
 )
 from llooma.v1.plan_pb2 import Plan
 from services.ingress.answers import (
@@ -80,7 +82,10 @@ PIPELINE_MARGIN_S = 10.0
 # Beyond the racer's own stall deadline, how long the ingress waits before giving up itself.
 STALL_MARGIN_S = 5.0
 # A stream quiet this long asks whether its racer still beats (no cost while tokens flow).
-RACER_CHECK_S = 1.0
+RACER_CHECK_S = 0.5
+# A racer that missed this many beats is taken for dead and its answer resumed elsewhere: a
+# mistake costs a takeover (the claim makes it safe), a late verdict a pause in the answer.
+RACER_MISSED_BEATS = 2
 
 # How long a model stays known after its last host left: requests for it get 503 (retried by
 # clients) rather than 404 (never retried) while its hosts restart or reconnect.
@@ -89,6 +94,21 @@ KNOWN_MODEL_MEMORY_S = 600.0
 
 class BodyTooLarge(Exception):
     pass
+
+
+@dataclass
+class Relayed:
+    """What a single-choice answer's client received, as the racer sent it (placeholders not
+    restored): where another racer resumes it if its racer stops."""
+
+    text: list[str]
+    tokens: int = 0
+    tool_calls: bool = False
+
+    def add(self, delta: ClientDelta) -> None:
+        self.text.append(delta.text)
+        self.tokens += delta.tokens
+        self.tool_calls = self.tool_calls or bool(delta.tool_calls_json)
 
 
 @dataclass
@@ -419,10 +439,10 @@ class Ingress:
 
     async def _next_live_event(
         self, queue: asyncio.Queue[bytes], timeout_s: float, racer: str
-    ) -> ClientEvent:
+    ) -> ClientEvent | None:
         """As `_next_event`, but a wait longer than `RACER_CHECK_S` asks whether the racer
-        relaying the answer still beats, and ends the stream as soon as it has stopped (its
-        race died with it; waiting on would only reach the stall limit)."""
+        relaying the answer still beats: None as soon as it has stopped (its race died with
+        it; waiting on would only reach the stall limit)."""
         if not racer:
             return await self._next_event(queue, timeout_s)
         loop = asyncio.get_running_loop()
@@ -435,15 +455,37 @@ class Ingress:
                 async with asyncio.timeout(wait_s):
                     return ClientEvent.FromString(await queue.get())
             except TimeoutError:
-                if self.services.gone(racer):
-                    log.warning("racer %s stopped while relaying an answer", racer)
-                    return ClientEvent(
-                        failed=ErrorDetail(
-                            code=ERROR_CODE_CONTROL_PLANE_UNAVAILABLE,
-                            message="the racer relaying this answer stopped; "
-                            "the answer is incomplete",
-                        )
-                    )
+                silent_s = RACER_MISSED_BEATS * self.settings.heartbeat_interval_s
+                if self.services.gone(racer, silent_s):
+                    return None
+
+    async def _resume(
+        self, request_id: str, queue: asyncio.Queue[bytes], relayed: Relayed, racer: str
+    ) -> str | ClientEvent:
+        """The racer relaying the answer stopped: ask a live one to finish the answer from
+        what the client received. Its first event (`started`) names it: the racer to watch
+        from then on; anything else ends the stream."""
+        log.warning("racer %s stopped while relaying request %s: resuming", racer, request_id)
+        if relayed.tool_calls:
+            return _racer_stopped("a tool call is never continued on another host")
+        resume = RaceResume(
+            request_id=request_id,
+            reply_subject=self.replies.reroute(request_id),
+            emitted="".join(relayed.text),
+            delivered_tokens=relayed.tokens,
+            racer_instance_id=racer,
+        )
+        try:
+            await bus.hand_off(
+                self.js, subjects.PIPELINE_RESUME, resume.SerializeToString(), resume.reply_subject
+            )
+        except Exception:
+            return _racer_stopped("the control plane is not reachable")
+        # The resuming racer answers at once, before its host's first token.
+        event = await self._next_event(queue, PIPELINE_MARGIN_S)
+        if event.WhichOneof("event") != "started":
+            return event
+        return event.started.racer_instance_id
 
     async def _events(
         self,
@@ -463,10 +505,18 @@ class Ingress:
         ) / 1000.0 + STALL_MARGIN_S
         done = False
         unfinished = choices
+        relayed = Relayed([])
         try:
             while not done:
                 batch = []
                 event = await self._next_live_event(queue, stall_s, racer)
+                while event is None:
+                    resumed = await self._resume(request_id, queue, relayed, racer)
+                    if isinstance(resumed, ClientEvent):
+                        event = resumed
+                    else:
+                        racer = resumed
+                        event = await self._next_live_event(queue, stall_s, racer)
                 while True:
                     kind = event.WhichOneof("event")
                     # Another `mapping` or `started` comes from a hand-off redelivered under
@@ -484,6 +534,10 @@ class Ingress:
                     event = ClientEvent.FromString(queue.get_nowait())
                 if not batch:
                     continue
+                if racer:
+                    for one in batch:
+                        if one.HasField("delta"):
+                            relayed.add(one.delta)
                 if restorers is not None:
                     batch = restore(batch, restorers)
                 yield batch
@@ -634,3 +688,13 @@ def _model_card(name: str) -> dict[str, object]:
 def _is_ascii_number(value: str) -> bool:
     # Not str.isdigit: "²".isdigit() holds (a latin-1 header byte), and int("²") raises.
     return value.isascii() and value.isdecimal()
+
+
+def _racer_stopped(why: str) -> ClientEvent:
+    return ClientEvent(
+        failed=ErrorDetail(
+            code=ERROR_CODE_CONTROL_PLANE_UNAVAILABLE,
+            message=f"the racer relaying this answer stopped and it cannot be resumed ({why}); "
+            "the answer is incomplete",
+        )
+    )

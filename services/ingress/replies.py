@@ -26,6 +26,8 @@ class ReplyRouter:
     def __init__(self, instance_id: str) -> None:
         self.instance_id = instance_id
         self._waiting: dict[str, asyncio.Queue[bytes]] = {}
+        # A resumed request hears only its latest racer (subjects.client_reply's generation).
+        self._generation: dict[str, int] = {}
 
     async def start(self, nc: Client) -> None:
         prefix = subjects.client_reply_prefix(self.instance_id)
@@ -39,11 +41,23 @@ class ReplyRouter:
         self._waiting[request_id] = queue
         return queue
 
+    def reroute(self, request_id: str) -> str:
+        """A new reply subject for an open request, whose racer is being replaced: from now
+        on events on the old one are dropped (that racer, if only slow, no longer speaks to
+        the client), and those already queued from it are discarded."""
+        generation = self._generation.get(request_id, 0) + 1
+        self._generation[request_id] = generation
+        queue = self._waiting[request_id]
+        while not queue.empty():
+            queue.get_nowait()
+        return subjects.client_reply(self.instance_id, request_id, generation)
+
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._waiting
 
     def close(self, request_id: str) -> bool:
         """Stop routing to the request; True if it was still open."""
+        self._generation.pop(request_id, None)
         return self._waiting.pop(request_id, None) is not None
 
     def connection_lost(self) -> int:
@@ -53,6 +67,7 @@ class ReplyRouter:
         return len(self._waiting)
 
     async def _route(self, msg: Msg) -> None:
-        queue = self._waiting.get(subjects.client_reply_request_id(msg.subject))
-        if queue is not None:
+        request_id, generation = subjects.client_reply_route(msg.subject)
+        queue = self._waiting.get(request_id)
+        if queue is not None and generation == self._generation.get(request_id, 0):
             queue.put_nowait(msg.data)

@@ -102,6 +102,8 @@ class RaceCore:
         self._heir_deadline = 0.0
         self._why = ""
         self._seam = Seam()
+        # Token chunks already told to the ingress (ClientDelta.tokens).
+        self._relayed_tokens = 0
         self._out: list[Command] = []
 
     @property
@@ -137,6 +139,31 @@ class RaceCore:
         else:
             for host in hosts[1:]:
                 self._launch(host, ATTEMPT_ROLE_RACER, now)
+        return self._take()
+
+    def resume(self, now: float, emitted: str, delivered_tokens: int) -> list[Command]:
+        """Take over a race whose racer stopped: its client has `emitted` (its answer's first
+        `delivered_tokens` token chunks); finish the answer on a spare host from there, as a
+        handover does. Told to the ingress first (a `started` naming this racer); with nothing
+        received yet, the race starts over."""
+        race = self.race
+        race.resumed = True
+        request = race.assignment.request
+        started = ClientStarted(
+            path=request.path, plan_decision=request.plan.decision, racer_instance_id=self._racer_id
+        )
+        self._out.append(Emit(ClientEvent(started=started)))
+        if not emitted and not delivered_tokens:
+            return [*self._take(), *self.start(now)]
+        race.emitted.append(emitted)
+        race.client_tokens = self._relayed_tokens = delivered_tokens
+        race.client_chars = len(emitted)
+        race.first_token_at = now
+        self._why = "its racer stopped"
+        try:
+            self._next_heir(now)
+        except RaceFailed as failure:
+            self._fail(failure)
         return self._take()
 
     def on_chunk(self, attempt_id: str, chunk: HostChunk, now: float) -> list[Command]:
@@ -447,7 +474,11 @@ class RaceCore:
                 self._cancel(attempt)
 
     def _flush(self) -> None:
-        for delta in self._answer.take():
+        deltas = self._answer.take()
+        if deltas:
+            deltas[0].tokens = self.race.client_tokens - self._relayed_tokens
+            self._relayed_tokens = self.race.client_tokens
+        for delta in deltas:
             self._out.append(Emit(ClientEvent(delta=delta)))
 
     def _fail(self, failure: RaceFailed) -> None:

@@ -8,7 +8,7 @@ from llooma import subjects
 from llooma.ledger.stakes import StakeBook
 from llooma.membership import HostDirectory
 from llooma.service import Service, serve
-from llooma.v1.pipeline_pb2 import TaskAssignment
+from llooma.v1.pipeline_pb2 import RaceResume, TaskAssignment
 from services.racer.duel import Duels
 from services.racer.race import Racer
 
@@ -43,12 +43,23 @@ async def setup(service: Service) -> None:
     async def race(msg: Msg) -> None:
         await racer.run_choices(TaskAssignment.FromString(msg.data))
 
+    async def resume(msg: Msg) -> None:
+        await racer.resume(RaceResume.FromString(msg.data))
+
     # Acked on receipt: a race is not replayed (its client already has a stream in flight);
-    # if this process dies mid-race, the ingress ends that client's stream with an error event.
+    # if this process dies mid-race, the ingress asks another racer to resume the answer
+    # from what the client received (`resume`), and that racer settles the dead race.
     await service.consume(
         subjects.PIPELINE_RACER,
         subjects.CONSUMER_RACER,
         race,
+        max_concurrency=MAX_CONCURRENT_RACES,
+        ack_first=True,
+    )
+    await service.consume(
+        subjects.PIPELINE_RESUME,
+        subjects.CONSUMER_RACER_RESUME,
+        resume,
         max_concurrency=MAX_CONCURRENT_RACES,
         ack_first=True,
     )

@@ -1,6 +1,11 @@
 """The racer's NATS side: routes host chunks, timers and client cancels into each race's core
 (core.py) and carries out its commands over a small I/O protocol (`RaceIO`); settles a
-finished race with report.py's settlements and race event, retried while NATS is away."""
+finished race with report.py's settlements and race event, retried while NATS is away; keeps
+each single-choice race's record (records.py) and resumes a dead racer's races.
+
+Over 400 lines for a reason: one race's wire side (`_Run`: inbox, spans, commands, record,
+settlement) shares the racer's routing tables; the takeover's claim and the record's writes
+live in records.py, its pure parts in takeover.py."""
 
 from __future__ import annotations
 
@@ -15,13 +20,14 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import BadRequestError
+from nats.js.kv import KeyValue
 from opentelemetry.trace import Span, SpanKind
 
 from llooma import bus, subjects, tracing
 from llooma.service import Service
 from llooma.v1.common_pb2 import ERROR_CODE_HOST_FAILED, ErrorCode, ErrorDetail
 from llooma.v1.host_pb2 import CancelTask, HostChunk, HostTask
-from llooma.v1.pipeline_pb2 import ClientEvent, TaskAssignment
+from llooma.v1.pipeline_pb2 import ClientEvent, RaceResume, TaskAssignment
 from llooma.v1.race_pb2 import AttemptRole
 from services.racer.commands import (
     Cancel,
@@ -35,6 +41,7 @@ from services.racer.commands import (
 from services.racer.core import RaceCore
 from services.racer.duel import Duels
 from services.racer.pace import Pace
+from services.racer.records import RecordWriter, races_bucket, take_over
 from services.racer.report import (
     ATTEMPT_OUTCOME_NAMES,
     attempt_usage,
@@ -45,6 +52,7 @@ from services.racer.report import (
     succeeded,
 )
 from services.racer.state import Attempt, Race
+from services.racer.takeover import race_record, record_state, recorded
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +141,13 @@ class Racer:
         self.pace = Pace()
         # A split request runs one race per node, all under the request's id.
         self._by_request: dict[str, set[asyncio.Task[None]]] = {}
+        # Where single-choice races are recorded for a takeover (None: not recorded).
+        self._races: KeyValue | None = None
 
     async def start(self, service: Service) -> None:
         if self._io is None:
             self._io = NatsIO(service.nc, service.js, self._instance_id)
+        self._races = await races_bucket(service.js)
         prefix = subjects.host_reply_prefix(self._instance_id)
         await service.subscribe(f"{prefix}.*", self._on_host_chunk)
         await service.subscribe(subjects.REQUEST_CANCEL_ANY, self._on_request_cancel)
@@ -167,12 +178,36 @@ class Racer:
             return
         await asyncio.gather(*(self.run(choice_assignment(assignment, i)) for i in range(count)))
 
-    async def run(self, assignment: TaskAssignment) -> None:
+    async def resume(self, resume: RaceResume) -> None:
+        """Finish the answer of a racer that stopped (the ingress asks), if its record can be
+        claimed: settle the dead race's attempts, then race on from what the client received."""
+        assert self._io is not None
+        assert self._races is not None
+        try:
+            taken = await take_over(self._races, self._io, self._instance_id, resume)
+        except Exception as error:
+            taken = f"its race could not be claimed ({error!r})"
+        if isinstance(taken, str):
+            log.warning("request %s not resumed: %s", resume.request_id, taken)
+            detail = ErrorDetail(code=ERROR_CODE_HOST_FAILED, message=taken)
+            await self._io.emit(resume.reply_subject, ClientEvent(failed=detail))
+            return
+        assignment, writer = taken
+        await self.run(assignment, writer, resume)
+
+    async def run(
+        self,
+        assignment: TaskAssignment,
+        writer: RecordWriter | None = None,
+        resume: RaceResume | None = None,
+    ) -> None:
         request_id = assignment.request.request_id
         task = asyncio.current_task()
         assert task is not None
         self._by_request.setdefault(request_id, set()).add(task)
-        run = _Run(self, assignment)
+        if writer is None and self._races is not None and recorded(assignment):
+            writer = RecordWriter(self._races, request_id)
+        run = _Run(self, assignment, writer, resume)
         try:
             await run.drive()
         except asyncio.CancelledError:
@@ -188,10 +223,19 @@ class Racer:
 class _Run:
     """One race on the wire: its inbox, spans and the core's commands carried out."""
 
-    def __init__(self, racer: Racer, assignment: TaskAssignment) -> None:
+    def __init__(
+        self,
+        racer: Racer,
+        assignment: TaskAssignment,
+        writer: RecordWriter | None,
+        resume: RaceResume | None,
+    ) -> None:
         assert racer._io is not None
         self._racer = racer
         self._io = racer._io
+        self._writer = writer
+        self._resume = resume
+        self._recorded: tuple[int, str] = (0, "")
         self._inbox: Inbox = asyncio.Queue()
         # Commands the core gave that have not been carried out yet (see `stop`).
         self._pending: deque[Command] = deque()
@@ -219,7 +263,13 @@ class _Run:
 
     async def drive(self) -> None:
         core = self.core
-        await self._execute(core.start(time.monotonic()))
+        resume = self._resume
+        if resume is None:
+            await self._execute(core.start(time.monotonic()))
+        else:
+            await self._execute(
+                core.resume(time.monotonic(), resume.emitted, resume.delivered_tokens)
+            )
         while not core.done:
             wakeup = core.wakeup_at
             try:
@@ -255,9 +305,18 @@ class _Run:
         for attempt_id in self.core.race.attempts:
             self._racer._inboxes.pop(attempt_id, None)
 
+    def _record(self) -> None:
+        """Rewrite the race's record when its attempts or its winner changed (not per token)."""
+        race = self.core.race
+        if self._writer is None or self.core.done or record_state(race) == self._recorded:
+            return
+        self._recorded = record_state(race)
+        self._writer.write(race_record(race, self._racer._instance_id))
+
     async def _execute(self, commands: list[Command]) -> None:
         io = self._io
         race = self.core.race
+        self._record()
         pending = self._pending
         pending.extend(commands)
         while pending:
@@ -317,7 +376,11 @@ class _Run:
         return span
 
     async def _settle(self, race: Race) -> None:
-        """Settle every attempt and publish the race event (both idempotent by id)."""
+        """Settle every attempt and publish the race event (both idempotent by id), unless
+        another racer took the race over (this one was thought dead): then that one does."""
+        if self._writer is not None and not await self._writer.release():
+            log.warning("race %s was taken over by another racer", race.assignment.task_id)
+            return
         now, unix_nanos = time.monotonic(), time.time_ns()
         paid, _ = paid_winner(race)
         # Concurrently: one attempt's retries while NATS is away do not hold up the others.

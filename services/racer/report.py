@@ -104,6 +104,10 @@ def settlements(race: Race, now: float, unix_nanos: int) -> list[TaskSettlement]
     settled = []
     for attempt in race.attempts.values():
         usage = paid_usage if attempt is paid and paid_usage is not None else None
+        if usage is not None and race.resumed:
+            usage = Usage(
+                output_tokens=usage.output_tokens, reported_by_engine=usage.reported_by_engine
+            )
         usage = usage or attempt.usage or Usage(output_tokens=attempt.output_tokens)
         what = outcome(attempt, paid)
         settlement = TaskSettlement(

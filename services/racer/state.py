@@ -93,6 +93,9 @@ class Race:
     # the winner it duels (the duel is judged only if that winner's whole answer went out).
     dueling: Attempt | None = None
     duel_winner: Attempt | None = None
+    # Taken over from a racer that stopped: the client's prompt was charged with the race
+    # taken over (its winner's settlement), so this one's winner pays for its output only.
+    resumed: bool = False
 
     @property
     def reply(self) -> str:

@@ -19,7 +19,7 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import KeyNotFoundError, ServiceUnavailableError
+from nats.js.errors import KeyNotFoundError, NoKeysError
 
 from llooma import bus, counters, subjects
 from llooma.embedded import EmbeddedNats
@@ -34,21 +34,16 @@ from tests.stack.test_race import chat
 
 
 async def service_counters(nc: Client, service: str) -> Counter[str]:
-    """The counters every live instance of `service` carries in its heartbeat, summed."""
-    # A credential issued or revoked reloads the server, which leaves the JetStream API
-    # silent for a few milliseconds (the services' hand-offs retry it the same way).
-    for _ in range(40):
-        try:
-            return await _service_counters(nc, service)
-        except ServiceUnavailableError:
-            await asyncio.sleep(0.05)
-    return await _service_counters(nc, service)
-
-
-async def _service_counters(nc: Client, service: str) -> Counter[str]:
+    """The counters every live instance of `service` carries in its heartbeat, summed (none
+    while the bucket holds no entry, as it can for a moment when heartbeats lag on a loaded
+    machine: the callers poll)."""
     kv = await nc.jetstream().key_value(subjects.SERVICES_BUCKET)
     total: Counter[str] = Counter()
-    for key in await kv.keys():
+    try:
+        keys = await kv.keys()
+    except NoKeysError:
+        return total
+    for key in keys:
         try:
             entry = await kv.get(key)
         except KeyNotFoundError:
@@ -100,8 +95,6 @@ class Mallory:
     async def __aenter__(self) -> Mallory:
         assert self.server.credentials is not None
         seed = self.server.credentials.issue(self.name)
-        self.server.reload()
-        await asyncio.sleep(0.3)
         self.nc = await connect_as(self.server, seed, self.errors)
         return self
 
@@ -112,7 +105,6 @@ class Mallory:
         await self.nc.close()
         assert self.server.credentials is not None
         self.server.credentials.revoke(self.name)
-        self.server.reload()
 
 
 @pytest.fixture
@@ -233,8 +225,6 @@ async def test_replies_a_host_names_land_in_no_stream_or_bucket(
 
     for watcher in watchers:
         await watcher.unsubscribe()
-    # Revoking Mallory reloaded the server: its JetStream API answers again within moments.
-    await asyncio.sleep(0.5)
     assert acks == []
     assert (await js.stream_info(stream)).state.messages == 0
     kv = await js.key_value(f"canary_{suffix}")

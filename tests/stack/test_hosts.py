@@ -21,8 +21,9 @@ import yaml
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from llooma import subjects
-from llooma.embedded import EmbeddedNats
+from llooma import admission, bus, subjects
+from llooma.credentials import CredentialStore, public_key
+from llooma.embedded import EmbeddedNats, start_responder
 from llooma.host.config import Generation, HostConfig, Latency, ModelConfig
 from llooma.processes import die_with_parent
 from llooma.stack import Stack
@@ -62,8 +63,6 @@ async def test_a_host_credential_allows_only_its_own_subjects(
     mallory, victim = f"mallory-{suffix}", f"victim-{suffix}"
     mallory_seed = server.credentials.issue(mallory)
     victim_seed = server.credentials.issue(victim)
-    server.reload()
-    await asyncio.sleep(0.3)
 
     errors: list[str] = []
     attacker = await connect_as(server, mallory_seed, errors)
@@ -185,7 +184,6 @@ async def seconds_until(http: httpx.AsyncClient, model: str, *, listed: bool) ->
 def solo_host(server: EmbeddedNats, name: str, model: str, **model_fields: object) -> HostConfig:
     assert server.credentials is not None
     seed = server.credentials.issue(name)
-    server.reload()
     return HostConfig(
         name=name,
         nats_url=server.url,
@@ -278,7 +276,9 @@ async def test_revoked_host_is_cut_off_within_5s(
     with host_process(write_host(tmp_path, config)):
         await seconds_until(http, model, listed=True)
         assert server.credentials.revoke(name)
-        server.reload()
+        system_seed = server.credentials.system_seed().read_text().strip()
+        key = public_key(kept_seed.read_bytes())
+        assert await admission.disconnect([server.url], system_seed, key) == []
         revoked_at = time.monotonic()
         await seconds_until(http, model, listed=False)
         assert time.monotonic() - revoked_at < 5.0
@@ -292,3 +292,55 @@ def test_stack_hosts_join_with_their_own_credentials(stack: Stack) -> None:
     if store is None:
         pytest.skip("needs the embedded NATS server with credentials")
     assert {"host-fast", "host-steady", "host-jittery"} <= set(store.hosts())
+
+
+async def test_a_host_refused_while_no_responder_answers_stays_and_a_revoked_one_leaves(
+    tmp_path: Path,
+) -> None:
+    """A server whose callout responder is away refuses every host (a NATS restart does this
+    for a moment): a connected host keeps trying and gets back in once a responder answers.
+    Revoked, it is refused the same way and leaves, with exit code 3, after the grace."""
+    store = CredentialStore(tmp_path / "credentials")
+    server = EmbeddedNats.start(tmp_path / "nats", credentials=store)
+    system_seed = store.system_seed().read_text().strip()
+    system = await nats.connect(server.url, nkeys_seed_str=system_seed)
+    try:
+        seed = store.issue("host-patient")
+        key = public_key(seed.read_bytes())
+        config = HostConfig(
+            name="host-patient",
+            nats_url=server.url,
+            credentials=seed,
+            heartbeat_interval_s=0.5,
+            models=[ModelConfig(name="patient")],
+        )
+
+        async def connected_within(seconds: float) -> bool:
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                if await admission.connections_of(system, key, 1):
+                    return True
+                await asyncio.sleep(0.1)
+            return False
+
+        with host_process(write_host(tmp_path, config)) as process:
+            assert await connected_within(20)
+            server.stop_responder()
+            assert await admission.disconnect([server.url], system_seed, key) == []
+            log = tmp_path / "nats" / "nats-server.log"
+            refusal = f'authentication error - Nkey "{key}"'
+            for _ in range(200):
+                if refusal in log.read_text():
+                    break
+                await asyncio.sleep(0.1)
+            assert refusal in log.read_text(), "the server never refused the host"
+            server.responder = start_responder(server.data_dir, store, server.url)
+            assert await connected_within(bus.REFUSAL_GRACE_S)
+            assert process.poll() is None
+            assert store.revoke("host-patient")
+            assert await admission.disconnect([server.url], system_seed, key) == []
+            exit_code = await asyncio.to_thread(process.wait, bus.REFUSAL_GRACE_S + 10)
+            assert exit_code == 3
+    finally:
+        await system.close()
+        server.stop()

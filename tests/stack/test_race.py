@@ -277,7 +277,6 @@ async def test_kill_9_of_a_host_mid_stream_continues_elsewhere(
             )
         ],
     )
-    nats_server.reload()
     path = tmp_path / "dying.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     process = subprocess.Popen(  # noqa: ASYNC220 - a child process that lives for the test

@@ -93,7 +93,6 @@ def extra_host(
     """A host worker serving `model`, with its own credential; ready once the ingress lists it."""
     assert server.credentials is not None
     seed = server.credentials.issue(name)
-    server.reload()
     config = HostConfig(
         name=name, nats_url=server.url, credentials=seed, heartbeat_interval_s=0.5, models=[model]
     )

@@ -160,9 +160,17 @@ class Sim:
         self._seq = itertools.count()
         self._host_of: dict[str, str] = {}
 
-    def run(self, cancel_at: float | None = None, limit_s: float = 600.0) -> Sim:
+    def run(
+        self,
+        cancel_at: float | None = None,
+        limit_s: float = 600.0,
+        *,
+        resume: tuple[str, int] | None = None,
+    ) -> Sim:
+        """`resume`: take the race over from a racer that stopped, the client having
+        received that text in that many token chunks."""
         core = self.core
-        self._do(core.start(self.now))
+        self._do(core.start(self.now) if resume is None else core.resume(self.now, *resume))
         while not core.done:
             chunk_at = self._pending[0][0] if self._pending else float("inf")
             wakeup = core.wakeup_at if core.wakeup_at is not None else float("inf")

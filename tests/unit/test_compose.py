@@ -15,7 +15,16 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from llooma.credentials import CONTROL_PLANE, accounts_block, host_user, public_key
+from llooma.credentials import (
+    CALLOUT_ISSUER,
+    CONTROL_PLANE,
+    SYSTEM_USER,
+    CredentialStore,
+    accounts_block,
+    callout_block,
+    nkey_user,
+    public_key,
+)
 from llooma.embedded import nats_server_binary
 from llooma.host.config import HostConfig
 
@@ -367,14 +376,24 @@ def mounted_files(definition: dict[str, Any]) -> dict[str, Path]:
 
 
 def test_nats_config_has_the_embedded_servers_accounts_layout() -> None:
-    """The same accounts, exports and imports as `llooma up` renders, for the dev keys."""
-    hosts = {name: dev_key(name) for name in ("host-a", "host-b")}
-    expected = accounts_block(
-        [f'{{ nkey: "{dev_key(CONTROL_PLANE)}" }}'],
-        [host_user(key, name) for name, key in sorted(hosts.items())],
+    """The same accounts, exports, imports and auth callout as `llooma up` renders, for the
+    dev keys; no host in it."""
+    control, system = dev_key(CONTROL_PLANE), dev_key(SYSTEM_USER)
+    expected = accounts_block([nkey_user(control)], [nkey_user(system)]) + callout_block(
+        dev_key(CALLOUT_ISSUER), [control, system]
     )
     text = (ROOT / "deploy" / "nats" / "nats.conf").read_text()
-    assert expected in text, "deploy/nats/nats.conf differs from llooma.credentials.accounts_block"
+    assert expected in text, "deploy/nats/nats.conf differs from llooma.credentials"
+    for host in ("host-a", "host-b"):
+        assert dev_key(host) not in text
+
+
+def test_the_dev_registry_admits_the_compose_hosts_and_no_reserved_name() -> None:
+    """The callout service answers from this registry: each compose host with its own key."""
+    store = CredentialStore(DEV_CREDENTIALS)
+    assert store.hosts() == {name: dev_key(name) for name in ("host-a", "host-b")}
+    for name in (CONTROL_PLANE, SYSTEM_USER, CALLOUT_ISSUER):
+        assert store.public(name) == dev_key(name)
 
 
 @pytest.mark.parametrize("folder", service_folders())

@@ -9,6 +9,11 @@ def test_every_parser_reads_back_what_its_builder_wrote() -> None:
     reply = subjects.client_reply("ingress-1", "req42")
     assert reply.startswith(subjects.client_reply_prefix("ingress-1") + ".")
     assert subjects.client_reply_request_id(reply) == "req42"
+    assert subjects.client_reply_route(reply) == ("req42", 0)
+    resumed = subjects.client_reply("ingress-1", "req42", 2)
+    assert subjects.client_reply_route(resumed) == ("req42", 2)
+    assert subjects.is_client_reply(resumed)
+    assert not subjects.is_client_reply(subjects.aggregation_nodes("agg-1", "req42"))
     tokens = subjects.host_reply("racer-1", "att7")
     assert tokens.startswith(subjects.host_reply_prefix("racer-1") + ".")
     assert subjects.host_reply_attempt_id(tokens) == "att7"

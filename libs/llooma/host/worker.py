@@ -449,7 +449,10 @@ async def run_worker(config: HostConfig, nc: Client, stop: asyncio.Event) -> Non
         await worker.drain()
         await nc.drain()
     else:
-        await nc.close()
+        # Disconnected (refused, or the server gone): nothing can be sent, but nats-py's close
+        # still writes what it buffered meanwhile (heartbeats) onto the closed socket.
+        with contextlib.suppress(RuntimeError):
+            await nc.close()
 
 
 def host_token(piece: str) -> HostToken:

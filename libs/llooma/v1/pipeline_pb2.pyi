@@ -318,8 +318,8 @@ class ClientStarted(_message.Message):
     the x-llooma-host header; `model` is the model that host serves (x-llooma-model).
     """
     racer_instance_id: _builtins.str
-    """The racer instance relaying the answer (empty on the split path): the ingress ends the
-    stream at once when that instance stops beating, rather than at its stall limit.
+    """The racer instance relaying the answer (empty on the split path): when that instance
+    stops beating, the ingress has another racer resume the answer (RaceResume).
     """
     def __init__(
         self,
@@ -348,6 +348,7 @@ class ClientDelta(_message.Message):
     LOGPROBS_JSON_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     EMBEDDINGS_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     reasoning: _builtins.str
     """A thinking model's reasoning, relayed as OpenAI-compatible servers do (reasoning_content)."""
@@ -355,6 +356,10 @@ class ClientDelta(_message.Message):
     """`logprobs.content` entries for `text` (HostToken.logprobs_json, joined with commas)."""
     finish_reason: _builtins.str
     """Set by the ingress only, with choices > 1: this choice is finished, for this reason."""
+    tokens: _builtins.int
+    """Token chunks of the answer in this delta (the racer's count): what a resumed race
+    subtracts from max_tokens.
+    """
     @_builtins.property
     def tool_calls_json(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The engine's `delta.tool_calls` arrays in arrival order, each exactly as it sent it: one
@@ -374,10 +379,11 @@ class ClientDelta(_message.Message):
         logprobs_json: _builtins.str = ...,
         finish_reason: _builtins.str = ...,
         embeddings: _abc.Iterable[_builtins.bytes] | None = ...,
+        tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings", "finish_reason", b"finish_reason", "logprobs_json", b"logprobs_json", "reasoning", b"reasoning", "text", b"text", "tool_calls_json", b"tool_calls_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings", "finish_reason", b"finish_reason", "logprobs_json", b"logprobs_json", "reasoning", b"reasoning", "text", b"text", "tokens", b"tokens", "tool_calls_json", b"tool_calls_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -405,3 +411,42 @@ class ClientFinished(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ClientFinished: _TypeAlias = ClientFinished  # noqa: Y015
+
+@_typing.final
+class RaceResume(_message.Message):
+    """From the ingress, when the racer relaying a single-choice answer stopped beating: finish
+    the answer from exactly what the client received.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    REPLY_SUBJECT_FIELD_NUMBER: _builtins.int
+    EMITTED_FIELD_NUMBER: _builtins.int
+    DELIVERED_TOKENS_FIELD_NUMBER: _builtins.int
+    RACER_INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    reply_subject: _builtins.str
+    """Where the resumed race's events go: a new subject, so the old racer (if only slow) is
+    no longer heard.
+    """
+    emitted: _builtins.str
+    """The answer's text as relayed to the ingress (placeholders not yet restored)."""
+    delivered_tokens: _builtins.int
+    racer_instance_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        reply_subject: _builtins.str = ...,
+        emitted: _builtins.str = ...,
+        delivered_tokens: _builtins.int = ...,
+        racer_instance_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered_tokens", b"delivered_tokens", "emitted", b"emitted", "racer_instance_id", b"racer_instance_id", "reply_subject", b"reply_subject", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RaceResume: _TypeAlias = RaceResume  # noqa: Y015

@@ -23,26 +23,31 @@ _sym_db = _symbol_database.Default()
 
 
 from llooma.v1 import common_pb2 as llooma_dot_v1_dot_common__pb2
+from llooma.v1 import pipeline_pb2 as llooma_dot_v1_dot_pipeline__pb2
 from llooma.v1 import settlement_pb2 as llooma_dot_v1_dot_settlement__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14llooma/v1/race.proto\x12\tllooma.v1\x1a\x16llooma/v1/common.proto\x1a\x1allooma/v1/settlement.proto\"\x96\x02\n\rAttemptReport\x12\x12\n\nattempt_id\x18\x01 \x01(\t\x12\x0f\n\x07host_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12$\n\x04role\x18\x04 \x01(\x0e\x32\x16.llooma.v1.AttemptRole\x12*\n\x07outcome\x18\x05 \x01(\x0e\x32\x19.llooma.v1.AttemptOutcome\x12\x19\n\x11launched_after_ms\x18\x06 \x01(\r\x12\x16\n\x0e\x66irst_token_ms\x18\x07 \x01(\r\x12\x15\n\routput_tokens\x18\x08 \x01(\r\x12\x0f\n\x07stalled\x18\t \x01(\x08\x12\x12\n\nviolations\x18\n \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x0b \x01(\x08\"\xfb\x02\n\tRaceEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12$\n\x04path\x18\x04 \x01(\x0e\x32\x16.llooma.v1.RequestPath\x12*\n\x08\x61ttempts\x18\x05 \x03(\x0b\x32\x18.llooma.v1.AttemptReport\x12\x16\n\x0ewinner_host_id\x18\x06 \x01(\t\x12\x16\n\x0e\x66irst_token_ms\x18\x07 \x01(\r\x12 \n\x18\x66irst_token_deadline_hit\x18\x08 \x01(\x08\x12\x15\n\rcontinuations\x18\t \x01(\r\x12\x11\n\tsucceeded\x18\n \x01(\x08\x12#\n\x05\x65rror\x18\x0b \x01(\x0e\x32\x14.llooma.v1.ErrorCode\x12\x1b\n\x13\x66inished_unix_nanos\x18\x0c \x01(\x03\x12\x15\n\routput_tokens\x18\r \x01(\r\x12\x13\n\x0b\x64uration_ms\x18\x0e \x01(\r\"\x9f\x01\n\x0cIngressTally\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12(\n\x07started\x18\x02 \x03(\x0b\x32\x17.llooma.v1.RequestStart\x12!\n\x19\x66\x61iled_before_first_token\x18\x03 \x01(\r\x12-\n\nrejections\x18\x04 \x03(\x0b\x32\x19.llooma.v1.RejectionCount\"H\n\x0cRequestStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x16\n\x0e\x66irst_token_ms\x18\x03 \x01(\x02\"=\n\x0eRejectionCount\x12\x0e\n\x06status\x18\x01 \x01(\r\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\r*\x95\x01\n\x0b\x41ttemptRole\x12\x1c\n\x18\x41TTEMPT_ROLE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41TTEMPT_ROLE_RACER\x10\x01\x12\x16\n\x12\x41TTEMPT_ROLE_HEDGE\x10\x02\x12\x19\n\x15\x41TTEMPT_ROLE_FALLBACK\x10\x03\x12\x1d\n\x19\x41TTEMPT_ROLE_CONTINUATION\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14llooma/v1/race.proto\x12\tllooma.v1\x1a\x16llooma/v1/common.proto\x1a\x18llooma/v1/pipeline.proto\x1a\x1allooma/v1/settlement.proto\"\x96\x02\n\rAttemptReport\x12\x12\n\nattempt_id\x18\x01 \x01(\t\x12\x0f\n\x07host_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12$\n\x04role\x18\x04 \x01(\x0e\x32\x16.llooma.v1.AttemptRole\x12*\n\x07outcome\x18\x05 \x01(\x0e\x32\x19.llooma.v1.AttemptOutcome\x12\x19\n\x11launched_after_ms\x18\x06 \x01(\r\x12\x16\n\x0e\x66irst_token_ms\x18\x07 \x01(\r\x12\x15\n\routput_tokens\x18\x08 \x01(\r\x12\x0f\n\x07stalled\x18\t \x01(\x08\x12\x12\n\nviolations\x18\n \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x0b \x01(\x08\"\xfb\x02\n\tRaceEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12$\n\x04path\x18\x04 \x01(\x0e\x32\x16.llooma.v1.RequestPath\x12*\n\x08\x61ttempts\x18\x05 \x03(\x0b\x32\x18.llooma.v1.AttemptReport\x12\x16\n\x0ewinner_host_id\x18\x06 \x01(\t\x12\x16\n\x0e\x66irst_token_ms\x18\x07 \x01(\r\x12 \n\x18\x66irst_token_deadline_hit\x18\x08 \x01(\x08\x12\x15\n\rcontinuations\x18\t \x01(\r\x12\x11\n\tsucceeded\x18\n \x01(\x08\x12#\n\x05\x65rror\x18\x0b \x01(\x0e\x32\x14.llooma.v1.ErrorCode\x12\x1b\n\x13\x66inished_unix_nanos\x18\x0c \x01(\x03\x12\x15\n\routput_tokens\x18\r \x01(\r\x12\x13\n\x0b\x64uration_ms\x18\x0e \x01(\r\"\x9f\x01\n\x0cIngressTally\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12(\n\x07started\x18\x02 \x03(\x0b\x32\x17.llooma.v1.RequestStart\x12!\n\x19\x66\x61iled_before_first_token\x18\x03 \x01(\r\x12-\n\nrejections\x18\x04 \x03(\x0b\x32\x19.llooma.v1.RejectionCount\"H\n\x0cRequestStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x16\n\x0e\x66irst_token_ms\x18\x03 \x01(\x02\"=\n\x0eRejectionCount\x12\x0e\n\x06status\x18\x01 \x01(\r\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\r\"\xbb\x01\n\nRaceRecord\x12-\n\nassignment\x18\x01 \x01(\x0b\x32\x19.llooma.v1.TaskAssignment\x12\x19\n\x11racer_instance_id\x18\x02 \x01(\t\x12,\n\x08\x61ttempts\x18\x03 \x03(\x0b\x32\x1a.llooma.v1.LaunchedAttempt\x12\x19\n\x11winner_attempt_id\x18\x04 \x01(\t\x12\x1a\n\x12winner_from_tokens\x18\x05 \x01(\r\"\x85\x01\n\x0fLaunchedAttempt\x12\x12\n\nattempt_id\x18\x01 \x01(\t\x12&\n\x04host\x18\x02 \x01(\x0b\x32\x18.llooma.v1.HostCandidate\x12$\n\x04role\x18\x03 \x01(\x0e\x32\x16.llooma.v1.AttemptRole\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\x08*\x95\x01\n\x0b\x41ttemptRole\x12\x1c\n\x18\x41TTEMPT_ROLE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41TTEMPT_ROLE_RACER\x10\x01\x12\x16\n\x12\x41TTEMPT_ROLE_HEDGE\x10\x02\x12\x19\n\x15\x41TTEMPT_ROLE_FALLBACK\x10\x03\x12\x1d\n\x19\x41TTEMPT_ROLE_CONTINUATION\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llooma.v1.race_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ATTEMPTROLE']._serialized_start=1050
-  _globals['_ATTEMPTROLE']._serialized_end=1199
-  _globals['_ATTEMPTREPORT']._serialized_start=88
-  _globals['_ATTEMPTREPORT']._serialized_end=366
-  _globals['_RACEEVENT']._serialized_start=369
-  _globals['_RACEEVENT']._serialized_end=748
-  _globals['_INGRESSTALLY']._serialized_start=751
-  _globals['_INGRESSTALLY']._serialized_end=910
-  _globals['_REQUESTSTART']._serialized_start=912
-  _globals['_REQUESTSTART']._serialized_end=984
-  _globals['_REJECTIONCOUNT']._serialized_start=986
-  _globals['_REJECTIONCOUNT']._serialized_end=1047
+  _globals['_ATTEMPTROLE']._serialized_start=1402
+  _globals['_ATTEMPTROLE']._serialized_end=1551
+  _globals['_ATTEMPTREPORT']._serialized_start=114
+  _globals['_ATTEMPTREPORT']._serialized_end=392
+  _globals['_RACEEVENT']._serialized_start=395
+  _globals['_RACEEVENT']._serialized_end=774
+  _globals['_INGRESSTALLY']._serialized_start=777
+  _globals['_INGRESSTALLY']._serialized_end=936
+  _globals['_REQUESTSTART']._serialized_start=938
+  _globals['_REQUESTSTART']._serialized_end=1010
+  _globals['_REJECTIONCOUNT']._serialized_start=1012
+  _globals['_REJECTIONCOUNT']._serialized_end=1073
+  _globals['_RACERECORD']._serialized_start=1076
+  _globals['_RACERECORD']._serialized_end=1263
+  _globals['_LAUNCHEDATTEMPT']._serialized_start=1266
+  _globals['_LAUNCHEDATTEMPT']._serialized_end=1399
 # @@protoc_insertion_point(module_scope)

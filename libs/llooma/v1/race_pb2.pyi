@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from llooma.v1 import common_pb2 as _common_pb2
+from llooma.v1 import pipeline_pb2 as _pipeline_pb2
 from llooma.v1 import settlement_pb2 as _settlement_pb2
 import builtins as _builtins
 import sys
@@ -255,3 +256,74 @@ class RejectionCount(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RejectionCount: _TypeAlias = RejectionCount  # noqa: Y015
+
+@_typing.final
+class RaceRecord(_message.Message):
+    """What the racer holding a single-choice race keeps in the races bucket (key: the request id)
+    while it runs, written at each launch and each change of winner, never per token: enough
+    for another racer to settle its attempts and finish the answer if it dies. Its revision is
+    the exclusive claim: the holder settles only if it can still delete its own revision.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASSIGNMENT_FIELD_NUMBER: _builtins.int
+    RACER_INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    WINNER_ATTEMPT_ID_FIELD_NUMBER: _builtins.int
+    WINNER_FROM_TOKENS_FIELD_NUMBER: _builtins.int
+    racer_instance_id: _builtins.str
+    winner_attempt_id: _builtins.str
+    """The attempt whose tokens the client is receiving, and the answer's token chunks already
+    relayed when it took over (a continuation's part starts there).
+    """
+    winner_from_tokens: _builtins.int
+    @_builtins.property
+    def assignment(self) -> _pipeline_pb2.TaskAssignment: ...
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___LaunchedAttempt]: ...
+    def __init__(
+        self,
+        *,
+        assignment: _pipeline_pb2.TaskAssignment | None = ...,
+        racer_instance_id: _builtins.str = ...,
+        attempts: _abc.Iterable[Global___LaunchedAttempt] | None = ...,
+        winner_attempt_id: _builtins.str = ...,
+        winner_from_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "attempts", b"attempts", "racer_instance_id", b"racer_instance_id", "winner_attempt_id", b"winner_attempt_id", "winner_from_tokens", b"winner_from_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RaceRecord: _TypeAlias = RaceRecord  # noqa: Y015
+
+@_typing.final
+class LaunchedAttempt(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPT_ID_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    attempt_id: _builtins.str
+    role: Global___AttemptRole.ValueType
+    accepted: _builtins.bool
+    @_builtins.property
+    def host(self) -> _pipeline_pb2.HostCandidate: ...
+    def __init__(
+        self,
+        *,
+        attempt_id: _builtins.str = ...,
+        host: _pipeline_pb2.HostCandidate | None = ...,
+        role: Global___AttemptRole.ValueType = ...,
+        accepted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["host", b"host"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "attempt_id", b"attempt_id", "host", b"host", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LaunchedAttempt: _TypeAlias = LaunchedAttempt  # noqa: Y015
