@@ -190,7 +190,15 @@ def rejection_metrics(text: str) -> dict[tuple[str, str], float]:
 async def rejections(
     client: httpx.AsyncClient,
 ) -> tuple[dict[str, Any], dict[tuple[str, str], float]]:
-    stats = (await client.get("/v1/stats")).json()["rejections"]["by_status"]
+    """/v1/stats' refusals once no other ingress's tally (about one a second) is on its way,
+    and this process's /metrics."""
+    stats: dict[str, Any] = {}
+    for _ in range(20):
+        previous = stats
+        stats = (await client.get("/v1/stats")).json()["rejections"]["by_status"]
+        if stats == previous:
+            break
+        await asyncio.sleep(1.5)
     return stats, rejection_metrics((await client.get("/metrics")).text)
 
 

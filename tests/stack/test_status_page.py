@@ -149,14 +149,21 @@ async def test_the_status_page_shows_the_hosts_and_the_numbers_of_v1_stats(
             assert shown == stats["first_token_ms"][path][q], (path, q)
     assert number(dom.stats["fallback.rate"][1]) == pytest.approx(stats["fallback"]["rate"])
     assert dom.wins == {(w["host_id"], w["model"]): w["wins"] for w in stats["race_wins"]}
-    rejections = stats["rejections"]
-    assert rejections["by_status"]["401"]["invalid_api_key"] >= 1
-    assert dom.stats["rejections.total"][1] == str(rejections["total"])
-    assert dom.rejections == {
-        f"{status} {reason}": count
-        for status, reasons in rejections["by_status"].items()
-        for reason, count in reasons.items()
-    }
+    assert stats["rejections"]["by_status"]["401"]["invalid_api_key"] >= 1
+    # Other ingresses' refusals are folded in from their tallies (about one a second): the
+    # page shows /v1/stats as it was read before it or after it.
+    refusals = (dom.stats["rejections.total"][1], dom.rejections)
+    assert refusals in [
+        (
+            str(read["rejections"]["total"]),
+            {
+                f"{status} {reason}": count
+                for status, reasons in read["rejections"]["by_status"].items()
+                for reason, count in reasons.items()
+            },
+        )
+        for read in (stats, after)
+    ], refusals
 
     demo = {"host-fast", "host-steady", "host-jittery"}
     assert demo <= set(dom.hosts), dom.hosts.keys()
