@@ -91,6 +91,10 @@ def write_secret(path: Path, value: str) -> None:
         handle.write(value + "\n")
 
 
+# What only accounting is given: the ledger's signing key, as a file or as the seed itself.
+SIGNER_ONLY_ENV = frozenset({"LLOOMA_LEDGER_SIGNING_KEY_FILE", "LLOOMA_LEDGER_SIGNING_KEY"})
+
+
 @dataclass
 class Child:
     name: str
@@ -243,14 +247,16 @@ class Stack:
                     "DATABASE_URL": self.database_url,
                     "LLOOMA_HTTP_PORT": str(self.http_port),
                     "LLOOMA_NATS_NKEY_SEED_FILE": self.control_seed or "",
-                    "LLOOMA_LEDGER_SIGNING_KEY_FILE": str(self.ledger_key_file),
                 }
             )
+            # Only accounting signs blocks: no other process is told where the key is.
+            signer_env = {**env, "LLOOMA_LEDGER_SIGNING_KEY_FILE": str(self.ledger_key_file)}
+            env = {k: v for k, v in env.items() if k not in SIGNER_ONLY_ENV}
             for service in SERVICES:
                 args = [sys.executable, "-m", f"services.{service}"]
                 for replica in range(1, self.replicas.get(service, 1) + 1):
                     name = service if replica == 1 else f"{service}-{replica}"
-                    child_env = env
+                    child_env = signer_env if service == "accounting" else env
                     if service == "ingress" and replica > 1:
                         # Each further ingress listens on a port of its own (ingress_urls).
                         port = free_port()

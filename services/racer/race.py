@@ -14,6 +14,7 @@ import contextlib
 import logging
 import random
 import time
+from collections import deque
 from typing import Protocol
 
 from nats.aio.client import Client
@@ -244,6 +245,8 @@ class _Run:
         self._resume = resume
         self._recorded: tuple[int, str] = (0, "")
         self._inbox: Inbox = asyncio.Queue()
+        # Commands the core gave that have not been carried out yet (see `stop`).
+        self._pending: deque[Command] = deque()
         self._spans: dict[str, Span] = {}
         self._span: Span | None = None
         self._choice = assignment.choice_index
@@ -301,9 +304,13 @@ class _Run:
         return self.core.on_chunk(attempt_id, chunk, time.monotonic())
 
     async def stop(self) -> None:
-        """However the race ended (finished, failed, cancelled by its client): settle it."""
+        """However the race ended (finished, failed, cancelled by its client): settle it. The
+        client's cancel can land while the race's last commands go out (the ingress cancels a
+        failed request as soon as it reads the failure): what it interrupted is carried out
+        here, its `Settle` included; the core, already done, would not give it again."""
         if not self.core.done:
-            await self._execute(self.core.on_cancel(time.monotonic()))
+            self._pending.extend(self.core.on_cancel(time.monotonic()))
+        await self._execute([])
         # A duel's loser outlives its race: what of its stream is still queued here is the
         # duel's (no await from here on, so no chunk lands in between).
         dueling, duels = self.core.race.dueling, self._racer._duels
@@ -326,7 +333,11 @@ class _Run:
         io = self._io
         race = self.core.race
         self._record()
-        for command in commands:
+        pending = self._pending
+        pending.extend(commands)
+        while pending:
+            # Taken off before it runs: a command a cancel interrupts is not run twice.
+            command = pending.popleft()
             if isinstance(command, Emit):
                 if self._span is not None and command.event.HasField("finished"):
                     finished = command.event.finished

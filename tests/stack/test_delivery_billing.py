@@ -16,6 +16,7 @@ import asyncpg
 import httpx
 import pytest
 from nats.aio.client import Client
+from nats.js.errors import NotFoundError
 
 from llooma.embedded import child_environment
 from llooma.ledger.deliveries import CUT_GRACE_S, Delivered, WinnerLeg, adjustment
@@ -23,8 +24,16 @@ from llooma.ledger.economics import PLATFORM, account_deltas
 from llooma.processes import die_with_parent, free_port
 from llooma.settings import DEV_API_KEY, api_key_id
 from llooma.stack import Stack
+from llooma.subjects import (
+    CONSUMER_ACCOUNTING,
+    CONSUMER_ACCOUNTING_DELIVERIES,
+    SETTLEMENT_DELIVERY,
+    SETTLEMENT_STREAM,
+    SETTLEMENT_TASK,
+)
 from llooma.v1.common_pb2 import Usage
 from llooma.v1.host_pb2 import HostChunk, HostFinished, HostTask, HostToken
+from llooma.v1.settlement_pb2 import DeliveryReport, TaskSettlement
 from tests.conftest import AUTH
 from tests.stack.test_race import wait_listed
 from tests.support.scripted_host import Reply, ScriptedHost
@@ -81,7 +90,37 @@ async def net(database_url: str, request_id: str, account: str) -> tuple[int, bo
         await conn.close()
 
 
-async def rebilled(database_url: str, request_id: str, account: str, timeout_s: float) -> int:
+async def on_the_stream(nc: Client, request_id: str) -> str:
+    """Where a request's settlements and delivery reports stopped: which of them reached the
+    settlements stream, and how far accounting's consumers have read it."""
+    js = nc.jetstream()
+    lines = []
+    for durable in (CONSUMER_ACCOUNTING, CONSUMER_ACCOUNTING_DELIVERIES):
+        info = await js.consumer_info(SETTLEMENT_STREAM, durable)
+        lines.append(
+            f"{durable}: pending {info.num_pending}, ack pending {info.num_ack_pending}, "
+            f"redelivered {info.num_redelivered}, delivered {info.delivered}"
+        )
+    last = (await js.stream_info(SETTLEMENT_STREAM)).state.last_seq
+    for sequence in range(max(1, last - 500), last + 1):
+        try:
+            message = await js.get_msg(SETTLEMENT_STREAM, sequence)
+        except NotFoundError:
+            continue
+        if message.subject == SETTLEMENT_TASK:
+            task = TaskSettlement.FromString(message.data or b"")
+            if task.request_id == request_id:
+                lines.append(f"seq {sequence}: settlement of {task.attempt_id}")
+        elif message.subject == SETTLEMENT_DELIVERY:
+            report = DeliveryReport.FromString(message.data or b"")
+            if report.request_id == request_id:
+                lines.append(f"seq {sequence}: report final={report.final}")
+    return "; ".join(lines)
+
+
+async def rebilled(
+    database_url: str, request_id: str, account: str, timeout_s: float, nc: Client
+) -> int:
     deadline = time.monotonic() + timeout_s
     while True:
         total, done = await net(database_url, request_id, account)
@@ -100,14 +139,17 @@ async def rebilled(database_url: str, request_id: str, account: str, timeout_s: 
                 )
             finally:
                 await conn.close()
-            raise AssertionError(f"{request_id} was not re-billed: {seen} {settled}")
+            stream = await on_the_stream(nc, request_id)
+            raise AssertionError(f"{request_id} was not re-billed: {seen} {settled}; {stream}")
         await asyncio.sleep(0.3)
 
 
 # Open (issue 17), rarer now: a repeated privacy mapping (a redelivered hand-off) answered
 # 500, and a final report batched behind its request's first one was dropped; both fixed.
-# Still seen once in ~10 runs on a loaded machine: after 30 s only the request's first report
-# had landed (final false) and none of its task settlements, nothing logged. Not strict.
+# Seen once in ~10 full-suite runs on a loaded machine: after 30 s only the request's first
+# report had landed (final false) and none of its task settlements, nothing logged. Not
+# reproduced in 107 runs of this test alone, under CPU and fsync load, or after the stack
+# files before it; a failure now says where the messages stopped (`on_the_stream`).
 @pytest.mark.xfail(reason="final report and settlements not landed within 30 s", strict=False)
 async def test_a_failed_non_streaming_request_charges_nothing_and_pays_nothing(
     http: httpx.AsyncClient, nc: Client, database_url: str
@@ -127,7 +169,7 @@ async def test_a_failed_non_streaming_request_charges_nothing_and_pays_nothing(
         response = await http.post("/v1/chat/completions", json=body, headers=headers)
     assert response.status_code == 502, response.text
     request_id = response.headers["x-llooma-request-id"]
-    assert await rebilled(database_url, request_id, USER, 30) == 0
+    assert await rebilled(database_url, request_id, USER, 30, nc) == 0
     assert (await net(database_url, request_id, f"host:{host}"))[0] == 0
 
 
@@ -205,7 +247,7 @@ async def test_a_stream_cut_by_a_killed_ingress_is_billed_for_what_was_delivered
         process.kill()
         process.wait()
     assert 25 <= received < 48
-    charged = -await rebilled(database_url, request_id, USER, CUT_GRACE_S + 30)
+    charged = -await rebilled(database_url, request_id, USER, CUT_GRACE_S + 30, nc)
     conn = await asyncpg.connect(database_url)
     try:
         prompt = await conn.fetchval(

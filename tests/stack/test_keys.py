@@ -1,7 +1,8 @@
 """Managed API keys end to end on two ingresses: created through the admin API (and the CLI),
 used, refused once their budget is spent (402), topped up, limited to their models, expired,
-revoked (401 on both ingresses within 1 s); spend per key equals the ledger's charges; every
-refusal is counted by status and reason."""
+revoked (401 on both ingresses within 1 s), changed (on both within 1 s); spend per key equals
+the ledger's charges; every refusal is counted by status and reason, in /v1/stats and
+/metrics."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import asyncpg
 import httpx
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from llooma.keys import KeyRecord
 from llooma.settings import DEV_API_KEY, api_key_id
@@ -152,6 +154,87 @@ async def test_key_lifecycle_on_two_ingresses(
     assert stats["402"]["insufficient_balance"] >= 1
     assert stats["401"]["invalid_api_key"] >= 1
     assert 'llooma_requests_rejected_total{error_type="insufficient_balance"' in metrics
+
+
+async def test_a_change_takes_effect_on_both_ingresses_within_1_s(
+    stack: Stack, second_ingress: str, admin: httpx.AsyncClient
+) -> None:
+    urls = [stack.base_url, second_ingress]
+    created = (await admin.post("/admin/v1/keys", json={"name": "changed", "budget": 5})).json()
+    key, key_id = created["key"], created["key_id"]
+    await until_status(urls, key, 200, timeout_s=1.0)
+    narrowed = await admin.patch(f"/admin/v1/keys/{key_id}", json={"models": ["synthetic-small"]})
+    assert narrowed.status_code == 200, narrowed.text
+    assert await until_status(urls, key, 404, timeout_s=1.0) < 1.0
+    widened = await admin.patch(f"/admin/v1/keys/{key_id}", json={"models": []})
+    assert widened.status_code == 200, widened.text
+    assert await until_status(urls, key, 200, timeout_s=1.0) < 1.0
+    expired = await admin.patch(f"/admin/v1/keys/{key_id}", json={"expires_at": time.time() - 1})
+    assert expired.status_code == 200, expired.text
+    assert await until_status(urls, key, 401, timeout_s=1.0) < 1.0
+
+
+def rejection_metrics(text: str) -> dict[tuple[str, str], float]:
+    """/metrics' refusal counter: (status, reason) -> count."""
+    counts: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "llooma_requests_rejected":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                labels = sample.labels
+                counts[(labels["http_response_status_code"], labels["error_type"])] = sample.value
+    return counts
+
+
+async def rejections(
+    client: httpx.AsyncClient,
+) -> tuple[dict[str, Any], dict[tuple[str, str], float]]:
+    """/v1/stats' refusals once no other ingress's tally (about one a second) is on its way,
+    and this process's /metrics."""
+    stats: dict[str, Any] = {}
+    for _ in range(20):
+        previous = stats
+        stats = (await client.get("/v1/stats")).json()["rejections"]["by_status"]
+        if stats == previous:
+            break
+        await asyncio.sleep(1.5)
+    return stats, rejection_metrics((await client.get("/metrics")).text)
+
+
+async def test_every_refusal_is_counted_by_status_and_reason(
+    stack: Stack, admin: httpx.AsyncClient
+) -> None:
+    slow = (
+        await admin.post("/admin/v1/keys", json={"name": "rpm-2", "budget": 5, "rpm": 2})
+    ).json()
+    small = (
+        await admin.post("/admin/v1/keys", json={"name": "tpm", "budget": 5, "tpm": 100})
+    ).json()
+    broke = (await admin.post("/admin/v1/keys", json={"name": "broke", "budget": 0})).json()
+    await until_status([stack.base_url], small["key"], 200, timeout_s=1.0)
+    huge = {**BODY, "messages": [{"role": "user", "content": "x" * (1024 * 1024 + 1)}]}
+    refusals: list[tuple[str, dict[str, Any], tuple[int, str]]] = [
+        ("sk-no-such-key", BODY, (401, "invalid_api_key")),
+        (broke["key"], BODY, (402, "insufficient_balance")),
+        (DEV_API_KEY, {**BODY, "model": "no-such-model"}, (404, "model_not_found")),
+        (DEV_API_KEY, huge, (413, "body_too_large")),
+        (small["key"], {**BODY, "max_tokens": 1000}, (413, "tokens_exceed_limit")),
+    ]
+    async with httpx.AsyncClient(base_url=stack.base_url, timeout=30) as client:
+        # rpm 2 with a one-second burst: the bucket holds one request, the second is refused.
+        assert await chat(stack.base_url, slow["key"]) == 200
+        stats_before, metrics_before = await rejections(client)
+        statuses = [await chat(stack.base_url, key, body) for key, body, _ in refusals]
+        statuses.append(await chat(stack.base_url, slow["key"]))
+        stats_after, metrics_after = await rejections(client)
+    expected = [kind for _, _, kind in refusals] + [(429, "rate_limit_exceeded")]
+    assert statuses == [status for status, _ in expected]
+    for status, reason in expected:
+        label = (str(status), reason)
+        count_before = stats_before.get(str(status), {}).get(reason, 0)
+        assert stats_after[str(status)][reason] - count_before == 1, label
+        assert metrics_after[label] - metrics_before.get(label, 0.0) == 1.0, label
 
 
 async def test_models_expiry_and_rates_of_a_managed_key(

@@ -1,11 +1,13 @@
 """What a signing key or the database alone cannot hide: every block's height and id is
 anchored in a JetStream stream outside the database, so re-sealing a changed block with the
 real key, cutting blocks off the end and rewriting the chain from its first block are all
-caught by verify; and the report's tables outside the chain (host tallies, totals, completed
-requests, settlements) are re-derived, so editing them is caught too."""
+caught by verify (`llooma ledger verify` too, on a forged database); and the report's tables
+outside the chain (host tallies, totals, completed requests, settlements) are re-derived, so
+editing them is caught too."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -16,11 +18,12 @@ from nats.js.errors import APIError
 
 from llooma import bus, subjects
 from llooma.ledger.anchors import Anchorer, read_anchors
-from llooma.ledger.blocks import GENESIS_ID, Entry, Signer
+from llooma.ledger.blocks import GENESIS_ID, Entry, Signer, public_key_path
 from llooma.ledger.economics import deposit
 from llooma.ledger.store import LedgerStore
 from llooma.ledger.verify import Verdict, verify_ledger
 from llooma.v1.settlement_pb2 import ATTEMPT_OUTCOME_LOST, ATTEMPT_OUTCOME_WON
+from tests.stack.test_billing import llooma
 from tests.stack.test_ledger import PRICES, settlement
 from tests.support.ledger_db import fresh_database
 
@@ -215,6 +218,34 @@ async def test_the_anchors_catch_what_the_signing_key_can_forge(
     assert not verdict.ok
     assert verdict.bad_height == height, verdict
     assert reason in verdict.reason, verdict
+
+
+@pytest.mark.parametrize("case", sorted(CHAIN_TAMPERS))
+async def test_the_cli_names_the_forged_block(
+    ledger: tuple[str, Signer, dict[int, str]],
+    nats_url: str,
+    control_seed: str | None,
+    tmp_path: Path,
+    case: str,
+) -> None:
+    dsn, signer, _ = ledger
+    tamper, height, reason = CHAIN_TAMPERS[case]
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            await conn.execute("SET LOCAL session_replication_role = replica")
+            await tamper(conn, signer)
+    finally:
+        await conn.close()
+    key = str(public_key_path(tmp_path / "accounting" / "ledger.key"))
+    common = ["verify", "--database-url", dsn, "--key-file", key, "--data-dir", str(tmp_path)]
+    forged = await asyncio.to_thread(llooma, *common, "--no-anchors")
+    assert forged.returncode == 0, forged.stdout + forged.stderr
+    anchors = ["--nats-url", nats_url, "--seed", control_seed or ""]
+    caught = await asyncio.to_thread(llooma, *common, *anchors)
+    assert caught.returncode == 1, caught.stdout + caught.stderr
+    assert f"first bad block {height}" in caught.stdout, caught.stdout
+    assert reason in caught.stdout, caught.stdout
 
 
 @pytest.mark.parametrize("case", sorted(TABLE_TAMPERS))

@@ -1,5 +1,6 @@
 """One signer per ledger: accounting replicas on an empty ledger never each create a key of
-their own; one holding another key than the ledger's refuses to start, saying why."""
+their own; one holding another key than the ledger's refuses to start, saying why; and the key
+sits in a folder of its own, apart from the data, told to accounting alone."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import asyncpg
 import pytest
 
 from llooma.ledger.blocks import Signer
+from llooma.stack import SIGNER_ONLY_ENV, Stack
 from services.accounting.main import open_signer
 from tests.support.ledger_db import fresh_database
 
@@ -61,3 +63,19 @@ async def test_a_replica_with_another_key_refuses_to_start(
         await open_signer(pool, tmp_path / "other.key")
     with pytest.raises(SystemExit, match=mine.public_key):
         await open_signer(pool, tmp_path / "elsewhere.key", (tmp_path / "other.key").read_text())
+
+
+def test_the_signing_key_is_apart_from_the_data_and_told_only_to_accounting(stack: Stack) -> None:
+    key = stack.ledger_key_file
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    assert oct(key.parent.stat().st_mode & 0o777) == "0o700"
+    # A folder of its own: no database, NATS store or other credential beside it.
+    assert sorted(p.name for p in key.parent.iterdir()) == [key.name, f"{key.stem}.pub"]
+    told = set()
+    for child in stack.children:
+        assert child.process is not None
+        environ = Path(f"/proc/{child.process.pid}/environ").read_bytes().split(b"\0")
+        names = {entry.split(b"=", 1)[0].decode() for entry in environ if entry}
+        if names & SIGNER_ONLY_ENV:
+            told.add(child.name)
+    assert told == {"accounting"}

@@ -1,5 +1,6 @@
-"""The status page in headless Chromium against the running stack: its DOM shows the live hosts
-and the numbers of /v1/stats; the screenshot goes to bench/results/status-page.png."""
+"""The status page in headless Chromium against the running stack: its DOM shows the live hosts,
+the numbers of /v1/stats and its refusals by status and reason; the screenshot goes to
+bench/results/status-page.png."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ class StatusDom(HTMLParser):
         self.stats: dict[str, tuple[str, str | None]] = {}
         self.hosts: dict[str, dict[str, tuple[str, str | None]]] = {}
         self.wins: dict[tuple[str, str], int] = {}
+        self.rejections: dict[str, int] = {}
         self.loaded = False
         self._open: tuple[str, str | None] | None = None
         self._text: list[str] = []
@@ -46,6 +48,8 @@ class StatusDom(HTMLParser):
         found = dict(attrs)
         if tag == "body" and found.get("data-loaded") == "true":
             self.loaded = True
+        if tag == "tr" and found.get("data-rejection"):
+            self.rejections[found["data-rejection"] or ""] = int(found.get("data-count") or 0)
         host = found.get("data-host")
         if tag == "tr" and host:
             self._host = host
@@ -126,6 +130,8 @@ async def test_the_status_page_shows_the_hosts_and_the_numbers_of_v1_stats(
         }
         response = await http.post("/v1/chat/completions", json=body, headers=AUTH)
         assert response.status_code == 200, response.text
+    refused = await http.post("/v1/chat/completions", json=body, headers={"Authorization": "x"})
+    assert refused.status_code == 401
     stats = await settled(http)
 
     dom = StatusDom()
@@ -143,6 +149,21 @@ async def test_the_status_page_shows_the_hosts_and_the_numbers_of_v1_stats(
             assert shown == stats["first_token_ms"][path][q], (path, q)
     assert number(dom.stats["fallback.rate"][1]) == pytest.approx(stats["fallback"]["rate"])
     assert dom.wins == {(w["host_id"], w["model"]): w["wins"] for w in stats["race_wins"]}
+    assert stats["rejections"]["by_status"]["401"]["invalid_api_key"] >= 1
+    # Other ingresses' refusals are folded in from their tallies (about one a second): the
+    # page shows /v1/stats as it was read before it or after it.
+    refusals = (dom.stats["rejections.total"][1], dom.rejections)
+    assert refusals in [
+        (
+            str(read["rejections"]["total"]),
+            {
+                f"{status} {reason}": count
+                for status, reasons in read["rejections"]["by_status"].items()
+                for reason, count in reasons.items()
+            },
+        )
+        for read in (stats, after)
+    ], refusals
 
     demo = {"host-fast", "host-steady", "host-jittery"}
     assert demo <= set(dom.hosts), dom.hosts.keys()
