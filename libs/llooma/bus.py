@@ -225,6 +225,24 @@ def access_for(
     )
 
 
+class _Client(Client):
+    """nats-py's client, with a PONG that answers a cancelled flush tolerated.
+
+    nats-py 2.16 sets the result of the oldest flush's future on every PONG, even when that
+    flush was cancelled (a task stopped while it waited): the read loop then raises
+    InvalidStateError and stops reading for good, so the connection silently receives
+    nothing more. A cancelled flush's PING is still answered, so its PONG is consumed here
+    in turn and only a live future is resolved."""
+
+    async def _process_pong(self) -> None:
+        if self._pongs:
+            future = self._pongs.pop(0)
+            if not future.done():
+                future.set_result(True)
+            self._pongs_received += 1
+            self._pings_outstanding = 0
+
+
 async def connect(
     url: str | Sequence[str],
     name: str,
@@ -275,8 +293,9 @@ async def connect(
 
     for _ in range(attempts):
         # nats-py retries a refused first connect by itself, forever: stop it on a refusal.
+        client = _Client()
         connecting = asyncio.ensure_future(
-            nats.connect(
+            client.connect(
                 servers,
                 name=name,
                 **options,
@@ -284,7 +303,8 @@ async def connect(
                 reconnected_cb=reconnected,
                 disconnected_cb=disconnected,
                 max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
+                # Annotated int, but slept as seconds: half a second is meant.
+                reconnect_time_wait=0.5,  # type: ignore[arg-type]
             )
         )
         try:
@@ -297,7 +317,8 @@ async def connect(
                 raise CredentialRefused(
                     f"NATS at {', '.join(servers)} refused the credential: {refused[0]}"
                 )
-            return connecting.result()
+            connecting.result()
+            return client
         except CredentialRefused:
             raise
         except Exception as error:  # nats-py raises several unrelated types here

@@ -85,7 +85,7 @@ class RaceCore:
     ) -> None:
         race = Race(assignment, now, fallback_timeout_s)
         self._racer_id = racer_id
-        race.prompt_tokens = prompt_tokens(assignment.request.messages)
+        race.prompt_tokens = prompt_tokens(assignment.request.messages, assignment.request.params)
         # The fallback pool first; raced hosts that said no may still continue a stream.
         race.spare = [*assignment.fallback, *assignment.hosts]
         self.race = race

@@ -58,7 +58,7 @@ def host_task(race: Race, attempt: Attempt, messages: list[ChatMessage] | None) 
     if messages is None:
         attempt.prompt_tokens = race.prompt_tokens
     else:
-        attempt.prompt_tokens = prompt_tokens(messages)
+        attempt.prompt_tokens = prompt_tokens(messages, params)
         if params.max_tokens:
             params = GenerationParams()
             params.CopyFrom(request.params)

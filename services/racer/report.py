@@ -14,7 +14,7 @@ from llooma.v1.settlement_pb2 import (
     ATTEMPT_OUTCOME_WON,
     TaskSettlement,
 )
-from services.racer.state import PROMPT_CHARS_PER_TOKEN, Attempt, Race
+from services.racer.state import Attempt, Race
 
 ATTEMPT_OUTCOME_NAMES: dict[int, str] = {
     ATTEMPT_OUTCOME_WON: "won",
@@ -62,14 +62,11 @@ def overclaimed(attempt: Attempt, reported: Usage, params: GenerationParams) -> 
     """The usage rule (docs/SECURITY.md): a host's own usage report is a violation when it
     claims more completion tokens than `output_ceiling` plus USAGE_CLAIM_SLACK_TOKENS, or more
     prompt tokens than PROMPT_CLAIM_ABSURD_FACTOR times what the prompt it was sent (its
-    messages, tools and response format) can cost."""
+    messages, tools and response format: `state.prompt_tokens`) can cost."""
     ceiling = output_ceiling(attempt, reported.reported_by_engine, params.stop)
     if reported.output_tokens > ceiling + USAGE_CLAIM_SLACK_TOKENS:
         return True
-    # Tool definitions and a schema reach the engine beside the messages: the same allowance.
-    spliced = len(params.tools_json) + len(params.response_format_json)
-    prompt = attempt.prompt_tokens + spliced // PROMPT_CHARS_PER_TOKEN
-    return reported.input_tokens > PROMPT_CLAIM_ABSURD_FACTOR * prompt
+    return reported.input_tokens > PROMPT_CLAIM_ABSURD_FACTOR * attempt.prompt_tokens
 
 
 def delivered_tokens(attempt: Attempt, usage: Usage | None) -> int:

@@ -11,6 +11,7 @@ from llooma.v1.common_pb2 import (
     ChatMessage,
     ErrorCode,
     ErrorDetail,
+    GenerationParams,
     Usage,
 )
 from llooma.v1.pipeline_pb2 import HostCandidate, TaskAssignment
@@ -140,9 +141,14 @@ def rejected(attempt: Attempt, detail: ErrorDetail) -> RaceFailed:
     return RaceFailed(ERROR_CODE_REQUEST_REJECTED, detail.message, detail)
 
 
-def prompt_tokens(messages: Iterable[ChatMessage]) -> int:
+def prompt_tokens(messages: Iterable[ChatMessage], params: GenerationParams) -> int:
     """The racer's ceiling on what a prompt can cost in tokens (hosts report usage, but a host's
-    report is a claim)."""
-    return PROMPT_TOKENS_PER_PROMPT + sum(
-        len(m.content) // PROMPT_CHARS_PER_TOKEN + PROMPT_TOKENS_PER_MESSAGE for m in messages
+    report is a claim): the messages, and the tool definitions and schema that reach the engine
+    beside them, with the same allowance per character."""
+    spliced = len(params.tools_json) + len(params.response_format_json)
+    per_message = (len(m.content) // PROMPT_CHARS_PER_TOKEN for m in messages)
+    return (
+        PROMPT_TOKENS_PER_PROMPT
+        + spliced // PROMPT_CHARS_PER_TOKEN
+        + sum(tokens + PROMPT_TOKENS_PER_MESSAGE for tokens in per_message)
     )

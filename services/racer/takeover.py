@@ -53,7 +53,8 @@ def taken_over(record: RaceRecord, delivered_tokens: int, now: float) -> Race:
     for that; every other attempt is a loser with no verified token (the dead racer's counts
     died with it), so it earns no fee."""
     race = Race(record.assignment, now, 0.0)
-    race.prompt_tokens = prompt_tokens(record.assignment.request.messages)
+    request = record.assignment.request
+    race.prompt_tokens = prompt_tokens(request.messages, request.params)
     for launched in record.attempts:
         attempt = Attempt(launched.attempt_id, launched.host, launched.role, now)
         attempt.accepted = launched.accepted

@@ -14,7 +14,13 @@ from nats.aio.msg import Msg
 
 from llooma import subjects
 from llooma.answer_text import MAX_CHUNK_CHARS, Sanitizer, clean
-from llooma.v1.common_pb2 import ERROR_CODE_HOST_BUSY, ChatMessage, ErrorDetail, Usage
+from llooma.v1.common_pb2 import (
+    ERROR_CODE_HOST_BUSY,
+    ChatMessage,
+    ErrorDetail,
+    GenerationParams,
+    Usage,
+)
 from llooma.v1.host_pb2 import HostChunk, HostFinished, HostTask, HostToken
 from llooma.v1.settlement_pb2 import (
     ATTEMPT_OUTCOME_FAILED,
@@ -101,7 +107,10 @@ def test_sanitizer_counts_what_flush_removes() -> None:
 
 def test_prompt_ceiling_counts_characters_and_messages() -> None:
     messages = [ChatMessage(role="user", content="x" * 100), ChatMessage(role="user", content="")]
-    assert prompt_tokens(messages) == 16 + 50 + 2 * 16
+    assert prompt_tokens(messages, GenerationParams()) == 16 + 50 + 2 * 16
+    # Tool definitions and a schema reach the engine too: a large tool list is not billed free.
+    tools = GenerationParams(tools_json="t" * 400, response_format_json="r" * 200)
+    assert prompt_tokens(messages, tools) == 16 + 50 + 2 * 16 + 300
 
 
 def _token(text: str) -> HostChunk:
@@ -206,7 +215,7 @@ async def test_usage_claims_are_clamped_to_what_the_racer_counted(
     settled = (await settlements.wait_for(request_id))[f"claimer-{model}"]
     assert settled.outcome == ATTEMPT_OUTCOME_WON
     assert settled.usage.output_tokens == 1
-    ceiling = prompt_tokens([ChatMessage(role="user", content="go")])
+    ceiling = prompt_tokens([ChatMessage(role="user", content="go")], GenerationParams())
     assert settled.usage.input_tokens == ceiling
     assert response.json()["usage"]["completion_tokens"] == 1
     assert response.json()["usage"]["prompt_tokens"] == ceiling

@@ -4,6 +4,8 @@ several NATS URLs where one is taken."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js.errors import BadRequestError
 
 from llooma import bus, subjects
@@ -156,3 +159,29 @@ async def test_a_hand_off_is_retried_while_a_stream_elects_a_leader() -> None:
     with pytest.raises(BadRequestError):
         await bus.hand_off(refused, "s", b"", "id")  # type: ignore[arg-type]
     assert refused.calls == 1
+
+
+async def test_a_cancelled_flush_leaves_the_connection_receiving(client: Client) -> None:
+    # nats-py resolves a cancelled flush's future on its PONG and its read loop dies of it:
+    # every message after that would be lost without a word.
+    received: list[bytes] = []
+
+    async def on_message(msg: Msg) -> None:
+        received.append(msg.data)
+
+    subscription = await client.subscribe("llooma.tests.after-cancelled-flush", cb=on_message)
+    for _ in range(3):
+        flushing = asyncio.create_task(client.flush())
+        await asyncio.sleep(0)  # its PING is queued
+        flushing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flushing
+    for index in range(200):
+        await client.publish("llooma.tests.after-cancelled-flush", str(index).encode())
+    await client.flush(timeout=5)
+    for _ in range(100):
+        if len(received) == 200:
+            break
+        await asyncio.sleep(0.02)
+    await subscription.unsubscribe()
+    assert received == [str(index).encode() for index in range(200)]

@@ -29,7 +29,12 @@ from llooma.ledger.economics import (
     unanimous_loser,
 )
 from llooma.selection import Candidate, ledger_stake, pick_hosts
-from llooma.v1.common_pb2 import ERROR_CODE_DEADLINE_EXCEEDED, GenerationParams, Usage
+from llooma.v1.common_pb2 import (
+    ERROR_CODE_DEADLINE_EXCEEDED,
+    ChatMessage,
+    GenerationParams,
+    Usage,
+)
 from llooma.v1.duel_pb2 import (
     DUEL_VERDICT_A,
     DUEL_VERDICT_B,
@@ -48,7 +53,7 @@ from services.racer.report import (
     USAGE_CLAIM_SLACK_TOKENS,
     overclaimed,
 )
-from services.racer.state import Attempt
+from services.racer.state import Attempt, prompt_tokens
 from tests.unit.race_sim import Sim, assignment, silent, tokens
 
 RULES = SlashRules(no_show_streak=3, no_show_fraction=Fraction(1, 10), duel_fraction=Fraction(1, 4))
@@ -352,7 +357,11 @@ def test_an_absurd_prompt_claim_is_a_lie_and_tools_count_toward_the_prompt() -> 
     limit = PROMPT_CLAIM_ABSURD_FACTOR * 40
     assert not overclaimed(attempt, Usage(input_tokens=limit, output_tokens=3), GenerationParams())
     assert overclaimed(attempt, Usage(input_tokens=limit + 1, output_tokens=3), GenerationParams())
+    # The ceiling (state.prompt_tokens) counts tool definitions: the same claim then fits.
     tools = GenerationParams(tools_json="x" * 2000)
+    messages = [ChatMessage(role="user", content="x" * 10)]
+    attempt.prompt_tokens = prompt_tokens(messages, tools)
+    assert attempt.prompt_tokens > prompt_tokens(messages, GenerationParams()) + 900
     assert not overclaimed(attempt, Usage(input_tokens=limit + 1, output_tokens=3), tools)
 
 
