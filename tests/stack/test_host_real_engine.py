@@ -189,6 +189,28 @@ async def test_context_overflow_is_rejected(backend: OpenAIBackend) -> None:
     assert "context" in caught.value.message
 
 
+async def test_llama_servers_close_after_a_stream_is_learned_and_paid_ahead(
+    backend: OpenAIBackend, llama_server: str
+) -> None:
+    # llama-server announces Keep-Alive on a stream and then closes the connection after it.
+    pool = backend.pool
+    retried_when_learned: int | None = None
+    for index in range(12):
+        _text, outcome = await run(backend, task(f"Say {index}.", max_tokens=2))
+        assert outcome.reported
+        if pool.closes_after_stream and retried_when_learned is None:
+            retried_when_learned = pool.stats.retried
+    # Learned from the first close (at most one request sent again to learn it); afterwards no
+    # request is written into a closed socket, and each takes a connection opened ahead.
+    assert retried_when_learned is not None
+    assert retried_when_learned <= 1
+    assert pool.stats.retried == retried_when_learned
+    assert pool.stats.spares_used >= 9
+    # The spare held open does not keep the engine from answering anyone else.
+    async with httpx.AsyncClient(timeout=5) as client:
+        assert (await client.get(llama_server + "/health")).status_code == 200
+
+
 async def test_trailing_assistant_message_is_continued(backend: OpenAIBackend) -> None:
     request = task("Count from one to ten.", max_tokens=8, temperature=0.0)
     request.messages.append(ChatMessage(role="assistant", content="one, two, three,"))

@@ -346,12 +346,41 @@ async def test_keep_alive_reuses_one_connection(engine: FakeEngine) -> None:
     assert source.pool.idle_connections == 1
 
 
-async def test_a_connection_the_server_closed_is_not_reused_blindly(engine: FakeEngine) -> None:
+async def test_a_server_that_closes_after_streams_is_learned_and_never_written_to_closed(
+    engine: FakeEngine,
+) -> None:
+    # As llama-server does: it announces nothing, and closes after each streamed response.
     engine.close_after_response = True
     source = backend(engine)
-    for _ in range(5):
+    pool = source.pool
+    retried_when_learned: int | None = None
+    for _ in range(20):
+        # Back to back, as a host serves one task after another.
         assert await collect(source, task()) == ["Hello", " world"]
-    assert engine.connections_accepted == 5
+        if pool.closes_after_stream and retried_when_learned is None:
+            retried_when_learned = pool.stats.retried
+    # The first close is how it is learned (at most one request sent again); after that no
+    # request is written into a socket the server closed, and each gets a connection opened
+    # ahead of time.
+    assert retried_when_learned is not None
+    assert retried_when_learned <= 1
+    assert pool.stats.retried == retried_when_learned
+    assert pool.stats.spares_used >= 17
+    assert len(engine.requests) == 20
+    # One spare at most beyond the requests' own connections, and none left when closed.
+    assert engine.connections_accepted <= 20 + pool.stats.retried + 1
+    await source.aclose()
+    assert await engine.wait_connections(at_most=0) == 0
+
+
+async def test_a_server_that_keeps_connections_gets_no_spares(engine: FakeEngine) -> None:
+    source = backend(engine)
+    for _ in range(20):
+        assert await collect(source, task()) == ["Hello", " world"]
+    pool = source.pool
+    assert not pool.closes_after_stream
+    assert (pool.stats.retried, pool.stats.spares_opened, engine.connections_accepted) == (0, 0, 1)
+    await source.aclose()
 
 
 async def test_read_timeout_fails_a_stalled_stream(engine: FakeEngine) -> None:

@@ -13,11 +13,17 @@ The rules that keep a host alive whatever its upstream does:
 - a connection is reused only if its response was complete and the server did not ask to
   close; idle ones expire before the usual 5 s server keep-alive and are dropped if the server
   closed them; a request whose reused connection turns out dead is sent once more on a new one;
+- a server seen closing the connection after a streamed (chunked) response is learned: llama.cpp's
+  server does so after every stream while announcing `Keep-Alive`, and its close lands a fraction
+  of a ms after the last chunk, so the next request would often be written into the dead socket.
+  Such a pool never keeps a streamed response's connection, and keeps one spare connection
+  opened ahead of time (beyond `max_connections`, expiring like any idle one), so a request
+  neither pays the connect nor fails first on a closed socket;
 - connect and read timeouts; the read timeout is a lazy watchdog (one timer per request,
   re-armed only when it fires), so reading a chunk costs no timer;
 - no compression (`Accept-Encoding: identity`): token streams are small and latency bound.
 
-Its size (~440 lines): an HTTP/1.1 client with a pool, chunked decoding and cancellation at
+Its size (~500 lines): an HTTP/1.1 client with a pool, chunked decoding and cancellation at
 every phase; split, the cancellation rules would be spread over files.
 """
 
@@ -32,6 +38,9 @@ from urllib.parse import urlsplit
 
 _MAX_HEADER_LINE = 65_536
 _MAX_HEADERS = 100
+# A kept connection found closed within this long after a stream: the server closes after
+# streams (later, it is just the server's idle timeout).
+_CLOSED_AFTER_STREAM_S = 0.5
 
 
 class HttpError(Exception):
@@ -71,6 +80,8 @@ class _Connection:
     writer: asyncio.StreamWriter
     idle_since: float = 0.0
     reused: bool = False
+    # Its last response was chunked (a stream): if the server then closes it, that is learned.
+    streamed: bool = False
 
     def close(self) -> None:
         # Synchronous: nothing here can be interrupted by a cancellation.
@@ -88,6 +99,9 @@ class PoolStats:
     reused: int = 0
     discarded: int = 0
     retried: int = 0
+    # Connections opened ahead of time, and how many of them a request then used.
+    spares_opened: int = 0
+    spares_used: int = 0
 
 
 class Response:
@@ -235,13 +249,20 @@ class _Exchange:
         response = self._response
         pool = self._pool
         if connection is not None:
-            if response is not None and response._complete and response._keep_alive:
+            if (
+                response is not None
+                and response._complete
+                and response._keep_alive
+                and not (response._chunked and pool.closes_after_stream)
+            ):
+                connection.streamed = response._chunked
                 pool._put_idle(connection)
             else:
                 pool.stats.discarded += 1
                 pool._discard(connection)
         pool._watched.discard(self)
         pool._slots.release()
+        pool._keep_spare()
 
 
 class HttpPool:
@@ -268,6 +289,12 @@ class HttpPool:
         self._host_header = f"Host: {self.origin.authority}\r\n".encode()
         self._watched: set[_Exchange] = set()
         self._watchdog: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._spare: _Connection | None = None
+        self._spare_opening: asyncio.Task[None] | None = None
+        # Learned from the server's behaviour, never from its headers (llama.cpp announces
+        # Keep-Alive and then closes).
+        self.closes_after_stream = False
         self.stats = PoolStats()
 
     @property
@@ -279,6 +306,10 @@ class HttpPool:
     def idle_connections(self) -> int:
         return len(self._idle)
 
+    @property
+    def spare_connections(self) -> int:
+        return int(self._spare is not None)
+
     def request(
         self, method: str, path: str, body: bytes = b"", headers: str | None = None
     ) -> _Exchange:
@@ -287,10 +318,15 @@ class HttpPool:
         return _Exchange(self, method, self.origin.prefix + path, body, headers)
 
     async def aclose(self) -> None:
+        if self._spare_opening is not None:
+            self._spare_opening.cancel()
+            self._spare_opening = None
+        self._spare = None
         for connection in self._open:
             connection.close()
         self._idle.clear()
         self._open.clear()
+        self._closed = True
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
@@ -299,18 +335,70 @@ class HttpPool:
         self._open.discard(connection)
         connection.close()
 
+    def _learn_closed(self, connection: _Connection, idle_s: float) -> None:
+        """A kept connection was found closed by the server after `idle_s` idle. Soon after a
+        stream, that is the server's habit; later, only its idle timeout."""
+        if connection.streamed and idle_s < _CLOSED_AFTER_STREAM_S and not self.closes_after_stream:
+            self.closes_after_stream = True
+            self._keep_spare()
+
+    def _keep_spare(self) -> None:
+        """With a server that closes after streams, have one fresh connection ready."""
+        if (
+            not self.closes_after_stream
+            or self._closed
+            or self._spare_opening is not None
+            or (self._spare is not None and self._spare.alive())
+        ):
+            return
+        if self._spare is not None:
+            self._discard(self._spare)
+            self._spare = None
+        self._spare_opening = asyncio.get_running_loop().create_task(self._open_spare())
+
+    async def _open_spare(self) -> None:
+        try:
+            connection = await self._connect()
+        except ConnectFailed:
+            return  # the next request connects (and fails) on its own path
+        finally:
+            self._spare_opening = None
+        if self._closed:
+            self._discard(connection)
+            return
+        connection.idle_since = asyncio.get_running_loop().time()
+        self._spare = connection
+        self.stats.spares_opened += 1
+
+    def _take_spare(self, now: float) -> _Connection | None:
+        connection = self._spare
+        if connection is None:
+            return None
+        self._spare = None
+        if now - connection.idle_since < self._idle_expiry and connection.alive():
+            self.stats.spares_used += 1
+            # Nothing was ever sent on it: if it turns out dead, sending again is safe.
+            connection.reused = True
+            return connection
+        self._discard(connection)
+        return None
+
     def _put_idle(self, connection: _Connection) -> None:
         now = asyncio.get_running_loop().time()
         idle = self._idle
         # The oldest idle connections are at the front: close the expired or dead ones, so a
         # pool that once was busy does not keep its peak of sockets open.
         while idle and (now - idle[0].idle_since >= self._idle_expiry or not idle[0].alive()):
-            self._discard(idle.pop(0))
+            stale = idle.pop(0)
+            if not stale.alive():
+                self._learn_closed(stale, now - stale.idle_since)
+            self._discard(stale)
         if connection.alive():
             connection.idle_since = now
             connection.reused = True
             idle.append(connection)
         else:
+            self._learn_closed(connection, 0.0)
             self._discard(connection)
 
     def _take_idle(self, now: float) -> _Connection | None:
@@ -320,6 +408,8 @@ class HttpPool:
             if now - connection.idle_since < self._idle_expiry and connection.alive():
                 self.stats.reused += 1
                 return connection
+            if not connection.alive():
+                self._learn_closed(connection, now - connection.idle_since)
             self._discard(connection)
         return None
 
@@ -358,7 +448,11 @@ class HttpPool:
     async def _exchange(self, exchange: _Exchange) -> Response:
         loop = asyncio.get_running_loop()
         payload = self._head(exchange) + exchange._body
-        connection = self._take_idle(loop.time())
+        now = loop.time()
+        connection = self._take_idle(now)
+        if connection is None and self.closes_after_stream:
+            connection = self._take_spare(now)
+            self._keep_spare()  # for the next request, while this one is answered
         if connection is None:
             connection = await self._connect()
         exchange._connection = connection
@@ -370,6 +464,7 @@ class HttpPool:
                 raise
         # The server had closed the reused keep-alive connection: nothing was answered, so
         # sending again on a new connection cannot run the request twice.
+        self._learn_closed(connection, now - connection.idle_since)
         self._discard(connection)
         self.stats.retried += 1
         exchange._connection = None
