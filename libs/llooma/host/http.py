@@ -12,7 +12,8 @@ The rules that keep a host alive whatever its upstream does:
   closing is synchronous, so cancellation cannot interrupt it;
 - a connection is reused only if its response was complete and the server did not ask to
   close; idle ones expire before the usual 5 s server keep-alive and are dropped if the server
-  closed them; a request whose reused connection turns out dead is sent once more on a new one;
+  closed them (a poll of the socket before reuse sees a close the loop has not read yet); a
+  request whose reused connection turns out dead is sent once more on a new one;
 - a server seen closing the connection after a streamed (chunked) response is learned: llama.cpp's
   server does so after every stream while announcing `Keep-Alive`, and its close lands a fraction
   of a ms after the last chunk, so the next request would often be written into the dead socket.
@@ -30,6 +31,7 @@ every phase; split, the cancellation rules would be spread over files.
 from __future__ import annotations
 
 import asyncio
+import select
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -91,6 +93,20 @@ class _Connection:
 
     def alive(self) -> bool:
         return not self.writer.transport.is_closing() and not self.reader.at_eof()
+
+    def reusable(self) -> bool:
+        """Alive, and nothing waits unread on the idle socket: a close (or stray bytes) the
+        event loop has not read yet shows here, before a request is written into it. One poll;
+        not for TLS, where the server may send records of its own between requests."""
+        if not self.alive():
+            return False
+        writer = self.writer
+        sock = writer.get_extra_info("socket")
+        if sock is None or writer.get_extra_info("sslcontext") is not None:
+            return True
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return not poller.poll(0)
 
 
 @dataclass(slots=True)
@@ -375,7 +391,7 @@ class HttpPool:
         if connection is None:
             return None
         self._spare = None
-        if now - connection.idle_since < self._idle_expiry and connection.alive():
+        if now - connection.idle_since < self._idle_expiry and connection.reusable():
             self.stats.spares_used += 1
             # Nothing was ever sent on it: if it turns out dead, sending again is safe.
             connection.reused = True
@@ -405,10 +421,10 @@ class HttpPool:
         idle = self._idle
         while idle:
             connection = idle.pop()
-            if now - connection.idle_since < self._idle_expiry and connection.alive():
+            if now - connection.idle_since < self._idle_expiry and connection.reusable():
                 self.stats.reused += 1
                 return connection
-            if not connection.alive():
+            if not connection.reusable():
                 self._learn_closed(connection, now - connection.idle_since)
             self._discard(connection)
         return None
