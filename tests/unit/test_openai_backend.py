@@ -373,6 +373,19 @@ async def test_a_server_that_closes_after_streams_is_learned_and_never_written_t
     assert await engine.wait_connections(at_most=0) == 0
 
 
+async def test_a_close_the_loop_has_not_read_yet_is_seen_before_reuse() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        pool = HttpPool(f"http://127.0.0.1:{server.getsockname()[1]}", max_connections=1)
+        connection = await pool._connect()
+        accepted, _ = server.accept()
+        assert connection.reusable()
+        accepted.close()
+        # No await since the close: the event loop has not read it, the socket shows it.
+        assert connection.alive()
+        assert not connection.reusable()
+        await pool.aclose()
+
+
 async def test_a_server_that_keeps_connections_gets_no_spares(engine: FakeEngine) -> None:
     source = backend(engine)
     for _ in range(20):
