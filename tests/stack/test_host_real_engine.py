@@ -259,9 +259,7 @@ async def test_a_host_in_front_of_llama_server(
     async def on_beat(msg: Msg) -> None:
         beats.put_nowait(HostHeartbeat.FromString(msg.data))
 
-    subscription = await nc.subscribe(
-        subjects.kv_put_subject(subjects.HOSTS_BUCKET, host_id), cb=on_beat
-    )
+    subscription = await nc.subscribe(subjects.host_heartbeat(host_id), cb=on_beat)
     await worker.start()
     source = OpenAIBackend(url + "/v1", None, "gemma", defaults=GenerationDefaults(max_tokens=200))
     busy = [
