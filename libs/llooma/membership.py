@@ -256,6 +256,11 @@ class ServiceDirectory:
             m.key != instance_id or m.staleness_s(now) > stale_after_s for m in self.members.all()
         )
 
+    def fresh(self) -> list[Member[ServiceHeartbeat]]:
+        """Instances still beating: heard within `stale_after_s`, or within three of the
+        intervals their last beat promised."""
+        return self.members.fresh(self._stale_after_s)
+
     def ready_instances(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for member in self.members.fresh(self._stale_after_s):
