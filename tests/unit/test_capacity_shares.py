@@ -123,10 +123,10 @@ def test_only_other_live_ingresses_reports_count() -> None:
 
 async def test_an_early_report_goes_out_at_once_and_at_most_once_a_gap() -> None:
     nc = RecordingConnection()
-    count = 0
+    in_flight: Counter[str] = Counter()
 
     def report(heartbeat: ServiceHeartbeat) -> None:
-        fill_report(heartbeat, {"m": count} if count else {}, 0)
+        fill_report(heartbeat, in_flight, 0)
 
     beater = ServiceHeartbeater(
         nc,  # type: ignore[arg-type]
@@ -140,7 +140,7 @@ async def test_an_early_report_goes_out_at_once_and_at_most_once_a_gap() -> None
     try:
         assert dict(nc.beats[0][1].in_flight_by_model) == {}
         loop = asyncio.get_running_loop()
-        count = 1
+        in_flight["m"] = 1
         asked_at = loop.time()
         beater.beat_early(0.3)
         first = await nc.next_beat()
@@ -148,7 +148,8 @@ async def test_an_early_report_goes_out_at_once_and_at_most_once_a_gap() -> None
         assert dict(first.in_flight_by_model) == {"m": 1}
         assert nc.beats[-1][0] - asked_at < 0.5
         # Many changes within one gap: one beat, a gap after the last, with the newest count.
-        for count in range(2, 12):
+        for _ in range(10):
+            in_flight["m"] += 1
             beater.beat_early(0.3)
             await asyncio.sleep(0.01)
         second = await nc.next_beat()
