@@ -38,6 +38,10 @@ REDELIVERY_DELAY_S = 1.0
 MAX_DELIVER = 5
 
 
+def _holds_nothing() -> bool:
+    return False
+
+
 @dataclass
 class Service:
     name: str
@@ -55,7 +59,7 @@ class Service:
     # Called as soon as the connection breaks (the ingress ends the requests it holds open).
     on_disconnect: Callable[[], object] | None = field(default=None, init=False)
     # Work held outside the consumers (the ingress's open requests): beat at the busy pace.
-    holds_work: Callable[[], bool] = field(default=lambda: False, init=False)
+    holds_work: Callable[[], bool] = field(default_factory=lambda: _holds_nothing, init=False)
     # What the heartbeat reports beyond liveness (the ingress's in-flight counts).
     report: Callable[[ServiceHeartbeat], None] | None = field(default=None, init=False)
 
