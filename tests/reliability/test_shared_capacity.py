@@ -157,6 +157,18 @@ async def test_two_ingresses_together_admit_the_hosts_capacity_not_twice_it(
             await asyncio.sleep(max(0.0, started + index * PACE_S - time.monotonic()))
             tasks.append(asyncio.create_task(stream(clients[index % 2], index % 2, on_answer)))
         await asyncio.wait_for(all_answered.wait(), timeout=30)
+        # Past the gate: anything but its 503 (the host itself turns away work past its
+        # capacity with 503 `hosts_busy`: what the gate let through too much).
+        passed = [o for o in answered if o.code != "overloaded"]
+        by_ingress = [sum(o.ingress == i for o in passed) for i in (0, 1)]
+        print(
+            f"\nshared capacity: {OFFERED} streams offered over two ingresses, one every "
+            f"{PACE_S * 1000:.0f} ms, capacity {CAPACITY}: admitted {len(passed)} "
+            f"({by_ingress[0]} + {by_ingress[1]}), refused {OFFERED - len(passed)}"
+        )
+        # Capacity x factor, + 5 %, + what the other ingress could admit before hearing a
+        # report.
+        assert len(passed) <= int(CAPACITY * 1.05) + UNHEARD_ALLOWANCE
         # While the admitted streams run, each ingress's /v1/stats counts all of them.
         await wait_for_in_flight(clients, sum(o.status == 200 for o in answered))
         outcomes = list(await asyncio.gather(*tasks))
@@ -166,17 +178,10 @@ async def test_two_ingresses_together_admit_the_hosts_capacity_not_twice_it(
     admitted = [o for o in outcomes if o.status == 200]
     refused = [o for o in outcomes if o.status != 200]
     last_answer = max(o.answered_at for o in outcomes)
-    by_ingress = [sum(o.ingress == i for o in admitted) for i in (0, 1)]
-    print(
-        f"\nshared capacity: {OFFERED} streams offered over two ingresses, one every "
-        f"{PACE_S * 1000:.0f} ms, capacity {CAPACITY}: admitted {len(admitted)} "
-        f"({by_ingress[0]} + {by_ingress[1]}), refused {len(refused)}"
-    )
-    # The measurement holds: no admitted stream ended before the last request was answered.
+    # The measurement holds: no admitted stream ended before the last request was answered, so
+    # every admitted one was in flight at once.
     assert min(o.ended_at for o in admitted) > last_answer
     assert all(o.completed for o in admitted)
-    # Capacity x factor, + 5 %, + what the other ingress could admit before hearing a report.
-    assert len(admitted) <= int(CAPACITY * 1.05) + UNHEARD_ALLOWANCE
     # Nothing refused while the cluster had room, and both ingresses took part.
     assert len(admitted) >= CAPACITY
     assert all(by_ingress)
