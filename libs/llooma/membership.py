@@ -79,6 +79,8 @@ class Membership(Generic[HeartbeatT]):
         self._members: dict[str, Member[HeartbeatT]] = {}
         self._subscription: Subscription | None = None
         self._prefix = subjects.kv_put_subject(bucket, "")
+        # Beats applied so far: a reader that sums reports re-sums only when this moved.
+        self.heard = 0
 
     async def start(self, nc: Client, js: JetStreamContext) -> None:
         """Hear every put from now on, then read what the bucket holds (a put heard while
@@ -136,6 +138,7 @@ class Membership(Generic[HeartbeatT]):
     def _apply(
         self, key: str, value: bytes | None, operation: str | None, created_unix: float
     ) -> None:
+        self.heard += 1
         if operation in ("DEL", "PURGE") or not value:
             self._members.pop(key, None)
             return

@@ -13,13 +13,16 @@ stay with the process they protect.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 
 from llooma.membership import ServiceDirectory
 from llooma.v1.service_pb2 import ServiceHeartbeat
 
-Reports = Callable[[], Iterable[Mapping[str, int]]]
+# The peers' reports are summed again at least this often even when no beat was heard, so a
+# stopped peer's share leaves on time (its staleness cutoff is seconds).
+RESUM_S = 0.1
 
 
 def cluster_in_flight(own: Mapping[str, int], peers: Iterable[Mapping[str, int]]) -> Counter[str]:
@@ -27,22 +30,44 @@ def cluster_in_flight(own: Mapping[str, int], peers: Iterable[Mapping[str, int]]
     other ingress's last report."""
     total: Counter[str] = Counter(own)
     for report in peers:
-        total.update(report)
+        total.update(dict(report))
     return total
 
 
-def peer_reports(services: ServiceDirectory, service: str, own_instance_id: str) -> Reports:
-    """What every other instance of `service` that still beats reported; a stopped one's
-    report is gone once its heartbeat is stale (as `ServiceDirectory` judges it)."""
+class PeerInFlight:
+    """What every other instance of `service` that still beats reported, summed by model; a
+    stopped one's report is gone once its heartbeat is stale (as `ServiceDirectory` judges
+    it). Summed again only when a beat was heard or `RESUM_S` passed: admission reads it."""
 
-    def reports() -> list[Mapping[str, int]]:
+    def __init__(
+        self,
+        services: ServiceDirectory,
+        service: str,
+        own_instance_id: str,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._services = services
+        self._service = service
+        self._own = own_instance_id
+        self._clock = clock
+        self._heard = -1
+        self._summed_at = 0.0
+        self._total: Counter[str] = Counter()
+
+    def __call__(self) -> Mapping[str, int]:
+        heard = self._services.members.heard
+        now = self._clock()
+        if heard != self._heard or now - self._summed_at >= RESUM_S:
+            self._heard, self._summed_at = heard, now
+            self._total = cluster_in_flight({}, self.reports())
+        return self._total
+
+    def reports(self) -> list[Mapping[str, int]]:
         return [
             member.heartbeat.in_flight_by_model
-            for member in services.fresh()
-            if member.heartbeat.service == service and member.key != own_instance_id
+            for member in self._services.fresh()
+            if member.heartbeat.service == self._service and member.key != self._own
         ]
-
-    return reports
 
 
 def fill_report(

@@ -24,7 +24,7 @@ import contextlib
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from starlette.background import BackgroundTask
@@ -34,7 +34,7 @@ from llooma import selection
 from llooma.membership import HostDirectory
 from llooma.settings import ORCHESTRATED_MODEL, Settings, api_key_id
 from llooma.v1.pipeline_pb2 import ClientEvent
-from services.ingress.capacity import Reports, cluster_in_flight
+from services.ingress.capacity import cluster_in_flight
 from services.ingress.schema import ChatCompletionRequest, error_response
 
 # How long a model's announced capacity is reused before the host directory is asked again.
@@ -180,7 +180,7 @@ class Limits:
         self.selector = selection.Selector.from_settings(settings)
         # The other ingresses' in-flight counts as last reported (services.ingress.capacity),
         # and what to call when this one's moved (its heartbeat reports them early).
-        self.peer_reports: Reports = lambda: ()
+        self.peer_in_flight: Callable[[], Mapping[str, int]] = dict
         self.on_change: Callable[[], None] = lambda: None
         # Per-key rates are held by the shared counters, not by buckets in this process.
         self.rates_shared = False
@@ -231,7 +231,7 @@ class Limits:
 
     def cluster_in_flight(self) -> Counter[str]:
         """Requests in flight by model on every live ingress, this one's counted live."""
-        return cluster_in_flight(self.in_flight_by_model, self.peer_reports())
+        return cluster_in_flight(self.in_flight_by_model, [self.peer_in_flight()])
 
     def _over_capacity(self, model: str) -> Response | None:
         """Past the model's capacity, or past the orchestrated pool's: an orchestrated request
@@ -240,14 +240,18 @@ class Limits:
         factor = self.settings.admission_capacity_factor
         if not factor:
             return None
-        in_flight = self.cluster_in_flight()
+        own, peers = self.in_flight_by_model, self.peer_in_flight()
+
+        def in_flight(name: str) -> int:
+            return own[name] + peers.get(name, 0)
+
         checks = []
         if model != ORCHESTRATED_MODEL:
-            checks.append((repr(model), self.model_capacity(model), in_flight[model]))
+            checks.append((repr(model), self.model_capacity(model), in_flight(model)))
         pool_capacity, pool_models = self._capacity_of(ORCHESTRATED_MODEL)
         if model == ORCHESTRATED_MODEL or model in pool_models:
-            pool_in_flight = in_flight[ORCHESTRATED_MODEL] + sum(
-                in_flight[name] for name in pool_models
+            pool_in_flight = in_flight(ORCHESTRATED_MODEL) + sum(
+                in_flight(name) for name in pool_models
             )
             checks.append(("the orchestrated pool", pool_capacity, pool_in_flight))
         for name, capacity, count in checks:

@@ -13,7 +13,7 @@ from llooma.runtime import ServiceHeartbeater
 from llooma.settings import ORCHESTRATED_MODEL, VERSION, Settings
 from llooma.v1.host_pb2 import HostHeartbeat, ModelCapability
 from llooma.v1.service_pb2 import ServiceHeartbeat
-from services.ingress.capacity import cluster_in_flight, fill_report, peer_reports
+from services.ingress.capacity import RESUM_S, PeerInFlight, cluster_in_flight, fill_report
 from services.ingress.limits import Limits, Ticket
 from services.ingress.schema import ChatCompletionRequest
 from tests.unit.test_service_heartbeats import RecordingConnection
@@ -52,7 +52,7 @@ def limits_with_peers(
 ) -> Limits:
     settings = Settings(max_waiting_first_token=0, admission_capacity_factor=factor)
     limits = Limits(settings, hosts_announcing(capacities))
-    limits.peer_reports = lambda: peers
+    limits.peer_in_flight = lambda: cluster_in_flight({}, peers)
     return limits
 
 
@@ -117,8 +117,22 @@ def test_only_other_live_ingresses_reports_count() -> None:
     # Stopped and withdrawn: nothing left to count.
     members._apply("ingress-gone", beat("ingress", {"m": 6}), "PUT", now)
     members._apply("ingress-gone", None, "DEL", now)
-    reports = peer_reports(services, "ingress", "ingress-self")
-    assert [dict(report) for report in reports()] == [{"m": 2}]
+    peers = PeerInFlight(services, "ingress", "ingress-self")
+    assert peers() == {"m": 2}
+    # A beat heard is counted at the next admission, however soon.
+    members._apply("ingress-peer", beat("ingress", {"m": 3, "n": 1}), "PUT", time.time())
+    assert peers() == {"m": 3, "n": 1}
+
+
+async def test_a_peer_that_stops_beating_leaves_the_sum_on_time_with_no_beat_heard() -> None:
+    services = ServiceDirectory(stale_after_s=3.0)
+    # Its last beat is about to be three busy intervals old.
+    last_beat = time.time() - 3.0 + 2 * RESUM_S
+    services.members._apply("ingress-peer", beat("ingress", {"m": 4}), "PUT", last_beat)
+    peers = PeerInFlight(services, "ingress", "ingress-self")
+    assert peers() == {"m": 4}
+    await asyncio.sleep(4 * RESUM_S)
+    assert peers() == {}
 
 
 async def test_an_early_report_goes_out_at_once_and_at_most_once_a_gap() -> None:
