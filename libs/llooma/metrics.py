@@ -549,11 +549,11 @@ class StatsCollector:
                 "total": requests,
                 "by_path": dict(self._requests),
                 "failed_before_first_token": self._failed_requests,
-                "in_flight_by_model": {
-                    model: count
-                    for model, count in sorted(self.cluster_in_flight().items())
-                    if count
-                },
+            },
+            # Live, not tallied: every ingress's requests in flight by model, as the capacity
+            # gate counts them (services/ingress/capacity.py).
+            "in_flight_by_model": {
+                model: count for model, count in sorted(self.cluster_in_flight().items()) if count
             },
             "rejections": {
                 "total": sum(sum(r.values()) for r in self._rejections.values()),

@@ -121,7 +121,7 @@ async def stream(
 
 async def in_flight_seen(client: httpx.AsyncClient) -> int:
     stats = (await client.get("/v1/stats")).json()
-    return int(stats["requests"]["in_flight_by_model"].get(MODEL, 0))
+    return int(stats["in_flight_by_model"].get(MODEL, 0))
 
 
 async def wait_for_in_flight(clients: list[httpx.AsyncClient], count: int) -> None:
