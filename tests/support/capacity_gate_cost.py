@@ -84,7 +84,7 @@ async def main(admissions: int, rounds: int, peers: int) -> None:
     print(
         f"admit + release, median of {rounds} rounds of {admissions}: this ingress alone "
         f"{before:.2f} us, every ingress ({peers} peers, {2 * len(OTHER_SERVICES)} other "
-        f"services in the directory) {after:.2f} us: +{after - before:.2f} us"
+        f"services in the directory) {after:.2f} us: {after - before:+.2f} us"
     )
 
 
