@@ -79,6 +79,8 @@ class Membership(Generic[HeartbeatT]):
         self._members: dict[str, Member[HeartbeatT]] = {}
         self._subscription: Subscription | None = None
         self._prefix = subjects.kv_put_subject(bucket, "")
+        # Beats applied so far: a reader that sums reports re-sums only when this moved.
+        self.heard = 0
 
     async def start(self, nc: Client, js: JetStreamContext) -> None:
         """Hear every put from now on, then read what the bucket holds (a put heard while
@@ -136,6 +138,7 @@ class Membership(Generic[HeartbeatT]):
     def _apply(
         self, key: str, value: bytes | None, operation: str | None, created_unix: float
     ) -> None:
+        self.heard += 1
         if operation in ("DEL", "PURGE") or not value:
             self._members.pop(key, None)
             return
@@ -255,6 +258,11 @@ class ServiceDirectory:
         return all(
             m.key != instance_id or m.staleness_s(now) > stale_after_s for m in self.members.all()
         )
+
+    def fresh(self) -> list[Member[ServiceHeartbeat]]:
+        """Instances still beating: heard within `stale_after_s`, or within three of the
+        intervals their last beat promised."""
+        return self.members.fresh(self._stale_after_s)
 
     def ready_instances(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -32,7 +32,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,6 +191,8 @@ class StatsCollector:
         self._wins: dict[tuple[str, str], int] = {}
         self._wins_by_host: dict[str, int] = {}
         self.ledger: LedgerSummary | None = None
+        # Requests in flight by model on every live ingress (the capacity gate's count).
+        self.cluster_in_flight: Callable[[], Mapping[str, int]] = dict
         self._replays: list[Replay[Any]] = []
         self._poller: asyncio.Task[None] | None = None
         self._summary_subscription: Subscription | None = None
@@ -547,6 +549,11 @@ class StatsCollector:
                 "total": requests,
                 "by_path": dict(self._requests),
                 "failed_before_first_token": self._failed_requests,
+            },
+            # Live, not tallied: every ingress's requests in flight by model, as the capacity
+            # gate counts them (services/ingress/capacity.py).
+            "in_flight_by_model": {
+                model: count for model, count in sorted(self.cluster_in_flight().items()) if count
             },
             "rejections": {
                 "total": sum(sum(r.values()) for r in self._rejections.values()),

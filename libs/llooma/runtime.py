@@ -52,6 +52,7 @@ class ServiceHeartbeater:
         busy_s: float,
         idle_s: float,
         busy: Callable[[], bool] = lambda: False,
+        report: Callable[[ServiceHeartbeat], None] | None = None,
     ) -> None:
         self._nc = nc
         self._subject = subjects.kv_put_subject(subjects.SERVICES_BUCKET, instance_id)
@@ -59,8 +60,12 @@ class ServiceHeartbeater:
         self._busy_s = busy_s
         self._idle_s = max(busy_s, idle_s)
         self._busy = busy
+        # Fills in what this service reports beyond liveness (an ingress's in-flight counts).
+        self._report = report
         self._announced_s = self._idle_s
         self._due_now = asyncio.Event()
+        self._early_after = 0.0
+        self._last_beat = 0.0
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -82,6 +87,12 @@ class ServiceHeartbeater:
         if self._announced_s > self._busy_s:
             self._due_now.set()
 
+    def beat_early(self, min_gap_s: float) -> None:
+        """What the beat reports changed: beat now, or `min_gap_s` after the last beat if that
+        is later (a busy process beats at most once a gap, however often this is called)."""
+        self._early_after = min_gap_s
+        self._due_now.set()
+
     async def _publish(self, *, ready: bool) -> None:
         self._announced_s = self._busy_s if self._busy() else self._idle_s
         self._beat.ready = ready
@@ -89,13 +100,21 @@ class ServiceHeartbeater:
         self._beat.next_beat_ms = round(self._announced_s * 1000)
         self._beat.counters.clear()
         self._beat.counters.update(counters.snapshot())
+        if self._report is not None:
+            self._report(self._beat)
+        self._last_beat = time.monotonic()
         await self._nc.publish(self._subject, self._beat.SerializeToString())
 
     async def _loop(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._due_now.wait(), self._announced_s)
+            gap_s = self._last_beat + self._early_after - time.monotonic()
+            if gap_s > 0:
+                await asyncio.sleep(gap_s)
+            # After the gap: what changed during it goes out with this beat, not another.
             self._due_now.clear()
+            self._early_after = 0.0
             try:
                 await self._publish(ready=True)
             except Exception:

@@ -25,6 +25,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from llooma import bus, counters, subjects, tracing
 from llooma.runtime import ServiceHeartbeater, configure_logging, new_instance_id
 from llooma.settings import Settings, load_settings
+from llooma.v1.service_pb2 import ServiceHeartbeat
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,10 @@ REDELIVERY_DELAY_S = 1.0
 # Deliveries of one message before it is given up (terminated and counted): a message its
 # handler fails on every time must not be redelivered forever, holding an ack-pending slot.
 MAX_DELIVER = 5
+
+
+def _holds_nothing() -> bool:
+    return False
 
 
 @dataclass
@@ -53,6 +58,10 @@ class Service:
     _heartbeat: ServiceHeartbeater | None = field(default=None, init=False)
     # Called as soon as the connection breaks (the ingress ends the requests it holds open).
     on_disconnect: Callable[[], object] | None = field(default=None, init=False)
+    # Work held outside the consumers (the ingress's open requests): beat at the busy pace.
+    holds_work: Callable[[], bool] = field(default_factory=lambda: _holds_nothing, init=False)
+    # What the heartbeat reports beyond liveness (the ingress's in-flight counts).
+    report: Callable[[ServiceHeartbeat], None] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.instance_id = self.instance_id or new_instance_id(self.name)
@@ -180,6 +189,11 @@ class Service:
         traced = tracing.traced(subject, handler)
         self._subscriptions.append(await self.nc.subscribe(subject, queue=queue, cb=traced))
 
+    def beat_early(self, min_gap_s: float) -> None:
+        """Publish the heartbeat now (at most once every `min_gap_s`): what it reports moved."""
+        if self._heartbeat is not None:
+            self._heartbeat.beat_early(min_gap_s)
+
     def on_stop(self, hook: Callable[[], Awaitable[None]]) -> None:
         self._on_stop.append(hook)
 
@@ -193,7 +207,8 @@ class Service:
             self.instance_id,
             busy_s=self.settings.heartbeat_interval_s,
             idle_s=self.settings.idle_heartbeat_interval_s,
-            busy=lambda: bool(self._running),
+            busy=lambda: bool(self._running) or self.holds_work(),
+            report=self.report,
         )
         await self._heartbeat.start()
 

@@ -168,6 +168,14 @@ class Settings(BaseSettings):
         "hosts announce (0: off); hosts on one engine count once, and orchestrated requests "
         "share the pool's capacity with direct ones",
     )
+    capacity_report_gap_s: float = Field(
+        default=0.05,
+        gt=0,
+        le=1.0,
+        description="an ingress whose in-flight requests moved reports them in its heartbeat "
+        "at most this long after (every ingress's capacity gate adds the others' reports to "
+        "its own count, so they may admit what arrives within this gap before hearing it)",
+    )
     admission_max_host_capacity: int = Field(
         default=1024,
         ge=1,

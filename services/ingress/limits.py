@@ -8,11 +8,13 @@ already has too many in flight, too many still waiting for a first token, or mor
 for a model than the hosts the selection pipeline would race it on announced capacity for
 (each host believed up to `admission_max_host_capacity`, an engine shared by several models or
 hosts counted once; orchestrated requests and direct ones on the models they can use also share
-the pool's capacity). Shedding is per ingress process; the rate limits here too only with
-`LLOOMA_RATE_LIMITS_SHARED` off (on, the default, services/ingress/shared_limits.py holds
-them across ingresses).
+the pool's capacity). That last count is the cluster's: every other ingress's last reported
+in-flight requests are added (services/ingress/capacity.py). The process's own limits
+(`max_in_flight`, `max_waiting_first_token`) stay per process; the rate limits here are per
+process only with `LLOOMA_RATE_LIMITS_SHARED` off (on, the default,
+services/ingress/shared_limits.py holds them across ingresses).
 
-Its size (~430 lines): the buckets, the shedding counts and the ticket that releases both when
+Its size (~440 lines): the buckets, the shedding counts and the ticket that releases both when
 a request ends are one admission decision and share its state.
 """
 
@@ -22,7 +24,7 @@ import contextlib
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from starlette.background import BackgroundTask
@@ -32,6 +34,7 @@ from llooma import selection
 from llooma.membership import HostDirectory
 from llooma.settings import ORCHESTRATED_MODEL, Settings, api_key_id
 from llooma.v1.pipeline_pb2 import ClientEvent
+from services.ingress.capacity import cluster_in_flight
 from services.ingress.schema import ChatCompletionRequest, error_response
 
 # How long a model's announced capacity is reused before the host directory is asked again.
@@ -175,6 +178,10 @@ class Limits:
         self.shed = 0
         self.rate_limited = 0
         self.selector = selection.Selector.from_settings(settings)
+        # The other ingresses' in-flight counts as last reported (services.ingress.capacity),
+        # and what to call when this one's moved (its heartbeat reports them early).
+        self.peer_in_flight: Callable[[], Mapping[str, int]] = dict
+        self.on_change: Callable[[], None] = lambda: None
         # Per-key rates are held by the shared counters, not by buckets in this process.
         self.rates_shared = False
         self._buckets: dict[str, KeyBuckets] = {}
@@ -222,6 +229,10 @@ class Limits:
         self._capacity[model] = (now, total, frozenset(models))
         return total, frozenset(models)
 
+    def cluster_in_flight(self) -> Counter[str]:
+        """Requests in flight by model on every live ingress, this one's counted live."""
+        return cluster_in_flight(self.in_flight_by_model, [self.peer_in_flight()])
+
     def _over_capacity(self, model: str) -> Response | None:
         """Past the model's capacity, or past the orchestrated pool's: an orchestrated request
         runs on the same hosts as direct ones, so both count against the pool, and direct
@@ -229,14 +240,18 @@ class Limits:
         factor = self.settings.admission_capacity_factor
         if not factor:
             return None
-        in_flight = self.in_flight_by_model
+        own, peers = self.in_flight_by_model, self.peer_in_flight()
+
+        def in_flight(name: str) -> int:
+            return own[name] + peers.get(name, 0)
+
         checks = []
         if model != ORCHESTRATED_MODEL:
-            checks.append((repr(model), self.model_capacity(model), in_flight[model]))
+            checks.append((repr(model), self.model_capacity(model), in_flight(model)))
         pool_capacity, pool_models = self._capacity_of(ORCHESTRATED_MODEL)
         if model == ORCHESTRATED_MODEL or model in pool_models:
-            pool_in_flight = in_flight[ORCHESTRATED_MODEL] + sum(
-                in_flight[name] for name in pool_models
+            pool_in_flight = in_flight(ORCHESTRATED_MODEL) + sum(
+                in_flight(name) for name in pool_models
             )
             checks.append(("the orchestrated pool", pool_capacity, pool_in_flight))
         for name, capacity, count in checks:
@@ -332,6 +347,7 @@ class Limits:
         self.in_flight += 1
         self.waiting_first_token += 1
         self.in_flight_by_model[request.model] += 1
+        self.on_change()
         ticket = Ticket(self, buckets.tokens, request.model, estimate, on_release)
         ticket.rate_headers = bucket_headers(buckets, self.clock())
         return ticket
@@ -378,6 +394,7 @@ class Ticket:
         limits.in_flight_by_model[self._model] -= 1
         if not limits.in_flight_by_model[self._model]:
             del limits.in_flight_by_model[self._model]
+        limits.on_change()
         if self._on_release is not None:
             self._on_release(self._used)
         if self._tokens is not None:

@@ -29,6 +29,7 @@ from llooma.settings import Settings, load_settings
 from services.ingress.admin import ROUTES as ADMIN_ROUTES
 from services.ingress.admin import admin_key_ids
 from services.ingress.api import Ingress
+from services.ingress.capacity import PeerInFlight, fill_report
 from services.ingress.completions import TEXT_COMPLETIONS
 from services.ingress.delivery import DeliveryReporter
 from services.ingress.embeddings import EMBEDDINGS
@@ -132,6 +133,16 @@ def create_app(settings: Settings) -> Starlette:
         if settings.rate_limits_shared:
             ingress.shared_limits = SharedRateLimits(settings, SharedCounters(js))
             ingress.limits.rates_shared = True
+        # The capacity gate counts every ingress's requests (services.ingress.capacity).
+        limits = ingress.limits
+        limits.peer_in_flight = PeerInFlight(services, SERVICE, service.instance_id)
+        gap_s = settings.capacity_report_gap_s
+        limits.on_change = lambda: service.beat_early(gap_s)
+        service.holds_work = lambda: limits.in_flight > 0
+        service.report = lambda beat: fill_report(
+            beat, limits.in_flight_by_model, limits.waiting_first_token
+        )
+        stats.cluster_in_flight = limits.cluster_in_flight
         ingress.stats = stats
         app.state.stats = stats
         app.state.ingress = ingress

@@ -49,6 +49,15 @@ def _wait_until(
 @contextmanager
 def extra_ingress(stack: Stack, log_dir: Path, env: dict[str, str]) -> Iterator[str]:
     """An ingress process with `env` on top of the stack's settings; yields its base URL."""
+    with extra_ingress_process(stack, log_dir, env) as (base_url, _):
+        yield base_url
+
+
+@contextmanager
+def extra_ingress_process(
+    stack: Stack, log_dir: Path, env: dict[str, str]
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """As `extra_ingress`, with the process (for a test that kills it)."""
     assert stack.nats_url is not None
     assert stack.database_url is not None
     port = free_port()
@@ -81,7 +90,7 @@ def extra_ingress(stack: Stack, log_dir: Path, env: dict[str, str]) -> Iterator[
         )
     try:
         _wait_until("ingress", healthy, process, log)
-        yield base_url
+        yield base_url, process
     finally:
         _stop(process)
 

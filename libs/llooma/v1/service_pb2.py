@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llooma/v1/service.proto\x12\tllooma.v1\"\xf5\x01\n\x10ServiceHeartbeat\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x17\n\x0fsent_unix_nanos\x18\x04 \x01(\x03\x12\r\n\x05ready\x18\x05 \x01(\x08\x12;\n\x08\x63ounters\x18\x06 \x03(\x0b\x32).llooma.v1.ServiceHeartbeat.CountersEntry\x12\x14\n\x0cnext_beat_ms\x18\x07 \x01(\r\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llooma/v1/service.proto\x12\tllooma.v1\"\x98\x03\n\x10ServiceHeartbeat\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x17\n\x0fsent_unix_nanos\x18\x04 \x01(\x03\x12\r\n\x05ready\x18\x05 \x01(\x08\x12;\n\x08\x63ounters\x18\x06 \x03(\x0b\x32).llooma.v1.ServiceHeartbeat.CountersEntry\x12\x14\n\x0cnext_beat_ms\x18\x07 \x01(\r\x12L\n\x12in_flight_by_model\x18\x08 \x03(\x0b\x32\x30.llooma.v1.ServiceHeartbeat.InFlightByModelEntry\x12\x1b\n\x13waiting_first_token\x18\t \x01(\r\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x36\n\x14InFlightByModelEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SERVICEHEARTBEAT_COUNTERSENTRY']._loaded_options = None
   _globals['_SERVICEHEARTBEAT_COUNTERSENTRY']._serialized_options = b'8\001'
+  _globals['_SERVICEHEARTBEAT_INFLIGHTBYMODELENTRY']._loaded_options = None
+  _globals['_SERVICEHEARTBEAT_INFLIGHTBYMODELENTRY']._serialized_options = b'8\001'
   _globals['_SERVICEHEARTBEAT']._serialized_start=39
-  _globals['_SERVICEHEARTBEAT']._serialized_end=284
-  _globals['_SERVICEHEARTBEAT_COUNTERSENTRY']._serialized_start=237
-  _globals['_SERVICEHEARTBEAT_COUNTERSENTRY']._serialized_end=284
+  _globals['_SERVICEHEARTBEAT']._serialized_end=447
+  _globals['_SERVICEHEARTBEAT_COUNTERSENTRY']._serialized_start=344
+  _globals['_SERVICEHEARTBEAT_COUNTERSENTRY']._serialized_end=391
+  _globals['_SERVICEHEARTBEAT_INFLIGHTBYMODELENTRY']._serialized_start=393
+  _globals['_SERVICEHEARTBEAT_INFLIGHTBYMODELENTRY']._serialized_end=447
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,26 @@ class ServiceHeartbeat(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class InFlightByModelEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SERVICE_FIELD_NUMBER: _builtins.int
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
@@ -51,6 +71,8 @@ class ServiceHeartbeat(_message.Message):
     READY_FIELD_NUMBER: _builtins.int
     COUNTERS_FIELD_NUMBER: _builtins.int
     NEXT_BEAT_MS_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_BY_MODEL_FIELD_NUMBER: _builtins.int
+    WAITING_FIRST_TOKEN_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     instance_id: _builtins.str
     version: _builtins.str
@@ -60,10 +82,18 @@ class ServiceHeartbeat(_message.Message):
     """The longest this instance means to wait before its next beat (short while it has work in
     flight, long at rest); a reader counts it gone after a few missed. 0: the reader's cutoff.
     """
+    waiting_first_token: _builtins.int
     @_builtins.property
     def counters(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """What this instance refused or threw away since it started, by name (refused host
         heartbeats by reason, poison messages terminated by consumer): see llooma.counters.
+        """
+
+    @_builtins.property
+    def in_flight_by_model(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """An ingress's admitted requests still in flight, by model as asked (the capacity gate
+        adds every live ingress's to its own: services/ingress/capacity.py), and how many of them
+        still wait for a first token. Empty and 0 for other services.
         """
 
     def __init__(
@@ -76,10 +106,12 @@ class ServiceHeartbeat(_message.Message):
         ready: _builtins.bool = ...,
         counters: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         next_beat_ms: _builtins.int = ...,
+        in_flight_by_model: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        waiting_first_token: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "instance_id", b"instance_id", "next_beat_ms", b"next_beat_ms", "ready", b"ready", "sent_unix_nanos", b"sent_unix_nanos", "service", b"service", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "in_flight_by_model", b"in_flight_by_model", "instance_id", b"instance_id", "next_beat_ms", b"next_beat_ms", "ready", b"ready", "sent_unix_nanos", b"sent_unix_nanos", "service", b"service", "version", b"version", "waiting_first_token", b"waiting_first_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
