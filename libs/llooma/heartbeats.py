@@ -24,6 +24,9 @@ MAX_STAKE = 1000.0
 MAX_CAPACITY = 1_000_000
 MAX_QUEUE_DEPTH = 1_000_000
 MAX_HEARTBEAT_BYTES = 16_384
+# The longest wait before its next beat a host may announce: readers keep a host that
+# announced it for that long plus a grace, so this bounds how late a silent death is noticed.
+MAX_NEXT_BEAT_MS = 15_000
 
 
 class HeartbeatRefused(ValueError):
@@ -47,6 +50,7 @@ def check(beat: HostHeartbeat) -> HostHeartbeat:
     _bounded(beat.stake, MAX_STAKE, "stake")
     _bounded(beat.queue_depth, MAX_QUEUE_DEPTH, "queue_depth")
     _bounded(beat.in_flight, MAX_CAPACITY, "in_flight")
+    _bounded(beat.next_beat_ms, MAX_NEXT_BEAT_MS, "next_beat_ms")
     if not 0 < len(beat.models) <= MAX_MODELS:
         raise HeartbeatRefused("models", f"{len(beat.models)} models")
     names = set()

@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from llooma.bus import NatsAccess, access_for
+from llooma.heartbeats import MAX_NEXT_BEAT_MS
 from llooma.subjects import checked_token
 
 
@@ -115,9 +116,10 @@ class HostConfig(BaseModel):
     tls_key_file: Path | None = None
     seed: int = 0
     # A beat this often while tasks are in flight (their load steers the scheduler), and every
-    # idle_heartbeat_interval_s otherwise: enough for membership (stale after 2 s) at rest.
+    # idle_heartbeat_interval_s at rest; each beat announces the wait, and readers keep the
+    # host that long plus a grace (a death at rest is noticed within about 6.5 s by default).
     heartbeat_interval_s: float = Field(default=0.5, gt=0)
-    idle_heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    idle_heartbeat_interval_s: float = Field(default=5.0, gt=0, le=MAX_NEXT_BEAT_MS / 1000)
     # How often each openai upstream engine is probed for health and load, and how long a probe
     # may take before the engine counts as unreachable (the two bound the time to notice).
     engine_probe_interval_s: float = Field(default=0.5, gt=0)

@@ -43,6 +43,7 @@ from llooma.host.openai_backend import (
     estimate_input_tokens,
 )
 from llooma.host.ready import ready_batches
+from llooma.pacing import BeatPacer
 from llooma.settings import VERSION
 from llooma.v1.common_pb2 import (
     ERROR_CODE_HOST_BUSY,
@@ -143,8 +144,14 @@ class HostWorker:
         self._in_flight: dict[str, int] = dict.fromkeys(self._capacity, 0)
         self._tasks: dict[str, asyncio.Task[object]] = {}
         self._subscriptions: list[Subscription] = []
-        self._heartbeat_task: asyncio.Task[None] | None = None
         self._draining = False
+        self._pacer = BeatPacer(
+            self._publish_heartbeat,
+            busy_s=config.heartbeat_interval_s,
+            idle_s=config.idle_heartbeat_interval_s,
+            busy=self._busy,
+            name="host-heartbeat",
+        )
         # Checked by the dispatcher, which writes the hosts bucket (a host cannot).
         self._heartbeat_subject = subjects.host_heartbeat(config.name)
 
@@ -164,7 +171,7 @@ class HostWorker:
         # says whether each model's engine answers (and, for llama.cpp, whether it prefills).
         await asyncio.gather(*(self._probe_once(engine) for engine in self._engines.values()))
         await self._publish_heartbeat()
-        self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="host-heartbeat")
+        self._pacer.start()
         for key, engine in self._engines.items():
             self._probe_tasks.append(
                 asyncio.create_task(self._probe_loop(engine), name=f"engine-probe-{key}")
@@ -178,10 +185,10 @@ class HostWorker:
         await self._publish_heartbeat()
         if self._tasks:
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-        background = [t for t in (self._heartbeat_task, *self._probe_tasks) if t is not None]
-        for task in background:
+        await self._pacer.stop()
+        for task in self._probe_tasks:
             task.cancel()
-        for task in background:
+        for task in self._probe_tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._nc.flush()
@@ -224,20 +231,20 @@ class HostWorker:
             stake=max(m.policy.stake for m in self._models.values()),
             sent_unix_nanos=time.time_ns(),
             draining=self._draining,
+            next_beat_ms=round(self._pacer.announce() * 1000),
         )
 
     async def _publish_heartbeat(self) -> None:
         await self._nc.publish(self._heartbeat_subject, self.heartbeat().SerializeToString())
 
-    async def _heartbeat_loop(self) -> None:
-        busy_s = self._config.heartbeat_interval_s
-        idle_s = max(busy_s, self._config.idle_heartbeat_interval_s)
-        while True:
-            await asyncio.sleep(busy_s if self._tasks or self._draining else idle_s)
-            try:
-                await self._publish_heartbeat()
-            except Exception:
-                log.warning("heartbeat failed", exc_info=True)
+    def _busy(self) -> bool:
+        """Beat at the short pace: tasks in flight, draining, or an engine busy with others
+        (its load steers the scheduler)."""
+        return (
+            bool(self._tasks)
+            or self._draining
+            or any(e.state.running or e.state.waiting for e in self._engines.values())
+        )
 
     async def _probe_once(self, engine: _Engine) -> bool:
         """Probe one engine; True when its reachability changed."""
@@ -309,6 +316,7 @@ class HostWorker:
         )
         runner = asyncio.create_task(serving)
         self._tasks[task.attempt_id] = runner
+        self._pacer.work_started()
         runner.add_done_callback(lambda _: self._finish(task))
 
     def _finish(self, task: HostTask) -> None:
