@@ -52,6 +52,14 @@ def test_a_models_stake_that_is_not_finite_and_bounded_is_refused(value: float) 
         heartbeats.check(beat(models=[ModelCapability(name="m", capacity=1, stake=value)]))
 
 
+def test_a_wait_before_the_next_beat_past_the_bound_is_refused() -> None:
+    longest = heartbeats.MAX_NEXT_BEAT_MS
+    assert heartbeats.check(beat(next_beat_ms=longest)).next_beat_ms == longest
+    with pytest.raises(HeartbeatRefused) as refused:
+        heartbeats.check(beat(next_beat_ms=longest + 1))
+    assert refused.value.reason == "next_beat_ms"
+
+
 def test_a_load_above_one_and_a_huge_capacity_are_refused() -> None:
     with pytest.raises(HeartbeatRefused, match="load"):
         heartbeats.check(beat(load=1.5))

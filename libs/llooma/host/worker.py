@@ -280,6 +280,9 @@ class HostWorker:
             try:
                 if await self._probe_once(engine):
                     await self._publish_heartbeat()
+                elif engine.state.running or engine.state.waiting:
+                    # Busy with others' work: its load is news, not for the idle pace.
+                    self._pacer.work_started()
             except Exception:
                 log.warning("engine probe failed", exc_info=True)
             await asyncio.sleep(max(0.0, interval - (loop.time() - started)))
