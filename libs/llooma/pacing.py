@@ -46,6 +46,10 @@ class BeatPacer:
         if self._announced_s > self._busy_s:
             self._due_now.set()
 
+    def beat_now(self) -> None:
+        """The next beat at once, whatever was announced (e.g. after a reconnect)."""
+        self._due_now.set()
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name=self._name)
 

@@ -4,6 +4,12 @@ Hosts publish in their own NATS account on `llooma.v1.heartbeat.host.<host>`, wh
 host's credential may publish to; the host id is taken from that subject, never the payload.
 The dispatcher keeps the host registry, so it admits heartbeats too: with no dispatcher,
 nothing would be dispatched to a listed host anyway, and hosts drop out of the bucket.
+
+A host at rest beats seldom (each beat announces the wait until the next), so the server's own
+advisory that a host's connection closed deletes the host's entry at once: a crashed, killed or
+revoked host leaves the membership as soon as the server notices, and only a host that stops
+beating with its connection still open (a frozen process, a lost network) is dropped by the
+readers when the wait it announced and the grace are over.
 """
 
 from __future__ import annotations
@@ -11,10 +17,13 @@ from __future__ import annotations
 import logging
 import time
 
+import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js.kv import KV_OP
 
 from llooma import counters, heartbeats, subjects
+from llooma.credentials import HOSTS_ACCOUNT
 
 log = logging.getLogger(__name__)
 
@@ -65,3 +74,21 @@ class HostHeartbeatIntake:
             return
         # What lands in the bucket is the host's own bytes, checked; the key is its identity.
         await self._nc.publish(subjects.kv_put_subject(subjects.HOSTS_BUCKET, host_id), msg.data)
+
+    async def disconnected(self, msg: Msg) -> None:
+        """A host's connection closed: delete its entry, so every view drops it now. The
+        host is named by the server (the user the auth callout admitted), never by the host;
+        a host still connected elsewhere (a reconnect, another node) beats again at once."""
+        try:
+            client = orjson.loads(msg.data)["client"]
+            account, host_id = client["acc"], subjects.checked_token(client["user"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            counters.count("host_disconnect_unreadable")
+            return
+        if account != HOSTS_ACCOUNT:
+            return
+        await self._nc.publish(
+            subjects.kv_put_subject(subjects.HOSTS_BUCKET, host_id),
+            b"",
+            headers={KV_OP: "DEL"},
+        )

@@ -30,6 +30,9 @@ async def setup(service: Service) -> None:
     # Hosts' heartbeats, checked, into the hosts bucket (one replica takes each).
     intake = HostHeartbeatIntake(service.nc)
     await service.subscribe_queue(subjects.HOST_HEARTBEAT_ANY, "host-heartbeats", intake.handle)
+    await service.subscribe_queue(
+        subjects.HOSTS_DISCONNECTED, "host-disconnects", intake.disconnected
+    )
     # Hosts are drawn by the stake they locked in the ledger, as accounting publishes it.
     stakes = StakeBook()
     await stakes.start(service.js)

@@ -230,7 +230,7 @@ async def test_join_is_seen_within_2s_and_kill_9_while_serving_is_ineligible_wit
     assert response.json()["error"]["code"] == "no_eligible_host"
 
 
-async def test_a_resting_host_stays_for_the_wait_it_announced_and_leaves_after_it_once_killed(
+async def test_a_resting_host_stays_between_beats_and_leaves_at_once_when_killed(
     nats_server: EmbeddedNats | None, http: httpx.AsyncClient, tmp_path: Path
 ) -> None:
     server = credentials_of(nats_server)
@@ -250,8 +250,32 @@ async def test_a_resting_host_stays_for_the_wait_it_announced_and_leaves_after_i
         process.wait(5)
         await seconds_until(http, model, listed=False)
         vanished_after = time.monotonic() - killed_at
-    # At most the announced wait and the grace since its last beat, plus the readers' lag.
-    assert vanished_after < 3.0 + NEXT_BEAT_GRACE_S + 1.0
+    # The server's disconnect advisory, not the 3 s wait it announced plus the grace.
+    assert vanished_after < 3.0
+
+
+async def test_a_resting_host_that_stops_beating_is_dropped_after_the_wait_it_announced(
+    nats_server: EmbeddedNats | None, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    server = credentials_of(nats_server)
+    model = f"frozen-{uuid.uuid4().hex[:6]}"
+    announced_s = 3.0
+    config = solo_host(server, f"host-{model}", model).model_copy(
+        update={"idle_heartbeat_interval_s": announced_s}
+    )
+    with host_process(write_host(tmp_path, config)) as process:
+        await seconds_until(http, model, listed=True)
+        # Frozen: its connection stays open (no advisory), its beats stop.
+        process.send_signal(signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        try:
+            await seconds_until(http, model, listed=False)
+            vanished_after = time.monotonic() - frozen_at
+        finally:
+            process.send_signal(signal.SIGCONT)
+    # Its last beat came at most `announced_s` before the freeze: dropped once that wait and
+    # the grace are over (plus the readers' lag), and not before the grace has passed.
+    assert NEXT_BEAT_GRACE_S - 0.1 < vanished_after < announced_s + NEXT_BEAT_GRACE_S + 1.0
 
 
 async def test_a_new_host_is_seen_within_2s_of_its_first_heartbeat(

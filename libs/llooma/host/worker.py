@@ -12,6 +12,7 @@ import logging
 import random
 import signal
 import time
+from collections.abc import Callable
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -197,6 +198,12 @@ class HostWorker:
         for backend in self._backends.values():
             if isinstance(backend, OpenAIBackend):
                 await backend.aclose()
+
+    def reconnected(self) -> None:
+        """Back on NATS: beat at once. The server announced the old connection's close, and
+        the dispatcher deleted this host's entry on it; waiting out the idle pace would leave
+        the host unlisted that long."""
+        self._pacer.beat_now()
 
     def heartbeat(self) -> HostHeartbeat:
         total_capacity = sum(self._capacity.values())
@@ -448,10 +455,16 @@ class HostWorker:
             task.add_done_callback(self._background.discard)
 
 
-async def run_worker(config: HostConfig, nc: Client, stop: asyncio.Event) -> None:
-    """Serve until SIGINT, SIGTERM or `stop`, then drain."""
+async def run_worker(
+    config: HostConfig,
+    nc: Client,
+    stop: asyncio.Event,
+    started: Callable[[HostWorker], object] = lambda _: None,
+) -> None:
+    """Serve until SIGINT, SIGTERM or `stop`, then drain; `started` is handed the worker."""
     worker = HostWorker(config, nc)
     await worker.start()
+    started(worker)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
