@@ -167,8 +167,6 @@ def response(request: Request, issuer: nkeys.KeyPair, host: str | None) -> str:
     else:
         user = {
             "sub": request.user_nkey,
-            # The server's disconnect advisories name the connection by this (`name_tag`).
-            "name": host,
             "aud": HOSTS_ACCOUNT,
             "nats": {
                 **host_permissions(host),

@@ -6,10 +6,10 @@ The dispatcher keeps the host registry, so it admits heartbeats too: with no dis
 nothing would be dispatched to a listed host anyway, and hosts drop out of the bucket.
 
 A host at rest beats seldom (each beat announces the wait until the next), so the server's own
-advisory that a host's connection closed deletes the host's entry at once: a crashed, killed or
-revoked host leaves the membership as soon as the server notices, and only a host that stops
-beating with its connection still open (a frozen process, a lost network) is dropped by the
-readers when the wait it announced and the grace are over.
+advisory that a connection holding a host's key closed deletes the host's entry at once: a
+crashed, killed or revoked host leaves the membership as soon as the server notices, and only
+a host that stops beating with its connection still open (a frozen process, a lost network) is
+dropped by the readers when the wait it announced and the grace are over.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from nats.js.kv import KV_OP
 
 from llooma import counters, heartbeats, subjects
 from llooma.credentials import HOSTS_ACCOUNT
+from llooma.membership import HostDirectory
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,10 @@ LOG_EVERY_S = 10.0
 
 
 class HostHeartbeatIntake:
-    def __init__(self, nc: Client) -> None:
+    def __init__(self, nc: Client, hosts: HostDirectory) -> None:
         self._nc = nc
+        # The bucket as this dispatcher reads it: which host announced which key.
+        self._hosts = hosts
         self._allowance: dict[str, tuple[float, float]] = {}
         self._logged: dict[str, float] = {}
 
@@ -76,19 +79,22 @@ class HostHeartbeatIntake:
         await self._nc.publish(subjects.kv_put_subject(subjects.HOSTS_BUCKET, host_id), msg.data)
 
     async def disconnected(self, msg: Msg) -> None:
-        """A host's connection closed: delete its entry, so every view drops it now. The
-        host is named by the server (the user the auth callout admitted), never by the host;
-        a host still connected elsewhere (a reconnect, another node) beats again at once."""
+        """A connection in the hosts account closed: delete the entry of every host whose
+        beats named that connection's key, so every view drops it now. The key is the
+        server's (the nkey that signed in); a host naming another's key can only drop
+        itself, and a host still connected elsewhere (a reconnect) beats again at once."""
         try:
             client = orjson.loads(msg.data)["client"]
-            account, host_id = client["acc"], subjects.checked_token(client["user"])
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            account, key = client["acc"], client["user"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
             counters.count("host_disconnect_unreadable")
             return
-        if account != HOSTS_ACCOUNT:
+        if account != HOSTS_ACCOUNT or not key:
             return
-        await self._nc.publish(
-            subjects.kv_put_subject(subjects.HOSTS_BUCKET, host_id),
-            b"",
-            headers={KV_OP: "DEL"},
-        )
+        for member in self._hosts.members.all():
+            if member.heartbeat.nkey == key:
+                await self._nc.publish(
+                    subjects.kv_put_subject(subjects.HOSTS_BUCKET, member.key),
+                    b"",
+                    headers={KV_OP: "DEL"},
+                )

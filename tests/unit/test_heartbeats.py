@@ -107,3 +107,13 @@ def test_a_nan_score_term_counts_as_the_worst() -> None:
     assert clamp01(math.nan) == 1.0
     assert clamp01(-3.0) == 0.0
     assert clamp01(0.25) == 0.25
+
+
+def test_a_key_that_is_not_a_users_public_nkey_is_refused() -> None:
+    key = "U" + "A" * 55
+    assert heartbeats.check(beat(nkey=key)).nkey == key
+    assert heartbeats.check(beat()).nkey == ""
+    for bad in ("N" + "A" * 55, "U" + "A" * 54, "U" + "a" * 55, "U" + "A" * 54 + "."):
+        with pytest.raises(HeartbeatRefused) as refused:
+            heartbeats.check(beat(nkey=bad))
+        assert refused.value.reason == "nkey"

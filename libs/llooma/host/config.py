@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import nkeys
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from llooma.bus import NatsAccess, access_for
+from llooma.credentials import public_key
 from llooma.heartbeats import MAX_NEXT_BEAT_MS
 from llooma.subjects import checked_token
 
@@ -133,6 +135,16 @@ class HostConfig(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError("each model may appear only once")
         return self
+
+    def public_nkey(self) -> str:
+        """The public key of the nkey seed file this host connects with ("" for none, or for
+        a `.creds` file): what the server's advisories name its connection by."""
+        if self.credentials is None or not self.nats_access().nkey_seed_file:
+            return ""
+        try:
+            return public_key(self.credentials.read_bytes().strip())
+        except (OSError, nkeys.NkeysError):
+            return ""
 
     def nats_access(self) -> NatsAccess:
         def text(path: Path | None) -> str:

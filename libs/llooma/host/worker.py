@@ -146,6 +146,7 @@ class HostWorker:
         self._tasks: dict[str, asyncio.Task[object]] = {}
         self._subscriptions: list[Subscription] = []
         self._draining = False
+        self._nkey = config.public_nkey()
         self._pacer = BeatPacer(
             self._publish_heartbeat,
             busy_s=config.heartbeat_interval_s,
@@ -239,6 +240,7 @@ class HostWorker:
             sent_unix_nanos=time.time_ns(),
             draining=self._draining,
             next_beat_ms=round(self._pacer.announce() * 1000),
+            nkey=self._nkey,
         )
 
     async def _publish_heartbeat(self) -> None:
