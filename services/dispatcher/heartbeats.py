@@ -80,19 +80,21 @@ class HostHeartbeatIntake:
 
     async def disconnected(self, msg: Msg) -> None:
         """A connection in the hosts account closed: delete the entry of every host whose
-        beats named that connection's key, so every view drops it now. The key is the
-        server's (the nkey that signed in); a host naming another's key can only drop
-        itself, and a host still connected elsewhere (a reconnect) beats again at once."""
+        last beat named that connection (its key and, if given, its id), so every view drops
+        it now. Key and id are the server's (the nkey that signed in); a host naming another's
+        can only drop itself, and the close of a connection a host has since replaced (seen
+        late, after a reconnect) matches nothing."""
         try:
             client = orjson.loads(msg.data)["client"]
-            account, key = client["acc"], client["user"]
-        except (orjson.JSONDecodeError, KeyError, TypeError):
+            account, key, connection = client["acc"], client["user"], int(client["id"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             counters.count("host_disconnect_unreadable")
             return
         if account != HOSTS_ACCOUNT or not key:
             return
         for member in self._hosts.members.all():
-            if member.heartbeat.nkey == key:
+            beat = member.heartbeat
+            if beat.nkey == key and beat.connection_id in (0, connection):
                 await self._nc.publish(
                     subjects.kv_put_subject(subjects.HOSTS_BUCKET, member.key),
                     b"",

@@ -241,6 +241,7 @@ class HostWorker:
             draining=self._draining,
             next_beat_ms=round(self._pacer.announce() * 1000),
             nkey=self._nkey,
+            connection_id=self._nc.client_id or 0,
         )
 
     async def _publish_heartbeat(self) -> None:
