@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 QUIET_FILE_BUCKET_RENEW_S = 60.0
 # How long one read of the whole bucket may take.
 READ_TIMEOUT_S = 10.0
+# The server forgets a read's consumer this long after the read stopped (nats-py's default is
+# 5 minutes, and each lingering consumer costs the server timers until then).
+ABANDONED_WATCH_S = 15.0
 
 
 class BucketView(ABC):
@@ -87,7 +90,7 @@ class BucketView(ABC):
         """Apply every entry the bucket holds, then what was heard meanwhile, in order."""
         self._heard_while_reading = []
         try:
-            watcher = await kv.watchall()
+            watcher = await kv.watchall(inactive_threshold=ABANDONED_WATCH_S)
             try:
                 while (entry := await watcher.updates(timeout=READ_TIMEOUT_S)) is not None:  # type: ignore[no-untyped-call]
                     self.apply(entry)
