@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -34,6 +35,17 @@ READ_TIMEOUT_S = 10.0
 # The server forgets a read's consumer this long after the read stopped (nats-py's default is
 # 5 minutes, and each lingering consumer costs the server timers until then).
 ABANDONED_WATCH_S = 15.0
+
+
+async def read_all(kv: KeyValue, apply: Callable[[KeyValue.Entry], None]) -> None:
+    """Apply every entry `kv` holds now: a short-lived watch, read to its end and stopped."""
+    watcher = await kv.watchall(inactive_threshold=ABANDONED_WATCH_S)
+    try:
+        while (entry := await watcher.updates(timeout=READ_TIMEOUT_S)) is not None:  # type: ignore[no-untyped-call]
+            apply(entry)
+    finally:
+        with contextlib.suppress(Exception):
+            await watcher.stop()  # type: ignore[no-untyped-call]
 
 
 class BucketView(ABC):
@@ -90,13 +102,7 @@ class BucketView(ABC):
         """Apply every entry the bucket holds, then what was heard meanwhile, in order."""
         self._heard_while_reading = []
         try:
-            watcher = await kv.watchall(inactive_threshold=ABANDONED_WATCH_S)
-            try:
-                while (entry := await watcher.updates(timeout=READ_TIMEOUT_S)) is not None:  # type: ignore[no-untyped-call]
-                    self.apply(entry)
-            finally:
-                with contextlib.suppress(Exception):
-                    await watcher.stop()  # type: ignore[no-untyped-call]
+            await read_all(kv, self.apply)
         finally:
             heard, self._heard_while_reading = self._heard_while_reading, None
             for entry in heard:

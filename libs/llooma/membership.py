@@ -30,7 +30,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.kv import KV_OP, KeyValue
 
-from llooma import counters, heartbeats, selection, subjects
+from llooma import counters, heartbeats, kv_view, selection, subjects
 from llooma.bus import MEMBERSHIP_TTL_S, SERVICE_MEMBERSHIP_TTL_S
 from llooma.selection import (
     Ask,
@@ -101,14 +101,7 @@ class Membership(Generic[HeartbeatT]):
             self._subscription = None
 
     async def _read_bucket(self, js: JetStreamContext) -> None:
-        kv = await js.key_value(self._bucket)
-        watcher = await kv.watchall()
-        try:
-            while (entry := await watcher.updates(timeout=SNAPSHOT_TIMEOUT_S)) is not None:  # type: ignore[no-untyped-call]
-                self.apply(entry)
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+        await kv_view.read_all(await js.key_value(self._bucket), self.apply)
 
     async def _on_put(self, msg: Msg) -> None:
         operation = msg.headers.get(KV_OP) if msg.headers else None
