@@ -41,7 +41,9 @@ SETTLEMENT_MAX_AGE_S = 7 * 24 * 3600.0
 EVENTS_MAX_AGE_S = 24 * 3600.0
 # JetStream's window for discarding a repeated Nats-Msg-Id.
 DUPLICATE_WINDOW_S = 600.0
-MEMBERSHIP_TTL_S = 5.0
+# Hosts at rest announce waits of up to `heartbeats.MAX_NEXT_BEAT_MS` (15 s) between beats:
+# their entries must outlive one of those and its grace, so a view that starts reads them.
+MEMBERSHIP_TTL_S = 20.0
 # Services at rest beat every `idle_heartbeat_interval_s` (at most 20 s): their entries must
 # outlive three of those, so a view that starts reads every live instance.
 SERVICE_MEMBERSHIP_TTL_S = 60.0

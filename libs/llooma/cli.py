@@ -133,7 +133,7 @@ def up(
 @app.command()
 def host(config: Annotated[Path, typer.Option(help="Host YAML config")]) -> None:
     """Run a host worker that serves the models in its config."""
-    from llooma.host.worker import run_worker
+    from llooma.host.worker import HostWorker, run_worker
 
     try:
         host_config = load_host_config(config)
@@ -154,6 +154,13 @@ def host(config: Annotated[Path, typer.Option(help="Host YAML config")]) -> None
     async def serve() -> None:
         stop = asyncio.Event()
         refused_since: list[float] = []
+        # Set while the connection is down: only then is there a refusal to watch for.
+        offline = asyncio.Event()
+        workers: list[HostWorker] = []
+
+        async def on_reconnect() -> None:
+            for worker in workers:
+                worker.reconnected()
 
         async def on_error(error: Exception) -> None:
             if "authorization" in str(error).lower():
@@ -168,13 +175,17 @@ def host(config: Annotated[Path, typer.Option(help="Host YAML config")]) -> None
             access=host_config.nats_access(),
             error_cb=on_error,
             attempts=20,
+            on_reconnect=on_reconnect,
+            on_disconnect=offline.set,
         )
 
         async def leave_when_refused() -> None:
             # Refused since the grace began and not back in: revoked, so leave.
             while not stop.is_set():
+                await offline.wait()
                 await asyncio.sleep(0.25)
                 if nc.is_connected:
+                    offline.clear()
                     refused_since.clear()
                     refused.clear()
                 elif refused_since and time.monotonic() - refused_since[0] > bus.REFUSAL_GRACE_S:
@@ -182,7 +193,7 @@ def host(config: Annotated[Path, typer.Option(help="Host YAML config")]) -> None
 
         watcher = asyncio.create_task(leave_when_refused())
         try:
-            await run_worker(host_config, nc, stop)
+            await run_worker(host_config, nc, stop, workers.append)
         finally:
             watcher.cancel()
 

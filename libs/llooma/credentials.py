@@ -162,6 +162,7 @@ def accounts_block(control_users: list[str], system_users: list[str]) -> str:
         return "".join(f"      {entry}\n" for entry in entries)
 
     cp, hosts = CONTROL_ACCOUNT, HOSTS_ACCOUNT
+    disconnects = subjects.HOSTS_DISCONNECTED
     return (
         "accounts {\n"
         f"  {cp} {{\n"
@@ -176,6 +177,8 @@ def accounts_block(control_users: list[str], system_users: list[str]) -> str:
         "    ]\n"
         "    imports: [\n"
         f'      {{ service: {{ account: {hosts}, subject: "{subjects.HOST_TASKS_ANY}" }} }}\n'
+        # The server says at once when a host's connection closes (membership drops it).
+        f'      {{ stream: {{ account: {SYSTEM_ACCOUNT}, subject: "{disconnects}" }} }}\n'
         "    ]\n"
         "  }\n"
         f"  {hosts} {{\n"
@@ -191,6 +194,7 @@ def accounts_block(control_users: list[str], system_users: list[str]) -> str:
         "  }\n"
         f"  {SYSTEM_ACCOUNT} {{\n"
         f"    users: [\n{users(system_users)}    ]\n"
+        f'    exports: [ {{ stream: "{disconnects}", accounts: [{cp}] }} ]\n'
         "  }\n"
         "}\n"
         f"system_account: {SYSTEM_ACCOUNT}\n"

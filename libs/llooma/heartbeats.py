@@ -16,6 +16,8 @@ from llooma.v1.host_pb2 import HostHeartbeat
 # subject or a client could misread (no spaces, wildcards or control characters).
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 _VERSION = re.compile(r"^[0-9A-Za-z.+-]{1,32}$")
+# A user's public nkey: "U" and 55 base32 characters.
+_USER_NKEY = re.compile(r"^U[A-Z2-7]{55}$")
 MAX_MODELS = 64
 # Announced stake is a weight in a draw among the best-scoring hosts; past this it is a lie.
 MAX_STAKE = 1000.0
@@ -24,6 +26,9 @@ MAX_STAKE = 1000.0
 MAX_CAPACITY = 1_000_000
 MAX_QUEUE_DEPTH = 1_000_000
 MAX_HEARTBEAT_BYTES = 16_384
+# The longest wait before its next beat a host may announce: readers keep a host that
+# announced it for that long plus a grace, so this bounds how late a silent death is noticed.
+MAX_NEXT_BEAT_MS = 15_000
 
 
 class HeartbeatRefused(ValueError):
@@ -47,6 +52,9 @@ def check(beat: HostHeartbeat) -> HostHeartbeat:
     _bounded(beat.stake, MAX_STAKE, "stake")
     _bounded(beat.queue_depth, MAX_QUEUE_DEPTH, "queue_depth")
     _bounded(beat.in_flight, MAX_CAPACITY, "in_flight")
+    _bounded(beat.next_beat_ms, MAX_NEXT_BEAT_MS, "next_beat_ms")
+    if beat.nkey and not _USER_NKEY.match(beat.nkey):
+        raise HeartbeatRefused("nkey", repr(beat.nkey[:60]))
     if not 0 < len(beat.models) <= MAX_MODELS:
         raise HeartbeatRefused("models", f"{len(beat.models)} models")
     names = set()

@@ -1,4 +1,14 @@
-"""A live in-memory view of a JetStream KV bucket, kept by a watch that renews itself."""
+"""A live in-memory view of a JetStream KV bucket: every put heard on a core subscription, the
+bucket read whole at start and re-read as a net.
+
+A KV put is an ordinary message on `$KV.<bucket>.<key>` (the stream behind the bucket is one
+more listener), so a plain subscription hears each one as it is published, with no consumer on
+the server. A KV watch (a nats-py ordered push consumer) costs, for every watcher at rest, the
+server's idle heartbeat every 5 s and a flow-control poll four times a second in the client;
+these buckets are quiet at rest (balances, stakes, keys), so that was most of what their views
+cost. What a subscription misses while NATS is away is healed by the re-read (every
+`idle_renew_s`), as the watch's renewal did.
+"""
 
 from __future__ import annotations
 
@@ -6,33 +16,50 @@ import asyncio
 import contextlib
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
-import nats.errors
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.kv import KeyValue
+from nats.js.kv import KV_OP, KeyValue
+
+from llooma import subjects
 
 log = logging.getLogger(__name__)
 
-# The server forgets a watch's consumer this long after its subscriber left (nats-py's default
-# is 5 minutes): every renewal leaves one behind, and each costs the server timers until then.
-ABANDONED_WATCH_S = 15.0
-# For a file bucket that is quiet at rest (balances, keys). A server restart that drops the
-# watch's consumer is healed by nats-py's ordered consumer itself (it resumes from its last
-# sequence after two missed idle heartbeats, 10 s; right for a file bucket, whose sequences
-# survive); renewing, which re-reads every key, is only the net for a bucket made anew.
+# For a file bucket that is quiet at rest (balances, keys, stakes): how often the whole bucket
+# is read again, the net for puts published while this process was disconnected.
 QUIET_FILE_BUCKET_RENEW_S = 60.0
+# How long one read of the whole bucket may take.
+READ_TIMEOUT_S = 10.0
+# The server forgets a read's consumer this long after the read stopped (nats-py's default is
+# 5 minutes, and each lingering consumer costs the server timers until then).
+ABANDONED_WATCH_S = 15.0
+
+
+async def read_all(kv: KeyValue, apply: Callable[[KeyValue.Entry], None]) -> None:
+    """Apply every entry `kv` holds now: a short-lived watch, read to its end and stopped."""
+    watcher = await kv.watchall(inactive_threshold=ABANDONED_WATCH_S)
+    try:
+        while (entry := await watcher.updates(timeout=READ_TIMEOUT_S)) is not None:  # type: ignore[no-untyped-call]
+            apply(entry)
+    finally:
+        with contextlib.suppress(Exception):
+            await watcher.stop()  # type: ignore[no-untyped-call]
 
 
 class BucketView(ABC):
     """Applies every entry of one bucket as it changes; `start` returns once the bucket's
-    current contents are in. A watch quiet for `idle_renew_s` is renewed, because a restarted
-    server drops the watch's consumer without telling the client (renewing re-reads all)."""
+    current contents are in."""
 
     def __init__(self, bucket: str, *, idle_renew_s: float) -> None:
         self._bucket = bucket
         self._idle_renew_s = idle_renew_s
+        self._prefix = subjects.kv_put_subject(bucket, "")
+        self._subscription: Subscription | None = None
         self._task: asyncio.Task[None] | None = None
-        self._loaded = asyncio.Event()
+        # Puts heard while the bucket is being read: applied after what was read (newer).
+        self._heard_while_reading: list[KeyValue.Entry] | None = None
 
     @abstractmethod
     def apply(self, entry: KeyValue.Entry) -> None:
@@ -40,32 +67,53 @@ class BucketView(ABC):
 
     async def start(self, js: JetStreamContext) -> None:
         kv = await js.key_value(self._bucket)
-        self._task = asyncio.create_task(self._watch(kv), name=f"watch-{self._bucket}")
-        await asyncio.wait_for(self._loaded.wait(), timeout=10)
+        self._subscription = await js._nc.subscribe(f"{self._prefix}>", cb=self._on_put)
+        await self._read(kv)
+        self._task = asyncio.create_task(self._reread(kv), name=f"reread-{self._bucket}")
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+            self._task = None
+        if self._subscription is not None:
+            with contextlib.suppress(Exception):
+                await self._subscription.unsubscribe()
+            self._subscription = None
 
-    async def _watch(self, kv: KeyValue) -> None:
+    async def _on_put(self, msg: Msg) -> None:
+        operation = msg.headers.get(KV_OP) if msg.headers else None
+        entry = KeyValue.Entry(
+            bucket=self._bucket,
+            key=msg.subject[len(self._prefix) :],
+            value=msg.data,
+            revision=None,
+            delta=None,
+            created=None,
+            operation=operation,
+        )
+        if self._heard_while_reading is not None:
+            self._heard_while_reading.append(entry)
+        else:
+            self.apply(entry)
+
+    async def _read(self, kv: KeyValue) -> None:
+        """Apply every entry the bucket holds, then what was heard meanwhile, in order."""
+        self._heard_while_reading = []
+        try:
+            await read_all(kv, self.apply)
+        finally:
+            heard, self._heard_while_reading = self._heard_while_reading, None
+            for entry in heard:
+                self.apply(entry)
+
+    async def _reread(self, kv: KeyValue) -> None:
         while True:
+            await asyncio.sleep(self._idle_renew_s)
             try:
-                watcher = await kv.watchall(inactive_threshold=ABANDONED_WATCH_S)
-                while True:
-                    try:
-                        entry = await watcher.updates(timeout=self._idle_renew_s)  # type: ignore[no-untyped-call]
-                    except nats.errors.TimeoutError:
-                        with contextlib.suppress(Exception):
-                            await watcher.stop()  # type: ignore[no-untyped-call]
-                        break
-                    if entry is None:
-                        self._loaded.set()
-                    else:
-                        self.apply(entry)
+                await self._read(kv)
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.warning("watch on %s broke; re-watching", self._bucket, exc_info=True)
-                await asyncio.sleep(0.5)
+                log.warning("re-reading %s failed; the next read heals it", self._bucket)

@@ -30,9 +30,16 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.kv import KV_OP, KeyValue
 
-from llooma import counters, heartbeats, selection, subjects
+from llooma import counters, heartbeats, kv_view, selection, subjects
 from llooma.bus import MEMBERSHIP_TTL_S, SERVICE_MEMBERSHIP_TTL_S
-from llooma.selection import Ask, Policy, as_host, host_rejection, version_tuple
+from llooma.selection import (
+    Ask,
+    Policy,
+    as_host,
+    host_rejection,
+    silence_allowed_s,
+    version_tuple,
+)
 from llooma.v1.host_pb2 import HostHeartbeat
 from llooma.v1.service_pb2 import ServiceHeartbeat
 
@@ -43,7 +50,7 @@ MEMBERSHIP_FILTERS = (selection.not_draining, selection.min_version, selection.f
 
 HeartbeatT = TypeVar("HeartbeatT", bound=Message)
 
-# A member that promised its next beat within t is counted gone after this many t of silence.
+# A service that promised its next beat within t is counted gone after this many t of silence.
 MISSED_BEATS = 3
 # How long the start-up read of a bucket may take.
 SNAPSHOT_TIMEOUT_S = 10.0
@@ -66,7 +73,7 @@ class Membership(Generic[HeartbeatT]):
         self,
         bucket: str,
         parse: Callable[[bytes], HeartbeatT],
-        promised_s: Callable[[HeartbeatT], float] = lambda _: 0.0,
+        silence_allowed_s: Callable[[HeartbeatT, float], float] = lambda _, cutoff_s: cutoff_s,
         *,
         forget_after_s: float = MEMBERSHIP_TTL_S,
     ) -> None:
@@ -74,8 +81,9 @@ class Membership(Generic[HeartbeatT]):
         # The bucket drops an entry this long after its last beat; the view does the same.
         self._forget_after_s = forget_after_s
         self._parse = parse
-        # When a member said its next beat is due (0: it said nothing).
-        self._promised_s = promised_s
+        # How long a member may be silent, from what its last beat announced and the reader's
+        # own cutoff.
+        self._silence_allowed_s = silence_allowed_s
         self._members: dict[str, Member[HeartbeatT]] = {}
         self._subscription: Subscription | None = None
         self._prefix = subjects.kv_put_subject(bucket, "")
@@ -95,28 +103,20 @@ class Membership(Generic[HeartbeatT]):
             self._subscription = None
 
     async def _read_bucket(self, js: JetStreamContext) -> None:
-        kv = await js.key_value(self._bucket)
-        watcher = await kv.watchall()
-        try:
-            while (entry := await watcher.updates(timeout=SNAPSHOT_TIMEOUT_S)) is not None:  # type: ignore[no-untyped-call]
-                self.apply(entry)
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+        await kv_view.read_all(await js.key_value(self._bucket), self.apply)
 
     async def _on_put(self, msg: Msg) -> None:
         operation = msg.headers.get(KV_OP) if msg.headers else None
         self._apply(msg.subject[len(self._prefix) :], msg.data, operation, time.time())
 
     def fresh(self, stale_after_s: float) -> list[Member[HeartbeatT]]:
-        """Members heard from within `stale_after_s`, or within MISSED_BEATS of the interval
-        their last beat promised, whichever is longer."""
+        """Members heard from within `stale_after_s`, or within what their last beat allows
+        when longer (the wait it announced, judged by the bucket's rule)."""
         now = time.monotonic()
         return [
             m
             for m in self._members.values()
-            if m.staleness_s(now)
-            <= max(stale_after_s, MISSED_BEATS * self._promised_s(m.heartbeat))
+            if m.staleness_s(now) <= self._silence_allowed_s(m.heartbeat, stale_after_s)
         ]
 
     def all(self) -> list[Member[HeartbeatT]]:
@@ -170,15 +170,18 @@ def _parse_service(data: bytes) -> ServiceHeartbeat:
     return ServiceHeartbeat.FromString(data)
 
 
-def _service_promised_s(beat: ServiceHeartbeat) -> float:
-    return beat.next_beat_ms / 1000
+def _service_silence_allowed_s(beat: ServiceHeartbeat, stale_after_s: float) -> float:
+    """A service is counted gone after MISSED_BEATS of the waits it announced."""
+    return max(stale_after_s, MISSED_BEATS * beat.next_beat_ms / 1000)
 
 
 class HostDirectory:
     """Eligible hosts by model, as the dispatcher and ingress see them."""
 
     def __init__(self, *, stale_after_s: float, min_version: str) -> None:
-        self.members: Membership[HostHeartbeat] = Membership(subjects.HOSTS_BUCKET, _parse_host)
+        self.members: Membership[HostHeartbeat] = Membership(
+            subjects.HOSTS_BUCKET, _parse_host, silence_allowed_s
+        )
         self._stale_after_s = stale_after_s
         self._policy = Policy(stale_after_s=stale_after_s, min_version=version_tuple(min_version))
 
@@ -232,7 +235,7 @@ class ServiceDirectory:
         self.members: Membership[ServiceHeartbeat] = Membership(
             subjects.SERVICES_BUCKET,
             _parse_service,
-            _service_promised_s,
+            _service_silence_allowed_s,
             forget_after_s=SERVICE_MEMBERSHIP_TTL_S,
         )
         self._stale_after_s = stale_after_s

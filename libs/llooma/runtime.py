@@ -17,6 +17,7 @@ from faststream.nats.security import NatsCredentials, NatsNKey, NatsSecurity
 from nats.aio.client import Client
 
 from llooma import bus, counters, subjects, tracing
+from llooma.pacing import BeatPacer
 from llooma.settings import VERSION, Settings, load_settings
 from llooma.v1.service_pb2 import ServiceHeartbeat
 
@@ -38,10 +39,9 @@ def new_instance_id(service: str) -> str:
 
 
 class ServiceHeartbeater:
-    """Puts this instance's ServiceHeartbeat into the services bucket: every `busy_s` while
-    `busy()` says it has work in flight, every `idle_s` at rest. Each beat says when the next
-    is due, so a reader's cutoff follows it: an instance that dies holding work is missed
-    within `service_stale_after_s`, and a quiet one costs a message every `idle_s`."""
+    """Puts this instance's ServiceHeartbeat into the services bucket on a `BeatPacer`'s pace:
+    every `busy_s` while `busy()` says it has work in flight, every `idle_s` at rest; an
+    instance that dies holding work is missed within `service_stale_after_s`."""
 
     def __init__(
         self,
@@ -57,68 +57,40 @@ class ServiceHeartbeater:
         self._nc = nc
         self._subject = subjects.kv_put_subject(subjects.SERVICES_BUCKET, instance_id)
         self._beat = ServiceHeartbeat(service=service, instance_id=instance_id, version=VERSION)
-        self._busy_s = busy_s
-        self._idle_s = max(busy_s, idle_s)
-        self._busy = busy
         # Fills in what this service reports beyond liveness (an ingress's in-flight counts).
         self._report = report
-        self._announced_s = self._idle_s
-        self._due_now = asyncio.Event()
-        self._early_after = 0.0
-        self._last_beat = 0.0
-        self._task: asyncio.Task[None] | None = None
+        self._pacer = BeatPacer(
+            self._beat_ready, busy_s=busy_s, idle_s=idle_s, busy=busy, name="service-heartbeat"
+        )
 
     async def start(self) -> None:
         await self._publish(ready=True)
-        self._task = asyncio.create_task(self._loop(), name="service-heartbeat")
+        self._pacer.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._pacer.stop()
         with contextlib.suppress(Exception):
             await self._publish(ready=False)
             await self._nc.flush(timeout=1)
 
     def work_started(self) -> None:
-        """Work arrived: if the last beat promised the long wait, beat now with the short one
-        (readers would otherwise miss a death for three idle intervals)."""
-        if self._announced_s > self._busy_s:
-            self._due_now.set()
+        self._pacer.work_started()
+
+    async def _beat_ready(self) -> None:
+        await self._publish(ready=True)
 
     def beat_early(self, min_gap_s: float) -> None:
-        """What the beat reports changed: beat now, or `min_gap_s` after the last beat if that
-        is later (a busy process beats at most once a gap, however often this is called)."""
-        self._early_after = min_gap_s
-        self._due_now.set()
+        self._pacer.beat_early(min_gap_s)
 
     async def _publish(self, *, ready: bool) -> None:
-        self._announced_s = self._busy_s if self._busy() else self._idle_s
         self._beat.ready = ready
         self._beat.sent_unix_nanos = time.time_ns()
-        self._beat.next_beat_ms = round(self._announced_s * 1000)
+        self._beat.next_beat_ms = round(self._pacer.announce() * 1000)
         self._beat.counters.clear()
         self._beat.counters.update(counters.snapshot())
         if self._report is not None:
             self._report(self._beat)
-        self._last_beat = time.monotonic()
         await self._nc.publish(self._subject, self._beat.SerializeToString())
-
-    async def _loop(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._due_now.wait(), self._announced_s)
-            gap_s = self._last_beat + self._early_after - time.monotonic()
-            if gap_s > 0:
-                await asyncio.sleep(gap_s)
-            # After the gap: what changed during it goes out with this beat, not another.
-            self._due_now.clear()
-            self._early_after = 0.0
-            try:
-                await self._publish(ready=True)
-            except Exception:
-                log.warning("service heartbeat failed", exc_info=True)
 
 
 BrokerHook = Callable[[NatsBroker], Awaitable[None]]

@@ -194,6 +194,10 @@ def host_cancel(host_id: str) -> str:
 HOST_TASKS_ANY = f"{PREFIX}.cap.>"
 HOST_CANCEL_ANY = f"{PREFIX}.host.*.cancel"
 HOST_HEARTBEAT_ANY = f"{PREFIX}.heartbeat.host.*"
+# The server's advisory when a connection in the hosts account closes (a crash, a kill, a
+# revocation), naming the host the auth callout admitted it as (`client.user`); the system
+# account exports it to the control plane's (`credentials.accounts_block`).
+HOSTS_DISCONNECTED = "$SYS.ACCOUNT.HOSTS.DISCONNECT"
 
 
 def host_heartbeat(host_id: str) -> str:

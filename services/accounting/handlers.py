@@ -46,8 +46,11 @@ POISON_ERRORS = (
 )
 
 Event = TypeVar("Event", TaskSettlement, DuelResult, DeliveryReport)
-# Incomplete requests are re-billed (what their clients got) this often.
+# Incomplete requests are re-billed (what their clients got) this often while any is open.
 RECONCILE_EVERY_S = 1.0
+# With none open, a round waits for the next delivery report, or this long: stake unlocks are
+# written by the CLI, which wakes no one, so one is released at most this late.
+RECONCILE_IDLE_S = 10.0
 
 
 class Accounting:
@@ -66,6 +69,7 @@ class Accounting:
         # one under this lock, only where it is newer, never puts an older balance last.
         self._publishing = asyncio.Lock()
         self._summary_due = asyncio.Event()
+        self._deliveries_recorded = asyncio.Event()
         # The chain height the last published summary was read at.
         self._summarized_blocks = -1
         self._tasks: list[asyncio.Task[None]] = []
@@ -83,6 +87,7 @@ class Accounting:
 
     async def record_deliveries(self, reports: list[DeliveryReport]) -> Posted:
         await deliveries.record_reports(self.store.pool, reports)
+        self._deliveries_recorded.set()
         return Posted()
 
     async def reconcile_deliveries(self) -> int:
@@ -251,7 +256,7 @@ class Accounting:
         async def reconcile() -> None:
             rounds = 0
             while True:
-                await asyncio.sleep(RECONCILE_EVERY_S)
+                await self._reconcile_due()
                 try:
                     await self.release_unlocks()
                 except Exception:
@@ -270,6 +275,20 @@ class Accounting:
             asyncio.create_task(reconcile(), name="delivery-reconcile"),
             *(asyncio.create_task(consumer) for consumer in consumers),
         ]
+
+    async def _reconcile_due(self) -> None:
+        """Wait for the next round: a second while some request waits to be re-billed (or
+        the database cannot say), else until a delivery report lands or RECONCILE_IDLE_S."""
+        try:
+            idle = not await deliveries.any_open(self.store.pool)
+        except Exception:
+            idle = False
+        if not idle:
+            await asyncio.sleep(RECONCILE_EVERY_S)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._deliveries_recorded.wait(), RECONCILE_IDLE_S)
+        self._deliveries_recorded.clear()
 
     async def stop_background(self) -> None:
         for task in self._tasks:

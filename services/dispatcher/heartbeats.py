@@ -4,6 +4,12 @@ Hosts publish in their own NATS account on `llooma.v1.heartbeat.host.<host>`, wh
 host's credential may publish to; the host id is taken from that subject, never the payload.
 The dispatcher keeps the host registry, so it admits heartbeats too: with no dispatcher,
 nothing would be dispatched to a listed host anyway, and hosts drop out of the bucket.
+
+A host at rest beats seldom (each beat announces the wait until the next), so the server's own
+advisory that a connection holding a host's key closed deletes the host's entry at once: a
+crashed, killed or revoked host leaves the membership as soon as the server notices, and only
+a host that stops beating with its connection still open (a frozen process, a lost network) is
+dropped by the readers when the wait it announced and the grace are over.
 """
 
 from __future__ import annotations
@@ -11,10 +17,14 @@ from __future__ import annotations
 import logging
 import time
 
+import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js.kv import KV_OP
 
 from llooma import counters, heartbeats, subjects
+from llooma.credentials import HOSTS_ACCOUNT
+from llooma.membership import HostDirectory
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +37,10 @@ LOG_EVERY_S = 10.0
 
 
 class HostHeartbeatIntake:
-    def __init__(self, nc: Client) -> None:
+    def __init__(self, nc: Client, hosts: HostDirectory) -> None:
         self._nc = nc
+        # The bucket as this dispatcher reads it: which host announced which key.
+        self._hosts = hosts
         self._allowance: dict[str, tuple[float, float]] = {}
         self._logged: dict[str, float] = {}
 
@@ -65,3 +77,26 @@ class HostHeartbeatIntake:
             return
         # What lands in the bucket is the host's own bytes, checked; the key is its identity.
         await self._nc.publish(subjects.kv_put_subject(subjects.HOSTS_BUCKET, host_id), msg.data)
+
+    async def disconnected(self, msg: Msg) -> None:
+        """A connection in the hosts account closed: delete the entry of every host whose
+        last beat named that connection (its key and, if given, its id), so every view drops
+        it now. Key and id are the server's (the nkey that signed in); a host naming another's
+        can only drop itself, and the close of a connection a host has since replaced (seen
+        late, after a reconnect) matches nothing."""
+        try:
+            client = orjson.loads(msg.data)["client"]
+            account, key, connection = client["acc"], client["user"], int(client["id"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            counters.count("host_disconnect_unreadable")
+            return
+        if account != HOSTS_ACCOUNT or not key:
+            return
+        for member in self._hosts.members.all():
+            beat = member.heartbeat
+            if beat.nkey == key and beat.connection_id in (0, connection):
+                await self._nc.publish(
+                    subjects.kv_put_subject(subjects.HOSTS_BUCKET, member.key),
+                    b"",
+                    headers={KV_OP: "DEL"},
+                )

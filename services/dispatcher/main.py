@@ -28,8 +28,11 @@ async def setup(service: Service) -> None:
     await hosts.start(service.nc, service.js)
     service.on_stop(hosts.stop)
     # Hosts' heartbeats, checked, into the hosts bucket (one replica takes each).
-    intake = HostHeartbeatIntake(service.nc)
+    intake = HostHeartbeatIntake(service.nc, hosts)
     await service.subscribe_queue(subjects.HOST_HEARTBEAT_ANY, "host-heartbeats", intake.handle)
+    await service.subscribe_queue(
+        subjects.HOSTS_DISCONNECTED, "host-disconnects", intake.disconnected
+    )
     # Hosts are drawn by the stake they locked in the ledger, as accounting publishes it.
     stakes = StakeBook()
     await stakes.start(service.js)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import uuid
@@ -162,6 +163,55 @@ async def test_capacity_gives_an_explicit_busy_reply(nc: Client, nats_url: str) 
         assert (await first)[-1].WhichOneof("event") == "finished"
     finally:
         await worker.drain()
+
+
+async def test_a_resting_host_beats_on_its_long_wait_and_a_task_brings_a_short_beat_at_once(
+    nc: Client, nats_url: str
+) -> None:
+    host_id = f"pace-{uuid.uuid4().hex[:6]}"
+    model = ModelConfig(
+        name="paced", inter_token=Latency(ms=100), generation=Generation(max_tokens=8)
+    )
+    config = HostConfig(
+        name=host_id,
+        nats_url=nats_url,
+        heartbeat_interval_s=0.1,
+        idle_heartbeat_interval_s=0.8,
+        models=[model],
+    )
+    loop = asyncio.get_running_loop()
+    arrivals: list[tuple[float, HostHeartbeat]] = []
+
+    async def record() -> None:
+        async for beat in heartbeats(nc, host_id):
+            arrivals.append((loop.time(), beat))
+
+    recorder = asyncio.create_task(record())
+    await nc.flush()
+    worker = HostWorker(config, nc)
+    await worker.start()
+    try:
+        # At rest: each beat announces the long wait, and none comes sooner than announced.
+        await beat_where(nc, host_id, lambda _: len(arrivals) >= 3, 5)
+        resting = arrivals[:3]
+        assert all(beat.next_beat_ms == 800 for _, beat in resting)
+        gaps = [b[0] - a[0] for a, b in itertools.pairwise(resting)]
+        assert all(gap > 0.7 for gap in gaps), gaps
+        # A task arrives: a beat at once announcing the short wait, and beats at that pace.
+        before = len(arrivals)
+        asked_at = loop.time()
+        answer = asyncio.create_task(ask(nc, host_id, "paced"))
+        first, took = await beat_where(nc, host_id, lambda b: b.in_flight == 1, 5)
+        assert first.next_beat_ms == 100
+        assert took < 0.6  # not the 0.8 s the last beat announced
+        assert (await answer)[-1].WhichOneof("event") == "finished"
+        serving = [(t, b) for t, b in arrivals[before:] if t >= asked_at and b.in_flight]
+        assert len(serving) >= 3, serving
+        # Back at rest: the long wait again.
+        await beat_where(nc, host_id, lambda b: b.in_flight == 0 and b.next_beat_ms == 800, 5)
+    finally:
+        await worker.drain()
+        recorder.cancel()
 
 
 async def test_accept_frequency_declines_a_share_of_tasks(nc: Client, nats_url: str) -> None:

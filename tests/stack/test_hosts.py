@@ -26,6 +26,7 @@ from llooma.credentials import CredentialStore, public_key
 from llooma.embedded import EmbeddedNats, start_responder
 from llooma.host.config import Generation, HostConfig, Latency, ModelConfig
 from llooma.processes import die_with_parent
+from llooma.selection import NEXT_BEAT_GRACE_S
 from llooma.stack import Stack
 from llooma.v1.host_pb2 import HostTask
 from tests.conftest import AUTH
@@ -193,22 +194,29 @@ def solo_host(server: EmbeddedNats, name: str, model: str, **model_fields: objec
     )
 
 
-async def test_join_is_seen_within_2s_and_kill_9_is_ineligible_within_3s(
+async def test_join_is_seen_within_2s_and_kill_9_while_serving_is_ineligible_within_3s(
     nats_server: EmbeddedNats | None, http: httpx.AsyncClient, tmp_path: Path
 ) -> None:
     server = credentials_of(nats_server)
     model = f"joiner-{uuid.uuid4().hex[:6]}"
-    config = solo_host(server, f"host-{model}", model)
+    config = solo_host(
+        server,
+        f"host-{model}",
+        model,
+        generation=Generation(max_tokens=200),
+        inter_token=Latency(kind="fixed", ms=50),
+    )
     with host_process(write_host(tmp_path, config)) as process:
         await seconds_until(http, model, listed=True)  # the process start is not the join
-        response = await http.post(
-            "/v1/chat/completions",
-            json={"model": model, "messages": [{"role": "user", "content": "hi"}]},
-            headers=AUTH,
-        )
-        assert response.status_code == 200
-        process.send_signal(signal.SIGKILL)
-        killed_at = time.monotonic()
+        body = {"model": model, "stream": True, "messages": [{"role": "user", "content": "go"}]}
+        async with http.stream("POST", "/v1/chat/completions", json=body, headers=AUTH) as stream:
+            assert stream.status_code == 200
+            async for line in stream.aiter_lines():
+                if line:
+                    # Serving: its last beat announced the short wait.
+                    process.send_signal(signal.SIGKILL)
+                    killed_at = time.monotonic()
+                    break
         process.wait(5)
         await seconds_until(http, model, listed=False)
         vanished_after = time.monotonic() - killed_at
@@ -220,6 +228,54 @@ async def test_join_is_seen_within_2s_and_kill_9_is_ineligible_within_3s(
     )
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "no_eligible_host"
+
+
+async def test_a_resting_host_stays_between_beats_and_leaves_at_once_when_killed(
+    nats_server: EmbeddedNats | None, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    server = credentials_of(nats_server)
+    model = f"rester-{uuid.uuid4().hex[:6]}"
+    config = solo_host(server, f"host-{model}", model).model_copy(
+        update={"idle_heartbeat_interval_s": 3.0}
+    )
+    with host_process(write_host(tmp_path, config)) as process:
+        await seconds_until(http, model, listed=True)
+        # Beating every 3 s at rest, past the 2 s cutoff: never dropped between beats.
+        watched_until = time.monotonic() + 7.0
+        while time.monotonic() < watched_until:
+            assert await model_listed(http, model), "a resting host was dropped between beats"
+            await asyncio.sleep(0.1)
+        process.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        process.wait(5)
+        await seconds_until(http, model, listed=False)
+        vanished_after = time.monotonic() - killed_at
+    # The server's disconnect advisory, not the 3 s wait it announced plus the grace.
+    assert vanished_after < 3.0
+
+
+async def test_a_resting_host_that_stops_beating_is_dropped_after_the_wait_it_announced(
+    nats_server: EmbeddedNats | None, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    server = credentials_of(nats_server)
+    model = f"frozen-{uuid.uuid4().hex[:6]}"
+    announced_s = 3.0
+    config = solo_host(server, f"host-{model}", model).model_copy(
+        update={"idle_heartbeat_interval_s": announced_s}
+    )
+    with host_process(write_host(tmp_path, config)) as process:
+        await seconds_until(http, model, listed=True)
+        # Frozen: its connection stays open (no advisory), its beats stop.
+        process.send_signal(signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        try:
+            await seconds_until(http, model, listed=False)
+            vanished_after = time.monotonic() - frozen_at
+        finally:
+            process.send_signal(signal.SIGCONT)
+    # Its last beat came at most `announced_s` before the freeze: dropped once that wait and
+    # the grace are over (plus the readers' lag), and not before the grace has passed.
+    assert NEXT_BEAT_GRACE_S - 0.1 < vanished_after < announced_s + NEXT_BEAT_GRACE_S + 1.0
 
 
 async def test_a_new_host_is_seen_within_2s_of_its_first_heartbeat(

@@ -52,6 +52,14 @@ def test_a_models_stake_that_is_not_finite_and_bounded_is_refused(value: float) 
         heartbeats.check(beat(models=[ModelCapability(name="m", capacity=1, stake=value)]))
 
 
+def test_a_wait_before_the_next_beat_past_the_bound_is_refused() -> None:
+    longest = heartbeats.MAX_NEXT_BEAT_MS
+    assert heartbeats.check(beat(next_beat_ms=longest)).next_beat_ms == longest
+    with pytest.raises(HeartbeatRefused) as refused:
+        heartbeats.check(beat(next_beat_ms=longest + 1))
+    assert refused.value.reason == "next_beat_ms"
+
+
 def test_a_load_above_one_and_a_huge_capacity_are_refused() -> None:
     with pytest.raises(HeartbeatRefused, match="load"):
         heartbeats.check(beat(load=1.5))
@@ -99,3 +107,13 @@ def test_a_nan_score_term_counts_as_the_worst() -> None:
     assert clamp01(math.nan) == 1.0
     assert clamp01(-3.0) == 0.0
     assert clamp01(0.25) == 0.25
+
+
+def test_a_key_that_is_not_a_users_public_nkey_is_refused() -> None:
+    key = "U" + "A" * 55
+    assert heartbeats.check(beat(nkey=key)).nkey == key
+    assert heartbeats.check(beat()).nkey == ""
+    for bad in ("N" + "A" * 55, "U" + "A" * 54, "U" + "a" * 55, "U" + "A" * 54 + "."):
+        with pytest.raises(HeartbeatRefused) as refused:
+            heartbeats.check(beat(nkey=bad))
+        assert refused.value.reason == "nkey"

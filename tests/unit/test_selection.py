@@ -10,7 +10,8 @@ from typing import Any, cast
 
 import pytest
 
-from llooma import selection
+from llooma import heartbeats, selection
+from llooma.bus import MEMBERSHIP_TTL_S
 from llooma.host_stats import HostStats
 from llooma.membership import HostDirectory
 from llooma.metrics import StatsCollector
@@ -70,6 +71,27 @@ def test_host_filters_each_turn_away_one_kind_of_host() -> None:
     assert selection.min_version(host(heartbeat=HostHeartbeat(version="0.1.0")), ask, POLICY)
     assert selection.fresh(host(age=2.0), ask, POLICY)
     assert not selection.fresh(host(age=2.01), ask, POLICY)
+
+
+def test_a_host_is_fresh_for_the_wait_it_announced_plus_the_grace() -> None:
+    ask, grace = Ask("m"), selection.NEXT_BEAT_GRACE_S
+
+    def resting(announced_ms: int, age: float) -> Host:
+        return host(heartbeat=HostHeartbeat(version=VERSION, next_beat_ms=announced_ms), age=age)
+
+    # At rest, announcing 5 s: kept well past the operator's 2 s, dropped once the beat is late.
+    assert selection.fresh(resting(5000, 4.0), ask, POLICY)
+    assert selection.fresh(resting(5000, 5.0 + grace), ask, POLICY)
+    assert not selection.fresh(resting(5000, 5.0 + grace + 0.01), ask, POLICY)
+    # Serving, announcing 0.5 s (or an older host announcing nothing): the operator's 2 s.
+    for announced_ms in (500, 0):
+        assert selection.fresh(resting(announced_ms, 2.0), ask, POLICY)
+        assert not selection.fresh(resting(announced_ms, 2.01), ask, POLICY)
+    # The staleness term is the share of that allowance, so a resting host is not ranked
+    # below a busy one for beating less often.
+    context = selection.Context(selection.NothingObserved(), POLICY)
+    late = Endpoint(resting(5000, 3.25), cap())
+    assert selection.staleness(late, ask, context) == pytest.approx(3.25 / (5.0 + grace))
 
 
 def test_model_filters_serve_exclude_reach_and_capability() -> None:
@@ -225,6 +247,27 @@ def directory(*entries: tuple[str, HostHeartbeat]) -> HostDirectory:
     for key, heartbeat in entries:
         hosts.members._apply(key, heartbeat.SerializeToString(), "PUT", time.time())
     return hosts
+
+
+def test_the_hosts_view_keeps_a_resting_host_for_what_it_announced_and_drops_a_silent_one() -> None:
+    hosts = HostDirectory(stale_after_s=2.0, min_version="0.1.0")
+
+    def heard(key: str, next_beat_ms: int, age_s: float) -> None:
+        heartbeat = HostHeartbeat(version=VERSION, models=[cap("m")], next_beat_ms=next_beat_ms)
+        hosts.members._apply(key, heartbeat.SerializeToString(), "PUT", time.time() - age_s)
+
+    grace = selection.NEXT_BEAT_GRACE_S
+    # Announced 5 s at rest: not dropped at 6 s, though the operator's cutoff is 2 s.
+    heard("resting", 5000, age_s=5.0 + grace - 0.5)
+    # Announced 5 s, then stopped beating: dropped once that wait and the grace are over.
+    heard("resting-dead", 5000, age_s=5.0 + grace + 0.5)
+    # Announced 0.5 s while serving: dropped after the 2 s cutoff, as before.
+    heard("busy", 500, age_s=1.5)
+    heard("busy-dead", 500, age_s=2.5)
+    # At most `heartbeats.MAX_NEXT_BEAT_MS` is accepted: the bucket keeps such a host too.
+    assert heartbeats.MAX_NEXT_BEAT_MS / 1000 + grace < MEMBERSHIP_TTL_S
+    assert {m.key for m in hosts.eligible("m")} == {"resting", "busy"}
+    assert {m.key for m in hosts.serving()} == {"resting", "busy"}
 
 
 def test_admission_counts_no_suspended_or_unreachable_host_and_one_shared_engine() -> None:

@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import nkeys
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from llooma.bus import NatsAccess, access_for
+from llooma.credentials import public_key
+from llooma.heartbeats import MAX_NEXT_BEAT_MS
 from llooma.subjects import checked_token
 
 
@@ -115,9 +118,10 @@ class HostConfig(BaseModel):
     tls_key_file: Path | None = None
     seed: int = 0
     # A beat this often while tasks are in flight (their load steers the scheduler), and every
-    # idle_heartbeat_interval_s otherwise: enough for membership (stale after 2 s) at rest.
+    # idle_heartbeat_interval_s at rest; each beat announces the wait, and readers keep the
+    # host that long plus a grace (a death at rest is noticed within about 6.5 s by default).
     heartbeat_interval_s: float = Field(default=0.5, gt=0)
-    idle_heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    idle_heartbeat_interval_s: float = Field(default=5.0, gt=0, le=MAX_NEXT_BEAT_MS / 1000)
     # How often each openai upstream engine is probed for health and load, and how long a probe
     # may take before the engine counts as unreachable (the two bound the time to notice).
     engine_probe_interval_s: float = Field(default=0.5, gt=0)
@@ -131,6 +135,16 @@ class HostConfig(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError("each model may appear only once")
         return self
+
+    def public_nkey(self) -> str:
+        """The public key of the nkey seed file this host connects with ("" for none, or for
+        a `.creds` file): what the server's advisories name its connection by."""
+        if self.credentials is None or not self.nats_access().nkey_seed_file:
+            return ""
+        try:
+            return public_key(self.credentials.read_bytes().strip())
+        except (OSError, nkeys.NkeysError):
+            return ""
 
     def nats_access(self) -> NatsAccess:
         def text(path: Path | None) -> str:

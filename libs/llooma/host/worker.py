@@ -12,6 +12,7 @@ import logging
 import random
 import signal
 import time
+from collections.abc import Callable
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -43,6 +44,7 @@ from llooma.host.openai_backend import (
     estimate_input_tokens,
 )
 from llooma.host.ready import ready_batches
+from llooma.pacing import BeatPacer
 from llooma.settings import VERSION
 from llooma.v1.common_pb2 import (
     ERROR_CODE_HOST_BUSY,
@@ -143,8 +145,15 @@ class HostWorker:
         self._in_flight: dict[str, int] = dict.fromkeys(self._capacity, 0)
         self._tasks: dict[str, asyncio.Task[object]] = {}
         self._subscriptions: list[Subscription] = []
-        self._heartbeat_task: asyncio.Task[None] | None = None
         self._draining = False
+        self._nkey = config.public_nkey()
+        self._pacer = BeatPacer(
+            self._publish_heartbeat,
+            busy_s=config.heartbeat_interval_s,
+            idle_s=config.idle_heartbeat_interval_s,
+            busy=self._busy,
+            name="host-heartbeat",
+        )
         # Checked by the dispatcher, which writes the hosts bucket (a host cannot).
         self._heartbeat_subject = subjects.host_heartbeat(config.name)
 
@@ -164,7 +173,7 @@ class HostWorker:
         # says whether each model's engine answers (and, for llama.cpp, whether it prefills).
         await asyncio.gather(*(self._probe_once(engine) for engine in self._engines.values()))
         await self._publish_heartbeat()
-        self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="host-heartbeat")
+        self._pacer.start()
         for key, engine in self._engines.items():
             self._probe_tasks.append(
                 asyncio.create_task(self._probe_loop(engine), name=f"engine-probe-{key}")
@@ -178,10 +187,10 @@ class HostWorker:
         await self._publish_heartbeat()
         if self._tasks:
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-        background = [t for t in (self._heartbeat_task, *self._probe_tasks) if t is not None]
-        for task in background:
+        await self._pacer.stop()
+        for task in self._probe_tasks:
             task.cancel()
-        for task in background:
+        for task in self._probe_tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._nc.flush()
@@ -190,6 +199,12 @@ class HostWorker:
         for backend in self._backends.values():
             if isinstance(backend, OpenAIBackend):
                 await backend.aclose()
+
+    def reconnected(self) -> None:
+        """Back on NATS: beat at once. The server announced the old connection's close, and
+        the dispatcher deleted this host's entry on it; waiting out the idle pace would leave
+        the host unlisted that long."""
+        self._pacer.beat_now()
 
     def heartbeat(self) -> HostHeartbeat:
         total_capacity = sum(self._capacity.values())
@@ -224,20 +239,22 @@ class HostWorker:
             stake=max(m.policy.stake for m in self._models.values()),
             sent_unix_nanos=time.time_ns(),
             draining=self._draining,
+            next_beat_ms=round(self._pacer.announce() * 1000),
+            nkey=self._nkey,
+            connection_id=self._nc.client_id or 0,
         )
 
     async def _publish_heartbeat(self) -> None:
         await self._nc.publish(self._heartbeat_subject, self.heartbeat().SerializeToString())
 
-    async def _heartbeat_loop(self) -> None:
-        busy_s = self._config.heartbeat_interval_s
-        idle_s = max(busy_s, self._config.idle_heartbeat_interval_s)
-        while True:
-            await asyncio.sleep(busy_s if self._tasks or self._draining else idle_s)
-            try:
-                await self._publish_heartbeat()
-            except Exception:
-                log.warning("heartbeat failed", exc_info=True)
+    def _busy(self) -> bool:
+        """Beat at the short pace: tasks in flight, draining, or an engine busy with others
+        (its load steers the scheduler)."""
+        return (
+            bool(self._tasks)
+            or self._draining
+            or any(e.state.running or e.state.waiting for e in self._engines.values())
+        )
 
     async def _probe_once(self, engine: _Engine) -> bool:
         """Probe one engine; True when its reachability changed."""
@@ -273,6 +290,9 @@ class HostWorker:
             try:
                 if await self._probe_once(engine):
                     await self._publish_heartbeat()
+                elif engine.state.running or engine.state.waiting:
+                    # Busy with others' work: its load is news, not for the idle pace.
+                    self._pacer.work_started()
             except Exception:
                 log.warning("engine probe failed", exc_info=True)
             await asyncio.sleep(max(0.0, interval - (loop.time() - started)))
@@ -309,6 +329,7 @@ class HostWorker:
         )
         runner = asyncio.create_task(serving)
         self._tasks[task.attempt_id] = runner
+        self._pacer.work_started()
         runner.add_done_callback(lambda _: self._finish(task))
 
     def _finish(self, task: HostTask) -> None:
@@ -437,10 +458,16 @@ class HostWorker:
             task.add_done_callback(self._background.discard)
 
 
-async def run_worker(config: HostConfig, nc: Client, stop: asyncio.Event) -> None:
-    """Serve until SIGINT, SIGTERM or `stop`, then drain."""
+async def run_worker(
+    config: HostConfig,
+    nc: Client,
+    stop: asyncio.Event,
+    started: Callable[[HostWorker], object] = lambda _: None,
+) -> None:
+    """Serve until SIGINT, SIGTERM or `stop`, then drain; `started` is handed the worker."""
     worker = HostWorker(config, nc)
     await worker.start()
+    started(worker)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)

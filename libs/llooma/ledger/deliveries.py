@@ -75,6 +75,8 @@ WHERE s.request_id = ANY($1::text[]) AND s.outcome = 'won'
 ORDER BY s.request_id, s.attempt_id, e.leg
 """
 
+# Anything not yet re-billed, due or not (the partial index answers it).
+ANY_OPEN = "SELECT EXISTS (SELECT 1 FROM request_deliveries WHERE reconciled_at IS NULL)"
 MARK = "UPDATE request_deliveries SET reconciled_at = now() WHERE request_id = $1"
 PRUNE = f"""
 DELETE FROM request_deliveries
@@ -197,6 +199,11 @@ async def winner_legs(pool: asyncpg.Pool, request_ids: list[str]) -> dict[str, l
             WinnerLeg(r[1], r[2], r[3], r[4] or "", r[5] or 0, r[6] or "")
         )
     return legs
+
+
+async def any_open(pool: asyncpg.Pool) -> bool:
+    """Some request is still waiting to be re-billed."""
+    return bool(await pool.fetchval(ANY_OPEN))
 
 
 async def mark_reconciled(pool: asyncpg.Pool, request_id: str) -> None:

@@ -5,7 +5,8 @@ engines for L_split) and the racer (duel judges).
 
 1. Filters narrow the hosts bucket to endpoints, one model on one host. Host filters:
    `not_suspended` (settings.suspended_hosts), `not_draining`, `min_version`, `fresh`
-   (heartbeat at most host_stale_after_s old). Model filters: `serves_model` (any model for
+   (heartbeat at most host_stale_after_s old, or the wait the host announced plus a grace
+   when longer: `silence_allowed_s`). Model filters: `serves_model` (any model for
    the orchestrated `llooma`), `not_excluded` (orchestration_excluded_models never answer
    `llooma`), `engine_reachable` (ModelCapability.engine_unreachable), `capable` (every
    ModelFeatures field the request uses, a set of names the caller passes in `Ask.features`).
@@ -25,6 +26,7 @@ from llooma.selection._capacity import capacity, engine_key, independent_engines
 from llooma.selection._filters import (
     HOST_FILTERS,
     MODEL_FILTERS,
+    NEXT_BEAT_GRACE_S,
     Ask,
     Endpoint,
     Host,
@@ -44,6 +46,7 @@ from llooma.selection._filters import (
     not_excluded,
     not_suspended,
     serves_model,
+    silence_allowed_s,
     version_tuple,
 )
 from llooma.selection._picker import Candidate, ledger_stake, pick_hosts
@@ -71,6 +74,7 @@ __all__ = [
     "DEFAULT_WEIGHTS",
     "HOST_FILTERS",
     "MODEL_FILTERS",
+    "NEXT_BEAT_GRACE_S",
     "SCORERS",
     "UNKNOWN_LATENCY_TERM",
     "Ask",
@@ -109,6 +113,7 @@ __all__ = [
     "quality_deficit",
     "score_terms",
     "serves_model",
+    "silence_allowed_s",
     "staleness",
     "version_tuple",
     "weighted",

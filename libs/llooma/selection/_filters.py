@@ -122,8 +122,20 @@ def min_version(host: Host, ask: Ask, policy: Policy) -> bool:
     return version_tuple(host.heartbeat.version) >= policy.min_version
 
 
+# Past the wait a host announced, how long its beat may take to arrive (a loaded machine,
+# the dispatcher's hop into the bucket) before the host is counted gone.
+NEXT_BEAT_GRACE_S = 1.5
+
+
+def silence_allowed_s(heartbeat: HostHeartbeat, stale_after_s: float) -> float:
+    """How long a host may stay silent and still count: the operator's `stale_after_s`, or the
+    wait its last beat announced plus NEXT_BEAT_GRACE_S when that is longer (a host at rest;
+    `heartbeats.check` bounds what it may announce)."""
+    return max(stale_after_s, heartbeat.next_beat_ms / 1000 + NEXT_BEAT_GRACE_S)
+
+
 def fresh(host: Host, ask: Ask, policy: Policy) -> bool:
-    return host.staleness_s <= policy.stale_after_s
+    return host.staleness_s <= silence_allowed_s(host.heartbeat, policy.stale_after_s)
 
 
 def serves_model(endpoint: Endpoint, ask: Ask, policy: Policy) -> bool:

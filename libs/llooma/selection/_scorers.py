@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from llooma.selection._filters import Ask, Endpoint, Policy
+from llooma.selection._filters import Ask, Endpoint, Policy, silence_allowed_s
 from llooma.settings import Settings
 
 # A host with no record yet sits mid-range on latency: neither favoured nor shut out.
@@ -58,8 +58,9 @@ def latency_p95(endpoint: Endpoint, ask: Ask, context: Context) -> float:
 
 
 def staleness(endpoint: Endpoint, ask: Ask, context: Context) -> float:
-    """Heartbeat age as a share of the age at which a host stops counting."""
-    return endpoint.host.staleness_s / context.policy.stale_after_s
+    """Heartbeat age as a share of the age at which this host stops counting."""
+    host = endpoint.host
+    return host.staleness_s / silence_allowed_s(host.heartbeat, context.policy.stale_after_s)
 
 
 def error_rate(endpoint: Endpoint, ask: Ask, context: Context) -> float:

@@ -319,6 +319,9 @@ class HostHeartbeat(_message.Message):
     STAKE_FIELD_NUMBER: _builtins.int
     SENT_UNIX_NANOS_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
+    NEXT_BEAT_MS_FIELD_NUMBER: _builtins.int
+    NKEY_FIELD_NUMBER: _builtins.int
+    CONNECTION_ID_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     in_flight: _builtins.int
     queue_depth: _builtins.int
@@ -327,6 +330,20 @@ class HostHeartbeat(_message.Message):
     stake: _builtins.float
     sent_unix_nanos: _builtins.int
     draining: _builtins.bool
+    next_beat_ms: _builtins.int
+    """The longest this host means to wait before its next beat (short while it serves, long at
+    rest, bounded by the control plane); readers count it fresh that long plus a grace.
+    0 (older hosts): the reader's `host_stale_after_s`.
+    """
+    nkey: _builtins.str
+    """The public nkey this host connects with, as it says (empty: none given). The server's
+    advisory that a connection holding this key closed drops the host at once; a host naming
+    another's key can only drop itself.
+    """
+    connection_id: _builtins.int
+    """The server's id for the connection this beat went out on (nats-py's `client_id`), so the
+    advisory of an older connection's close (seen after a reconnect) drops nothing. 0: unknown.
+    """
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelCapability]: ...
     def __init__(
@@ -340,10 +357,13 @@ class HostHeartbeat(_message.Message):
         stake: _builtins.float = ...,
         sent_unix_nanos: _builtins.int = ...,
         draining: _builtins.bool = ...,
+        next_beat_ms: _builtins.int = ...,
+        nkey: _builtins.str = ...,
+        connection_id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "in_flight", b"in_flight", "load", b"load", "models", b"models", "queue_depth", b"queue_depth", "sent_unix_nanos", b"sent_unix_nanos", "stake", b"stake", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_id", b"connection_id", "draining", b"draining", "in_flight", b"in_flight", "load", b"load", "models", b"models", "next_beat_ms", b"next_beat_ms", "nkey", b"nkey", "queue_depth", b"queue_depth", "sent_unix_nanos", b"sent_unix_nanos", "stake", b"stake", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
