@@ -52,6 +52,12 @@ HeartbeatT = TypeVar("HeartbeatT", bound=Message)
 
 # A service that promised its next beat within t is counted gone after this many t of silence.
 MISSED_BEATS = 3
+# A racer's reader (an ingress, or a split request's aggregator) quiet this long asks whether
+# the racer still beats (no cost while tokens flow).
+RACER_CHECK_S = 0.5
+# A racer that missed this many beats is taken for dead and its answer resumed elsewhere: a
+# mistake costs a takeover (the claim makes it safe), a late verdict a pause in the answer.
+RACER_MISSED_BEATS = 2
 # How long the start-up read of a bucket may take.
 SNAPSHOT_TIMEOUT_S = 10.0
 

@@ -227,10 +227,20 @@ def aggregation_any(aggregator_instance: str) -> str:
     return f"{PREFIX}.agg.{aggregator_instance}.*.*"
 
 
-def aggregation_node_ids(subject: str) -> tuple[str, str]:
-    """(request id, node id) of an `aggregation_node` subject."""
-    _, _, request_id, node_id = subject.rsplit(".", 3)
-    return request_id, node_id
+def aggregation_node_resumed(
+    aggregator_instance: str, request_id: str, node_id: str, generation: int
+) -> str:
+    """Where a node's race reports once its racer stopped and another resumes it (the
+    `generation`-th time): a new subject, so the stopped racer, if only slow, is not heard."""
+    return f"{PREFIX}.agg.{aggregator_instance}.{request_id}~{generation}.{node_id}"
+
+
+def aggregation_node_ids(subject: str) -> tuple[str, str, int]:
+    """(request id, node id, generation: 0 for the node's first race) of an
+    `aggregation_node` or `aggregation_node_resumed` subject."""
+    _, _, request_token, node_id = subject.rsplit(".", 3)
+    request_id, _, generation = request_token.partition("~")
+    return request_id, node_id, int(generation) if generation.isdigit() else 0
 
 
 def planner_reply(planner_instance: str, call_id: str) -> str:

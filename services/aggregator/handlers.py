@@ -1,5 +1,7 @@
 """Aggregator: merges a split request's node outputs into one answer, in the order the user
 asked, and streams it: the first part in order goes out live, later parts as their turn comes.
+A node whose racer stops beating is resumed on another racer from what the aggregator received
+of it, as an ingress resumes a direct answer (docs/RELIABILITY.md, "A racer's death").
 """
 
 from __future__ import annotations
@@ -10,13 +12,21 @@ from dataclasses import dataclass, field
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
-from llooma import subjects
+from llooma import bus, subjects
 from llooma.answer_text import clean
 from llooma.compress import strip_control_tokens
+from llooma.membership import RACER_MISSED_BEATS, ServiceDirectory
 from llooma.planning import SPLIT_DECISION
-from llooma.v1.common_pb2 import REQUEST_PATH_SPLIT, ErrorDetail, Usage
-from llooma.v1.pipeline_pb2 import ClientDelta, ClientEvent, ClientFinished, ClientStarted
+from llooma.v1.common_pb2 import ERROR_CODE_HOST_FAILED, REQUEST_PATH_SPLIT, ErrorDetail, Usage
+from llooma.v1.pipeline_pb2 import (
+    ClientDelta,
+    ClientEvent,
+    ClientFinished,
+    ClientStarted,
+    RaceResume,
+)
 from llooma.v1.plan_pb2 import AggregationReady, AggregationStart, NodeDone, PlanNode
 
 log = logging.getLogger(__name__)
@@ -41,6 +51,11 @@ class Part:
     # Nothing of this part has reached the client yet.
     unsent: bool = True
     heading_checked: bool = False
+    # The racer relaying the node's answer ("" until its `started`), the token chunks it
+    # relayed, and how many times the node was resumed (its reply subject's generation).
+    racer: str = ""
+    tokens: int = 0
+    generation: int = 0
 
 
 @dataclass
@@ -55,10 +70,21 @@ class Aggregation:
 
 
 class Aggregator:
-    def __init__(self, nc: Client, instance_id: str) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        instance_id: str,
+        js: JetStreamContext | None = None,
+        services: ServiceDirectory | None = None,
+        heartbeat_interval_s: float = 1.0,
+    ) -> None:
         self._nc = nc
         self._instance_id = instance_id
         self._runs: dict[str, Aggregation] = {}
+        # With both, a node whose racer stopped is resumed on another racer.
+        self._js = js
+        self._services = services
+        self._racer_silent_s = RACER_MISSED_BEATS * heartbeat_interval_s
 
     async def on_start(self, msg: Msg) -> None:
         start = AggregationStart.FromString(msg.data)
@@ -69,14 +95,20 @@ class Aggregator:
         await msg.respond(AggregationReady(node_subject_prefix=prefix).SerializeToString())
 
     async def on_node_event(self, msg: Msg) -> None:
-        request_id, node_id = subjects.aggregation_node_ids(msg.subject)
+        request_id, node_id, generation = subjects.aggregation_node_ids(msg.subject)
         run = self._runs.get(request_id)
         if run is None or node_id not in run.parts:
             return
+        part = run.parts[node_id]
+        if generation != part.generation:
+            # A racer taken for dead that was only slow: its node was resumed elsewhere.
+            return
         event = ClientEvent.FromString(msg.data)
         kind = event.WhichOneof("event")
-        part = run.parts[node_id]
-        if kind == "delta":
+        if kind == "started":
+            part.racer = event.started.racer_instance_id
+        elif kind == "delta":
+            part.tokens += event.delta.tokens
             part.text.append(event.delta.text)
             part.output.append(event.delta.text)
             await self._advance(run)
@@ -90,6 +122,58 @@ class Aggregator:
             await self._report(run, part, event.failed)
             await self._send(run, ClientEvent(failed=event.failed))
             self._runs.pop(request_id, None)
+
+    async def resume_stopped_racers(self) -> None:
+        """Resume every unfinished node whose racer has stopped beating (called every
+        `RACER_CHECK_S`)."""
+        if self._services is None or self._js is None:
+            return
+        for run in list(self._runs.values()):
+            stopped = [
+                part
+                for part in run.parts.values()
+                if not part.finished
+                and part.racer
+                and self._services.gone(part.racer, self._racer_silent_s)
+            ]
+            for part in stopped:
+                if not await self._resume(run, part):
+                    break
+
+    async def _resume(self, run: Aggregation, part: Part) -> bool:
+        """Hand the node to another racer, which claims the dead race's record, settles it,
+        and finishes the node's answer from what this aggregator received; False if the
+        request failed instead."""
+        assert self._js is not None
+        request_id, node_id = run.start.request_id, part.node.node_id
+        log.warning(
+            "racer %s stopped running node %s of %s: resuming", part.racer, node_id, request_id
+        )
+        stopped, part.racer = part.racer, ""
+        part.generation += 1
+        resume = RaceResume(
+            request_id=request_id,
+            node_id=node_id,
+            reply_subject=subjects.aggregation_node_resumed(
+                self._instance_id, request_id, node_id, part.generation
+            ),
+            emitted="".join(part.output),
+            delivered_tokens=part.tokens,
+            racer_instance_id=stopped,
+        )
+        try:
+            await bus.hand_off(
+                self._js, subjects.PIPELINE_RESUME, resume.SerializeToString(), resume.reply_subject
+            )
+        except Exception as error:
+            failure = ErrorDetail(
+                code=ERROR_CODE_HOST_FAILED, message=f"a part's racer stopped ({error!r})"
+            )
+            await self._report(run, part, failure)
+            await self._send(run, ClientEvent(failed=failure))
+            self._runs.pop(request_id, None)
+            return False
+        return True
 
     async def _report(self, run: Aggregation, part: Part, error: ErrorDetail | None) -> None:
         done = NodeDone(

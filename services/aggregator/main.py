@@ -2,17 +2,52 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+
 from llooma import subjects
+from llooma.membership import RACER_CHECK_S, ServiceDirectory
 from llooma.service import Service, serve
 from services.aggregator.handlers import Aggregator
+
+log = logging.getLogger(__name__)
 
 SERVICE = "aggregator"
 
 
 async def setup(service: Service) -> None:
-    aggregator = Aggregator(service.nc, service.instance_id)
+    settings = service.settings
+    # Racers' heartbeats: a node whose racer stops beating is resumed on another one.
+    services = ServiceDirectory(stale_after_s=settings.service_stale_after_s)
+    await services.start(service.nc, service.js)
+    service.on_stop(services.stop)
+    aggregator = Aggregator(
+        service.nc,
+        service.instance_id,
+        service.js,
+        services,
+        heartbeat_interval_s=settings.heartbeat_interval_s,
+    )
     await service.subscribe(subjects.aggregation_any(service.instance_id), aggregator.on_node_event)
     await service.subscribe_queue(subjects.AGGREGATE_START, SERVICE, aggregator.on_start)
+    watching = asyncio.create_task(watch_racers(aggregator))
+
+    async def stop_watching() -> None:
+        watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
+
+    service.on_stop(stop_watching)
+
+
+async def watch_racers(aggregator: Aggregator) -> None:
+    while True:
+        await asyncio.sleep(RACER_CHECK_S)
+        try:
+            await aggregator.resume_stopped_racers()
+        except Exception:
+            log.exception("checking node racers failed")
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 from llooma import bus, subjects, tracing
 from llooma.keys import KeyBook, KeyRecord
 from llooma.ledger.balances import BalanceBook
-from llooma.membership import HostDirectory, ServiceDirectory
+from llooma.membership import RACER_CHECK_S, RACER_MISSED_BEATS, HostDirectory, ServiceDirectory
 from llooma.metrics import StatsCollector
 from llooma.names import SERVICES, path_name
 from llooma.planning import bypass_plan
@@ -81,11 +81,6 @@ log = logging.getLogger(__name__)
 PIPELINE_MARGIN_S = 10.0
 # Beyond the racer's own stall deadline, how long the ingress waits before giving up itself.
 STALL_MARGIN_S = 5.0
-# A stream quiet this long asks whether its racer still beats (no cost while tokens flow).
-RACER_CHECK_S = 0.5
-# A racer that missed this many beats is taken for dead and its answer resumed elsewhere: a
-# mistake costs a takeover (the claim makes it safe), a late verdict a pause in the answer.
-RACER_MISSED_BEATS = 2
 
 # How long a model stays known after its last host left: requests for it get 503 (retried by
 # clients) rather than 404 (never retried) while its hosts restart or reconnect.

@@ -53,7 +53,7 @@ from services.racer.report import (
     succeeded,
 )
 from services.racer.state import Attempt, Race
-from services.racer.takeover import race_record, record_state, recorded
+from services.racer.takeover import race_key, race_record, record_state, recorded
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ class Racer:
         assert task is not None
         self._by_request.setdefault(request_id, set()).add(task)
         if writer is None and self._races is not None and recorded(assignment):
-            writer = RecordWriter(self._races, request_id)
+            writer = RecordWriter(self._races, race_key(request_id, assignment.request.node_id))
         run = _Run(self, assignment, writer, resume)
         try:
             await run.drive()

@@ -19,7 +19,7 @@ from llooma.v1.pipeline_pb2 import RaceResume, TaskAssignment
 from llooma.v1.race_pb2 import RaceRecord
 from services.racer.report import race_event, settlements
 from services.racer.state import Race
-from services.racer.takeover import resumed_assignment, taken_over
+from services.racer.takeover import race_key, resumed_assignment, taken_over
 
 if TYPE_CHECKING:
     from services.racer.race import RaceIO
@@ -109,7 +109,7 @@ async def take_over(
     """Claim a dead racer's race (compare-and-set on its record's revision: exactly one racer,
     the old one if it was only slow, settles it), cancel its attempts and settle them; the
     assignment to finish the answer under and the claim's writer, or why not."""
-    key = resume.request_id
+    key = race_key(resume.request_id, resume.node_id)
     try:
         entry = await races.get(key)
     except NotFoundError:

@@ -17,10 +17,16 @@ RESUMED_TASK_SUFFIX = "-resumed"
 
 
 def recorded(assignment: TaskAssignment) -> bool:
-    """Only a single-choice race answering its client directly can be resumed from what that
-    client received (a split request's node answers its aggregator)."""
+    """Only a single-choice race can be resumed from what its reader received: a client
+    (direct answers) or the aggregator of a split request (a node's answer)."""
     request = assignment.request
-    return request.choices <= 1 and subjects.is_client_reply(request.reply_subject)
+    reader_counts = subjects.is_client_reply(request.reply_subject) or bool(request.node_id)
+    return request.choices <= 1 and reader_counts
+
+
+def race_key(request_id: str, node_id: str) -> str:
+    """A race's record in the races bucket: the request's, or one node's of a split request."""
+    return f"{request_id}.{node_id}" if node_id else request_id
 
 
 def race_record(race: Race, racer_id: str) -> RaceRecord:

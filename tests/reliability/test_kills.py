@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -317,3 +318,163 @@ async def settlement_rows(
             await asyncio.sleep(1.0)
     finally:
         await conn.close()
+
+
+SPLIT_THREE = (
+    "I am writing a guide for new volunteers at our community garden this season.\n"
+    "1. Explain how to prepare a raised bed in early spring.\n"
+    "2. Describe a watering routine for hot summer weeks.\n"
+    "3. List the tools every volunteer should bring.\n"
+)
+PART_LABELS = ("1.", "2.", "3.")
+ASKED_PART = re.compile(r"Answer only part (\S+)")
+
+
+def part_story(label: str) -> str:
+    return f"({label}) {STORY}"
+
+
+def part_teller(usage_seen: list[int]) -> Script:
+    """Tells one part of a split request (`part_story` of its label) a word every 0.15 s;
+    asked to continue, tells the rest of that part from the prefix it was given."""
+
+    async def script(task: HostTask, reply: Reply) -> None:
+        content = task.messages[-1].content
+        prefix = extract_prefix(content) or ""
+        if prefix:
+            label = prefix[1 : prefix.index(")")]
+        else:
+            asked = ASKED_PART.search(content)
+            assert asked is not None, content
+            label = asked.group(1)
+        whole = part_story(label)
+        assert whole.startswith(prefix), prefix
+        words = whole[len(prefix) :].split(" ")
+        pause_s = 0.02 if prefix else 0.15
+        for index, word in enumerate(words):
+            await reply(HostChunk(token=HostToken(text=word if index == 0 else " " + word)))
+            await asyncio.sleep(pause_s)
+        usage = Usage(input_tokens=40, output_tokens=len(words))
+        usage_seen.append(len(words))
+        await reply(HostChunk(finished=HostFinished(finish_reason="stop", usage=usage)))
+
+    return script
+
+
+async def tell_split(http: httpx.AsyncClient, told: Told, enough: asyncio.Event) -> None:
+    body = {
+        "model": RESUME_MODEL,
+        "stream": True,
+        "max_tokens": 600,
+        "messages": [{"role": "user", "content": f"{SPLIT_THREE}({uuid.uuid4().hex})"}],
+    }
+    async with http.stream("POST", "/v1/chat/completions", json=body, headers=AUTH) as reply:
+        told.request_id = reply.headers.get("x-llooma-request-id", "")
+        assert reply.headers.get("x-llooma-path") == "split", reply.headers
+        async for line in reply.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = orjson.loads(line[6:])
+            if "error" in event:
+                told.error = str(event["error"])
+                return
+            if not event["choices"]:
+                continue
+            choice = event["choices"][0]
+            piece = choice["delta"].get("content") or ""
+            if piece:
+                told.pieces.append((time.monotonic(), piece))
+                if len(told.pieces) == 4:
+                    enough.set()
+            told.finish_reason = choice.get("finish_reason") or told.finish_reason
+    told.text = "".join(piece for _, piece in told.pieces)
+
+
+@pytest.mark.timeout(180)
+async def test_a_killed_racers_split_nodes_are_finished_on_the_other_racer(
+    two_racers: Stack,
+) -> None:
+    """kill -9 of one of two racers while it runs node races of split requests (three
+    independent parts each, the first streaming to its client, the others held by the
+    aggregator): the aggregator sees the racer stop beating and asks the other racer to finish
+    each of its nodes from what it received. Every answer is the three parts' exact text in
+    order; every node race is settled exactly once (a won attempt per task: the dead race's,
+    by the racer that took it over, and the resumed one's), each node's prompt is charged once,
+    and the ledger verifies."""
+    stack = two_racers
+    await wait_healthy(stack)
+    assert stack.nats_url is not None
+    stall_limit_s = 1.5 + 3.0 + 5.0
+    usage_seen: list[int] = []
+    nc = await bus.connect(
+        stack.nats_url, "llooma-tests-split-resume", nkey_seed_file=stack.control_seed
+    )
+    told = [Told(stream=True) for _ in range(4)]
+    try:
+        async with (
+            ScriptedHost(nc, "parts-a", RESUME_MODEL, part_teller(usage_seen), accept=True),
+            ScriptedHost(nc, "parts-b", RESUME_MODEL, part_teller(usage_seen), accept=True),
+            ScriptedHost(nc, "parts-c", RESUME_MODEL, part_teller(usage_seen), accept=True),
+            httpx.AsyncClient(base_url=stack.base_url, timeout=60.0) as http,
+        ):
+            await wait_listed(http, RESUME_MODEL, hosts=3)
+            ready = [asyncio.Event() for _ in told]
+            tasks = [
+                asyncio.create_task(tell_split(http, t, event))
+                for t, event in zip(told, ready, strict=True)
+            ]
+            async with asyncio.timeout(30):
+                await asyncio.gather(*(event.wait() for event in ready))
+            stack.kill("racer")
+            async with asyncio.timeout(90):
+                await asyncio.gather(*tasks)
+    finally:
+        await nc.close()
+        assert "racer" in stack.restart_crashed()
+    expected = "\n\n".join(f"{label} {part_story(label)}" for label in PART_LABELS)
+    gaps = [
+        max((later - earlier for (earlier, _), (later, _) in pairwise(t.pieces)), default=0.0)
+        for t in told
+    ]
+    for t in told:
+        assert not t.error, t
+        assert t.text == expected, t
+        assert t.finish_reason == "stop", t
+    assert max(gaps) < stall_limit_s, gaps
+
+    rows = await settlement_rows(stack, [t.request_id for t in told])
+    audit = await audit_settlements(stack)
+    resumed_tasks = {r["task_id"] for r in rows if r["task_id"].endswith(RESUMED_TASK_SUFFIX)}
+    print(
+        f"\nresumed {len(resumed_tasks)} of {len(told) * len(PART_LABELS)} node races; "
+        f"longest pause per stream {sorted(round(g, 2) for g in gaps)} s; settlements={audit}"
+    )
+    assert resumed_tasks, "no node race was on the killed racer"
+    assert audit["lost"] == 0
+    assert audit["paid_twice"] == 0
+    for t in told:
+        mine = [r for r in rows if r["request_id"] == t.request_id]
+        won = [r for r in mine if r["outcome"] == "won"]
+        # One win per task (each node's race, and each resumed one's); each node's prompt
+        # charged once.
+        assert len(won) == len({r["task_id"] for r in won}) == len({r["task_id"] for r in mine})
+        assert sum(1 for r in won if r["input_tokens"] > 0) == len(PART_LABELS), mine
+        for task_id in {r["task_id"] for r in mine} & resumed_tasks:
+            dead_id = task_id.removesuffix(RESUMED_TASK_SUFFIX)
+            dead = [r for r in won if r["task_id"] == dead_id]
+            # The dead node race is settled too, for at most its part's words.
+            assert len(dead) == 1, mine
+            assert dead[0]["output_tokens"] <= len(part_story("1.").split(" ")), dead
+    verified = await asyncio.to_thread(
+        ledger_cli,
+        stack,
+        "verify",
+        "--nats-url",
+        stack.nats_url or "",
+        "--seed",
+        stack.control_seed or "",
+        "--key-file",
+        str(stack.ledger_key_file.with_suffix(".pub")),
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert await wait_healthy(stack) >= 0

@@ -20,7 +20,9 @@ def test_every_parser_reads_back_what_its_builder_wrote() -> None:
     cancel = subjects.request_cancel("req42")
     assert subjects.request_cancel_request_id(cancel) == "req42"
     node = subjects.aggregation_node(subjects.aggregation_nodes("agg-1", "req42"), "n3")
-    assert subjects.aggregation_node_ids(node) == ("req42", "n3")
+    assert subjects.aggregation_node_ids(node) == ("req42", "n3", 0)
+    resumed_node = subjects.aggregation_node_resumed("agg-1", "req42", "n3", 2)
+    assert subjects.aggregation_node_ids(resumed_node) == ("req42", "n3", 2)
     assert subjects.planner_reply("planner-1", "call9") == "llooma.v1.planner.planner-1.call9"
 
 
@@ -34,4 +36,6 @@ def test_wildcards_cover_the_subjects_they_route() -> None:
     assert covers(subjects.REQUEST_CANCEL_ANY, subjects.request_cancel("r"))
     node = subjects.aggregation_node(subjects.aggregation_nodes("agg-1", "r"), "n")
     assert covers(subjects.aggregation_any("agg-1"), node)
+    resumed_node = subjects.aggregation_node_resumed("agg-1", "r", "n", 1)
+    assert covers(subjects.aggregation_any("agg-1"), resumed_node)
     assert covers(subjects.host_reply_prefix("racer") + ".*", subjects.host_reply("racer", "a"))

@@ -17,6 +17,7 @@ from services.ingress.replies import ReplyRouter
 from services.racer.report import settlements
 from services.racer.takeover import (
     RESUMED_TASK_SUFFIX,
+    race_key,
     race_record,
     record_state,
     recorded,
@@ -108,7 +109,7 @@ def test_a_continuations_part_starts_after_what_earlier_hosts_relayed() -> None:
     assert dead.attempts[heir.attempt_id].delivered == 1
 
 
-def test_only_single_choice_races_answering_their_client_are_recorded() -> None:
+def test_only_single_choice_races_answering_a_client_or_an_aggregator_are_recorded() -> None:
     task = assignment(["a"])
     task.request.reply_subject = subjects.client_reply("ingress-1", "r1")
     assert recorded(task)
@@ -116,6 +117,11 @@ def test_only_single_choice_races_answering_their_client_are_recorded() -> None:
     assert not recorded(task)
     task.request.choices = 1
     task.request.reply_subject = subjects.aggregation_node("llooma.v1.agg.x.r1", "n1")
+    assert not recorded(task)  # an aggregator's subject with no node: not a node's race
+    task.request.node_id = "n1"
+    assert recorded(task)
+    assert race_key("r1", "n1") != race_key("r1", "")
+    task.request.choices = 2
     assert not recorded(task)
 
 

@@ -425,6 +425,7 @@ class RaceResume(_message.Message):
     EMITTED_FIELD_NUMBER: _builtins.int
     DELIVERED_TOKENS_FIELD_NUMBER: _builtins.int
     RACER_INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     reply_subject: _builtins.str
     """Where the resumed race's events go: a new subject, so the old racer (if only slow) is
@@ -434,6 +435,8 @@ class RaceResume(_message.Message):
     """The answer's text as relayed to the ingress (placeholders not yet restored)."""
     delivered_tokens: _builtins.int
     racer_instance_id: _builtins.str
+    node_id: _builtins.str
+    """A split request's node race (its aggregator asks): the record is the node's own."""
     def __init__(
         self,
         *,
@@ -442,10 +445,11 @@ class RaceResume(_message.Message):
         emitted: _builtins.str = ...,
         delivered_tokens: _builtins.int = ...,
         racer_instance_id: _builtins.str = ...,
+        node_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered_tokens", b"delivered_tokens", "emitted", b"emitted", "racer_instance_id", b"racer_instance_id", "reply_subject", b"reply_subject", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered_tokens", b"delivered_tokens", "emitted", b"emitted", "node_id", b"node_id", "racer_instance_id", b"racer_instance_id", "reply_subject", b"reply_subject", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
