@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import orjson
 from nats.aio.client import Client
 from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -51,6 +52,7 @@ from llooma.v1.pipeline_pb2 import (
     RaceResume,
 )
 from llooma.v1.plan_pb2 import Plan
+from llooma.v1.race_pb2 import RaceRecord
 from services.ingress.answers import (
     Answer,
     EventStream,
@@ -128,6 +130,8 @@ class Ingress:
         self.shared_limits: SharedRateLimits | None = None
         self.stats: StatsCollector | None = None
         self.limits = Limits(self.settings, self.hosts)
+        # The races bucket, opened when a request first waits long for its first event.
+        self._races: KeyValue | None = None
         self._models_seen: dict[str, float] = {}
 
     # -- helpers ---------------------------------------------------------------------------
@@ -357,7 +361,7 @@ class Ingress:
         first_wait_s = (
             deadline_ms + self.settings.fallback_first_token_ms
         ) / 1000.0 + PIPELINE_MARGIN_S
-        first = await self._next_event(queue, first_wait_s)
+        first = await self._first_event(request_id, queue, first_wait_s)
         restorers = None
         # More than one mapping: privacy's hand-off was redelivered; the first is the one the
         # request went on with (the planner's hand-off is deduplicated).
@@ -367,7 +371,7 @@ class Ingress:
                 restorers = Restorers(
                     Mapping.from_dict({e.placeholder: e.original for e in first.mapping.entries})
                 )
-            first = await self._next_event(queue, first_wait_s)
+            first = await self._first_event(request_id, queue, first_wait_s)
         if restorers is None and chat.privacy != PRIVACY_MODE_OFF:
             # Privacy redacted nothing (it sends no empty mapping): placeholders a model makes
             # up are still turned into neutral words.
@@ -458,13 +462,49 @@ class Ingress:
                 if self.services.gone(racer, silent_s):
                     return None
 
+    async def _first_event(
+        self, request_id: str, queue: asyncio.Queue[bytes], timeout_s: float
+    ) -> ClientEvent:
+        """As `_next_event`, but a wait longer than `RACER_CHECK_S` looks up which racer runs
+        the request's race (its record in the races bucket, once found) and asks whether it
+        still beats: once it has stopped, another racer runs the race again (the client has
+        received nothing), and its `started` is returned."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + timeout_s
+        racer = ""
+        while True:
+            wait_s = min(RACER_CHECK_S, give_up_at - loop.time())
+            if wait_s <= 0:
+                return _no_progress(timeout_s)
+            try:
+                async with asyncio.timeout(wait_s):
+                    return ClientEvent.FromString(await queue.get())
+            except TimeoutError:
+                pass
+            if not racer:
+                racer = await self._racer_of(request_id)
+            silent_s = RACER_MISSED_BEATS * self.settings.heartbeat_interval_s
+            if racer and self.services.gone(racer, silent_s):
+                return await self._resume(request_id, queue, Relayed([]), racer)
+
+    async def _racer_of(self, request_id: str) -> str:
+        """The racer running the request's race, from its record; "" while there is none
+        (the request is still on its way, or its race is not recorded: n > 1, split)."""
+        try:
+            if self._races is None:
+                self._races = await self.js.key_value(subjects.RACES_BUCKET)
+            entry = await self._races.get(request_id)
+        except Exception:  # not recorded (yet), or NATS busy: asked again next check
+            return ""
+        return RaceRecord.FromString(entry.value or b"").racer_instance_id
+
     async def _resume(
         self, request_id: str, queue: asyncio.Queue[bytes], relayed: Relayed, racer: str
-    ) -> str | ClientEvent:
-        """The racer relaying the answer stopped: ask a live one to finish the answer from
+    ) -> ClientEvent:
+        """The racer running the answer stopped: ask a live one to finish the answer from
         what the client received. Its first event (`started`) names it: the racer to watch
-        from then on; anything else ends the stream."""
-        log.warning("racer %s stopped while relaying request %s: resuming", racer, request_id)
+        from then on; anything else ends the request."""
+        log.warning("racer %s stopped while running request %s: resuming", racer, request_id)
         if relayed.tool_calls:
             return _racer_stopped("a tool call is never continued on another host")
         resume = RaceResume(
@@ -481,10 +521,7 @@ class Ingress:
         except Exception:
             return _racer_stopped("the control plane is not reachable")
         # The resuming racer answers at once, before its host's first token.
-        event = await self._next_event(queue, PIPELINE_MARGIN_S)
-        if event.WhichOneof("event") != "started":
-            return event
-        return event.started.racer_instance_id
+        return await self._next_event(queue, PIPELINE_MARGIN_S)
 
     async def _events(
         self,
@@ -511,10 +548,10 @@ class Ingress:
                 event = await self._next_live_event(queue, stall_s, racer)
                 while event is None:
                     resumed = await self._resume(request_id, queue, relayed, racer)
-                    if isinstance(resumed, ClientEvent):
+                    if resumed.WhichOneof("event") != "started":
                         event = resumed
                     else:
-                        racer = resumed
+                        racer = resumed.started.racer_instance_id
                         event = await self._next_live_event(queue, stall_s, racer)
                 while True:
                     kind = event.WhichOneof("event")

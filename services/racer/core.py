@@ -162,14 +162,16 @@ class RaceCore:
         handover does. Told to the ingress first (a `started` naming this racer); with nothing
         received yet, the race starts over."""
         race = self.race
-        race.resumed = True
         request = race.assignment.request
         started = ClientStarted(
             path=request.path, plan_decision=request.plan.decision, racer_instance_id=self._racer_id
         )
         self._out.append(Emit(ClientEvent(started=started)))
         if not emitted and not delivered_tokens:
+            # Run afresh: the dead race delivered nothing, so this one is charged the prompt.
             return [*self._take(), *self.start(now)]
+        # The dead race's winner was charged the prompt; this race's part is output only.
+        race.resumed = True
         race.emitted.append(emitted)
         race.client_tokens = self._relayed_tokens = delivered_tokens
         race.client_chars = len(emitted)

@@ -57,7 +57,7 @@ def taken_over(record: RaceRecord, delivered_tokens: int, now: float) -> Race:
     its winner delivered what the client received since it took over (the ingress counted
     it), on the prompt ceiling (the host never reported its usage), and is paid and charged
     for that; every other attempt is a loser with no verified token (the dead racer's counts
-    died with it), so it earns no fee."""
+    died with it), so it earns no fee. With nothing received, every attempt is such a loser."""
     race = Race(record.assignment, now, 0.0)
     request = record.assignment.request
     race.prompt_tokens = prompt_tokens(request.messages, request.params)
@@ -68,7 +68,8 @@ def taken_over(record: RaceRecord, delivered_tokens: int, now: float) -> Race:
         attempt.prompt_tokens = race.prompt_tokens
         race.attempts[attempt.attempt_id] = attempt
     winner = race.attempts.get(record.winner_attempt_id)
-    if winner is not None:
+    # A race whose client received nothing is run afresh (and charged there): no winner here.
+    if winner is not None and delivered_tokens > 0:
         part = max(0, delivered_tokens - record.winner_from_tokens)
         winner.accepted = True
         winner.contributed = part > 0

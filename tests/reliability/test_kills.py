@@ -8,6 +8,7 @@ import random
 import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -16,12 +17,14 @@ import asyncpg
 import httpx
 import orjson
 import pytest
+from nats.aio.client import Client
 
-from llooma import bus
+from llooma import bus, subjects
 from llooma.continuation import extract_prefix
 from llooma.stack import SERVICES, Stack
 from llooma.v1.common_pb2 import Usage
 from llooma.v1.host_pb2 import HostChunk, HostFinished, HostTask, HostToken
+from llooma.v1.race_pb2 import RaceRecord
 from services.racer.takeover import RESUMED_TASK_SUFFIX
 from tests.reliability.conftest import (
     AUTH,
@@ -159,9 +162,15 @@ class Told:
     error: str = ""
 
 
-async def tell(http: httpx.AsyncClient, told: Told, enough: asyncio.Event, wanted: int) -> None:
+async def tell(
+    http: httpx.AsyncClient,
+    told: Told,
+    enough: asyncio.Event,
+    wanted: int,
+    model: str = RESUME_MODEL,
+) -> None:
     body = {
-        "model": RESUME_MODEL,
+        "model": model,
         "stream": told.stream,
         "max_tokens": 200,
         "messages": [{"role": "user", "content": f"tell the story {uuid.uuid4().hex}"}],
@@ -178,6 +187,9 @@ async def tell(http: httpx.AsyncClient, told: Told, enough: asyncio.Event, wante
         return
     async with http.stream("POST", "/v1/chat/completions", json=body, headers=AUTH) as reply:
         told.request_id = reply.headers.get("x-llooma-request-id", "")
+        if reply.status_code != 200:
+            told.error = f"{reply.status_code}: {(await reply.aread()).decode()}"
+            return
         async for line in reply.aiter_lines():
             if not line.startswith("data: {"):
                 continue
@@ -293,6 +305,117 @@ async def test_a_killed_racers_answers_are_finished_on_the_other_racer(two_racer
     )
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert await wait_healthy(stack) >= 0
+
+
+@dataclass
+class Arrivals:
+    """Tasks that reached the hosts sharing it; `enough` is set at `wanted`."""
+
+    wanted: int
+    count: int = 0
+    enough: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def arrived(self) -> None:
+        self.count += 1
+        if self.count >= self.wanted:
+            self.enough.set()
+
+
+def slow_starter(first_token_s: float, arrivals: Arrivals) -> Script:
+    """Tells STORY quickly after `first_token_s` of silence (a real engine's prefill)."""
+
+    async def script(task: HostTask, reply: Reply) -> None:
+        arrivals.arrived()
+        await asyncio.sleep(first_token_s)
+        words = STORY.split(" ")
+        for index, word in enumerate(words):
+            await reply(HostChunk(token=HostToken(text=word if index == 0 else " " + word)))
+            await asyncio.sleep(0.01)
+        usage = Usage(input_tokens=40, output_tokens=len(words))
+        await reply(HostChunk(finished=HostFinished(finish_reason="stop", usage=usage)))
+
+    return script
+
+
+async def busiest_racer(stack: Stack, nc: Client, model: str) -> str:
+    """The racer (its child's name) running most of `model`'s races, from their records."""
+    races = await nc.jetstream().key_value(subjects.RACES_BUCKET)
+    running: Counter[str] = Counter()
+    for key in await races.keys():
+        entry = await races.get(key)
+        record = RaceRecord.FromString(entry.value or b"")
+        if record.assignment.request.model == model:
+            running[record.racer_instance_id] += 1
+    names = {}
+    for name in ("racer", "racer-2"):
+        process = stack.child(name).process
+        assert process is not None
+        names[f"-{process.pid}-"] = name
+    busiest = max(running, key=lambda racer: running[racer])
+    return next(name for mark, name in names.items() if mark in busiest)
+
+
+@pytest.mark.timeout(180)
+async def test_a_racer_killed_before_the_first_token_runs_the_race_again(
+    two_racers: Stack,
+) -> None:
+    """kill -9 of one of two racers while its races wait for their hosts' first token: the
+    client has received nothing, so the ingress, finding the race's racer in its record and
+    seeing it stop beating, asks the other racer to run the race again. Every answer is the
+    host's exact text with no error (not a 504 at the ingress's first-token limit); the dead
+    race's attempts are settled, none of them won, and each prompt is charged once."""
+    stack = two_racers
+    await wait_healthy(stack)
+    assert stack.nats_url is not None
+    model = f"slow-start-{uuid.uuid4().hex[:6]}"
+    nc = await bus.connect(
+        stack.nats_url, "llooma-tests-restart", nkey_seed_file=stack.control_seed
+    )
+    told = [Told(stream=index % 2 == 0) for index in range(6)]
+    arrivals = Arrivals(wanted=len(told))
+    hosts = [
+        ScriptedHost(nc, f"slow-{name}-{model}", model, slow_starter(2.5, arrivals), accept=True)
+        for name in ("a", "b")
+    ]
+    try:
+        async with (
+            hosts[0],
+            hosts[1],
+            httpx.AsyncClient(base_url=stack.base_url, timeout=60.0) as http,
+        ):
+            await wait_listed(http, model, hosts=2)
+            tasks = [
+                asyncio.create_task(tell(http, one, asyncio.Event(), 0, model=model))
+                for one in told
+            ]
+            async with asyncio.timeout(20):
+                await arrivals.enough.wait()
+            victim = await busiest_racer(stack, nc, model)
+            stack.kill(victim)
+            async with asyncio.timeout(60):
+                await asyncio.gather(*tasks)
+    finally:
+        await nc.close()
+        stack.restart_crashed()
+    for one in told:
+        assert not one.error, one
+        assert one.text == STORY, one
+        assert one.finish_reason == "stop", one
+    rows = await settlement_rows(stack, [one.request_id for one in told])
+    audit = await audit_settlements(stack)
+    resumed = {r["request_id"] for r in rows if r["task_id"].endswith(RESUMED_TASK_SUFFIX)}
+    print(f"\nrun again: {len(resumed)} of {len(told)} requests; settlements={audit}")
+    assert resumed, "no request was on the killed racer"
+    assert audit["lost"] == 0
+    assert audit["paid_twice"] == 0
+    for one in told:
+        mine = [r for r in rows if r["request_id"] == one.request_id]
+        won = [r for r in mine if r["outcome"] == "won"]
+        assert len(won) == 1, mine
+        assert won[0]["input_tokens"] > 0, mine
+        if one.request_id in resumed:
+            assert won[0]["task_id"].endswith(RESUMED_TASK_SUFFIX), mine
+            assert any(not r["task_id"].endswith(RESUMED_TASK_SUFFIX) for r in mine), mine
 
 
 async def settlement_rows(
