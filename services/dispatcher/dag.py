@@ -64,6 +64,11 @@ class DagRunner:
             nodes=request.plan.nodes,
             node_done_subject=self._done_subject,
         )
+        resume_assignment = self._assign(request, set())
+        if resume_assignment is not None:
+            # Only what a racer needs to finish the whole answer if the aggregator dies.
+            resume_assignment.request.plan.ClearField("nodes")
+            start.resume_assignment = resume_assignment.SerializeToString()
         reply = await self._nc.request(
             subjects.AGGREGATE_START,
             start.SerializeToString(),

@@ -37,6 +37,7 @@ from llooma.settings import ORCHESTRATED_MODEL, Settings, api_key_id
 from llooma.v1.common_pb2 import (
     ERROR_CODE_CONTROL_PLANE_UNAVAILABLE,
     ERROR_CODE_DEADLINE_EXCEEDED,
+    REQUEST_PATH_SPLIT,
     ErrorDetail,
     GenerationParams,
 )
@@ -395,9 +396,11 @@ class Ingress:
             headers["x-llooma-host"] = header_value(first.started.host_id)
         if first.started.model:
             headers["x-llooma-model"] = header_value(first.started.model)
-        # One race relays a single answer: its racer's death ends the stream at once.
+        # One race (or a split request's aggregator) relays a single answer: its death ends
+        # the stream at once, or has a racer resume it.
         racer = first.started.racer_instance_id if parsed.n == 1 else ""
-        stream = self._events(request_id, queue, restorers, parsed.n, racer)
+        split = first.started.path == REQUEST_PATH_SPLIT
+        stream = self._events(request_id, queue, restorers, parsed.n, racer, split)
         if parsed.n > 1:
             stream = merged(stream, parsed.n)
         stream = ticket.watch(stream)
@@ -459,14 +462,24 @@ class Ingress:
                     return None
 
     async def _resume(
-        self, request_id: str, queue: asyncio.Queue[bytes], relayed: Relayed, racer: str
+        self,
+        request_id: str,
+        queue: asyncio.Queue[bytes],
+        relayed: Relayed,
+        racer: str,
+        split: bool = False,
     ) -> str | ClientEvent:
-        """The racer relaying the answer stopped: ask a live one to finish the answer from
-        what the client received. Its first event (`started`) names it: the racer to watch
-        from then on; anything else ends the stream."""
-        log.warning("racer %s stopped while relaying request %s: resuming", racer, request_id)
+        """The racer (`split`: the aggregator) relaying the answer stopped: ask a live racer
+        to finish the answer from what the client received. Its first event (`started`)
+        names it: the racer to watch from then on; anything else ends the stream."""
+        log.warning("%s stopped while relaying request %s: resuming", racer, request_id)
         if relayed.tool_calls:
             return _racer_stopped("a tool call is never continued on another host")
+        if split:
+            # The dead aggregator's node races run on for a reader that is gone: stopped
+            # (each settled by its own racer). Sent before the hand-off, so every racer has
+            # handled it before the resume arrives, which runs only after its claim.
+            await self._cancel(request_id)
         resume = RaceResume(
             request_id=request_id,
             reply_subject=self.replies.reroute(request_id),
@@ -493,6 +506,7 @@ class Ingress:
         restorers: Restorers | None,
         choices: int,
         racer: str = "",
+        split: bool = False,
     ) -> AsyncGenerator[list[ClientEvent]]:
         """Events after `started`, in batches of what had already arrived, ending with the
         last choice's `finished` or a `failed`; cancels the request upstream if the consumer
@@ -510,11 +524,12 @@ class Ingress:
                 batch = []
                 event = await self._next_live_event(queue, stall_s, racer)
                 while event is None:
-                    resumed = await self._resume(request_id, queue, relayed, racer)
+                    resumed = await self._resume(request_id, queue, relayed, racer, split)
                     if isinstance(resumed, ClientEvent):
                         event = resumed
                     else:
-                        racer = resumed
+                        # A racer relays the answer from now on.
+                        racer, split = resumed, False
                         event = await self._next_live_event(queue, stall_s, racer)
                 while True:
                     kind = event.WhichOneof("event")

@@ -318,8 +318,9 @@ class ClientStarted(_message.Message):
     the x-llooma-host header; `model` is the model that host serves (x-llooma-model).
     """
     racer_instance_id: _builtins.str
-    """The racer instance relaying the answer (empty on the split path): when that instance
-    stops beating, the ingress has another racer resume the answer (RaceResume).
+    """The instance relaying the answer (a racer; on the split path the aggregator, empty if it
+    could not record the request): when that instance stops beating, the ingress has a racer
+    resume the answer (RaceResume).
     """
     def __init__(
         self,
@@ -414,8 +415,8 @@ Global___ClientFinished: _TypeAlias = ClientFinished  # noqa: Y015
 
 @_typing.final
 class RaceResume(_message.Message):
-    """From the ingress, when the racer relaying a single-choice answer stopped beating: finish
-    the answer from exactly what the client received.
+    """From the ingress, when the racer (or a split request's aggregator) relaying a single-choice
+    answer stopped beating: finish the answer from exactly what the client received.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
