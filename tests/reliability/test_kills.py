@@ -8,6 +8,7 @@ import random
 import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -16,8 +17,9 @@ import asyncpg
 import httpx
 import orjson
 import pytest
+from nats.aio.msg import Msg
 
-from llooma import bus
+from llooma import bus, subjects
 from llooma.continuation import extract_prefix
 from llooma.stack import SERVICES, Stack
 from llooma.v1.common_pb2 import Usage
@@ -465,6 +467,153 @@ async def test_a_killed_racers_split_nodes_are_finished_on_the_other_racer(
             # The dead node race is settled too, for at most its part's words.
             assert len(dead) == 1, mine
             assert dead[0]["output_tokens"] <= len(part_story("1.").split(" ")), dead
+    verified = await asyncio.to_thread(
+        ledger_cli,
+        stack,
+        "verify",
+        "--nats-url",
+        stack.nats_url or "",
+        "--seed",
+        stack.control_seed or "",
+        "--key-file",
+        str(stack.ledger_key_file.with_suffix(".pub")),
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert await wait_healthy(stack) >= 0
+
+
+def split_answer() -> str:
+    """What a client of `tell_split` reads: the three parts under their labels."""
+    return "\n\n".join(f"{label} {part_story(label)}" for label in PART_LABELS)
+
+
+def split_teller(usage_seen: list[int]) -> Script:
+    """`part_teller` for the node races; asked to continue the whole answer (a racer finishing
+    a split request whose aggregator died: the quoted prefix is the merged answer, which
+    starts with a label, not with a part's "("), tells the rest of `split_answer`."""
+    parts = part_teller(usage_seen)
+
+    async def script(task: HostTask, reply: Reply) -> None:
+        prefix = extract_prefix(task.messages[-1].content)
+        if prefix is None or prefix.startswith("("):
+            await parts(task, reply)
+            return
+        whole = split_answer()
+        assert whole.startswith(prefix), prefix
+        words = whole[len(prefix) :].split(" ")
+        for index, word in enumerate(words):
+            await reply(HostChunk(token=HostToken(text=word if index == 0 else " " + word)))
+            await asyncio.sleep(0.02)
+        usage = Usage(input_tokens=40, output_tokens=len(words))
+        usage_seen.append(len(words))
+        await reply(HostChunk(finished=HostFinished(finish_reason="stop", usage=usage)))
+
+    return script
+
+
+@pytest.fixture(scope="module")
+def two_aggregators(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    yield from stack_fixture(tmp_path_factory.mktemp("aggregators"), replicas={"aggregator": 2})
+
+
+@pytest.mark.timeout(180)
+async def test_a_killed_aggregators_split_answers_are_finished_by_a_racer(
+    two_aggregators: Stack,
+) -> None:
+    """kill -9 of the one of two aggregators holding the most of 4 streaming split requests
+    (three parts each, the first streaming to its client): the ingress sees it stop beating,
+    stops its node races and asks a racer to finish each answer from what the client received
+    under the whole request's assignment, which the aggregator recorded. Every answer is the
+    three parts' exact text in order, with no error; each attempt is settled exactly once
+    (every task won at most once, each node's prompt charged once, the resumed race charged
+    for its output only) and the ledger verifies."""
+    stack = two_aggregators
+    await wait_healthy(stack)
+    assert stack.nats_url is not None
+    stall_limit_s = 1.5 + 3.0 + 5.0
+    usage_seen: list[int] = []
+    nc = await bus.connect(
+        stack.nats_url, "llooma-tests-aggregator-resume", nkey_seed_file=stack.control_seed
+    )
+    # Which aggregator holds each request: its instance id (`<service>-<pid>-<hex>`) is in the
+    # subjects its node races report on.
+    holders: dict[str, int] = {}
+
+    async def heard(msg: Msg) -> None:
+        request_id, _, _ = subjects.aggregation_node_ids(msg.subject)
+        instance = msg.subject.split(".")[3]
+        holders[request_id] = int(instance.split("-")[1])
+
+    watch = await nc.subscribe(f"{subjects.PREFIX}.agg.>", cb=heard)
+    told = [Told(stream=True) for _ in range(4)]
+    killed = ""
+    try:
+        async with (
+            ScriptedHost(nc, "whole-a", RESUME_MODEL, split_teller(usage_seen), accept=True),
+            ScriptedHost(nc, "whole-b", RESUME_MODEL, split_teller(usage_seen), accept=True),
+            ScriptedHost(nc, "whole-c", RESUME_MODEL, split_teller(usage_seen), accept=True),
+            httpx.AsyncClient(base_url=stack.base_url, timeout=60.0) as http,
+        ):
+            await wait_listed(http, RESUME_MODEL, hosts=3)
+            ready = [asyncio.Event() for _ in told]
+            tasks = [
+                asyncio.create_task(tell_split(http, t, event))
+                for t, event in zip(told, ready, strict=True)
+            ]
+            async with asyncio.timeout(30):
+                await asyncio.gather(*(event.wait() for event in ready))
+            await watch.unsubscribe()
+            by_pid = Counter(holders[t.request_id] for t in told)
+            pid, _ = by_pid.most_common(1)[0]
+            killed = next(
+                c.name for c in stack.children if c.process is not None and c.process.pid == pid
+            )
+            on_killed = {t.request_id for t in told if holders[t.request_id] == pid}
+            stack.kill(killed)
+            async with asyncio.timeout(90):
+                await asyncio.gather(*tasks)
+    finally:
+        await nc.close()
+        if killed:
+            assert killed in stack.restart_crashed()
+    expected = split_answer()
+    gaps = [
+        max((later - earlier for (earlier, _), (later, _) in pairwise(t.pieces)), default=0.0)
+        for t in told
+    ]
+    for t in told:
+        assert not t.error, t
+        assert t.text == expected, t
+        assert t.finish_reason == "stop", t
+    assert max(gaps) < stall_limit_s, gaps
+
+    rows = await settlement_rows(stack, [t.request_id for t in told])
+    audit = await audit_settlements(stack)
+    resumed = {r["request_id"] for r in rows if r["task_id"].endswith(RESUMED_TASK_SUFFIX)}
+    print(
+        f"\nkilled {killed} holding {len(on_killed)} of {len(told)} split requests; "
+        f"{len(resumed)} finished by a racer; longest pause per stream "
+        f"{sorted(round(g, 2) for g in gaps)} s; settlements={audit}"
+    )
+    # Exactly the killed aggregator's requests were resumed.
+    assert resumed == on_killed
+    assert audit["lost"] == 0
+    assert audit["paid_twice"] == 0
+    for t in told:
+        mine = [r for r in rows if r["request_id"] == t.request_id]
+        won = [r for r in mine if r["outcome"] == "won"]
+        assert len(won) == len({r["task_id"] for r in won}), mine
+        nodes = [r for r in won if not r["task_id"].endswith(RESUMED_TASK_SUFFIX)]
+        # Each node's prompt charged once (its race, stopped or not, settled by its racer).
+        assert all(r["input_tokens"] > 0 for r in nodes), mine
+        if t.request_id in resumed:
+            finisher = [r for r in won if r["task_id"].endswith(RESUMED_TASK_SUFFIX)]
+            # The whole request's prompt is charged nowhere else: its finisher is charged
+            # for its output only.
+            assert len(finisher) == 1, mine
+            assert finisher[0]["input_tokens"] == 0 < finisher[0]["output_tokens"], mine
+        else:
+            assert len(nodes) == len(PART_LABELS), mine
     verified = await asyncio.to_thread(
         ledger_cli,
         stack,
