@@ -612,6 +612,9 @@ async def test_a_killed_aggregators_split_answers_are_finished_by_a_racer(
             # for its output only.
             assert len(finisher) == 1, mine
             assert finisher[0]["input_tokens"] == 0 < finisher[0]["output_tokens"], mine
+            # Its node races were stopped when the aggregator was found dead, not run out.
+            words = len(part_story("1.").split(" "))
+            assert all(r["output_tokens"] < words for r in nodes), mine
         else:
             assert len(nodes) == len(PART_LABELS), mine
     verified = await asyncio.to_thread(
