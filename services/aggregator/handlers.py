@@ -4,7 +4,9 @@ A node whose racer stops beating is resumed on another racer from what the aggre
 of it, as an ingress resumes a direct answer (docs/RELIABILITY.md, "A racer's death"). The
 aggregator records each request it relays (the whole request's assignment, key = request id)
 and names itself in the client's `started`: if it dies, the ingress has a racer finish the
-answer from what the client received, as for a dead racer.
+answer from what the client received, as for a dead racer. When the dispatcher running the
+request's DAG stops beating with parts not yet released, it has another dispatcher run the
+rest of the DAG from what it heard of each part.
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ from llooma.planning import SPLIT_DECISION
 from llooma.race_records import RecordWriter
 from llooma.v1.common_pb2 import ERROR_CODE_HOST_FAILED, REQUEST_PATH_SPLIT, ErrorDetail, Usage
 from llooma.v1.pipeline_pb2 import (
+    ChatRequest,
     ClientDelta,
     ClientEvent,
     ClientFinished,
     ClientStarted,
+    DagResume,
+    DagResumed,
     RaceResume,
     TaskAssignment,
 )
@@ -42,6 +47,7 @@ log = logging.getLogger(__name__)
 _HEADING_MARKS = re.compile(r"^[\s#*_>\-]+|[\s*_:]+$")
 # Hold a part's first line this long at most while checking it for a repeated heading.
 HEADING_HOLD_CHARS = 160
+DAG_RESUME_TIMEOUT_S = 2.0
 
 
 def heading_key(text: str) -> str:
@@ -81,6 +87,13 @@ class Aggregation:
     # The request's record (its last revision is this aggregator's claim): None if the
     # request cannot be resumed elsewhere.
     record: RecordWriter | None = None
+    # The whole request, plan nodes included (with a record): what another dispatcher runs
+    # the DAG on from, if the one running it dies.
+    request: ChatRequest | None = None
+
+    def unreleased(self) -> bool:
+        """A part not heard of yet: its dispatcher may still have to release it."""
+        return any(not p.finished and not p.racer and not p.generation for p in self.parts.values())
 
 
 class Aggregator:
@@ -118,6 +131,9 @@ class Aggregator:
             run.record = RecordWriter(self._races, start.request_id)
             assignment = TaskAssignment.FromString(start.resume_assignment)
             run.record.write(RaceRecord(assignment=assignment, racer_instance_id=self._instance_id))
+            run.request = ChatRequest()
+            run.request.CopyFrom(assignment.request)
+            run.request.plan.nodes.extend(start.nodes)
         prefix = subjects.aggregation_nodes(self._instance_id, start.request_id)
         await msg.respond(AggregationReady(node_subject_prefix=prefix).SerializeToString())
 
@@ -167,6 +183,48 @@ class Aggregator:
             for part in stopped:
                 if not await self._resume(run, part):
                     break
+
+    async def resume_stopped_dispatchers(self) -> None:
+        """Have a live dispatcher run on each DAG whose dispatcher stopped beating while parts
+        are still to be released (called every `RACER_CHECK_S`; a request no dispatcher took
+        is asked again at the next check)."""
+        if self._services is None:
+            return
+        for run in list(self._runs.values()):
+            if run.request is None or not run.unreleased():
+                continue
+            dispatcher = subjects.node_done_dispatcher(run.start.node_done_subject)
+            if not self._services.gone(dispatcher, self._racer_silent_s):
+                continue
+            log.warning(
+                "dispatcher %s stopped running the DAG of %s: resuming",
+                dispatcher,
+                run.start.request_id,
+            )
+            resume = DagResume(
+                request=run.request,
+                node_subject_prefix=subjects.aggregation_nodes(
+                    self._instance_id, run.start.request_id
+                ),
+                released=[
+                    node_id
+                    for node_id, p in run.parts.items()
+                    if p.finished or p.racer or p.generation
+                ],
+                outputs={
+                    node_id: strip_control_tokens("".join(p.output))
+                    for node_id, p in run.parts.items()
+                    if p.finished
+                },
+            )
+            try:
+                reply = await self._nc.request(
+                    subjects.DAG_RESUME, resume.SerializeToString(), timeout=DAG_RESUME_TIMEOUT_S
+                )
+            except Exception as error:
+                log.warning("DAG of %s not resumed: %r", run.start.request_id, error)
+                continue
+            run.start.node_done_subject = DagResumed.FromString(reply.data).node_done_subject
 
     async def _resume(self, run: Aggregation, part: Part) -> bool:
         """Hand the node to another racer, which claims the dead race's record, settles it,

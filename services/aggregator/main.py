@@ -42,7 +42,7 @@ async def setup(service: Service) -> None:
         service.work_started()
 
     await service.subscribe_queue(subjects.AGGREGATE_START, SERVICE, on_start)
-    watching = asyncio.create_task(watch_racers(aggregator))
+    watching = asyncio.create_task(watch_relays(aggregator))
 
     async def stop_watching() -> None:
         watching.cancel()
@@ -52,13 +52,14 @@ async def setup(service: Service) -> None:
     service.on_stop(stop_watching)
 
 
-async def watch_racers(aggregator: Aggregator) -> None:
+async def watch_relays(aggregator: Aggregator) -> None:
     while True:
         await asyncio.sleep(RACER_CHECK_S)
         try:
             await aggregator.resume_stopped_racers()
+            await aggregator.resume_stopped_dispatchers()
         except Exception:
-            log.exception("checking node racers failed")
+            log.exception("checking node racers and dispatchers failed")
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 """Runs a split request's DAG: a node is released when its parents are done, its prompt
-carrying their outputs compressed; independent nodes race in parallel on different hosts."""
+carrying their outputs compressed; independent nodes race in parallel on different hosts. The
+DAG of a dispatcher that died is run on from what its aggregator knows (`on_resume`)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,13 @@ from opentelemetry.trace import Span
 from llooma import bus, subjects, tracing
 from llooma.v1.common_pb2 import ERROR_CODE_NO_ELIGIBLE_HOST, ChatMessage, ErrorDetail
 from llooma.v1.compress_pb2 import CompressReply, CompressRequest
-from llooma.v1.pipeline_pb2 import ChatRequest, ClientEvent, TaskAssignment
+from llooma.v1.pipeline_pb2 import (
+    ChatRequest,
+    ClientEvent,
+    DagResume,
+    DagResumed,
+    TaskAssignment,
+)
 from llooma.v1.plan_pb2 import AggregationReady, AggregationStart, NodeDone, PlanNode
 
 log = logging.getLogger(__name__)
@@ -56,6 +63,9 @@ class DagRunner:
     def done_subject(self) -> str:
         return self._done_subject
 
+    def running(self) -> bool:
+        return bool(self._runs)
+
     async def start(self, request: ChatRequest) -> None:
         start = AggregationStart(
             request_id=request.request_id,
@@ -79,6 +89,28 @@ class DagRunner:
         run = DagRun(request, prefix, span=tracing.current_span())
         self._runs[request.request_id] = run
         await self._release(run)
+
+    async def on_resume(self, msg: Msg) -> None:
+        """Take over the DAG of a dispatcher that died: the parts its aggregator heard of
+        stay as they are, the others are released as their parents finish. A part the dead
+        dispatcher had handed off unheard is handed off again under the same `Nats-Msg-Id`,
+        which JetStream drops."""
+        resume = DagResume.FromString(msg.data)
+        run = DagRun(
+            resume.request,
+            resume.node_subject_prefix,
+            outputs=dict(resume.outputs),
+            released=set(resume.released),
+            span=tracing.current_span(),
+        )
+        self._runs[resume.request.request_id] = run
+        await msg.respond(DagResumed(node_done_subject=self._done_subject).SerializeToString())
+        await self._release(run)
+
+    def on_request_cancel(self, request_id: str) -> None:
+        """The request ended unfinished (its client left, or its aggregator died): release
+        nothing more of it."""
+        self._runs.pop(request_id, None)
 
     async def on_node_done(self, msg: Msg) -> None:
         done = NodeDone.FromString(msg.data)
