@@ -24,6 +24,7 @@ from llooma.continuation import extract_prefix
 from llooma.stack import SERVICES, Stack
 from llooma.v1.common_pb2 import Usage
 from llooma.v1.host_pb2 import HostChunk, HostFinished, HostTask, HostToken
+from llooma.v1.plan_pb2 import AggregationStart
 from services.racer.takeover import RESUMED_TASK_SUFFIX
 from tests.reliability.conftest import (
     AUTH,
@@ -363,12 +364,14 @@ def part_teller(usage_seen: list[int]) -> Script:
     return script
 
 
-async def tell_split(http: httpx.AsyncClient, told: Told, enough: asyncio.Event) -> None:
+async def tell_split(
+    http: httpx.AsyncClient, told: Told, enough: asyncio.Event, prompt: str = SPLIT_THREE
+) -> None:
     body = {
         "model": RESUME_MODEL,
         "stream": True,
         "max_tokens": 600,
-        "messages": [{"role": "user", "content": f"{SPLIT_THREE}({uuid.uuid4().hex})"}],
+        "messages": [{"role": "user", "content": f"{prompt}({uuid.uuid4().hex})"}],
     }
     async with http.stream("POST", "/v1/chat/completions", json=body, headers=AUTH) as reply:
         told.request_id = reply.headers.get("x-llooma-request-id", "")
@@ -617,6 +620,120 @@ async def test_a_killed_aggregators_split_answers_are_finished_by_a_racer(
             assert all(r["output_tokens"] < words for r in nodes), mine
         else:
             assert len(nodes) == len(PART_LABELS), mine
+    verified = await asyncio.to_thread(
+        ledger_cli,
+        stack,
+        "verify",
+        "--nats-url",
+        stack.nats_url or "",
+        "--seed",
+        stack.control_seed or "",
+        "--key-file",
+        str(stack.ledger_key_file.with_suffix(".pub")),
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert await wait_healthy(stack) >= 0
+
+
+# The third part uses the first two: the DAG runner releases it only once they are done.
+SPLIT_DEPENDENT = (
+    "I am writing a guide for new volunteers at our community garden this season.\n"
+    "1. Explain how to prepare a raised bed in early spring.\n"
+    "2. Describe a watering routine for hot summer weeks.\n"
+    "3. Using the results, list the tools every volunteer should bring.\n"
+)
+
+
+@pytest.fixture(scope="module")
+def two_dispatchers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    yield from stack_fixture(tmp_path_factory.mktemp("dispatchers"), replicas={"dispatcher": 2})
+
+
+@pytest.mark.timeout(180)
+async def test_a_killed_dispatchers_dags_are_run_on_by_the_other_dispatcher(
+    two_dispatchers: Stack,
+) -> None:
+    """kill -9 of the one of two dispatchers running the DAGs of the most of 4 streaming split
+    requests, while their first two parts stream and the third (which uses them) is not yet
+    released: each aggregator sees the dispatcher stop beating and has the other one run the
+    rest of the DAG. Every answer is the three parts' exact text in order, with no error;
+    every node race is settled exactly once, each node's prompt charged once, and the ledger
+    verifies."""
+    stack = two_dispatchers
+    await wait_healthy(stack)
+    assert stack.nats_url is not None
+    stall_limit_s = 1.5 + 3.0 + 5.0
+    usage_seen: list[int] = []
+    nc = await bus.connect(
+        stack.nats_url, "llooma-tests-dag-resume", nkey_seed_file=stack.control_seed
+    )
+    # Which dispatcher runs each DAG: its instance id (`<service>-<pid>-<hex>`) is in the
+    # subject the aggregator reports finished parts on.
+    holders: dict[str, int] = {}
+
+    async def heard(msg: Msg) -> None:
+        start = AggregationStart.FromString(msg.data)
+        dispatcher = subjects.node_done_dispatcher(start.node_done_subject)
+        holders[start.request_id] = int(dispatcher.split("-")[1])
+
+    watch = await nc.subscribe(subjects.AGGREGATE_START, cb=heard)
+    told = [Told(stream=True) for _ in range(4)]
+    killed = ""
+    try:
+        async with (
+            ScriptedHost(nc, "dag-a", RESUME_MODEL, part_teller(usage_seen), accept=True),
+            ScriptedHost(nc, "dag-b", RESUME_MODEL, part_teller(usage_seen), accept=True),
+            ScriptedHost(nc, "dag-c", RESUME_MODEL, part_teller(usage_seen), accept=True),
+            httpx.AsyncClient(base_url=stack.base_url, timeout=60.0) as http,
+        ):
+            await wait_listed(http, RESUME_MODEL, hosts=3)
+            ready = [asyncio.Event() for _ in told]
+            tasks = [
+                asyncio.create_task(tell_split(http, t, event, SPLIT_DEPENDENT))
+                for t, event in zip(told, ready, strict=True)
+            ]
+            async with asyncio.timeout(30):
+                await asyncio.gather(*(event.wait() for event in ready))
+            await watch.unsubscribe()
+            pid, _ = Counter(holders[t.request_id] for t in told).most_common(1)[0]
+            killed = next(
+                c.name for c in stack.children if c.process is not None and c.process.pid == pid
+            )
+            on_killed = {t.request_id for t in told if holders[t.request_id] == pid}
+            stack.kill(killed)
+            async with asyncio.timeout(90):
+                await asyncio.gather(*tasks)
+    finally:
+        await nc.close()
+        if killed:
+            assert killed in stack.restart_crashed()
+    expected = split_answer()
+    gaps = [
+        max((later - earlier for (earlier, _), (later, _) in pairwise(t.pieces)), default=0.0)
+        for t in told
+    ]
+    for t in told:
+        assert not t.error, t
+        assert t.text == expected, t
+        assert t.finish_reason == "stop", t
+    assert max(gaps) < stall_limit_s, gaps
+
+    rows = await settlement_rows(stack, [t.request_id for t in told])
+    audit = await audit_settlements(stack)
+    print(
+        f"\nkilled {killed} running the DAGs of {len(on_killed)} of {len(told)} split "
+        f"requests; longest pause per stream {sorted(round(g, 2) for g in gaps)} s; "
+        f"settlements={audit}"
+    )
+    assert on_killed
+    assert audit["lost"] == 0
+    assert audit["paid_twice"] == 0
+    for t in told:
+        mine = [r for r in rows if r["request_id"] == t.request_id]
+        won = [r for r in mine if r["outcome"] == "won"]
+        # One race per part, each won once, each part's prompt charged once.
+        assert len(won) == len({r["task_id"] for r in mine}) == len(PART_LABELS), mine
+        assert all(r["input_tokens"] > 0 for r in won), mine
     verified = await asyncio.to_thread(
         ledger_cli,
         stack,
