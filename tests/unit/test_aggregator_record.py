@@ -17,18 +17,22 @@ from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 from llooma import subjects
+from llooma.membership import ServiceDirectory
 from llooma.v1.common_pb2 import Usage
+from llooma.v1.compress_pb2 import CompressReply
 from llooma.v1.pipeline_pb2 import (
     ChatRequest,
     ClientDelta,
     ClientEvent,
     ClientFinished,
     ClientStarted,
+    DagResume,
+    DagResumed,
     HostCandidate,
     RaceResume,
     TaskAssignment,
 )
-from llooma.v1.plan_pb2 import AggregationReady, AggregationStart, Plan, PlanNode
+from llooma.v1.plan_pb2 import AggregationReady, AggregationStart, NodeDone, Plan, PlanNode
 from llooma.v1.race_pb2 import RaceRecord
 from services.aggregator.handlers import Aggregator
 from services.dispatcher.dag import DagRunner
@@ -252,5 +256,122 @@ def test_the_dispatcher_hands_the_aggregator_the_whole_requests_assignment() -> 
         # The nodes stay out of the record; the request's own plan keeps them.
         assert not whole.request.plan.nodes
         assert list(request.plan.nodes) == nodes
+
+    asyncio.run(scenario())
+
+
+def test_a_dag_whose_dispatcher_stopped_is_run_on_by_another_from_what_the_aggregator_heard() -> (
+    None
+):
+    async def scenario() -> None:
+        asked: list[DagResume] = []
+
+        class Nats(Wire):
+            async def request(self, subject: str, payload: bytes, **_: Any) -> Any:
+                assert subject == subjects.DAG_RESUME
+                asked.append(DagResume.FromString(payload))
+                resumed = DagResumed(node_done_subject=subjects.node_done("d2"))
+                return SimpleNamespace(data=resumed.SerializeToString())
+
+        @dataclass
+        class Dispatchers:
+            stopped: set[str] = field(default_factory=set)
+
+            def gone(self, instance_id: str, stale_after_s: float | None = None) -> bool:
+                return instance_id in self.stopped
+
+        wire, bucket, dispatchers = Nats(), Bucket(), Dispatchers()
+        aggregator = Aggregator(
+            cast(Client, wire),
+            "agg-1",
+            services=cast(ServiceDirectory, dispatchers),
+            races=cast(KeyValue, bucket),
+        )
+        start = aggregation(resumable=True)
+        start.node_done_subject = subjects.node_done("d1")
+        start.nodes.extend(
+            [
+                PlanNode(node_id="n2", label="2.", prompt="q", visible=True),
+                PlanNode(node_id="n3", label="3.", prompt="r", deps=["n1", "n2"], visible=True),
+            ]
+        )
+        n1 = await started(aggregator, start)
+        n2 = n1.removesuffix("n1") + "n2"
+        await node_event(aggregator, n1, ClientEvent(started=ClientStarted(racer_instance_id="x")))
+        await node_event(aggregator, n1, ClientEvent(delta=ClientDelta(text="One.\n")))
+        finished = ClientEvent(finished=ClientFinished(finish_reason="stop", usage=Usage()))
+        await node_event(aggregator, n1, finished)
+        await node_event(aggregator, n2, ClientEvent(started=ClientStarted(racer_instance_id="y")))
+
+        await aggregator.resume_stopped_dispatchers()
+        assert asked == []  # d1 still beats
+        dispatchers.stopped.add("d1")
+        await aggregator.resume_stopped_dispatchers()
+        [resume] = asked
+        assert resume.request.request_id == "r1"
+        assert [n.node_id for n in resume.request.plan.nodes] == ["n1", "n2", "n3"]
+        assert resume.node_subject_prefix == n1.removesuffix(".n1")
+        assert sorted(resume.released) == ["n1", "n2"]
+        assert dict(resume.outputs) == {"n1": "One.\n"}
+
+        # Finished parts are reported to the dispatcher that runs the DAG now.
+        await node_event(aggregator, n2, ClientEvent(delta=ClientDelta(text="Two.\n")))
+        await node_event(aggregator, n2, finished)
+        [done] = [NodeDone.FromString(p) for to, p in wire.sent if to == subjects.node_done("d2")]
+        assert (done.node_id, done.text) == ("n2", "Two.\n")
+        # d2 beats: nothing asked again.
+        await aggregator.resume_stopped_dispatchers()
+        assert len(asked) == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_resumed_dag_releases_only_the_parts_not_heard_of_once_their_parents_are_done() -> None:
+    async def scenario() -> None:
+        launched: list[str] = []
+
+        def assign(request: ChatRequest, avoid: set[str]) -> TaskAssignment:
+            launched.append(request.node_id)
+            return TaskAssignment(request=request, task_id=f"t-{request.node_id}")
+
+        class Nats(Wire):
+            async def request(self, subject: str, payload: bytes, **_: Any) -> Any:
+                return SimpleNamespace(data=CompressReply(text="short").SerializeToString())
+
+        nats, replies = Nats(), list[bytes]()
+        runner = DagRunner(cast(Client, nats), cast(JetStreamContext, nats), "d2", assign)
+        nodes = [
+            PlanNode(node_id="n1", label="1.", prompt="p", visible=True),
+            PlanNode(node_id="n2", label="2.", prompt="q", visible=True),
+            PlanNode(node_id="n3", label="3.", prompt="r", deps=["n1", "n2"], visible=True),
+        ]
+        resume = DagResume(
+            request=ChatRequest(request_id="r1", plan=Plan(nodes=nodes)),
+            node_subject_prefix="llooma.v1.agg.agg-1.r1",
+            released=["n1", "n2"],
+            outputs={"n1": "One."},
+        )
+
+        async def respond(data: bytes) -> None:
+            replies.append(data)
+
+        await runner.on_resume(
+            cast(Any, SimpleNamespace(data=resume.SerializeToString(), respond=respond))
+        )
+        assert DagResumed.FromString(replies[0]).node_done_subject == runner.done_subject
+        await settle_background()
+        assert launched == []  # n3 waits for n2
+        assert runner.running()
+        done = NodeDone(request_id="r1", node_id="n2", text="Two.")
+        await runner.on_node_done(cast(Any, SimpleNamespace(data=done.SerializeToString())))
+        await settle_background()
+        assert launched == ["n3"]
+        [handed] = [
+            TaskAssignment.FromString(p) for to, p in nats.sent if to == subjects.PIPELINE_RACER
+        ]
+        assert handed.request.reply_subject == "llooma.v1.agg.agg-1.r1.n3"
+        assert "short" in handed.request.messages[-1].content
+        runner.on_request_cancel("r1")
+        assert not runner.running()
 
     asyncio.run(scenario())
