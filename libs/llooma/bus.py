@@ -484,6 +484,16 @@ async def _ensure_stream(js: JetStreamContext, wanted: StreamConfig, kind: str) 
         update = safe_update(wanted, existing.config)
         if update is None:
             return
+        if wanted.name == subjects.LEDGER_ANCHOR_STREAM:
+            # The server refuses its updates to the control plane (LEDGER_ANCHOR_GUARDED_API).
+            log.warning(
+                "%s %s: replicas %s / subjects %s are changed by the NATS operator only",
+                kind,
+                wanted.name,
+                update.num_replicas,
+                update.subjects,
+            )
+            return
         try:
             await js.update_stream(config=update)
         except Exception as error:

@@ -222,6 +222,13 @@ def nkey_user(key: str) -> str:
     return f"{{ nkey: {_quote(key)} }}"
 
 
+def control_plane_user(key: str) -> str:
+    """The control plane's user: everything but changing or removing the ledger's anchors
+    (only the server's operator can, by editing this config)."""
+    deny = _quote(list(subjects.LEDGER_ANCHOR_GUARDED_API))
+    return f"{{ nkey: {_quote(key)}, permissions: {{ publish: {{ deny: {deny} }} }} }}"
+
+
 def render_nats_config(store: CredentialStore, port: int, store_dir: Path) -> str:
     """nats-server config: JetStream, loopback, the accounts, the auth callout. It names no
     host: admitting or revoking one never changes it."""
@@ -233,6 +240,6 @@ def render_nats_config(store: CredentialStore, port: int, store_dir: Path) -> st
         f"listen: 127.0.0.1:{port}\n"
         # An absolute store: a relative one would make every reload fail.
         + jetstream_config(store_dir.resolve())
-        + accounts_block([nkey_user(control)], [nkey_user(system)])
+        + accounts_block([control_plane_user(control)], [nkey_user(system)])
         + callout_block(store.public(CALLOUT_ISSUER), [control, system])
     )

@@ -93,6 +93,14 @@ KEYS_ADMIN = f"{PREFIX}.keys.admin"
 # rewritten, re-signed or truncated chain. A chain is named by its signing key.
 LEDGER_ANCHOR_STREAM = "LLOOMA_LEDGER_ANCHORS"
 LEDGER_ANCHOR_SUBJECTS = f"{PREFIX}.ledger.anchor.>"
+# The JetStream API requests that would change or remove the anchors (an update could lift
+# the one-anchor-a-height rule or age them out): the server refuses them to the control
+# plane's credential, so the process that signs blocks cannot undo their anchors; only the
+# server's operator can (credentials.control_plane_user).
+LEDGER_ANCHOR_GUARDED_API = tuple(
+    f"$JS.API.STREAM.{request}.{LEDGER_ANCHOR_STREAM}"
+    for request in ("UPDATE", "DELETE", "PURGE", "MSG.DELETE", "PEER.REMOVE", "RESTORE")
+)
 
 
 # Shared limits (llooma.limiter): one JetStream counter per scope and window, e.g. a key's

@@ -8,12 +8,14 @@ editing them is caught too."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
 import pytest
 from nats.aio.client import Client
+from nats.js.api import DiscardPolicy
 from nats.js.errors import APIError
 
 from llooma import bus, subjects
@@ -281,3 +283,32 @@ async def test_a_clean_chain_matches_its_anchors_and_they_cannot_be_rewritten(
     with pytest.raises(APIError):
         await js.purge_stream(subjects.LEDGER_ANCHOR_STREAM)
     assert (await read_anchors(js, chain)) == anchors
+
+
+async def test_the_control_planes_credential_cannot_remove_or_reconfigure_the_anchors(
+    ledger: tuple[str, Signer, dict[int, str]], nc: Client
+) -> None:
+    """The signer's own NATS credential is refused by the server: deleting the stream, or an
+    update that would let a height's anchor be replaced (discard old) or age out, never
+    reaches JetStream (a permissions violation: the request goes unanswered)."""
+    _, signer, anchors = ledger
+    js = nc.jetstream(timeout=1.0)
+    before = (await js.stream_info(subjects.LEDGER_ANCHOR_STREAM)).config
+    with pytest.raises(TimeoutError):
+        await js.delete_stream(subjects.LEDGER_ANCHOR_STREAM)
+    loosened = dataclasses.replace(
+        before, discard=DiscardPolicy.OLD, discard_new_per_subject=False, max_age=1.0
+    )
+    with pytest.raises(TimeoutError):
+        await js.update_stream(config=loosened)
+    after = (await js.stream_info(subjects.LEDGER_ANCHOR_STREAM)).config
+    assert (after.discard, after.max_age, after.deny_delete) == (
+        before.discard,
+        before.max_age,
+        True,
+    )
+    # Anchoring itself still works: a new height is accepted.
+    chain = subjects.ledger_chain(signer.public_key)
+    height = max(anchors) + 1
+    await js.publish(subjects.ledger_anchor(chain, height), b"e" * 64)
+    assert (await read_anchors(js, chain))[height] == "e" * 64

@@ -22,6 +22,7 @@ from llooma.credentials import (
     CredentialStore,
     accounts_block,
     callout_block,
+    control_plane_user,
     nkey_user,
     public_key,
 )
@@ -379,7 +380,7 @@ def test_nats_config_has_the_embedded_servers_accounts_layout() -> None:
     """The same accounts, exports, imports and auth callout as `llooma up` renders, for the
     dev keys; no host in it."""
     control, system = dev_key(CONTROL_PLANE), dev_key(SYSTEM_USER)
-    expected = accounts_block([nkey_user(control)], [nkey_user(system)]) + callout_block(
+    expected = accounts_block([control_plane_user(control)], [nkey_user(system)]) + callout_block(
         dev_key(CALLOUT_ISSUER), [control, system]
     )
     text = (ROOT / "deploy" / "nats" / "nats.conf").read_text()
