@@ -24,6 +24,7 @@ from llooma.continuation import extract_prefix
 from llooma.stack import SERVICES, Stack
 from llooma.v1.common_pb2 import Usage
 from llooma.v1.host_pb2 import HostChunk, HostFinished, HostTask, HostToken
+from llooma.v1.pipeline_pb2 import DagResume
 from llooma.v1.plan_pb2 import AggregationStart
 from services.racer.takeover import RESUMED_TASK_SUFFIX
 from tests.reliability.conftest import (
@@ -677,8 +678,16 @@ async def test_a_killed_dispatchers_dags_are_run_on_by_the_other_dispatcher(
         holders[start.request_id] = int(dispatcher.split("-")[1])
 
     watch = await nc.subscribe(subjects.AGGREGATE_START, cb=heard)
+    # The aggregators' requests to run a DAG on, and when they were sent.
+    dag_resumes: dict[str, float] = {}
+
+    async def dag_resumed(msg: Msg) -> None:
+        dag_resumes[DagResume.FromString(msg.data).request.request_id] = time.monotonic()
+
+    await nc.subscribe(subjects.DAG_RESUME, cb=dag_resumed)
     told = [Told(stream=True) for _ in range(4)]
     killed = ""
+    killed_at = 0.0
     try:
         async with (
             ScriptedHost(nc, "dag-a", RESUME_MODEL, part_teller(usage_seen), accept=True),
@@ -700,6 +709,7 @@ async def test_a_killed_dispatchers_dags_are_run_on_by_the_other_dispatcher(
                 c.name for c in stack.children if c.process is not None and c.process.pid == pid
             )
             on_killed = {t.request_id for t in told if holders[t.request_id] == pid}
+            killed_at = time.monotonic()
             stack.kill(killed)
             async with asyncio.timeout(90):
                 await asyncio.gather(*tasks)
@@ -707,6 +717,8 @@ async def test_a_killed_dispatchers_dags_are_run_on_by_the_other_dispatcher(
         await nc.close()
         if killed:
             assert killed in stack.restart_crashed()
+    # Exactly the killed dispatcher's DAGs were run on by the other.
+    assert set(dag_resumes) == on_killed
     expected = split_answer()
     gaps = [
         max((later - earlier for (earlier, _), (later, _) in pairwise(t.pieces)), default=0.0)
@@ -722,7 +734,9 @@ async def test_a_killed_dispatchers_dags_are_run_on_by_the_other_dispatcher(
     audit = await audit_settlements(stack)
     print(
         f"\nkilled {killed} running the DAGs of {len(on_killed)} of {len(told)} split "
-        f"requests; longest pause per stream {sorted(round(g, 2) for g in gaps)} s; "
+        "requests; DAG resumed after "
+        f"{sorted(round(at - killed_at, 2) for at in dag_resumes.values())} s; "
+        f"longest pause per stream {sorted(round(g, 2) for g in gaps)} s; "
         f"settlements={audit}"
     )
     assert on_killed
