@@ -15,6 +15,7 @@ from nats.js import JetStreamContext
 from opentelemetry.trace import Span
 
 from llooma import bus, subjects, tracing
+from llooma.compress import compress
 from llooma.v1.common_pb2 import ERROR_CODE_NO_ELIGIBLE_HOST, ChatMessage, ErrorDetail
 from llooma.v1.compress_pb2 import CompressReply, CompressRequest
 from llooma.v1.pipeline_pb2 import (
@@ -139,12 +140,18 @@ class DagRunner:
 
     async def _compress(self, text: str) -> str:
         request = CompressRequest(text=text, budget=PARENT_BUDGET_CHARS)
-        reply = await self._nc.request(
-            subjects.COMPRESS,
-            request.SerializeToString(),
-            timeout=REQUEST_TIMEOUT_S,
-            headers=tracing.current_headers(),
-        )
+        try:
+            reply = await self._nc.request(
+                subjects.COMPRESS,
+                request.SerializeToString(),
+                timeout=REQUEST_TIMEOUT_S,
+                headers=tracing.current_headers(),
+            )
+        except Exception as error:
+            # The compressor is a pure function (llooma.compress): when none answers (it died
+            # with the call, or none runs), the same text is compressed here.
+            log.warning("no compressor answered (%r): compressing here", error)
+            return compress(text, PARENT_BUDGET_CHARS)
         return CompressReply.FromString(reply.data).text
 
     async def _launch(self, run: DagRun, node: PlanNode) -> None:

@@ -17,6 +17,7 @@ from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 from llooma import subjects
+from llooma.compress import compress
 from llooma.membership import ServiceDirectory
 from llooma.v1.common_pb2 import Usage
 from llooma.v1.compress_pb2 import CompressReply
@@ -35,7 +36,7 @@ from llooma.v1.pipeline_pb2 import (
 from llooma.v1.plan_pb2 import AggregationReady, AggregationStart, NodeDone, Plan, PlanNode
 from llooma.v1.race_pb2 import RaceRecord
 from services.aggregator.handlers import Aggregator
-from services.dispatcher.dag import DagRunner
+from services.dispatcher.dag import PARENT_BUDGET_CHARS, DagRunner
 from services.racer.records import take_over
 from services.racer.takeover import RESUMED_TASK_SUFFIX
 
@@ -373,5 +374,46 @@ def test_a_resumed_dag_releases_only_the_parts_not_heard_of_once_their_parents_a
         assert "short" in handed.request.messages[-1].content
         runner.on_request_cancel("r1")
         assert not runner.running()
+
+    asyncio.run(scenario())
+
+
+def test_without_a_compressor_the_dispatcher_compresses_a_parts_parents_itself() -> None:
+    async def scenario() -> None:
+        class Nats(Wire):
+            async def request(self, subject: str, payload: bytes, **_: Any) -> Any:
+                assert subject == subjects.COMPRESS
+                raise TimeoutError
+
+        def assign(request: ChatRequest, avoid: set[str]) -> TaskAssignment:
+            return TaskAssignment(request=request, task_id=f"t-{request.node_id}")
+
+        nats = Nats()
+        runner = DagRunner(cast(Client, nats), cast(JetStreamContext, nats), "d2", assign)
+        nodes = [
+            PlanNode(node_id="n1", label="1.", prompt="p", visible=True),
+            PlanNode(node_id="n2", label="2.", prompt="q", deps=["n1"], visible=True),
+        ]
+        parent = "First sentence of the part. " * 200
+        resume = DagResume(
+            request=ChatRequest(request_id="r1", plan=Plan(nodes=nodes)),
+            node_subject_prefix="llooma.v1.agg.agg-1.r1",
+            released=["n1"],
+            outputs={"n1": parent},
+        )
+
+        async def respond(data: bytes) -> None:
+            pass
+
+        await runner.on_resume(
+            cast(Any, SimpleNamespace(data=resume.SerializeToString(), respond=respond))
+        )
+        await settle_background()
+        [handed] = [
+            TaskAssignment.FromString(p) for to, p in nats.sent if to == subjects.PIPELINE_RACER
+        ]
+        prompt = handed.request.messages[-1].content
+        assert compress(parent, PARENT_BUDGET_CHARS) in prompt
+        assert parent not in prompt
 
     asyncio.run(scenario())
