@@ -132,7 +132,9 @@ class SharedCounters:
         late = min(LATE_SHARE_MAX, LATE_S / window.window_s)
         overlap = max(0.0, 1.0 - (position - index) - late)
         unused = 0.0
-        if previous > 0:
+        # Window 0 holds only the scope's first moments (see `_phase`): what it left unused
+        # is not saved up, or a burst of the allowance was followed at once by one more.
+        if previous > 0 and index > 1:
             unused = min(CARRY * window.per_window, max(0, window.per_window - previous))
         room = window.per_window + unused - previous * overlap
         wait_s = max(0.001, (index + 1 - position) * window.window_s)

@@ -67,6 +67,8 @@ class Result:
     request_id: str = ""
     # The Retry-After of a refused request (4xx/5xx before any stream).
     retry_after: str = ""
+    # Asked with the prompt the planner splits into parts.
+    split: bool = False
 
 
 @dataclass
@@ -96,7 +98,7 @@ class Load:
             while not self._stop.is_set():
                 result = Result(time.monotonic())
                 self.results.append(result)
-                split = self.rng.random() < 0.25
+                split = result.split = self.rng.random() < 0.25
                 content = SPLIT_PROMPT if split else f"Say something about {self.rng.random()}."
                 body = {
                     "model": "llooma",

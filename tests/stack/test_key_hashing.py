@@ -34,9 +34,11 @@ def traced_stack(receiver: OtlpReceiver, database_url: str, tmp_path: Path) -> I
         extra_env={
             "LLOOMA_API_KEYS": KEY,
             "LLOOMA_OPENING_BALANCE_MICROS": "1000000000000",
-            # Room for three requests, so the fourth takes the rate-limit path.
-            "LLOOMA_RATE_LIMITS_BY_KEY": orjson.dumps({KEY: {"rpm": 4}}).decode(),
-            "LLOOMA_RATE_LIMIT_BURST_S": "45",
+            # Room for three requests, so the fourth takes the rate-limit path: one a minute
+            # saved up for 3 minutes (at 4 a minute, the sliding window's carry let a fourth
+            # in when the first three took over 11 s on a loaded machine).
+            "LLOOMA_RATE_LIMITS_BY_KEY": orjson.dumps({KEY: {"rpm": 1}}).decode(),
+            "LLOOMA_RATE_LIMIT_BURST_S": "180",
             "LLOOMA_LOG_LEVEL": "DEBUG",
             **exporting_to(receiver),
         },

@@ -274,14 +274,11 @@ async def test_a_clean_chain_matches_its_anchors_and_they_cannot_be_rewritten(
     assert (verdict.anchored, verdict.unanchored) == (4, 0)
     js = nc.jetstream()
     chain = subjects.ledger_chain(signer.public_key)
-    # A second anchor for a height is refused; the stream refuses deletes and purges.
+    # A second anchor for a height is refused; the stream itself denies deletes and purges.
     with pytest.raises(APIError):
         await js.publish(subjects.ledger_anchor(chain, 4), b"f" * 64)
-    info = await js.stream_info(subjects.LEDGER_ANCHOR_STREAM)
-    with pytest.raises(APIError):
-        await js.delete_msg(subjects.LEDGER_ANCHOR_STREAM, info.state.last_seq)
-    with pytest.raises(APIError):
-        await js.purge_stream(subjects.LEDGER_ANCHOR_STREAM)
+    config = (await js.stream_info(subjects.LEDGER_ANCHOR_STREAM)).config
+    assert (config.deny_delete, config.deny_purge, config.allow_rollup_hdrs) == (True, True, False)
     assert (await read_anchors(js, chain)) == anchors
 
 
@@ -290,12 +287,18 @@ async def test_the_control_planes_credential_cannot_remove_or_reconfigure_the_an
 ) -> None:
     """The signer's own NATS credential is refused by the server: deleting the stream, or an
     update that would let a height's anchor be replaced (discard old) or age out, never
-    reaches JetStream (a permissions violation: the request goes unanswered)."""
+    reaches JetStream (a permissions violation: the request goes unanswered); nor does a
+    message delete or a purge."""
     _, signer, anchors = ledger
     js = nc.jetstream(timeout=1.0)
-    before = (await js.stream_info(subjects.LEDGER_ANCHOR_STREAM)).config
+    info = await js.stream_info(subjects.LEDGER_ANCHOR_STREAM)
+    before = info.config
     with pytest.raises(TimeoutError):
         await js.delete_stream(subjects.LEDGER_ANCHOR_STREAM)
+    with pytest.raises(TimeoutError):
+        await js.delete_msg(subjects.LEDGER_ANCHOR_STREAM, info.state.last_seq)
+    with pytest.raises(TimeoutError):
+        await js.purge_stream(subjects.LEDGER_ANCHOR_STREAM)
     loosened = dataclasses.replace(
         before, discard=DiscardPolicy.OLD, discard_new_per_subject=False, max_age=1.0
     )
@@ -311,4 +314,5 @@ async def test_the_control_planes_credential_cannot_remove_or_reconfigure_the_an
     chain = subjects.ledger_chain(signer.public_key)
     height = max(anchors) + 1
     await js.publish(subjects.ledger_anchor(chain, height), b"e" * 64)
-    assert (await read_anchors(js, chain))[height] == "e" * 64
+    after_anchors = await read_anchors(js, chain)
+    assert after_anchors == {**anchors, height: "e" * 64}
