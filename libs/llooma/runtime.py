@@ -38,6 +38,11 @@ def new_instance_id(service: str) -> str:
     return f"{service}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
+def instance_service(instance_id: str) -> str:
+    """The service an instance id (`new_instance_id`) belongs to."""
+    return instance_id.rsplit("-", 2)[0]
+
+
 class ServiceHeartbeater:
     """Puts this instance's ServiceHeartbeat into the services bucket on a `BeatPacer`'s pace:
     every `busy_s` while `busy()` says it has work in flight, every `idle_s` at rest; an

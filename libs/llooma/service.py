@@ -189,6 +189,11 @@ class Service:
         traced = tracing.traced(subject, handler)
         self._subscriptions.append(await self.nc.subscribe(subject, queue=queue, cb=traced))
 
+    def work_started(self) -> None:
+        """Work arrived outside the consumers (`holds_work`): beat at the busy pace now."""
+        if self._heartbeat is not None:
+            self._heartbeat.work_started()
+
     def beat_early(self, min_gap_s: float) -> None:
         """Publish the heartbeat now (at most once every `min_gap_s`): what it reports moved."""
         if self._heartbeat is not None:

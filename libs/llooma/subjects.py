@@ -60,6 +60,9 @@ def consumer_deliver(durable: str) -> str:
 COMPRESS = f"{PREFIX}.compress"
 # Dispatcher -> aggregator: take over streaming a split request (AggregationStart).
 AGGREGATE_START = f"{PREFIX}.aggregate.start"
+# Aggregator -> dispatcher (queue group): run the rest of a DAG whose dispatcher died
+# (DagResume -> DagResumed).
+DAG_RESUME = f"{PREFIX}.dag.resume"
 
 # Membership: KV buckets written by heartbeats; entries expire when heartbeats stop.
 HOSTS_BUCKET = "llooma_hosts"
@@ -259,6 +262,11 @@ def planner_reply(planner_instance: str, call_id: str) -> str:
 def node_done(dispatcher_instance: str) -> str:
     """Where the aggregator reports finished nodes to the dispatcher running the DAG."""
     return f"{PREFIX}.dag.{dispatcher_instance}.done"
+
+
+def node_done_dispatcher(subject: str) -> str:
+    """The dispatcher instance of a `node_done` subject."""
+    return subject.rsplit(".", 2)[1]
 
 
 def request_cancel(request_id: str) -> str:

@@ -1,11 +1,17 @@
 """Aggregator: merges a split request's node outputs into one answer, in the order the user
 asked, and streams it: the first part in order goes out live, later parts as their turn comes.
 A node whose racer stops beating is resumed on another racer from what the aggregator received
-of it, as an ingress resumes a direct answer (docs/RELIABILITY.md, "A racer's death").
+of it, as an ingress resumes a direct answer (docs/RELIABILITY.md, "A racer's death"). The
+aggregator records each request it relays (the whole request's assignment, key = request id)
+and names itself in the client's `started`: if it dies, the ingress has a racer finish the
+answer from what the client received, as for a dead racer. When the dispatcher running the
+request's DAG stops beating with parts not yet released, it has another dispatcher run the
+rest of the DAG from what it heard of each part.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from dataclasses import dataclass, field
@@ -13,27 +19,35 @@ from dataclasses import dataclass, field
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
 
 from llooma import bus, subjects
 from llooma.answer_text import clean
 from llooma.compress import strip_control_tokens
 from llooma.membership import RACER_MISSED_BEATS, ServiceDirectory
 from llooma.planning import SPLIT_DECISION
+from llooma.race_records import RecordWriter
 from llooma.v1.common_pb2 import ERROR_CODE_HOST_FAILED, REQUEST_PATH_SPLIT, ErrorDetail, Usage
 from llooma.v1.pipeline_pb2 import (
+    ChatRequest,
     ClientDelta,
     ClientEvent,
     ClientFinished,
     ClientStarted,
+    DagResume,
+    DagResumed,
     RaceResume,
+    TaskAssignment,
 )
 from llooma.v1.plan_pb2 import AggregationReady, AggregationStart, NodeDone, PlanNode
+from llooma.v1.race_pb2 import RaceRecord
 
 log = logging.getLogger(__name__)
 
 _HEADING_MARKS = re.compile(r"^[\s#*_>\-]+|[\s*_:]+$")
 # Hold a part's first line this long at most while checking it for a repeated heading.
 HEADING_HOLD_CHARS = 160
+DAG_RESUME_TIMEOUT_S = 2.0
 
 
 def heading_key(text: str) -> str:
@@ -56,6 +70,8 @@ class Part:
     racer: str = ""
     tokens: int = 0
     generation: int = 0
+    # Token chunks of `text` (what has not moved to the client's pending output yet).
+    held_tokens: int = 0
 
 
 @dataclass
@@ -67,6 +83,17 @@ class Aggregation:
     started: bool = False
     usage: Usage = field(default_factory=Usage)
     pending: list[str] = field(default_factory=list)
+    pending_tokens: int = 0
+    # The request's record (its last revision is this aggregator's claim): None if the
+    # request cannot be resumed elsewhere.
+    record: RecordWriter | None = None
+    # The whole request, plan nodes included (with a record): what another dispatcher runs
+    # the DAG on from, if the one running it dies.
+    request: ChatRequest | None = None
+
+    def unreleased(self) -> bool:
+        """A part not heard of yet: its dispatcher may still have to release it."""
+        return any(not p.finished and not p.racer and not p.generation for p in self.parts.values())
 
 
 class Aggregator:
@@ -77,6 +104,7 @@ class Aggregator:
         js: JetStreamContext | None = None,
         services: ServiceDirectory | None = None,
         heartbeat_interval_s: float = 1.0,
+        races: KeyValue | None = None,
     ) -> None:
         self._nc = nc
         self._instance_id = instance_id
@@ -85,12 +113,27 @@ class Aggregator:
         self._js = js
         self._services = services
         self._racer_silent_s = RACER_MISSED_BEATS * heartbeat_interval_s
+        # With it, each request is recorded, so a racer can finish it if this process dies.
+        self._races = races
+        self._releasing: set[asyncio.Task[None]] = set()
+
+    def relaying(self) -> bool:
+        return bool(self._runs)
 
     async def on_start(self, msg: Msg) -> None:
         start = AggregationStart.FromString(msg.data)
         parts = {n.node_id: Part(n) for n in start.nodes}
         order = [n.node_id for n in start.nodes if n.visible]
-        self._runs[start.request_id] = Aggregation(start, parts, order)
+        run = self._runs[start.request_id] = Aggregation(start, parts, order)
+        if self._races is not None and start.resume_assignment:
+            # Written in the background: the record is there long before the client's
+            # `started`, which is what makes the ingress watch this process.
+            run.record = RecordWriter(self._races, start.request_id)
+            assignment = TaskAssignment.FromString(start.resume_assignment)
+            run.record.write(RaceRecord(assignment=assignment, racer_instance_id=self._instance_id))
+            run.request = ChatRequest()
+            run.request.CopyFrom(assignment.request)
+            run.request.plan.nodes.extend(start.nodes)
         prefix = subjects.aggregation_nodes(self._instance_id, start.request_id)
         await msg.respond(AggregationReady(node_subject_prefix=prefix).SerializeToString())
 
@@ -109,6 +152,7 @@ class Aggregator:
             part.racer = event.started.racer_instance_id
         elif kind == "delta":
             part.tokens += event.delta.tokens
+            part.held_tokens += event.delta.tokens
             part.text.append(event.delta.text)
             part.output.append(event.delta.text)
             await self._advance(run)
@@ -121,7 +165,7 @@ class Aggregator:
         elif kind == "failed":
             await self._report(run, part, event.failed)
             await self._send(run, ClientEvent(failed=event.failed))
-            self._runs.pop(request_id, None)
+            self._end(run)
 
     async def resume_stopped_racers(self) -> None:
         """Resume every unfinished node whose racer has stopped beating (called every
@@ -139,6 +183,48 @@ class Aggregator:
             for part in stopped:
                 if not await self._resume(run, part):
                     break
+
+    async def resume_stopped_dispatchers(self) -> None:
+        """Have a live dispatcher run on each DAG whose dispatcher stopped beating while parts
+        are still to be released (called every `RACER_CHECK_S`; a request no dispatcher took
+        is asked again at the next check)."""
+        if self._services is None:
+            return
+        for run in list(self._runs.values()):
+            if run.request is None or not run.unreleased():
+                continue
+            dispatcher = subjects.node_done_dispatcher(run.start.node_done_subject)
+            if not self._services.gone(dispatcher, self._racer_silent_s):
+                continue
+            log.warning(
+                "dispatcher %s stopped running the DAG of %s: resuming",
+                dispatcher,
+                run.start.request_id,
+            )
+            resume = DagResume(
+                request=run.request,
+                node_subject_prefix=subjects.aggregation_nodes(
+                    self._instance_id, run.start.request_id
+                ),
+                released=[
+                    node_id
+                    for node_id, p in run.parts.items()
+                    if p.finished or p.racer or p.generation
+                ],
+                outputs={
+                    node_id: strip_control_tokens("".join(p.output))
+                    for node_id, p in run.parts.items()
+                    if p.finished
+                },
+            )
+            try:
+                reply = await self._nc.request(
+                    subjects.DAG_RESUME, resume.SerializeToString(), timeout=DAG_RESUME_TIMEOUT_S
+                )
+            except Exception as error:
+                log.warning("DAG of %s not resumed: %r", run.start.request_id, error)
+                continue
+            run.start.node_done_subject = DagResumed.FromString(reply.data).node_done_subject
 
     async def _resume(self, run: Aggregation, part: Part) -> bool:
         """Hand the node to another racer, which claims the dead race's record, settles it,
@@ -171,7 +257,7 @@ class Aggregator:
             )
             await self._report(run, part, failure)
             await self._send(run, ClientEvent(failed=failure))
-            self._runs.pop(request_id, None)
+            self._end(run)
             return False
         return True
 
@@ -199,7 +285,19 @@ class Aggregator:
         if run.position == len(run.order) and all(p.finished for p in run.parts.values()):
             finished = ClientFinished(finish_reason="stop", usage=run.usage)
             await self._send(run, ClientEvent(finished=finished))
-            self._runs.pop(run.start.request_id, None)
+            self._end(run)
+
+    def _end(self, run: Aggregation) -> None:
+        """Forget the request and delete its record (if still this aggregator's: a racer that
+        took it over holds it now), in the background."""
+        self._runs.pop(run.start.request_id, None)
+        if run.record is not None:
+            release = asyncio.create_task(self._release(run.record))
+            bus.keep_task(self._releasing, release, "deleting an aggregation's record")
+
+    @staticmethod
+    async def _release(record: RecordWriter) -> None:
+        await record.release()
 
     def _emit_ready(self, run: Aggregation, part: Part) -> bool:
         """Move the part's text to the pending output; False while its first line is held."""
@@ -223,6 +321,8 @@ class Aggregator:
             ):
                 text = rest
         part.text = []
+        run.pending_tokens += part.held_tokens
+        part.held_tokens = 0
         if part.unsent and (text or part.finished):
             part.unsent = False
             separator = "\n\n" if run.started or run.pending else ""
@@ -238,12 +338,16 @@ class Aggregator:
         if not run.started:
             run.started = True
             started = ClientStarted(
-                path=REQUEST_PATH_SPLIT, model=run.start.model, plan_decision=SPLIT_DECISION
+                path=REQUEST_PATH_SPLIT,
+                model=run.start.model,
+                plan_decision=SPLIT_DECISION,
+                racer_instance_id=self._instance_id if run.record is not None else "",
             )
             await self._send(run, ClientEvent(started=started))
         text = "".join(run.pending)
         run.pending.clear()
-        await self._send(run, ClientEvent(delta=ClientDelta(text=text)))
+        tokens, run.pending_tokens = run.pending_tokens, 0
+        await self._send(run, ClientEvent(delta=ClientDelta(text=text, tokens=tokens)))
 
     async def _send(self, run: Aggregation, event: ClientEvent) -> None:
         await self._nc.publish(run.start.reply_subject, event.SerializeToString())

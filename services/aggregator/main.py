@@ -6,8 +6,11 @@ import asyncio
 import contextlib
 import logging
 
+from nats.aio.msg import Msg
+
 from llooma import subjects
 from llooma.membership import RACER_CHECK_S, ServiceDirectory
+from llooma.race_records import races_bucket
 from llooma.service import Service, serve
 from services.aggregator.handlers import Aggregator
 
@@ -28,10 +31,18 @@ async def setup(service: Service) -> None:
         service.js,
         services,
         heartbeat_interval_s=settings.heartbeat_interval_s,
+        races=await races_bucket(service.js),
     )
+    # The ingress takes an aggregator relaying requests for dead after 2 missed busy beats.
+    service.holds_work = aggregator.relaying
     await service.subscribe(subjects.aggregation_any(service.instance_id), aggregator.on_node_event)
-    await service.subscribe_queue(subjects.AGGREGATE_START, SERVICE, aggregator.on_start)
-    watching = asyncio.create_task(watch_racers(aggregator))
+
+    async def on_start(msg: Msg) -> None:
+        await aggregator.on_start(msg)
+        service.work_started()
+
+    await service.subscribe_queue(subjects.AGGREGATE_START, SERVICE, on_start)
+    watching = asyncio.create_task(watch_relays(aggregator))
 
     async def stop_watching() -> None:
         watching.cancel()
@@ -41,13 +52,14 @@ async def setup(service: Service) -> None:
     service.on_stop(stop_watching)
 
 
-async def watch_racers(aggregator: Aggregator) -> None:
+async def watch_relays(aggregator: Aggregator) -> None:
     while True:
         await asyncio.sleep(RACER_CHECK_S)
         try:
             await aggregator.resume_stopped_racers()
+            await aggregator.resume_stopped_dispatchers()
         except Exception:
-            log.exception("checking node racers failed")
+            log.exception("checking node racers and dispatchers failed")
 
 
 def main() -> None:

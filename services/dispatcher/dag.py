@@ -1,5 +1,6 @@
 """Runs a split request's DAG: a node is released when its parents are done, its prompt
-carrying their outputs compressed; independent nodes race in parallel on different hosts."""
+carrying their outputs compressed; independent nodes race in parallel on different hosts. The
+DAG of a dispatcher that died is run on from what its aggregator knows (`on_resume`)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,16 @@ from nats.js import JetStreamContext
 from opentelemetry.trace import Span
 
 from llooma import bus, subjects, tracing
+from llooma.compress import compress
 from llooma.v1.common_pb2 import ERROR_CODE_NO_ELIGIBLE_HOST, ChatMessage, ErrorDetail
 from llooma.v1.compress_pb2 import CompressReply, CompressRequest
-from llooma.v1.pipeline_pb2 import ChatRequest, ClientEvent, TaskAssignment
+from llooma.v1.pipeline_pb2 import (
+    ChatRequest,
+    ClientEvent,
+    DagResume,
+    DagResumed,
+    TaskAssignment,
+)
 from llooma.v1.plan_pb2 import AggregationReady, AggregationStart, NodeDone, PlanNode
 
 log = logging.getLogger(__name__)
@@ -56,6 +64,9 @@ class DagRunner:
     def done_subject(self) -> str:
         return self._done_subject
 
+    def running(self) -> bool:
+        return bool(self._runs)
+
     async def start(self, request: ChatRequest) -> None:
         start = AggregationStart(
             request_id=request.request_id,
@@ -64,6 +75,11 @@ class DagRunner:
             nodes=request.plan.nodes,
             node_done_subject=self._done_subject,
         )
+        resume_assignment = self._assign(request, set())
+        if resume_assignment is not None:
+            # Only what a racer needs to finish the whole answer if the aggregator dies.
+            resume_assignment.request.plan.ClearField("nodes")
+            start.resume_assignment = resume_assignment.SerializeToString()
         reply = await self._nc.request(
             subjects.AGGREGATE_START,
             start.SerializeToString(),
@@ -74,6 +90,28 @@ class DagRunner:
         run = DagRun(request, prefix, span=tracing.current_span())
         self._runs[request.request_id] = run
         await self._release(run)
+
+    async def on_resume(self, msg: Msg) -> None:
+        """Take over the DAG of a dispatcher that died: the parts its aggregator heard of
+        stay as they are, the others are released as their parents finish. A part the dead
+        dispatcher had handed off unheard is handed off again under the same `Nats-Msg-Id`,
+        which JetStream drops."""
+        resume = DagResume.FromString(msg.data)
+        run = DagRun(
+            resume.request,
+            resume.node_subject_prefix,
+            outputs=dict(resume.outputs),
+            released=set(resume.released),
+            span=tracing.current_span(),
+        )
+        self._runs[resume.request.request_id] = run
+        await msg.respond(DagResumed(node_done_subject=self._done_subject).SerializeToString())
+        await self._release(run)
+
+    def on_request_cancel(self, request_id: str) -> None:
+        """The request ended unfinished (its client left, or its aggregator died): release
+        nothing more of it."""
+        self._runs.pop(request_id, None)
 
     async def on_node_done(self, msg: Msg) -> None:
         done = NodeDone.FromString(msg.data)
@@ -102,12 +140,18 @@ class DagRunner:
 
     async def _compress(self, text: str) -> str:
         request = CompressRequest(text=text, budget=PARENT_BUDGET_CHARS)
-        reply = await self._nc.request(
-            subjects.COMPRESS,
-            request.SerializeToString(),
-            timeout=REQUEST_TIMEOUT_S,
-            headers=tracing.current_headers(),
-        )
+        try:
+            reply = await self._nc.request(
+                subjects.COMPRESS,
+                request.SerializeToString(),
+                timeout=REQUEST_TIMEOUT_S,
+                headers=tracing.current_headers(),
+            )
+        except Exception as error:
+            # The compressor is a pure function (llooma.compress): when none answers (it died
+            # with the call, or none runs), the same text is compressed here.
+            log.warning("no compressor answered (%r): compressing here", error)
+            return compress(text, PARENT_BUDGET_CHARS)
         return CompressReply.FromString(reply.data).text
 
     async def _launch(self, run: DagRun, node: PlanNode) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from nats.aio.msg import Msg
+
 from llooma import subjects
 from llooma.ledger.stakes import StakeBook
 from llooma.membership import HostDirectory
@@ -48,9 +50,19 @@ async def setup(service: Service) -> None:
     service.on_stop(quality.stop)
     if not await quality.wait_caught_up(REPLAY_WAIT_S):
         log.warning("duel quality replay unfinished after %.0f s; taking requests", REPLAY_WAIT_S)
+    dag = dispatcher.dag
+    # The aggregator takes a dispatcher running DAGs for dead after 2 missed busy beats.
+    service.holds_work = dag.running
+
+    async def on_request_cancel(msg: Msg) -> None:
+        dag.on_request_cancel(subjects.request_cancel_request_id(msg.subject))
+
+    await service.subscribe(subjects.REQUEST_CANCEL_ANY, on_request_cancel)
     await service.consume(
         subjects.PIPELINE_DISPATCHER, subjects.CONSUMER_DISPATCHER, dispatcher.handle
     )
+    # Only a dispatcher that takes requests runs on the DAG of one that died.
+    await service.subscribe_queue(subjects.DAG_RESUME, "dag-resume", dag.on_resume)
 
 
 def main() -> None:

@@ -33,11 +33,13 @@ from llooma.metrics import StatsCollector
 from llooma.names import SERVICES, path_name
 from llooma.planning import bypass_plan
 from llooma.privacy import Mapping
+from llooma.runtime import instance_service
 from llooma.selection import asked_features
 from llooma.settings import ORCHESTRATED_MODEL, Settings, api_key_id
 from llooma.v1.common_pb2 import (
     ERROR_CODE_CONTROL_PLANE_UNAVAILABLE,
     ERROR_CODE_DEADLINE_EXCEEDED,
+    REQUEST_PATH_SPLIT,
     ErrorDetail,
     GenerationParams,
 )
@@ -399,9 +401,11 @@ class Ingress:
             headers["x-llooma-host"] = header_value(first.started.host_id)
         if first.started.model:
             headers["x-llooma-model"] = header_value(first.started.model)
-        # One race relays a single answer: its racer's death ends the stream at once.
+        # One race (or a split request's aggregator) relays a single answer: its death ends
+        # the stream at once, or has a racer resume it.
         racer = first.started.racer_instance_id if parsed.n == 1 else ""
-        stream = self._events(request_id, queue, restorers, parsed.n, racer)
+        split = first.started.path == REQUEST_PATH_SPLIT
+        stream = self._events(request_id, queue, restorers, parsed.n, racer, split)
         if parsed.n > 1:
             stream = merged(stream, parsed.n)
         stream = ticket.watch(stream)
@@ -467,8 +471,9 @@ class Ingress:
     ) -> ClientEvent:
         """As `_next_event`, but a wait longer than `RACER_CHECK_S` looks up which racer runs
         the request's race (its record in the races bucket, once found) and asks whether it
-        still beats: once it has stopped, another racer runs the race again (the client has
-        received nothing), and its `started` is returned."""
+        still beats: once it has stopped, another racer runs the race again, or the whole of
+        a split request's answer (the client has received nothing), and its `started` is
+        returned."""
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + timeout_s
         racer = ""
@@ -485,11 +490,13 @@ class Ingress:
                 racer = await self._racer_of(request_id)
             silent_s = RACER_MISSED_BEATS * self.settings.heartbeat_interval_s
             if racer and self.services.gone(racer, silent_s):
-                return await self._resume(request_id, queue, Relayed([]), racer)
+                split = instance_service(racer) == "aggregator"
+                return await self._resume(request_id, queue, Relayed([]), racer, split)
 
     async def _racer_of(self, request_id: str) -> str:
-        """The racer running the request's race, from its record; "" while there is none
-        (the request is still on its way, or its race is not recorded: n > 1, split)."""
+        """The racer running the request's race (a split request's: its aggregator), from
+        its record; "" while there is none (the request is still on its way, or its race is
+        not recorded: n > 1)."""
         try:
             if self._races is None:
                 self._races = await self.js.key_value(subjects.RACES_BUCKET)
@@ -499,14 +506,24 @@ class Ingress:
         return RaceRecord.FromString(entry.value or b"").racer_instance_id
 
     async def _resume(
-        self, request_id: str, queue: asyncio.Queue[bytes], relayed: Relayed, racer: str
+        self,
+        request_id: str,
+        queue: asyncio.Queue[bytes],
+        relayed: Relayed,
+        racer: str,
+        split: bool = False,
     ) -> ClientEvent:
-        """The racer running the answer stopped: ask a live one to finish the answer from
-        what the client received. Its first event (`started`) names it: the racer to watch
-        from then on; anything else ends the request."""
-        log.warning("racer %s stopped while running request %s: resuming", racer, request_id)
+        """The racer (`split`: the aggregator) running the answer stopped: ask a live racer
+        to finish the answer from what the client received. Its first event (`started`)
+        names it: the racer to watch from then on; anything else ends the request."""
+        log.warning("%s stopped while relaying request %s: resuming", racer, request_id)
         if relayed.tool_calls:
             return _racer_stopped("a tool call is never continued on another host")
+        if split:
+            # The dead aggregator's node races run on for a reader that is gone: stopped
+            # (each settled by its own racer). Sent before the hand-off, so every racer has
+            # handled it before the resume arrives, which runs only after its claim.
+            await self._cancel(request_id)
         resume = RaceResume(
             request_id=request_id,
             reply_subject=self.replies.reroute(request_id),
@@ -530,6 +547,7 @@ class Ingress:
         restorers: Restorers | None,
         choices: int,
         racer: str = "",
+        split: bool = False,
     ) -> AsyncGenerator[list[ClientEvent]]:
         """Events after `started`, in batches of what had already arrived, ending with the
         last choice's `finished` or a `failed`; cancels the request upstream if the consumer
@@ -547,11 +565,12 @@ class Ingress:
                 batch = []
                 event = await self._next_live_event(queue, stall_s, racer)
                 while event is None:
-                    resumed = await self._resume(request_id, queue, relayed, racer)
+                    resumed = await self._resume(request_id, queue, relayed, racer, split)
                     if resumed.WhichOneof("event") != "started":
                         event = resumed
                     else:
-                        racer = resumed.started.racer_instance_id
+                        # A racer relays the answer from now on.
+                        racer, split = resumed.started.racer_instance_id, False
                         event = await self._next_live_event(queue, stall_s, racer)
                 while True:
                     kind = event.WhichOneof("event")

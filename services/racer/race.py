@@ -25,6 +25,7 @@ from nats.js.kv import KeyValue
 from opentelemetry.trace import Span, SpanKind
 
 from llooma import bus, subjects, tracing
+from llooma.race_records import RecordWriter, races_bucket
 from llooma.service import Service
 from llooma.v1.common_pb2 import ERROR_CODE_HOST_FAILED, ErrorCode, ErrorDetail
 from llooma.v1.host_pb2 import CancelTask, HostChunk, HostTask
@@ -42,7 +43,7 @@ from services.racer.commands import (
 from services.racer.core import RaceCore
 from services.racer.duel import Duels
 from services.racer.pace import Pace
-from services.racer.records import RecordWriter, races_bucket, take_over
+from services.racer.records import take_over
 from services.racer.report import (
     ATTEMPT_OUTCOME_NAMES,
     attempt_usage,

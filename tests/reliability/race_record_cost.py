@@ -16,11 +16,11 @@ from pathlib import Path
 
 from llooma import bus, subjects
 from llooma.embedded import EmbeddedNats
+from llooma.race_records import RecordWriter, races_bucket
 from llooma.v1.common_pb2 import ChatMessage, Usage
 from llooma.v1.pipeline_pb2 import ChatRequest, HostCandidate, TaskAssignment
 from llooma.v1.race_pb2 import ATTEMPT_ROLE_RACER, LaunchedAttempt, RaceEvent, RaceRecord
 from llooma.v1.settlement_pb2 import ATTEMPT_OUTCOME_WON, TaskSettlement
-from services.racer.records import RecordWriter, races_bucket
 
 RACES = 1000
 # A prompt of about 300 tokens: the record carries the assignment whole.

@@ -18,12 +18,15 @@ import httpx
 import orjson
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from llooma import bus, subjects
 from llooma.continuation import extract_prefix
 from llooma.stack import SERVICES, Stack
 from llooma.v1.common_pb2 import Usage
 from llooma.v1.host_pb2 import HostChunk, HostFinished, HostTask, HostToken
+from llooma.v1.pipeline_pb2 import DagResume
+from llooma.v1.plan_pb2 import AggregationStart
 from llooma.v1.race_pb2 import RaceRecord
 from services.racer.takeover import RESUMED_TASK_SUFFIX
 from tests.reliability.conftest import (
@@ -484,12 +487,14 @@ def part_teller(usage_seen: list[int]) -> Script:
     return script
 
 
-async def tell_split(http: httpx.AsyncClient, told: Told, enough: asyncio.Event) -> None:
+async def tell_split(
+    http: httpx.AsyncClient, told: Told, enough: asyncio.Event, prompt: str = SPLIT_THREE
+) -> None:
     body = {
         "model": RESUME_MODEL,
         "stream": True,
         "max_tokens": 600,
-        "messages": [{"role": "user", "content": f"{SPLIT_THREE}({uuid.uuid4().hex})"}],
+        "messages": [{"role": "user", "content": f"{prompt}({uuid.uuid4().hex})"}],
     }
     async with http.stream("POST", "/v1/chat/completions", json=body, headers=AUTH) as reply:
         told.request_id = reply.headers.get("x-llooma-request-id", "")
@@ -588,6 +593,283 @@ async def test_a_killed_racers_split_nodes_are_finished_on_the_other_racer(
             # The dead node race is settled too, for at most its part's words.
             assert len(dead) == 1, mine
             assert dead[0]["output_tokens"] <= len(part_story("1.").split(" ")), dead
+    verified = await asyncio.to_thread(
+        ledger_cli,
+        stack,
+        "verify",
+        "--nats-url",
+        stack.nats_url or "",
+        "--seed",
+        stack.control_seed or "",
+        "--key-file",
+        str(stack.ledger_key_file.with_suffix(".pub")),
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert await wait_healthy(stack) >= 0
+
+
+def split_answer() -> str:
+    """What a client of `tell_split` reads: the three parts under their labels."""
+    return "\n\n".join(f"{label} {part_story(label)}" for label in PART_LABELS)
+
+
+def split_teller(usage_seen: list[int]) -> Script:
+    """`part_teller` for the node races; asked to continue the whole answer (a racer finishing
+    a split request whose aggregator died: the quoted prefix is the merged answer, which
+    starts with a label, not with a part's "("), tells the rest of `split_answer`."""
+    parts = part_teller(usage_seen)
+
+    async def script(task: HostTask, reply: Reply) -> None:
+        prefix = extract_prefix(task.messages[-1].content)
+        if prefix is None or prefix.startswith("("):
+            await parts(task, reply)
+            return
+        whole = split_answer()
+        assert whole.startswith(prefix), prefix
+        words = whole[len(prefix) :].split(" ")
+        for index, word in enumerate(words):
+            await reply(HostChunk(token=HostToken(text=word if index == 0 else " " + word)))
+            await asyncio.sleep(0.02)
+        usage = Usage(input_tokens=40, output_tokens=len(words))
+        usage_seen.append(len(words))
+        await reply(HostChunk(finished=HostFinished(finish_reason="stop", usage=usage)))
+
+    return script
+
+
+@pytest.fixture(scope="module")
+def two_aggregators(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    yield from stack_fixture(tmp_path_factory.mktemp("aggregators"), replicas={"aggregator": 2})
+
+
+@pytest.mark.timeout(180)
+async def test_a_killed_aggregators_split_answers_are_finished_by_a_racer(
+    two_aggregators: Stack,
+) -> None:
+    """kill -9 of the one of two aggregators holding the most of 4 streaming split requests
+    (three parts each, the first streaming to its client): the ingress sees it stop beating,
+    stops its node races and asks a racer to finish each answer from what the client received
+    under the whole request's assignment, which the aggregator recorded. Every answer is the
+    three parts' exact text in order, with no error; each attempt is settled exactly once
+    (every task won at most once, each node's prompt charged once, the resumed race charged
+    for its output only) and the ledger verifies."""
+    stack = two_aggregators
+    await wait_healthy(stack)
+    assert stack.nats_url is not None
+    stall_limit_s = 1.5 + 3.0 + 5.0
+    usage_seen: list[int] = []
+    nc = await bus.connect(
+        stack.nats_url, "llooma-tests-aggregator-resume", nkey_seed_file=stack.control_seed
+    )
+    # Which aggregator holds each request: its instance id (`<service>-<pid>-<hex>`) is in the
+    # subjects its node races report on.
+    holders: dict[str, int] = {}
+
+    async def heard(msg: Msg) -> None:
+        request_id, _, _ = subjects.aggregation_node_ids(msg.subject)
+        instance = msg.subject.split(".")[3]
+        holders[request_id] = int(instance.split("-")[1])
+
+    watch = await nc.subscribe(f"{subjects.PREFIX}.agg.>", cb=heard)
+    told = [Told(stream=True) for _ in range(4)]
+    killed = ""
+    try:
+        async with (
+            ScriptedHost(nc, "whole-a", RESUME_MODEL, split_teller(usage_seen), accept=True),
+            ScriptedHost(nc, "whole-b", RESUME_MODEL, split_teller(usage_seen), accept=True),
+            ScriptedHost(nc, "whole-c", RESUME_MODEL, split_teller(usage_seen), accept=True),
+            httpx.AsyncClient(base_url=stack.base_url, timeout=60.0) as http,
+        ):
+            await wait_listed(http, RESUME_MODEL, hosts=3)
+            ready = [asyncio.Event() for _ in told]
+            tasks = [
+                asyncio.create_task(tell_split(http, t, event))
+                for t, event in zip(told, ready, strict=True)
+            ]
+            async with asyncio.timeout(30):
+                await asyncio.gather(*(event.wait() for event in ready))
+            await watch.unsubscribe()
+            by_pid = Counter(holders[t.request_id] for t in told)
+            pid, _ = by_pid.most_common(1)[0]
+            killed = next(
+                c.name for c in stack.children if c.process is not None and c.process.pid == pid
+            )
+            on_killed = {t.request_id for t in told if holders[t.request_id] == pid}
+            stack.kill(killed)
+            async with asyncio.timeout(90):
+                await asyncio.gather(*tasks)
+    finally:
+        await nc.close()
+        if killed:
+            assert killed in stack.restart_crashed()
+    expected = split_answer()
+    gaps = [
+        max((later - earlier for (earlier, _), (later, _) in pairwise(t.pieces)), default=0.0)
+        for t in told
+    ]
+    for t in told:
+        assert not t.error, t
+        assert t.text == expected, t
+        assert t.finish_reason == "stop", t
+    assert max(gaps) < stall_limit_s, gaps
+
+    rows = await settlement_rows(stack, [t.request_id for t in told])
+    audit = await audit_settlements(stack)
+    resumed = {r["request_id"] for r in rows if r["task_id"].endswith(RESUMED_TASK_SUFFIX)}
+    print(
+        f"\nkilled {killed} holding {len(on_killed)} of {len(told)} split requests; "
+        f"{len(resumed)} finished by a racer; longest pause per stream "
+        f"{sorted(round(g, 2) for g in gaps)} s; settlements={audit}"
+    )
+    # Exactly the killed aggregator's requests were resumed.
+    assert resumed == on_killed
+    assert audit["lost"] == 0
+    assert audit["paid_twice"] == 0
+    for t in told:
+        mine = [r for r in rows if r["request_id"] == t.request_id]
+        won = [r for r in mine if r["outcome"] == "won"]
+        assert len(won) == len({r["task_id"] for r in won}), mine
+        nodes = [r for r in won if not r["task_id"].endswith(RESUMED_TASK_SUFFIX)]
+        # Each node's prompt charged once (its race, stopped or not, settled by its racer).
+        assert all(r["input_tokens"] > 0 for r in nodes), mine
+        if t.request_id in resumed:
+            finisher = [r for r in won if r["task_id"].endswith(RESUMED_TASK_SUFFIX)]
+            # The whole request's prompt is charged nowhere else: its finisher is charged
+            # for its output only.
+            assert len(finisher) == 1, mine
+            assert finisher[0]["input_tokens"] == 0 < finisher[0]["output_tokens"], mine
+            # Its node races were stopped when the aggregator was found dead, not run out.
+            words = len(part_story("1.").split(" "))
+            assert all(r["output_tokens"] < words for r in nodes), mine
+        else:
+            assert len(nodes) == len(PART_LABELS), mine
+    verified = await asyncio.to_thread(
+        ledger_cli,
+        stack,
+        "verify",
+        "--nats-url",
+        stack.nats_url or "",
+        "--seed",
+        stack.control_seed or "",
+        "--key-file",
+        str(stack.ledger_key_file.with_suffix(".pub")),
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert await wait_healthy(stack) >= 0
+
+
+# The third part uses the first two: the DAG runner releases it only once they are done.
+SPLIT_DEPENDENT = (
+    "I am writing a guide for new volunteers at our community garden this season.\n"
+    "1. Explain how to prepare a raised bed in early spring.\n"
+    "2. Describe a watering routine for hot summer weeks.\n"
+    "3. Using the results, list the tools every volunteer should bring.\n"
+)
+
+
+@pytest.fixture(scope="module")
+def two_dispatchers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    yield from stack_fixture(tmp_path_factory.mktemp("dispatchers"), replicas={"dispatcher": 2})
+
+
+@pytest.mark.timeout(180)
+async def test_a_killed_dispatchers_dags_are_run_on_by_the_other_dispatcher(
+    two_dispatchers: Stack,
+) -> None:
+    """kill -9 of the one of two dispatchers running the DAGs of the most of 4 streaming split
+    requests, while their first two parts stream and the third (which uses them) is not yet
+    released: each aggregator sees the dispatcher stop beating and has the other one run the
+    rest of the DAG. Every answer is the three parts' exact text in order, with no error;
+    every node race is settled exactly once, each node's prompt charged once, and the ledger
+    verifies."""
+    stack = two_dispatchers
+    await wait_healthy(stack)
+    assert stack.nats_url is not None
+    stall_limit_s = 1.5 + 3.0 + 5.0
+    usage_seen: list[int] = []
+    nc = await bus.connect(
+        stack.nats_url, "llooma-tests-dag-resume", nkey_seed_file=stack.control_seed
+    )
+    # Which dispatcher runs each DAG: its instance id (`<service>-<pid>-<hex>`) is in the
+    # subject the aggregator reports finished parts on.
+    holders: dict[str, int] = {}
+
+    async def heard(msg: Msg) -> None:
+        start = AggregationStart.FromString(msg.data)
+        dispatcher = subjects.node_done_dispatcher(start.node_done_subject)
+        holders[start.request_id] = int(dispatcher.split("-")[1])
+
+    watch = await nc.subscribe(subjects.AGGREGATE_START, cb=heard)
+    # The aggregators' requests to run a DAG on, and when they were sent.
+    dag_resumes: dict[str, float] = {}
+
+    async def dag_resumed(msg: Msg) -> None:
+        dag_resumes[DagResume.FromString(msg.data).request.request_id] = time.monotonic()
+
+    await nc.subscribe(subjects.DAG_RESUME, cb=dag_resumed)
+    told = [Told(stream=True) for _ in range(4)]
+    killed = ""
+    killed_at = 0.0
+    try:
+        async with (
+            ScriptedHost(nc, "dag-a", RESUME_MODEL, part_teller(usage_seen), accept=True),
+            ScriptedHost(nc, "dag-b", RESUME_MODEL, part_teller(usage_seen), accept=True),
+            ScriptedHost(nc, "dag-c", RESUME_MODEL, part_teller(usage_seen), accept=True),
+            httpx.AsyncClient(base_url=stack.base_url, timeout=60.0) as http,
+        ):
+            await wait_listed(http, RESUME_MODEL, hosts=3)
+            ready = [asyncio.Event() for _ in told]
+            tasks = [
+                asyncio.create_task(tell_split(http, t, event, SPLIT_DEPENDENT))
+                for t, event in zip(told, ready, strict=True)
+            ]
+            async with asyncio.timeout(30):
+                await asyncio.gather(*(event.wait() for event in ready))
+            await watch.unsubscribe()
+            pid, _ = Counter(holders[t.request_id] for t in told).most_common(1)[0]
+            killed = next(
+                c.name for c in stack.children if c.process is not None and c.process.pid == pid
+            )
+            on_killed = {t.request_id for t in told if holders[t.request_id] == pid}
+            killed_at = time.monotonic()
+            stack.kill(killed)
+            async with asyncio.timeout(90):
+                await asyncio.gather(*tasks)
+    finally:
+        await nc.close()
+        if killed:
+            assert killed in stack.restart_crashed()
+    # Exactly the killed dispatcher's DAGs were run on by the other.
+    assert set(dag_resumes) == on_killed
+    expected = split_answer()
+    gaps = [
+        max((later - earlier for (earlier, _), (later, _) in pairwise(t.pieces)), default=0.0)
+        for t in told
+    ]
+    for t in told:
+        assert not t.error, t
+        assert t.text == expected, t
+        assert t.finish_reason == "stop", t
+    assert max(gaps) < stall_limit_s, gaps
+
+    rows = await settlement_rows(stack, [t.request_id for t in told])
+    audit = await audit_settlements(stack)
+    print(
+        f"\nkilled {killed} running the DAGs of {len(on_killed)} of {len(told)} split "
+        "requests; DAG resumed after "
+        f"{sorted(round(at - killed_at, 2) for at in dag_resumes.values())} s; "
+        f"longest pause per stream {sorted(round(g, 2) for g in gaps)} s; "
+        f"settlements={audit}"
+    )
+    assert on_killed
+    assert audit["lost"] == 0
+    assert audit["paid_twice"] == 0
+    for t in told:
+        mine = [r for r in rows if r["request_id"] == t.request_id]
+        won = [r for r in mine if r["outcome"] == "won"]
+        # One race per part, each won once, each part's prompt charged once.
+        assert len(won) == len({r["task_id"] for r in mine}) == len(PART_LABELS), mine
+        assert all(r["input_tokens"] > 0 for r in won), mine
     verified = await asyncio.to_thread(
         ledger_cli,
         stack,

@@ -10,8 +10,8 @@ from nats.aio.client import Client
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 
 from llooma import bus
+from llooma.race_records import RecordWriter, races_bucket
 from llooma.v1.race_pb2 import RaceRecord
-from services.racer.records import RecordWriter, races_bucket
 
 
 async def test_the_racer_holding_the_record_settles_and_deletes_it(nc: Client) -> None:

@@ -318,8 +318,9 @@ class ClientStarted(_message.Message):
     the x-llooma-host header; `model` is the model that host serves (x-llooma-model).
     """
     racer_instance_id: _builtins.str
-    """The racer instance relaying the answer (empty on the split path): when that instance
-    stops beating, the ingress has another racer resume the answer (RaceResume).
+    """The instance relaying the answer (a racer; on the split path the aggregator, empty if it
+    could not record the request): when that instance stops beating, the ingress has a racer
+    resume the answer (RaceResume).
     """
     def __init__(
         self,
@@ -414,8 +415,8 @@ Global___ClientFinished: _TypeAlias = ClientFinished  # noqa: Y015
 
 @_typing.final
 class RaceResume(_message.Message):
-    """From the ingress, when the racer relaying a single-choice answer stopped beating: finish
-    the answer from exactly what the client received.
+    """From the ingress, when the racer (or a split request's aggregator) relaying a single-choice
+    answer stopped beating: finish the answer from exactly what the client received.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -454,3 +455,86 @@ class RaceResume(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RaceResume: _TypeAlias = RaceResume  # noqa: Y015
+
+@_typing.final
+class DagResume(_message.Message):
+    """Aggregator -> a live dispatcher (request-reply, queue group `dag-resume`), when the
+    dispatcher running a split request's DAG stopped beating with parts not yet released: run
+    the rest of the DAG.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class OutputsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    REQUEST_FIELD_NUMBER: _builtins.int
+    NODE_SUBJECT_PREFIX_FIELD_NUMBER: _builtins.int
+    RELEASED_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    node_subject_prefix: _builtins.str
+    """Node races reply to <node_subject_prefix>.<node_id> (the aggregator's)."""
+    @_builtins.property
+    def request(self) -> Global___ChatRequest:
+        """The whole request, its plan's nodes included."""
+
+    @_builtins.property
+    def released(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Parts the aggregator has heard of (started, finished or resumed): never released again."""
+
+    @_builtins.property
+    def outputs(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Finished parts' outputs (as in NodeDone.text), by node id."""
+
+    def __init__(
+        self,
+        *,
+        request: Global___ChatRequest | None = ...,
+        node_subject_prefix: _builtins.str = ...,
+        released: _abc.Iterable[_builtins.str] | None = ...,
+        outputs: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_subject_prefix", b"node_subject_prefix", "outputs", b"outputs", "released", b"released", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DagResume: _TypeAlias = DagResume  # noqa: Y015
+
+@_typing.final
+class DagResumed(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_DONE_SUBJECT_FIELD_NUMBER: _builtins.int
+    node_done_subject: _builtins.str
+    """Where the aggregator reports finished nodes from now on."""
+    def __init__(
+        self,
+        *,
+        node_done_subject: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_done_subject", b"node_done_subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DagResumed: _TypeAlias = DagResumed  # noqa: Y015

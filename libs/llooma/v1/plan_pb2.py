@@ -25,23 +25,23 @@ _sym_db = _symbol_database.Default()
 from llooma.v1 import common_pb2 as llooma_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14llooma/v1/plan.proto\x12\tllooma.v1\x1a\x16llooma/v1/common.proto\"Y\n\x08PlanNode\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x65ps\x18\x04 \x03(\t\x12\x0f\n\x07visible\x18\x05 \x01(\x08\"\xa6\x01\n\x04Plan\x12\"\n\x05nodes\x18\x01 \x03(\x0b\x32\x13.llooma.v1.PlanNode\x12\x10\n\x08\x64\x65\x63ision\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x1a\n\x12\x64irect_estimate_ms\x18\x04 \x01(\x01\x12\x19\n\x11split_estimate_ms\x18\x05 \x01(\x01\x12!\n\x04kind\x18\x06 \x01(\x0e\x32\x13.llooma.v1.PlanKind\"\x8b\x01\n\x10\x41ggregationStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rreply_subject\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\"\n\x05nodes\x18\x04 \x03(\x0b\x32\x13.llooma.v1.PlanNode\x12\x19\n\x11node_done_subject\x18\x05 \x01(\t\"/\n\x10\x41ggregationReady\x12\x1b\n\x13node_subject_prefix\x18\x01 \x01(\t\"t\n\x08NodeDone\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x08\x12%\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x16.llooma.v1.ErrorDetail*f\n\x08PlanKind\x12\x19\n\x15PLAN_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10PLAN_KIND_BYPASS\x10\x01\x12\x14\n\x10PLAN_KIND_DIRECT\x10\x02\x12\x13\n\x0fPLAN_KIND_SPLIT\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14llooma/v1/plan.proto\x12\tllooma.v1\x1a\x16llooma/v1/common.proto\"Y\n\x08PlanNode\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x65ps\x18\x04 \x03(\t\x12\x0f\n\x07visible\x18\x05 \x01(\x08\"\xa6\x01\n\x04Plan\x12\"\n\x05nodes\x18\x01 \x03(\x0b\x32\x13.llooma.v1.PlanNode\x12\x10\n\x08\x64\x65\x63ision\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x1a\n\x12\x64irect_estimate_ms\x18\x04 \x01(\x01\x12\x19\n\x11split_estimate_ms\x18\x05 \x01(\x01\x12!\n\x04kind\x18\x06 \x01(\x0e\x32\x13.llooma.v1.PlanKind\"\xa6\x01\n\x10\x41ggregationStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rreply_subject\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\"\n\x05nodes\x18\x04 \x03(\x0b\x32\x13.llooma.v1.PlanNode\x12\x19\n\x11node_done_subject\x18\x05 \x01(\t\x12\x19\n\x11resume_assignment\x18\x06 \x01(\x0c\"/\n\x10\x41ggregationReady\x12\x1b\n\x13node_subject_prefix\x18\x01 \x01(\t\"t\n\x08NodeDone\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x08\x12%\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x16.llooma.v1.ErrorDetail*f\n\x08PlanKind\x12\x19\n\x15PLAN_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10PLAN_KIND_BYPASS\x10\x01\x12\x14\n\x10PLAN_KIND_DIRECT\x10\x02\x12\x13\n\x0fPLAN_KIND_SPLIT\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llooma.v1.plan_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PLANKIND']._serialized_start=628
-  _globals['_PLANKIND']._serialized_end=730
+  _globals['_PLANKIND']._serialized_start=655
+  _globals['_PLANKIND']._serialized_end=757
   _globals['_PLANNODE']._serialized_start=59
   _globals['_PLANNODE']._serialized_end=148
   _globals['_PLAN']._serialized_start=151
   _globals['_PLAN']._serialized_end=317
   _globals['_AGGREGATIONSTART']._serialized_start=320
-  _globals['_AGGREGATIONSTART']._serialized_end=459
-  _globals['_AGGREGATIONREADY']._serialized_start=461
-  _globals['_AGGREGATIONREADY']._serialized_end=508
-  _globals['_NODEDONE']._serialized_start=510
-  _globals['_NODEDONE']._serialized_end=626
+  _globals['_AGGREGATIONSTART']._serialized_end=486
+  _globals['_AGGREGATIONREADY']._serialized_start=488
+  _globals['_AGGREGATIONREADY']._serialized_end=535
+  _globals['_NODEDONE']._serialized_start=537
+  _globals['_NODEDONE']._serialized_end=653
 # @@protoc_insertion_point(module_scope)

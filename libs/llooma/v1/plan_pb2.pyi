@@ -134,11 +134,17 @@ class AggregationStart(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     NODES_FIELD_NUMBER: _builtins.int
     NODE_DONE_SUBJECT_FIELD_NUMBER: _builtins.int
+    RESUME_ASSIGNMENT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     reply_subject: _builtins.str
     model: _builtins.str
     node_done_subject: _builtins.str
     """Where to report each finished node (the dispatcher instance running the DAG)."""
+    resume_assignment: _builtins.bytes
+    """The whole request's TaskAssignment, serialized (pipeline.proto imports this file): the
+    aggregator records it (RaceRecord, key = request id) so that, if it dies, a racer can
+    finish the answer from what the client received under it. Empty: not resumable.
+    """
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlanNode]: ...
     def __init__(
@@ -149,10 +155,11 @@ class AggregationStart(_message.Message):
         model: _builtins.str = ...,
         nodes: _abc.Iterable[Global___PlanNode] | None = ...,
         node_done_subject: _builtins.str = ...,
+        resume_assignment: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "node_done_subject", b"node_done_subject", "nodes", b"nodes", "reply_subject", b"reply_subject", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "node_done_subject", b"node_done_subject", "nodes", b"nodes", "reply_subject", b"reply_subject", "request_id", b"request_id", "resume_assignment", b"resume_assignment"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,91 @@
+"""A race's record in the races bucket (`llooma_races`), written in the background, one write
+after another, so its writer never waits on it; its last revision is the writer's claim on
+the race. Racers keep one per race (services/racer/records.py), an aggregator one per split
+request it relays (services/aggregator): whoever holds the last revision settles or ends it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from nats.js import JetStreamContext
+from nats.js.errors import APIError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from llooma import subjects
+from llooma.v1.race_pb2 import RaceRecord
+
+log = logging.getLogger(__name__)
+
+# JetStream's "wrong last sequence": someone else wrote the key since our revision.
+_WRONG_LAST_SEQUENCE = (10071, 10164)
+
+
+def moved_on(error: Exception) -> bool:
+    """The key changed since the revision we held: another racer took the race over."""
+    return isinstance(error, KeyWrongLastSequenceError) or (
+        isinstance(error, APIError) and error.err_code in _WRONG_LAST_SEQUENCE
+    )
+
+
+async def races_bucket(js: JetStreamContext) -> KeyValue:
+    return await js.key_value(subjects.RACES_BUCKET)
+
+
+class RecordWriter:
+    """One race's record: `write` queues a version, `release` ends the race's claim."""
+
+    def __init__(self, kv: KeyValue, key: str, revision: int | None = None) -> None:
+        self._kv = kv
+        self._key = key
+        self._revision = revision
+        self._writing: asyncio.Task[None] | None = None
+        # Another racer holds the race now: this one must neither write nor settle it.
+        self.taken_over = False
+        self._unrecorded = False
+
+    def write(self, record: RaceRecord) -> None:
+        previous = self._writing
+        self._writing = asyncio.create_task(self._write(previous, record.SerializeToString()))
+
+    async def _write(self, previous: asyncio.Task[None] | None, value: bytes) -> None:
+        if previous is not None:
+            await previous
+        if self.taken_over or self._unrecorded:
+            return
+        try:
+            if self._revision is None:
+                self._revision = await self._kv.create(self._key, value)
+            else:
+                self._revision = await self._kv.update(self._key, value, last=self._revision)
+        except Exception as error:
+            if self._revision is not None and moved_on(error):
+                self.taken_over = True
+            else:
+                # Unrecorded (a create that may or may not have landed proves nothing), the
+                # race cannot be taken over; it is still settled by this racer.
+                self._unrecorded = True
+                log.warning("race record %s not written: %r", self._key, error)
+
+    async def written(self) -> None:
+        """Wait for the writes queued so far."""
+        if self._writing is not None:
+            await self._writing
+
+    async def release(self) -> bool:
+        """Delete the record if it is still ours: True if this racer is to settle the race
+        (also when the record could not be read or written: settling by attempt id is
+        idempotent downstream, a lost settlement is not recoverable)."""
+        await self.written()
+        if self.taken_over:
+            return False
+        if self._revision is None or self._unrecorded:
+            return True
+        try:
+            await self._kv.delete(self._key, last=self._revision)
+        except Exception as error:
+            if moved_on(error):
+                self.taken_over = True
+                return False
+            log.warning("race record %s not deleted: %r", self._key, error)
+        return True
