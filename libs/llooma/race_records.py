@@ -28,6 +28,21 @@ def moved_on(error: Exception) -> bool:
     )
 
 
+def race_key(request_id: str, node_id: str = "") -> str:
+    """A race's record: the request's, or one node's of a split request."""
+    return f"{request_id}.{node_id}" if node_id else request_id
+
+
+async def racer_of(races: KeyValue, key: str) -> str:
+    """The instance holding the race recorded under `key`; "" while there is no record (not
+    written yet, never recorded, finished) or the bucket cannot say."""
+    try:
+        entry = await races.get(key)
+    except Exception:
+        return ""
+    return RaceRecord.FromString(entry.value or b"").racer_instance_id
+
+
 async def races_bucket(js: JetStreamContext) -> KeyValue:
     return await js.key_value(subjects.RACES_BUCKET)
 

@@ -19,8 +19,10 @@ from google.protobuf.message import DecodeError
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import ServiceUnavailableError
 
 from llooma import bus, counters, subjects, tracing
 from llooma.runtime import ServiceHeartbeater, configure_logging, new_instance_id
@@ -36,6 +38,8 @@ REDELIVERY_DELAY_S = 1.0
 # Deliveries of one message before it is given up (terminated and counted): a message its
 # handler fails on every time must not be redelivered forever, holding an ack-pending slot.
 MAX_DELIVER = 5
+# Tries at creating a consumer and subscribing to it before a start gives up (about 30 s).
+CONSUMER_ATTEMPTS = 10
 
 
 def _holds_nothing() -> bool:
@@ -157,18 +161,30 @@ class Service:
             max_deliver=MAX_DELIVER,
             ack_wait=30.0 if ack_first else ack_wait_s,
         )
-        stream = await self.js.find_stream_name_by_subject(subject)
-        # Create, or move one made on an inbox by an older version onto the fixed subject.
-        await self.js.add_consumer(stream, config=config)
-        subscription = await self.js.subscribe(
-            subject,
-            queue=queue,
-            durable=queue,
-            cb=on_message,
-            manual_ack=True,
-            config=config,
-            pending_msgs_limit=max_concurrency * 16,
-        )
+        delay_s = bus.TOPOLOGY_RETRY_FIRST_S
+        for attempt in range(1, CONSUMER_ATTEMPTS + 1):
+            try:
+                stream = await self.js.find_stream_name_by_subject(subject)
+                # Create, or move one made on an inbox by an older version onto the fixed
+                # subject.
+                await self.js.add_consumer(stream, config=config)
+                subscription = await self.js.subscribe(
+                    subject,
+                    queue=queue,
+                    durable=queue,
+                    cb=on_message,
+                    manual_ack=True,
+                    config=config,
+                    pending_msgs_limit=max_concurrency * 16,
+                )
+                break
+            except (TimeoutError, ServiceUnavailableError, NoRespondersError) as error:
+                # A cluster electing its leaders answers late or not at all for seconds.
+                if attempt == CONSUMER_ATTEMPTS:
+                    raise
+                log.warning("%s: consumer %s not ready (%r), retrying", self.name, queue, error)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, bus.TOPOLOGY_RETRY_MAX_S)
         self._subscriptions.append(subscription)
         self._consumers.append((stream, config))
 

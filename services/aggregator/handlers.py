@@ -26,7 +26,7 @@ from llooma.answer_text import clean
 from llooma.compress import strip_control_tokens
 from llooma.membership import RACER_MISSED_BEATS, ServiceDirectory
 from llooma.planning import SPLIT_DECISION
-from llooma.race_records import RecordWriter
+from llooma.race_records import RecordWriter, race_key, racer_of
 from llooma.v1.common_pb2 import ERROR_CODE_HOST_FAILED, REQUEST_PATH_SPLIT, ErrorDetail, Usage
 from llooma.v1.pipeline_pb2 import (
     ChatRequest,
@@ -166,6 +166,18 @@ class Aggregator:
             await self._report(run, part, event.failed)
             await self._send(run, ClientEvent(failed=event.failed))
             self._end(run)
+
+    async def learn_racers(self) -> None:
+        """Each unfinished node not heard of yet: its racer, from its race's record once there
+        is one, so a racer that dies before the node's `started` reaches this process is
+        missed like any other (called every `RACER_CHECK_S`)."""
+        if self._races is None:
+            return
+        for run in list(self._runs.values()):
+            for part in run.parts.values():
+                if not (part.finished or part.racer or part.generation):
+                    key = race_key(run.start.request_id, part.node.node_id)
+                    part.racer = await racer_of(self._races, key)
 
     async def resume_stopped_racers(self) -> None:
         """Resume every unfinished node whose racer has stopped beating (called every

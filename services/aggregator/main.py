@@ -56,6 +56,7 @@ async def watch_relays(aggregator: Aggregator) -> None:
     while True:
         await asyncio.sleep(RACER_CHECK_S)
         try:
+            await aggregator.learn_racers()
             await aggregator.resume_stopped_racers()
             await aggregator.resume_stopped_dispatchers()
         except Exception:

@@ -33,6 +33,7 @@ from llooma.metrics import StatsCollector
 from llooma.names import SERVICES, path_name
 from llooma.planning import bypass_plan
 from llooma.privacy import Mapping
+from llooma.race_records import race_key, racer_of, races_bucket
 from llooma.runtime import instance_service
 from llooma.selection import asked_features
 from llooma.settings import ORCHESTRATED_MODEL, Settings, api_key_id
@@ -54,7 +55,6 @@ from llooma.v1.pipeline_pb2 import (
     RaceResume,
 )
 from llooma.v1.plan_pb2 import Plan
-from llooma.v1.race_pb2 import RaceRecord
 from services.ingress.answers import (
     Answer,
     EventStream,
@@ -487,23 +487,15 @@ class Ingress:
             except TimeoutError:
                 pass
             if not racer:
-                racer = await self._racer_of(request_id)
+                if self._races is None:
+                    with contextlib.suppress(Exception):  # asked again at the next check
+                        self._races = await races_bucket(self.js)
+                if self._races is not None:
+                    racer = await racer_of(self._races, race_key(request_id))
             silent_s = RACER_MISSED_BEATS * self.settings.heartbeat_interval_s
             if racer and self.services.gone(racer, silent_s):
                 split = instance_service(racer) == "aggregator"
                 return await self._resume(request_id, queue, Relayed([]), racer, split)
-
-    async def _racer_of(self, request_id: str) -> str:
-        """The racer running the request's race (a split request's: its aggregator), from
-        its record; "" while there is none (the request is still on its way, or its race is
-        not recorded: n > 1)."""
-        try:
-            if self._races is None:
-                self._races = await self.js.key_value(subjects.RACES_BUCKET)
-            entry = await self._races.get(request_id)
-        except Exception:  # not recorded (yet), or NATS busy: asked again next check
-            return ""
-        return RaceRecord.FromString(entry.value or b"").racer_instance_id
 
     async def _resume(
         self,

@@ -25,7 +25,7 @@ from nats.js.kv import KeyValue
 from opentelemetry.trace import Span, SpanKind
 
 from llooma import bus, subjects, tracing
-from llooma.race_records import RecordWriter, races_bucket
+from llooma.race_records import RecordWriter, race_key, races_bucket
 from llooma.service import Service
 from llooma.v1.common_pb2 import ERROR_CODE_HOST_FAILED, ErrorCode, ErrorDetail
 from llooma.v1.host_pb2 import CancelTask, HostChunk, HostTask
@@ -54,7 +54,7 @@ from services.racer.report import (
     succeeded,
 )
 from services.racer.state import Attempt, Race
-from services.racer.takeover import race_key, race_record, record_state, recorded
+from services.racer.takeover import race_record, record_state, recorded
 
 log = logging.getLogger(__name__)
 

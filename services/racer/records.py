@@ -14,12 +14,12 @@ from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
 from llooma import bus, subjects
-from llooma.race_records import RecordWriter, moved_on
+from llooma.race_records import RecordWriter, moved_on, race_key
 from llooma.v1.pipeline_pb2 import RaceResume, TaskAssignment
 from llooma.v1.race_pb2 import RaceRecord
 from services.racer.report import race_event, settlements
 from services.racer.state import Race
-from services.racer.takeover import race_key, resumed_assignment, taken_over
+from services.racer.takeover import resumed_assignment, taken_over
 
 if TYPE_CHECKING:
     from services.racer.race import RaceIO

@@ -24,11 +24,6 @@ def recorded(assignment: TaskAssignment) -> bool:
     return request.choices <= 1 and reader_counts
 
 
-def race_key(request_id: str, node_id: str) -> str:
-    """A race's record in the races bucket: the request's, or one node's of a split request."""
-    return f"{request_id}.{node_id}" if node_id else request_id
-
-
 def race_record(race: Race, racer_id: str) -> RaceRecord:
     winner = race.winner
     record = RaceRecord(

@@ -240,11 +240,10 @@ PROCESS_DOWN_S = 2.0
 
 def process_kill_problems(victim: str, results: list[Result], killed_at: float) -> list[str]:
     """Every request that ended otherwise than docs/RELIABILITY.md says a kill of `victim`
-    may end it: completed, or refused fast with Retry-After; a killed ingress's own streams
-    dropped (it holds their connections) and its port refusing until it is back; a split
-    request in flight when its dispatcher's DAG runner or its aggregator died, or when its
-    racer died before the node's first event reached the aggregator, ended with an error
-    (event or status). A killed racer's direct answers are finished on the other racer."""
+    may end it: completed, or refused fast with Retry-After; only a killed ingress's own
+    streams dropped (it holds their connections), and its port refusing until it is back.
+    A racer's, a dispatcher's or an aggregator's requests in flight are finished by a live
+    replica, direct and split alike."""
     problems = []
     ingress = victim.startswith("ingress")
     for r in results:
@@ -252,9 +251,6 @@ def process_kill_problems(victim: str, results: list[Result], killed_at: float) 
         if r.end == "completed" or refused_fast(r):
             continue
         if ingress and (r.end == "refused" or (r.end == "dropped" and in_flight)):
-            continue
-        failed = r.end == "error_event" or (r.end == "http_error" and r.status >= 500)
-        if failed and r.split and in_flight and not ingress:
             continue
         problems.append(
             f"{victim}: {r.end} status={r.status} split={r.split} in_flight={in_flight} "

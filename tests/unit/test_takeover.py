@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 from llooma import subjects
 from llooma.ledger.economics import Prices, settle_attempt
+from llooma.race_records import race_key
 from llooma.settings import Settings
 from llooma.v1.common_pb2 import Usage
 from llooma.v1.pipeline_pb2 import ClientEvent
@@ -17,7 +18,6 @@ from services.ingress.replies import ReplyRouter
 from services.racer.report import settlements
 from services.racer.takeover import (
     RESUMED_TASK_SUFFIX,
-    race_key,
     race_record,
     record_state,
     recorded,
