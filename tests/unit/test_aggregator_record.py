@@ -417,3 +417,37 @@ def test_without_a_compressor_the_dispatcher_compresses_a_parts_parents_itself()
         assert parent not in prompt
 
     asyncio.run(scenario())
+
+
+def test_a_node_whose_racer_died_before_its_started_is_resumed_from_its_record() -> None:
+    """No `started` reached the aggregator, so only the node's race record names its racer:
+    learned at the next check, and resumed once that racer stops, from nothing received."""
+
+    async def scenario() -> None:
+        wire, bucket = Wire(), Bucket()
+        stopped: set[str] = set()
+        racers: Any = SimpleNamespace(gone=lambda instance, _s=None: instance in stopped)
+        aggregator = Aggregator(
+            cast(Client, wire),
+            "agg-1",
+            cast(JetStreamContext, wire),
+            cast(ServiceDirectory, racers),
+            races=cast(KeyValue, bucket),
+        )
+        await started(aggregator, aggregation(resumable=False))
+        await aggregator.learn_racers()
+        await aggregator.resume_stopped_racers()
+        assert wire.on(subjects.PIPELINE_RESUME) == []  # no record yet: nothing to watch
+        node_race = RaceRecord(assignment=WHOLE, racer_instance_id="racer-1")
+        await bucket.create("r1.n1", node_race.SerializeToString())
+        await aggregator.learn_racers()
+        await aggregator.resume_stopped_racers()
+        assert wire.on(subjects.PIPELINE_RESUME) == []  # racer-1 still beats
+        stopped.add("racer-1")
+        await aggregator.resume_stopped_racers()
+        [asked] = [p for to, p in wire.sent if to == subjects.PIPELINE_RESUME]
+        resume = RaceResume.FromString(asked)
+        assert (resume.node_id, resume.racer_instance_id) == ("n1", "racer-1")
+        assert (resume.emitted, resume.delivered_tokens) == ("", 0)
+
+    asyncio.run(scenario())

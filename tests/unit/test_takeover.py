@@ -52,10 +52,28 @@ def test_a_resumed_race_finishes_the_answer_from_what_the_client_received() -> N
 
 
 def test_a_resumed_race_whose_client_has_nothing_yet_starts_over() -> None:
-    sim = Sim(assignment(["a"]), {"a": tokens("Once ", "upon.")}).run(resume=("", 0))
+    engine = Usage(input_tokens=7, output_tokens=2)
+    sim = Sim(assignment(["a"]), {"a": tokens("Once ", "upon.", usage=engine)})
+    sim.run(resume=("", 0))
     assert sim.events[0].HasField("started")
     assert sim.text == "Once upon."
-    assert sim.settled["a"].usage.input_tokens == 0
+    # The dead race delivered nothing and is settled with no winner: the prompt is this one's.
+    assert sim.settled["a"].usage.input_tokens == 7
+
+
+def test_a_dead_race_whose_client_got_nothing_has_no_winner() -> None:
+    sim = Sim(
+        assignment(["a", "b"]),
+        {"a": tokens("One ", "two.", gap=0.1), "b": tokens("late", first=1.0)},
+    ).run(cancel_at=0.2)
+    assert sim.race is not None
+    record = race_record(sim.race, "racer-1")
+    assert record.winner_attempt_id  # its racer had a first token, the client had none
+    dead = taken_over(record, 0, 5.0)
+    assert dead.winner is None
+    settled = settlements(dead, 5.0, 0)
+    assert {s.outcome for s in settled} == {ATTEMPT_OUTCOME_LOST}
+    assert all(s.usage.input_tokens == 0 for s in settled)
 
 
 def test_each_delta_says_how_many_token_chunks_it_carries() -> None:
