@@ -105,9 +105,25 @@ def achieved_after_first_refusal(
     end = max(s.at for s in sent)
     if period_s:
         end = start + period_s * math.floor((end - start) / period_s)
+    else:
+        # A bucket is corrected when each admitted request ends: a request in flight at
+        # the window's start brings in credit it was charged for before it, one in flight
+        # at its end takes credit out. Bounded where nothing admitted is in flight, the
+        # window holds exactly what the bucket let through in it.
+        quiet = quiet_moments(sent)
+        start = min((t for t in quiet if t >= start), default=start)
+        end = max((t for t in quiet if t <= end), default=end)
     admitted = [s for s in sent if s.status == 200 and start <= s.at <= end]
     units = len(admitted) if amount == "requests" else sum(s.tokens for s in admitted)
     return units / (end - start), end - start
+
+
+def quiet_moments(sent: list[Sent]) -> list[float]:
+    """The instants when an admitted request ended and none other was in flight."""
+    admitted = [s for s in sent if s.status == 200]
+    return sorted(
+        s.done for s in admitted if not any(o.at < s.done < o.done for o in admitted)
+    )
 
 
 def assert_refusals_are_well_formed(sent: list[Sent], code: str) -> None:
