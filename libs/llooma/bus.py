@@ -39,8 +39,13 @@ log = logging.getLogger(__name__)
 PIPELINE_MAX_AGE_S = 3600.0
 SETTLEMENT_MAX_AGE_S = 7 * 24 * 3600.0
 EVENTS_MAX_AGE_S = 24 * 3600.0
-# JetStream's window for discarding a repeated Nats-Msg-Id.
-DUPLICATE_WINDOW_S = 600.0
+# JetStream's window for discarding a repeated Nats-Msg-Id (its default). It covers every
+# repeat the code makes: a hand-off's retries (HAND_OFF_BUDGET_S), a redelivered handler's
+# (pipeline ack wait x MAX_DELIVER, about 10 s), a racer's settlement retries (60 s), a DAG part
+# handed off again when its dispatcher died; the ledger posts a settlement once by its own key
+# whenever it comes. nats-server holds each id in memory for the window, about 1 kB a request
+# with the Go heap's slack: 10 minutes kept some 400 MB at 200 requests/s.
+DUPLICATE_WINDOW_S = 120.0
 # Hosts at rest announce waits of up to `heartbeats.MAX_NEXT_BEAT_MS` (15 s) between beats:
 # their entries must outlive one of those and its grace, so a view that starts reads them.
 MEMBERSHIP_TTL_S = 20.0

@@ -302,7 +302,10 @@ def migrate_command(database_url: Annotated[str, typer.Option(envvar="DATABASE_U
 def bench(
     quick: Annotated[bool, typer.Option(help="A small run, for a quick look")] = False,
     suite: Annotated[
-        str, typer.Option(help="overhead, throughput, race, split, scheduling, engine or all")
+        str,
+        typer.Option(
+            help="overhead, throughput, race, split, scheduling, engine, engine-path, peers or all"
+        ),
     ] = "all",
     results_dir: Annotated[Path, typer.Option()] = Path("bench/results"),
 ) -> None:

@@ -121,9 +121,7 @@ def achieved_after_first_refusal(
 def quiet_moments(sent: list[Sent]) -> list[float]:
     """The instants when an admitted request ended and none other was in flight."""
     admitted = [s for s in sent if s.status == 200]
-    return sorted(
-        s.done for s in admitted if not any(o.at < s.done < o.done for o in admitted)
-    )
+    return sorted(s.done for s in admitted if not any(o.at < s.done < o.done for o in admitted))
 
 
 def assert_refusals_are_well_formed(sent: list[Sent], code: str) -> None:

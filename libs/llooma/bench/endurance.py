@@ -7,7 +7,11 @@ Starts the embedded stack with the zero-latency synthetic host (the overhead sui
 streams `--requests` 16-token requests through it, `--concurrency` at a time, on keep-alive
 connections. After each `--checkpoint` requests it reads every process's CPU time and resident
 memory from /proc: CPU ms per request over that stretch (the whole stack, the host included),
-and the RSS of each process. A leak shows as RSS or CPU per request that keeps rising.
+the memory of each process (PSS: shared pages split between the processes that map them, so
+Postgres's backends sharing its buffers are not counted once each) and the minutes since the
+start (JetStream keeps message ids and race records for 10 minutes: nats-server's memory
+should grow until then and level after). A leak shows as memory or CPU per request that keeps
+rising.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import argparse
 import asyncio
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,17 +43,18 @@ PATH = "/v1/chat/completions"
 class Checkpoint:
     requests: int
     cpu_ms_per_request: float
-    rss_mb: dict[str, float]
+    memory_mb: dict[str, float]
+    minutes: float
 
 
-def _rss_mb(pids: dict[str, int]) -> dict[str, float]:
+def _memory_mb(pids: dict[str, int]) -> dict[str, float]:
     found = {}
     for name, pid in pids.items():
         try:
             process = psutil.Process(pid)
             # Postgres's backends are its own: their memory counts for it.
             found[name] = sum(
-                p.memory_info().rss for p in [process, *process.children(recursive=True)]
+                p.memory_full_info().pss for p in [process, *process.children(recursive=True)]
             ) / (1024 * 1024)
         except psutil.NoSuchProcess:
             found[name] = 0.0
@@ -67,6 +73,7 @@ async def run(stack: Stack, total: int, checkpoint: int, concurrency: int) -> li
     pids = process_names(stack)
     client = SseClient("127.0.0.1", stack.http_port, DEV_API_KEY)
     checkpoints = []
+    started = time.monotonic()
     try:
         done = 0
         while done < total:
@@ -88,7 +95,8 @@ async def run(stack: Stack, total: int, checkpoint: int, concurrency: int) -> li
             if failures:
                 raise RuntimeError(f"{failures} of {stretch} requests got no token")
             done += stretch
-            checkpoints.append(Checkpoint(done, 1000 * used_s / stretch, _rss_mb(pids)))
+            minutes = (time.monotonic() - started) / 60
+            checkpoints.append(Checkpoint(done, 1000 * used_s / stretch, _memory_mb(pids), minutes))
             print(f"{done} requests: {1000 * used_s / stretch:.2f} CPU ms per request", flush=True)
     finally:
         await client.close()
@@ -96,14 +104,16 @@ async def run(stack: Stack, total: int, checkpoint: int, concurrency: int) -> li
 
 
 def report(checkpoints: list[Checkpoint]) -> str:
-    names = sorted(checkpoints[0].rss_mb)
+    names = sorted(checkpoints[0].memory_mb)
     lines = [
-        "| after requests | CPU ms / request | " + " | ".join(f"{n} MB" for n in names) + " |",
-        "|---:|---:|" + "---:|" * len(names),
+        "| after requests | minutes | CPU ms / request | "
+        + " | ".join(f"{n} MB" for n in names)
+        + " |",
+        "|---:|---:|---:|" + "---:|" * len(names),
     ]
     for c in checkpoints:
-        cells = " | ".join(f"{c.rss_mb[n]:.1f}" for n in names)
-        lines.append(f"| {c.requests} | {c.cpu_ms_per_request:.2f} | {cells} |")
+        cells = " | ".join(f"{c.memory_mb[n]:.1f}" for n in names)
+        lines.append(f"| {c.requests} | {c.minutes:.1f} | {c.cpu_ms_per_request:.2f} | {cells} |")
     return "\n".join(lines)
 
 

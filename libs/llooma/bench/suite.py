@@ -20,15 +20,33 @@ import uvloop
 from rich.console import Console
 from rich.progress import Progress
 
-from llooma.bench import engine, overhead, peers, race, scheduling, split, throughput
+from llooma.bench import (
+    engine,
+    engine_path,
+    overhead,
+    peers,
+    race,
+    scheduling,
+    split,
+    throughput,
+)
 from llooma.engine import LlamaServer
 from llooma.host.config import HostConfig
 from llooma.processes import free_port
 from llooma.stack import Stack
 
-SUITES = ("overhead", "throughput", "race", "split", "scheduling", "engine", "peers")
+SUITES = (
+    "overhead",
+    "throughput",
+    "race",
+    "split",
+    "scheduling",
+    "engine",
+    "engine-path",
+    "peers",
+)
 # Suites that bring their own processes (an HTTP upstream, a peer gateway) and stack.
-OWN_STACK = ("peers",)
+OWN_STACK = ("engine-path", "peers")
 # The stack sets each host's NATS URL itself.
 _UNUSED_URL = "nats://unused"
 
@@ -44,6 +62,7 @@ class Sizes:
     scheduling_scale: float
     scheduling_seeds: list[int]
     engine_requests: int
+    engine_path_requests: int
 
 
 QUICK = Sizes(
@@ -54,6 +73,7 @@ QUICK = Sizes(
     scheduling_scale=scheduling.QUICK_SCALE,
     scheduling_seeds=[1],
     engine_requests=10,
+    engine_path_requests=10,
 )
 FULL = Sizes(
     overhead_plan=[(1, 500), (32, 3200), (128, 6400)],
@@ -63,6 +83,7 @@ FULL = Sizes(
     scheduling_scale=scheduling.FULL_SCALE,
     scheduling_seeds=[1, 2, 3],
     engine_requests=60,
+    engine_path_requests=40,
 )
 
 
@@ -100,6 +121,13 @@ def run(suites: list[str], quick: bool, results_dir: Path, console: Console) -> 
     shared = [name for name in suites if name not in OWN_STACK]
     if shared:
         _run_shared(shared, sizes, results_dir, note, console)
+    if "engine-path" in suites:
+        with tempfile.TemporaryDirectory(prefix="llooma-bench-path-") as scratch:
+            path = Path(scratch)
+            with engine.engines(path / "logs", lambda line: console.print(line)) as servers:
+                times = uvloop.run(engine_path.run(path, servers, sizes.engine_path_requests))
+        table = engine_path.write_results(times, results_dir, note)
+        console.print(f"[bold]engine-path[/bold]\n{table}")
     if "peers" in suites:
         with Progress(console=console) as progress:
             peer_sizes = peers.QUICK if quick else peers.FULL
