@@ -939,3 +939,62 @@ def find_employers(text: str) -> list[Found]:
             continue
         out.append(_found(span[0], span[1], "EMPLOYER"))
     return out
+
+
+# --- which detectors can find anything ---------------------------------------------------------
+
+# Most prompts hold no digit, "@" or "://", so most detectors cannot match them: each detector
+# goes with a necessary condition read off its patterns, checked by a literal or a one-class
+# search far cheaper than the detector. `\d` is the patterns' own class (any decimal digit).
+_DIGIT = re.compile(r"\d")
+_TWO_DIGITS = re.compile(r"\d\d")
+# Every national-ID rule needs two adjacent digits except the codice fiscale, whose letters
+# may stand for all its digits (omocodia) but which opens with six capitals.
+_SIX_CAPITALS = re.compile(r"[A-Z]{6}")
+# A literal each alternative of `_SECRET_SHAPES`, `_ASSIGNED_SECRET`'s key and `_BEARER` needs,
+# with the same flags: under (?i) a long s (U+017F) is an "s" and the Kelvin sign a "k" to both.
+_SECRET_HINT = re.compile(
+    r"(?i:pass|pwd|secret|key|token|credential|kennwort|contraseña|bearer)"
+    r"|-----BEGIN |sk-|gh[pousr]_|github_pat_|glpat-|xox[abposr]-|xapp-"
+    r"|AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA|AIza|[spr]k_|whsec_|SG\.|hf_|npm_|eyJ"
+)
+
+
+class Detector(NamedTuple):
+    find: Callable[[str], list[Found]]
+    # False only when `find(text)` is certainly empty; `digit`: whether `text` has a `\d`.
+    may_find: Callable[[str, bool], bool]
+
+
+def _needs_digit(_text: str, digit: bool) -> bool:
+    return digit
+
+
+DETECTORS = (
+    Detector(find_secrets, lambda text, _: _SECRET_HINT.search(text) is not None),
+    Detector(find_urls, lambda text, _: "://" in text),
+    Detector(find_emails, lambda text, _: "@" in text),
+    Detector(find_cards, _needs_digit),
+    Detector(find_ibans, _needs_digit),
+    Detector(
+        find_national_ids,
+        lambda text, digit: (
+            (digit and _TWO_DIGITS.search(text) is not None)
+            or _SIX_CAPITALS.search(text) is not None
+        ),
+    ),
+    # An IPv6 address without a digit is kept only for one in its zone ("fc00::ab%eth²").
+    Detector(find_ips, lambda text, digit: digit or ("%" in text and ":" in text)),
+    Detector(find_dobs, _needs_digit),
+    Detector(find_phones, _needs_digit),
+    Detector(find_addresses, _needs_digit),
+)
+STRICT_DETECTORS = (
+    Detector(find_ages, _needs_digit),
+    Detector(find_postcodes, _needs_digit),
+    Detector(find_employers, lambda _text, _digit: True),
+)
+
+
+def has_digit(text: str) -> bool:
+    return _DIGIT.search(text) is not None
