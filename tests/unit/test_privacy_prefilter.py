@@ -8,6 +8,8 @@ detector forced; a detector whose patterns stop needing what its condition looks
 
 from __future__ import annotations
 
+import re
+import sys
 from functools import cache
 
 import pytest
@@ -84,3 +86,14 @@ def test_an_ipv6_address_without_a_decimal_digit_is_still_found() -> None:
     text = "Route via fcde::abcd%eth² today."
     assert not d.has_digit(text)
     assert [text[f.start : f.end] for f in d.find_ips(text)] == ["fcde::abcd%eth²"]
+
+
+def test_the_secret_keywords_are_found_in_any_case_the_patterns_match() -> None:
+    # The keyword patterns match under (?i); the condition looks in the lowered text instead.
+    letters = "".join(sorted({c for word in d._SECRET_KEYWORDS for c in word}))
+    any_letter = re.compile(f"(?i)[{letters}]")
+    for code in range(sys.maxunicode + 1):
+        char = chr(code)
+        if any_letter.match(char):
+            lowered = char.translate(d._FOLDS_TO_ASCII).lower()
+            assert [c for c in letters if re.fullmatch(f"(?i){c}", char)] == [lowered], hex(code)

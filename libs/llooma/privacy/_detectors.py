@@ -951,13 +951,21 @@ _TWO_DIGITS = re.compile(r"\d\d")
 # Every national-ID rule needs two adjacent digits except the codice fiscale, whose letters
 # may stand for all its digits (omocodia) but which opens with six capitals.
 _SIX_CAPITALS = re.compile(r"[A-Z]{6}")
-# A literal each alternative of `_SECRET_SHAPES`, `_ASSIGNED_SECRET`'s key and `_BEARER` needs,
-# with the same flags: under (?i) a long s (U+017F) is an "s" and the Kelvin sign a "k" to both.
-_SECRET_HINT = re.compile(
-    r"(?i:pass|pwd|secret|key|token|credential|kennwort|contraseña|bearer)"
-    r"|-----BEGIN |sk-|gh[pousr]_|github_pat_|glpat-|xox[abposr]-|xapp-"
-    r"|AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA|AIza|[spr]k_|whsec_|SG\.|hf_|npm_|eyJ"
+# What every alternative of `_SECRET_SHAPES` holds: "_" (ghp_, github_pat_, sk_live_, whsec_,
+# hf_, npm_), one of these literals, or an AWS or Google key's opening "A" and capital.
+_SECRET_SHAPE_HINT = re.compile(r"_|-----BEGIN |sk-|glpat-|xox|xapp-|SG\.|eyJ|A[GIKNRS]")
+# What `_ASSIGNED_SECRET`'s keys and `_BEARER` hold, matched under (?i): a case-insensitive
+# search of them costs as much as the detector, so they are looked for in the lowered text. Only
+# these characters match an ASCII letter under (?i) without `str.lower` giving that letter.
+_SECRET_KEYWORDS = _words.word_seq(
+    "pass pwd secret key token credential kennwort contraseña bearer"
 )
+_FOLDS_TO_ASCII = str.maketrans({"\u0130": "i", "\u0131": "i", "\u017f": "s"})
+
+
+def _may_hold_secret(text: str, _digit: bool) -> bool:
+    low = text.lower() if text.isascii() else text.translate(_FOLDS_TO_ASCII).lower()
+    return any(w in low for w in _SECRET_KEYWORDS) or _SECRET_SHAPE_HINT.search(text) is not None
 
 
 class Detector(NamedTuple):
@@ -971,7 +979,7 @@ def _needs_digit(_text: str, digit: bool) -> bool:
 
 
 DETECTORS = (
-    Detector(find_secrets, lambda text, _: _SECRET_HINT.search(text) is not None),
+    Detector(find_secrets, _may_hold_secret),
     Detector(find_urls, lambda text, _: "://" in text),
     Detector(find_emails, lambda text, _: "@" in text),
     Detector(find_cards, _needs_digit),
