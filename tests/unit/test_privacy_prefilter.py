@@ -36,6 +36,8 @@ HAND_WRITTEN = (
     "Email me at ana@example.org or see https://user:pw@example.com/x?token=abc",
     "AKIAIOSFODNN7EXAMPLE and ghp_abcdefghijklmnopqrstuvwxyz0123456789 and eyJhbGciOi.eyJzdWIi.x",
     "I am 42 years old, I work at Globex Corporation, 10115 Berlin, zip 94103.",
+    "Geburtsdatum: 03.04.1985; date de naissance 12/03/1985; nacido el 5 de mayo de 1990.",
+    "D.O.B. 1990-01-02, she was born on March 3, 1971 in Lyon; Max, 12.05.1960 geboren.",
     "",
     " ",
     "\x00\x01\n\t",
@@ -88,12 +90,13 @@ def test_an_ipv6_address_without_a_decimal_digit_is_still_found() -> None:
     assert [text[f.start : f.end] for f in d.find_ips(text)] == ["fcde::abcd%eth²"]
 
 
-def test_the_secret_keywords_are_found_in_any_case_the_patterns_match() -> None:
-    # The keyword patterns match under (?i); the condition looks in the lowered text instead.
-    letters = "".join(sorted({c for word in d._SECRET_KEYWORDS for c in word}))
-    any_letter = re.compile(f"(?i)[{letters}]")
+def test_keywords_are_found_in_the_lowered_text_in_any_case_the_patterns_match() -> None:
+    # The keyword patterns match under (?i); the conditions look in the lowered text instead.
+    keywords = (*d._SECRET_KEYWORDS, *d._DOB_KEYWORDS)
+    chars = sorted({c for word in keywords for c in word})
+    any_char = re.compile("(?i)[" + "".join(map(re.escape, chars)) + "]")
     for code in range(sys.maxunicode + 1):
         char = chr(code)
-        if any_letter.match(char):
-            lowered = char.translate(d._FOLDS_TO_ASCII).lower()
-            assert [c for c in letters if re.fullmatch(f"(?i){c}", char)] == [lowered], hex(code)
+        if any_char.match(char):
+            matched = [c for c in chars if re.fullmatch("(?i)" + re.escape(c), char)]
+            assert matched == [d._lowered(char)], hex(code)

@@ -954,18 +954,38 @@ _SIX_CAPITALS = re.compile(r"[A-Z]{6}")
 # What every alternative of `_SECRET_SHAPES` holds: "_" (ghp_, github_pat_, sk_live_, whsec_,
 # hf_, npm_), one of these literals, or an AWS or Google key's opening "A" and capital.
 _SECRET_SHAPE_HINT = re.compile(r"_|-----BEGIN |sk-|glpat-|xox|xapp-|SG\.|eyJ|A[GIKNRS]")
-# What `_ASSIGNED_SECRET`'s keys and `_BEARER` hold, matched under (?i): a case-insensitive
-# search of them costs as much as the detector, so they are looked for in the lowered text. Only
-# these characters match an ASCII letter under (?i) without `str.lower` giving that letter.
-_SECRET_KEYWORDS = _words.word_seq(
-    "pass pwd secret key token credential kennwort contraseña bearer"
-)
+# Keywords matched under (?i) are looked for in the lowered text: a case-insensitive regex
+# search costs as much as a detector. Only these characters match an ASCII letter under (?i)
+# without `str.lower` giving that letter.
 _FOLDS_TO_ASCII = str.maketrans({"\u0130": "i", "\u0131": "i", "\u017f": "s"})
 
 
+def _lowered(text: str) -> str:
+    return text.lower() if text.isascii() else text.translate(_FOLDS_TO_ASCII).lower()
+
+
+# What each key of `_ASSIGNED_SECRET` and `_BEARER` holds.
+_SECRET_KEYWORDS = _words.word_seq(
+    "pass pwd secret key token credential kennwort contraseña bearer"
+)
+
+
 def _may_hold_secret(text: str, _digit: bool) -> bool:
-    low = text.lower() if text.isascii() else text.translate(_FOLDS_TO_ASCII).lower()
+    low = _lowered(text)
     return any(w in low for w in _SECRET_KEYWORDS) or _SECRET_SHAPE_HINT.search(text) is not None
+
+
+# A date is a DOB only after a `_DOB_CUE` or before a `_DOB_AFTER` word; each holds one of these.
+_DOB_KEYWORDS = _words.word_seq(
+    "born birth dob d.o.b geb né nais nac nat nasc cumplea compleanno anniversaire"
+)
+
+
+def _may_hold_dob(text: str, digit: bool) -> bool:
+    if not digit:
+        return False
+    low = _lowered(text)
+    return any(w in low for w in _DOB_KEYWORDS)
 
 
 class Detector(NamedTuple):
@@ -993,7 +1013,7 @@ DETECTORS = (
     ),
     # An IPv6 address without a digit is kept only for one in its zone ("fc00::ab%eth²").
     Detector(find_ips, lambda text, digit: digit or ("%" in text and ":" in text)),
-    Detector(find_dobs, _needs_digit),
+    Detector(find_dobs, _may_hold_dob),
     Detector(find_phones, _needs_digit),
     Detector(find_addresses, _needs_digit),
 )
