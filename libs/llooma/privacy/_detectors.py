@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable
-from itertools import pairwise
+from itertools import islice, pairwise
 from typing import NamedTuple
 from urllib.parse import parse_qsl, urlsplit
 
@@ -948,6 +948,8 @@ def find_employers(text: str) -> list[Found]:
 # search far cheaper than the detector. `\d` is the patterns' own class (any decimal digit).
 _DIGIT = re.compile(r"\d")
 _TWO_DIGITS = re.compile(r"\d\d")
+_CARD_OPENING = re.compile(r"\d{4}")
+_IBAN_OPENING = re.compile(r"[A-Z]{2}\d\d")
 # Every national-ID rule needs two adjacent digits except the codice fiscale, whose letters
 # may stand for all its digits (omocodia) but which opens with six capitals.
 _SIX_CAPITALS = re.compile(r"[A-Z]{6}")
@@ -994,6 +996,10 @@ class Detector(NamedTuple):
     may_find: Callable[[str, bool], bool]
 
 
+def _has_digits(text: str, count: int) -> bool:
+    return sum(1 for _ in islice(_DIGIT.finditer(text), count)) == count
+
+
 def _needs_digit(_text: str, digit: bool) -> bool:
     return digit
 
@@ -1002,8 +1008,8 @@ DETECTORS = (
     Detector(find_secrets, _may_hold_secret),
     Detector(find_urls, lambda text, _: "://" in text),
     Detector(find_emails, lambda text, _: "@" in text),
-    Detector(find_cards, _needs_digit),
-    Detector(find_ibans, _needs_digit),
+    Detector(find_cards, lambda text, digit: digit and _CARD_OPENING.search(text) is not None),
+    Detector(find_ibans, lambda text, digit: digit and _IBAN_OPENING.search(text) is not None),
     Detector(
         find_national_ids,
         lambda text, digit: (
@@ -1014,7 +1020,8 @@ DETECTORS = (
     # An IPv6 address without a digit is kept only for one in its zone ("fc00::ab%eth²").
     Detector(find_ips, lambda text, digit: digit or ("%" in text and ":" in text)),
     Detector(find_dobs, _may_hold_dob),
-    Detector(find_phones, _needs_digit),
+    # A phone window holds six digits at least (its other characters are separators).
+    Detector(find_phones, lambda text, digit: digit and _has_digits(text, 6)),
     Detector(find_addresses, _needs_digit),
 )
 STRICT_DETECTORS = (
