@@ -4,6 +4,8 @@
 "@", a secret's keyword...). Every text here, corpus samples with identifiers and hand-written
 prose, code, numbers and Unicode, must give the same spans with those skips as with every
 detector forced; a detector whose patterns stop needing what its condition looks for fails here.
+Inside `find_national_ids` a rule that needs a cue is skipped when none of its keywords is in
+the text, and the keyword conditions look in the lowered text for what (?i) patterns match.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ HAND_WRITTEN = (
     "AKIAIOSFODNN7EXAMPLE and ghp_abcdefghijklmnopqrstuvwxyz0123456789 and eyJhbGciOi.eyJzdWIi.x",
     "I am 42 years old, I work at Globex Corporation, 10115 Berlin, zip 94103.",
     "Geburtsdatum: 03.04.1985; date de naissance 12/03/1985; nacido el 5 de mayo de 1990.",
+    "SSN 123456789, BSN 111222333, CPF 12345678909, Aadhaar 2345 6789 0124, NHS 943 476 5919.",
+    "UID 2345 6789 0124; social security 123-45-6789 and 123456789; sofinummer 1112.22.333.",
     "D.O.B. 1990-01-02, she was born on March 3, 1971 in Lyon; Max, 12.05.1960 geboren.",
     "",
     " ",
@@ -83,6 +87,23 @@ def test_detect_with_skips_equals_detect_with_every_detector(
     assert sum(map(bool, with_skips)) > len(texts()) // 2
 
 
+CUED_ID_RULES = [rule for rule in d._ID_RULES if rule.cue_keywords]
+CUE_KEYWORDS = [k for rule in CUED_ID_RULES for k in rule.cue_keywords]
+
+
+@pytest.mark.parametrize("rule", CUED_ID_RULES, ids=lambda rule: rule.cue_keywords[0])
+def test_a_national_id_rule_skipped_for_want_of_its_cue_keyword_has_no_cue(rule: d._IdRule) -> None:
+    assert rule.cue is not None
+    cued = 0
+    for text in texts():
+        lowered = d._lowered(text)
+        for m in rule.pattern.finditer(text):
+            has_cue = rule.cue.search(d._before(text, m.start())) is not None
+            assert any(k in lowered for k in rule.cue_keywords) or not has_cue, text
+            cued += has_cue
+    assert cued > 0
+
+
 def test_an_ipv6_address_without_a_decimal_digit_is_still_found() -> None:
     # "²" is a digit to str.isdigit but not to \d: why find_ips also runs on "%" and ":".
     text = "Route via fcde::abcd%eth² today."
@@ -92,7 +113,7 @@ def test_an_ipv6_address_without_a_decimal_digit_is_still_found() -> None:
 
 def test_keywords_are_found_in_the_lowered_text_in_any_case_the_patterns_match() -> None:
     # The keyword patterns match under (?i); the conditions look in the lowered text instead.
-    keywords = (*d._SECRET_KEYWORDS, *d._DOB_KEYWORDS)
+    keywords = (*d._SECRET_KEYWORDS, *d._DOB_KEYWORDS, *CUE_KEYWORDS)
     chars = sorted({c for word in keywords for c in word})
     any_char = re.compile("(?i)[" + "".join(map(re.escape, chars)) + "]")
     for code in range(sys.maxunicode + 1):

@@ -91,6 +91,16 @@ def _before(text: str, start: int, width: int = 40) -> str:
     return window.rsplit("\n", 1)[-1]
 
 
+# Keywords matched under (?i) are looked for in the lowered text: a case-insensitive regex
+# search costs as much as a detector. Only these characters match an ASCII letter under (?i)
+# without `str.lower` giving that letter.
+_FOLDS_TO_ASCII = str.maketrans({"\u0130": "i", "\u0131": "i", "\u017f": "s"})
+
+
+def _lowered(text: str) -> str:
+    return text.lower() if text.isascii() else text.translate(_FOLDS_TO_ASCII).lower()
+
+
 # --- email -------------------------------------------------------------------------------------
 
 _EMAIL = re.compile(
@@ -388,6 +398,7 @@ class _IdRule(NamedTuple):
     valid: Callable[[str], bool]
     cue: re.Pattern[str] | None  # required cue before the number, if any
     weak: bool  # a bare digit run: loses to an overlapping phone unless a cue names it
+    cue_keywords: tuple[str, ...] = ()  # one is in every text `cue` matches, lowered
 
 
 def _ssn_shaped(number: str) -> bool:
@@ -409,6 +420,7 @@ _ID_RULES = (
         ssn.is_valid,
         _cue(r"\bssn|social security(?: number| no\.?)?"),
         False,
+        ("ssn", "social security"),
     ),
     _IdRule(
         re.compile(
@@ -450,22 +462,27 @@ _ID_RULES = (
         bsn.is_valid,
         _cue(r"\bbsn|burgerservicenummer|sofinummer|sofi-nummer"),
         False,
+        ("bsn", "burgerservicenummer", "sofinummer", "sofi-nummer"),
     ),
     _IdRule(
         re.compile(r"(?<![\w.-])\d{3}\.\d{3}\.\d{3}-\d{2}(?![\w-])"), cpf.is_valid, None, False
     ),
-    _IdRule(re.compile(r"(?<![\w-])\d{11}(?![\w-])"), cpf.is_valid, _cue(r"\bcpf"), False),
+    _IdRule(
+        re.compile(r"(?<![\w-])\d{11}(?![\w-])"), cpf.is_valid, _cue(r"\bcpf"), False, ("cpf",)
+    ),
     _IdRule(
         re.compile(r"(?<![\w-])[2-9]\d{3} ?\d{4} ?\d{4}(?![\w-])"),
         aadhaar.is_valid,
         _cue(r"\baadhaa?r|\buid\b|\buidai"),
         False,
+        ("aadhar", "aadhaar", "uid"),
     ),
     _IdRule(
         re.compile(r"(?<![\w-])\d{3}[ -]?\d{3}[ -]?\d{4}(?![\w-])"),
         nhs.is_valid,
         _cue(r"\bnhs"),
         False,
+        ("nhs",),
     ),
 )
 _COUNTRY_CODE = re.compile(r"\+\d{1,3}[ \t]?$")  # then it is the rest of a phone number
@@ -479,7 +496,10 @@ _ANY_ID_CUE = _cue(
 
 def find_national_ids(text: str) -> list[Found]:
     out = []
+    lowered = _lowered(text)
     for rule in _ID_RULES:
+        if rule.cue_keywords and not any(k in lowered for k in rule.cue_keywords):
+            continue  # no cue, so no match of this rule: spare its pattern's search
         for m in rule.pattern.finditer(text):
             if not rule.valid(m.group()) or _COUNTRY_CODE.search(text, 0, m.start()):
                 continue
@@ -956,16 +976,6 @@ _SIX_CAPITALS = re.compile(r"[A-Z]{6}")
 # What every alternative of `_SECRET_SHAPES` holds: "_" (ghp_, github_pat_, sk_live_, whsec_,
 # hf_, npm_), one of these literals, or an AWS or Google key's opening "A" and capital.
 _SECRET_SHAPE_HINT = re.compile(r"_|-----BEGIN |sk-|glpat-|xox|xapp-|SG\.|eyJ|A[GIKNRS]")
-# Keywords matched under (?i) are looked for in the lowered text: a case-insensitive regex
-# search costs as much as a detector. Only these characters match an ASCII letter under (?i)
-# without `str.lower` giving that letter.
-_FOLDS_TO_ASCII = str.maketrans({"\u0130": "i", "\u0131": "i", "\u017f": "s"})
-
-
-def _lowered(text: str) -> str:
-    return text.lower() if text.isascii() else text.translate(_FOLDS_TO_ASCII).lower()
-
-
 # What each key of `_ASSIGNED_SECRET` and `_BEARER` holds.
 _SECRET_KEYWORDS = _words.word_seq(
     "pass pwd secret key token credential kennwort contraseña bearer"
