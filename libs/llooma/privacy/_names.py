@@ -551,6 +551,8 @@ def _introductions(doc: _Text) -> list[tuple[int, int]]:
 def _fused(doc: _Text) -> list[tuple[int, int]]:
     """CJK and Hangul names written without a space: a known family name, then a given name."""
     spans: list[tuple[int, int]] = []
+    if doc.text.isascii():
+        return spans  # no CJK or Hangul character
     for tok in doc.toks:
         if not _FUSED.fullmatch(tok.text):
             continue
