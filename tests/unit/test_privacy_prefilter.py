@@ -17,6 +17,7 @@ from functools import cache
 import pytest
 
 from llooma.privacy import _detectors as d
+from llooma.privacy import _names
 from llooma.privacy._redact import detect
 from tests.support.privacy_corpus import generate
 
@@ -121,3 +122,29 @@ def test_keywords_are_found_in_the_lowered_text_in_any_case_the_patterns_match()
         if any_char.match(char):
             matched = [c for c in chars if re.fullmatch("(?i)" + re.escape(c), char)]
             assert matched == [d._lowered(char)], hex(code)
+
+
+@pytest.mark.parametrize("name", ["_CUE", "_INTRODUCTION"])
+def test_a_name_cue_pattern_finds_the_same_in_lowered_ascii_text(name: str) -> None:
+    pattern = getattr(_names, name)
+    lowered = getattr(_names, f"{name}_LOWERED")
+    extra = ("My Name Is JOHN SMITH", "DEAR Ana, THANKS, Bo", "I'M Called Ed; Ich Heisse Jo")
+    ascii_texts = [t for t in (*extra, *texts()) if t.isascii()]
+    matched = 0
+    for text in ascii_texts:
+        spans = [(m.span(), m.groupdict()) for m in pattern.finditer(text)]
+        spans_lowered = [(m.span(), m.groupdict()) for m in lowered.finditer(text.lower())]
+        # The groups' text differs in case only.
+        assert [(s, {k: v and v.lower() for k, v in g.items()}) for s, g in spans] == spans_lowered
+        matched += bool(spans)
+    assert matched >= 5
+
+
+def test_a_pattern_with_an_upper_case_letter_has_no_lowered_twin() -> None:
+    with pytest.raises(ValueError, match="lower-case"):
+        _names._lowered_twin(re.compile(r"(?i)\bdear\s+Sir"))
+    with pytest.raises(ValueError, match="lower-case"):
+        _names._lowered_twin(re.compile(r"dear"))
+    assert _names._lowered_twin(re.compile(r"(?i)(?<![\w])dear\s+sir\W")).pattern == (
+        r"(?<![\w])dear\s+sir\W"
+    )

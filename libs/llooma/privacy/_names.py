@@ -16,7 +16,7 @@ import pkgutil
 import re
 import unicodedata
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from typing import Literal, NamedTuple
@@ -141,6 +141,29 @@ _CUE = re.compile(
 )
 
 
+def _lowered_twin(pattern: re.Pattern[str]) -> re.Pattern[str]:
+    """`pattern`, compiled with (?i), as a case-sensitive pattern for the lowered ASCII text."""
+    # On ASCII text, lower() keeps every position, so a (?i) pattern with no upper-case letter
+    # finds the same spans in the lowered text without the flag, about twice as fast: sre then
+    # skips an alternative on its first letter.
+    source = pattern.pattern.removeprefix("(?i)")
+    if not pattern.flags & re.IGNORECASE or re.search(r"[A-Z]", re.sub(r"\\.|\(\?P<", "", source)):
+        raise ValueError(f"not a lower-case (?i) pattern: {source[:40]}")
+    return re.compile(source)
+
+
+_INTRODUCTION_LOWERED = _lowered_twin(_INTRODUCTION)
+_CUE_LOWERED = _lowered_twin(_CUE)
+
+
+def _finditer(
+    pattern: re.Pattern[str], lowered: re.Pattern[str], doc: _Text
+) -> Iterator[re.Match[str]]:
+    if doc.lowered is None:
+        return pattern.finditer(doc.text)
+    return lowered.finditer(doc.lowered)
+
+
 @dataclass(frozen=True)
 class Lexicon:
     """Case-folded given names, family names and common words."""
@@ -244,6 +267,7 @@ class _Text:
             for m in _words(text).finditer(text)
         ]
         self.index = {t.start: i for i, t in enumerate(self.toks)}
+        self.lowered = text.lower() if text.isascii() else None
 
     def capitalised(self, tok: _Tok) -> bool:
         word = tok.text
@@ -474,7 +498,7 @@ def _honorifics(doc: _Text) -> list[tuple[int, int]]:
 
 def _cues(doc: _Text) -> list[tuple[int, int]]:
     spans: list[tuple[int, int]] = []
-    for m in _CUE.finditer(doc.text):
+    for m in _finditer(_CUE, _CUE_LOWERED, doc):
         if _HONORIFIC.match(doc.text, m.end()):
             continue  # "Dear Dr. Smith": the honorific rule takes it
         cue: Cue = "strong" if m.group("strong") else "field" if m.group("field") else "weak"
@@ -531,7 +555,7 @@ def merge(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
 
 def _introductions(doc: _Text) -> list[tuple[int, int]]:
     spans: list[tuple[int, int]] = []
-    for m in _INTRODUCTION.finditer(doc.text):
+    for m in _finditer(_INTRODUCTION, _INTRODUCTION_LOWERED, doc):
         first = doc.index.get(m.end())
         if first is None:
             continue
