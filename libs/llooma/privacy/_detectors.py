@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable
-from itertools import pairwise
+from itertools import islice, pairwise
 from typing import NamedTuple
 from urllib.parse import parse_qsl, urlsplit
 
@@ -89,6 +89,16 @@ def _before(text: str, start: int, width: int = 40) -> str:
         # Cut mid-word: the tail of "bring" is no "ring" cue.
         window = window.lstrip("".join(c for c in window[:20] if c.isalnum()))
     return window.rsplit("\n", 1)[-1]
+
+
+# Keywords matched under (?i) are looked for in the lowered text: a case-insensitive regex
+# search costs as much as a detector. Only these characters match an ASCII letter under (?i)
+# without `str.lower` giving that letter.
+_FOLDS_TO_ASCII = str.maketrans({"\u0130": "i", "\u0131": "i", "\u017f": "s"})
+
+
+def _lowered(text: str) -> str:
+    return text.lower() if text.isascii() else text.translate(_FOLDS_TO_ASCII).lower()
 
 
 # --- email -------------------------------------------------------------------------------------
@@ -388,6 +398,7 @@ class _IdRule(NamedTuple):
     valid: Callable[[str], bool]
     cue: re.Pattern[str] | None  # required cue before the number, if any
     weak: bool  # a bare digit run: loses to an overlapping phone unless a cue names it
+    cue_keywords: tuple[str, ...] = ()  # one is in every text `cue` matches, lowered
 
 
 def _ssn_shaped(number: str) -> bool:
@@ -409,6 +420,7 @@ _ID_RULES = (
         ssn.is_valid,
         _cue(r"\bssn|social security(?: number| no\.?)?"),
         False,
+        ("ssn", "social security"),
     ),
     _IdRule(
         re.compile(
@@ -450,22 +462,27 @@ _ID_RULES = (
         bsn.is_valid,
         _cue(r"\bbsn|burgerservicenummer|sofinummer|sofi-nummer"),
         False,
+        ("bsn", "burgerservicenummer", "sofinummer", "sofi-nummer"),
     ),
     _IdRule(
         re.compile(r"(?<![\w.-])\d{3}\.\d{3}\.\d{3}-\d{2}(?![\w-])"), cpf.is_valid, None, False
     ),
-    _IdRule(re.compile(r"(?<![\w-])\d{11}(?![\w-])"), cpf.is_valid, _cue(r"\bcpf"), False),
+    _IdRule(
+        re.compile(r"(?<![\w-])\d{11}(?![\w-])"), cpf.is_valid, _cue(r"\bcpf"), False, ("cpf",)
+    ),
     _IdRule(
         re.compile(r"(?<![\w-])[2-9]\d{3} ?\d{4} ?\d{4}(?![\w-])"),
         aadhaar.is_valid,
         _cue(r"\baadhaa?r|\buid\b|\buidai"),
         False,
+        ("aadhar", "aadhaar", "uid"),
     ),
     _IdRule(
         re.compile(r"(?<![\w-])\d{3}[ -]?\d{3}[ -]?\d{4}(?![\w-])"),
         nhs.is_valid,
         _cue(r"\bnhs"),
         False,
+        ("nhs",),
     ),
 )
 _COUNTRY_CODE = re.compile(r"\+\d{1,3}[ \t]?$")  # then it is the rest of a phone number
@@ -479,7 +496,10 @@ _ANY_ID_CUE = _cue(
 
 def find_national_ids(text: str) -> list[Found]:
     out = []
+    lowered = _lowered(text)
     for rule in _ID_RULES:
+        if rule.cue_keywords and not any(k in lowered for k in rule.cue_keywords):
+            continue  # no cue, so no match of this rule: spare its pattern's search
         for m in rule.pattern.finditer(text):
             if not rule.valid(m.group()) or _COUNTRY_CODE.search(text, 0, m.start()):
                 continue
@@ -939,3 +959,87 @@ def find_employers(text: str) -> list[Found]:
             continue
         out.append(_found(span[0], span[1], "EMPLOYER"))
     return out
+
+
+# --- which detectors can find anything ---------------------------------------------------------
+
+# Most prompts hold no digit, "@" or "://", so most detectors cannot match them: each detector
+# goes with a necessary condition read off its patterns, checked by a literal or a one-class
+# search far cheaper than the detector. `\d` is the patterns' own class (any decimal digit).
+_DIGIT = re.compile(r"\d")
+_TWO_DIGITS = re.compile(r"\d\d")
+_CARD_OPENING = re.compile(r"\d{4}")
+_IBAN_OPENING = re.compile(r"[A-Z]{2}\d\d")
+# Every national-ID rule needs two adjacent digits except the codice fiscale, whose letters
+# may stand for all its digits (omocodia) but which opens with six capitals.
+_SIX_CAPITALS = re.compile(r"[A-Z]{6}")
+# What every alternative of `_SECRET_SHAPES` holds: "_" (ghp_, github_pat_, sk_live_, whsec_,
+# hf_, npm_), one of these literals, or an AWS or Google key's opening "A" and capital.
+_SECRET_SHAPE_HINT = re.compile(r"_|-----BEGIN |sk-|glpat-|xox|xapp-|SG\.|eyJ|A[GIKNRS]")
+# What each key of `_ASSIGNED_SECRET` and `_BEARER` holds.
+_SECRET_KEYWORDS = _words.word_seq(
+    "pass pwd secret key token credential kennwort contraseña bearer"
+)
+
+
+def _may_hold_secret(text: str, _digit: bool) -> bool:
+    low = _lowered(text)
+    return any(w in low for w in _SECRET_KEYWORDS) or _SECRET_SHAPE_HINT.search(text) is not None
+
+
+# A date is a DOB only after a `_DOB_CUE` or before a `_DOB_AFTER` word; each holds one of these.
+_DOB_KEYWORDS = _words.word_seq(
+    "born birth dob d.o.b geb né nais nac nat nasc cumplea compleanno anniversaire"
+)
+
+
+def _may_hold_dob(text: str, digit: bool) -> bool:
+    if not digit:
+        return False
+    low = _lowered(text)
+    return any(w in low for w in _DOB_KEYWORDS)
+
+
+class Detector(NamedTuple):
+    find: Callable[[str], list[Found]]
+    # False only when `find(text)` is certainly empty; `digit`: whether `text` has a `\d`.
+    may_find: Callable[[str, bool], bool]
+
+
+def _has_digits(text: str, count: int) -> bool:
+    return sum(1 for _ in islice(_DIGIT.finditer(text), count)) == count
+
+
+def _needs_digit(_text: str, digit: bool) -> bool:
+    return digit
+
+
+DETECTORS = (
+    Detector(find_secrets, _may_hold_secret),
+    Detector(find_urls, lambda text, _: "://" in text),
+    Detector(find_emails, lambda text, _: "@" in text),
+    Detector(find_cards, lambda text, digit: digit and _CARD_OPENING.search(text) is not None),
+    Detector(find_ibans, lambda text, digit: digit and _IBAN_OPENING.search(text) is not None),
+    Detector(
+        find_national_ids,
+        lambda text, digit: (
+            (digit and _TWO_DIGITS.search(text) is not None)
+            or _SIX_CAPITALS.search(text) is not None
+        ),
+    ),
+    # An IPv6 address without a digit is kept only for one in its zone ("fc00::ab%eth²").
+    Detector(find_ips, lambda text, digit: digit or ("%" in text and ":" in text)),
+    Detector(find_dobs, _may_hold_dob),
+    # A phone window holds six digits at least (its other characters are separators).
+    Detector(find_phones, lambda text, digit: digit and _has_digits(text, 6)),
+    Detector(find_addresses, _needs_digit),
+)
+STRICT_DETECTORS = (
+    Detector(find_ages, _needs_digit),
+    Detector(find_postcodes, _needs_digit),
+    Detector(find_employers, lambda _text, _digit: True),
+)
+
+
+def has_digit(text: str) -> bool:
+    return _DIGIT.search(text) is not None

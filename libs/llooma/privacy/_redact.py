@@ -12,24 +12,6 @@ from llooma.privacy._names import find_names
 
 NerHook = Callable[[str], Sequence[tuple[int, int]]]
 
-_DETECTORS: tuple[Callable[[str], list[d.Found]], ...] = (
-    d.find_secrets,
-    d.find_urls,
-    d.find_emails,
-    d.find_cards,
-    d.find_ibans,
-    d.find_national_ids,
-    d.find_ips,
-    d.find_dobs,
-    d.find_phones,
-    d.find_addresses,
-)
-_STRICT_DETECTORS: tuple[Callable[[str], list[d.Found]], ...] = (
-    d.find_ages,
-    d.find_postcodes,
-    d.find_employers,
-)
-
 
 class Entity(NamedTuple):
     """One replaced span of the original text (positions only, never the value)."""
@@ -63,11 +45,10 @@ def detect(
 ) -> list[d.Found]:
     """All non-overlapping spans to redact in `text`, in order."""
     found: list[d.Found] = []
-    for detector in _DETECTORS:
-        found += detector(text)
-    if strict:
-        for detector in _STRICT_DETECTORS:
-            found += detector(text)
+    digit = d.has_digit(text)
+    for detector in (*d.DETECTORS, *d.STRICT_DETECTORS) if strict else d.DETECTORS:
+        if detector.may_find(text, digit):
+            found += detector.find(text)
     name_spans = find_names(text, known_names)
     if ner is not None:
         name_spans = [*name_spans, *ner(text)]
