@@ -9,8 +9,8 @@ connections. After each `--checkpoint` requests it reads every process's CPU tim
 memory from /proc: CPU ms per request over that stretch (the whole stack, the host included),
 the memory of each process (PSS: shared pages split between the processes that map them, so
 Postgres's backends sharing its buffers are not counted once each) and the minutes since the
-start (JetStream keeps message ids and race records for 10 minutes: nats-server's memory
-should grow until then and level after). A leak shows as memory or CPU per request that keeps
+start (JetStream keeps message ids for 2 minutes and race records for 10: nats-server's
+memory should grow until then and level after). A leak shows as memory or CPU per request that keeps
 rising.
 """
 
