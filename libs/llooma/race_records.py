@@ -74,7 +74,9 @@ class RecordWriter:
             else:
                 self._revision = await self._kv.update(self._key, value, last=self._revision)
         except Exception as error:
-            if self._revision is not None and moved_on(error):
+            if moved_on(error):
+                # Updated by another racer since our revision, or (a create) recorded by one
+                # first: a redelivered race its racer had recorded before it died.
                 self.taken_over = True
             else:
                 # Unrecorded (a create that may or may not have landed proves nothing), the

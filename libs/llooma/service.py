@@ -59,6 +59,8 @@ class Service:
     _consumers: list[tuple[str, ConsumerConfig]] = field(default_factory=list)
     _on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     _confirming: set[asyncio.Task[None]] = field(default_factory=set)
+    # Messages of claiming consumers not claimed yet, by ack subject (unique per delivery).
+    _unclaimed: dict[str, _InProgress] = field(default_factory=dict)
     _heartbeat: ServiceHeartbeater | None = field(default=None, init=False)
     # Called as soon as the connection breaks (the ingress ends the requests it holds open).
     on_disconnect: Callable[[], object] | None = field(default=None, init=False)
@@ -100,45 +102,51 @@ class Service:
         handler: Handler,
         *,
         max_concurrency: int = 256,
-        ack_first: bool = False,
+        claims: bool = False,
     ) -> None:
         """Deliver each message of a durable queue consumer to `handler`, concurrently.
 
-        The message is acked after the handler returns (or, with ack_first, on receipt);
-        a handler that raises gets its message redelivered after a delay, and one whose
-        process dies gets it redelivered (to a replica) after `pipeline_ack_wait_s`. Poison is
-        contained: an undecodable message is terminated at once, one that failed MAX_DELIVER
-        times is terminated, both counted (`poison_terminated.<queue>` in the heartbeat).
+        The message is acked after the handler returns or, with `claims`, once the handler
+        calls `claim(msg)`: its work is recorded where a replica would find it, so from then
+        on a redelivery could only run it twice (the ack is confirmed, in the background).
+        Until then, a slow handler's message is kept in progress, and a process that dies has
+        it redelivered (to a replica) after `pipeline_ack_wait_s`; a handler that raises gets
+        it redelivered after a delay. Poison is contained: an undecodable message is
+        terminated at once, one that failed MAX_DELIVER times is terminated, both counted
+        (`poison_terminated.<queue>` in the heartbeat).
         """
         slots = asyncio.Semaphore(max_concurrency)
         handler = tracing.traced(subject, handler)
         ack_wait_s = self.settings.pipeline_ack_wait_s
+        unclaimed = self._unclaimed
 
         async def run(msg: Msg) -> None:
-            progress = None if ack_first else _InProgress(msg, ack_wait_s / 2)
+            progress = _InProgress(msg, ack_wait_s / 2)
+            if claims:
+                unclaimed[msg.reply] = progress
             try:
-                if ack_first:
-                    # Acked and the ack confirmed (a double ack), in the background: a plain
-                    # ack may die with the NATS node it went through, and JetStream would hand
-                    # the message to a replica after ack_wait, to run twice.
-                    bus.keep_task(self._confirming, asyncio.create_task(_confirm_ack(msg)), "ack")
                 await handler(msg)
-                if progress is not None:
+                if claims:
+                    self.claim(msg)
+                else:
                     progress.cancel()
                     await msg.ack()
             except DecodeError:
-                await self._give_up(msg, queue, "undecodable", acked=ack_first)
+                acked = claims and msg.reply not in unclaimed
+                await self._give_up(msg, queue, "undecodable", acked=acked)
             except Exception:
-                if ack_first or _deliveries(msg) < MAX_DELIVER:
+                acked = claims and msg.reply not in unclaimed
+                if acked or _deliveries(msg) < MAX_DELIVER:
                     log.exception("%s: handler failed on %s", self.name, subject)
-                    if progress is not None:
+                    if not acked:
                         with contextlib.suppress(Exception):
                             await msg.nak(delay=REDELIVERY_DELAY_S)
                 else:
                     await self._give_up(msg, queue, f"failed {MAX_DELIVER} times", acked=False)
             finally:
-                if progress is not None:
-                    progress.cancel()
+                progress.cancel()
+                if claims:
+                    unclaimed.pop(msg.reply, None)
                 slots.release()
 
         async def on_message(msg: Msg) -> None:
@@ -159,7 +167,7 @@ class Service:
             deliver_policy=DeliverPolicy.ALL,
             max_ack_pending=max_concurrency * 4,
             max_deliver=MAX_DELIVER,
-            ack_wait=30.0 if ack_first else ack_wait_s,
+            ack_wait=ack_wait_s,
         )
         delay_s = bus.TOPOLOGY_RETRY_FIRST_S
         for attempt in range(1, CONSUMER_ATTEMPTS + 1):
@@ -187,6 +195,17 @@ class Service:
                 delay_s = min(delay_s * 2, bus.TOPOLOGY_RETRY_MAX_S)
         self._subscriptions.append(subscription)
         self._consumers.append((stream, config))
+
+    def claim(self, msg: Msg) -> None:
+        """Ack a message of a claiming consumer (`consume(claims=True)`) now, once; its handler
+        runs on. The ack is sent as a request the server answers once it took it (a double
+        ack), in the background: a plain ack may die with the NATS node it went through, and
+        JetStream would hand the message to a replica, to run twice."""
+        progress = self._unclaimed.pop(msg.reply, None)
+        if progress is None:
+            return
+        progress.cancel()
+        bus.keep_task(self._confirming, asyncio.create_task(_confirm_ack(msg)), "ack")
 
     async def _give_up(self, msg: Msg, queue: str, why: str, *, acked: bool) -> None:
         counters.count(f"poison_terminated.{queue}")
@@ -266,8 +285,8 @@ def _deliveries(msg: Msg) -> int:
         return 1
 
 
-# An ack on receipt is sent as a request the server answers once it took it (a double ack),
-# re-sent for this long while a consumer's leader is re-elected after a node died.
+# A claim's ack is re-sent for this long while a consumer's leader is re-elected after a node
+# died.
 ACK_CONFIRM_BUDGET_S = 20.0
 ACK_CONFIRM_ATTEMPT_S = 2.0
 

@@ -42,27 +42,28 @@ async def setup(service: Service) -> None:
     await racer.start(service)
 
     async def race(msg: Msg) -> None:
-        await racer.run_choices(TaskAssignment.FromString(msg.data))
+        await racer.run_choices(TaskAssignment.FromString(msg.data), lambda: service.claim(msg))
 
     async def resume(msg: Msg) -> None:
-        await racer.resume(RaceResume.FromString(msg.data))
+        await racer.resume(RaceResume.FromString(msg.data), lambda: service.claim(msg))
 
-    # Acked on receipt: a race is not replayed (its client already has a stream in flight);
-    # if this process dies mid-race, the ingress asks another racer to resume the answer
-    # from what the client received (`resume`), and that racer settles the dead race.
+    # Claimed once recorded, before any host hears of it (a race's record, a resume's claim
+    # on the dead race's record): a racer that dies before has it redelivered to a replica,
+    # one that dies after has it resumed by the ingress or aggregator from the record. Never
+    # replayed once claimed: its client already has a stream in flight.
     await service.consume(
         subjects.PIPELINE_RACER,
         subjects.CONSUMER_RACER,
         race,
         max_concurrency=MAX_CONCURRENT_RACES,
-        ack_first=True,
+        claims=True,
     )
     await service.consume(
         subjects.PIPELINE_RESUME,
         subjects.CONSUMER_RACER_RESUME,
         resume,
         max_concurrency=MAX_CONCURRENT_RACES,
-        ack_first=True,
+        claims=True,
     )
 
 

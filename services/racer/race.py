@@ -15,6 +15,7 @@ import logging
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 from nats.aio.client import Client
@@ -62,6 +63,12 @@ log = logging.getLogger(__name__)
 PUBLISH_RETRY_S = 60.0
 
 Inbox = asyncio.Queue[tuple[str, HostChunk]]
+# Takes a race's assignment off its queue (Service.claim).
+Claim = Callable[[], None]
+
+
+def _no_claim() -> None:
+    """A race run without a queue (tests, a resumed race's own claim)."""
 
 
 class RaceIO(Protocol):
@@ -179,23 +186,28 @@ class Racer:
         for task in self._by_request.get(subjects.request_cancel_request_id(msg.subject), set()):
             task.cancel()
 
-    async def run_choices(self, assignment: TaskAssignment) -> None:
-        """Every choice the request asks for (`n`), each its own race."""
+    async def run_choices(self, assignment: TaskAssignment, claim: Claim = _no_claim) -> None:
+        """Every choice the request asks for (`n`), each its own race. `claim` takes the
+        assignment off the queue: once the race is recorded (`_Run.drive`), at once when it
+        is not (several choices are never resumed)."""
         count = assignment.request.choices
         if count <= 1:
-            await self.run(assignment)
+            await self.run(assignment, claim=claim)
             return
+        claim()
         await asyncio.gather(*(self.run(choice_assignment(assignment, i)) for i in range(count)))
 
-    async def resume(self, resume: RaceResume) -> None:
+    async def resume(self, resume: RaceResume, claim: Claim = _no_claim) -> None:
         """Finish the answer of a racer that stopped (the ingress asks), if its record can be
-        claimed: settle the dead race's attempts, then race on from what the client received."""
+        claimed: settle the dead race's attempts, then race on from what the client received.
+        `claim` takes the request off the queue once the record is claimed or cannot be."""
         assert self._io is not None
         assert self._races is not None
         try:
             taken = await take_over(self._races, self._io, self._instance_id, resume)
         except Exception as error:
             taken = f"its race could not be claimed ({error!r})"
+        claim()
         if isinstance(taken, str):
             log.warning("request %s not resumed: %s", resume.request_id, taken)
             detail = ErrorDetail(code=ERROR_CODE_HOST_FAILED, message=taken)
@@ -209,6 +221,7 @@ class Racer:
         assignment: TaskAssignment,
         writer: RecordWriter | None = None,
         resume: RaceResume | None = None,
+        claim: Claim = _no_claim,
     ) -> None:
         request_id = assignment.request.request_id
         task = asyncio.current_task()
@@ -216,7 +229,7 @@ class Racer:
         self._by_request.setdefault(request_id, set()).add(task)
         if writer is None and self._races is not None and recorded(assignment):
             writer = RecordWriter(self._races, race_key(request_id, assignment.request.node_id))
-        run = _Run(self, assignment, writer, resume)
+        run = _Run(self, assignment, writer, resume, claim)
         try:
             await run.drive()
         except asyncio.CancelledError:
@@ -238,12 +251,17 @@ class _Run:
         assignment: TaskAssignment,
         writer: RecordWriter | None,
         resume: RaceResume | None,
+        claim: Claim = _no_claim,
     ) -> None:
         assert racer._io is not None
         self._racer = racer
         self._io = racer._io
         self._writer = writer
         self._resume = resume
+        self._claim = claim
+        # A replica recorded this race first: it is a redelivery of a race whose racer died
+        # after recording it, which the ingress or aggregator has resumed from the record.
+        self._abandoned = False
         self._recorded: tuple[int, str] = (0, "")
         self._inbox: Inbox = asyncio.Queue()
         # Commands the core gave that have not been carried out yet (see `stop`).
@@ -275,7 +293,10 @@ class _Run:
         core = self.core
         resume = self._resume
         if resume is None:
-            await self._execute(core.start(time.monotonic()))
+            commands = core.start(time.monotonic())
+            if not await self._recorded_first():
+                return
+            await self._execute(commands)
         else:
             await self._execute(
                 core.resume(time.monotonic(), resume.emitted, resume.delivered_tokens)
@@ -304,11 +325,32 @@ class _Run:
             self._racer._duels.feed(attempt_id, chunk)
         return self.core.on_chunk(attempt_id, chunk, time.monotonic())
 
+    async def _recorded_first(self) -> bool:
+        """Record the race before any host hears of it, then claim its assignment: a racer
+        that dies before the record lands has the assignment redelivered to a replica, which
+        races afresh; one that dies after has every launched attempt on record, to be resumed
+        and settled by another racer. False: the race is a replica's (see `_abandoned`)."""
+        writer = self._writer
+        if writer is not None:
+            self._record()
+            await writer.written()
+            if writer.taken_over:
+                log.warning(
+                    "race %s is recorded by another racer", self.core.race.assignment.task_id
+                )
+                self._abandoned = True
+                return False
+        self._claim()
+        return True
+
     async def stop(self) -> None:
         """However the race ended (finished, failed, cancelled by its client): settle it. The
         client's cancel can land while the race's last commands go out (the ingress cancels a
         failed request as soon as it reads the failure): what it interrupted is carried out
         here, its `Settle` included; the core, already done, would not give it again."""
+        if self._abandoned:
+            tracing.end_span(self._span)
+            return
         if not self.core.done:
             self._pending.extend(self.core.on_cancel(time.monotonic()))
         await self._execute([])

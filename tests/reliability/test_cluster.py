@@ -243,21 +243,15 @@ def process_kill_problems(victim: str, results: list[Result], killed_at: float) 
     may end it: completed, or refused fast with Retry-After; only a killed ingress's own
     streams dropped (it holds their connections), and its port refusing until it is back.
     A racer's, a dispatcher's or an aggregator's requests in flight are finished by a live
-    replica, direct and split alike, but for at most one race a killed racer had received
-    and not yet recorded (its record is written in the background as the race starts): that
-    request ends with an error at the ingress's limit (seen once in five runs)."""
+    replica, direct and split alike: a race a killed racer had received and not yet recorded
+    too (it had not acked it: JetStream hands it to the other racer)."""
     problems = []
     ingress = victim.startswith("ingress")
-    unrecorded = 1 if victim.startswith("racer") else 0
     for r in results:
         in_flight = r.started_at <= killed_at <= r.ended_at
         if r.end == "completed" or refused_fast(r):
             continue
         if ingress and (r.end == "refused" or (r.end == "dropped" and in_flight)):
-            continue
-        if unrecorded and in_flight and r.end in ("http_error", "error_event"):
-            unrecorded -= 1
-            print(f"{victim}: one race not resumed: {r.end} status={r.status} id={r.request_id}")
             continue
         problems.append(
             f"{victim}: {r.end} status={r.status} split={r.split} in_flight={in_flight} "

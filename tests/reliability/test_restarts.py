@@ -214,3 +214,63 @@ async def test_every_in_progress_signal_is_kept_and_its_error_read() -> None:
         loop.set_exception_handler(previous)
     assert msg.calls >= 5
     assert unretrieved == []
+
+
+async def _dies_holding_one_message(
+    url: str, subject: str, settings: Settings, *, claim_first: bool
+) -> None:
+    """A replica that takes one message of a claiming consumer (claimed or not), then dies
+    with its handler still running: its connection closes without another word."""
+    dying = Service("claims-test", settings)
+    await dying.connect()
+    received = asyncio.Event()
+    hold = asyncio.Event()
+
+    async def handle(msg: Msg) -> None:
+        if claim_first:
+            dying.claim(msg)
+        received.set()
+        await hold.wait()
+
+    await dying.consume(subject, "claims-test", handle, claims=True)
+    admin = await bus.connect(url, "llooma-test-admin")
+    try:
+        await bus.hand_off(admin.jetstream(), subject, b"work", f"claims-{claim_first}")
+        await asyncio.wait_for(received.wait(), 10.0)
+        # Its claim's ack, if any, is on its way (the server answers it).
+        await asyncio.sleep(0.2)
+    finally:
+        await admin.drain()
+    await dying.nc.close()
+    for task in dying._running:
+        task.cancel()
+
+
+@pytest.mark.parametrize("claim_first", [False, True], ids=["unclaimed", "claimed"])
+async def test_a_replica_gets_a_dead_processs_message_only_if_it_was_not_claimed(
+    lone_nats: EmbeddedNats, claim_first: bool
+) -> None:
+    """The racer's contract (services/racer/main.py): a race taken but not yet recorded when
+    its process dies is run by a replica; one claimed (recorded) is never run again."""
+    ack_wait_s = 0.5
+    settings = Settings(nats_url=lone_nats.url, pipeline_ack_wait_s=ack_wait_s)
+    await _dies_holding_one_message(
+        lone_nats.url, subjects.PIPELINE_RACER, settings, claim_first=claim_first
+    )
+    heir = Service("claims-test", settings)
+    await heir.connect()
+    deliveries: list[int] = []
+    redelivered = asyncio.Event()
+
+    async def handle(msg: Msg) -> None:
+        deliveries.append(msg.metadata.num_delivered)
+        redelivered.set()
+
+    try:
+        await heir.consume(subjects.PIPELINE_RACER, "claims-test", handle, claims=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(redelivered.wait(), 6 * ack_wait_s)
+        await asyncio.sleep(2 * ack_wait_s)
+    finally:
+        await heir.nc.drain()
+    assert deliveries == ([] if claim_first else [2])

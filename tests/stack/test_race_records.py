@@ -3,15 +3,23 @@ racer settle a race, whether its first racer died or was only slow."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from typing import cast
 
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
+from nats.js.kv import KeyValue
 
-from llooma import bus
-from llooma.race_records import RecordWriter, races_bucket
+from llooma import bus, subjects
+from llooma.race_records import RecordWriter, race_key, races_bucket
+from llooma.v1.host_pb2 import HostAccepted, HostChunk, HostFinished, HostTask, HostToken
+from llooma.v1.pipeline_pb2 import ClientEvent
 from llooma.v1.race_pb2 import RaceRecord
+from services.racer.race import Racer
+from tests.unit.race_sim import assignment
 
 
 async def test_the_racer_holding_the_record_settles_and_deletes_it(nc: Client) -> None:
@@ -61,3 +69,102 @@ async def test_a_slow_racer_taken_over_settles_nothing(nc: Client) -> None:
     assert await heir.release()
     with pytest.raises(NotFoundError):
         await kv.get(key)
+
+
+class Reply:
+    """What the racer's wildcard subscription hands it: only subject and data are read."""
+
+    def __init__(self, subject: str, data: bytes) -> None:
+        self.subject = subject
+        self.data = data
+
+
+class RecordCheckingIO:
+    """Hosts that answer at once; each launch reads the race's record as the host hears of
+    it, and everything the racer sends is kept."""
+
+    def __init__(self, kv: KeyValue, key: str) -> None:
+        self.kv = kv
+        self.key = key
+        self.racer: Racer | None = None
+        self.recorded_at_launch: list[bool] = []
+        self.emitted: list[ClientEvent] = []
+        self.published: list[str] = []
+
+    async def launch(self, host_id: str, task: HostTask, headers: dict[str, str] | None) -> None:
+        try:
+            await self.kv.get(self.key)
+            self.recorded_at_launch.append(True)
+        except NotFoundError:
+            self.recorded_at_launch.append(False)
+        assert self.racer is not None
+        racer = self.racer
+        reply = subjects.host_reply("unit", task.attempt_id)
+
+        async def answer() -> None:
+            for chunk in (
+                HostChunk(seq=0, accepted=HostAccepted()),
+                HostChunk(seq=1, token=HostToken(text="one")),
+                HostChunk(seq=2, finished=HostFinished(finish_reason="stop")),
+            ):
+                await racer._on_host_chunk(cast(Msg, Reply(reply, chunk.SerializeToString())))
+
+        asyncio.get_running_loop().create_task(answer())
+
+    async def cancel(self, host_id: str, attempt_id: str) -> None:
+        pass
+
+    async def emit(self, reply: str, event: ClientEvent) -> None:
+        self.emitted.append(event)
+
+    async def publish(self, subject: str, payload: bytes, msg_id: str) -> None:
+        self.published.append(subject)
+
+
+async def _race_on_record(nc: Client, recorded_by: str) -> tuple[RecordCheckingIO, list[str]]:
+    """A single-choice race run by a racer on the real races bucket, its record already
+    written by `recorded_by` (or not); what its hosts saw, and when it claimed its assignment."""
+    js = nc.jetstream()
+    await bus.ensure_topology(js)
+    kv = await races_bucket(js)
+    race = assignment(["h1", "h2"])
+    request_id = uuid.uuid4().hex
+    race.request.request_id = request_id
+    race.request.reply_subject = subjects.client_reply("ingress-unit", request_id)
+    key = race_key(request_id)
+    if recorded_by:
+        await kv.create(key, RaceRecord(racer_instance_id=recorded_by).SerializeToString())
+    io = RecordCheckingIO(kv, key)
+    racer = Racer("racer-unit", io=io)
+    racer._races = kv
+    io.racer = racer
+    claims: list[str] = []
+
+    def claim() -> None:
+        claims.append(f"after {len(io.recorded_at_launch)} launches")
+
+    await asyncio.wait_for(racer.run(race, claim=claim), 10)
+    return io, claims
+
+
+async def test_a_race_is_recorded_before_any_host_hears_of_it_and_claimed_then(
+    nc: Client,
+) -> None:
+    io, claims = await _race_on_record(nc, recorded_by="")
+    assert io.recorded_at_launch == [True, True]
+    assert claims == ["after 0 launches"]
+    assert any(event.HasField("finished") for event in io.emitted)
+    assert subjects.SETTLEMENT_TASK in io.published
+
+
+async def test_a_redelivered_race_a_dead_racer_recorded_is_left_to_its_resume(
+    nc: Client,
+) -> None:
+    """The racer died after recording the race and before its claim reached JetStream: the
+    ingress resumes it from the record; the redelivered assignment must not race it again."""
+    io, claims = await _race_on_record(nc, recorded_by="racer-dead")
+    assert io.recorded_at_launch == []
+    assert io.emitted == []
+    assert io.published == []
+    # Claimed by the consumer once the handler returns (Service.consume).
+    assert claims == []
