@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, KeyWrongLastSequenceError
@@ -83,6 +84,14 @@ class RecordWriter:
                 # race cannot be taken over; it is still settled by this racer.
                 self._unrecorded = True
                 log.warning("race record %s not written: %r", self._key, error)
+
+    def after_written(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the writes queued so far are done (at once if there are none),
+        however they went."""
+        if self._writing is None:
+            callback()
+        else:
+            self._writing.add_done_callback(lambda _: callback())
 
     async def written(self) -> None:
         """Wait for the writes queued so far."""

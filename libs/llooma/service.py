@@ -136,7 +136,7 @@ class Service:
                 await self._give_up(msg, queue, "undecodable", acked=acked)
             except Exception:
                 acked = claims and msg.reply not in unclaimed
-                if acked or _deliveries(msg) < MAX_DELIVER:
+                if acked or deliveries(msg) < MAX_DELIVER:
                     log.exception("%s: handler failed on %s", self.name, subject)
                     if not acked:
                         with contextlib.suppress(Exception):
@@ -278,7 +278,8 @@ class Service:
         await self.stop()
 
 
-def _deliveries(msg: Msg) -> int:
+def deliveries(msg: Msg) -> int:
+    """How many times JetStream has delivered `msg` (1: the first time)."""
     try:
         return int(msg.metadata.num_delivered)
     except Exception:  # not a JetStream message (no metadata in its reply subject)

@@ -7,7 +7,7 @@ from nats.aio.msg import Msg
 from llooma import subjects
 from llooma.ledger.stakes import StakeBook
 from llooma.membership import HostDirectory
-from llooma.service import Service, serve
+from llooma.service import Service, deliveries, serve
 from llooma.v1.pipeline_pb2 import RaceResume, TaskAssignment
 from services.racer.duel import Duels
 from services.racer.race import Racer
@@ -42,15 +42,16 @@ async def setup(service: Service) -> None:
     await racer.start(service)
 
     async def race(msg: Msg) -> None:
-        await racer.run_choices(TaskAssignment.FromString(msg.data), lambda: service.claim(msg))
+        assignment = TaskAssignment.FromString(msg.data)
+        await racer.run_choices(assignment, lambda: service.claim(msg), deliveries(msg) > 1)
 
     async def resume(msg: Msg) -> None:
         await racer.resume(RaceResume.FromString(msg.data), lambda: service.claim(msg))
 
-    # Claimed once recorded, before any host hears of it (a race's record, a resume's claim
-    # on the dead race's record): a racer that dies before has it redelivered to a replica,
-    # one that dies after has it resumed by the ingress or aggregator from the record. Never
-    # replayed once claimed: its client already has a stream in flight.
+    # Claimed once recorded (a race's record, a resume's claim on the dead race's record): a
+    # racer that dies before has it redelivered to a replica, one that dies after has it
+    # resumed by the ingress or aggregator from the record. Never replayed once claimed: its
+    # client already has a stream in flight.
     await service.consume(
         subjects.PIPELINE_RACER,
         subjects.CONSUMER_RACER,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import cast
+from typing import Any, cast
 
 import pytest
 from nats.aio.client import Client
@@ -121,12 +121,32 @@ class RecordCheckingIO:
         self.published.append(subject)
 
 
-async def _race_on_record(nc: Client, recorded_by: str) -> tuple[RecordCheckingIO, list[str]]:
-    """A single-choice race run by a racer on the real races bucket, its record already
-    written by `recorded_by` (or not); what its hosts saw, and when it claimed its assignment."""
+class SlowCreates:
+    """The real races bucket, its creates landing 0.1 s late (a busy nats-server)."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+        self.created = False
+
+    async def create(self, key: str, value: bytes) -> int:
+        await asyncio.sleep(0.1)
+        revision = await self._kv.create(key, value)
+        self.created = True
+        return revision
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._kv, name)
+
+
+async def _race_on_record(
+    nc: Client, *, recorded_by: str, redelivered: bool
+) -> tuple[RecordCheckingIO, list[str]]:
+    """A single-choice race run by a racer on the real races bucket (creates slowed), its
+    record already written by `recorded_by` (or not); what its hosts saw, and what had
+    happened when it claimed its assignment."""
     js = nc.jetstream()
     await bus.ensure_topology(js)
-    kv = await races_bucket(js)
+    kv = SlowCreates(await races_bucket(js))
     race = assignment(["h1", "h2"])
     request_id = uuid.uuid4().hex
     race.request.request_id = request_id
@@ -134,27 +154,36 @@ async def _race_on_record(nc: Client, recorded_by: str) -> tuple[RecordCheckingI
     key = race_key(request_id)
     if recorded_by:
         await kv.create(key, RaceRecord(racer_instance_id=recorded_by).SerializeToString())
-    io = RecordCheckingIO(kv, key)
+        kv.created = False
+    io = RecordCheckingIO(cast(KeyValue, kv), key)
     racer = Racer("racer-unit", io=io)
-    racer._races = kv
+    racer._races = cast(KeyValue, kv)
     io.racer = racer
     claims: list[str] = []
 
     def claim() -> None:
-        claims.append(f"after {len(io.recorded_at_launch)} launches")
+        claims.append(f"recorded={kv.created} after {len(io.recorded_at_launch)} launches")
 
-    await asyncio.wait_for(racer.run(race, claim=claim), 10)
+    await asyncio.wait_for(racer.run(race, claim=claim, redelivered=redelivered), 10)
     return io, claims
 
 
-async def test_a_race_is_recorded_before_any_host_hears_of_it_and_claimed_then(
+async def test_a_race_is_claimed_once_recorded_and_its_hosts_do_not_wait_for_the_record(
     nc: Client,
 ) -> None:
-    io, claims = await _race_on_record(nc, recorded_by="")
-    assert io.recorded_at_launch == [True, True]
-    assert claims == ["after 0 launches"]
+    io, claims = await _race_on_record(nc, recorded_by="", redelivered=False)
+    assert io.recorded_at_launch == [False, False]
+    assert claims == ["recorded=True after 2 launches"]
     assert any(event.HasField("finished") for event in io.emitted)
     assert subjects.SETTLEMENT_TASK in io.published
+
+
+async def test_a_redelivered_race_is_recorded_before_any_host_hears_of_it(nc: Client) -> None:
+    """Its racer died before recording it: this racer records it first, in case it had."""
+    io, claims = await _race_on_record(nc, recorded_by="", redelivered=True)
+    assert io.recorded_at_launch == [True, True]
+    assert claims == ["recorded=True after 0 launches"]
+    assert any(event.HasField("finished") for event in io.emitted)
 
 
 async def test_a_redelivered_race_a_dead_racer_recorded_is_left_to_its_resume(
@@ -162,7 +191,7 @@ async def test_a_redelivered_race_a_dead_racer_recorded_is_left_to_its_resume(
 ) -> None:
     """The racer died after recording the race and before its claim reached JetStream: the
     ingress resumes it from the record; the redelivered assignment must not race it again."""
-    io, claims = await _race_on_record(nc, recorded_by="racer-dead")
+    io, claims = await _race_on_record(nc, recorded_by="racer-dead", redelivered=True)
     assert io.recorded_at_launch == []
     assert io.emitted == []
     assert io.published == []
