@@ -111,7 +111,8 @@ class Service:
         on a redelivery could only run it twice (the ack is confirmed, in the background).
         Until then, a slow handler's message is kept in progress, and a process that dies has
         it redelivered (to a replica) after `pipeline_ack_wait_s`; a handler that raises gets
-        it redelivered after a delay. Poison is contained: an undecodable message is
+        it redelivered after a delay (claimed instead, with `claims`: its work may have
+        begun). Poison is contained: an undecodable message is
         terminated at once, one that failed MAX_DELIVER times is terminated, both counted
         (`poison_terminated.<queue>` in the heartbeat).
         """
@@ -135,10 +136,12 @@ class Service:
                 acked = claims and msg.reply not in unclaimed
                 await self._give_up(msg, queue, "undecodable", acked=acked)
             except Exception:
-                acked = claims and msg.reply not in unclaimed
-                if acked or deliveries(msg) < MAX_DELIVER:
+                if claims or deliveries(msg) < MAX_DELIVER:
                     log.exception("%s: handler failed on %s", self.name, subject)
-                    if not acked:
+                    if claims:
+                        # Its work may have begun (a race's hosts launched): never replayed.
+                        self.claim(msg)
+                    else:
                         with contextlib.suppress(Exception):
                             await msg.nak(delay=REDELIVERY_DELAY_S)
                 else:

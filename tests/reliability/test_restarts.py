@@ -274,3 +274,24 @@ async def test_a_replica_gets_a_dead_processs_message_only_if_it_was_not_claimed
     finally:
         await heir.nc.drain()
     assert deliveries == ([] if claim_first else [2])
+
+
+async def test_a_claiming_handler_that_raises_is_not_run_again(lone_nats: EmbeddedNats) -> None:
+    """Its work may have begun (a race's hosts were sent their tasks): a raise claims it."""
+    ack_wait_s = 0.5
+    settings = Settings(nats_url=lone_nats.url, pipeline_ack_wait_s=ack_wait_s)
+    service = Service("claims-test", settings)
+    await service.connect()
+    deliveries: list[int] = []
+
+    async def handle(msg: Msg) -> None:
+        deliveries.append(msg.metadata.num_delivered)
+        raise RuntimeError("a bug, after hosts were launched")
+
+    try:
+        await service.consume(subjects.PIPELINE_RACER, "claims-test", handle, claims=True)
+        await bus.hand_off(service.js, subjects.PIPELINE_RACER, b"work", "claims-raise")
+        await asyncio.sleep(6 * ack_wait_s)
+    finally:
+        await service.nc.drain()
+    assert deliveries == [1]
