@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from asyncio import FIRST_COMPLETED
 from pathlib import Path
 
 import httpx
@@ -16,6 +17,7 @@ import orjson
 import pytest
 import yaml
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js.errors import BadRequestError, KeyNotFoundError
 
 from llooma import subjects
@@ -24,6 +26,8 @@ from llooma.embedded import EmbeddedNats
 from llooma.host.config import Generation, HostConfig, Latency, ModelConfig, Policy
 from llooma.host.worker import HostWorker
 from llooma.processes import die_with_parent
+from llooma.service import Service
+from llooma.settings import Settings
 from llooma.v1.common_pb2 import ERROR_CODE_HOST_BUSY, ErrorDetail, Usage
 from llooma.v1.host_pb2 import HostAccepted, HostChunk, HostFinished, HostTask, HostToken
 from llooma.v1.pipeline_pb2 import ChatRequest, HostCandidate, TaskAssignment
@@ -34,6 +38,7 @@ from llooma.v1.race_pb2 import (
     ATTEMPT_ROLE_RACER,
 )
 from llooma.v1.settlement_pb2 import ATTEMPT_OUTCOME_LOST, ATTEMPT_OUTCOME_WON
+from services.racer.main import MAX_CONCURRENT_RACES
 from services.racer.race import NatsIO
 from services.racer.report import settlements
 from services.racer.state import Attempt, Race
@@ -151,6 +156,69 @@ async def test_the_faster_host_wins_and_the_loser_stops_within_50ms(
     assert outcomes[f"slow-{model}"].outcome == ATTEMPT_OUTCOME_LOST
     assert loser_stopped_after < 0.05
     assert outcomes[f"slow-{model}"].output_tokens < 50
+
+
+async def test_a_race_whose_racer_dies_before_recording_it_is_run_by_the_other_racer(
+    http: httpx.AsyncClient, nc: Client, nats_url: str, control_seed: str | None
+) -> None:
+    """A second racer joins the racers' queue; it takes races and dies (its connection
+    closes) without recording or claiming one: JetStream hands that race to the live racer
+    after the 2 s ack_wait, and the client gets its answer (services/racer/main.py)."""
+    model = f"claim-{uuid.uuid4().hex[:6]}"
+    host = HostWorker(
+        worker(
+            f"host-{model}",
+            nats_url,
+            ModelConfig(name=model, first_token=Latency(ms=5), inter_token=Latency(ms=1)),
+        ),
+        nc,
+    )
+    await host.start()
+    dying = Service("racer", Settings(nats_url=nats_url, nats_nkey_seed_file=control_seed or ""))
+    await dying.connect()
+    taken: asyncio.Queue[str] = asyncio.Queue()
+
+    async def take_and_hang(msg: Msg) -> None:
+        await taken.put(TaskAssignment.FromString(msg.data).request.request_id)
+        await asyncio.Event().wait()
+
+    async def ask() -> httpx.Response:
+        body = {**chat(model), "max_tokens": 8}
+        return await http.post("/v1/chat/completions", json=body, headers=AUTH, timeout=30)
+
+    try:
+        await wait_listed(http, model)
+        # The same consumer as the racers' (services/racer/main.py), so its config is kept.
+        await dying.consume(
+            subjects.PIPELINE_RACER,
+            subjects.CONSUMER_RACER,
+            take_and_hang,
+            max_concurrency=MAX_CONCURRENT_RACES,
+            claims=True,
+        )
+        held: asyncio.Task[httpx.Response] | None = None
+        for _ in range(40):  # each goes to one of the two racers at random
+            request = asyncio.create_task(ask())
+            grabbed = asyncio.create_task(taken.get())
+            await asyncio.wait({request, grabbed}, timeout=15, return_when=FIRST_COMPLETED)
+            if grabbed.done():
+                held = request
+                break
+            grabbed.cancel()
+            assert (await request).status_code == 200
+        assert held is not None, "the dying racer was never handed a race"
+        await dying.nc.close()
+        for task in dying._running:
+            task.cancel()
+        response = await asyncio.wait_for(held, 30)
+    finally:
+        if not dying.nc.is_closed:
+            await dying.nc.close()
+        await host.drain()
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["choices"][0]["message"]["content"]
+    assert answer["usage"]["completion_tokens"] > 0
 
 
 async def test_no_first_token_by_the_deadline_goes_to_the_fallback(
