@@ -36,6 +36,10 @@ class LlamaServer:
     # Total context; llama-server gives each of its `parallel` slots an equal share.
     ctx_size: int = 4096
     parallel: int = 2
+    # Off, each prompt is computed whole: a prompt half-cached from an earlier request is
+    # computed in other batch shapes, which can flip a greedy token (llama.cpp's README says
+    # so of `cache_prompt`). The tests turn it off to compare texts across requests.
+    cache_prompt: bool = True
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -74,6 +78,7 @@ class LlamaServer:
             "--metrics",
             "--slots",
             "--no-webui",
+            *([] if self.cache_prompt else ["--no-cache-prompt"]),
             *CHAT_TEMPLATE,
         ]
 
