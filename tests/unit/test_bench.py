@@ -1,4 +1,5 @@
-"""The benchmarks' pure parts: arrivals, SLO maths, the throughput search, the plots."""
+"""The benchmarks' pure parts: arrivals, SLO maths, the throughput search, the plots, the
+peers suite's per-process table."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from llooma.bench import plots
+from llooma.bench.peers import System, by_process_table
 from llooma.bench.race import Cell, write_cdf_plot
 from llooma.bench.scheduling import (
     SETTING_2,
@@ -204,3 +206,15 @@ async def test_the_bench_upstream_streams_what_an_openai_client_reads() -> None:
     finally:
         await client.close()
         server.cancel()
+
+
+def test_processes_are_listed_busiest_first_with_each_systems_total() -> None:
+    width_1 = System("LLooMA width 1", 0, "", cpu_ms_by_process={"racer": 1.5, "ingress": 2.0})
+    width_2 = System("LLooMA width 2", 0, "", cpu_ms_by_process={"racer": 2.5, "ingress": 2.25})
+    rows = by_process_table([width_1, width_2]).splitlines()
+    assert rows[0] == "| process | LLooMA width 1 | LLooMA width 2 |"
+    assert rows[2:] == [
+        "| ingress | 2.00 | 2.25 |",
+        "| racer | 1.50 | 2.50 |",
+        "| total | 3.50 | 4.75 |",
+    ]

@@ -28,9 +28,8 @@ import orjson
 import psutil
 import uvloop
 
-from llooma.bench.idle import process_names
 from llooma.bench.overhead import MODEL, OUTPUT_TOKENS, bench_hosts
-from llooma.bench.peers import cpu_seconds
+from llooma.bench.peers import cpu_seconds, process_names
 from llooma.bench.sse_client import SseClient
 from llooma.processes import free_port
 from llooma.settings import DEV_API_KEY

@@ -18,18 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from llooma.bench.peers import cpu_seconds
+from llooma.bench.peers import cpu_seconds, process_names
 from llooma.processes import free_port
 from llooma.stack import Stack
-
-
-def process_names(stack: Stack) -> dict[str, int]:
-    found = {child.name: child.process.pid for child in stack.children if child.process}
-    if stack.nats is not None:
-        found["nats-server"] = stack.nats.process.pid
-    if stack.postgres is not None and (pid := stack.postgres.pid()) is not None:
-        found["postgres"] = pid
-    return found
 
 
 def measure(stack: Stack, seconds: float) -> dict[str, float]:

@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -106,8 +107,11 @@ class System:
     api_key: str
     headers: dict[str, str] = field(default_factory=dict)
     pids: list[int] = field(default_factory=list)
+    # Each process by name (LLooMA's): its CPU per request is reported on its own too.
+    processes: dict[str, int] = field(default_factory=dict)
     ttft_s: list[float] = field(default_factory=list)
     cpu_ms_per_request: float = 0.0
+    cpu_ms_by_process: dict[str, float] = field(default_factory=dict)
     idle_cpu_percent: float = 0.0
 
 
@@ -132,6 +136,17 @@ def cpu_seconds(pids: Iterable[int]) -> float:
             continue
         total += times.user + times.system
     return total
+
+
+def process_names(stack: Stack) -> dict[str, int]:
+    """Each process of a running stack by name: its services and hosts, nats-server, Postgres
+    (whose backends are its children)."""
+    found = {child.name: child.process.pid for child in stack.children if child.process}
+    if stack.nats is not None:
+        found["nats-server"] = stack.nats.process.pid
+    if stack.postgres is not None and (pid := stack.postgres.pid()) is not None:
+        found["postgres"] = pid
+    return found
 
 
 def _body() -> bytes:
@@ -165,8 +180,13 @@ async def _cpu_per_request(client: SseClient, system: System, body: bytes, sizes
                 raise RuntimeError(f"{system.name} answered {timing.status} with no token")
 
     before = cpu_seconds(system.pids)
+    each_before = {name: cpu_seconds([pid]) for name, pid in system.processes.items()}
     await asyncio.gather(*(worker() for _ in range(sizes.cpu_concurrency)))
     system.cpu_ms_per_request = (cpu_seconds(system.pids) - before) * 1000 / sizes.cpu_requests
+    system.cpu_ms_by_process = {
+        name: (cpu_seconds([pid]) - each_before[name]) * 1000 / sizes.cpu_requests
+        for name, pid in system.processes.items()
+    }
 
 
 async def measure(systems: list[System], direct: System, sizes: Sizes, progress: Progress) -> None:
@@ -276,8 +296,16 @@ def run(sizes: Sizes, progress: Progress) -> tuple[list[System], System]:
                     DEV_API_KEY,
                     {"x-llooma-race-width": "1"},
                     stack.pids(),
+                    process_names(stack),
                 ),
-                System("LLooMA width 2", stack.http_port, DEV_API_KEY, {}, stack.pids()),
+                System(
+                    "LLooMA width 2",
+                    stack.http_port,
+                    DEV_API_KEY,
+                    {},
+                    stack.pids(),
+                    process_names(stack),
+                ),
                 System("LiteLLM proxy", litellm_port, LITELLM_KEY, {}, [litellm.pid]),
             ]
             uvloop.run(measure(systems, direct, sizes, progress))
@@ -291,7 +319,7 @@ def run(sizes: Sizes, progress: Progress) -> tuple[list[System], System]:
             upstream.wait(10)
 
 
-def summary(system: System, direct: System) -> dict[str, float | str]:
+def summary(system: System, direct: System) -> dict[str, Any]:
     added = [1000 * (a - b) for a, b in zip(system.ttft_s, direct.ttft_s, strict=True)]
     return {
         "system": system.name,
@@ -299,8 +327,24 @@ def summary(system: System, direct: System) -> dict[str, float | str]:
         "added_ttft_p50_ms": statistics.median(added),
         "added_ttft_p99_ms": percentile(added, 0.99),
         "cpu_ms_per_request": system.cpu_ms_per_request,
+        "cpu_ms_by_process": system.cpu_ms_by_process,
         "idle_cpu_percent_of_a_core": system.idle_cpu_percent,
     }
+
+
+def by_process_table(systems: list[System]) -> str:
+    """One row per process, one column per system, busiest first, and their total."""
+    names = sorted(systems[0].cpu_ms_by_process, key=lambda n: -systems[0].cpu_ms_by_process[n])
+    lines = [
+        "| process | " + " | ".join(s.name for s in systems) + " |",
+        "| --- |" + " ---: |" * len(systems),
+    ]
+    for name in names:
+        cells = " | ".join(f"{s.cpu_ms_by_process.get(name, 0.0):.2f}" for s in systems)
+        lines.append(f"| {name} | {cells} |")
+    totals = " | ".join(f"{sum(s.cpu_ms_by_process.values()):.2f}" for s in systems)
+    lines.append(f"| total | {totals} |")
+    return "\n".join(lines)
 
 
 def write_results(systems: list[System], direct: System, results_dir: Path, note: str) -> str:
@@ -326,6 +370,7 @@ def write_results(systems: list[System], direct: System, results_dir: Path, note
     )
     table = "\n".join(lines)
     direct_p50 = 1000 * statistics.median(direct.ttft_s)
+    split = [system for system in systems if system.cpu_ms_by_process]
     text = (
         "# Peers: LLooMA beside the LiteLLM proxy on one HTTP upstream\n\n"
         f"{note}\n\n{table}\n\nAgainst LiteLLM {LITELLM_VERSION}: {ratios}.\n\n"
@@ -340,5 +385,11 @@ def write_results(systems: list[System], direct: System, results_dir: Path, note
         "processes, idle, after the load. The upstream's and the client's CPU count for "
         "neither.\n"
     )
+    if split:
+        text += (
+            "\n## CPU per streamed request by process (ms)\n\n"
+            "The same requests, each process's own user + system time (Postgres with its "
+            "backends).\n\n" + by_process_table(split) + "\n"
+        )
     (results_dir / "peers.md").write_text(text)
     return table
