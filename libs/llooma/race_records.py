@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, KeyWrongLastSequenceError
@@ -29,6 +28,10 @@ def moved_on(error: Exception) -> bool:
     )
 
 
+# A finished race's record: its racer settled it (`RecordWriter.release`).
+FINISHED = b""
+
+
 def race_key(request_id: str, node_id: str = "") -> str:
     """A race's record: the request's, or one node's of a split request."""
     return f"{request_id}.{node_id}" if node_id else request_id
@@ -36,7 +39,8 @@ def race_key(request_id: str, node_id: str = "") -> str:
 
 async def racer_of(races: KeyValue, key: str) -> str:
     """The instance holding the race recorded under `key`; "" while there is no record (not
-    written yet, never recorded, finished) or the bucket cannot say."""
+    written yet, never recorded), once it is finished (an empty record names no one), or when
+    the bucket cannot say."""
     try:
         entry = await races.get(key)
     except Exception:
@@ -85,33 +89,29 @@ class RecordWriter:
                 self._unrecorded = True
                 log.warning("race record %s not written: %r", self._key, error)
 
-    def after_written(self, callback: Callable[[], None]) -> None:
-        """Call `callback` once the writes queued so far are done (at once if there are none),
-        however they went."""
-        if self._writing is None:
-            callback()
-        else:
-            self._writing.add_done_callback(lambda _: callback())
-
     async def written(self) -> None:
         """Wait for the writes queued so far."""
         if self._writing is not None:
             await self._writing
 
     async def release(self) -> bool:
-        """Delete the record if it is still ours: True if this racer is to settle the race
-        (also when the record could not be read or written: settling by attempt id is
-        idempotent downstream, a lost settlement is not recoverable)."""
+        """Mark the race finished if the record is still ours: True if this racer is to settle
+        the race (also when the record could not be read or written: settling by attempt id is
+        idempotent downstream, a lost settlement is not recoverable). The mark (`FINISHED`, an
+        empty value) rather than a delete: a create is refused on it as on a live record, so
+        an assignment redelivered after its race ended (its racer's ack lost in a NATS node's
+        election) is not raced again; it leaves with the bucket's TTL, as a delete marker
+        would."""
         await self.written()
         if self.taken_over:
             return False
         if self._revision is None or self._unrecorded:
             return True
         try:
-            await self._kv.delete(self._key, last=self._revision)
+            await self._kv.update(self._key, FINISHED, last=self._revision)
         except Exception as error:
             if moved_on(error):
                 self.taken_over = True
                 return False
-            log.warning("race record %s not deleted: %r", self._key, error)
+            log.warning("race record %s not marked finished: %r", self._key, error)
         return True

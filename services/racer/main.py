@@ -7,7 +7,7 @@ from nats.aio.msg import Msg
 from llooma import subjects
 from llooma.ledger.stakes import StakeBook
 from llooma.membership import HostDirectory
-from llooma.service import Service, deliveries, serve
+from llooma.service import Service, serve
 from llooma.v1.pipeline_pb2 import RaceResume, TaskAssignment
 from services.racer.duel import Duels
 from services.racer.race import Racer
@@ -42,8 +42,7 @@ async def setup(service: Service) -> None:
     await racer.start(service)
 
     async def race(msg: Msg) -> None:
-        assignment = TaskAssignment.FromString(msg.data)
-        await racer.run_choices(assignment, lambda: service.claim(msg), deliveries(msg) > 1)
+        await racer.run_choices(TaskAssignment.FromString(msg.data), lambda: service.claim(msg))
 
     async def resume(msg: Msg) -> None:
         await racer.resume(RaceResume.FromString(msg.data), lambda: service.claim(msg))

@@ -186,15 +186,13 @@ class Racer:
         for task in self._by_request.get(subjects.request_cancel_request_id(msg.subject), set()):
             task.cancel()
 
-    async def run_choices(
-        self, assignment: TaskAssignment, claim: Claim = _no_claim, redelivered: bool = False
-    ) -> None:
+    async def run_choices(self, assignment: TaskAssignment, claim: Claim = _no_claim) -> None:
         """Every choice the request asks for (`n`), each its own race. `claim` takes the
         assignment off the queue: once the race is recorded (`_Run.drive`), at once when it
-        is not (several choices are never resumed). `redelivered`: a racer took it before."""
+        is not (several choices are never resumed)."""
         count = assignment.request.choices
         if count <= 1:
-            await self.run(assignment, claim=claim, redelivered=redelivered)
+            await self.run(assignment, claim=claim)
             return
         claim()
         await asyncio.gather(*(self.run(choice_assignment(assignment, i)) for i in range(count)))
@@ -224,7 +222,6 @@ class Racer:
         writer: RecordWriter | None = None,
         resume: RaceResume | None = None,
         claim: Claim = _no_claim,
-        redelivered: bool = False,
     ) -> None:
         request_id = assignment.request.request_id
         task = asyncio.current_task()
@@ -232,7 +229,7 @@ class Racer:
         self._by_request.setdefault(request_id, set()).add(task)
         if writer is None and self._races is not None and recorded(assignment):
             writer = RecordWriter(self._races, race_key(request_id, assignment.request.node_id))
-        run = _Run(self, assignment, writer, resume, claim, redelivered)
+        run = _Run(self, assignment, writer, resume, claim)
         try:
             await run.drive()
         except asyncio.CancelledError:
@@ -255,7 +252,6 @@ class _Run:
         writer: RecordWriter | None,
         resume: RaceResume | None,
         claim: Claim = _no_claim,
-        redelivered: bool = False,
     ) -> None:
         assert racer._io is not None
         self._racer = racer
@@ -263,9 +259,7 @@ class _Run:
         self._writer = writer
         self._resume = resume
         self._claim = claim
-        self._redelivered = redelivered
-        # A redelivered race its dead racer had recorded: the ingress or aggregator resumes it
-        # from the record, so this racer leaves it.
+        # The race's record was created by the assignment's other delivery: left to it.
         self._abandoned = False
         self._recorded: tuple[int, str] = (0, "")
         self._inbox: Inbox = asyncio.Queue()
@@ -299,11 +293,8 @@ class _Run:
         resume = self._resume
         if resume is None:
             commands = core.start(time.monotonic())
-            if self._redelivered:
-                if not await self._recorded_first():
-                    return
-            else:
-                self._claim_once_recorded()
+            if not await self._recorded_first():
+                return
             await self._execute(commands)
         else:
             await self._execute(
@@ -333,22 +324,16 @@ class _Run:
             self._racer._duels.feed(attempt_id, chunk)
         return self.core.on_chunk(attempt_id, chunk, time.monotonic())
 
-    def _claim_once_recorded(self) -> None:
-        """Claim the assignment once the race's record lands; the hosts are sent their tasks
-        meanwhile (the create is not on the way to the first token). A racer that dies before
-        has the assignment redelivered to a replica, which races afresh; one that dies after
-        has the race resumed from its record (docs/ARCHITECTURE.md, "A racer's death")."""
-        writer = self._writer
-        if writer is None:
-            self._claim()
-            return
-        self._record()
-        writer.after_written(self._claim)
-
     async def _recorded_first(self) -> bool:
-        """A redelivered assignment: its racer may have died after recording it, so the
-        record is created before any host hears of the race. False: it was (the create is
-        refused), and the ingress or aggregator resumes the race from it (`_abandoned`)."""
+        """Record the race before any host hears of it, then claim its assignment: a racer
+        that dies before the record lands has the assignment redelivered to a replica, which
+        races afresh; one that dies after has every launched attempt on record, to be resumed
+        and settled by another racer (docs/ARCHITECTURE.md, "A racer's death"). False: the
+        create was refused, so this assignment was delivered twice and the other delivery's
+        race holds the record (running, resumed or finished), and this one launched nothing
+        (`_abandoned`). Awaiting the create costs one round trip to nats-server on the way to
+        the first token; launching meanwhile would let two deliveries both reach hosts and
+        the client."""
         writer = self._writer
         if writer is not None:
             self._record()

@@ -40,9 +40,10 @@ async def take_over(
     try:
         entry = await races.get(key)
     except NotFoundError:
-        # Deleted: its racer settled it (it was alive after all); absent: never recorded.
-        return "its race left no record (finished, or never recorded)"
-    assert entry.value is not None
+        return "its race left no record (never recorded)"
+    if not entry.value:
+        # Its racer settled it: it was alive after all.
+        return "its race finished"
     assert entry.revision is not None
     record = RaceRecord.FromString(entry.value)
     if record.racer_instance_id == racer_id:
