@@ -54,7 +54,7 @@ MEMBERSHIP_TTL_S = 20.0
 SERVICE_MEMBERSHIP_TTL_S = 60.0
 LIMITS_MAX_AGE_S = 180.0
 LIMIT_PHASE_TTL_S = 24 * 3600.0
-# A race's record, and the delete marker each finished race leaves (memory, ~100 bytes a
+# A race's record, and the finished mark each finished race leaves (memory, ~100 bytes a
 # request), live this long after their last write (the winner's first token): a stream still
 # running 10 minutes later can no longer be resumed.
 RACE_RECORD_TTL_S = 600.0
