@@ -1,7 +1,8 @@
 """A race's record in the races bucket (`llooma_races`), written in the background, one write
 after another (`written` waits for them); its last revision is the writer's claim on the
-race, and a finished race's record is marked `FINISHED`. Racers keep one per race (services/racer/records.py), an aggregator one per split
-request it relays (services/aggregator): whoever holds the last revision settles or ends it."""
+race, and a finished race's record is marked `FINISHED`. Racers keep one per race
+(services/racer/records.py), an aggregator one per split request it relays
+(services/aggregator): whoever holds the last revision settles or ends it."""
 
 from __future__ import annotations
 
