@@ -81,8 +81,8 @@ class RecordWriter:
                 self._revision = await self._kv.update(self._key, value, last=self._revision)
         except Exception as error:
             if moved_on(error):
-                # Updated by another racer since our revision, or (a create) recorded by one
-                # first: a redelivered race its racer had recorded before it died.
+                # Updated by another racer since our revision, or (a create) recorded first by
+                # the assignment's other delivery.
                 self.taken_over = True
             else:
                 # Unrecorded (a create that may or may not have landed proves nothing), the

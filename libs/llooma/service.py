@@ -112,9 +112,9 @@ class Service:
         Until then, a slow handler's message is kept in progress, and a process that dies has
         it redelivered (to a replica) after `pipeline_ack_wait_s`; a handler that raises gets
         it redelivered after a delay (claimed instead, with `claims`: its work may have
-        begun). Poison is contained: an undecodable message is
-        terminated at once, one that failed MAX_DELIVER times is terminated, both counted
-        (`poison_terminated.<queue>` in the heartbeat).
+        begun). Poison is contained: an undecodable message is terminated at once, one that
+        failed MAX_DELIVER times is terminated, both counted (`poison_terminated.<queue>` in
+        the heartbeat).
         """
         slots = asyncio.Semaphore(max_concurrency)
         handler = tracing.traced(subject, handler)
@@ -136,7 +136,7 @@ class Service:
                 acked = claims and msg.reply not in unclaimed
                 await self._give_up(msg, queue, "undecodable", acked=acked)
             except Exception:
-                if claims or deliveries(msg) < MAX_DELIVER:
+                if claims or _deliveries(msg) < MAX_DELIVER:
                     log.exception("%s: handler failed on %s", self.name, subject)
                     if claims:
                         # Its work may have begun (a race's hosts launched): never replayed.
@@ -281,8 +281,7 @@ class Service:
         await self.stop()
 
 
-def deliveries(msg: Msg) -> int:
-    """How many times JetStream has delivered `msg` (1: the first time)."""
+def _deliveries(msg: Msg) -> int:
     try:
         return int(msg.metadata.num_delivered)
     except Exception:  # not a JetStream message (no metadata in its reply subject)

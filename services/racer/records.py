@@ -1,7 +1,7 @@
 """The NATS side of takeover.py. A race's record in the races bucket, one write after
 another (the race awaits only the first, see race.py's `_recorded_first`); its last revision
-is the racer's claim on the race. `take_over` moves that claim to another racer (a compare-and-set)
-and settles the dead race, so exactly one racer settles each race."""
+is the racer's claim on the race. `take_over` moves that claim to another racer (a
+compare-and-set) and settles the dead race, so exactly one racer settles each race."""
 
 from __future__ import annotations
 

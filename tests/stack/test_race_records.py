@@ -19,7 +19,7 @@ from llooma.v1.host_pb2 import HostAccepted, HostChunk, HostFinished, HostTask, 
 from llooma.v1.pipeline_pb2 import ClientEvent
 from llooma.v1.race_pb2 import RaceRecord
 from services.racer.race import Racer
-from tests.unit.race_sim import assignment
+from tests.unit.race_sim import Reply, assignment
 
 
 async def test_the_racer_holding_the_record_settles_and_marks_it_finished(nc: Client) -> None:
@@ -72,14 +72,6 @@ async def test_a_slow_racer_taken_over_settles_nothing(nc: Client) -> None:
     heir = RecordWriter(kv, key, revision)
     assert await heir.release()
     assert not (await kv.get(key)).value  # FINISHED: nats-py reads an empty value as None
-
-
-class Reply:
-    """What the racer's wildcard subscription hands it: only subject and data are read."""
-
-    def __init__(self, subject: str, data: bytes) -> None:
-        self.subject = subject
-        self.data = data
 
 
 class RecordCheckingIO:

@@ -91,6 +91,14 @@ def then(first: Script, second: Script) -> Script:
     return script
 
 
+class Reply:
+    """What the racer's wildcard subscription hands it: only subject and data are read."""
+
+    def __init__(self, subject: str, data: bytes) -> None:
+        self.subject = subject
+        self.data = data
+
+
 def assignment(
     hosts: Iterable[str],
     fallback: Iterable[str] = (),

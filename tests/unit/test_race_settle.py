@@ -15,17 +15,9 @@ from llooma.v1.host_pb2 import HostAccepted, HostChunk, HostTask, HostToken
 from llooma.v1.pipeline_pb2 import ClientEvent
 from llooma.v1.settlement_pb2 import TaskSettlement
 from services.racer.race import Racer
-from tests.unit.race_sim import assignment
+from tests.unit.race_sim import Reply, assignment
 
 REQUEST_ID = assignment(["h"]).request.request_id
-
-
-class Reply:
-    """What the racer's wildcard subscription hands it: only subject and data are read."""
-
-    def __init__(self, subject: str, data: bytes) -> None:
-        self.subject = subject
-        self.data = data
 
 
 class ClientCancelsOnFailure:
