@@ -218,3 +218,15 @@ def test_processes_are_listed_busiest_first_with_each_systems_total() -> None:
         "| racer | 1.50 | 2.50 |",
         "| total | 3.50 | 4.75 |",
     ]
+
+
+def test_a_process_only_a_later_system_runs_gets_its_own_row() -> None:
+    stack = System("LLooMA width 1", 0, "", cpu_ms_by_process={"racer": 1.5, "planner": 0.1})
+    floor = System("floor", 0, "", cpu_ms_by_process={"racer": 0.5, "accounting": 0.25})
+    rows = by_process_table([stack, floor]).splitlines()
+    assert rows[2:] == [
+        "| racer | 1.50 | 0.50 |",
+        "| planner | 0.10 | 0.00 |",
+        "| accounting | 0.00 | 0.25 |",
+        "| total | 1.60 | 0.75 |",
+    ]

@@ -34,6 +34,7 @@ import uvloop
 import yaml
 from rich.progress import Progress
 
+from llooma.bench import floor
 from llooma.bench.sse_client import SseClient
 from llooma.bench.stats import percentile
 from llooma.host.config import HostConfig, ModelConfig
@@ -46,6 +47,7 @@ MODEL = "bench-http"
 LITELLM_KEY = "sk-bench-litellm"
 CHUNKS = 16
 PATH = "/v1/chat/completions"
+HOST_NAMES = ("bench-http-1", "bench-http-2")
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ def bench_hosts(upstream_url: str) -> list[HostConfig]:
     """Two `openai` hosts in front of the same upstream, as two community hosts would be."""
     return [
         HostConfig(
-            name=f"bench-http-{index}",
+            name=name,
             nats_url="nats://unused",
             models=[
                 ModelConfig(
@@ -96,7 +98,7 @@ def bench_hosts(upstream_url: str) -> list[HostConfig]:
                 )
             ],
         )
-        for index in (1, 2)
+        for name in HOST_NAMES
     ]
 
 
@@ -284,8 +286,13 @@ def run(sizes: Sizes, progress: Progress) -> tuple[list[System], System]:
             extra_env={"LLOOMA_DUEL_FRACTION": "0"},
         )
         litellm: subprocess.Popen[bytes] | None = None
+        floors = [
+            floor.Floor(scratch / f"floor-{kind}", upstream_url, kind) for kind in floor.HAND_OFFS
+        ]
         try:
             stack.start()
+            for one in floors:
+                one.start()
             litellm_port = free_port()
             litellm = _start_litellm(scratch, upstream_url, litellm_port)
             direct = System("upstream (direct)", upstream_port, "unused")
@@ -307,6 +314,7 @@ def run(sizes: Sizes, progress: Progress) -> tuple[list[System], System]:
                     process_names(stack),
                 ),
                 System("LiteLLM proxy", litellm_port, LITELLM_KEY, {}, [litellm.pid]),
+                *(_floor_system(one) for one in floors),
             ]
             uvloop.run(measure(systems, direct, sizes, progress))
             return systems, direct
@@ -314,9 +322,21 @@ def run(sizes: Sizes, progress: Progress) -> tuple[list[System], System]:
             if litellm is not None:
                 litellm.terminate()
                 litellm.wait(30)
+            for one in floors:
+                one.stop()
             stack.stop()
             upstream.terminate()
             upstream.wait(10)
+
+
+def _floor_system(one: floor.Floor) -> System:
+    """The floor's processes, its host named as the stack's first host is."""
+    names = {
+        (HOST_NAMES[0] if name == "host" else name): pid
+        for name, pid in one.processes().items()
+    }
+    title = f"floor, {one.hand_offs} hand-offs"
+    return System(title, one.http_port, floor.API_KEY, {}, list(names.values()), names)
 
 
 def summary(system: System, direct: System) -> dict[str, Any]:
@@ -333,8 +353,13 @@ def summary(system: System, direct: System) -> dict[str, Any]:
 
 
 def by_process_table(systems: list[System]) -> str:
-    """One row per process, one column per system, busiest first, and their total."""
-    names = sorted(systems[0].cpu_ms_by_process, key=lambda n: -systems[0].cpu_ms_by_process[n])
+    """One row per process of any system, one column per system, busiest in the first system
+    first, and their total."""
+    first = systems[0].cpu_ms_by_process
+    names = sorted(
+        {name for system in systems for name in system.cpu_ms_by_process},
+        key=lambda name: (-first.get(name, 0.0), name),
+    )
     lines = [
         "| process | " + " | ".join(s.name for s in systems) + " |",
         "| --- |" + " ---: |" * len(systems),
@@ -366,24 +391,39 @@ def write_results(systems: list[System], direct: System, results_dir: Path, note
     ratios = ", ".join(
         f"{name}: {peer / float(row['cpu_ms_per_request']):.1f}x less CPU per request"
         for name, row in by_name.items()
-        if name != "LiteLLM proxy" and float(row["cpu_ms_per_request"]) > 0
+        if name.startswith("LLooMA") and float(row["cpu_ms_per_request"]) > 0
+    )
+    floors = [row for name, row in by_name.items() if name.startswith("floor")]
+    stack = float(by_name["LLooMA width 1"]["cpu_ms_per_request"])
+    above_floor = ", ".join(
+        f"{stack / float(row['cpu_ms_per_request']):.2f}x the {row['system']}"
+        for row in floors
+        if float(row["cpu_ms_per_request"]) > 0
     )
     table = "\n".join(lines)
     direct_p50 = 1000 * statistics.median(direct.ttft_s)
     split = [system for system in systems if system.cpu_ms_by_process]
     text = (
         "# Peers: LLooMA beside the LiteLLM proxy on one HTTP upstream\n\n"
-        f"{note}\n\n{table}\n\nAgainst LiteLLM {LITELLM_VERSION}: {ratios}.\n\n"
+        f"{note}\n\n{table}\n\nAgainst LiteLLM {LITELLM_VERSION}: {ratios}. "
+        f"CPU per request of LLooMA width 1: {above_floor}.\n\n"
         f"The upstream (`llooma.bench.upstream`, {CHUNKS} streamed chunks, no delay) answers "
         f"its first token in {direct_p50:.2f} ms p50 when called directly; `added` is each "
         "system's time to first token minus the direct call's in the same round (the systems "
         "take turns, request by request, on keep-alive connections of one lean SSE client). "
         "CPU per request: user + system time of every process of the system (LLooMA: its eight "
         "services, two `openai` hosts, nats-server, Postgres and its backends; LiteLLM: the "
-        "proxy and its workers, no database, logging at ERROR) over "
+        "proxy and its workers, no database, logging at ERROR; a floor: its six processes, "
+        "nats-server and Postgres) over "
         "requests at 8 concurrent streams, divided by their number. At rest: the same "
         "processes, idle, after the load. The upstream's and the client's CPU count for "
-        "neither.\n"
+        "neither.\n\n"
+        "The floors (`llooma.bench.floor`) are the stack's shape with no logic in it: the same "
+        "processes and hops as a directly routed request at width 1 (ingress, privacy, "
+        "dispatcher, racer, one `openai` host on the host's own HTTP client, accounting "
+        "writing settlements to Postgres), each doing only what it cannot leave out. With "
+        "JetStream hand-offs they are what the design's shape costs before any of LLooMA's "
+        "own work; with core request-reply hand-offs, what that redesign could at best save.\n"
     )
     if split:
         text += (
