@@ -80,6 +80,21 @@ def signer_for(key_path: Path, *, chain_started: bool, claimed: str | None = Non
     return Signer.load_or_create(key_path)
 
 
+async def open_pool(database_url: str, max_size: int = 8) -> asyncpg.Pool:
+    """The ledger's connections. A released one goes back as it is: asyncpg's default reset
+    sends a query (advisory unlock, CLOSE ALL, UNLISTEN, RESET ALL) on every release, a round
+    trip for each of the ledger's queries. The ledger leaves no session state behind (its one
+    lock is a transaction's; it neither listens nor sets anything), and asyncpg still rolls
+    back a transaction left open before calling `reset`."""
+    return await asyncpg.create_pool(
+        database_url, min_size=1, max_size=max_size, reset=_keep_session
+    )
+
+
+async def _keep_session(_: asyncpg.Connection) -> None:
+    pass
+
+
 def create_app(settings: Settings) -> FastStream:
     if not settings.database_url:
         raise SystemExit("accounting needs DATABASE_URL")
@@ -88,7 +103,7 @@ def create_app(settings: Settings) -> FastStream:
 
     async def open_ledger(broker: NatsBroker) -> None:
         await migrate(settings.database_url)
-        pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=8)
+        pool = await open_pool(settings.database_url)
         try:
             signer = await open_signer(
                 pool, signing_key_path(settings), settings.ledger_signing_key

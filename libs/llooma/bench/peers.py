@@ -332,8 +332,7 @@ def run(sizes: Sizes, progress: Progress) -> tuple[list[System], System]:
 def _floor_system(one: floor.Floor) -> System:
     """The floor's processes, its host named as the stack's first host is."""
     names = {
-        (HOST_NAMES[0] if name == "host" else name): pid
-        for name, pid in one.processes().items()
+        (HOST_NAMES[0] if name == "host" else name): pid for name, pid in one.processes().items()
     }
     title = f"floor, {one.hand_offs} hand-offs"
     return System(title, one.http_port, floor.API_KEY, {}, list(names.values()), names)
