@@ -29,7 +29,10 @@ SETTLEMENT_SUBJECTS = f"{PREFIX}.settlement.>"
 SETTLEMENT_TASK = f"{PREFIX}.settlement.task"
 # Duel-and-judge outcomes (DuelResult) from the racer: accounting and the dispatcher.
 SETTLEMENT_DUEL = f"{PREFIX}.settlement.duel"
-# What each request's client received (DeliveryReport), from the ingress to accounting.
+# What each request's client received, from the ingress to accounting: the reports an
+# ingress had ready together (DeliveryReports).
+SETTLEMENT_DELIVERIES = f"{PREFIX}.settlement.deliveries"
+# One report a message (DeliveryReport): what an ingress of an earlier version sends.
 SETTLEMENT_DELIVERY = f"{PREFIX}.settlement.delivery"
 
 # Race events from the racer: the dispatcher's host statistics, metrics, accounting.
@@ -48,6 +51,7 @@ CONSUMER_RACER_RESUME = "racer-resume"
 CONSUMER_ACCOUNTING = "accounting"
 CONSUMER_ACCOUNTING_DUELS = "accounting-duels"
 CONSUMER_ACCOUNTING_DELIVERIES = "accounting-deliveries"
+CONSUMER_ACCOUNTING_DELIVERY_BATCHES = "accounting-delivery-batches"
 
 
 def consumer_deliver(durable: str) -> str:

@@ -18,7 +18,13 @@ from llooma import bus, counters, subjects, tracing
 from llooma.ledger import deliveries
 from llooma.ledger.anchors import Anchorer
 from llooma.ledger.balances import publish_balances, publish_balances_complete
-from llooma.ledger.intake import Rejected, read_delivery, read_duel, read_settlement
+from llooma.ledger.intake import (
+    Rejected,
+    read_deliveries,
+    read_delivery,
+    read_duel,
+    read_settlement,
+)
 from llooma.ledger.stakes import publish_stakes
 from llooma.ledger.store import LedgerStore, Posted
 from llooma.v1.duel_pb2 import DuelResult
@@ -184,12 +190,13 @@ class Accounting:
     async def take(
         self,
         messages: Sequence[Msg],
-        read: Callable[[bytes], Event],
+        read: Callable[[bytes], Sequence[Event]],
         post: Callable[[list[Event]], Awaitable[Posted]],
     ) -> None:
         """Post a batch and ack it; set aside (terminate) each message that cannot be posted,
-        so it never blocks the others; nak the rest if Postgres is unreachable."""
-        good: list[tuple[Msg, Event]] = []
+        so it never blocks the others; nak the rest if Postgres is unreachable. `read` gives
+        a message's events (one, or an ingress's batch of delivery reports)."""
+        good: list[tuple[Msg, Sequence[Event]]] = []
         for message in messages:
             try:
                 good.append((message, read(message.data)))
@@ -198,12 +205,12 @@ class Accounting:
         if not good:
             return
         try:
-            await post([event for _, event in good])
+            await post([event for _, events in good for event in events])
         except POISON_ERRORS:
-            # One of them is refused: find it by posting them one at a time.
-            for index, (message, event) in enumerate(good):
+            # One of them is refused: find it by posting them one message at a time.
+            for index, (message, events) in enumerate(good):
                 try:
-                    await post([event])
+                    await post(list(events))
                 except POISON_ERRORS as error:
                     await self._set_aside(message, f"refused: {type(error).__name__}")
                 except BaseException:
@@ -298,28 +305,42 @@ class Accounting:
         self._tasks = []
 
 
+def one(read: Callable[[bytes], Event]) -> Callable[[bytes], Sequence[Event]]:
+    """A reader of one event a message, as `Accounting.take` reads them."""
+
+    def read_one(data: bytes) -> Sequence[Event]:
+        return (read(data),)
+
+    return read_one
+
+
 _CONSUMERS = {
     subjects.SETTLEMENT_TASK: subjects.CONSUMER_ACCOUNTING,
     subjects.SETTLEMENT_DUEL: subjects.CONSUMER_ACCOUNTING_DUELS,
+    subjects.SETTLEMENT_DELIVERIES: subjects.CONSUMER_ACCOUNTING_DELIVERY_BATCHES,
+    subjects.SETTLEMENT_DELIVERY: subjects.CONSUMER_ACCOUNTING_DELIVERIES,
 }
 
 
 def settlement_consumers(accounting: Accounting) -> list[Coroutine[Any, Any, None]]:
-    """The three batched pull consumers on the settlements stream, acked one by one once the
+    """The batched pull consumers on the settlements stream, acked one by one once the
     batch is committed; Postgres down or a crash means a redelivery, which each event's key
     turns into a no-op for what did land."""
 
     async def settle(batch: list[Msg]) -> None:
         # One span per settlement, each in its task's trace, covering the batch's posting.
         with tracing.batch_spans(subjects.SETTLEMENT_TASK, batch):
-            await accounting.take(batch, read_settlement, accounting.settle)
+            await accounting.take(batch, one(read_settlement), accounting.settle)
 
     async def settle_duels(batch: list[Msg]) -> None:
         with tracing.batch_spans(subjects.SETTLEMENT_DUEL, batch):
-            await accounting.take(batch, read_duel, accounting.settle_duels)
+            await accounting.take(batch, one(read_duel), accounting.settle_duels)
 
     async def record_deliveries(batch: list[Msg]) -> None:
-        await accounting.take(batch, read_delivery, accounting.record_deliveries)
+        await accounting.take(batch, read_deliveries, accounting.record_deliveries)
+
+    async def record_single_deliveries(batch: list[Msg]) -> None:
+        await accounting.take(batch, one(read_delivery), accounting.record_deliveries)
 
     return [
         bus.pull_batches(
@@ -335,9 +356,14 @@ def settlement_consumers(accounting: Accounting) -> list[Coroutine[Any, Any, Non
             (subjects.SETTLEMENT_TASK, subjects.CONSUMER_ACCOUNTING, settle),
             (subjects.SETTLEMENT_DUEL, subjects.CONSUMER_ACCOUNTING_DUELS, settle_duels),
             (
+                subjects.SETTLEMENT_DELIVERIES,
+                subjects.CONSUMER_ACCOUNTING_DELIVERY_BATCHES,
+                record_deliveries,
+            ),
+            (
                 subjects.SETTLEMENT_DELIVERY,
                 subjects.CONSUMER_ACCOUNTING_DELIVERIES,
-                record_deliveries,
+                record_single_deliveries,
             ),
         )
     ]

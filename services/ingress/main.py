@@ -129,7 +129,8 @@ def create_app(settings: Settings) -> Starlette:
         ingress.keys = KeyBook()
         await ingress.keys.start(js)
         service.on_stop(ingress.keys.stop)
-        ingress.deliveries = DeliveryReporter(js)
+        ingress.deliveries = DeliveryReporter(js, service.instance_id)
+        service.on_stop(ingress.deliveries.close)
         if settings.rate_limits_shared:
             ingress.shared_limits = SharedRateLimits(settings, SharedCounters(js))
             ingress.limits.rates_shared = True

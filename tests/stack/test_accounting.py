@@ -21,14 +21,20 @@ from llooma.embedded import EmbeddedNats
 from llooma.ledger.balances import BalanceBook, publish_balances, publish_balances_complete
 from llooma.ledger.blocks import Signer, public_key_path
 from llooma.ledger.economics import Prices, deposit, opening_balances
-from llooma.ledger.intake import Rejected, read_duel, read_settlement
+from llooma.ledger.intake import Rejected, read_deliveries, read_duel, read_settlement
 from llooma.ledger.store import LedgerStore
 from llooma.settings import DEV_API_KEY, Settings, api_key_id
 from llooma.v1.common_pb2 import Usage
 from llooma.v1.duel_pb2 import DUEL_VERDICT_A, DuelResult, JudgeVote
 from llooma.v1.ledger_pb2 import LedgerSummary
-from llooma.v1.settlement_pb2 import ATTEMPT_OUTCOME_LOST, ATTEMPT_OUTCOME_WON, TaskSettlement
-from services.accounting.handlers import Accounting
+from llooma.v1.settlement_pb2 import (
+    ATTEMPT_OUTCOME_LOST,
+    ATTEMPT_OUTCOME_WON,
+    DeliveryReport,
+    DeliveryReports,
+    TaskSettlement,
+)
+from services.accounting.handlers import Accounting, one
 from services.accounting.main import open_signer
 from tests.support.ledger_db import fresh_database
 
@@ -170,7 +176,7 @@ async def test_a_poison_message_is_set_aside_and_the_good_ones_post(
     messages = await sub.fetch(len(payloads), timeout=5)
     assert len(messages) == len(payloads)
 
-    await accounting.take(messages, read_settlement, accounting.settle)
+    await accounting.take(messages, one(read_settlement), accounting.settle)
 
     assert await settled_ids(accounting) == {s.attempt_id for s in [*good, wide]}
     assert accounting.rejected == 3
@@ -184,6 +190,46 @@ async def test_a_poison_message_is_set_aside_and_the_good_ones_post(
     balances = await js.key_value(subjects.BALANCES_BUCKET)
     expected = -PRICES.user_charge("m", 3 * (1 + 5))
     assert int((await balances.get("k-good")).value or b"") == expected
+
+
+async def test_an_ingress_batch_of_delivery_reports_is_recorded_but_its_impossible_ones(
+    accounting: Accounting, js: JetStreamContext
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    good = [
+        DeliveryReport(request_id=f"{run}-a", api_key_id="k", stream=True),
+        DeliveryReport(request_id=f"{run}-b", api_key_id="k", delivered_tokens=3, final=True),
+        # A later report of the first request in the same batch: merged, not lost.
+        DeliveryReport(request_id=f"{run}-a", api_key_id="k", delivered_tokens=2, stream=True),
+    ]
+    impossible = [DeliveryReport(api_key_id="k"), DeliveryReport(request_id="x\x00", final=True)]
+    payloads = [
+        DeliveryReports(reports=[good[0], impossible[0], good[1]]).SerializeToString(),
+        b"\x0a\xff",
+        DeliveryReports(reports=impossible).SerializeToString(),
+        DeliveryReports(reports=[good[2]]).SerializeToString(),
+    ]
+    for payload in payloads:
+        await js.publish(subjects.SETTLEMENT_DELIVERIES, payload)
+    sub = await js.pull_subscribe(
+        subjects.SETTLEMENT_DELIVERIES,
+        durable=f"deliveries-{run}",
+        config=ConsumerConfig(ack_wait=2.0, filter_subject=subjects.SETTLEMENT_DELIVERIES),
+    )
+    messages = await sub.fetch(len(payloads), timeout=5)
+    assert len(messages) == len(payloads)
+
+    await accounting.take(messages, read_deliveries, accounting.record_deliveries)
+
+    rows = await accounting.store.pool.fetch(
+        "SELECT request_id, delivered_tokens, final FROM request_deliveries "
+        "WHERE request_id LIKE $1 ORDER BY request_id",
+        f"{run}-%",
+    )
+    assert [tuple(row) for row in rows] == [(f"{run}-a", 2, False), (f"{run}-b", 3, True)]
+    assert accounting.rejected == 2  # the undecodable message and the one of only impossibles
+    info = await sub.consumer_info()
+    assert (info.num_ack_pending, info.num_pending) == (0, 0)
 
 
 async def test_a_late_batch_never_republishes_an_older_balance(

@@ -26,14 +26,15 @@ from llooma.settings import DEV_API_KEY, api_key_id
 from llooma.stack import Stack
 from llooma.subjects import (
     CONSUMER_ACCOUNTING,
-    CONSUMER_ACCOUNTING_DELIVERIES,
+    CONSUMER_ACCOUNTING_DELIVERY_BATCHES,
+    SETTLEMENT_DELIVERIES,
     SETTLEMENT_DELIVERY,
     SETTLEMENT_STREAM,
     SETTLEMENT_TASK,
 )
 from llooma.v1.common_pb2 import Usage
 from llooma.v1.host_pb2 import HostChunk, HostFinished, HostTask, HostToken
-from llooma.v1.settlement_pb2 import DeliveryReport, TaskSettlement
+from llooma.v1.settlement_pb2 import DeliveryReport, DeliveryReports, TaskSettlement
 from tests.conftest import AUTH
 from tests.stack.test_race import wait_listed
 from tests.support.scripted_host import Reply, ScriptedHost
@@ -95,7 +96,7 @@ async def on_the_stream(nc: Client, request_id: str) -> str:
     settlements stream, and how far accounting's consumers have read it."""
     js = nc.jetstream()
     lines = []
-    for durable in (CONSUMER_ACCOUNTING, CONSUMER_ACCOUNTING_DELIVERIES):
+    for durable in (CONSUMER_ACCOUNTING, CONSUMER_ACCOUNTING_DELIVERY_BATCHES):
         info = await js.consumer_info(SETTLEMENT_STREAM, durable)
         lines.append(
             f"{durable}: pending {info.num_pending}, ack pending {info.num_ack_pending}, "
@@ -111,10 +112,10 @@ async def on_the_stream(nc: Client, request_id: str) -> str:
             task = TaskSettlement.FromString(message.data or b"")
             if task.request_id == request_id:
                 lines.append(f"seq {sequence}: settlement of {task.attempt_id}")
-        elif message.subject == SETTLEMENT_DELIVERY:
-            report = DeliveryReport.FromString(message.data or b"")
-            if report.request_id == request_id:
-                lines.append(f"seq {sequence}: report final={report.final}")
+        elif message.subject == SETTLEMENT_DELIVERIES:
+            for report in DeliveryReports.FromString(message.data or b"").reports:
+                if report.request_id == request_id:
+                    lines.append(f"seq {sequence}: report final={report.final}")
     return "; ".join(lines)
 
 
@@ -169,6 +170,29 @@ async def test_a_failed_non_streaming_request_charges_nothing_and_pays_nothing(
     request_id = response.headers["x-llooma-request-id"]
     assert await rebilled(database_url, request_id, USER, 60, nc) == 0
     assert (await net(database_url, request_id, f"host:{host}"))[0] == 0
+
+
+async def test_a_report_from_an_ingress_of_an_earlier_version_is_still_recorded(
+    stack: Stack, nc: Client, database_url: str
+) -> None:
+    # Such an ingress sends each report alone, on the subject reports used to travel on.
+    request_id = f"older-{uuid.uuid4().hex[:8]}"
+    report = DeliveryReport(request_id=request_id, api_key_id="k", delivered_tokens=4, final=True)
+    await nc.jetstream().publish(SETTLEMENT_DELIVERY, report.SerializeToString())
+    conn = await asyncpg.connect(database_url)
+    try:
+        for _ in range(100):
+            row = await conn.fetchrow(
+                "SELECT delivered_tokens, final FROM request_deliveries WHERE request_id = $1",
+                request_id,
+            )
+            if row is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert row is not None
+        assert tuple(row) == (4, True)
+    finally:
+        await conn.close()
 
 
 def start_ingress(stack: Stack, log_dir: Path) -> tuple[subprocess.Popen[bytes], str]:

@@ -4,11 +4,15 @@ because a failing batch is redelivered, and so it would halt accounting for good
 
 from __future__ import annotations
 
+import logging
+
 from google.protobuf.message import DecodeError
 
 from llooma.ledger.economics import voted_judges
 from llooma.v1.duel_pb2 import DuelResult
-from llooma.v1.settlement_pb2 import DeliveryReport, TaskSettlement
+from llooma.v1.settlement_pb2 import DeliveryReport, DeliveryReports, TaskSettlement
+
+log = logging.getLogger(__name__)
 
 
 class Rejected(ValueError):
@@ -81,9 +85,41 @@ def read_delivery(data: bytes) -> DeliveryReport:
         report = DeliveryReport.FromString(data)
     except DecodeError as error:
         raise Rejected("undecodable DeliveryReport") from error
+    _check_report(report)
+    return report
+
+
+def read_deliveries(data: bytes) -> list[DeliveryReport]:
+    """Decode one ingress's batch of delivery reports and keep those that can be recorded
+    (one impossible report is set aside alone, logged); raises Rejected if none can."""
+    try:
+        reports = DeliveryReports.FromString(data).reports
+    except DecodeError as error:
+        raise Rejected("undecodable DeliveryReports") from error
+    kept: list[DeliveryReport] = []
+    problems: list[str] = []
+    for report in reports:
+        try:
+            _check_report(report)
+        except Rejected as why:
+            problems.append(str(why))
+        else:
+            kept.append(report)
+    if problems and kept:
+        log.warning(
+            "set aside %d of %d delivery reports in a batch: %s",
+            len(problems),
+            len(reports),
+            problems[0],
+        )
+    if not kept:
+        raise Rejected(f"no delivery report to record ({problems[0] if problems else 'empty'})")
+    return kept
+
+
+def _check_report(report: DeliveryReport) -> None:
     if not report.request_id:
         raise Rejected("delivery report without a request_id")
     problem = _problem_in_text(request_id=report.request_id, api_key_id=report.api_key_id)
     if problem is not None:
         raise Rejected(f"delivery report {problem}")
-    return report

@@ -3,8 +3,10 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from llooma.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
@@ -213,3 +215,27 @@ class DeliveryReport(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeliveryReport: _TypeAlias = DeliveryReport  # noqa: Y015
+
+@_typing.final
+class DeliveryReports(_message.Message):
+    """The delivery reports an ingress had ready together, in the order it made them: one message
+    on the settlements stream for all of them (`llooma.v1.settlement.deliveries`).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPORTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def reports(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeliveryReport]: ...
+    def __init__(
+        self,
+        *,
+        reports: _abc.Iterable[Global___DeliveryReport] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reports", b"reports"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliveryReports: _TypeAlias = DeliveryReports  # noqa: Y015
