@@ -5,11 +5,13 @@ The same processes and hops as a directly routed, streamed request through the s
 width 1 (docs/ARCHITECTURE.md, "Direct path"), each doing only what it cannot leave out:
 
 - ingress: Starlette on uvicorn (uvloop, httptools) checks the bearer key, parses the body,
-  hands the request to JetStream (memory, work-queue, `Nats-Msg-Id`, waits for the ack) and
-  writes each chunk of text it hears on its reply subject as an OpenAI SSE event;
-- privacy, then dispatcher: a durable push consumer each (deliver group, explicit ack) that
-  hands the message on to the next subject and acks it;
-- racer: the same consumer; it sends the task to the host over core NATS with its tokens
+  hands the request on and writes each chunk of text it hears on its reply subject as an
+  OpenAI SSE event;
+- privacy, then dispatcher: each takes the request, hands it on and acks it. A hand-off
+  (`HandOffs`) is the stack's, JetStream (memory work-queue stream, `Nats-Msg-Id`, the
+  sender waits for the stream's ack; a durable push consumer with a deliver group and
+  explicit acks), or, with `--hand-offs core`, core request-reply;
+- racer: takes the task the same way; it sends the task to the host over core NATS with its tokens
   subject as the reply, relays each chunk of tokens to the ingress as it comes, and hands one
   settlement to a file stream (fsynced, as the stack's) with `Nats-Msg-Id`;
 - host: a core subscription; it streams the chat completion from the upstream over the
@@ -22,7 +24,8 @@ No redaction, planning, selection, race, duel, metrics, tracing, limits, deliver
 race records or ledger: the difference between a stack process and its floor process is the
 cost of that work. `llooma.bench.peers` runs the floor beside LLooMA and the LiteLLM proxy.
 
-Each role runs in its own process: `python -m llooma.bench.floor ROLE --nats URL ...`.
+Each role runs in its own process: `python -m llooma.bench.floor ROLE --nats URL ...`;
+`Floor` starts them all, with a nats-server and a Postgres of their own.
 """
 
 from __future__ import annotations
