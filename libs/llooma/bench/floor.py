@@ -77,11 +77,16 @@ _SSE_HEAD = b'data: {"object":"chat.completion.chunk","choices":[{"index":0,"del
 _SSE_TAIL = b"}}]}\n\n"
 
 
-def _joined(chunks: list[bytes]) -> bytes:
-    """JSON arrays of texts as one, without parsing them."""
-    if len(chunks) == 1:
-        return chunks[0]
-    return b"[" + b",".join(chunk[1:-1] for chunk in chunks) + b"]"
+async def _ready_chunks(queue: asyncio.Queue[bytes]) -> AsyncIterator[bytes]:
+    """A stream's chunks (JSON arrays of texts) until its end, those already queued together
+    joined into one array without parsing them, as the stack's racer and ingress coalesce."""
+    while (chunk := await queue.get()) != _END:
+        ready = [chunk]
+        while not queue.empty() and (chunk := queue.get_nowait()) != _END:
+            ready.append(chunk)
+        yield ready[0] if len(ready) == 1 else b"[" + b",".join(c[1:-1] for c in ready) + b"]"
+        if chunk == _END:
+            return
 
 
 async def _connect(url: str) -> Client:
@@ -179,14 +184,9 @@ async def racer(url: str, kind: str) -> None:
         messages = 0
         try:
             await nc.publish("floor.cap.host", task, reply=f"floor.tokens.{attempt}")
-            while (chunk := await queue.get()) != _END:
+            async for chunk in _ready_chunks(queue):
                 messages += 1
-                ready = [chunk]
-                while not queue.empty() and (chunk := queue.get_nowait()) != _END:
-                    ready.append(chunk)
-                await nc.publish(reply, _joined(ready))
-                if chunk == _END:
-                    break
+                await nc.publish(reply, chunk)
             await nc.publish(reply, _END)
         finally:
             del streams[attempt]
@@ -285,16 +285,10 @@ def ingress_app(url: str, kind: str) -> Starlette:
 
         async def events() -> AsyncIterator[bytes]:
             try:
-                while (chunk := await queue.get()) != _END:
-                    ready = [chunk]
-                    while not queue.empty() and (chunk := queue.get_nowait()) != _END:
-                        ready.append(chunk)
+                async for chunk in _ready_chunks(queue):
                     yield b"".join(
-                        _SSE_HEAD + orjson.dumps(text) + _SSE_TAIL
-                        for text in orjson.loads(_joined(ready))
+                        _SSE_HEAD + orjson.dumps(text) + _SSE_TAIL for text in orjson.loads(chunk)
                     )
-                    if chunk == _END:
-                        break
                 yield b"data: [DONE]\n\n"
             finally:
                 del streams[request_id]
